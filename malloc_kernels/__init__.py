@@ -1,0 +1,13 @@
+"""malloc_kernels: fused attention over compressed (quantized, evicted, merged) KV caches for generative recommenders.
+
+Public API (DESIGN.md):
+    attention(query, key, value, ..., cache=None, kind="softmax", backend="auto")
+    compress(key, value, method, budget=..., ...) -> KVCache
+    KVCache, cache_from_bytes(b), available_backends(), available_methods(), reference (module)
+"""
+from . import reference  # noqa: F401
+from .cache import KVCache  # noqa: F401
+from .ops.types import AttentionResult, AttentionStats  # noqa: F401
+from .policies import available_methods, compress  # noqa: F401
+
+__version__ = "0.1.0"

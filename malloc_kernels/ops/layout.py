@@ -1,0 +1,57 @@
+"""Dense <-> jagged layout conversion (HSTU's jagged ``[total, ...]`` + ``offsets [B+1]``)."""
+from __future__ import annotations
+
+import torch
+
+
+def check_offsets(offsets: torch.Tensor, total: int, name: str = "offsets") -> torch.Tensor:
+    """Validate jagged offsets: integer ``[B+1]``, starting at 0, non-decreasing, ending at ``total``."""
+    if not isinstance(offsets, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor [B+1], got {type(offsets).__name__}")
+    if offsets.dim() != 1 or offsets.numel() < 1 or offsets.is_floating_point() or offsets.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor [B+1], got {offsets.dtype} {tuple(offsets.shape)}")
+    if int(offsets[0]) != 0 or int(offsets[-1]) != total:
+        raise ValueError(f"{name} must start at 0 and end at the jagged length {total}, got "
+                         f"{int(offsets[0])}..{int(offsets[-1])}")
+    if offsets.numel() > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing")
+    return offsets.to(torch.int64)
+
+
+def jagged_lengths(offsets: torch.Tensor) -> torch.Tensor:
+    return (offsets[1:] - offsets[:-1]).to(torch.int64)
+
+
+def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int | None = None, pad_value=0):
+    """``[total, *rest]`` -> (``[B, *rest[:-1]?...]``) padded with the sequence axis placed for our layouts.
+
+    For ``values`` of shape ``[total, H, D]`` returns ``[B, H, L, D]``; for ``[total, H]`` returns ``[B, H, L]``;
+    for ``[total]`` returns ``[B, L]``. Also returns int32 lengths ``[B]``.
+    """
+    offsets = check_offsets(offsets, values.shape[0])
+    lengths = jagged_lengths(offsets)
+    B = lengths.numel()
+    L = int(lengths.max()) if (max_len is None and B) else (max_len or 0)
+    idx = torch.arange(L, device=values.device)
+    valid = idx[None, :] < lengths.to(values.device)[:, None]                     # [B, L]
+    src = (offsets[:-1].to(values.device)[:, None] + idx[None, :]).clamp(max=max(values.shape[0] - 1, 0))
+    if values.shape[0] == 0:
+        out = values.new_full((B, L) + tuple(values.shape[1:]), pad_value)
+    else:
+        out = values[src]                                                          # [B, L, *rest]
+        mask = valid.view(B, L, *([1] * (values.dim() - 1)))
+        out = torch.where(mask, out, torch.full_like(out, pad_value))
+    if values.dim() >= 2:
+        out = out.movedim(1, -2) if values.dim() == 3 else out.movedim(1, -1)
+    return out.contiguous(), lengths.to(torch.int32)
+
+
+def padded_to_jagged(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``jagged_to_padded``: ``[B, H, L, D]`` / ``[B, H, L]`` / ``[B, L]`` -> ``[total, ...]``."""
+    if values.dim() == 4:
+        values = values.movedim(2, 1)
+    elif values.dim() == 3:
+        values = values.movedim(2, 1)
+    B, L = values.shape[:2]
+    valid = torch.arange(L, device=values.device)[None, :] < lengths.to(values.device)[:, None]
+    return values[valid]

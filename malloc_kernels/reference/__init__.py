@@ -1,0 +1,1 @@
+"""The PyTorch reference: DESIGN.md section 2 semantics in plain PyTorch, any dtype including float64. The oracle."""
