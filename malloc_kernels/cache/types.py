@@ -130,10 +130,12 @@ class KVCache:
     # ---- validation -----------------------------------------------------------------------------------------
     def validate(self) -> "KVCache":
         """Raise ``ValueError``/``TypeError`` naming the offending field if the cache breaks the contract."""
-        B, H, C = (self.k.shape + (None, None, None))[:3]
+        if not isinstance(self.k, torch.Tensor) or not isinstance(self.v, torch.Tensor):
+            raise TypeError("cache.k and cache.v must be tensors")
         if self.k.dim() != 4 or self.v.dim() != 4:
             raise ValueError(f"cache.k and cache.v must be 4-D [B, Hkv, C, *], got {tuple(self.k.shape)} "
                              f"and {tuple(self.v.shape)}")
+        B, H, C = self.k.shape[:3]
         if self.v.shape[:3] != self.k.shape[:3]:
             raise ValueError(f"cache.v leading dims {tuple(self.v.shape[:3])} != cache.k's {tuple(self.k.shape[:3])}")
         if self.k_axis not in K_AXES:
