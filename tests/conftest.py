@@ -21,11 +21,11 @@ def data_dir():
     return DATA_DIR
 
 
-def pytest_collection_modifyitems(config, items):
-    import torch
-    if torch.cuda.is_available():
+@pytest.fixture(autouse=True)
+def _skip_gpu_tests_without_a_gpu(request):
+    """Tests marked ``gpu`` skip with a reason here; the device is queried at setup, never at import/collection."""
+    if request.node.get_closest_marker("gpu") is None:
         return
-    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU: none on this machine (CPU-only torch or no device)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU: none on this machine (CPU-only torch or no device)")
