@@ -20,6 +20,12 @@ from ..cache.types import KVCache
 
 _POLICIES: Dict[str, Callable] = {}
 
+# Keyword arguments of ``compress`` that describe the call's context rather than configure a method: every policy
+# receives them in ``PolicyInput.extra`` and those that do not score by attention simply ignore them, so one call
+# site (e.g. the evaluation harness) can pass the same context to every method.
+CONTEXT_KEYS = ("queries", "kind", "scale", "layer", "num_layers", "pos_bias", "time_bias", "query_positions",
+                "query_timestamps")
+
 
 def register_policy(*names: str):
     def deco(cls):
@@ -53,8 +59,8 @@ class PolicyInput:
     positions: int32 ``[B, Hkv, N]``; timestamps: optional int64 ``[B, Hkv, N]``;
     counts: optional float32 ``[B, Hkv, N]`` (the input may itself be merged); stats: optional statistics
     (``malloc_kernels.AttentionStats`` of the history's own attention, or whatever the policy documents);
-    extra: the remaining keyword arguments of ``compress`` that are not policy parameters
-    (e.g. ``queries``, ``kind``, ``layer``, ``num_layers``).
+    extra: the call-context keyword arguments of ``compress`` (``CONTEXT_KEYS``: ``queries``, ``kind``, ``layer``,
+    ``num_layers``, ...), separated from the method's own parameters.
     """
 
     k: torch.Tensor
@@ -147,13 +153,14 @@ def compress(key, value, method: str = "none", *, budget=None, positions=None, t
     """
     k, v, lengths, positions, timestamps, counts = _normalise(key, value, positions, timestamps, lengths, offsets,
                                                              counts)
+    extra = {name: params.pop(name) for name in CONTEXT_KEYS if name in params}
     if "+" in method:
         from .hybrid import HybridPolicy
         policy = HybridPolicy(method, budget=budget, seed=seed, **params)
     else:
         policy = get_policy(method)(budget=budget, seed=seed, **params)
     inp = PolicyInput(k=k, v=v, lengths=lengths, positions=positions, timestamps=timestamps, counts=counts,
-                      stats=stats, extra=getattr(policy, "extra", {}))
+                      stats=stats, extra=extra)
     return policy.compress(inp).validate()
 
 
@@ -164,7 +171,6 @@ class NoCompression:
     def __init__(self, budget=None, seed=0, **params):
         if params:
             raise ValueError(f"method 'none' takes no parameters, got {sorted(params)}")
-        self.extra = {}
 
     def compress(self, inp: PolicyInput) -> KVCache:
         return inp.full_cache()
