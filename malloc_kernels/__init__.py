@@ -7,6 +7,9 @@ Public API (DESIGN.md):
 """
 from . import reference  # noqa: F401
 from .cache import KVCache  # noqa: F401
+from .cache.serialize import cache_from_bytes  # noqa: F401
+from .ops.attention import attention  # noqa: F401
+from .ops.backends import available_backends  # noqa: F401
 from .ops.types import AttentionResult, AttentionStats  # noqa: F401
 from .policies import available_methods, compress  # noqa: F401
 

@@ -30,6 +30,9 @@ group's range, which keeps the round-trip error within half a step:
 ``code = clamp(round_half_even((x - zero) / scale), 0, 2**bits - 1)`` in fp32, ``code = 0`` where ``scale == 0``.
 FP8: ``scale = f16_round_up(absmax / 448)``, ``code = e4m3fn(x / scale)`` (round to nearest even), 0 where
 ``scale == 0``. Values whose range does not fit float16 raise ``ValueError``.
+Edge cases (``quant.py`` is the bit-exact reference): ``min`` is canonicalised with ``min + 0.0`` (fp32) so a
+-0.0/+0.0 tie gives ``zero = +0``; FP8 clamps ``x / scale`` to ``[-448, 448]`` before the cast (torch's cast
+saturates identically); groups with no valid entry and all padding entries store scale = zero = code = 0.
 
 Other per-entry fields: ``position int32 [B, Hkv, C]`` (ORIGINAL positions, for the relative bias),
 ``timestamp int64 [B, Hkv, C]`` (optional), ``count float32 [B, Hkv, C]`` (optional merge counts; 1 when absent).
@@ -126,6 +129,45 @@ class KVCache:
 
     def replace(self, **changes) -> "KVCache":
         return dataclasses.replace(self, **changes)
+
+    # ---- dequantisation, byte accounting, serialisation (implemented in quant.py / serialize.py) ------------
+    def dequantize(self, dtype: Optional[torch.dtype] = None):
+        """``(k, v)`` floating ``[B, Hkv, C, D]`` of the main segment (residual excluded), exactly 0 on padding.
+
+        Quantized payloads follow the storage rule (``code * scale + zero``; fp8 ``float(code) * scale``)
+        evaluated in ``dtype``; ``dtype=None`` keeps a float payload's own dtype and gives float32 for
+        quantized ones.
+        """
+        from .quant import dequantize_cache
+        return dequantize_cache(self, dtype)
+
+    def nbytes_per_user(self) -> torch.Tensor:
+        """Exact bytes stored per user, int64 ``[B]``: what ``to_bytes(b)`` writes minus its fixed framing.
+
+        With ``L = length[b, h]``, ``D = head_dim``, ``G = group_size``, per segment (main, then residual)::
+
+            4 * Hkv + 4                                   # per-head lengths (int32) + original_length (int32)
+          + sum_h L * (row(k) + row(v) + 4 + 8*[timestamp] + 4*[count])
+          + sum_h groups_k(L) * s_k + groups_v(L) * s_v   # quantized payloads only
+
+        ``row`` = ``D * element_size`` (float) or ``ceil(D * bits / 8)`` (int8/int4/int2/fp8);
+        ``groups(L)`` = ``L * D / G`` (token axis) or ``ceil(L / G) * D`` (channel axis, keys);
+        ``s`` = 4 bytes for integer formats (fp16 scale + fp16 zero), 2 for fp8 (scale only).
+        ``len(to_bytes(b)) == nbytes_per_user()[b] + serialize.FRAMING_BYTES``.
+        """
+        from .quant import nbytes_per_user
+        return nbytes_per_user(self)
+
+    def nbytes_full_precision_per_user(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        """int64 ``[B]``: bytes of the same users' native (uncompressed) cache at ``dtype``; the denominator of
+        the "ratio to the full-precision cache" (see ``quant.nbytes_full_precision_per_user``)."""
+        from .quant import nbytes_full_precision_per_user
+        return nbytes_full_precision_per_user(self, dtype)
+
+    def to_bytes(self, user_index: int) -> bytes:
+        """Serialise user ``user_index``'s valid entries losslessly (``malloc_kernels.cache_from_bytes`` reads it)."""
+        from .serialize import cache_to_bytes
+        return cache_to_bytes(self, user_index)
 
     # ---- validation -----------------------------------------------------------------------------------------
     def validate(self) -> "KVCache":

@@ -27,7 +27,7 @@ COLUMN_HELP = {
     "bytes_per_user": "exact bytes of all layers' caches for one user (payload, scales, zeros, positions, counts)",
     "ratio": "bytes_per_user / the native cache's bytes_per_user",
     "macs_per_request": "analytic multiply-accumulates to serve one request over the cache (all layers)",
-    "latency_ms": "measured wall time per request batch on this machine, divided by the batch size",
+    "latency_ms": "measured wall time to serve one request batch (--batch-size users) on this machine",
     "requests_per_s": "measured throughput of requests on this machine",
 }
 

@@ -71,6 +71,11 @@ class PolicyInput:
     counts: Optional[torch.Tensor]
     stats: object
     extra: dict
+    # optional (hybrids feed a stage's output cache to the next stage): per-(user, kv head) valid lengths
+    # int32 [B, Hkv] (default: ``lengths`` on every head) and the pre-compression lengths int32 [B]
+    # (default: ``lengths``), carried into the output cache's ``original_length``
+    head_lengths: Optional[torch.Tensor] = None
+    original_lengths: Optional[torch.Tensor] = None
 
     @property
     def shape(self):
@@ -79,8 +84,11 @@ class PolicyInput:
     def full_cache(self) -> KVCache:
         """The uncompressed cache holding every valid entry (lengths broadcast over kv heads)."""
         B, H = self.k.shape[:2]
-        return KVCache(k=self.k, v=self.v, length=self.lengths.to(torch.int32)[:, None].expand(B, H).contiguous(),
-                       position=self.positions, original_length=self.lengths.to(torch.int32).contiguous(),
+        length = self.lengths.to(torch.int32)[:, None].expand(B, H) if self.head_lengths is None else \
+            self.head_lengths.to(torch.int32)
+        original = self.lengths if self.original_lengths is None else self.original_lengths
+        return KVCache(k=self.k, v=self.v, length=length.contiguous(),
+                       position=self.positions, original_length=original.to(torch.int32).contiguous(),
                        head_dim=self.k.shape[-1], timestamp=self.timestamps, count=self.counts)
 
 

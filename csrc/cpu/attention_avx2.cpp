@@ -1,0 +1,29 @@
+// AVX2 + FMA + F16C build of the fused CPU attention, selected at run time by attention_forward when the CPU has
+// those extensions. Standard headers are included before the target pragma so that only this file's own code
+// (in its private namespace) is compiled for AVX2: nothing shared with other translation units changes ISA.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <omp.h>
+
+#include "malloc_kernels/attention_cpu.h"
+#include "malloc_kernels/bias.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define MK_ISA_AVX2 1
+#define MK_IMPL_NS impl_avx2
+#include "malloc_kernels/attention_cpu_impl.h"
+
+namespace malloc_kernels {
+namespace cpu {
+
+void attention_forward_avx2(const AttnParams& p) { impl_avx2::Kernel(p).run(); }
+
+}  // namespace cpu
+}  // namespace malloc_kernels
+#pragma GCC pop_options

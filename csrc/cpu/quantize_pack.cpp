@@ -1,0 +1,178 @@
+// OpenMP quantize-and-pack of one cache payload over (user, kv head) rows; see quantize_pack.h for the layout and
+// quant.h for the numerics (shared with the CUDA packer, so the two are bit-exact by construction).
+#include "malloc_kernels/quantize_pack.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "malloc_kernels/quant.h"
+
+namespace malloc_kernels {
+namespace {
+
+using namespace quant;
+
+inline int64_t row_length(const int32_t* length, const int64_t* ls, int64_t b, int64_t h, int64_t N) {
+  const int64_t n = length[b * ls[0] + h * ls[1]];
+  return std::min<int64_t>(std::max<int64_t>(n, 0), N);
+}
+
+// Scale/zero of one group from its fp32 statistics, stored as fp16 bits. For fp8 `mx` is the absmax.
+inline int group_params(const QuantSpec& spec, float mn, float mx, float* s, float* z) {
+  if (spec.fp8) {
+    *z = 0.0f;
+    return fp8_scale(mx, s);
+  }
+  return int_scale_zero(mn, mx, (1 << spec.bits) - 1, s, z);
+}
+
+inline uint32_t encode(const QuantSpec& spec, float x, float s, float z) {
+  return spec.fp8 ? quantize_fp8(x, s) : quantize_int(x, s, z, (1 << spec.bits) - 1);
+}
+
+// One (b, h) row with the token axis: each valid entry's channels split into D / G groups.
+int row_token(const float* x, const int64_t* xs, int64_t n, int64_t D, int64_t W, const QuantSpec& spec,
+              uint8_t* codes, uint16_t* scale, uint16_t* zero) {
+  const int64_t G = spec.group_size, NG = D / G;
+  int status = kOk;
+  for (int64_t j = 0; j < n; ++j) {
+    const float* xr = x + j * xs[2];
+    uint8_t* cr = codes + j * W;
+    for (int64_t g = 0; g < NG; ++g) {
+      float mn = xr[g * G * xs[3]], mx = mn, amax = 0.0f;
+      bool nan = false;
+      for (int64_t d = g * G; d < (g + 1) * G; ++d) {
+        const float v = xr[d * xs[3]];
+        nan |= (v != v);
+        mn = v < mn ? v : mn;
+        mx = v > mx ? v : mx;
+        amax = std::fabs(v) > amax ? std::fabs(v) : amax;
+      }
+      float s, z;
+      int st = nan ? kNonFinite : group_params(spec, mn, spec.fp8 ? amax : mx, &s, &z);
+      if (st != kOk) {
+        status = status ? status : st;
+        s = z = 0.0f;
+      }
+      scale[j * NG + g] = f32_to_f16_bits(s);
+      if (!spec.fp8) zero[j * NG + g] = f32_to_f16_bits(z);
+      for (int64_t d = g * G; d < (g + 1) * G; ++d) set_code(cr, int(d), spec.bits, encode(spec, xr[d * xs[3]], s, z));
+    }
+  }
+  return status;
+}
+
+// One (b, h) row with the channel axis: groups of G consecutive valid entries per channel (KIVI keys).
+int row_channel(const float* x, const int64_t* xs, int64_t n, int64_t D, int64_t W, const QuantSpec& spec,
+                uint8_t* codes, uint16_t* scale, uint16_t* zero, std::vector<float>& buf) {
+  const int64_t G = spec.group_size;
+  buf.resize(3 * D);
+  float* mn = buf.data();
+  float* mx = mn + D;
+  float* fs = mx + D;  // per-channel scale then zero reuse: fs holds scale, mn is overwritten by zero
+  int status = kOk;
+  for (int64_t j0 = 0, g = 0; j0 < n; j0 += G, ++g) {
+    const int64_t j1 = std::min(j0 + G, n);
+    // Entries outer, channels inner: the stride-1 walk over d keeps the statistics loop streaming.
+    for (int64_t d = 0; d < D; ++d) {
+      const float v = x[j0 * xs[2] + d * xs[3]];
+      mn[d] = v;
+      mx[d] = spec.fp8 ? std::fabs(v) : v;
+    }
+    bool nan = false;
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* xr = x + j * xs[2];
+      for (int64_t d = 0; d < D; ++d) {
+        const float v = xr[d * xs[3]];
+        nan |= (v != v);
+        if (spec.fp8) {
+          mx[d] = std::fabs(v) > mx[d] ? std::fabs(v) : mx[d];
+        } else {
+          mn[d] = v < mn[d] ? v : mn[d];
+          mx[d] = v > mx[d] ? v : mx[d];
+        }
+      }
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      float s, z;
+      int st = nan ? kNonFinite : group_params(spec, mn[d], mx[d], &s, &z);
+      if (st != kOk) {
+        status = status ? status : st;
+        s = z = 0.0f;
+      }
+      fs[d] = s;
+      mn[d] = z;
+      scale[g * D + d] = f32_to_f16_bits(s);
+      if (!spec.fp8) zero[g * D + d] = f32_to_f16_bits(z);
+    }
+    for (int64_t j = j0; j < j1; ++j) {
+      const float* xr = x + j * xs[2];
+      uint8_t* cr = codes + j * W;
+      for (int64_t d = 0; d < D; ++d) set_code(cr, int(d), spec.bits, encode(spec, xr[d * xs[3]], fs[d], mn[d]));
+    }
+  }
+  return status;
+}
+
+}  // namespace
+
+int quantize_pack_cpu(const float* x, const int64_t* xs, const int32_t* length, const int64_t* ls, int64_t B,
+                      int64_t H, int64_t N, int64_t D, const QuantSpec& spec, uint8_t* codes, uint16_t* scale,
+                      uint16_t* zero) {
+  const int64_t W = packed_width(int(D), spec.bits);
+  const int64_t rows = B * H;
+  const int64_t scale_row = spec.channel ? ((N + spec.group_size - 1) / spec.group_size) * D
+                                         : N * (D / spec.group_size);
+  // Padding must read as zeros (codes, and scales/zeros of groups with no valid entry).
+  std::memset(codes, 0, size_t(rows * N * W));
+  std::memset(scale, 0, size_t(rows * scale_row) * sizeof(uint16_t));
+  if (!spec.fp8) std::memset(zero, 0, size_t(rows * scale_row) * sizeof(uint16_t));
+  std::vector<int> status(size_t(rows), 0);
+#pragma omp parallel
+  {
+    std::vector<float> buf;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = r / H, h = r % H;
+      const float* xr = x + b * xs[0] + h * xs[1];
+      const int64_t n = row_length(length, ls, b, h, N);
+      uint8_t* cr = codes + r * N * W;
+      uint16_t* sr = scale + r * scale_row;
+      uint16_t* zr = spec.fp8 ? nullptr : zero + r * scale_row;
+      status[size_t(r)] = spec.channel ? row_channel(xr, xs, n, D, W, spec, cr, sr, zr, buf)
+                                       : row_token(xr, xs, n, D, W, spec, cr, sr, zr);
+    }
+  }
+  for (int s : status)
+    if (s) return s;
+  return kOk;
+}
+
+void unpack_dequantize_cpu(const uint8_t* codes, const uint16_t* scale, const uint16_t* zero,
+                           const int32_t* length, const int64_t* ls, int64_t B, int64_t H, int64_t N, int64_t D,
+                           const QuantSpec& spec, float* out) {
+  const int64_t W = packed_width(int(D), spec.bits);
+  const int64_t G = spec.group_size;
+  const int64_t scale_row = spec.channel ? ((N + G - 1) / G) * D : N * (D / G);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t r = 0; r < B * H; ++r) {
+    const int64_t b = r / H, h = r % H;
+    const int64_t n = row_length(length, ls, b, h, N);
+    const uint16_t* sr = scale + r * scale_row;
+    const uint16_t* zr = spec.fp8 ? nullptr : zero + r * scale_row;
+    float* o = out + r * N * D;
+    std::memset(o, 0, size_t(N * D) * sizeof(float));
+    for (int64_t j = 0; j < n; ++j) {
+      const uint8_t* cr = codes + (r * N + j) * W;
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t p = spec.channel ? (j / G) * D + d : j * (D / G) + d / G;
+        const float s = f16_bits_to_f32(sr[p]);
+        const uint32_t c = get_code(cr, int(d), spec.bits);
+        o[j * D + d] = spec.fp8 ? dequant_fp8(c, s) : dequant_int(c, s, f16_bits_to_f32(zr[p]));
+      }
+    }
+  }
+}
+
+}  // namespace malloc_kernels

@@ -1,0 +1,705 @@
+// Implementation of attention_forward (attention_cpu.h), written once and compiled twice: portable (whatever the
+// build flags give, SSE2 on plain x86-64) in csrc/cpu/attention_portable.cpp, and AVX2+FMA+F16C in
+// csrc/cpu/attention_avx2.cpp under `#pragma GCC target`, chosen at run time. Each translation unit defines
+// MK_IMPL_NS (its own namespace, so the two copies never collide at link time) and, for the AVX2 copy, MK_ISA_AVX2.
+//
+// Algorithm per work item (user b, kv head, block of queries), FlashAttention-2 style (arXiv 2307.08691) on a CPU:
+//   rows r = (query head of this kv head, query) -- all GQA heads share each K/V block, read and dequantized once;
+//   for each key segment (cache, residual, request) and each block of KB keys:
+//     dequantize the K block into an L1 tile (codes only for per-channel keys: the channel scale is folded into the
+//     query, q'_d = q_d * s_d, and the zero point into one per-row offset <q, z>, so per element only the code
+//     conversion remains -- KIVI's per-channel key layout made cheap);
+//     S = Q K^T (+ log count, + relative bias, masks) -> online softmax (or SiLU weights) -> O += P V (V tile
+//     dequantized the same way).
+// Nothing larger than a KB x D tile is ever materialised; the [Lq, N] score matrix never exists.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <omp.h>
+
+#include "malloc_kernels/attention_cpu.h"
+#include "malloc_kernels/bias.h"
+
+#ifdef MK_ISA_AVX2
+#include <immintrin.h>
+#endif
+
+namespace malloc_kernels {
+namespace cpu {
+namespace MK_IMPL_NS {
+
+constexpr int KB = 32;        // keys per block: K and V tiles of KB x D floats stay in L1
+constexpr int RMAX = 64;      // query rows (heads x queries) per work item chunk
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// ---- scalar conversions (exact) -------------------------------------------------------------------------------
+inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  if (exp == 0) {
+    if (man == 0) return bits_to_float(sign);
+    // subnormal half: man * 2^-24, exact in float
+    const float f = float(man) * 5.9604644775390625e-08f;
+    return sign ? -f : f;
+  }
+  if (exp == 31) return bits_to_float(sign | 0x7F800000u | (man << 13));
+  return bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+inline float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+
+// e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits, no infinities; 0x7F/0xFF are NaN (never produced by the
+// quantizer, which saturates at 448).
+inline float fp8_to_float(uint8_t c) {
+  const uint32_t mag = c & 0x7F;
+  float f;
+  if ((mag >> 3) == 0) f = float(mag) * 0.001953125f;               // subnormal: m * 2^-9
+  else if (mag == 0x7F) f = std::numeric_limits<float>::quiet_NaN();
+  else f = bits_to_float(((mag << 20) + (120u << 23)));           // 2^(e-7) * (1 + m/8)
+  return (c & 0x80) ? -f : f;
+}
+
+inline uint16_t f2bf16(float f) {  // round to nearest even (outputs)
+  uint32_t u; std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7FFF + ((u >> 16) & 1);
+  return uint16_t(u >> 16);
+}
+
+inline uint16_t f2half(float f) {  // round to nearest even (outputs)
+  uint32_t u; std::memcpy(&u, &f, 4);
+  const uint32_t sign = (u >> 16) & 0x8000;
+  uint32_t a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return uint16_t(sign | 0x7E00);
+  if (a >= 0x477FF000u) return uint16_t(sign | 0x7C00);           // rounds to >= 65520: inf
+  if (a < 0x38800000u) {                                           // subnormal or zero half
+    const float af = bits_to_float(a);
+    // af * 2^24 rounded to nearest even integer = half subnormal mantissa
+    const float scaled = af * 16777216.0f;
+    const float r = std::nearbyint(scaled);
+    return uint16_t(sign | uint32_t(r));
+  }
+  const uint32_t mant_odd = (a >> 13) & 1;
+  a += 0xC8000FFFu + mant_odd;                                     // rebias exponent (-112 << 23) and round
+  return uint16_t(sign | (a >> 13));
+}
+
+inline float load_scalar(const void* base, DType dt, int64_t idx) {
+  switch (dt) {
+    case DType::F32: return static_cast<const float*>(base)[idx];
+    case DType::F16: return half_to_float(static_cast<const uint16_t*>(base)[idx]);
+    default: return bf16_to_float(static_cast<const uint16_t*>(base)[idx]);
+  }
+}
+
+inline void store_scalar(void* base, DType dt, int64_t idx, float v) {
+  switch (dt) {
+    case DType::F32: static_cast<float*>(base)[idx] = v; break;
+    case DType::F16: static_cast<uint16_t*>(base)[idx] = f2half(v); break;
+    default: static_cast<uint16_t*>(base)[idx] = f2bf16(v); break;
+  }
+}
+
+inline size_t fmt_elem_bytes(Fmt f) {
+  switch (f) {
+    case Fmt::F32: return 4;
+    case Fmt::F16: case Fmt::BF16: return 2;
+    default: return 1;
+  }
+}
+
+inline int64_t row_bytes(Fmt f, int D) {
+  switch (f) {
+    case Fmt::F32: return int64_t(D) * 4;
+    case Fmt::F16: case Fmt::BF16: return int64_t(D) * 2;
+    case Fmt::INT8: case Fmt::FP8: return D;
+    case Fmt::INT4: return (int64_t(D) * 4 + 7) / 8;
+    default: return (int64_t(D) * 2 + 7) / 8;
+  }
+}
+
+// Raw element d of a stored row: the value (float formats), the integer code (int formats) or the e4m3 value (fp8).
+inline float raw_scalar(Fmt f, const uint8_t* row, int d) {
+  switch (f) {
+    case Fmt::F32: { float x; std::memcpy(&x, row + 4 * d, 4); return x; }
+    case Fmt::F16: { uint16_t h; std::memcpy(&h, row + 2 * d, 2); return half_to_float(h); }
+    case Fmt::BF16: { uint16_t h; std::memcpy(&h, row + 2 * d, 2); return bf16_to_float(h); }
+    case Fmt::INT8: return float(row[d]);
+    case Fmt::INT4: return float((row[d >> 1] >> ((d & 1) * 4)) & 0xF);
+    case Fmt::INT2: return float((row[d >> 2] >> ((d & 3) * 2)) & 0x3);
+    default: return fp8_to_float(row[d]);
+  }
+}
+
+// ---- vector primitives ----------------------------------------------------------------------------------------
+#ifdef MK_ISA_AVX2
+inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x) for x <= 0 (and anything else up to 88): Cephes-style range reduction + degree-6 polynomial, ~1 ulp;
+// inputs below -87.3 (including -inf) give exactly 0 so masked scores never leak.
+inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  const __m256 zero_mask = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3f)), lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(zero_mask, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// 8 consecutive raw elements (chunk c = elements 8c..8c+7) of a stored row as floats.
+template <Fmt F>
+inline __m256 raw8(const uint8_t* row, int c) {
+  if constexpr (F == Fmt::F32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + 8 * c);
+  } else if constexpr (F == Fmt::F16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c)));
+  } else if constexpr (F == Fmt::BF16) {
+    const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+  } else if constexpr (F == Fmt::INT8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * c))));
+  } else if constexpr (F == Fmt::INT4) {
+    // 4 bytes hold 8 nibbles, element 2i in the low nibble of byte i: broadcast the word, shift lane k by 4k.
+    uint32_t w; std::memcpy(&w, row + 4 * c, 4);
+    const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i x = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), sh), _mm256_set1_epi32(0xF));
+    return _mm256_cvtepi32_ps(x);
+  } else if constexpr (F == Fmt::INT2) {
+    uint16_t w; std::memcpy(&w, row + 2 * c, 2);
+    const __m256i sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i x = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), sh), _mm256_set1_epi32(0x3));
+    return _mm256_cvtepi32_ps(x);
+  } else {  // FP8 e4m3fn: rebias the exponent for normals, m * 2^-9 for subnormals, then the sign.
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * c)));
+    const __m256i mag = _mm256_and_si256(v, _mm256_set1_epi32(0x7F));
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
+    const __m256 normal = _mm256_castsi256_ps(
+        _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23)));
+    const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(0.001953125f));
+    const __m256 is_sub = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag));
+    return _mm256_or_ps(_mm256_blendv_ps(normal, sub, is_sub), _mm256_castsi256_ps(sign));
+  }
+}
+#endif
+
+// Decode n stored rows (row stride `stride` bytes) into dst[n][ld] floats (elements D..ld-1 zero). With `gs > 0`
+// the token-axis affine map x = raw * s_g + z_g (group g = d / gs) is applied, s/z float16 [n][D/gs] with row
+// stride `sz_stride` elements (z may be null: fp8).
+template <Fmt F>
+void decode_rows(const uint8_t* base, int64_t stride, int n, int D, int ld, float* dst, int gs,
+                 const uint16_t* s16, const uint16_t* z16, int64_t sz_stride) {
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* row = base + j * stride;
+    float* out = dst + int64_t(j) * ld;
+    int d0 = 0;
+#ifdef MK_ISA_AVX2
+    const int nc = D / 8;
+    if (gs > 0 && gs % 8 == 0) {
+      const uint16_t* sr = s16 + j * sz_stride;
+      const uint16_t* zr = z16 ? z16 + j * sz_stride : nullptr;
+      const int cpg = gs / 8;
+      for (int g = 0; g * cpg < nc; ++g) {
+        const __m256 s = _mm256_set1_ps(half_to_float(sr[g]));
+        const __m256 z = _mm256_set1_ps(zr ? half_to_float(zr[g]) : 0.f);
+        for (int c = g * cpg; c < std::min(nc, (g + 1) * cpg); ++c)
+          _mm256_storeu_ps(out + 8 * c, _mm256_fmadd_ps(raw8<F>(row, c), s, z));
+      }
+      d0 = nc * 8;
+    } else if (gs == 0) {
+      for (int c = 0; c < nc; ++c) _mm256_storeu_ps(out + 8 * c, raw8<F>(row, c));
+      d0 = nc * 8;
+    }
+#endif
+    for (int d = d0; d < D; ++d) {
+      float x = raw_scalar(F, row, d);
+      if (gs > 0) {
+        const int g = d / gs;
+        x = x * half_to_float(s16[j * sz_stride + g]) + (z16 ? half_to_float(z16[j * sz_stride + g]) : 0.f);
+      }
+      out[d] = x;
+    }
+    for (int d = D; d < ld; ++d) out[d] = 0.f;
+  }
+}
+
+inline void decode_rows_rt(Fmt f, const uint8_t* base, int64_t stride, int n, int D, int ld, float* dst, int gs,
+                           const uint16_t* s16, const uint16_t* z16, int64_t sz_stride) {
+  switch (f) {
+    case Fmt::F32: decode_rows<Fmt::F32>(base, stride, n, D, ld, dst, gs, s16, z16, sz_stride); break;
+    case Fmt::F16: decode_rows<Fmt::F16>(base, stride, n, D, ld, dst, gs, s16, z16, sz_stride); break;
+    case Fmt::BF16: decode_rows<Fmt::BF16>(base, stride, n, D, ld, dst, gs, s16, z16, sz_stride); break;
+    case Fmt::INT8: decode_rows<Fmt::INT8>(base, stride, n, D, ld, dst, gs, s16, z16, sz_stride); break;
+    case Fmt::INT4: decode_rows<Fmt::INT4>(base, stride, n, D, ld, dst, gs, s16, z16, sz_stride); break;
+    case Fmt::INT2: decode_rows<Fmt::INT2>(base, stride, n, D, ld, dst, gs, s16, z16, sz_stride); break;
+    default: decode_rows<Fmt::FP8>(base, stride, n, D, ld, dst, gs, s16, z16, sz_stride); break;
+  }
+}
+
+// S[r][j] = <Q[r], K[j]> (+ add[r] if add), r < R, j < n, over Dp (multiple of 8 in the AVX2 build) elements.
+inline void qk_dots(const float* Q, int ldq, int R, const float* K, int64_t ldk, int n, int Dp, float* S, int lds,
+                    const float* add) {
+  for (int r = 0; r < R; ++r) {
+    const float* q = Q + int64_t(r) * ldq;
+    float* s = S + int64_t(r) * lds;
+    const float a = add ? add[r] : 0.f;
+    int j = 0;
+#ifdef MK_ISA_AVX2
+    for (; j + 4 <= n; j += 4) {
+      const float* k0 = K + j * ldk;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int d = 0; d < Dp; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + ldk + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * ldk + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * ldk + d), a3);
+      }
+      _mm_storeu_ps(s + j, _mm_add_ps(hsum4(a0, a1, a2, a3), _mm_set1_ps(a)));
+    }
+    for (; j < n; ++j) {
+      __m256 a0 = _mm256_setzero_ps();
+      for (int d = 0; d < Dp; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(K + j * ldk + d), a0);
+      s[j] = hsum(a0) + a;
+    }
+#else
+    for (; j < n; ++j) {
+      const float* k = K + j * ldk;
+      float acc = 0.f;
+      for (int d = 0; d < Dp; ++d) acc += q[d] * k[d];
+      s[j] = acc + a;
+    }
+#endif
+  }
+}
+
+// O[r][:] += sum_j P[r][j] * V[j][:]
+inline void pv_accum(const float* P, int ldp, int R, int n, const float* V, int64_t ldv, int Dp, float* O, int ldo) {
+  for (int r = 0; r < R; ++r) {
+    const float* p = P + int64_t(r) * ldp;
+    float* o = O + int64_t(r) * ldo;
+#ifdef MK_ISA_AVX2
+    int d = 0;
+    for (; d + 64 <= Dp; d += 64) {
+      __m256 acc[8];
+      for (int c = 0; c < 8; ++c) acc[c] = _mm256_loadu_ps(o + d + 8 * c);
+      for (int j = 0; j < n; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        const float* v = V + j * ldv + d;
+        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * c), acc[c]);
+      }
+      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(o + d + 8 * c, acc[c]);
+    }
+    for (; d < Dp; d += 8) {
+      __m256 acc = _mm256_loadu_ps(o + d);
+      for (int j = 0; j < n; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(V + j * ldv + d), acc);
+      _mm256_storeu_ps(o + d, acc);
+    }
+#else
+    for (int j = 0; j < n; ++j) {
+      const float pj = p[j];
+      const float* v = V + j * ldv;
+      for (int d = 0; d < Dp; ++d) o[d] += pj * v[d];
+    }
+#endif
+  }
+}
+
+// x[i] = exp(x[i]) in place.
+inline void exp_inplace(float* x, int n) {
+  int i = 0;
+#ifdef MK_ISA_AVX2
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp256(_mm256_loadu_ps(x + i)));
+#endif
+  for (; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+// ---- the kernel ------------------------------------------------------------------------------------------------
+enum SegId { SEG_CACHE = 0, SEG_RES = 1, SEG_REQ = 2 };
+
+struct Scratch {
+  std::vector<float> Q, Qs, O, S, Kt, Vt, m, l, zb, cs, cz, nrm;
+  std::vector<float> lse, inw;
+  std::vector<int64_t> qi, qh, qpos, qts;
+  void init(int Dp, int Rcap) {
+    Q.assign(size_t(Rcap) * Dp, 0.f); Qs.assign(size_t(Rcap) * Dp, 0.f); O.assign(size_t(Rcap) * Dp, 0.f);
+    S.assign(size_t(Rcap) * KB, 0.f); Kt.assign(size_t(KB) * Dp, 0.f); Vt.assign(size_t(KB) * Dp, 0.f);
+    m.assign(Rcap, 0.f); l.assign(Rcap, 0.f); zb.assign(Rcap, 0.f); nrm.assign(Rcap, 0.f);
+    lse.assign(Rcap, 0.f); inw.assign(Rcap, 0.f);
+    cs.assign(Dp, 0.f); cz.assign(Dp, 0.f);
+    qi.assign(Rcap, 0); qh.assign(Rcap, 0); qpos.assign(Rcap, 0); qts.assign(Rcap, 0);
+  }
+};
+
+class Kernel {
+ public:
+  explicit Kernel(const AttnParams& p) : p_(p) {
+    D_ = p.D;
+#ifdef MK_ISA_AVX2
+    Dp_ = (D_ + 7) / 8 * 8;
+#else
+    Dp_ = D_;
+#endif
+    G_ = p.Hq / p.Hkv;
+    if (p.time_bias) tb_.init(p.time_thresholds, p.T);
+    has_bias_ = p.pos_bias || p.time_bias;
+  }
+
+  const AttnParams& p_;
+  int D_, Dp_, G_;
+  bool has_bias_;
+  bias::TimeBucketer tb_;
+
+  int64_t qlen(int64_t b) const { return p_.q_len[b]; }
+  int64_t klen(int64_t b) const { return (p_.k.p && p_.k_len) ? p_.k_len[b] : 0; }
+  int64_t ntargets(int64_t b) const {
+    if (!p_.num_targets) return 0;
+    return std::min<int64_t>(p_.num_targets[b], klen(b));
+  }
+
+  // Request-key visibility (DESIGN.md section 2): targets (last num_targets keys) are visible only to themselves;
+  // others causally (j <= i) when causal, otherwise to every query.
+  bool visible(int64_t i, int64_t j, int64_t Lk, int64_t nt) const {
+    if (nt > 0 && j >= Lk - nt) return j == i;
+    return !p_.causal || j <= i;
+  }
+
+  int64_t seg_len(int seg, int64_t b, int64_t h) const {
+    if (seg == SEG_CACHE) return p_.has_cache ? p_.cache.length[b * p_.Hkv + h] : 0;
+    if (seg == SEG_RES) return p_.has_residual ? p_.residual.length[b * p_.Hkv + h] : 0;
+    return klen(b);
+  }
+
+  // Scores of the keys [j0, j0+n) of a segment for the R rows of this chunk, into sc.S (row stride KB), including
+  // log-count (softmax), bias and masks. Also leaves the counts of the block in `cnt` (hstu).
+  void scores(Scratch& sc, int seg, int64_t b, int64_t h, int R, int64_t j0, int n, float* cnt) const {
+    const Segment& sg = seg == SEG_CACHE ? p_.cache : p_.residual;
+    const int64_t bh = b * p_.Hkv + h;
+    const float* Qeff = sc.Q.data();
+    const float* add = nullptr;
+    const float* K;
+    int64_t ldk;
+    if (seg == SEG_REQ) {
+      const char* base = static_cast<const char*>(p_.k.p);
+      const size_t eb = p_.kv_dtype == DType::F32 ? 4 : 2;
+      const char* row0 = base + eb * p_.k.offset(b, h, j0);
+      if (p_.kv_dtype == DType::F32 && Dp_ == D_) {
+        K = reinterpret_cast<const float*>(row0); ldk = p_.k.sL;
+      } else {
+        decode_rows_rt(Fmt(int(p_.kv_dtype)), reinterpret_cast<const uint8_t*>(row0), int64_t(eb) * p_.k.sL, n, D_,
+                       Dp_, sc.Kt.data(), 0, nullptr, nullptr, 0);
+        K = sc.Kt.data(); ldk = Dp_;
+      }
+    } else {
+      const int64_t rb = row_bytes(sg.k_fmt, D_);
+      const uint8_t* row0 = static_cast<const uint8_t*>(sg.k) + (bh * sg.capacity + j0) * rb;
+      const bool quant = sg.k_fmt == Fmt::INT8 || sg.k_fmt == Fmt::INT4 || sg.k_fmt == Fmt::INT2 ||
+                         sg.k_fmt == Fmt::FP8;
+      if (!quant && sg.k_fmt == Fmt::F32 && Dp_ == D_) {
+        K = reinterpret_cast<const float*>(row0); ldk = D_;
+      } else if (!quant) {
+        decode_rows_rt(sg.k_fmt, row0, rb, n, D_, Dp_, sc.Kt.data(), 0, nullptr, nullptr, 0);
+        K = sc.Kt.data(); ldk = Dp_;
+      } else if (sg.k_channel) {
+        // Per-channel scales of this token group folded into the query (block never straddles a group).
+        const int64_t g = j0 / sg.group_size;
+        const int64_t ng = (sg.capacity + sg.group_size - 1) / sg.group_size;
+        const uint16_t* s16 = sg.k_scale + (bh * ng + g) * D_;
+        const uint16_t* z16 = sg.k_zero ? sg.k_zero + (bh * ng + g) * D_ : nullptr;
+        for (int d = 0; d < D_; ++d) { sc.cs[d] = half_to_float(s16[d]); sc.cz[d] = z16 ? half_to_float(z16[d]) : 0.f; }
+        for (int r = 0; r < R; ++r) {
+          const float* q = sc.Q.data() + int64_t(r) * Dp_;
+          float* qs = sc.Qs.data() + int64_t(r) * Dp_;
+          float zacc = 0.f;
+          for (int d = 0; d < D_; ++d) { qs[d] = q[d] * sc.cs[d]; zacc += q[d] * sc.cz[d]; }
+          for (int d = D_; d < Dp_; ++d) qs[d] = 0.f;
+          sc.zb[r] = zacc;
+        }
+        Qeff = sc.Qs.data();
+        add = sc.zb.data();
+        decode_rows_rt(sg.k_fmt, row0, rb, n, D_, Dp_, sc.Kt.data(), 0, nullptr, nullptr, 0);
+        K = sc.Kt.data(); ldk = Dp_;
+      } else {
+        const int64_t ngr = D_ / sg.group_size;
+        const uint16_t* s16 = sg.k_scale + (bh * sg.capacity + j0) * ngr;
+        const uint16_t* z16 = sg.k_zero ? sg.k_zero + (bh * sg.capacity + j0) * ngr : nullptr;
+        decode_rows_rt(sg.k_fmt, row0, rb, n, D_, Dp_, sc.Kt.data(), sg.group_size, s16, z16, ngr);
+        K = sc.Kt.data(); ldk = Dp_;
+      }
+    }
+    float* S = sc.S.data();
+    qk_dots(Qeff, Dp_, R, K, ldk, n, Dp_, S, KB, add);
+
+    // counts
+    const float* c = nullptr;
+    if (seg != SEG_REQ && sg.count) c = sg.count + bh * sg.capacity + j0;
+    for (int j = 0; j < n; ++j) cnt[j] = c ? c[j] : 1.f;
+    if (p_.kind == Kind::Softmax && c) {
+      for (int j = 0; j < n; ++j) {
+        const float lc = c[j] > 0.f ? std::log(c[j]) : NEG_INF;
+        for (int r = 0; r < R; ++r) S[r * KB + j] += lc;
+      }
+    }
+    // relative bias from ORIGINAL positions / timestamps
+    if (has_bias_) {
+      int64_t kp[KB], kt[KB];
+      for (int j = 0; j < n; ++j) {
+        if (seg == SEG_REQ) {
+          kp[j] = p_.k_pos.p ? static_cast<const int64_t*>(p_.k_pos.p)[p_.k_pos.offset(b, 0, j0 + j)] : 0;
+          kt[j] = p_.k_ts.p ? static_cast<const int64_t*>(p_.k_ts.p)[p_.k_ts.offset(b, 0, j0 + j)] : 0;
+        } else {
+          kp[j] = sg.position[bh * sg.capacity + j0 + j];
+          kt[j] = sg.timestamp ? sg.timestamp[bh * sg.capacity + j0 + j] : 0;
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const int64_t hq = sc.qh[r];
+        float* s = S + r * KB;
+        if (p_.pos_bias) {
+          const float* pb = p_.pos_bias + hq * p_.pos_bias_sH;
+          for (int j = 0; j < n; ++j) s[j] += pb[bias::pos_index(sc.qpos[r], kp[j], p_.P)];
+        }
+        if (p_.time_bias) {
+          const float* tbias = p_.time_bias + hq * p_.time_bias_sH;
+          for (int j = 0; j < n; ++j) s[j] += tbias[tb_(sc.qts[r] - kt[j])];
+        }
+      }
+    }
+    // masks (request segment only; cache/residual entries precede every request token)
+    if (seg == SEG_REQ) {
+      const int64_t Lk = klen(b), nt = ntargets(b);
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < n; ++j)
+          if (!visible(sc.qi[r], j0 + j, Lk, nt)) S[r * KB + j] = NEG_INF;
+    }
+  }
+
+  void block_len(int seg, int64_t b, int64_t h, int64_t j0, int64_t len, int* n) const {
+    int64_t e = std::min<int64_t>(len, j0 + KB);
+    if (seg == SEG_CACHE && p_.cache.k_channel) {
+      const int64_t gs = p_.cache.group_size;
+      e = std::min<int64_t>(e, (j0 / gs + 1) * gs);
+    }
+    *n = int(e - j0);
+  }
+
+  void values(Scratch& sc, int seg, int64_t b, int64_t h, int64_t j0, int n, const float** V, int64_t* ldv) const {
+    const int64_t bh = b * p_.Hkv + h;
+    if (seg == SEG_REQ) {
+      const char* base = static_cast<const char*>(p_.v.p);
+      const size_t eb = p_.kv_dtype == DType::F32 ? 4 : 2;
+      const char* row0 = base + eb * p_.v.offset(b, h, j0);
+      if (p_.kv_dtype == DType::F32 && Dp_ == D_) { *V = reinterpret_cast<const float*>(row0); *ldv = p_.v.sL; return; }
+      decode_rows_rt(Fmt(int(p_.kv_dtype)), reinterpret_cast<const uint8_t*>(row0), int64_t(eb) * p_.v.sL, n, D_, Dp_,
+                     sc.Vt.data(), 0, nullptr, nullptr, 0);
+      *V = sc.Vt.data(); *ldv = Dp_;
+      return;
+    }
+    const Segment& sg = seg == SEG_CACHE ? p_.cache : p_.residual;
+    const int64_t rb = row_bytes(sg.v_fmt, D_);
+    const uint8_t* row0 = static_cast<const uint8_t*>(sg.v) + (bh * sg.capacity + j0) * rb;
+    if (sg.v_fmt == Fmt::F32 && Dp_ == D_) { *V = reinterpret_cast<const float*>(row0); *ldv = D_; return; }
+    const bool quant = sg.v_fmt == Fmt::INT8 || sg.v_fmt == Fmt::INT4 || sg.v_fmt == Fmt::INT2 || sg.v_fmt == Fmt::FP8;
+    if (quant) {
+      const int64_t ngr = D_ / sg.group_size;
+      decode_rows_rt(sg.v_fmt, row0, rb, n, D_, Dp_, sc.Vt.data(), sg.group_size,
+                     sg.v_scale + (bh * sg.capacity + j0) * ngr,
+                     sg.v_zero ? sg.v_zero + (bh * sg.capacity + j0) * ngr : nullptr, ngr);
+    } else {
+      decode_rows_rt(sg.v_fmt, row0, rb, n, D_, Dp_, sc.Vt.data(), 0, nullptr, nullptr, 0);
+    }
+    *V = sc.Vt.data(); *ldv = Dp_;
+  }
+
+  // One chunk: kv head h of user b, queries [i0, i0 + nq), all G query heads.
+  void run_chunk(Scratch& sc, int64_t b, int64_t h, int64_t i0, int nq) const {
+    const int R = G_ * nq;
+    const int64_t Lq = qlen(b);
+    // rows: r = g * nq + t
+    for (int g = 0; g < G_; ++g) {
+      const int64_t hq = h * G_ + g;
+      for (int t = 0; t < nq; ++t) {
+        const int r = g * nq + t;
+        const int64_t i = i0 + t;
+        sc.qi[r] = i; sc.qh[r] = hq;
+        sc.qpos[r] = p_.q_pos.p ? static_cast<const int64_t*>(p_.q_pos.p)[p_.q_pos.offset(b, 0, i)] : 0;
+        sc.qts[r] = p_.q_ts.p ? static_cast<const int64_t*>(p_.q_ts.p)[p_.q_ts.offset(b, 0, i)] : 0;
+        const int64_t off = p_.q.offset(b, hq, i);
+        float* q = sc.Q.data() + int64_t(r) * Dp_;
+        for (int d = 0; d < D_; ++d) q[d] = load_scalar(p_.q.p, p_.q_dtype, off + d) * p_.scale;
+        for (int d = D_; d < Dp_; ++d) q[d] = 0.f;
+        sc.m[r] = NEG_INF; sc.l[r] = 0.f;
+        std::fill(sc.O.begin() + int64_t(r) * Dp_, sc.O.begin() + int64_t(r + 1) * Dp_, 0.f);
+      }
+    }
+    const bool softmax = p_.kind == Kind::Softmax;
+    float cnt[KB];
+    for (int seg = 0; seg < 3; ++seg) {
+      const int64_t len = seg_len(seg, b, h);
+      int n;
+      for (int64_t j0 = 0; j0 < len; j0 += n) {
+        block_len(seg, b, h, j0, len, &n);
+        scores(sc, seg, b, h, R, j0, n, cnt);
+        float* S = sc.S.data();
+        if (softmax) {
+          for (int r = 0; r < R; ++r) {
+            float* s = S + r * KB;
+            float mx = NEG_INF;
+            for (int j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+            const float mnew = std::max(sc.m[r], mx);
+            if (mnew == NEG_INF) { for (int j = 0; j < n; ++j) s[j] = 0.f; continue; }
+            for (int j = 0; j < n; ++j) s[j] -= mnew;
+            exp_inplace(s, n);
+            float sum = 0.f;
+            for (int j = 0; j < n; ++j) sum += s[j];
+            if (sc.m[r] != mnew) {
+              const float alpha = sc.m[r] == NEG_INF ? 0.f : std::exp(sc.m[r] - mnew);
+              float* o = sc.O.data() + int64_t(r) * Dp_;
+              for (int d = 0; d < Dp_; ++d) o[d] *= alpha;
+              sc.l[r] *= alpha;
+              sc.m[r] = mnew;
+            }
+            sc.l[r] += sum;
+          }
+        } else {
+          // SiLU weights c_j * s / (1 + e^{-s}); masked (-inf) scores give 0.
+          for (int r = 0; r < R; ++r) {
+            float* s = S + r * KB;
+            float e[KB];
+            for (int j = 0; j < n; ++j) e[j] = -s[j];
+            exp_inplace(e, n);
+            for (int j = 0; j < n; ++j) s[j] = s[j] == NEG_INF ? 0.f : cnt[j] * s[j] / (1.f + e[j]);
+          }
+        }
+        const float* V; int64_t ldv;
+        values(sc, seg, b, h, j0, n, &V, &ldv);
+        pv_accum(S, KB, R, n, V, ldv, Dp_, sc.O.data(), Dp_);
+      }
+    }
+    // normalisers
+    const int64_t Lk = klen(b), nt = ntargets(b);
+    for (int r = 0; r < R; ++r) {
+      if (softmax) {
+        sc.nrm[r] = sc.l[r] > 0.f ? 1.f / sc.l[r] : 0.f;
+      } else {
+        int64_t vis = 0;
+        if (p_.hstu_norm != HstuNorm::Constant)
+          for (int64_t j = 0; j < Lk; ++j) vis += visible(sc.qi[r], j, Lk, nt) ? 1 : 0;
+        int64_t nn;
+        if (p_.hstu_norm == HstuNorm::Constant) nn = p_.hstu_norm_const;
+        else if (p_.hstu_norm == HstuNorm::Original) nn = (p_.original_length ? p_.original_length[b] : 0) + vis;
+        else nn = seg_len(SEG_CACHE, b, h) + seg_len(SEG_RES, b, h) + vis;
+        sc.nrm[r] = nn > 0 ? 1.f / float(nn) : 0.f;
+      }
+      const int64_t off = p_.out.offset(b, sc.qh[r], sc.qi[r]);
+      const float* o = sc.O.data() + int64_t(r) * Dp_;
+      for (int d = 0; d < D_; ++d) store_scalar(const_cast<void*>(p_.out.p), p_.q_dtype, off + d, o[d] * sc.nrm[r]);
+      if (p_.lse && softmax) {
+        const float v = sc.l[r] > 0.f ? sc.m[r] + std::log(sc.l[r]) : NEG_INF;
+        p_.lse[p_.lse_view.offset(b, sc.qh[r], sc.qi[r])] = v;
+      }
+    }
+    if (p_.stats) stats_pass(sc, b, h, R, Lq);
+  }
+
+  // Second pass (only with stats): recompute scores and accumulate each key's normalised weight.
+  void stats_pass(Scratch& sc, int64_t b, int64_t h, int R, int64_t Lq) const {
+    const bool softmax = p_.kind == Kind::Softmax;
+    float* lse = sc.lse.data();
+    float* inw = sc.inw.data();
+    for (int r = 0; r < R; ++r) {
+      lse[r] = sc.l[r] > 0.f ? sc.m[r] + std::log(sc.l[r]) : NEG_INF;
+      inw[r] = (p_.stats_window > 0 && sc.qi[r] >= Lq - p_.stats_window) ? 1.f : 0.f;
+    }
+    float cnt[KB];
+    const int64_t bh = b * p_.Hkv + h;
+    for (int seg = 0; seg < 3; ++seg) {
+      const int64_t len = seg_len(seg, b, h);
+      int n;
+      for (int64_t j0 = 0; j0 < len; j0 += n) {
+        block_len(seg, b, h, j0, len, &n);
+        scores(sc, seg, b, h, R, j0, n, cnt);
+        float mass[KB] = {0.f}, wmass[KB] = {0.f};
+        for (int r = 0; r < R; ++r) {
+          const float* s = sc.S.data() + r * KB;
+          for (int j = 0; j < n; ++j) {
+            float w;
+            if (softmax) w = (lse[r] == NEG_INF || s[j] == NEG_INF) ? 0.f : std::exp(s[j] - lse[r]);
+            else w = s[j] == NEG_INF ? 0.f : std::fabs(cnt[j] * s[j] / (1.f + std::exp(-s[j]))) * sc.nrm[r];
+            mass[j] += w;
+            wmass[j] += w * inw[r];
+          }
+        }
+        float* dm; float* dw;
+        if (seg == SEG_REQ) {
+          for (int j = 0; j < n; ++j) {
+            static_cast<float*>(const_cast<void*>(p_.key_mass.p))[p_.key_mass.offset(b, h, j0 + j)] += mass[j];
+            if (p_.key_wmass.p)
+              static_cast<float*>(const_cast<void*>(p_.key_wmass.p))[p_.key_wmass.offset(b, h, j0 + j)] += wmass[j];
+          }
+          continue;
+        }
+        const Segment& sg = seg == SEG_CACHE ? p_.cache : p_.residual;
+        dm = seg == SEG_CACHE ? p_.cache_mass : p_.res_mass;
+        dw = seg == SEG_CACHE ? p_.cache_wmass : p_.res_wmass;
+        for (int j = 0; j < n; ++j) {
+          if (dm) dm[bh * sg.capacity + j0 + j] += mass[j];
+          if (dw) dw[bh * sg.capacity + j0 + j] += wmass[j];
+        }
+      }
+    }
+  }
+
+  void run() const {
+    const int64_t B = p_.B, H = p_.Hkv;
+    int64_t Lmax = 0;
+    for (int64_t b = 0; b < B; ++b) Lmax = std::max(Lmax, qlen(b));
+    const int nq = std::max(1, RMAX / G_);
+    // With stats every (user, kv head) is one work item so the per-key sums need no atomics.
+    const int64_t nqb = p_.stats ? 1 : (Lmax + nq - 1) / nq;
+    const int64_t items = B * H * nqb;
+    const int nthreads = p_.num_threads > 0 ? p_.num_threads : omp_get_max_threads();
+    const int Rcap = std::max(RMAX, G_);
+#pragma omp parallel num_threads(nthreads)
+    {
+      Scratch sc;
+      sc.init(Dp_, Rcap);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < items; ++it) {
+        const int64_t b = it / (H * nqb), h = (it / nqb) % H, qb = it % nqb;
+        const int64_t Lq = qlen(b);
+        const int64_t ibeg = p_.stats ? 0 : qb * nq, iend = p_.stats ? Lq : std::min<int64_t>(Lq, (qb + 1) * nq);
+        for (int64_t i0 = ibeg; i0 < iend; i0 += nq) run_chunk(sc, b, h, i0, int(std::min<int64_t>(nq, iend - i0)));
+      }
+    }
+  }
+};
+
+}  // namespace MK_IMPL_NS
+}  // namespace cpu
+}  // namespace malloc_kernels

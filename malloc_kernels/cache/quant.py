@@ -1,0 +1,375 @@
+"""PyTorch reference quantizers and packers for the compressed KV cache (DESIGN.md section 3).
+
+This module writes and reads exactly the storage contract documented in ``cache/types.py``; the C++ packer
+(``csrc/cpu/quantize_pack.cpp``) must be bit-exact with it, so every rounding step is spelled out here.
+
+Asymmetric integer formats (``int8``/``int4``/``int2``, ``qmax = 2**bits - 1``), per quantisation group over the
+group's VALID entries only (entries ``j < length[b, h]``)::
+
+    mn    = min(x) + 0.0                        # fp32; "+ 0.0" turns -0.0 into +0.0 so min's tie order is moot
+    zero  = f16_round_down(mn)                  # largest float16 <= mn
+    scale = f16_round_up((mx - float(zero)) / qmax)   # fp32 subtract, fp32 true division, then smallest fp16 >= it
+    code  = 0 if scale == 0 else clamp(round_half_even((x - float(zero)) / float(scale)), 0, qmax)   # all fp32
+    x_hat = code * scale + zero
+
+FP8 (``fp8``: e4m3fn codes, no zero)::
+
+    scale = f16_round_up(absmax / 448)          # fp32 division
+    code  = 0 if scale == 0 else e4m3fn(clamp(x / scale, -448, 448))   # fp32 division, e4m3fn round-to-nearest-even
+    x_hat = float(code) * scale
+
+(The clamp only matters when fp32 rounding makes ``|x / scale|`` exceed 448 by an ulp; torch's cast saturates
+there too, so the result equals the plain ``e4m3fn(x / scale)`` cast.) Groups with no valid entry, and every
+padding entry, store scale = zero = code = 0, so padding never depends on what the padding held. A group whose
+``zero`` or ``scale`` is not a finite float16 (values beyond +-65504, or a range too wide), and any NaN/inf
+among the valid values, raises ``ValueError``.
+
+Error bound (why scale/zero are rounded outward): with ``zero <= mn`` and ``scale >= (mx - zero) / qmax`` every
+valid ``x`` maps into ``[0, qmax]`` before the clamp, so ``|x - x_hat| <= scale / 2`` up to fp32 rounding of the
+code computation. FP8 keeps e4m3's relative error (``2**-4`` of ``|x|`` for normal codes, ``2**-10 * scale``
+absolutely in the subnormal range).
+
+Packing (``uint8 [..., ceil(D * bits / 8)]``): 8-bit one code per byte; 4-bit element ``2i`` in the low nibble
+of byte ``i``, ``2i + 1`` in the high nibble; 2-bit element ``4i + r`` in bits ``2r .. 2r + 1`` of byte ``i``.
+The unused high bits of a partial last byte (odd ``D``) are zero.
+
+Groups (KIVI, Liu et al. 2024, arXiv 2402.02750): ``"token"`` axis -- one (scale, zero) per (entry, group of
+``group_size`` consecutive channels); ``"channel"`` axis -- one per (group of ``group_size`` consecutive entries,
+channel). Keys may use either axis, values always use ``"token"``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .types import FLOAT_FORMAT, FP8_FORMAT, FORMATS, INT_FORMATS, K_AXES, SCALE_DTYPE, KVCache, format_bits
+
+FP8_MAX = 448.0
+_FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
+
+
+def fp8_available() -> bool:
+    """Whether this torch has ``float8_e4m3fn`` (needed for the ``"fp8"`` format)."""
+    return _FP8_DTYPE is not None
+
+
+# ---- float16 outward rounding ---------------------------------------------------------------------------------
+def f16_round_down(x: torch.Tensor) -> torch.Tensor:
+    """Largest float16 value ``<= x`` (elementwise), as a float16 tensor.
+
+    ``x`` is taken in fp32. Values below -65504 give ``-inf``; NaN stays NaN (callers check finiteness).
+    """
+    x = x.float()
+    h = x.to(torch.float16)                         # round-to-nearest-even, may land above x
+    above = h.float() > x
+    return torch.where(above, torch.nextafter(h, torch.full_like(h, -math.inf)), h)
+
+
+def f16_round_up(x: torch.Tensor) -> torch.Tensor:
+    """Smallest float16 value ``>= x`` (elementwise), as a float16 tensor.
+
+    ``x`` is taken in fp32. Values above 65504 give ``+inf``; NaN stays NaN (callers check finiteness).
+    """
+    x = x.float()
+    h = x.to(torch.float16)
+    below = h.float() < x
+    return torch.where(below, torch.nextafter(h, torch.full_like(h, math.inf)), h)
+
+
+# ---- packing --------------------------------------------------------------------------------------------------
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes ``uint8 [..., D]`` (each ``< 2**bits``) into ``uint8 [..., ceil(D * bits / 8)]``.
+
+    Little-end first: element ``k * per + r`` of a byte sits in bits ``r * bits .. r * bits + bits - 1`` where
+    ``per = 8 // bits``; a partial last byte has zero high bits.
+    """
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits must be 2, 4 or 8, got {bits!r}")
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be uint8, got {codes.dtype}")
+    if bits == 8:
+        return codes.contiguous()
+    per = 8 // bits
+    D = codes.shape[-1]
+    W = -(-D // per)
+    if W * per != D:
+        codes = torch.nn.functional.pad(codes, (0, W * per - D))
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
+    grouped = codes.reshape(*codes.shape[:-1], W, per).to(torch.int32)
+    # the shifted codes occupy disjoint bit ranges, so their sum is their bitwise OR
+    return (grouped << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
+    """Inverse of ``pack_codes``: ``uint8 [..., W]`` -> ``uint8 [..., head_dim]``."""
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits must be 2, 4 or 8, got {bits!r}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be uint8, got {packed.dtype}")
+    per = 8 // bits
+    if packed.shape[-1] != -(-head_dim // per):
+        raise ValueError(f"packed last dim {packed.shape[-1]} does not match head_dim {head_dim} at {bits} bits")
+    if bits == 8:
+        return packed
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :head_dim].to(torch.uint8)
+
+
+# ---- group views ----------------------------------------------------------------------------------------------
+def _valid_entries(length: torch.Tensor, capacity: int) -> torch.Tensor:
+    """bool ``[B, H, C]``: entry j of row (b, h) is valid iff ``j < length[b, h]``."""
+    return torch.arange(capacity, device=length.device) < length.to(torch.int64)[..., None]
+
+
+def _grouped(x: torch.Tensor, axis: str, group_size: int) -> torch.Tensor:
+    """View ``[B, H, C, D]`` as groups with the reduced axis last-but-not-batch.
+
+    token:   ``[B, H, C, D // G, G]``   (reduce dim -1)
+    channel: ``[B, H, ceil(C / G), G, D]`` (reduce dim 3; the entry axis is zero-padded to a multiple of G)
+    """
+    B, H, C, D = x.shape
+    if axis == "token":
+        return x.reshape(B, H, C, D // group_size, group_size)
+    ng = -(-C // group_size)
+    if ng * group_size != C:
+        x = torch.nn.functional.pad(x, (0, 0, 0, ng * group_size - C))
+    return x.reshape(B, H, ng, group_size, D)
+
+
+def _reduce_dim(axis: str) -> int:
+    return -1 if axis == "token" else 3
+
+
+def _group_valid(length: torch.Tensor, capacity: int, axis: str, group_size: int) -> torch.Tensor:
+    """bool mask of the groups that cover at least one valid entry, shaped like the scale tensor."""
+    if axis == "token":
+        return _valid_entries(length, capacity)[..., None]                      # [B, H, C, 1]
+    ng = -(-capacity // group_size)
+    starts = torch.arange(ng, device=length.device) * group_size
+    return (starts < length.to(torch.int64)[..., None])[..., None]            # [B, H, ng, 1]
+
+
+def _expand(stat: torch.Tensor, axis: str, group_size: int, capacity: int) -> torch.Tensor:
+    """Broadcast a per-group statistic (scale-shaped) back to ``[B, H, C, D]``."""
+    if axis == "token":
+        return stat.repeat_interleave(group_size, dim=-1)
+    return stat.repeat_interleave(group_size, dim=2)[:, :, :capacity]
+
+
+def _check_group_size(group_size, head_dim: int, axis: str, name: str = "group_size") -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"{name} must be a positive int, got {group_size!r}")
+    if group_size <= 0:
+        raise ValueError(f"{name} must be positive, got {group_size}")
+    if axis == "token" and head_dim % group_size:
+        raise ValueError(f"{name}={group_size} must divide the head dim {head_dim} for token-axis groups")
+    return group_size
+
+
+# ---- one tensor -----------------------------------------------------------------------------------------------
+def quantize_tensor(x: torch.Tensor, length: torch.Tensor, fmt: str, group_size: int, axis: str = "token",
+                    name: str = "x") -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Quantize ``x [B, H, C, D]`` (any float dtype, computed in fp32) with per-row valid lengths ``length [B, H]``.
+
+    Returns ``(packed uint8 [B, H, C, W], scale float16, zero float16 or None for fp8)`` with scale/zero shaped
+    ``[B, H, C, D // G]`` (token axis) or ``[B, H, ceil(C / G), D]`` (channel axis). ``name`` names the tensor in
+    error messages.
+    """
+    if fmt not in INT_FORMATS and fmt != FP8_FORMAT:
+        raise ValueError(f"format for {name} must be one of {tuple(INT_FORMATS) + (FP8_FORMAT,)}, got {fmt!r}")
+    if axis not in K_AXES:
+        raise ValueError(f"axis for {name} must be one of {K_AXES}, got {axis!r}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+        raise TypeError(f"{name} must be a floating tensor [B, H, C, D]")
+    B, H, C, D = x.shape
+    _check_group_size(group_size, D, axis)
+    if fmt == FP8_FORMAT and not fp8_available():
+        raise ValueError("format 'fp8' needs torch.float8_e4m3fn, which this torch build lacks")
+    x32 = x.float()
+    valid = _valid_entries(length, C)                                           # [B, H, C]
+    if not bool(torch.isfinite(x32[valid]).all()):
+        raise ValueError(f"{name} has NaN or infinite values among its valid entries; they cannot be quantized")
+    gvalid = _group_valid(length, C, axis, group_size)
+    xg = _grouped(x32, axis, group_size)
+    vg = _grouped(valid[..., None].expand(B, H, C, D), axis, group_size)
+    red = _reduce_dim(axis)
+    ev = valid[..., None]
+
+    if fmt == FP8_FORMAT:
+        absmax = torch.where(vg, xg.abs(), torch.zeros((), device=x.device)).amax(dim=red)
+        absmax = torch.where(gvalid, absmax, torch.zeros((), device=x.device))
+        scale = f16_round_up(absmax / FP8_MAX)
+        _check_fits(scale, None, gvalid, name)
+        s = _expand(scale.float(), axis, group_size, C)
+        q = (x32 / s).clamp(-FP8_MAX, FP8_MAX)
+        codes = q.to(_FP8_DTYPE).view(torch.uint8)
+        codes = torch.where((s > 0) & ev, codes, torch.zeros((), dtype=torch.uint8, device=x.device))
+        return codes.contiguous(), scale, None
+
+    bits = INT_FORMATS[fmt]
+    qmax = float(2 ** bits - 1)
+    mn = torch.where(vg, xg, torch.full((), math.inf, device=x.device)).amin(dim=red)
+    mx = torch.where(vg, xg, torch.full((), -math.inf, device=x.device)).amax(dim=red)
+    mn = torch.where(gvalid, mn, torch.zeros((), device=x.device)) + 0.0      # + 0.0: -0.0 -> +0.0
+    mx = torch.where(gvalid, mx, torch.zeros((), device=x.device))
+    zero = f16_round_down(mn)
+    scale = f16_round_up((mx - zero.float()) / qmax)
+    _check_fits(scale, zero, gvalid, name)
+    s = _expand(scale.float(), axis, group_size, C)
+    z = _expand(zero.float(), axis, group_size, C)
+    q = torch.round((x32 - z) / s).clamp(0.0, qmax)
+    q = torch.where((s > 0) & ev, q, torch.zeros((), device=x.device))
+    return pack_codes(q.to(torch.uint8), bits), scale, zero
+
+
+def _check_fits(scale, zero, gvalid, name):
+    bad = ~torch.isfinite(scale.float())
+    if zero is not None:
+        bad |= ~torch.isfinite(zero.float())
+    bad &= gvalid.expand_as(bad)
+    if bool(bad.any()):
+        raise ValueError(f"{name}: a quantisation group's range does not fit float16 scale/zero (values must lie "
+                         f"within +-65504 and the group's range / qmax must be representable); rescale the input "
+                         f"or use format 'float'")
+
+
+def dequantize_tensor(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], length: torch.Tensor,
+                      fmt: str, group_size: int, axis: str, head_dim: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x_hat [B, H, C, head_dim]`` in ``dtype``: ``code * scale + zero`` (int) or ``float(code) * scale`` (fp8),
+    evaluated in ``dtype``; padding entries (``j >= length``) are exactly 0."""
+    B, H, C = packed.shape[:3]
+    ev = _valid_entries(length, C)[..., None]
+    s = _expand(scale, axis, group_size, C).to(dtype)
+    if fmt == FP8_FORMAT:
+        if not fp8_available():
+            raise ValueError("format 'fp8' needs torch.float8_e4m3fn, which this torch build lacks")
+        # e4m3 values are exact in fp32 (and in fp16/bf16/fp64), so the detour through fp32 is lossless
+        codes = packed.contiguous().view(_FP8_DTYPE).float().to(dtype)
+        out = codes * s
+    else:
+        codes = unpack_codes(packed, INT_FORMATS[fmt], head_dim).to(dtype)
+        out = codes * s + _expand(zero, axis, group_size, C).to(dtype)
+    return torch.where(ev, out, torch.zeros((), dtype=dtype, device=out.device))
+
+
+# ---- whole caches ---------------------------------------------------------------------------------------------
+def quantize_cache(cache: KVCache, k_format: str, v_format: str, group_size: int, k_axis: str = "token") -> KVCache:
+    """Quantize a full-precision cache into ``k_format`` / ``v_format`` (``"float"`` keeps that side as is).
+
+    ``group_size``: channels per group on the token axis (must divide ``head_dim``), entries per group on the
+    channel axis (KIVI keys). ``k_axis``: ``"token"`` or ``"channel"`` for keys; values always use the token axis.
+    Lengths, positions, timestamps, counts, ``original_length``, the residual segment and ``meta`` are carried
+    unchanged. Returns a validated ``KVCache``.
+    """
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
+    if cache.is_quantized:
+        raise ValueError(f"cache must be a full-precision cache, got formats k={cache.k_format!r}, "
+                         f"v={cache.v_format!r}")
+    for arg, fmt in (("k_format", k_format), ("v_format", v_format)):
+        if fmt not in FORMATS:
+            raise ValueError(f"{arg} must be one of {FORMATS}, got {fmt!r}")
+    if k_axis not in K_AXES:
+        raise ValueError(f"k_axis must be one of {K_AXES}, got {k_axis!r}")
+    cache.validate()
+    D = cache.head_dim
+    if k_format != FLOAT_FORMAT:
+        _check_group_size(group_size, D, k_axis)
+    if v_format != FLOAT_FORMAT:
+        _check_group_size(group_size, D, "token")
+    if k_format == FLOAT_FORMAT and v_format == FLOAT_FORMAT:
+        return cache.replace(k_axis=k_axis, group_size=group_size).validate()
+    changes = dict(k_format=k_format, v_format=v_format, k_axis=k_axis, group_size=group_size)
+    if k_format != FLOAT_FORMAT:
+        k, ks, kz = quantize_tensor(cache.k, cache.length, k_format, group_size, k_axis, name="cache.k")
+        changes.update(k=k, k_scale=ks, k_zero=kz)
+    if v_format != FLOAT_FORMAT:
+        v, vs, vz = quantize_tensor(cache.v, cache.length, v_format, group_size, "token", name="cache.v")
+        changes.update(v=v, v_scale=vs, v_zero=vz)
+    return cache.replace(**changes).validate()
+
+
+def dequantize_cache(cache: KVCache, dtype: Optional[torch.dtype] = None):
+    """``(k, v)`` floating ``[B, Hkv, C, D]`` of the main segment (not the residual), zeros on padding.
+
+    ``dtype=None``: float payloads keep their own dtype, quantized payloads come back as float32. Quantized
+    payloads are dequantized in ``dtype`` (the oracle passes float64).
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    out = []
+    for name in ("k", "v"):
+        fmt = getattr(cache, f"{name}_format")
+        t = getattr(cache, name)
+        if fmt == FLOAT_FORMAT:
+            want = t.dtype if dtype is None else dtype
+            ev = _valid_entries(cache.length, cache.capacity)[..., None]
+            out.append(torch.where(ev, t.to(want), torch.zeros((), dtype=want, device=t.device)))
+        else:
+            axis = cache.k_axis if name == "k" else "token"
+            out.append(dequantize_tensor(t, getattr(cache, f"{name}_scale"), getattr(cache, f"{name}_zero"),
+                                         cache.length, fmt, cache.group_size, axis, cache.head_dim,
+                                         torch.float32 if dtype is None else dtype))
+    return out[0], out[1]
+
+
+# ---- byte accounting ------------------------------------------------------------------------------------------
+def _row_bytes(fmt: str, t: torch.Tensor, head_dim: int) -> int:
+    """Bytes of one stored entry's payload row."""
+    if fmt == FLOAT_FORMAT:
+        return head_dim * t.element_size()
+    return math.ceil(head_dim * format_bits(fmt) / 8)
+
+
+def _scale_bytes(cache: KVCache, which: str, L: torch.Tensor) -> torch.Tensor:
+    """Bytes of the scales/zeros covering the first ``L [B, H]`` entries of each row for ``which`` in k/v."""
+    fmt = getattr(cache, f"{which}_format")
+    if fmt == FLOAT_FORMAT:
+        return torch.zeros_like(L)
+    per_group = 2 if fmt == FP8_FORMAT else 4                                   # fp16 scale (+ fp16 zero)
+    D, G = cache.head_dim, cache.group_size
+    if which == "k" and cache.k_axis == "channel":
+        return (L + G - 1) // G * D * per_group
+    return L * (D // G) * per_group
+
+
+def _segment_bytes(cache: KVCache) -> torch.Tensor:
+    """int64 ``[B]``: header fields (lengths, original_length) plus every per-entry byte of one segment."""
+    L = cache.length.to(torch.int64)                                            # [B, H]
+    H = cache.num_kv_heads
+    per_entry = _row_bytes(cache.k_format, cache.k, cache.head_dim) + \
+        _row_bytes(cache.v_format, cache.v, cache.head_dim) + 4                 # + int32 position
+    if cache.timestamp is not None:
+        per_entry += 8
+    if cache.count is not None:
+        per_entry += 4
+    total = L * per_entry + _scale_bytes(cache, "k", L) + _scale_bytes(cache, "v", L)
+    return total.sum(dim=1) + 4 * H + 4
+
+
+def nbytes_per_user(cache: KVCache) -> torch.Tensor:
+    """Exact stored bytes per user, int64 ``[B]`` (see ``KVCache.nbytes_per_user`` for the formula)."""
+    total = _segment_bytes(cache)
+    if cache.residual is not None:
+        total = total + _segment_bytes(cache.residual).to(total.device)
+    return total
+
+
+def nbytes_full_precision_per_user(cache: KVCache, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """int64 ``[B]``: bytes of the same users' NATIVE cache (method "none") in ``dtype``.
+
+    That cache keeps all ``original_length[b]`` history entries in every kv head, K and V at ``dtype``'s size,
+    int32 positions, int64 timestamps if this cache carries timestamps, no counts, no residual, plus the same
+    header fields (``4 * Hkv`` lengths + 4 ``original_length``). It is exactly ``nbytes_per_user()`` of the
+    uncompressed cache, so the "ratio to the full-precision cache" of method "none" is 1.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_entry = 2 * cache.head_dim * elem + 4 + (8 if cache.timestamp is not None else 0)
+    H = cache.num_kv_heads
+    return cache.original_length.to(torch.int64) * (H * per_entry) + 4 * H + 4

@@ -1,0 +1,264 @@
+"""The serving-simulation benchmark (DESIGN.md section 6): MALLOC's accuracy and resource tables on real data.
+
+For every test user (leave-one-out), the history before the held-out target is truncated to the most recent
+``max_len`` items and split into a cached prefix and a request of the last ``request_size`` interactions. The
+prefix is encoded ONCE per batch (per-layer caches + the history's own attention statistics); every method then
+compresses each layer's cache at its budget, the request is served over the compressed caches, and the last hidden
+state ranks all items. The ``no-cache`` row recomputes history + request from scratch and must equal ``native``.
+
+Resumable: every finished (model, method, budget) row is appended to ``<out>/rows.jsonl`` under a key of the
+configuration; a rerun with the same configuration skips those rows. Trained models come from the checkpoint
+cache of ``malloc_kernels.models.train`` (same config + data -> no retraining).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..data import load_dataset
+from ..data.dataset import EvalExamples, eval_batches, make_jagged
+from ..models.config import ModelConfig
+from ..models.metrics import rank_metrics, target_ranks
+from ..models.train import TrainConfig, train
+from ..policies import compress
+from .methods import VARIANTS, MethodSpec, build_grid
+from .report import write_outputs
+
+
+@dataclass
+class EvalConfig:
+    """One harness run. ``users``: evaluate a seeded sample of this many test users (None = all)."""
+
+    data: str = "ml-latest-small"
+    models: Sequence[str] = ("hstu", "sasrec")
+    methods: Optional[Sequence[str]] = None
+    budgets: Sequence[float] = (0.5, 0.25, 0.125)
+    bits: Sequence[int] = (8, 4, 2)
+    variants: Sequence[str] = tuple(VARIANTS)
+    max_len: int = 200
+    request_size: int = 8
+    users: Optional[int] = None
+    batch_size: int = 128
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    epochs: int = 20
+    time_budget_min: float = 0.0
+    seed: int = 0
+    out: str = "results"
+    cache: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.request_size < 1:
+            raise ValueError(f"request_size must be >= 1, got {self.request_size}")
+        if self.max_len <= self.request_size:
+            raise ValueError(f"max_len ({self.max_len}) must exceed request_size ({self.request_size})")
+        if self.users is not None and self.users < 1:
+            raise ValueError(f"users must be >= 1, got {self.users}")
+        for m in self.models:
+            if m not in ("hstu", "sasrec"):
+                raise ValueError(f"models must be among ('hstu', 'sasrec'), got {m!r}")
+
+    def run_key(self) -> str:
+        d = dataclasses.asdict(self)
+        for f in ("methods", "budgets", "bits", "variants", "out", "progress", "cache"):
+            d.pop(f)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _split_request(batch, r: int):
+    """Per user: (history prefix, request = the last r items of the truncated history)."""
+    lens = batch.lengths.tolist()
+    items = batch.items.numpy()
+    ts = None if batch.timestamps is None else batch.timestamps.numpy()
+    hist, req, hts, rts = [], [], [], []
+    for b, n in enumerate(lens):
+        o = int(batch.offsets[b])
+        cut = max(n - r, 0)
+        hist.append(items[o:o + cut])
+        req.append(items[o + cut:o + n])
+        if ts is not None:
+            hts.append(ts[o:o + cut])
+            rts.append(ts[o + cut:o + n])
+    return (make_jagged(hist, hts if ts is not None else None),
+            make_jagged(req, rts if ts is not None else None))
+
+
+def dense_macs_per_token(model) -> int:
+    """MACs of the per-token dense work of all layers (every 2-D weight of ``model.layers`` is used once a token)."""
+    return int(sum(p.numel() for p in model.layers.parameters() if p.dim() == 2))
+
+
+def request_macs(model, entries_per_layer: float, request_size: float) -> float:
+    """Analytic MACs to serve one request of ``request_size`` tokens over caches holding ``entries_per_layer`` stored
+    entries (mean per kv head): dense projections/FFN, q.k and p.v over every visible entry (cache + causal request),
+    and scoring every item with the last hidden state."""
+    cfg = model.cfg
+    width = cfg.latent_dim if cfg.heads == "mla" else cfg.head_dim
+    visible = entries_per_layer + (request_size + 1) / 2.0
+    attn = cfg.n_layers * request_size * cfg.n_heads * 2 * width * visible
+    return dense_macs_per_token(model) * request_size + attn + cfg.d_model * cfg.n_items
+
+
+class _Accumulator:
+    def __init__(self):
+        self.ranks, self.bytes, self.entries, self.seconds, self.users = [], [], [], 0.0, 0
+
+
+def _compress_caches(model, native, stats, spec: MethodSpec, seed: int):
+    if spec.method == "none":
+        return native
+    out = []
+    kind = "hstu" if model.cfg.arch == "hstu" else "softmax"
+    for li, c in enumerate(native):
+        cc = compress(c.k, c.v, spec.method, budget=spec.budget, positions=c.position, timestamps=c.timestamp,
+                      lengths=c.length[:, 0], counts=c.count, stats=None if stats is None else stats[li],
+                      seed=seed, layer=li, num_layers=len(native), kind=kind, scale=model.scale,
+                      **dict(spec.params))
+        out.append(cc.replace(original_length=c.original_length))
+    return out
+
+
+def _stored_entries(caches) -> torch.Tensor:
+    """Mean stored entries per (user, kv head), per layer, for the MACs model: [B]."""
+    per_layer = []
+    for c in caches:
+        n = c.length.double().mean(1)
+        if c.residual is not None:
+            n = n + c.residual.length.double().mean(1)
+        per_layer.append(n)
+    return torch.stack(per_layer).mean(0)
+
+
+@torch.no_grad()
+def evaluate_specs(model, examples: EvalExamples, specs: Sequence[MethodSpec], cfg: EvalConfig, desc: str):
+    """Serve every test user under every spec; returns {spec.key: metrics/resources dict}."""
+    model.eval()
+    acc = {s.key: _Accumulator() for s in specs}
+    n_batches = (len(examples) + cfg.batch_size - 1) // cfg.batch_size
+    for batch in tqdm(eval_batches(examples, cfg.batch_size, cfg.max_len), total=n_batches, desc=desc,
+                      disable=not cfg.progress, leave=False):
+        hist, req = _split_request(batch, cfg.request_size)
+        native, stats = model.encode_history(hist, return_stats=True, stats_window=cfg.request_size)
+        for spec in specs:
+            a = acc[spec.key]
+            if spec.recompute:
+                t0 = time.perf_counter()
+                h = model.last_hidden(batch)
+                a.seconds += time.perf_counter() - t0
+                nbytes = torch.zeros(batch.batch_size, dtype=torch.float64)
+                entries = torch.zeros(batch.batch_size, dtype=torch.float64)
+            else:
+                caches = _compress_caches(model, native, stats, spec, cfg.seed)
+                t0 = time.perf_counter()
+                h = model.serve(req, caches=caches)
+                a.seconds += time.perf_counter() - t0
+                nbytes = sum(c.nbytes_per_user().double() for c in caches)
+                entries = _stored_entries(caches)
+            a.ranks.append(target_ranks(model.score_all_items(h), batch.targets))
+            a.bytes.append(nbytes)
+            a.entries.append(entries)
+            a.users += batch.batch_size
+    out = {}
+    for spec in specs:
+        a = acc[spec.key]
+        row = rank_metrics(torch.cat(a.ranks), model.cfg.n_items)
+        mean_entries = float(torch.cat(a.entries).mean())
+        if spec.recompute:  # recompute attends over the whole truncated history again
+            mean_entries = float(np.mean([min(len(h), cfg.max_len) for h in examples.histories]))
+        row.update(bytes_per_user=float(torch.cat(a.bytes).mean()),
+                   macs_per_request=request_macs(model, mean_entries, cfg.request_size),
+                   latency_ms=1e3 * a.seconds / max(n_batches, 1),
+                   requests_per_s=a.users / a.seconds if a.seconds > 0 else float("nan"),
+                   mean_entries_per_head=mean_entries)
+        out[spec.key] = row
+    return out
+
+
+def _sample(examples: EvalExamples, users: Optional[int], seed: int) -> EvalExamples:
+    keep = [i for i, h in enumerate(examples.histories) if len(h) >= 1]
+    if users is not None and users < len(keep):
+        rng = np.random.default_rng(seed)
+        keep = sorted(rng.choice(keep, size=users, replace=False).tolist())
+    pick = lambda xs: None if xs is None else [xs[i] for i in keep]  # noqa: E731
+    return EvalExamples(users=examples.users[keep], histories=pick(examples.histories),
+                        history_timestamps=pick(examples.history_timestamps), targets=examples.targets[keep],
+                        target_timestamps=None if examples.target_timestamps is None
+                        else examples.target_timestamps[keep])
+
+
+def _model_config(cfg: EvalConfig, arch: str, n_items: int, overrides: dict) -> ModelConfig:
+    return ModelConfig(arch=arch, n_items=n_items, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                       max_len=cfg.max_len, **overrides)
+
+
+def _load_done(path: Path, run_key: str) -> dict:
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                if r.get("run_key") == run_key:
+                    done[(r["model"], r["method"], r["budget"])] = r
+    return done
+
+
+def run(cfg: EvalConfig, log=print) -> dict:
+    """Run the grid; write the four outputs into ``cfg.out``; return their paths and the rows."""
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(cfg.data)
+    split = ds.split()
+    examples = _sample(split.test, cfg.users, cfg.seed)
+    grid = build_grid(cfg.methods, cfg.budgets, cfg.bits, cfg.variants)
+    run_key = cfg.run_key()
+    partial = out / "rows.jsonl"
+    done = _load_done(partial, run_key)
+    train_cfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed, time_budget_min=cfg.time_budget_min)
+    trained = {}
+    log(f"{ds!r}: {len(examples)} test users, {len(grid)} rows per model, results in {out}")
+
+    groups = [(arch, None, [s for s in grid if s.variant is None]) for arch in cfg.models]
+    groups += [(arch, s.variant, [s]) for arch in cfg.models for s in grid if s.variant is not None]
+    for arch, variant, specs in groups:
+        todo = [s for s in specs if (arch, s.label, s.budget_label) not in done]
+        if not todo:
+            continue
+        overrides = {} if variant is None else VARIANTS[variant][1]
+        model_cfg = _model_config(cfg, arch, ds.n_items, overrides)
+        model, report = train(ds, model_cfg, train_cfg, cache=cfg.cache, progress=cfg.progress,
+                              log=lambda m: None)
+        trained[(arch, variant)] = report
+        if variant is not None:  # a trained variant is served over its own native cache
+            todo = [dataclasses.replace(s, method="none") for s in todo]
+        results = evaluate_specs(model, examples, todo, cfg, desc=f"{arch}{'/' + variant if variant else ''}")
+        with open(partial, "a") as f:
+            for s in todo:
+                row = {"run_key": run_key, "dataset": ds.name, "model": arch, "level": s.level, "method": s.label,
+                       "budget": s.budget_label, **results[s.key]}
+                done[(arch, s.label, s.budget_label)] = row
+                f.write(json.dumps(row) + "\n")
+        log(f"{arch}{'/' + variant if variant else ''}: {len(todo)} rows done")
+
+    order = {(s.label, s.budget_label): i for i, s in enumerate(grid)}
+    rows = sorted((r for (arch, m, b), r in done.items() if arch in cfg.models and (m, b) in order),
+                  key=lambda r: (cfg.models.index(r["model"]), order[(r["method"], r["budget"])]))
+    meta = {"config": dataclasses.asdict(cfg), "run_key": run_key, "dataset": repr(ds),
+            "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "processor": platform.processor(), "threads": torch.get_num_threads(),
+            "training": {f"{a}/{v or 'base'}": {"test": r["test"], "train_seconds": r["train_seconds"]}
+                         for (a, v), r in trained.items()}}
+    paths = write_outputs(rows, out, meta)
+    return {"paths": paths, "rows": rows}

@@ -1,0 +1,401 @@
+"""HSTU and SASRec sequential recommenders on ``malloc_kernels.attention``, with cached serving.
+
+Token layout: internally every sequence batch is jagged (``values [T, ...]`` + int64 ``offsets [B+1]``), so no
+padding token is ever embedded or attended. Public entry points also take left-aligned padded ``[B, N]`` item
+tensors (0 = padding) with optional ``lengths [B]`` (default: the number of non-zero items of each row), or a
+``malloc_kernels.data.JaggedBatch``.
+
+Positions are 0-based within a user's (truncated) sequence; a request served after a history of ``n`` original
+tokens has positions ``n, n+1, ...`` (``cache.original_length``), exactly the positions it has in the full
+sequence. Timestamps (int64 seconds) feed HSTU's time bias when given; without timestamps the time bias is off
+(training and serving must agree on this).
+
+Serving (DESIGN.md section 6): ``encode_history`` runs the causal model over the history once and returns one
+full-precision ``KVCache`` per layer (positions/timestamps/original lengths filled; optionally compressed with any
+``malloc_kernels.compress`` method); ``serve`` runs the request tokens over those caches and returns the last
+hidden state; ``score_all_items`` scores every item. With the uncompressed cache ``serve`` equals
+``last_hidden`` on the concatenated sequence (full recompute) up to floating-point summation order.
+
+Learned sequence-level compression (trained with the same split the serving uses, see ``forward``):
+
+* ``linformer`` (Wang et al. 2020, arXiv 2006.04768, adapted to variable-length causal histories): per layer,
+  slot m of a history of n > M tokens is ``sum_j E_mj (k_j, v_j)`` with ``E_m = softmax_j(w[l, m, recency_j])``
+  over the user's valid tokens, recency ``n-1-j`` (clamped to max_len-1); slot positions/timestamps are the
+  E-weighted means (rounded), counts ``n / M`` (so HSTU's sum and the softmax mass see the original token count).
+  Histories with n <= M are stored verbatim (count 1).
+* ``beacon`` (after Activation Beacon, Zhang et al. 2024, arXiv 2401.03462): the history is cut into chunks of
+  ``beacon_chunk`` tokens; in every layer a beacon token (learned embedding) per chunk attends to its chunk's keys
+  and values plus itself, and only the beacons' keys/values are cached (count = chunk size, position/timestamp =
+  those of the chunk's last token). Beacon hidden states evolve layer by layer like ordinary tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..cache.types import KVCache
+from ..ops.layout import jagged_to_padded
+from .config import ModelConfig
+from .layers import HSTULayer, SASRecLayer
+
+
+def _attention(*args, **kwargs):
+    # Resolved at call time: the public entry point lives in malloc_kernels/__init__.py (ops.attention).
+    import malloc_kernels
+    return malloc_kernels.attention(*args, **kwargs)
+
+
+def _user_index(offsets: torch.Tensor):
+    """Per jagged token: its user and its 0-based position within the user."""
+    lens = offsets[1:] - offsets[:-1]
+    uid = torch.repeat_interleave(torch.arange(lens.numel(), device=offsets.device), lens)
+    local = torch.arange(int(offsets[-1]), device=offsets.device) - offsets[uid]
+    return uid, local
+
+
+def _offsets_from_lengths(lens: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(lens.numel() + 1, dtype=torch.int64, device=lens.device)
+    torch.cumsum(lens.to(torch.int64), 0, out=out[1:])
+    return out
+
+
+def _as_jagged(items, timestamps=None, lengths=None, what="items"):
+    """Accept a JaggedBatch or padded [B, N] items (+ timestamps [B, N], lengths [B]) -> (items, ts, offsets)."""
+    if hasattr(items, "offsets") and hasattr(items, "items"):
+        if timestamps is not None or lengths is not None:
+            raise ValueError(f"{what}: pass timestamps/lengths inside the JaggedBatch, not separately")
+        return items.items, items.timestamps, items.offsets.to(torch.int64)
+    if not isinstance(items, torch.Tensor) or items.dim() != 2 or items.is_floating_point():
+        raise ValueError(f"{what} must be an integer tensor [B, N] (0 = padding) or a JaggedBatch, got "
+                         f"{getattr(items, 'shape', type(items).__name__)}")
+    B, N = items.shape
+    if lengths is None:
+        lengths = (items != 0).sum(1)
+    lengths = torch.as_tensor(lengths, dtype=torch.int64, device=items.device)
+    if lengths.shape != (B,) or (B and (int(lengths.min()) < 0 or int(lengths.max()) > N)):
+        raise ValueError(f"{what} lengths must be [B]={B} within [0, {N}], got {lengths.tolist()}")
+    valid = torch.arange(N, device=items.device)[None, :] < lengths[:, None]
+    flat = items[valid].to(torch.int64)
+    ts = None
+    if timestamps is not None:
+        timestamps = torch.as_tensor(timestamps)
+        if timestamps.shape != items.shape or timestamps.is_floating_point():
+            raise ValueError(f"{what} timestamps must be an integer tensor shaped like the items {tuple(items.shape)},"
+                             f" got {timestamps.dtype} {tuple(timestamps.shape)}")
+        ts = timestamps[valid].to(torch.int64)
+    return flat, ts, _offsets_from_lengths(lengths)
+
+
+class SequentialRecommender(nn.Module):
+    """HSTU or SASRec (``ModelConfig.arch``) with the configured head / sequence-level variant.
+
+    Inputs are item ids in ``1..n_items``; the embedding table has ``n_items + 1`` rows (row 0 = padding, unused).
+    HSTU input: ``sqrt(d) * e_item`` (positions enter through the relative bias); SASRec input:
+    ``sqrt(d) * e_item + e_pos``. Output: per-token hidden states ``[T, d]`` (SASRec: after a final LayerNorm).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.n_items < 1:
+            raise ValueError("ModelConfig.n_items must be set to the dataset's item count")
+        self.cfg = cfg
+        d = cfg.d_model
+        self.item_emb = nn.Embedding(cfg.n_items + 1, d, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=d ** -0.5)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.pos_emb = nn.Embedding(cfg.max_len, d) if cfg.arch == "sasrec" else None
+        layer_cls = HSTULayer if cfg.arch == "hstu" else SASRecLayer
+        self.layers = nn.ModuleList(layer_cls(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(d) if cfg.arch == "sasrec" else nn.Identity()
+        self.drop = nn.Dropout(cfg.dropout)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        if cfg.seq_compress == "linformer":
+            self.lin_logits = nn.Parameter(torch.randn(cfg.n_layers, cfg.slots, cfg.max_len) * 0.02)
+        if cfg.seq_compress == "beacon":
+            self.beacon_emb = nn.Parameter(torch.randn(d) * d ** -0.5)
+
+    # ---- building blocks ----------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.item_emb.weight.dtype
+
+    def embed(self, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if items.numel() and (int(items.min()) < 1 or int(items.max()) > self.cfg.n_items):
+            raise ValueError(f"item ids must be in 1..{self.cfg.n_items}, got range "
+                             f"[{int(items.min())}, {int(items.max())}]")
+        x = self.item_emb(items) * math.sqrt(self.cfg.d_model)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions.clamp(max=self.cfg.max_len - 1))
+        return self.drop(x)
+
+    def _attend(self, layer_idx, q, k, v, offsets, positions, timestamps, cache=None, return_stats=False,
+                stats_window=None):
+        layer = self.layers[layer_idx]
+        kw = {}
+        if layer.kind == "hstu":
+            kw["pos_bias"] = layer.pos_bias
+            if timestamps is not None:
+                kw["time_bias"] = layer.time_bias
+                kw["query_timestamps"] = timestamps
+        if return_stats:
+            kw.update(return_stats=True, stats_window=stats_window)
+        return _attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1],
+                          cache=cache, kind=layer.kind, offsets=offsets, query_positions=positions, **kw)
+
+    def _run_native(self, x, offsets, positions, ts, collect=False, stats_window=None, return_stats=False):
+        """Full causal pass over jagged tokens; optionally collect per-layer cache-form (k, v) and attention stats."""
+        kvs, stats = [], []
+        for li, layer in enumerate(self.layers):
+            p = layer.project(x)
+            q, k, v = layer.explicit(p)
+            a = self._attend(li, q, k, v, offsets, positions, ts, return_stats=return_stats,
+                             stats_window=stats_window)
+            if return_stats:
+                stats.append(a.stats)
+                a = a.output
+            if collect:
+                _, kc, vc = layer.cached(p)
+                kvs.append((kc, vc))
+            x = layer.finish(x, a, p, cached=False)
+        return self.final_norm(x), kvs, stats
+
+    def _run_cached(self, x, offsets, positions, ts, caches: Sequence[KVCache]):
+        for li, layer in enumerate(self.layers):
+            p = layer.project(x)
+            q, k, v = layer.cached(p)
+            a = self._attend(li, q, k, v, offsets, positions, ts, cache=caches[li])
+            x = layer.finish(x, a, p, cached=True)
+        return x
+
+    # ---- caches -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _cache_from_jagged(k, v, offsets, positions, ts, counts=None, original_length=None,
+                           max_len: Optional[int] = None) -> KVCache:
+        """Full-precision KVCache ``[B, Hc, C, Dc]`` from jagged ``[T, Hc, Dc]`` entries (C = max length)."""
+        kp, lens = jagged_to_padded(k, offsets, max_len=max_len)
+        vp, _ = jagged_to_padded(v, offsets, max_len=max_len)
+        B, H, C = kp.shape[:3]
+        pos = jagged_to_padded(positions, offsets, max_len=C)[0].to(torch.int32)
+        tsp = None if ts is None else jagged_to_padded(ts, offsets, max_len=C)[0].to(torch.int64)
+        cnt = None if counts is None else jagged_to_padded(counts, offsets, max_len=C)[0].to(torch.float32)
+        lens = lens.to(torch.int32)
+        return KVCache(k=kp, v=vp, length=lens[:, None].expand(B, H).contiguous(),
+                       position=pos[:, None].expand(B, H, C).contiguous(),
+                       original_length=(lens if original_length is None else original_length.to(torch.int32)),
+                       head_dim=kp.shape[-1],
+                       timestamp=None if tsp is None else tsp[:, None].expand(B, H, C).contiguous(),
+                       count=None if cnt is None else cnt[:, None].expand(B, H, C).contiguous())
+
+    def _linformer_cache(self, li, k, v, offsets, positions, ts) -> KVCache:
+        cfg = self.cfg
+        M = cfg.slots
+        kp, lens = jagged_to_padded(k, offsets)
+        vp, _ = jagged_to_padded(v, offsets)
+        B, H, N = kp.shape[:3]
+        lens = lens.to(torch.int64)
+        j = torch.arange(N, device=kp.device)
+        valid = j[None, :] < lens[:, None]                                              # [B, N]
+        recency = (lens[:, None] - 1 - j[None, :]).clamp(0, cfg.max_len - 1)           # [B, N]
+        logits = self.lin_logits[li][:, recency].permute(1, 0, 2)                      # [B, M, N]
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+        raw = lens <= M                                                                 # stored verbatim
+        # Users stored verbatim (or empty) would give all -inf rows: give them finite logits, then replace E.
+        E = torch.softmax(torch.where(raw[:, None, None], torch.zeros_like(logits), logits), dim=-1)
+        eye = ((torch.arange(M, device=kp.device)[:, None] == j[None, :])[None] & valid[:, None, :]).to(E.dtype)
+        E = torch.where(raw[:, None, None], eye, E).to(kp.dtype)
+        ks = torch.einsum("bmn,bhnd->bhmd", E, kp)
+        vs = torch.einsum("bmn,bhnd->bhmd", E, vp)
+        Ed = E.detach().to(torch.float64)
+        pos_p = jagged_to_padded(positions, offsets, max_len=N)[0].to(torch.float64)
+        pos_s = torch.floor(torch.einsum("bmn,bn->bm", Ed, pos_p) + 0.5).to(torch.int32)
+        ts_s = None
+        if ts is not None:
+            ts_p = jagged_to_padded(ts, offsets, max_len=N)[0].to(torch.float64)
+            ts_s = torch.floor(torch.einsum("bmn,bn->bm", Ed, ts_p) + 0.5).to(torch.int64)
+        count = torch.where(raw[:, None], torch.ones(B, M, dtype=torch.float64, device=kp.device),
+                            lens[:, None].to(torch.float64) / M).to(torch.float32)
+        length = torch.minimum(lens, torch.full_like(lens, M)).to(torch.int32)
+        return KVCache(k=ks, v=vs, length=length[:, None].expand(B, H).contiguous(),
+                       position=pos_s[:, None].expand(B, H, M).contiguous(), original_length=lens.to(torch.int32),
+                       head_dim=ks.shape[-1],
+                       timestamp=None if ts_s is None else ts_s[:, None].expand(B, H, M).contiguous(),
+                       count=count[:, None].expand(B, H, M).contiguous())
+
+    def _beacon_caches(self, kvs, offsets, positions, ts) -> List[KVCache]:
+        cfg = self.cfg
+        w = cfg.beacon_chunk
+        lens = offsets[1:] - offsets[:-1]
+        n_chunks = (lens + w - 1) // w
+        cuid = torch.repeat_interleave(torch.arange(lens.numel(), device=offsets.device), n_chunks)
+        if cuid.numel() == 0:
+            # No history at all: empty (capacity-0) caches; requests then attend only to themselves.
+            return [self._cache_from_jagged(k, v, offsets, positions, ts, counts=torch.ones(0),
+                                            original_length=lens) for k, v in kvs]
+        beacon_offsets = _offsets_from_lengths(n_chunks)
+        cidx = torch.arange(cuid.numel(), device=offsets.device) - beacon_offsets[cuid]
+        starts = offsets[cuid] + cidx * w
+        ends = torch.minimum(starts + w, offsets[cuid + 1])
+        chunk_offsets = torch.cat([starts, offsets[-1:]]) if cuid.numel() else torch.zeros(1, dtype=torch.int64)
+        clen = (ends - starts)
+        last = ends - 1
+        b_pos = positions[last]
+        b_ts = None if ts is None else ts[last]
+        q_offsets = torch.arange(cuid.numel() + 1, device=offsets.device)
+        x = self.beacon_emb.to(self.dtype)[None].expand(cuid.numel(), -1)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(b_pos.clamp(max=cfg.max_len - 1))
+        caches = []
+        for li, layer in enumerate(self.layers):
+            kc, vc = kvs[li]
+            chunk_cache = self._cache_from_jagged(kc, vc, chunk_offsets, positions, ts, max_len=w)
+            p = layer.project(x)
+            q, k, v = layer.cached(p)
+            a = self._attend(li, q, k, v, q_offsets, b_pos, b_ts, cache=chunk_cache)
+            caches.append(self._cache_from_jagged(k, v, beacon_offsets, b_pos, b_ts, counts=clen,
+                                                  original_length=lens))
+            x = layer.finish(x, a, p, cached=True)
+        return caches
+
+    def _history_caches(self, kvs, offsets, positions, ts) -> List[KVCache]:
+        """Per-layer full-precision caches of a history after the model's learned sequence compression."""
+        if self.cfg.seq_compress == "linformer":
+            return [self._linformer_cache(li, k, v, offsets, positions, ts) for li, (k, v) in enumerate(kvs)]
+        if self.cfg.seq_compress == "beacon":
+            return self._beacon_caches(kvs, offsets, positions, ts)
+        return [self._cache_from_jagged(k, v, offsets, positions, ts) for k, v in kvs]
+
+    # ---- public API -----------------------------------------------------------------------------------------------
+    def forward(self, items, timestamps=None, lengths=None, *, request_len: Optional[int] = None) -> torch.Tensor:
+        """Training forward: hidden states of every token, jagged ``[T, d]`` in the input's token order.
+
+        Without ``request_len`` (or for models without sequence compression) this is the full causal pass. With
+        ``request_len = r`` and ``seq_compress`` set, each user's last ``r`` tokens (all of them if shorter) are
+        computed exactly as ``serve`` computes them, against the learned-compressed cache of the tokens before
+        them, and the earlier tokens by the full causal pass: training sees what serving will do.
+        """
+        items, ts, offsets = _as_jagged(items, timestamps, lengths)
+        uid, local = _user_index(offsets)
+        if request_len is None or self.cfg.seq_compress is None:
+            h, _, _ = self._run_native(self.embed(items, local), offsets, local, ts)
+            return h
+        if request_len < 1:
+            raise ValueError(f"request_len must be >= 1, got {request_len}")
+        lens = offsets[1:] - offsets[:-1]
+        hist_len = (lens - request_len).clamp(min=0)
+        is_hist = local < hist_len[uid]
+        h_off, r_off = _offsets_from_lengths(hist_len), _offsets_from_lengths(lens - hist_len)
+        h_items, h_pos = items[is_hist], local[is_hist]
+        h_ts = None if ts is None else ts[is_hist]
+        h_hist, kvs, _ = self._run_native(self.embed(h_items, h_pos), h_off, h_pos, h_ts, collect=True)
+        caches = self._history_caches(kvs, h_off, h_pos, h_ts)
+        r_items, r_pos = items[~is_hist], local[~is_hist]
+        r_ts = None if ts is None else ts[~is_hist]
+        h_req = self.final_norm(self._run_cached(self.embed(r_items, r_pos), r_off, r_pos, r_ts, caches))
+        out = h_hist.new_zeros(items.numel(), h_hist.shape[-1])
+        out = out.index_put((is_hist.nonzero().squeeze(1),), h_hist)
+        return out.index_put(((~is_hist).nonzero().squeeze(1),), h_req)
+
+    def last_hidden(self, items, timestamps=None, lengths=None) -> torch.Tensor:
+        """Full recompute: hidden state of each user's last token, ``[B, d]`` (every user needs >= 1 token)."""
+        items, ts, offsets = _as_jagged(items, timestamps, lengths)
+        if bool(((offsets[1:] - offsets[:-1]) < 1).any()):
+            raise ValueError("items: every user needs at least one token")
+        uid, local = _user_index(offsets)
+        h, _, _ = self._run_native(self.embed(items, local), offsets, local, ts)
+        return h[offsets[1:] - 1]
+
+    def encode_history(self, items, timestamps=None, lengths=None, *, method: str = "none", budget=None,
+                       seed: int = 0, return_stats: bool = False, stats_window: Optional[int] = None,
+                       **params):
+        """Encode each user's history once: one ``KVCache`` per layer (``[B, cache_heads, C, cache_dim]``).
+
+        items/timestamps/lengths: padded ``[B, N]`` (or a JaggedBatch); empty histories give ``length 0``.
+        The caches are full precision in the model's dtype with ORIGINAL positions (0-based), timestamps (when
+        given), counts (learned sequence compression) and ``original_length`` = history length. ``method`` (with
+        ``budget``, ``seed`` and method ``params``) further compresses every layer via ``malloc_kernels.compress``,
+        keeping ``original_length``. ``return_stats`` also returns the per-layer ``AttentionStats`` of the
+        history's own causal attention (for attention-scored policies), as ``(caches, stats)``.
+        """
+        items, ts, offsets = _as_jagged(items, timestamps, lengths, what="history items")
+        _, local = _user_index(offsets)
+        _, kvs, stats = self._run_native(self.embed(items, local), offsets, local, ts, collect=True,
+                                         return_stats=return_stats, stats_window=stats_window)
+        caches = self._history_caches(kvs, offsets, local, ts)
+        if method != "none":
+            from ..policies import compress
+            out = []
+            for li, c in enumerate(caches):
+                cc = compress(c.k, c.v, method, budget=budget, positions=c.position, timestamps=c.timestamp,
+                              lengths=c.length[:, 0], counts=c.count, stats=stats[li] if stats else None,
+                              seed=seed, **params)
+                out.append(cc.replace(original_length=c.original_length))
+            caches = out
+        return (caches, stats) if return_stats else caches
+
+    def serve(self, request_items, request_timestamps=None, caches: Sequence[KVCache] = (), lengths=None, *,
+              return_all: bool = False) -> torch.Tensor:
+        """Run the request tokens over per-layer caches; returns each user's last hidden state ``[B, d]``
+        (``return_all``: every request token's, jagged ``[T, d]``). Request positions continue after
+        ``cache.original_length``; every user needs at least one request token."""
+        if len(caches) != self.cfg.n_layers:
+            raise ValueError(f"caches must hold one KVCache per layer ({self.cfg.n_layers}), got {len(caches)}")
+        items, ts, offsets = _as_jagged(request_items, request_timestamps, lengths, what="request items")
+        B = offsets.numel() - 1
+        if caches[0].batch_size != B:
+            raise ValueError(f"caches hold {caches[0].batch_size} users but the request has {B}")
+        if bool(((offsets[1:] - offsets[:-1]) < 1).any()):
+            raise ValueError("request items: every user needs at least one request token")
+        if (ts is None) != (caches[0].timestamp is None) and self.cfg.arch == "hstu":
+            raise ValueError("request timestamps must be given exactly when the caches carry timestamps")
+        uid, local = _user_index(offsets)
+        positions = caches[0].original_length.to(torch.int64)[uid] + local
+        x = self._run_cached(self.embed(items, positions), offsets, positions, ts, caches)
+        h = self.final_norm(x)
+        return h if return_all else h[offsets[1:] - 1]
+
+    # ---- scoring and losses -----------------------------------------------------------------------------------
+    def _normed(self, x):
+        return F.normalize(x, dim=-1) if self.cfg.similarity == "cosine" else x
+
+    def score_all_items(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B, n_items + 1]`` of every item for hidden states ``[B, d]``; column 0 (padding) is -inf."""
+        s = self._normed(hidden) @ self._normed(self.item_emb.weight).t() / self.cfg.temperature
+        s[:, 0] = float("-inf")
+        return s
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor, *, num_negatives: int = 128,
+             full_softmax: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Next-item loss over tokens with a target (> 0).
+
+        Sampled softmax: ``num_negatives`` items drawn uniformly from ``1..n_items`` and shared by the batch;
+        logits ``sim(h, e) / temperature`` of [target, negatives], a negative equal to the target is masked out;
+        cross-entropy with the target as class 0. ``full_softmax``: cross-entropy over all items.
+        """
+        valid = targets > 0
+        h, t = hidden[valid], targets[valid]
+        if h.shape[0] == 0:
+            return hidden.sum() * 0.0
+        if full_softmax:
+            return F.cross_entropy(self.score_all_items(h)[:, 1:], t - 1)
+        negs = torch.randint(1, self.cfg.n_items + 1, (num_negatives,), generator=generator)
+        hn = self._normed(h)
+        pos = (hn * self._normed(self.item_emb(t))).sum(-1, keepdim=True)
+        neg = hn @ self._normed(self.item_emb(negs)).t()
+        neg = neg.masked_fill(negs[None, :] == t[:, None], float("-inf"))
+        logits = torch.cat([pos, neg], 1) / self.cfg.temperature
+        return F.cross_entropy(logits, torch.zeros(h.shape[0], dtype=torch.int64))
+
+
+def HSTU(n_items: int, **kw) -> SequentialRecommender:
+    """HSTU recommender (``ModelConfig(arch="hstu", ...)``)."""
+    return SequentialRecommender(ModelConfig(arch="hstu", n_items=n_items, **kw))
+
+
+def SASRec(n_items: int, **kw) -> SequentialRecommender:
+    """SASRec recommender (``ModelConfig(arch="sasrec", ...)``)."""
+    return SequentialRecommender(ModelConfig(arch="sasrec", n_items=n_items, **kw))

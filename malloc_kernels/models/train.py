@@ -1,0 +1,238 @@
+"""CPU training of HSTU / SASRec (and their variants) with full-ranking leave-one-out evaluation.
+
+Usage (the ML-1M acceptance run; MovieLens-1M is read from its folder, never copied)::
+
+    python -m malloc_kernels.models.train --data ../shared/data/ml-1m --model hstu --max-len 200 \
+        --epochs 60 --time-budget-min 45 --out benchmarks/results/hstu_ml1m.json
+
+Defaults train on the embedded MovieLens latest-small. Training is seeded (shuffling and negatives of epoch ``e``
+use ``seed + e``), uses AdamW and a tqdm progress bar, and checkpoints after every epoch under
+``$MALLOC_CACHE`` (default ``~/.cache/malloc_kernels``)``/checkpoints/<arch>-<key>.pt`` where ``key`` hashes the
+model config, the training config and the dataset's fingerprint: rerunning the same command resumes from (or
+reuses) the checkpoint; ``--retrain`` ignores it. Batches group users of similar length (``bucket``). A time
+budget stops training mid-epoch; the checkpoint then records the completed epochs and the weights after the last step.
+
+Metrics: see ``metrics.py`` (full ranking over all items, only padding excluded).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import SequenceDataset, load_dataset, training_batches
+from .config import ModelConfig
+from .metrics import evaluate
+from .recommender import SequentialRecommender
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. ``request_len``: for seq_compress models the longest served suffix trained against
+    the compressed history (each batch draws r uniformly in [1, request_len]); 0 = the model's
+    ``train_request_len``. ``bucket``: length-bucketing window in batches (0 = plain shuffle).
+    ``time_budget_min``: stop after this many minutes (0 = no limit)."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    num_negatives: int = 128
+    full_softmax: bool = False
+    seed: int = 0
+    eval_every: int = 1
+    eval_batch_size: int = 256
+    time_budget_min: float = 0.0
+    request_len: int = 0
+    bucket: int = 8
+    grad_clip: float = 1.0
+
+    def key_fields(self) -> dict:
+        """Fields that change the trained weights (what the checkpoint key hashes)."""
+        d = dataclasses.asdict(self)
+        for f in ("eval_every", "eval_batch_size", "time_budget_min", "epochs"):
+            d.pop(f)
+        return d
+
+
+def cache_dir(path: Optional[str] = None) -> Path:
+    """``path``, else ``$MALLOC_CACHE``, else ``~/.cache/malloc_kernels``."""
+    return Path(path or os.environ.get("MALLOC_CACHE") or Path.home() / ".cache" / "malloc_kernels").expanduser()
+
+
+def checkpoint_key(model_cfg: ModelConfig, train_cfg: TrainConfig, data_fingerprint: str) -> str:
+    blob = json.dumps({"model": model_cfg.to_dict(), "train": train_cfg.key_fields(), "data": data_fingerprint},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConfig = TrainConfig(), *,
+          cache: Optional[str] = None, use_cache: bool = True, progress: bool = True,
+          log: Callable[[str], None] = print):
+    """Train (or resume / reuse a cached checkpoint) and evaluate. Returns ``(model, report)``; ``report`` holds
+    the config, the per-epoch curve (train loss, validation metrics, elapsed seconds) and the final test metrics."""
+    if model_cfg.n_items != dataset.n_items:
+        model_cfg = dataclasses.replace(model_cfg, n_items=dataset.n_items)
+    split = dataset.split()
+    key = checkpoint_key(model_cfg, train_cfg, dataset.fingerprint())
+    ckpt_path = cache_dir(cache) / "checkpoints" / f"{model_cfg.arch}-{key}.pt"
+    torch.manual_seed(train_cfg.seed)
+    model = SequentialRecommender(model_cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    curve, start_epoch, elapsed0 = [], 0, 0.0
+    if use_cache and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        curve, start_epoch, elapsed0 = state["curve"], state["epochs_done"], state["train_seconds"]
+        log(f"resumed {ckpt_path} after {start_epoch} epochs ({elapsed0 / 60:.1f} min of training)")
+    req_max = train_cfg.request_len or model_cfg.train_request_len
+    t0 = time.perf_counter()
+    stopped = False
+    n_train = sum(1 for s in split.train_sequences if len(s) >= 2)
+    n_batches = math.ceil(n_train / train_cfg.batch_size)
+    for epoch in range(start_epoch, train_cfg.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(train_cfg.seed * 1_000_003 + epoch)
+        total, count = 0.0, 0
+        bar = tqdm(training_batches(split.train_sequences, split.train_timestamps, train_cfg.batch_size,
+                                    model_cfg.max_len, shuffle=True, seed=train_cfg.seed * 1_000_003 + epoch,
+                                    bucket=train_cfg.bucket),
+                   total=n_batches, desc=f"epoch {epoch + 1}/{train_cfg.epochs}", disable=not progress,
+                   leave=False)
+        for batch in bar:
+            r = None
+            if model_cfg.seq_compress is not None:
+                r = int(torch.randint(1, req_max + 1, (1,), generator=gen))
+            hidden = model(batch, request_len=r)
+            loss = model.loss(hidden, batch.targets, num_negatives=train_cfg.num_negatives,
+                              full_softmax=train_cfg.full_softmax, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if train_cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            opt.step()
+            total += float(loss.detach()) * batch.batch_size
+            count += batch.batch_size
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+            if train_cfg.time_budget_min and elapsed0 + time.perf_counter() - t0 > 60 * train_cfg.time_budget_min:
+                stopped = True
+                break
+        point = {"epoch": epoch + 1 if not stopped else epoch + count / max(n_train, 1),
+                 "train_loss": total / max(count, 1), "train_seconds": elapsed0 + time.perf_counter() - t0}
+        if (epoch + 1) % train_cfg.eval_every == 0 or stopped or epoch + 1 == train_cfg.epochs:
+            point["valid"] = evaluate(model, split.valid, batch_size=train_cfg.eval_batch_size, progress=progress,
+                                      desc="valid")
+        curve.append(point)
+        log(_fmt_point(point))
+        _save(ckpt_path, model, opt, model_cfg, train_cfg, curve, epoch + (0 if stopped else 1),
+              point["train_seconds"])
+        if stopped:
+            log(f"time budget of {train_cfg.time_budget_min} min reached")
+            break
+    test = evaluate(model, split.test, batch_size=train_cfg.eval_batch_size, progress=progress, desc="test")
+    log("test " + " ".join(f"{k}={v:.4f}" for k, v in test.items() if k != "users") + f" users={test['users']}")
+    report = {"dataset": dataset.name, "source": dataset.source, "n_users": dataset.n_users,
+              "n_items": dataset.n_items, "model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
+              "checkpoint": str(ckpt_path), "curve": curve, "test": test,
+              "train_seconds": curve[-1]["train_seconds"] if curve else 0.0, "threads": torch.get_num_threads()}
+    return model, report
+
+
+def _save(path: Path, model, opt, model_cfg, train_cfg, curve, epochs_done, seconds):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "model_cfg": model_cfg.to_dict(),
+                "train_cfg": dataclasses.asdict(train_cfg), "curve": curve, "epochs_done": epochs_done,
+                "train_seconds": seconds}, tmp)
+    os.replace(tmp, path)  # atomic: an interrupted save never leaves a corrupt checkpoint
+
+
+def load_checkpoint(path) -> SequentialRecommender:
+    """Rebuild a trained model from a checkpoint file written by ``train``."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model = SequentialRecommender(ModelConfig(**state["model_cfg"]))
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def _fmt_point(p) -> str:
+    s = f"epoch {p['epoch']:.2f} loss {p['train_loss']:.4f} time {p['train_seconds'] / 60:.1f} min"
+    if "valid" in p:
+        v = p["valid"]
+        s += f" | valid HR@10 {v['HR@10']:.4f} NDCG@10 {v['NDCG@10']:.4f} MRR {v['MRR']:.4f}"
+    return s
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m malloc_kernels.models.train", description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default="ml-latest-small",
+                    help="dataset name ('ml-latest-small', embedded) or a file/folder in any supported format")
+    ap.add_argument("--model", choices=("hstu", "sasrec"), default="hstu")
+    ap.add_argument("--heads", choices=("mha", "gqa", "mqa", "mla"), default="mha")
+    ap.add_argument("--n-heads", type=int, default=2)
+    ap.add_argument("--kv-heads", type=int, default=None, help="kv heads for --heads gqa")
+    ap.add_argument("--latent-dim", type=int, default=16, help="MLA latent width")
+    ap.add_argument("--seq-compress", choices=("none", "linformer", "beacon"), default="none")
+    ap.add_argument("--slots", type=int, default=32, help="Linformer slots")
+    ap.add_argument("--beacon-chunk", type=int, default=8)
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--max-len", type=int, default=200)
+    ap.add_argument("--dropout", type=float, default=0.2)
+    ap.add_argument("--temperature", type=float, default=0.05)
+    ap.add_argument("--similarity", choices=("cosine", "dot"), default="cosine")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--negatives", type=int, default=128)
+    ap.add_argument("--full-softmax", action="store_true", help="full softmax loss instead of sampled softmax")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bucket", type=int, default=8, help="length-bucketing window in batches (0 = off)")
+    ap.add_argument("--eval-every", type=int, default=1)
+    ap.add_argument("--time-budget-min", type=float, default=0.0, help="stop training after this many minutes")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache-dir", default=None, help="checkpoint root (default $MALLOC_CACHE or ~/.cache/malloc_kernels)")
+    ap.add_argument("--retrain", action="store_true", help="ignore an existing checkpoint")
+    ap.add_argument("--out", default=None, help="write the report (config, curve, test metrics) as JSON here")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ds = load_dataset(args.data)
+    print(ds, file=sys.stderr)
+    mcfg = ModelConfig(arch=args.model, n_items=ds.n_items, d_model=args.d_model, n_layers=args.layers,
+                       n_heads=args.n_heads, heads=args.heads, n_kv_heads=args.kv_heads, latent_dim=args.latent_dim,
+                       seq_compress=None if args.seq_compress == "none" else args.seq_compress, slots=args.slots,
+                       beacon_chunk=args.beacon_chunk, max_len=args.max_len, dropout=args.dropout,
+                       temperature=args.temperature, similarity=args.similarity)
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                       num_negatives=args.negatives, full_softmax=args.full_softmax, seed=args.seed,
+                       eval_every=args.eval_every, time_budget_min=args.time_budget_min,
+                       bucket=args.bucket)
+    _, report = train(ds, mcfg, tcfg, cache=args.cache_dir, use_cache=not args.retrain,
+                      progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr, flush=True))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    print(json.dumps({"test": report["test"], "train_seconds": report["train_seconds"]}))
+    return report
+
+
+if __name__ == "__main__":
+    main()

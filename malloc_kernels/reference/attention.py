@@ -1,0 +1,259 @@
+"""The reference attention: the full contract of DESIGN.md section 2 / TEAM.md in plain PyTorch.
+
+It is the oracle every backend is tested against, and the autograd path the models train through, so it is written
+for clarity first and for batched speed second: users are padded to a common length and everything is a masked
+batched matmul over ``[B, Hkv, G, Lq, N]`` scores (G = query heads per kv head, N = cache + residual + request
+entries). It materialises the score matrix; kernels do not.
+
+Math (per user b, query head h, kv head h // G, query i, entry j over the cache, residual and request segments):
+
+    s_ij = scale * <q_i, k_j> + bias_ij              (bias: HSTU relative bias, see ``bias.py``; + additive attn_mask)
+    softmax: o_i = sum_j c_j e^{s_ij} v_j / sum_j c_j e^{s_ij},   lse_i = log sum_j c_j e^{s_ij}
+    hstu:    o_i = (1 / n_i) sum_j c_j silu(s_ij) v_j            (HSTU, arXiv 2402.17152, eq. 2)
+
+over visible j only; ``c_j`` is the merge count (ToMe's proportional attention, arXiv 2210.09461). A row that sees
+nothing returns zeros (softmax lse = -inf). Arithmetic runs in float64 for float64 inputs and in float32 otherwise
+(half inputs are upcast right after load, as the kernels do); the output is cast back to the query dtype.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..cache.types import KVCache
+from ..ops.types import AttentionResult, AttentionStats
+from ..ops.validate import AttentionCall, validate_call
+from .bias import relative_bias
+from .masks import entry_valid, request_visibility, valid_rows, window_rows
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype of the reference for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dequantized(cache: KVCache, cd: torch.dtype):
+    """(k, v) of a cache segment as ``cd`` tensors ``[B, Hkv, C, D]`` (quantized payloads by the cache's rule)."""
+    if cache.is_quantized:
+        if not hasattr(cache, "dequantize"):
+            raise ValueError("cache is quantized but KVCache.dequantize is unavailable (cache/quant.py missing)")
+        k, v = cache.dequantize(cd)
+        return k.to(cd), v.to(cd)
+    return cache.k.to(cd), cache.v.to(cd)
+
+
+class _History:
+    """The cache segments (main + residual) concatenated along the entry axis."""
+
+    def __init__(self, cache: KVCache, cd: torch.dtype, need_time: bool):
+        segs = [cache] + ([cache.residual] if cache.residual is not None else [])
+        ks, vs, valid, pos, ts, cnt = [], [], [], [], [], []
+        for seg in segs:
+            k, v = _dequantized(seg, cd)
+            ok = entry_valid(seg.length, seg.capacity)
+            # Padding may hold anything (even NaN); zero it so 0-weight * padding stays 0 in the matmul.
+            zero = torch.zeros((), dtype=cd, device=k.device)
+            ks.append(torch.where(ok[..., None], k, zero))
+            vs.append(torch.where(ok[..., None], v, zero))
+            valid.append(ok)
+            pos.append(seg.position.to(torch.int64))
+            if need_time:
+                ts.append(seg.timestamp.to(torch.int64))
+            cnt.append(seg.count.to(cd) if seg.count is not None else
+                       torch.ones(seg.position.shape, dtype=cd, device=seg.position.device))
+        self.sizes = [seg.capacity for seg in segs]
+        self.k = torch.cat(ks, dim=2)
+        self.v = torch.cat(vs, dim=2)
+        self.valid = torch.cat(valid, dim=2)          # [B, Hkv, Nh]
+        self.pos = torch.cat(pos, dim=2)              # [B, Hkv, Nh]
+        self.ts = torch.cat(ts, dim=2) if need_time else None
+        self.count = torch.cat(cnt, dim=2)            # [B, Hkv, Nh]
+        self.has_counts = any(seg.count is not None for seg in segs)
+        self.original_length = cache.original_length.to(torch.int64)
+
+
+def attention_padded(call: AttentionCall):
+    """Core of the reference on a dense (possibly padded, see ``AttentionCall.to_padded``) call.
+
+    Returns ``(output [B, Hq, Lq, D] in the query dtype, lse [B, Hq, Lq] or None, stats or None)``.
+    """
+    if call.jagged:
+        raise ValueError("attention_padded needs a dense call; use call.to_padded()")
+    cd = compute_dtype(call.dtype)
+    B, Hq, Lq, D = call.query.shape
+    Hkv, Lk, G = call.num_kv_heads, call.max_k_len, call.group_size
+    dev = call.device
+    q = call.query.to(cd).reshape(B, Hkv, G * Lq, D)
+    k_req = call.key.to(cd)
+    v_req = call.value.to(cd)
+    hist = _History(call.cache, cd, call.time_bias is not None) if call.cache is not None else None
+    Nh = 0 if hist is None else hist.k.shape[2]
+
+    # ---- scores [B, Hkv, G, Lq, N] ------------------------------------------------------------------------------
+    keys = k_req if hist is None else torch.cat([hist.k, k_req], dim=2)
+    vals = v_req if hist is None else torch.cat([hist.v, v_req], dim=2)
+    N = keys.shape[2]
+    s = (torch.matmul(q, keys.transpose(-1, -2)) * call.scale).reshape(B, Hkv, G, Lq, N)
+    if call.has_bias:
+        s = s + _bias(call, hist, cd).reshape(B, Hkv, G, Lq, N)
+
+    # ---- visibility [B, Hkv, Gm, Lq, N] (Gm = G when the mask is per head, else 1) ------------------------------
+    req_vis = request_visibility(call.q_lengths, call.k_lengths, Lq, Lk, call.is_causal,
+                                 call.num_targets if call.targets_given else None)[:, None, None]
+    additive = None
+    if call.attn_mask is not None:
+        m = call.attn_mask
+        m5 = m.reshape(m.shape[0], Hkv, G, Lq, Lk) if m.shape[1] == Hq else m[:, :, None]
+        if m.dtype == torch.bool:
+            req_vis = req_vis & m5
+        else:
+            additive = m5.to(cd)
+    if hist is not None:
+        rows = valid_rows(call.q_lengths, Lq)[:, None, None, :, None]          # [B, 1, 1, Lq, 1]
+        hist_vis = hist.valid[:, :, None, None, :] & rows                    # [B, Hkv, 1, Lq, Nh]
+        Gm = req_vis.shape[2]
+        vis = torch.cat([hist_vis.expand(B, Hkv, Gm, Lq, Nh),
+                         req_vis.expand(B, Hkv, Gm, Lq, Lk)], dim=-1)
+    else:
+        vis = req_vis
+    if additive is not None:
+        pad = torch.zeros((), dtype=cd, device=dev).expand(*additive.shape[:-1], Nh)
+        s = s + (torch.cat([pad, additive], dim=-1) if Nh else additive)
+
+    # ---- counts [B, Hkv, 1, 1, N] --------------------------------------------------------------------------------
+    count = None
+    if hist is not None and hist.has_counts:
+        ones = torch.ones((B, Hkv, Lk), dtype=cd, device=dev)
+        count = torch.cat([hist.count, ones], dim=-1)[:, :, None, None, :]
+
+    if call.kind == "softmax":
+        w, lse = _softmax_weights(s, vis, count)
+    else:
+        w = _hstu_weights(call, s, vis, count, hist, req_vis, B, Hkv, Lq)
+        lse = None
+
+    w_out = F.dropout(w, call.dropout_p, training=True) if call.dropout_p > 0 else w
+    out = torch.matmul(w_out.reshape(B, Hkv, G * Lq, N), vals).reshape(B, Hq, Lq, D).to(call.dtype)
+    if lse is not None:
+        lse = lse.reshape(B, Hq, Lq)
+    stats = _stats(call, w, hist, Nh) if call.return_stats else None
+    return out, lse, stats
+
+
+def _bias(call: AttentionCall, hist: Optional[_History], cd: torch.dtype) -> torch.Tensor:
+    """Relative bias ``[B, Hq, Lq, N]`` from ORIGINAL positions: history entries use their stored positions and
+    timestamps, request keys are the request tokens (same positions as the queries)."""
+    qp, qt = call.query_positions, call.query_timestamps
+    if hist is None:
+        kp, kt = qp, qt
+    else:
+        B, Hkv = hist.pos.shape[:2]
+        kp = torch.cat([hist.pos, qp[:, None, :].expand(B, Hkv, qp.shape[1])], dim=-1)
+        kt = None if qt is None else torch.cat([hist.ts, qt[:, None, :].expand(B, Hkv, qt.shape[1])], dim=-1)
+    return relative_bias(qp, kp, call.pos_bias, call.time_bias, qt, kt, num_heads=call.num_heads, dtype=cd)
+
+
+def _softmax_weights(s, vis, count):
+    """Normalised probabilities ``c_j e^{s_ij} / sum_j c_j e^{s_ij}`` (0 where invisible) and lse (-inf if empty)."""
+    logits = s if count is None else s + torch.log(count)
+    logits = torch.where(vis, logits, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
+    # The row max only stabilises exp(); detaching it leaves the gradient unchanged (it cancels exactly).
+    m = logits.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(logits - m)
+    denom = p.sum(dim=-1, keepdim=True)
+    nonempty = denom > 0
+    safe = torch.where(nonempty, denom, torch.ones_like(denom))
+    w = p / safe
+    lse = torch.where(nonempty, m + torch.log(safe), torch.full_like(m, float("-inf"))).squeeze(-1)
+    return w, lse
+
+
+def _hstu_weights(call, s, vis, count, hist, req_vis, B, Hkv, Lq):
+    """Pointwise weights ``c_j silu(s_ij) / n_i`` (0 where invisible)."""
+    # An additive -inf mask entry would make silu(-inf) = -inf * 0 = NaN; its weight is 0 (silu -> 0 at -inf).
+    use = vis & (s > float("-inf"))
+    s_safe = torch.where(use, s, torch.zeros((), dtype=s.dtype, device=s.device))
+    w = F.silu(s_safe)
+    if count is not None:
+        w = w * count
+    w = torch.where(use, w, torch.zeros((), dtype=s.dtype, device=s.device))
+    if isinstance(call.hstu_norm, int):
+        n = torch.full((), float(call.hstu_norm), dtype=s.dtype, device=s.device)
+    elif call.hstu_norm == "kept":
+        n = vis.sum(dim=-1, keepdim=True).to(s.dtype)                      # stored entries visible, per kv head
+    else:
+        n_req = req_vis.sum(dim=-1, keepdim=True).to(s.dtype)              # [B, 1|Hkv, 1|G, Lq, 1]
+        if hist is not None:
+            rows = valid_rows(call.q_lengths, Lq)[:, None, None, :, None]
+            n_req = n_req + torch.where(rows, hist.original_length.to(s.dtype)[:, None, None, None, None],
+                                        torch.zeros((), dtype=s.dtype, device=s.device))
+        n = n_req
+    n = torch.where(n > 0, n, torch.ones_like(n))
+    return w / n
+
+
+def _stats(call: AttentionCall, w: torch.Tensor, hist: Optional[_History], Nh: int) -> AttentionStats:
+    """Per-entry attention mass summed over valid queries and the G query heads of each kv head."""
+    sd = torch.float64 if call.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        mass_w = w.detach().abs().to(sd)                                    # [B, Hkv, G, Lq, N]
+        total = mass_w.sum(dim=(2, 3))                                      # [B, Hkv, N]
+        window = None
+        if call.stats_window is not None:
+            rows = window_rows(call.q_lengths, call.max_q_len, call.stats_window)[:, None, None, :, None]
+            window = (mass_w * rows).sum(dim=(2, 3))
+
+        def split(t):
+            if t is None:
+                return None, None, None
+            req = t[..., Nh:]
+            if hist is None:
+                return req, None, None
+            parts = torch.split(t[..., :Nh], hist.sizes, dim=-1)
+            return req, parts[0], (parts[1] if len(parts) > 1 else None)
+
+        key_m, cache_m, res_m = split(total)
+        key_w, cache_w, res_w = split(window)
+    return AttentionStats(key_mass=key_m.contiguous(), key_window_mass=None if key_w is None else key_w.contiguous(),
+                          cache_mass=cache_m, cache_window_mass=cache_w, residual_mass=res_m,
+                          residual_window_mass=res_w, window=call.stats_window)
+
+
+def run(call: AttentionCall) -> AttentionResult:
+    """Execute a validated call with the reference (the backend-launcher protocol: always an AttentionResult;
+    lse is None for ``kind="hstu"``, stats None unless ``call.return_stats``)."""
+    padded = call.to_padded()
+    out, lse, stats = attention_padded(padded)
+    out, lse, stats = call.from_padded_result(out, lse, stats)
+    if stats is not None:
+        stats = AttentionStats(**{f: (t.contiguous() if isinstance(t, torch.Tensor) else t)
+                                  for f, t in vars(stats).items()})
+    return AttentionResult(out, lse if call.kind == "softmax" else None, stats)
+
+
+def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
+              cache=None, kind="softmax", offsets=None, key_offsets=None, num_targets=None, query_positions=None,
+              query_timestamps=None, pos_bias=None, time_bias=None, hstu_norm="original", return_lse=False,
+              return_stats=False, stats_window=None):
+    """Reference attention over (compressed cache +) request tokens; the oracle for every backend.
+
+    Arguments and shapes are those of ``malloc_kernels.attention`` (TEAM.md contract): dense query ``[B, Hq, Lq, D]``,
+    key/value ``[B, Hkv, Lk, D]``, or jagged ``[total, H, D]`` with ``offsets [B+1]``; ``cache`` a ``KVCache`` whose
+    entries precede the request; ``kind`` "softmax" or "hstu"; relative bias from ``pos_bias [P] | [Hq, P]`` and
+    ``time_bias [T] | [Hq, T]`` with ORIGINAL positions/timestamps. Supports autograd and ``dropout_p`` (applied to
+    the normalised weights, as SDPA does). Returns the output (query layout and dtype) or
+    ``AttentionResult(output, lse, stats)`` when ``return_lse``/``return_stats``.
+    """
+    call = validate_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, cache=cache,
+                         kind=kind, offsets=offsets, key_offsets=key_offsets, num_targets=num_targets,
+                         query_positions=query_positions, query_timestamps=query_timestamps, pos_bias=pos_bias,
+                         time_bias=time_bias, hstu_norm=hstu_norm, return_lse=return_lse,
+                         return_stats=return_stats, stats_window=stats_window, backend="reference")
+    res = run(call)
+    return call.make_result(res.output, res.lse, res.stats)
+
+
+__all__: List[str] = ["attention", "attention_padded", "run", "compute_dtype"]

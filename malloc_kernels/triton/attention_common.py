@@ -1,0 +1,410 @@
+"""Triton device helpers shared by the attention kernels (decode, append, stats).
+
+Everything here is ``@triton.jit`` device code: tile loads that dequantize every cache format in registers right
+after the load (the storage contract of ``cache/types.py``), HSTU's relative bias evaluated exactly in-kernel, the
+mask rules of the request segment, and the per-key-block scoring step that every kernel shares.
+
+Numerics: every loaded value is upcast to fp32 immediately (the Triton interpreter silently corrupts bf16
+arithmetic, and fp32 is what the softmax/SiLU math needs anyway). Only the two matrix products take lower-precision
+operands, and only when ``DOT_F16``/``DOT_BF16`` is set by the launcher for 16-bit inputs on a GPU (tensor cores, as
+FlashAttention does); fp32 inputs use IEEE fp32 products so the fp32 path matches the reference to ~1e-6.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Payload format codes (constexpr ``*_FMT``): the launcher maps ``KVCache.k_format``/``v_format`` onto these.
+FMT_FLOAT = 0
+FMT_INT8 = 1
+FMT_INT4 = 2
+FMT_INT2 = 3
+FMT_FP8 = 4
+FORMAT_CODES = {"float": FMT_FLOAT, "int8": FMT_INT8, "int4": FMT_INT4, "int2": FMT_INT2, "fp8": FMT_FP8}
+
+# HSTU normaliser modes (constexpr ``NORM``).
+NORM_ORIGINAL = 0
+NORM_KEPT = 1
+NORM_CONST = 2
+
+# Bucket divisor of HSTU's time bias (DESIGN.md section 2).
+BUCKET_DIVISOR = 0.301
+
+
+@triton.jit
+def _fp8_e4m3_to_f32(code):
+    """e4m3fn bit pattern (int32 in [0, 255]) -> fp32, exactly: sign, 4-bit exponent (bias 7), 3-bit mantissa.
+
+    Decoded with integer ops rather than a float8 cast so it compiles for sm_80 (no native e4m3) and runs in the
+    interpreter. Subnormals (exponent 0) are mantissa * 2^-9; 0x7F/0xFF are NaN as in e4m3fn (never written by the
+    packer, which saturates at 448)."""
+    sign = tl.where((code & 0x80) != 0, -1.0, 1.0)
+    e = (code >> 3) & 0xF
+    m = (code & 0x7).to(tl.float32)
+    normal = (8.0 + m) * tl.exp2((e - 10).to(tl.float32))
+    sub = m * 0.001953125  # 2^-9
+    mag = tl.where(e == 0, sub, normal)
+    mag = tl.where((code & 0x7F) == 0x7F, float("nan"), mag)
+    return sign * mag
+
+
+@triton.jit
+def _load_codes(P, n, n_ok, row_stride, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr):
+    """Unpacked integer codes ``int32 [BLOCK_N, BLOCK_D]`` of rows ``n`` of a packed uint8 payload.
+
+    4-bit: element 2i is the low nibble of byte i; 2-bit: element 4i+r sits in bits 2r..2r+1 of byte i. The packed
+    bytes are loaded once as a contiguous ``[BLOCK_N, BLOCK_D / per]`` tile (vectorisable) and interleaved back with
+    ``join`` + ``reshape`` instead of gathering each byte ``per`` times."""
+    if FMT == 2:
+        W: tl.constexpr = (HEAD_DIM + 1) // 2
+        c = tl.arange(0, BLOCK_D // 2)
+        by = tl.load(P + n[:, None] * row_stride + c[None, :], mask=n_ok[:, None] & (c[None, :] < W), other=0)
+        by = by.to(tl.int32)
+        codes = tl.reshape(tl.join(by & 0xF, (by >> 4) & 0xF), (n.shape[0], BLOCK_D))
+    elif FMT == 3:
+        W: tl.constexpr = (HEAD_DIM + 3) // 4
+        c = tl.arange(0, BLOCK_D // 4)
+        by = tl.load(P + n[:, None] * row_stride + c[None, :], mask=n_ok[:, None] & (c[None, :] < W), other=0)
+        by = by.to(tl.int32)
+        # join(join(c0, c2), join(c1, c3)) flattens to c0, c1, c2, c3: element (i, o) of the [.., 2, 2] tail is c_{2i+o}
+        codes = tl.reshape(tl.join(tl.join(by & 3, (by >> 4) & 3), tl.join((by >> 2) & 3, (by >> 6) & 3)),
+                           (n.shape[0], BLOCK_D))
+    else:
+        d = tl.arange(0, BLOCK_D)
+        codes = tl.load(P + n[:, None] * row_stride + d[None, :], mask=n_ok[:, None] & (d[None, :] < HEAD_DIM),
+                        other=0).to(tl.int32)
+    return codes
+
+
+@triton.jit
+def _load_tile(P, S, Z, n, n_ok, row_stride, col_stride,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr, CHANNEL: tl.constexpr,
+               GS: tl.constexpr, RAW: tl.constexpr):
+    """Rows ``n`` of one segment's K or V payload, dequantized to fp32 ``[BLOCK_N, BLOCK_D]`` (0 where masked).
+
+    ``P`` points at the (user, kv head) row 0; ``S``/``Z`` at that row's scales/zeros (float16). Token-axis groups:
+    scale index ``n * (D / GS) + d / GS``; channel-axis groups (KIVI keys): ``(n / GS) * D + d``. Integer formats
+    dequantize as ``code * scale + zero``, fp8 as ``e4m3(code) * scale``, both in fp32. ``RAW``: a float payload
+    only feeds a 16-bit tensor-core product, so it stays in its storage dtype (no arithmetic happens on it, and an
+    fp32 copy of a K/V tile would double its registers)."""
+    d = tl.arange(0, BLOCK_D)
+    ok = n_ok[:, None] & (d[None, :] < HEAD_DIM)
+    if FMT == 0:
+        x = tl.load(P + n[:, None] * row_stride + d[None, :] * col_stride, mask=ok, other=0.0)
+        if not RAW:
+            x = x.to(tl.float32)
+    else:
+        codes = _load_codes(P, n, n_ok, row_stride, HEAD_DIM, BLOCK_D, FMT)
+        if CHANNEL:
+            sidx = (n // GS)[:, None] * HEAD_DIM + d[None, :]
+        else:
+            NG: tl.constexpr = HEAD_DIM // GS
+            sidx = n[:, None] * NG + (d // GS)[None, :]
+        s = tl.load(S + sidx, mask=ok, other=0.0).to(tl.float32)
+        if FMT == 4:
+            x = _fp8_e4m3_to_f32(codes) * s
+        else:
+            z = tl.load(Z + sidx, mask=ok, other=0.0).to(tl.float32)
+            x = codes.to(tl.float32) * s + z
+        x = tl.where(ok, x, 0.0)
+    return x
+
+
+@triton.jit
+def _time_bucket(dt, TH, T):
+    """Exact HSTU time bucket ``#{k : th[k] <= max(|dt|, 1)}`` of int64 time differences ``dt``.
+
+    A float log gives the bucket within +-1 (fp32 rounding near a boundary); one step up and one step down against
+    the float64-exact integer thresholds ``TH[k-1] = th[k]`` (``reference.bias.time_bucket_thresholds``) make it
+    exact. The estimate is clamped to [0, T-1] first, which is where ``min(., T-1)`` of the definition lives."""
+    x = tl.maximum(tl.abs(dt), 1)
+    est = (tl.log(x.to(tl.float32)) / 0.301).to(tl.int32)
+    est = tl.minimum(tl.maximum(est, 0), T - 1)
+    up = tl.load(TH + est, mask=est < T - 1, other=0)          # th[est + 1]
+    est = tl.where((est < T - 1) & (up <= x), est + 1, est)
+    down = tl.load(TH + tl.maximum(est - 1, 0), mask=est >= 1, other=0)  # th[est]
+    est = tl.where((est >= 1) & (down > x), est - 1, est)
+    return est
+
+
+@triton.jit
+def _rel_bias(p_i, p_j, t_i, t_j, h, PB, P, TB, T, TH, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr):
+    """HSTU relative bias ``[M, N]``: ``pos_bias[h, clamp(p_i - p_j, 0, P-1)] + time_bias[h, bucket(t_i - t_j)]``.
+
+    Tables are float32 ``[Hq, P]`` / ``[Hq, T]`` (row stride P / T); gathered per element, never materialised."""
+    bias = tl.zeros((p_i.shape[0], p_j.shape[0]), tl.float32)
+    if HAS_POS:
+        dp = tl.minimum(tl.maximum(p_i[:, None] - p_j[None, :], 0), P - 1)
+        bias += tl.load(PB + h[:, None] * P + dp)
+    if HAS_TIME:
+        bk = _time_bucket(t_i[:, None] - t_j[None, :], TH, T)
+        bias += tl.load(TB + h[:, None] * T + bk)
+    return bias
+
+
+@triton.jit
+def _block_scores(q, row_ok, i, h, p_i, t_i, n, n_ok, scale,
+                  KP, KS, KZ, k_rs, k_cs, POSP, TSP, CNTP,
+                  MASKP, m_row, m_j, nt_start,
+                  PB, P, TB, T, TH,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr, CHANNEL: tl.constexpr,
+                  GS: tl.constexpr, HAS_COUNT: tl.constexpr, IS_REQ: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_TARGETS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                  HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_F16: tl.constexpr, DOT_BF16: tl.constexpr):
+    """Scores of query rows against one key block of one segment.
+
+    Returns ``(s [M, N] fp32 = scale * <q_i, k_j> + bias_ij (+ additive mask), vis [M, N] bool, c [N] fp32 count)``.
+    Request segment (``IS_REQ``): ``n`` is the key's index ``j`` within the user, ``i`` the query's; visible if
+    ``j <= i`` under ``CAUSAL``; a target key (``j >= nt_start``) is visible to a target query only when ``j == i``;
+    ``attn_mask`` (bool: may attend; float: added to the score) is read at ``m_row + j * m_j``. Cache/residual
+    entries are visible to every valid row."""
+    k = _load_tile(KP, KS, KZ, n, n_ok, k_rs, k_cs, HEAD_DIM, BLOCK_D, FMT, CHANNEL, GS, DOT_F16 or DOT_BF16)
+    if DOT_F16:
+        s = tl.dot(q, tl.trans(k.to(tl.float16)))
+    elif DOT_BF16:
+        s = tl.dot(q, tl.trans(k.to(tl.bfloat16)))
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    s = s * scale
+    if HAS_POS or HAS_TIME:
+        if HAS_POS:
+            p_j = tl.load(POSP + n, mask=n_ok, other=0).to(tl.int64)
+        else:
+            p_j = tl.zeros((n.shape[0],), tl.int64)
+        if HAS_TIME:
+            t_j = tl.load(TSP + n, mask=n_ok, other=0).to(tl.int64)
+        else:
+            t_j = tl.zeros((n.shape[0],), tl.int64)
+        s += _rel_bias(p_i, p_j, t_i, t_j, h, PB, P, TB, T, TH, HAS_POS, HAS_TIME)
+    vis = row_ok[:, None] & n_ok[None, :]
+    if IS_REQ:
+        if CAUSAL:
+            vis = vis & (n[None, :] <= i[:, None])
+        if HAS_TARGETS:
+            both = (i[:, None] >= nt_start) & (n[None, :] >= nt_start) & (n[None, :] != i[:, None])
+            vis = vis & (both == 0)
+        if HAS_MASK:
+            mv = tl.load(MASKP + m_row[:, None] + n[None, :] * m_j, mask=vis, other=0)
+            if MASK_BOOL:
+                vis = vis & (mv != 0)
+            else:
+                # additive: added to the score; a -inf entry gets weight 0 but still counts as visible for the
+                # hstu normaliser (the reference's rule: only bool masks and the structural rules hide entries)
+                s += tl.where(vis, mv.to(tl.float32), 0.0)
+    if HAS_COUNT:
+        c = tl.load(CNTP + n, mask=n_ok, other=0.0).to(tl.float32)
+    else:
+        c = tl.full((n.shape[0],), 1.0, tl.float32)
+    return s, vis, c
+
+
+@triton.jit
+def _update(acc, m_i, l_i, nh, nr, s, vis, c, v, KIND: tl.constexpr, IS_REQ: tl.constexpr,
+            DOT_F16: tl.constexpr, DOT_BF16: tl.constexpr):
+    """One online step over a key block.
+
+    softmax (``KIND == 0``, FlashAttention's online softmax, count folded in as ``+ log c_j``): running max
+    ``m_i``, running denominator ``l_i``, ``acc = sum_j c_j e^{s_ij - m_i} v_j``.
+    hstu (``KIND == 1``): ``acc += sum_j c_j silu(s_ij) v_j``; ``nh``/``nr`` count the visible stored (cache +
+    residual) and request entries, for the ``kept``/``original`` normalisers."""
+    if KIND == 0:
+        s = tl.where(vis, s + tl.log(c)[None, :], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows that have seen nothing yet keep m = -inf; exponentiate against 0 there so no inf - inf = NaN arises
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    else:
+        p = tl.where(vis & (s > float("-inf")), c[None, :] * (s / (1.0 + tl.exp(-s))), 0.0)
+        cnt = tl.sum(vis.to(tl.float32), 1)
+        if IS_REQ:
+            nr += cnt
+        else:
+            nh += cnt
+    if DOT_F16:
+        acc += tl.dot(p.to(tl.float16), v.to(tl.float16))
+    elif DOT_BF16:
+        acc += tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
+    else:
+        acc += tl.dot(p, v, input_precision="ieee")
+    return acc, m_i, l_i, nh, nr
+
+
+@triton.jit
+def _segment(acc, m_i, l_i, nh, nr, q, row_ok, i, h, p_i, t_i, lo, hi, scale,
+             KP, KS, KZ, k_rs, k_cs, VP, VS, VZ, v_rs, v_cs, POSP, TSP, CNTP,
+             MASKP, m_row, m_j, nt_start, PB, P, TB, T, TH,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+             K_FMT: tl.constexpr, V_FMT: tl.constexpr, CHANNEL: tl.constexpr, GS: tl.constexpr,
+             HAS_COUNT: tl.constexpr, IS_REQ: tl.constexpr, CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr,
+             HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr,
+             KIND: tl.constexpr, DOT_F16: tl.constexpr, DOT_BF16: tl.constexpr):
+    """Online accumulation over entries ``[lo, hi)`` of one segment (cache, residual or request) in BLOCK_N steps."""
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        s, vis, c = _block_scores(q, row_ok, i, h, p_i, t_i, n, n_ok, scale, KP, KS, KZ, k_rs, k_cs, POSP, TSP,
+                                  CNTP, MASKP, m_row, m_j, nt_start, PB, P, TB, T, TH, HEAD_DIM, BLOCK_D, K_FMT,
+                                  CHANNEL, GS, HAS_COUNT, IS_REQ, CAUSAL, HAS_TARGETS, HAS_MASK, MASK_BOOL,
+                                  HAS_POS, HAS_TIME, DOT_F16, DOT_BF16)
+        v = _load_tile(VP, VS, VZ, n, n_ok, v_rs, v_cs, HEAD_DIM, BLOCK_D, V_FMT, False, GS, DOT_F16 or DOT_BF16)
+        acc, m_i, l_i, nh, nr = _update(acc, m_i, l_i, nh, nr, s, vis, c, v, KIND, IS_REQ, DOT_F16, DOT_BF16)
+    return acc, m_i, l_i, nh, nr
+
+
+@triton.jit
+def _rows(b, hkv, r, Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS, G: tl.constexpr,
+          HQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_POS: tl.constexpr,
+          HAS_TIME: tl.constexpr, DOT_F16: tl.constexpr, DOT_BF16: tl.constexpr):
+    """Query rows of a tile. Row ``r`` packs (query ``i = r // G``, head ``h = hkv * G + r % G``): the G query heads
+    of one kv head share every K/V tile load (GQA without repeating K/V). Returns the Q tile in the dot dtype and
+    the per-row index vectors."""
+    qoff = tl.load(Q_OFF + b)
+    qlen = tl.load(Q_LEN + b)
+    i = r // G
+    h = hkv * G + r % G
+    row_ok = i < qlen
+    d = tl.arange(0, BLOCK_D)
+    qp = Q + b * sq_b + (qoff + i)[:, None] * sq_l + h[:, None] * sq_h + d[None, :] * sq_d
+    q = tl.load(qp, mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
+    if DOT_F16:
+        q = q.to(tl.float16)
+    elif DOT_BF16:
+        q = q.to(tl.bfloat16)
+    flat = b * QROWB + qoff + i
+    if HAS_POS:
+        p_i = tl.load(QPOS + flat, mask=row_ok, other=0).to(tl.int64)
+    else:
+        p_i = tl.zeros((r.shape[0],), tl.int64)
+    if HAS_TIME:
+        t_i = tl.load(QTS + flat, mask=row_ok, other=0).to(tl.int64)
+    else:
+        t_i = tl.zeros((r.shape[0],), tl.int64)
+    return q, i, h, row_ok, flat, qlen, p_i, t_i
+
+
+@triton.jit
+def _attend(b, hkv, r, vlo, vhi, scale,
+            Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS,
+            K, sk_b, sk_l, sk_h, sk_d, V, sv_b, sv_l, sv_h, sv_d, K_OFF, K_LEN, KROWB,
+            MASK, sm_b, sm_h, sm_i, sm_j, NT,
+            CK, CV, CKS, CKZ, CVS, CVZ, C, CLEN, CPOS, CTS, CCNT,
+            RK, RV, R, RLEN, RPOS, RTS, RCNT,
+            PB, P, TB, T, TH,
+            G: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KIND: tl.constexpr,
+            HAS_CACHE: tl.constexpr, K_FMT: tl.constexpr, V_FMT: tl.constexpr, K_CHANNEL: tl.constexpr,
+            GS: tl.constexpr, HAS_CCOUNT: tl.constexpr, HAS_RES: tl.constexpr, HAS_RCOUNT: tl.constexpr,
+            CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+            HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_F16: tl.constexpr, DOT_BF16: tl.constexpr):
+    """Attention state of the rows ``r`` of (user b, kv head hkv) over the virtual key range ``[vlo, vhi)``.
+
+    The virtual key axis of a (user, kv head) concatenates its segments in time order: cache entries
+    ``[0, clen)``, residual entries ``[clen, clen + rlen)``, request tokens ``[clen + rlen, + klen)``; a split-K
+    program takes a slice of it, the append kernel all of it. Returns ``(acc, m, l, nh, nr, i, h, row_ok, flat)``."""
+    q, i, h, row_ok, flat, qlen, p_i, t_i = _rows(b, hkv, r, Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS,
+                                                  QTS, G, HQ, HEAD_DIM, BLOCK_D, HAS_POS, HAS_TIME, DOT_F16,
+                                                  DOT_BF16)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    nh = tl.zeros((BLOCK_M,), tl.float32)
+    nr = tl.zeros((BLOCK_M,), tl.float32)
+    bh = b * HKV + hkv
+    vs = 0
+    if HAS_CACHE:
+        clen = tl.load(CLEN + bh)
+        if K_FMT == 0:
+            CKW: tl.constexpr = HEAD_DIM
+        elif K_FMT == 2:
+            CKW: tl.constexpr = (HEAD_DIM + 1) // 2
+        elif K_FMT == 3:
+            CKW: tl.constexpr = (HEAD_DIM + 3) // 4
+        else:
+            CKW: tl.constexpr = HEAD_DIM
+        if V_FMT == 0:
+            CVW: tl.constexpr = HEAD_DIM
+        elif V_FMT == 2:
+            CVW: tl.constexpr = (HEAD_DIM + 1) // 2
+        elif V_FMT == 3:
+            CVW: tl.constexpr = (HEAD_DIM + 3) // 4
+        else:
+            CVW: tl.constexpr = HEAD_DIM
+        if K_FMT != 0:
+            if K_CHANNEL:
+                ks_off = bh.to(tl.int64) * ((C + GS - 1) // GS) * HEAD_DIM
+            else:
+                ks_off = bh.to(tl.int64) * C * (HEAD_DIM // GS)
+        else:
+            ks_off = 0
+        if V_FMT != 0:
+            vs_off = bh.to(tl.int64) * C * (HEAD_DIM // GS)
+        else:
+            vs_off = 0
+        row0 = bh.to(tl.int64) * C
+        lo = tl.maximum(vlo, 0)
+        hi = tl.minimum(vhi, clen)
+        acc, m_i, l_i, nh, nr = _segment(
+            acc, m_i, l_i, nh, nr, q, row_ok, i, h, p_i, t_i, lo, hi, scale,
+            CK + row0 * CKW, CKS + ks_off, CKZ + ks_off, CKW, 1, CV + row0 * CVW, CVS + vs_off, CVZ + vs_off, CVW, 1,
+            CPOS + row0, CTS + row0, CCNT + row0, MASK, sm_b, sm_j, 0, PB, P, TB, T, TH,
+            HEAD_DIM, BLOCK_D, BLOCK_N, K_FMT, V_FMT, K_CHANNEL, GS, HAS_CCOUNT, False, CAUSAL, HAS_TARGETS,
+            False, MASK_BOOL, HAS_POS, HAS_TIME, KIND, DOT_F16, DOT_BF16)
+        vs = clen
+    if HAS_RES:
+        rlen = tl.load(RLEN + bh)
+        row0 = bh.to(tl.int64) * R
+        lo = tl.maximum(vlo - vs, 0)
+        hi = tl.minimum(vhi - vs, rlen)
+        acc, m_i, l_i, nh, nr = _segment(
+            acc, m_i, l_i, nh, nr, q, row_ok, i, h, p_i, t_i, lo, hi, scale,
+            RK + row0 * HEAD_DIM, RK, RK, HEAD_DIM, 1, RV + row0 * HEAD_DIM, RV, RV, HEAD_DIM, 1,
+            RPOS + row0, RTS + row0, RCNT + row0, MASK, sm_b, sm_j, 0, PB, P, TB, T, TH,
+            HEAD_DIM, BLOCK_D, BLOCK_N, 0, 0, False, 1, HAS_RCOUNT, False, CAUSAL, HAS_TARGETS,
+            False, MASK_BOOL, HAS_POS, HAS_TIME, KIND, DOT_F16, DOT_BF16)
+        vs += rlen
+    koff = tl.load(K_OFF + b)
+    klen = tl.load(K_LEN + b)
+    lo = tl.maximum(vlo - vs, 0)
+    hi = tl.minimum(vhi - vs, klen)
+    if CAUSAL:
+        # keys past the last query row of this tile are masked for every row: do not visit them
+        hi = tl.minimum(hi, tl.max(tl.where(row_ok, i, -1)) + 1)
+    nt_start = klen - tl.load(NT + b)
+    m_row = b * sm_b + h * sm_h + i * sm_i
+    acc, m_i, l_i, nh, nr = _segment(
+        acc, m_i, l_i, nh, nr, q, row_ok, i, h, p_i, t_i, lo, hi, scale,
+        K + b * sk_b + koff * sk_l + hkv * sk_h, K, K, sk_l, sk_d,
+        V + b * sv_b + koff * sv_l + hkv * sv_h, V, V, sv_l, sv_d,
+        QPOS + b * KROWB + koff, QTS + b * KROWB + koff, K, MASK, m_row, sm_j, nt_start, PB, P, TB, T, TH,
+        HEAD_DIM, BLOCK_D, BLOCK_N, 0, 0, False, 1, False, True, CAUSAL, HAS_TARGETS,
+        HAS_MASK, MASK_BOOL, HAS_POS, HAS_TIME, KIND, DOT_F16, DOT_BF16)
+    return acc, m_i, l_i, nh, nr, i, h, row_ok, flat
+
+
+@triton.jit
+def _finalize(acc, m_i, l_i, nh, nr, orig, norm_const, KIND: tl.constexpr, NORM: tl.constexpr,
+              HAS_CACHE: tl.constexpr):
+    """Output rows and the per-row statistic: softmax ``acc / l`` and ``lse = m + log l`` (-inf, output 0 when
+    nothing is visible); hstu ``acc / n`` with ``n`` the chosen normaliser (output 0 when ``n == 0``), statistic
+    ``n``."""
+    if KIND == 0:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        stat = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    else:
+        if NORM == 2:
+            n = nr * 0.0 + norm_const
+        elif NORM == 1:
+            n = nh + nr
+        else:
+            if HAS_CACHE:
+                n = nr + orig.to(tl.float32)
+            else:
+                n = nr
+        out = acc / tl.where(n > 0, n, 1.0)[:, None]
+        out = tl.where((n > 0)[:, None], out, 0.0)
+        stat = n
+    return out, stat

@@ -1,0 +1,208 @@
+"""Dataset loaders, malformed-file errors, leave-one-out split, jagged batches, synthetic generator."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from malloc_kernels.data import (eval_batches, leave_one_out, load_aligned, load_dataset, load_ratings_csv,
+                                 load_ratings_dat, load_sequences, make_jagged, synthetic_dataset,
+                                 training_batches)
+from malloc_kernels.data.loaders import EMBEDDED_DIR
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# ---- formats ---------------------------------------------------------------------------------------------------
+def test_ratings_dat_time_order_stable_ties_and_remap(tmp_path):
+    p = _write(tmp_path / "ratings.dat",
+               "7::200::5::30\n7::10::3::10\n7::5::4::30\n3::10::1::5\n3::200::2::5\n")
+    ds = load_ratings_dat(p)
+    # original ids 5, 10, 200 -> 1, 2, 3 (monotone); users sorted by id
+    assert ds.n_items == 3 and ds.item_ids.tolist() == [-1, 5, 10, 200]
+    assert ds.user_ids == [3, 7]
+    assert ds.sequences[0].tolist() == [2, 3]            # equal timestamps keep file order
+    assert ds.sequences[1].tolist() == [2, 3, 1]         # t=10 first, then the t=30 tie in file order (200, 5)
+    assert ds.timestamps[1].tolist() == [10, 30, 30]
+    assert ds.n_interactions == 5
+
+
+def test_ratings_csv_any_column_order(tmp_path):
+    p = _write(tmp_path / "r.csv", "timestamp,rating,movieId,userId\n20,4.5,9,1\n10,3.0,4,1\n15,1,9,2\n")
+    ds = load_ratings_csv(p)
+    assert ds.sequences[0].tolist() == [1, 2] and ds.timestamps[0].tolist() == [10, 20]
+    assert ds.sequences[1].tolist() == [2]
+
+
+def test_sequence_file_empty_and_single_item_users(tmp_path):
+    p = _write(tmp_path / "seq.txt", "1 5 6 7 8\n2\n3 9\n\n4 5 9 6\n")
+    ds = load_sequences(p)
+    assert ds.num_empty_users == 1 and ds.n_users == 3 and ds.user_ids == [1, 3, 4]
+    assert ds.timestamps is None
+    assert [s.tolist() for s in ds.sequences] == [[1, 2, 3, 4], [5], [1, 5, 2]]
+    split = leave_one_out(ds)
+    # the single-item user has no eval example but stays in training; the others give one each
+    assert split.test.users.tolist() == [0, 2] and split.valid.users.tolist() == [0, 2]
+    assert [s.tolist() for s in split.train_sequences] == [[1, 2], [5], [1]]
+
+
+def test_aligned_files(tmp_path):
+    it = _write(tmp_path / "X_item_org.txt", "1 4 3 4\n2 7\n")
+    tm = _write(tmp_path / "X_time_org.txt", "1 100 50 100\n2 9\n")
+    ds = load_aligned(it, tm)
+    assert ds.sequences[0].tolist() == [1, 2, 2]          # item 3 (t=50) first; ids 3,4,7 -> 1,2,3
+    assert ds.timestamps[0].tolist() == [50, 100, 100]
+    assert load_dataset(tmp_path).sequences[0].tolist() == [1, 2, 2]   # folder detection
+    assert load_dataset(it).n_users == 2                                # file detection finds the partner
+
+
+@pytest.mark.parametrize("name,text,line,needle", [
+    ("ratings.dat", "1::2::3::4\n1::2::3\n", 2, "4 fields"),
+    ("ratings.dat", "1::2::3::4\n\n1::x::3::4\n", 3, "MovieID"),
+    ("ratings.dat", "1::2::abc::4\n", 1, "Rating"),
+    ("ratings.csv", "userId,movieId,stars,timestamp\n1,2,3,4\n", 1, "header"),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n1,2,3\n", 3, "fields"),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n1,2,3,4.5\n", 3, "timestamp"),
+    ("seq.txt", "1 2 3\n2 4 five\n", 2, "item id"),
+    ("seq.txt", "1 2 3\n2 4\n1 5\n", 3, "appears again"),
+])
+def test_malformed_files_name_file_and_line(tmp_path, name, text, line, needle):
+    p = _write(tmp_path / name, text)
+    with pytest.raises(ValueError) as e:
+        load_dataset(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}:{line}: ") and needle in msg
+
+
+def test_aligned_mismatch_errors(tmp_path):
+    it = _write(tmp_path / "a_item.txt", "1 4 3\n2 7\n")
+    tm = _write(tmp_path / "a_time.txt", "1 100 50\n2 9 10\n")
+    with pytest.raises(ValueError, match=rf"{tm}:2: .*2 timestamps but 1 items"):
+        load_aligned(it, tm)
+    _write(tm, "1 100 50\n3 9\n")
+    with pytest.raises(ValueError, match=rf"{tm}:2: user '3' does not match"):
+        load_aligned(it, tm)
+    _write(tm, "1 100 50\n")
+    with pytest.raises(ValueError, match=rf"{it}:2: "):
+        load_aligned(it, tm)
+
+
+def test_load_dataset_errors(tmp_path):
+    with pytest.raises(ValueError, match="neither an embedded dataset"):
+        load_dataset(tmp_path / "missing")
+    _write(tmp_path / "a.txt", "1 2\n")
+    _write(tmp_path / "b.txt", "1 2\n")
+    with pytest.raises(ValueError, match="found no ratings.dat"):
+        load_dataset(tmp_path)
+    empty = _write(tmp_path / "e.dat", "\n")
+    with pytest.raises(ValueError, match=rf"{empty}:1: no users found"):
+        load_dataset(empty)
+
+
+def test_embedded_default_dataset():
+    ds = load_dataset()
+    assert ds.name == "ml-latest-small"
+    assert (ds.n_users, ds.n_items, ds.n_interactions) == (610, 9724, 100836)
+    assert all(bool((np.diff(t) >= 0).all()) for t in ds.timestamps)
+    readme = (EMBEDDED_DIR / "README.md").read_text()
+    assert "GroupLens" in readme and "Harper" in readme
+    assert (EMBEDDED_DIR / "ml-latest-small" / "README.txt").is_file()
+    assert not (EMBEDDED_DIR / "ml-1m").exists()
+
+
+# ---- split and batches ----------------------------------------------------------------------------------------
+def _toy():
+    seqs = [np.array([1, 2, 3, 4, 5]), np.array([6, 7]), np.array([8]), np.array([9, 10, 11])]
+    ts = [np.arange(len(s)) * 10 for s in seqs]
+    from malloc_kernels.data import SequenceDataset
+    return SequenceDataset("toy", seqs, ts, 11, [1, 2, 3, 4], np.arange(-1, 11))
+
+
+def test_leave_one_out():
+    sp = _toy().split()
+    assert sp.test.users.tolist() == [0, 3]
+    assert sp.test.targets.tolist() == [5, 11] and sp.valid.targets.tolist() == [4, 10]
+    assert [h.tolist() for h in sp.test.histories] == [[1, 2, 3, 4], [9, 10]]
+    assert [h.tolist() for h in sp.valid.histories] == [[1, 2, 3], [9]]
+    assert sp.test.target_timestamps.tolist() == [40, 20]
+    assert [s.tolist() for s in sp.train_sequences] == [[1, 2, 3], [6, 7], [8], [9]]
+
+
+@pytest.mark.parametrize("bucket", [0, 2])
+def test_training_batches_are_jagged_and_complete(bucket):
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, 50, size=n) for n in [1, 2, 5, 9, 30, 3, 17, 4]]
+    ts = [np.arange(len(s)) for s in seqs]
+    seen = []
+    for b in training_batches(seqs, ts, 3, 6, seed=1, bucket=bucket):
+        assert b.items.shape == b.targets.shape == b.timestamps.shape
+        for i, u in enumerate(b.users.tolist()):
+            lo, hi = int(b.offsets[i]), int(b.offsets[i + 1])
+            s = seqs[u][-7:]
+            assert b.items[lo:hi].tolist() == s[:-1].tolist() and b.targets[lo:hi].tolist() == s[1:].tolist()
+            seen.append(u)
+    assert sorted(seen) == [1, 2, 3, 4, 5, 6, 7]     # user 0 (one item) has no training pair
+    again = [b.users.tolist() for b in training_batches(seqs, ts, 3, 6, seed=1, bucket=bucket)]
+    assert again == [b.users.tolist() for b in training_batches(seqs, ts, 3, 6, seed=1, bucket=bucket)]
+
+
+def test_eval_batches_and_padding():
+    sp = _toy().split()
+    (b,) = list(eval_batches(sp.test, 8, 3))
+    assert b.offsets.tolist() == [0, 3, 5] and b.items.tolist() == [2, 3, 4, 9, 10]
+    assert b.targets.tolist() == [5, 11]
+    items, ts, lengths = b.to_padded()
+    assert items.tolist() == [[2, 3, 4], [9, 10, 0]] and lengths.tolist() == [3, 2]
+    assert ts.tolist() == [[10, 20, 30], [0, 10, 0]]
+    e = make_jagged([np.array([], dtype=np.int64), np.array([3])])
+    assert e.offsets.tolist() == [0, 0, 1] and e.lengths.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="batch_size"):
+        next(eval_batches(sp.test, 0, 3))
+
+
+def test_synthetic_generator():
+    a = synthetic_dataset(6, 300, min_len=8, max_len=16384, n_topics=8, seed=3)
+    b = synthetic_dataset(6, 300, min_len=8, max_len=16384, n_topics=8, seed=3)
+    assert all((x == y).all() for x, y in zip(a.sequences, b.sequences))
+    assert all((x == y).all() for x, y in zip(a.timestamps, b.timestamps))
+    lens = [len(s) for s in a.sequences]
+    assert min(lens) >= 8 and max(lens) <= 16384
+    assert all(bool((np.diff(t) >= 0).all()) for t in a.timestamps)
+    assert all(int(s.min()) >= 1 and int(s.max()) <= 300 for s in a.sequences)
+    long = synthetic_dataset(1, 500, min_len=16384, max_len=16384, seed=0)
+    s = long.sequences[0]
+    assert len(s) == 16384
+    # drifting interests: the item mix of the first and last thousand interactions differs
+    first, last = set(s[:1000].tolist()), set(s[-1000:].tolist())
+    assert len(first & last) < 0.8 * min(len(first), len(last))
+    c = synthetic_dataset(6, 300, min_len=8, max_len=64, n_topics=8, seed=4)
+    assert any((x.shape != y.shape) or (x != y).any() for x, y in zip(a.sequences, c.sequences))
+    with pytest.raises(ValueError, match="max_len"):
+        synthetic_dataset(2, 10, min_len=5, max_len=4)
+    with pytest.raises(ValueError, match="n_topics"):
+        synthetic_dataset(2, 10, n_topics=20)
+
+
+# ---- real data (../shared/data) -------------------------------------------------------------------------------
+@pytest.mark.parametrize("folder,users,items,inter,has_time", [
+    ("ml-1m", 6040, 3706, 1000209, False),
+    ("yelp", 30431, 20033, 316354, True),
+    ("lastfm", 1090, 3646, 52551, False),
+    ("ml-latest-small", 610, 9724, 100836, True),
+])
+def test_shared_datasets(data_dir, folder, users, items, inter, has_time):
+    path = data_dir / folder
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent")
+    ds = load_dataset(path)
+    assert (ds.n_users, ds.n_items, ds.n_interactions, ds.has_timestamps) == (users, items, inter, has_time)
+    sp = ds.split()
+    assert len(sp.test) == sum(len(s) >= 3 for s in ds.sequences)
+    if folder == "ml-1m":
+        # compact ids are kept as they are (remapping is monotone)
+        assert ds.item_ids[1:].tolist() == list(range(1, 3707))
+    if folder == "ml-latest-small":
+        emb = load_dataset("ml-latest-small")
+        assert ds.fingerprint() == emb.fingerprint()
