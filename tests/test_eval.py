@@ -1,0 +1,135 @@
+"""The evaluation harness end to end on a tiny configuration: outputs, table shape and invariants."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from malloc_kernels.eval import EvalConfig, build_grid, run
+from malloc_kernels.eval.cli import build_parser, config_from_args, main
+from malloc_kernels.eval.report import pareto_front
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    # A small real-format dataset (one user per line: `user item item ...`) keeps training to seconds; histories
+    # are long enough (70-110) that KIVI's residual window (32) and group (32) leave a quantized part.
+    rng = np.random.default_rng(0)
+    lines = []
+    for u in range(60):
+        n = int(rng.integers(70, 111))
+        start = int(rng.integers(1, 150))
+        items = (start + np.cumsum(rng.integers(0, 4, n))) % 200 + 1
+        lines.append(" ".join(map(str, [u + 1, *items.tolist()])))
+    data = out / "sequences.txt"
+    data.write_text("\n".join(lines) + "\n")
+    cfg = EvalConfig(data=str(data), models=("hstu", "sasrec"),
+                     methods=("int8", "kivi4", "kivi2", "int4", "int2", "h2o", "recent", "chunk", "h2o+kivi4", "mqa"),
+                     budgets=(1.0, 0.5, 0.25), bits=(8, 4, 2), variants=("mqa",), max_len=100, request_size=4,
+                     users=40, batch_size=20, d_model=16, n_layers=2, n_heads=2, epochs=1, out=str(out),
+                     cache=str(out / "ckpt"), progress=False)
+    result = run(cfg, log=lambda m: None)
+    return cfg, out, result["rows"]
+
+
+def _row(rows, model, method, budget):
+    hits = [r for r in rows if r["model"] == model and r["method"] == method and r["budget"] == budget]
+    assert len(hits) == 1, (model, method, budget, hits)
+    return hits[0]
+
+
+def test_all_four_outputs_written(tiny_run):
+    _, out, rows = tiny_run
+    for name in ("accuracy.md", "accuracy.csv", "resources.md", "resources.csv", "pareto.png", "results.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    with open(out / "accuracy.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows)
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert meta["config"]["seed"] == 0 and "torch" in meta
+
+
+def test_native_equals_no_cache(tiny_run):
+    _, _, rows = tiny_run
+    for model in ("hstu", "sasrec"):
+        native, recompute = _row(rows, model, "native", "100%"), _row(rows, model, "no-cache", "100%")
+        for m in ("HR@10", "NDCG@10", "MRR", "GAUC"):
+            assert native[m] == pytest.approx(recompute[m], abs=1e-12), m
+
+
+def test_full_budget_equals_native(tiny_run):
+    _, _, rows = tiny_run
+    for model in ("hstu", "sasrec"):
+        native = _row(rows, model, "native", "100%")
+        for method in ("h2o", "recent"):
+            full = _row(rows, model, method, "100%")
+            assert full["NDCG@10"] == pytest.approx(native["NDCG@10"], abs=1e-12)
+            assert full["bytes_per_user"] == native["bytes_per_user"]
+
+
+def test_bytes_decrease_with_budget_and_bits(tiny_run):
+    _, _, rows = tiny_run
+    for model in ("hstu", "sasrec"):
+        for method in ("h2o", "recent", "chunk", "h2o+kivi4"):
+            b = [_row(rows, model, method, f"{p}%")["bytes_per_user"] for p in (100, 50, 25)]
+            assert b[0] > b[1] > b[2], (method, b)
+        for fam in (("int8", "int4", "int2"),):
+            b = [_row(rows, model, m, f"{bits}-bit")["bytes_per_user"] for m, bits in zip(fam, (8, 4, 2))]
+            assert b[0] > b[1] > b[2], b
+        assert _row(rows, model, "kivi4", "4-bit")["bytes_per_user"] > _row(rows, model, "kivi2", "2-bit")[
+            "bytes_per_user"]
+        native = _row(rows, model, "native", "100%")
+        assert _row(rows, model, "int8", "8-bit")["ratio"] < 1.0 == native["ratio"]
+
+
+def test_hybrid_is_cheaper_than_its_parts(tiny_run):
+    _, _, rows = tiny_run
+    for model in ("hstu", "sasrec"):
+        assert _row(rows, model, "h2o+kivi4", "50%")["bytes_per_user"] < _row(rows, model, "h2o", "50%")[
+            "bytes_per_user"]
+
+
+def test_mqa_variant_stores_one_kv_head(tiny_run):
+    _, _, rows = tiny_run
+    for model in ("hstu", "sasrec"):
+        native, mqa = _row(rows, model, "native", "100%"), _row(rows, model, "mqa", "100%")
+        assert mqa["level"] == "head"
+        assert mqa["bytes_per_user"] < native["bytes_per_user"]
+
+
+def test_rerun_resumes_without_recomputing(tiny_run, monkeypatch):
+    cfg, _, rows = tiny_run
+    import malloc_kernels.eval.runner as runner
+
+    def boom(*a, **k):
+        raise AssertionError("a finished row was evaluated again")
+    monkeypatch.setattr(runner, "evaluate_specs", boom)
+    again = run(cfg, log=lambda m: None)["rows"]
+    assert [(r["model"], r["method"], r["budget"], r["NDCG@10"]) for r in again] == \
+        [(r["model"], r["method"], r["budget"], r["NDCG@10"]) for r in rows]
+
+
+def test_grid_covers_every_level():
+    levels = {s.level for s in build_grid()}
+    assert {"baseline", "precision", "pruning", "merging", "hybrid", "head", "sequence"} <= levels
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--budgets", "0"], "budgets"),
+    (["--methods", "nosuch"], "unknown methods"),
+    (["--model", "gpt"], "models"),
+    (["--request-size", "0"], "request_size"),
+])
+def test_bad_configuration_is_rejected(argv, match, tmp_path):
+    args = build_parser().parse_args(argv + ["--out", str(tmp_path)])
+    with pytest.raises(ValueError, match=match):
+        cfg = config_from_args(args)
+        build_grid(cfg.methods, cfg.budgets, cfg.bits, cfg.variants)
+    if "--model" in argv or "--request-size" in argv:
+        assert main(argv + ["--out", str(tmp_path)]) == 2
+
+
+def test_pareto_front():
+    pts = [(1.0, 0.1), (2.0, 0.3), (3.0, 0.2), (4.0, 0.4), (0.5, 0.05)]
+    assert pareto_front(pts) == [4, 0, 1, 3]
