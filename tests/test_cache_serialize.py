@@ -5,6 +5,7 @@ import zlib
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import malloc_kernels
 from malloc_kernels import cache_from_bytes
@@ -311,7 +312,6 @@ def test_bad_arguments():
 
 
 # ---- long tail -------------------------------------------------------------------------------------------------------
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -19,6 +19,8 @@ HYBRIDS = ["h2o+kivi4", "snapkv+int8", "tome+int4", "chunk+fp8", "recent+intactk
 METHODS = mk.available_methods()
 TOKEN_METHODS = [m for m in METHODS if policy_level(get_policy(m)) in ("pruning", "merging")]
 PRECISION = [m for m in METHODS if policy_level(get_policy(m)) == "precision"]
+# quantize.py's plain quantizers and "none" keep the input entry order (the cache contract allows any order)
+UNSORTED = {"none", "int8", "fp8", "int4", "int2"}
 RESIDUAL_PRECISION = [m for m in PRECISION if m.startswith(("kivi", "intactkv"))]
 
 
@@ -242,7 +244,7 @@ def test_deterministic_under_seed(method):
     a = mk.compress(k, v, method, budget=budget, lengths=L, timestamps=ts, seed=7, **kw)
     b = mk.compress(k, v, method, budget=budget, lengths=L, timestamps=ts, seed=7, **kw)
     for x, y in zip(torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)):
-        assert torch.equal(x, y)
+        assert (x is None and y is None) or torch.equal(x, y)
 
 
 def test_random_depends_on_seed_and_head():
@@ -280,6 +282,8 @@ def test_positions_and_timestamps_preserved(method):
             assert bool((p[1:] > p[:-1]).all()), "entries must be distinct and sorted by position"
             assert torch.equal(t, ts_of_pos[b, p])
             for seg in [cache] + ([cache.residual] if cache.residual is not None else []):
+                if method in UNSORTED:
+                    break
                 L_ = int(seg.length[b, h])
                 sp = seg.position[b, h, :L_].long()
                 assert bool((sp[1:] > sp[:-1]).all()), "each segment is stored sorted by position"

@@ -107,11 +107,23 @@ def parse_ptxas(log: str):
     return kernels
 
 
+def find_cuobjdump():
+    """cuobjdump from PATH, CUDA_HOME, or the copy bundled with Triton (pip CUDA toolkits may lack it)."""
+    cands = [shutil.which("cuobjdump"),
+             os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")]
+    try:
+        import triton
+
+        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in cands if c and os.path.exists(c)), None)
+
+
 def inspect_sass(build_dir: str, kernels):
     """Count LDG.E.128 (and other global-load widths) per (kernel, arch) in the object files' SASS."""
-    tool = shutil.which("cuobjdump") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
-                                                      "cuobjdump")
-    if not os.path.exists(tool) and not shutil.which("cuobjdump"):
+    tool = find_cuobjdump()
+    if tool is None:
         print("cuobjdump not found: skipping the SASS inspection")
         return False
     objs = sorted(glob.glob(os.path.join(build_dir, "**", "mk_cuda.dir", "**", "*.o"), recursive=True))
@@ -233,8 +245,9 @@ def main(argv=None) -> int:
                 "(nvcc " + nvcc_version() + ", `-O3 -Xptxas -v`, no GPU needed).", "", report, ""]
         if args.bandwidth:
             text += ["## Decode bandwidth model", "",
-                     "Bytes each decode call must read (cache payload + scales/zeros + positions/timestamps/counts "
-                     "+ queries/outputs) and the time an H100 SXM (3.35 TB/s HBM3) needs to stream them: the "
+                     "Bytes each decode call must read (cache payload + fp16 scales/zeros + lengths + fp32 residual, "
+                     "request tokens, queries and outputs) and the time an H100 SXM (3.35 TB/s HBM3) needs to "
+                     "stream them: the "
                      "lower bound a GPU run of `benchmarks/test_bench_cuda.py` is compared against.", "",
                      bandwidth_model(), ""]
         os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)

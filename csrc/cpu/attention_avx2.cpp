@@ -12,6 +12,7 @@
 
 #include "malloc_kernels/attention_cpu.h"
 #include "malloc_kernels/bias.h"
+#include "malloc_kernels/quant.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")

@@ -101,6 +101,10 @@ __attribute__((target("avx2,fma"))) void half_scores_avx2(const float* q, const 
   }
 }
 
+// Below this much work an OpenMP team costs more than it saves (and on a loaded machine waking idle threads can
+// take milliseconds), so small calls -- autograd checks, tiny layers -- run on the calling thread.
+constexpr int64_t kParallelWork = int64_t(1) << 16;
+
 // Prefetch distance for the random value-row reads: far enough to hide DRAM latency behind the FMAs of the rows
 // in flight, small enough that the lines are still in L1/L2 when used.
 constexpr int64_t kPrefetch = 8;
@@ -248,7 +252,7 @@ void topk(const T* query, const T* subkeys, int64_t N, int64_t H, int64_t Dh, in
     for (int64_t j = 0; j < S; ++j)
       for (int64_t d = 0; d < Dh; ++d) kt[(hb * Dh + d) * S + j] = subkeys[(hb * S + j) * Dh + d];
 
-#pragma omp parallel
+#pragma omp parallel if (N * H * S * Dh > kParallelWork)
   {
     std::vector<T> s1(S), s2(S), v1(k), v2(k), best(k);
     std::vector<int64_t> c1(k), c2(k), ba(k), bb(k);
@@ -296,7 +300,8 @@ void topk_backward(const T* grad_scores, const T* query, const T* subkeys, const
                    int64_t H, int64_t Dh, int64_t S, int64_t k, T* grad_query, T* grad_subkeys) {
   // d score / d q = [K1[i1], K2[i2]]; d score / d K_half[i] = q_half. Queries are independent rows; the sub-key
   // gradient is reduced per (head, half) task in ascending n, so no atomics and a deterministic result.
-#pragma omp parallel for schedule(static)
+  const bool par = N * H * k * Dh > kParallelWork;
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t nh = 0; nh < N * H; ++nh) {
     const int64_t h = nh % H;
     T* gq = grad_query + nh * 2 * Dh;
@@ -313,7 +318,7 @@ void topk_backward(const T* grad_scores, const T* query, const T* subkeys, const
     }
   }
   std::memset(grad_subkeys, 0, sizeof(T) * static_cast<size_t>(H * 2 * S * Dh));
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (par)
   for (int64_t hb = 0; hb < H * 2; ++hb) {
     const int64_t h = hb / 2, half = hb % 2;
     T* gk = grad_subkeys + hb * S * Dh;
@@ -332,7 +337,7 @@ void topk_backward(const T* grad_scores, const T* query, const T* subkeys, const
 
 template <typename T>
 void gather_forward(const T* values, int64_t Dv, const int64_t* idx, const T* weights, int64_t N, int64_t E, T* out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * E * Dv > kParallelWork)
   for (int64_t n = 0; n < N; ++n) {
     if constexpr (std::is_same_v<T, float>) {
       if (cpu_has_avx2()) {
@@ -360,8 +365,9 @@ void gather_backward(const T* grad_out, const T* values, int64_t M, int64_t Dv, 
                      const T* weights, int64_t N, int64_t E, const int32_t* row_slot, int64_t U, int64_t* order_ws,
                      int64_t* start_ws, T* grad_weights, int64_t* rows, T* grad_rows) {
   const int64_t NE = N * E;
+  const bool par = NE * Dv > kParallelWork;
   // grad_weights: independent per query.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t n = 0; n < N; ++n) {
     if constexpr (std::is_same_v<T, float>) {
       if (cpu_has_avx2()) {
@@ -382,7 +388,7 @@ void gather_backward(const T* grad_out, const T* values, int64_t M, int64_t Dv, 
     for (int64_t e = 0; e < NE; ++e) order_ws[fill[row_slot[idx[e]]]++] = e;
   }
   for (int64_t e = 0; e < NE; ++e) rows[row_slot[idx[e]]] = idx[e];
-#pragma omp parallel for schedule(dynamic, 256)
+#pragma omp parallel for schedule(dynamic, 256) if (par)
   for (int64_t u = 0; u < U; ++u) {
     const int64_t* entries = order_ws + start_ws[u];
     const int64_t count = start_ws[u + 1] - start_ws[u];

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "malloc_kernels/decode.h"
 #include "malloc_kernels/quant.h"
 
 using namespace malloc_kernels::quant;
@@ -148,7 +149,51 @@ static void test_quantize_and_pack() {
   EXPECT(int_scale_zero(NAN, 0.0f, 15, &s, &z) == kNonFinite, "nan status");
 }
 
+// decode.h: the exact time bucket against thresholds computed in double (as the reference does), the position
+// clamp, silu and the split merge.
+static void test_decode() {
+  namespace dk = malloc_kernels::decode;
+  for (int T : {1, 2, 12, 40, 64}) {
+    std::vector<int64_t> th(T, 0);  // th[0] unused
+    for (int k = 1; k < T; ++k) {
+      // smallest x >= 1 with floor(ln(x) / 0.301) >= k: start from the float guess and step exactly in double
+      int64_t x = static_cast<int64_t>(std::exp(0.301 * k));
+      if (x < 1) x = 1;
+      while (x > 1 && std::floor(std::log(double(x - 1)) / 0.301) >= k) --x;
+      while (std::floor(std::log(double(x)) / 0.301) < k) ++x;
+      th[k] = x;
+    }
+    auto brute = [&](int64_t dt) {
+      int64_t a = dt < 0 ? -dt : dt;
+      if (a < 1) a = 1;
+      int64_t b = 0;
+      for (int k = 1; k < T; ++k) b += th[k] <= a;
+      return b;
+    };
+    for (int64_t dt = -3000; dt <= 3000; ++dt) EXPECT(dk::time_bucket(dt, th.data(), T) == brute(dt), "bucket");
+    for (int k = 1; k < T; ++k)
+      for (int64_t d : {th[k] - 1, th[k], th[k] + 1})
+        EXPECT(dk::time_bucket(d, th.data(), T) == brute(d), "bucket at threshold T=%d k=%d", T, k);
+    EXPECT(dk::time_bucket(INT64_MIN, th.data(), T) == T - 1 || T == 1, "bucket INT64_MIN");
+  }
+  EXPECT(dk::pos_index(5, 9, 4) == 0 && dk::pos_index(9, 5, 4) == 3 && dk::pos_index(7, 5, 4) == 2, "pos_index");
+  EXPECT(std::fabs(dk::silu(2.0f) - 2.0f / (1.0f + std::exp(-2.0f))) < 1e-6f && dk::silu(-200.0f) == -0.0f,
+         "silu");
+  // Merging partial (max, sum) pairs in any order equals the one-pass log-sum-exp.
+  const float s[6] = {0.5f, -3.0f, 2.0f, 7.5f, -INFINITY, 1.0f};
+  double ref = 0;
+  for (float v : s) ref += std::exp(double(v));
+  dk::SoftmaxState a{-INFINITY, 0.0f}, b{-INFINITY, 0.0f};
+  float wa, wb;
+  for (int i = 0; i < 3; ++i) a = dk::merge(a, {s[i], 1.0f}, &wa, &wb);
+  for (int i = 3; i < 6; ++i) b = dk::merge(b, {s[i], s[i] == -INFINITY ? 0.0f : 1.0f}, &wa, &wb);
+  EXPECT(std::fabs(dk::lse(dk::merge(a, b, &wa, &wb)) - std::log(ref)) < 1e-5, "lse merge");
+  EXPECT(dk::lse(dk::merge({-INFINITY, 0.0f}, {-INFINITY, 0.0f}, &wa, &wb)) == -INFINITY && wa == 0.0f, "empty");
+  EXPECT(dk::rescale(-INFINITY, -INFINITY) == 1.0f && dk::rescale(-INFINITY, 0.0f) == 0.0f, "rescale");
+}
+
 int main() {
+  test_decode();
   test_f16();
   test_e4m3();
   test_quantize_and_pack();

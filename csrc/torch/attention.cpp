@@ -189,8 +189,9 @@ std::vector<Tensor> attention_cpu(
   Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   p.out = view4(out, q_offsets);
   const auto f32 = q.options().dtype(at::kFloat);
-  Tensor empty = at::empty({0}, f32);
-  Tensor lse = empty, km = empty, kwm = empty, cm = empty, cwm = empty, rm = empty, rwm = empty;
+  // Unused outputs are distinct empty tensors: outputs of a custom op must not alias each other.
+  auto none = [&]() { return at::empty({0}, f32); };
+  Tensor lse = none(), km = none(), kwm = none(), cm = none(), cwm = none(), rm = none(), rwm = none();
   if (return_lse) {
     lse = jagged ? at::empty({q.size(0), p.Hq}, f32) : at::empty({p.B, p.Hq, Lq}, f32);
     p.lse = lse.data_ptr<float>();

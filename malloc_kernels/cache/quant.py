@@ -6,7 +6,8 @@ This module writes and reads exactly the storage contract documented in ``cache/
 Asymmetric integer formats (``int8``/``int4``/``int2``, ``qmax = 2**bits - 1``), per quantisation group over the
 group's VALID entries only (entries ``j < length[b, h]``)::
 
-    mn    = min(x) + 0.0                        # fp32; "+ 0.0" turns -0.0 into +0.0 so min's tie order is moot
+    mn    = min(x) + 0.0                        # fp32; "+ 0.0" turns -0.0 into +0.0, so the order in which a
+    mx    = max(x) + 0.0                        #   reduction meets -0.0/+0.0 ties never shows in zero or scale
     zero  = f16_round_down(mn)                  # largest float16 <= mn
     scale = f16_round_up((mx - float(zero)) / qmax)   # fp32 subtract, fp32 true division, then smallest fp16 >= it
     code  = 0 if scale == 0 else clamp(round_half_even((x - float(zero)) / float(scale)), 0, qmax)   # all fp32
@@ -44,7 +45,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .types import FLOAT_FORMAT, FP8_FORMAT, FORMATS, INT_FORMATS, K_AXES, SCALE_DTYPE, KVCache, format_bits
+from .types import FLOAT_FORMAT, FP8_FORMAT, FORMATS, INT_FORMATS, K_AXES, KVCache, format_bits
 
 FP8_MAX = 448.0
 _FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
@@ -213,8 +214,9 @@ def quantize_tensor(x: torch.Tensor, length: torch.Tensor, fmt: str, group_size:
     qmax = float(2 ** bits - 1)
     mn = torch.where(vg, xg, torch.full((), math.inf, device=x.device)).amin(dim=red)
     mx = torch.where(vg, xg, torch.full((), -math.inf, device=x.device)).amax(dim=red)
-    mn = torch.where(gvalid, mn, torch.zeros((), device=x.device)) + 0.0      # + 0.0: -0.0 -> +0.0
-    mx = torch.where(gvalid, mx, torch.zeros((), device=x.device))
+    # + 0.0 maps -0.0 to +0.0 (IEEE round-to-nearest), making zero/scale independent of reduction order
+    mn = torch.where(gvalid, mn, torch.zeros((), device=x.device)) + 0.0
+    mx = torch.where(gvalid, mx, torch.zeros((), device=x.device)) + 0.0
     zero = f16_round_down(mn)
     scale = f16_round_up((mx - zero.float()) / qmax)
     _check_fits(scale, zero, gvalid, name)
@@ -231,9 +233,9 @@ def _check_fits(scale, zero, gvalid, name):
         bad |= ~torch.isfinite(zero.float())
     bad &= gvalid.expand_as(bad)
     if bool(bad.any()):
-        raise ValueError(f"{name}: a quantisation group's range does not fit float16 scale/zero (values must lie "
-                         f"within +-65504 and the group's range / qmax must be representable); rescale the input "
-                         f"or use format 'float'")
+        raise ValueError(f"{name}: a quantisation group's range does not fit float16 scale/zero (integer formats "
+                         f"need min >= -65504 and (max - zero) / qmax <= 65504, fp8 needs absmax / 448 <= 65504); "
+                         f"rescale the input or use format 'float'")
 
 
 def dequantize_tensor(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], length: torch.Tensor,

@@ -30,9 +30,10 @@ group's range, which keeps the round-trip error within half a step:
 ``code = clamp(round_half_even((x - zero) / scale), 0, 2**bits - 1)`` in fp32, ``code = 0`` where ``scale == 0``.
 FP8: ``scale = f16_round_up(absmax / 448)``, ``code = e4m3fn(x / scale)`` (round to nearest even), 0 where
 ``scale == 0``. Values whose range does not fit float16 raise ``ValueError``.
-Edge cases (``quant.py`` is the bit-exact reference): ``min`` is canonicalised with ``min + 0.0`` (fp32) so a
--0.0/+0.0 tie gives ``zero = +0``; FP8 clamps ``x / scale`` to ``[-448, 448]`` before the cast (torch's cast
-saturates identically); groups with no valid entry and all padding entries store scale = zero = code = 0.
+Edge cases (``quant.py`` is the bit-exact reference): ``min`` and ``max`` are canonicalised with ``+ 0.0``
+(fp32) so -0.0/+0.0 ties never give a -0 zero or scale; FP8 clamps ``x / scale`` to ``[-448, 448]`` before the
+cast (torch's cast saturates identically; a negative ``x`` that rounds to 0 keeps the -0 code 0x80, as the cast
+does); groups with no valid entry and all padding entries store scale = zero = code = 0.
 
 Other per-entry fields: ``position int32 [B, Hkv, C]`` (ORIGINAL positions, for the relative bias),
 ``timestamp int64 [B, Hkv, C]`` (optional), ``count float32 [B, Hkv, C]`` (optional merge counts; 1 when absent).

@@ -71,6 +71,7 @@ def synthetic_dataset(n_users: int = 64, n_items: int = 2000, *, min_len: int = 
         seqs.append(items)
         tss.append(ts)
     return SequenceDataset(name=name, sequences=seqs, timestamps=tss, n_items=n_items,
-                           user_ids=list(range(1, n_users + 1)), item_ids=np.concatenate([[-1], np.arange(1, n_items + 1)]).astype(np.int64),
+                           user_ids=list(range(1, n_users + 1)),
+                           item_ids=np.concatenate([[-1], np.arange(1, n_items + 1)]).astype(np.int64),
                            source=f"synthetic(seed={seed})",
                            meta=dict(n_topics=n_topics, drift=drift, stickiness=stickiness, seed=seed))

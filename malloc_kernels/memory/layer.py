@@ -134,7 +134,7 @@ class ProductKeyMemory(nn.Module):
         """Normalised queries ``[N, H, Dk]`` for flattened inputs ``[N, input_dim]``."""
         q = self.query_proj(x2d)
         if self.query_bn is not None:
-            q = self.query_bn(q) if q.shape[0] > 1 or not self.training else q
+            q = self.query_bn(q)
         q = q.view(q.shape[0], self.heads, self.key_dim)
         if self.query_norm == "layernorm":
             dh = self.key_dim // 2

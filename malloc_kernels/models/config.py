@@ -58,7 +58,9 @@ class ModelConfig:
             raise ValueError(f"seq_compress must be one of {SEQ_COMPRESS}, got {self.seq_compress!r}")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
-        for name in ("n_items", "d_model", "n_layers", "n_heads", "max_len", "latent_dim", "slots", "beacon_chunk",
+        if not isinstance(self.n_items, int) or self.n_items < 0:
+            raise ValueError(f"n_items must be a non-negative int (0 = set from the dataset), got {self.n_items!r}")
+        for name in ("d_model", "n_layers", "n_heads", "max_len", "latent_dim", "slots", "beacon_chunk",
                      "ffn_mult", "train_request_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

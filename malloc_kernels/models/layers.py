@@ -100,7 +100,7 @@ class _AttentionProjections(nn.Module):
         """Attention output ``[T, Hq, D or r]`` -> ``[T, Hq * D]`` (MLA serving applies ``W_uv`` here)."""
         if self.mla and cached:
             a = torch.einsum("thr,hdr->thd", a, self.w_uv)
-        return a.reshape(a.shape[0], -1)
+        return a.flatten(1)
 
 
 class HSTULayer(nn.Module):

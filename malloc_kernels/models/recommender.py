@@ -114,6 +114,9 @@ class SequentialRecommender(nn.Module):
         self.final_norm = nn.LayerNorm(d) if cfg.arch == "sasrec" else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        # ``malloc_kernels.attention`` backend for every call ("auto": kernels for inference, the reference when
+        # autograd is needed); set e.g. ``model.backend = "reference"`` to pin one.
+        self.backend = "auto"
         if cfg.seq_compress == "linformer":
             self.lin_logits = nn.Parameter(torch.randn(cfg.n_layers, cfg.slots, cfg.max_len) * 0.02)
         if cfg.seq_compress == "beacon":
@@ -145,7 +148,8 @@ class SequentialRecommender(nn.Module):
         if return_stats:
             kw.update(return_stats=True, stats_window=stats_window)
         return _attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1],
-                          cache=cache, kind=layer.kind, offsets=offsets, query_positions=positions, **kw)
+                          cache=cache, kind=layer.kind, offsets=offsets, query_positions=positions,
+                          backend=self.backend, **kw)
 
     def _run_native(self, x, offsets, positions, ts, collect=False, stats_window=None, return_stats=False):
         """Full causal pass over jagged tokens; optionally collect per-layer cache-form (k, v) and attention stats."""

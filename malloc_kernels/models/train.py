@@ -3,7 +3,7 @@
 Usage (the ML-1M acceptance run; MovieLens-1M is read from its folder, never copied)::
 
     python -m malloc_kernels.models.train --data ../shared/data/ml-1m --model hstu --max-len 200 \
-        --epochs 60 --time-budget-min 45 --out benchmarks/results/hstu_ml1m.json
+        --epochs 200 --time-budget-min 45 --eval-every 2 --out benchmarks/results/hstu_ml1m.json
 
 Defaults train on the embedded MovieLens latest-small. Training is seeded (shuffling and negatives of epoch ``e``
 use ``seed + e``), uses AdamW and a tqdm progress bar, and checkpoints after every epoch under
@@ -45,8 +45,8 @@ class TrainConfig:
     ``time_budget_min``: stop after this many minutes (0 = no limit)."""
 
     epochs: int = 20
-    batch_size: int = 128
-    lr: float = 1e-3
+    batch_size: int = 32
+    lr: float = 3e-3
     weight_decay: float = 0.0
     num_negatives: int = 128
     full_softmax: bool = False
@@ -194,8 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=0.05)
     ap.add_argument("--similarity", choices=("cosine", "dot"), default="cosine")
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--negatives", type=int, default=128)
     ap.add_argument("--full-softmax", action="store_true", help="full softmax loss instead of sampled softmax")
@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-every", type=int, default=1)
     ap.add_argument("--time-budget-min", type=float, default=0.0, help="stop training after this many minutes")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cache-dir", default=None, help="checkpoint root (default $MALLOC_CACHE or ~/.cache/malloc_kernels)")
+    ap.add_argument("--cache-dir", default=None,
+                    help="checkpoint root (default $MALLOC_CACHE or ~/.cache/malloc_kernels)")
     ap.add_argument("--retrain", action="store_true", help="ignore an existing checkpoint")
     ap.add_argument("--out", default=None, help="write the report (config, curve, test metrics) as JSON here")
     ap.add_argument("--no-progress", action="store_true")

@@ -17,7 +17,8 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
 
     Layouts: dense query ``[B, Hq, Lq, D]``, key/value ``[B, Hkv, Lk, D]`` (SDPA's); or jagged query
     ``[total_q, Hq, D]``, key/value ``[total_k, Hkv, D]`` with int ``offsets [B+1]`` (``key_offsets`` defaults to
-    ``offsets``). ``Hq % Hkv == 0``; query head h reads kv head ``h // (Hq // Hkv)`` (GQA/MQA).
+    ``offsets``). ``Hq % Hkv == 0``; query head h reads kv head ``h // (Hq // Hkv)`` (GQA/MQA; accepted whether or
+    not ``enable_gqa`` is set, which is kept for SDPA signature compatibility).
 
     Without a cache and with default extras this equals ``scaled_dot_product_attention`` (``attn_mask`` bool or
     additive, ``is_causal`` top-left aligned, ``scale`` default ``1/sqrt(D)``, ``dropout_p``, ``enable_gqa``).

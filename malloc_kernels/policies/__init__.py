@@ -4,3 +4,5 @@ from . import quantize  # noqa: F401,E402
 from . import pruning  # noqa: F401,E402
 from . import merging  # noqa: F401,E402
 from . import precision  # noqa: F401,E402
+from . import hybrid  # noqa: F401,E402
+from .budget import Budget  # noqa: F401,E402

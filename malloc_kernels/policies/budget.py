@@ -107,15 +107,33 @@ def nbytes_per_user(cache: KVCache) -> torch.Tensor:
 
 
 def largest_fitting(run: Callable[[torch.Tensor], KVCache], lo: torch.Tensor, hi: torch.Tensor, limit: int,
-                    method: str, knob: str) -> Tuple[KVCache, torch.Tensor]:
+                    method: str, knob: str, affine: bool = False) -> Tuple[KVCache, torch.Tensor]:
     """Largest per-user integer ``knob`` in ``[lo_b, hi_b]`` whose cache ``run(knob)`` fits ``limit`` bytes.
 
     ``run`` maps an int64 ``[B]`` knob tensor to the policy's cache; bytes must be non-decreasing in the knob for
     each user (true for kept-token counts and residual lengths). Users are independent, so a user gets the same
-    answer alone or in any batch. Raises ValueError when even ``lo`` does not fit for some user.
+    answer alone or in any batch. Raises ValueError when even ``lo`` does not fit for some user. ``affine=True``
+    (bytes expected to be affine in the knob) narrows the search with a prediction; a wrong prediction only
+    costs time, since the bisection still checks every candidate with ``run``.
     """
     lo = lo.to(torch.int64).cpu().clone()
     hi = torch.maximum(hi.to(torch.int64).cpu(), lo)
+    if affine and bool((hi > lo).any()):
+        # bytes are affine in the knob for token policies (every stored entry costs the same): two cheap probes
+        # at the top of the range predict the answer; the bisection below then only confirms it (2 more runs)
+        top = nbytes_per_user(run(hi))
+        slope = (top - nbytes_per_user(run(torch.maximum(hi - 1, lo)))).clamp(min=1)
+        over = (top - limit).clamp(min=0)
+        pred = torch.maximum(hi - (over + slope - 1) // slope, lo)
+        fits = nbytes_per_user(run(pred)) <= limit
+        # monotone bytes: a fitting prediction is a lower bound, a failing one an upper bound
+        hi = torch.where(fits, hi, torch.maximum(pred - 1, lo))
+        lo = torch.where(fits, pred, lo)
+        nxt = torch.minimum(lo + 1, hi)
+        nfit = nbytes_per_user(run(nxt)) <= limit
+        open_ = fits & (lo < hi)
+        hi = torch.where(open_ & ~nfit, lo, hi)
+        lo = torch.where(open_ & nfit, nxt, lo)
     cache = run(lo)
     need = nbytes_per_user(cache)
     bad = need > limit

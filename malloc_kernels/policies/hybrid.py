@@ -10,7 +10,10 @@ headers) plus ``b``'s payload, scales and residual for those entries.
 Parameters go to the stage whose constructor takes them (to both if both do); ``<method>__<param>`` (e.g.
 ``h2o__window=8``) targets one stage explicitly. History extras (``queries``, ``kind``, ``layer``...) go to ``a``.
 A token budget is ``a``'s; ``Budget(bytes=X)`` keeps the largest number of ``a``-tokens whose final (quantized)
-cache fits ``X`` bytes per user. IntactKV as ``b`` takes its pivot scores from ``a``'s statistics, looked up by
+cache fits ``X`` bytes per user. With a KIVI/IntactKV second stage the bytes are not monotone in that count (one
+more token can complete a key group and move ``group_size`` entries from the full-precision tail into the
+quantized part), so the bisection guarantees a count that fits and whose successor does not, not necessarily the
+global maximum. IntactKV as ``b`` takes its pivot scores from ``a``'s statistics, looked up by
 original position (merged entries: their representative's mass).
 """
 from __future__ import annotations
@@ -99,7 +102,7 @@ class HybridPolicy:
                 return self._second(first.select(rows, ctx, per_row(kb)), rows, mass)
 
             cache, k_user = largest_fitting(run, n_user.clamp(max=1), n_user, self.budget.bytes, self.name,
-                                            f"{self.name.split('+')[0]} tokens")
+                                            f"{self.name.split('+')[0]} tokens", affine=True)
             if first.bytes_over_layers():
                 cache = self._second(first.select(rows, ctx, first.row_budgets(inp, rows, per_row(k_user))),
                                      rows, mass)

@@ -20,9 +20,7 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from .budget import largest_fitting
 from .pruning import PruningPolicy
 from .registry import register_policy
 from .selection import (Rows, attention_mass, build_cache, canonical_rows, check_float, check_int, recent_tier,
@@ -154,11 +152,38 @@ class ChunkPolicy(MergingPolicy):
         return merge_by_root(rows, root, weight, rep="max")
 
 
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity ``[..., Na, Nb]`` in float64 (zero vectors have similarity 0)."""
-    a = F.normalize(a.to(torch.float64), dim=-1)
-    b = F.normalize(b.to(torch.float64), dim=-1)
-    return a @ b.transpose(-1, -2)
+def _dot_last(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_d a[..., d] * b[..., d]`` accumulated in a fixed order d = 0, 1, ... (elementwise ops only).
+
+    A matmul's reduction order depends on the matrix shapes, which depend on the batch's padded length; summing
+    channel by channel makes every similarity bit-identical whether a user is compressed alone or in a batch.
+    """
+    out = a[..., 0] * b[..., 0]
+    for d in range(1, a.shape[-1]):
+        out = out + a[..., d] * b[..., d]
+    return out
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` scaled to unit norm in float64 (zero rows stay zero)."""
+    x = x.to(torch.float64)
+    return x / torch.sqrt(_dot_last(x, x)).clamp(min=1e-12)[..., None]
+
+
+def _best_match(a: torch.Tensor, b: torch.Tensor, b_ok: torch.Tensor):
+    """For each row of ``a [B, H, Na, D]`` its most cosine-similar valid row of ``b [B, H, Nb, D]``.
+
+    Returns ``(u, idx)``: similarity float64 ``[B, H, Na]`` (``-inf`` where no b is valid) and index int64
+    (ties: the earliest b). The search uses a matmul; the returned similarity is recomputed for the chosen pair
+    with ``_dot_last`` so that its value (which D2O turns into a weight) does not depend on the batch.
+    """
+    ua, ub = _unit(a), _unit(b)
+    sim = ua @ ub.transpose(-1, -2)
+    sim = torch.where(b_ok[:, :, None, :], sim, torch.full_like(sim, float("-inf")))
+    idx = sim.argmax(dim=-1)
+    u = _dot_last(ua, torch.gather(ub, 2, idx[..., None].expand(*idx.shape, ub.shape[-1])))
+    u = torch.where(b_ok.any(-1, keepdim=True), u, torch.full_like(u, float("-inf")))
+    return u, idx
 
 
 @register_policy("tome")
@@ -197,13 +222,10 @@ class ToMePolicy(MergingPolicy):
         r = torch.minimum(n - k, n // 2)                                 # merges this round, per row
         a_slot = torch.arange(0, N, 2, device=dev)
         b_slot = torch.arange(1, N, 2, device=dev)
-        sim = _cosine(rows.k[:, :, 0::2], rows.k[:, :, 1::2])           # [B, H, Na, Nb]
         b_ok = b_slot < n[..., None]                                    # [B, H, Nb]
-        sim = torch.where(b_ok[:, :, None, :], sim, torch.full_like(sim, float("-inf")))
-        node_max, node_idx = sim.max(dim=-1)                             # [B, H, Na]
+        node_max, node_idx = _best_match(rows.k[:, :, 0::2], rows.k[:, :, 1::2], b_ok)   # [B, H, Na]
         a_ok = a_slot < n[..., None]
-        node_max = torch.where(a_ok & b_ok.any(-1, keepdim=True), node_max,
-                               torch.full_like(node_max, float("-inf")))
+        node_max = torch.where(a_ok, node_max, torch.full_like(node_max, float("-inf")))
         order = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(2, order, torch.arange(order.shape[-1], device=dev).expand_as(order)
                                                 .contiguous())
@@ -255,9 +277,7 @@ class D2OPolicy(MergingPolicy):
         kept_mask = torch.zeros(B, H, N + 1, dtype=torch.bool, device=dev)
         kept_mask.scatter_(2, torch.where(kept_ok, kept_idx, torch.full_like(kept_idx, N)), True)
         kept_mask = kept_mask[..., :N]
-        sim = _cosine(rows.k, gather_rows(rows.k, kept_idx))            # [B, H, N, C]
-        sim = torch.where(kept_ok[:, :, None, :], sim, torch.full_like(sim, float("-inf")))
-        u, j = sim.max(dim=-1)                                           # most similar kept entry
+        u, j = _best_match(rows.k, gather_rows(rows.k, kept_idx), kept_ok)   # most similar kept entry
         target = torch.gather(kept_idx, 2, j.clamp(max=max(C - 1, 0))) if C else torch.zeros_like(u, dtype=torch.int64)
         valid = rows.valid()
         evicted = valid & ~kept_mask

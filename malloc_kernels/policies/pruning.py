@@ -52,11 +52,11 @@ class PruningPolicy(BasePolicy):
 
             if self.bytes_over_layers():
                 _, k_user = largest_fitting(run, n_user.clamp(max=1), n_user, self.budget.bytes, self.name,
-                                            "kept tokens")
+                                            "kept tokens", affine=True)
                 k = torch.minimum(k_user.to(rows.n.device)[:, None].expand(B, H), rows.n)
                 return self.select(rows, ctx, self.row_budgets(inp, rows, k))
             cache, _ = largest_fitting(run, n_user.clamp(max=1), n_user, self.budget.bytes, self.name,
-                                       "kept tokens")
+                                       "kept tokens", affine=True)
             return cache
         k = policy_tokens(self, inp, rows)
         return self.select(rows, ctx, self.row_budgets(inp, rows, k))

@@ -19,8 +19,9 @@ import torch
 from ..cache.types import KVCache
 from .budget import Budget, parse_budget, token_budgets
 
-# keyword arguments of ``compress`` that describe the history rather than configure a method; policies keep them
-# in ``self.extra`` and receive them back as ``PolicyInput.extra``
+# keyword arguments that describe the history rather than configure a method. ``compress`` routes its
+# CONTEXT_KEYS (queries, kind, scale, layer, ...) straight to ``PolicyInput.extra``; the others arrive in a policy's
+# constructor (``causal``, ``hstu_norm``, ``backend``) and are kept in ``self.extra``; ``context()`` merges both
 EXTRA_KEYS = ("queries", "kind", "scale", "causal", "layer", "num_layers", "pos_bias", "time_bias", "hstu_norm",
               "query_timestamps", "backend")
 

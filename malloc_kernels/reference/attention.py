@@ -14,6 +14,12 @@ Math (per user b, query head h, kv head h // G, query i, entry j over the cache,
 over visible j only; ``c_j`` is the merge count (ToMe's proportional attention, arXiv 2210.09461). A row that sees
 nothing returns zeros (softmax lse = -inf). Arithmetic runs in float64 for float64 inputs and in float32 otherwise
 (half inputs are upcast right after load, as the kernels do); the output is cast back to the query dtype.
+
+Details fixed here for every backend: a boolean ``attn_mask`` (dense calls, over the request keys) removes entries
+and so also reduces HSTU's visible counts n_i; an additive ``attn_mask`` is part of the score (an entry at -inf gets
+weight 0 in both kinds, HSTU's n_i counts it as visible). Padding (cache entries past ``length``, rows/columns past a
+user's length) is zeroed before any arithmetic, so even NaN padding never reaches a result. Dropout multiplies the
+normalised weights (softmax) or the pointwise weights (hstu) by a Bernoulli(1-p)/(1-p) mask, as SDPA does.
 """
 from __future__ import annotations
 
@@ -95,7 +101,7 @@ def attention_padded(call: AttentionCall):
     keys = k_req if hist is None else torch.cat([hist.k, k_req], dim=2)
     vals = v_req if hist is None else torch.cat([hist.v, v_req], dim=2)
     N = keys.shape[2]
-    s = (torch.matmul(q, keys.transpose(-1, -2)) * call.scale).reshape(B, Hkv, G, Lq, N)
+    s = torch.matmul(q * call.scale, keys.transpose(-1, -2)).reshape(B, Hkv, G, Lq, N)
     if call.has_bias:
         s = s + _bias(call, hist, cd).reshape(B, Hkv, G, Lq, N)
 
@@ -128,17 +134,24 @@ def attention_padded(call: AttentionCall):
         ones = torch.ones((B, Hkv, Lk), dtype=cd, device=dev)
         count = torch.cat([hist.count, ones], dim=-1)[:, :, None, None, :]
 
+    lse = None
     if call.kind == "softmax":
-        w, lse = _softmax_weights(s, vis, count)
+        w, lse = _softmax_weights(s, vis, count, additive is not None, call.return_lse)
+        row_scale = None
     else:
-        w = _hstu_weights(call, s, vis, count, hist, req_vis, B, Hkv, Lq)
-        lse = None
+        w, row_scale = _hstu_weights(call, s, vis, count, hist, req_vis, additive is not None, Lq)
 
     w_out = F.dropout(w, call.dropout_p, training=True) if call.dropout_p > 0 else w
-    out = torch.matmul(w_out.reshape(B, Hkv, G * Lq, N), vals).reshape(B, Hq, Lq, D).to(call.dtype)
+    out = torch.matmul(w_out.reshape(B, Hkv, G * Lq, N), vals)
+    if row_scale is not None:
+        # HSTU's 1/n_i is a per-row constant: applying it to the [.., D] output is cheaper than to [.., N].
+        out = out * row_scale.expand(B, Hkv, G, Lq, 1).reshape(B, Hkv, G * Lq, 1)
+    out = out.reshape(B, Hq, Lq, D).to(call.dtype)
     if lse is not None:
         lse = lse.reshape(B, Hq, Lq)
-    stats = _stats(call, w, hist, Nh) if call.return_stats else None
+    stats = None
+    if call.return_stats:
+        stats = _stats(call, w if row_scale is None else w * row_scale, hist, Nh)
     return out, lse, stats
 
 
@@ -155,44 +168,47 @@ def _bias(call: AttentionCall, hist: Optional[_History], cd: torch.dtype) -> tor
     return relative_bias(qp, kp, call.pos_bias, call.time_bias, qt, kt, num_heads=call.num_heads, dtype=cd)
 
 
-def _softmax_weights(s, vis, count):
-    """Normalised probabilities ``c_j e^{s_ij} / sum_j c_j e^{s_ij}`` (0 where invisible) and lse (-inf if empty)."""
+def _softmax_weights(s, vis, count, has_additive, want_lse):
+    """Normalised probabilities ``c_j e^{s_ij} / sum_j c_j e^{s_ij}`` (0 where invisible) and lse (-inf if empty).
+
+    ``torch.softmax`` is used for its fused forward/backward; rows with nothing visible (which softmax would turn
+    into NaN) are given finite dummy logits and zeroed afterwards, so neither the output nor the gradient sees NaN.
+    """
     logits = s if count is None else s + torch.log(count)
-    logits = torch.where(vis, logits, torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
-    # The row max only stabilises exp(); detaching it leaves the gradient unchanged (it cancels exactly).
-    m = logits.amax(dim=-1, keepdim=True).detach()
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(logits - m)
-    denom = p.sum(dim=-1, keepdim=True)
-    nonempty = denom > 0
-    safe = torch.where(nonempty, denom, torch.ones_like(denom))
-    w = p / safe
-    lse = torch.where(nonempty, m + torch.log(safe), torch.full_like(m, float("-inf"))).squeeze(-1)
-    return w, lse
+    logits = logits.masked_fill(~vis, float("-inf"))
+    # An additive -inf mask can empty a row that the boolean visibility keeps; only then inspect the logits.
+    row_has = (logits > float("-inf")).any(-1, keepdim=True) if has_additive else vis.any(-1, keepdim=True)
+    empty = None if bool(row_has.all()) else ~row_has
+    if empty is not None:
+        logits = logits.masked_fill(empty, 0.0)
+    w = torch.softmax(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True) if want_lse else None
+    if empty is not None:
+        w = w.masked_fill(empty, 0.0)
+        if lse is not None:
+            lse = lse.masked_fill(empty, float("-inf"))
+    return w, (None if lse is None else lse.squeeze(-1))
 
 
-def _hstu_weights(call, s, vis, count, hist, req_vis, B, Hkv, Lq):
-    """Pointwise weights ``c_j silu(s_ij) / n_i`` (0 where invisible)."""
-    # An additive -inf mask entry would make silu(-inf) = -inf * 0 = NaN; its weight is 0 (silu -> 0 at -inf).
-    use = vis & (s > float("-inf"))
-    s_safe = torch.where(use, s, torch.zeros((), dtype=s.dtype, device=s.device))
-    w = F.silu(s_safe)
+def _hstu_weights(call, s, vis, count, hist, req_vis, has_additive, Lq):
+    """Unnormalised pointwise weights ``c_j silu(s_ij)`` (0 where invisible) and the per-row ``1 / n_i``."""
+    # silu(0) == 0, so filling invisible scores with 0 zeroes their weight in one pass. An additive -inf mask
+    # entry would give silu(-inf) = -inf * 0 = NaN; its weight is 0 (silu -> 0 at -inf).
+    use = vis & (s > float("-inf")) if has_additive else vis
+    w = F.silu(s.masked_fill(~use, 0.0))
     if count is not None:
-        w = w * count
-    w = torch.where(use, w, torch.zeros((), dtype=s.dtype, device=s.device))
+        w = w * count.masked_fill(~use, 0.0)        # padding counts may be NaN; invisible weights stay exactly 0
     if isinstance(call.hstu_norm, int):
-        n = torch.full((), float(call.hstu_norm), dtype=s.dtype, device=s.device)
+        n = torch.full((1, 1, 1, 1, 1), float(call.hstu_norm), dtype=s.dtype, device=s.device)
     elif call.hstu_norm == "kept":
         n = vis.sum(dim=-1, keepdim=True).to(s.dtype)                      # stored entries visible, per kv head
     else:
-        n_req = req_vis.sum(dim=-1, keepdim=True).to(s.dtype)              # [B, 1|Hkv, 1|G, Lq, 1]
+        n = req_vis.sum(dim=-1, keepdim=True).to(s.dtype)                  # [B, 1, 1|G, Lq, 1]
         if hist is not None:
             rows = valid_rows(call.q_lengths, Lq)[:, None, None, :, None]
-            n_req = n_req + torch.where(rows, hist.original_length.to(s.dtype)[:, None, None, None, None],
-                                        torch.zeros((), dtype=s.dtype, device=s.device))
-        n = n_req
-    n = torch.where(n > 0, n, torch.ones_like(n))
-    return w / n
+            n = n + torch.where(rows, hist.original_length.to(s.dtype)[:, None, None, None, None],
+                                torch.zeros((), dtype=s.dtype, device=s.device))
+    return w, 1.0 / torch.where(n > 0, n, torch.ones_like(n))
 
 
 def _stats(call: AttentionCall, w: torch.Tensor, hist: Optional[_History], Nh: int) -> AttentionStats:

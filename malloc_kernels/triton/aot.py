@@ -86,16 +86,25 @@ class AotSpec:
         if missing or extra:
             raise ValueError(f"spec {name}: arguments do not match {fn.__name__}'s parameters "
                              f"(missing {missing}, unknown {extra})")
+        # Mirror the JIT's runtime specialisation (triton.runtime.jit / BaseBackend): an int argument equal to 1
+        # becomes the constant 1 (unit strides then vectorise), ints divisible by 16 and 16-byte aligned pointers
+        # get the ``tt.divisibility = 16`` hint. So the AOT binary is the one a launch with these values builds.
         sig, attrs = {}, {}
+        consts = {n: (int(v) if isinstance(v, bool) else v) for n, v in constexprs.items()}
         for idx, n in enumerate(names):
             if n in constexprs:
                 sig[n] = "constexpr"
-            else:
-                sig[n] = type_code(args[n])
-                if sig[n].startswith("*"):
-                    # torch allocations are 16-byte aligned: the launcher's real pointers get this hint too
-                    attrs[(idx,)] = [["tt.divisibility", 16]]
-        consts = {n: (int(v) if isinstance(v, bool) else v) for n, v in constexprs.items()}
+                continue
+            v = args[n]
+            if isinstance(v, int) and not isinstance(v, bool) and v == 1:
+                sig[n] = "constexpr"
+                consts[n] = 1
+                continue
+            sig[n] = type_code(v)
+            aligned = (v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else \
+                (isinstance(v, int) and not isinstance(v, bool) and v % 16 == 0)
+            if aligned:
+                attrs[(idx,)] = [["tt.divisibility", 16]]
         return cls(name, fn, sig, consts, num_warps, num_stages, note, mma_expected, attrs)
 
 
@@ -111,6 +120,7 @@ class AotResult:
     shared: Optional[int] = None
     num_warps: int = 0
     mma: Optional[bool] = None
+    mma_kind: str = "-"
     mma_expected: bool = True
     note: str = ""
     error: str = ""
@@ -157,9 +167,10 @@ def compile_spec(spec: AotSpec, arch: int) -> AotResult:
                                   options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         ptx = compiled.asm["ptx"]
         res.shared = int(compiled.metadata.shared)
-        res.mma = ("wgmma.mma_async" in ptx) if arch >= 90 else ("mma.sync" in ptx)
-        if arch >= 90 and not res.mma:
-            res.mma = "mma.sync" in ptx   # small tiles on sm_90 fall back to Ampere-style mma.sync
+        # sm_90 uses wgmma where the tile allows (M >= 64 per warpgroup); smaller tiles keep Ampere mma.sync
+        kinds = [k for k in ("wgmma.mma_async", "mma.sync") if k in ptx]
+        res.mma = bool(kinds)
+        res.mma_kind = "+".join(k.split(".")[0] if k.startswith("wgmma") else k for k in kinds) or "-"
         res.__dict__.update(ptxas_resources(ptx, arch))
         res.ok = True
     except Exception as e:  # the report prints every failure and exits non-zero

@@ -103,9 +103,17 @@ def choose_config(call: AttentionCall, *, path: Optional[str] = None, block_m: O
     if path is None:
         path = "decode" if rows <= DECODE_MAX_ROWS else "append"
     if block_n is None:
+        # K/V tiles live in registers between the load and the products: dequantizing a tile needs fp32 copies
+        # plus per-element scale gathers, and fp32 inputs double every tile, so those take narrower key blocks
+        # (measured with the AOT report: BLOCK_N 64 there runs out of registers / spills on sm_90).
+        quantized = call.cache is not None and call.cache.is_quantized
         block_n = 64 if block_d <= 128 else 32
-        if call.dtype == torch.float32:
+        if quantized or call.has_bias:
             block_n = min(block_n, 32)
+        if quantized and call.has_bias:
+            block_n = min(block_n, 16)
+        if call.dtype == torch.float32:
+            block_n = min(block_n, 16)
     total = call.max_k_len
     if call.cache is not None:
         total += call.cache.capacity
@@ -125,7 +133,9 @@ def choose_config(call: AttentionCall, *, path: Optional[str] = None, block_m: O
         num_warps = 4
     else:
         if block_m is None:
-            block_m = 64 if call.dtype != torch.float32 else 32
+            # dequantized tiles and the bias gathers add registers: 32-row tiles keep sm_80 spill-free there
+            heavy = call.has_bias or (call.cache is not None and call.cache.is_quantized)
+            block_m = 32 if (call.dtype == torch.float32 or heavy) else 64
         split_size, num_splits = total, 1
         num_warps = 4 if block_d <= 64 else 8
     return LaunchConfig(path, block_m, block_n, block_d, split_size, num_splits, num_warps, 2)

@@ -198,3 +198,43 @@ def pkm_gather_backward(grad_out: torch.Tensor, values: torch.Tensor, indices: t
     _pkm_gather_bwd_rows_kernel[(u, triton.cdiv(dv, block_d))](g, w, order, start, grad_rows, e, dv, BLOCK_T=16,
                                                                BLOCK_D=block_d, ACC=_acc(v.dtype))
     return grad_weights, rows, grad_rows
+
+
+def aot_specs():
+    """AOT specialisations (``malloc_kernels.triton.aot`` convention) at the issue-9 benchmark setting: M = 1024^2
+    rows, value dim 64, 4 heads, k = 32 (E = 128 rows per query), query dim 128 (Dh = 64), float32.
+    Built from the launchers' own tile choices; nothing is launched. No ``tl.dot`` (gathers, reductions and
+    selections: the kernels are memory/latency bound), so no MMA is expected."""
+    from .aot import AotSpec
+
+    n, h, s, dh, k, dv, e = 4096, 4, 1024, 64, 32, 64, 4 * 32
+    f32 = torch.float32
+    q = torch.empty(16, dtype=f32)
+    keys = torch.empty(16, dtype=f32)
+    scratch = torch.empty(16, dtype=f32)
+    scores = torch.empty(16, dtype=f32)
+    idx = torch.empty(16, dtype=torch.int64)
+    values = torch.empty(16, dtype=f32)
+    w = torch.empty(16, dtype=f32)
+    out = torch.empty(16, dtype=f32)
+    note = "M=1024^2, Dv=64, H=4, k=32, Dk=128, fp32"
+    block_d, block_e = min(64, _p2(dv)), min(32, _p2(e))
+    return [
+        AotSpec.from_args("pkm_topk", _pkm_topk_kernel,
+                          dict(Q=q, KEYS=keys, SCR=scratch, SCORES=scores, INDICES=idx, H=h, S=s, DH=dh),
+                          dict(K=k, BLOCK_S=min(64, _p2(s)), BLOCK_SF=_p2(s), BLOCK_D=_p2(dh), BLOCK_K=_p2(k),
+                               ACC=tl.float32),
+                          num_warps=4, note=note, mma_expected=False),
+        AotSpec.from_args("pkm_gather_fwd", _pkm_gather_fwd_kernel,
+                          dict(V=values, IDX=idx, W=w, OUT=out, E=e, DV=dv),
+                          dict(BLOCK_E=block_e, BLOCK_D=block_d, ACC=tl.float32),
+                          num_warps=4, note=note, mma_expected=False),
+        AotSpec.from_args("pkm_gather_bwd_weights", _pkm_gather_bwd_weights_kernel,
+                          dict(G=out, V=values, IDX=idx, GW=w, E=e, DV=dv),
+                          dict(BLOCK_E=block_e, BLOCK_D=block_d, ACC=tl.float32),
+                          num_warps=4, note=note, mma_expected=False),
+        AotSpec.from_args("pkm_gather_bwd_rows", _pkm_gather_bwd_rows_kernel,
+                          dict(G=out, W=w, ORDER=idx, START=idx, GR=values, E=e, DV=dv),
+                          dict(BLOCK_T=16, BLOCK_D=block_d, ACC=tl.float32),
+                          num_warps=4, note=note, mma_expected=False),
+    ]

@@ -23,6 +23,7 @@
 
 #include "malloc_kernels/attention_cpu.h"
 #include "malloc_kernels/bias.h"
+#include "malloc_kernels/quant.h"
 
 #ifdef MK_ISA_AVX2
 #include <immintrin.h>
@@ -39,31 +40,15 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 // ---- scalar conversions (exact) -------------------------------------------------------------------------------
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = uint32_t(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF;
-  if (exp == 0) {
-    if (man == 0) return bits_to_float(sign);
-    // subnormal half: man * 2^-24, exact in float
-    const float f = float(man) * 5.9604644775390625e-08f;
-    return sign ? -f : f;
-  }
-  if (exp == 31) return bits_to_float(sign | 0x7F800000u | (man << 13));
-  return bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
-}
-
-inline float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
-
-// e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits, no infinities; 0x7F/0xFF are NaN (never produced by the
-// quantizer, which saturates at 448).
-inline float fp8_to_float(uint8_t c) {
-  const uint32_t mag = c & 0x7F;
-  float f;
-  if ((mag >> 3) == 0) f = float(mag) * 0.001953125f;               // subnormal: m * 2^-9
-  else if (mag == 0x7F) f = std::numeric_limits<float>::quiet_NaN();
-  else f = bits_to_float(((mag << 20) + (120u << 23)));           // 2^(e-7) * (1 + m/8)
-  return (c & 0x80) ? -f : f;
-}
+// Scalar conversions come from the shared quantisation numerics (quant.h), so every backend decodes identically.
+#ifdef MK_ISA_AVX2
+// F16C's conversion is exact (fp16 -> fp32 never rounds) and an order of magnitude cheaper than the bit version.
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+#else
+inline float half_to_float(uint16_t h) { return quant::f16_bits_to_f32(h); }
+#endif
+inline float bf16_to_float(uint16_t h) { return quant::bf16_bits_to_f32(h); }
+inline float fp8_to_float(uint8_t c) { return quant::e4m3fn_to_f32(c); }
 
 inline uint16_t f2bf16(float f) {  // round to nearest even (outputs)
   uint32_t u; std::memcpy(&u, &f, 4);
@@ -72,23 +57,7 @@ inline uint16_t f2bf16(float f) {  // round to nearest even (outputs)
   return uint16_t(u >> 16);
 }
 
-inline uint16_t f2half(float f) {  // round to nearest even (outputs)
-  uint32_t u; std::memcpy(&u, &f, 4);
-  const uint32_t sign = (u >> 16) & 0x8000;
-  uint32_t a = u & 0x7FFFFFFFu;
-  if (a > 0x7F800000u) return uint16_t(sign | 0x7E00);
-  if (a >= 0x477FF000u) return uint16_t(sign | 0x7C00);           // rounds to >= 65520: inf
-  if (a < 0x38800000u) {                                           // subnormal or zero half
-    const float af = bits_to_float(a);
-    // af * 2^24 rounded to nearest even integer = half subnormal mantissa
-    const float scaled = af * 16777216.0f;
-    const float r = std::nearbyint(scaled);
-    return uint16_t(sign | uint32_t(r));
-  }
-  const uint32_t mant_odd = (a >> 13) & 1;
-  a += 0xC8000FFFu + mant_odd;                                     // rebias exponent (-112 << 23) and round
-  return uint16_t(sign | (a >> 13));
-}
+inline uint16_t f2half(float f) { return quant::f32_to_f16_bits(f); }
 
 inline float load_scalar(const void* base, DType dt, int64_t idx) {
   switch (dt) {
@@ -330,6 +299,15 @@ inline void pv_accum(const float* P, int ldp, int R, int n, const float* V, int6
   }
 }
 
+inline void halves_to_floats(const uint16_t* h, int n, float* out) {
+  int i = 0;
+#ifdef MK_ISA_AVX2
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+#endif
+  for (; i < n; ++i) out[i] = half_to_float(h[i]);
+}
+
 // x[i] = exp(x[i]) in place.
 inline void exp_inplace(float* x, int n) {
   int i = 0;
@@ -382,11 +360,12 @@ class Kernel {
     return std::min<int64_t>(p_.num_targets[b], klen(b));
   }
 
-  // Request-key visibility (DESIGN.md section 2): targets (last num_targets keys) are visible only to themselves;
-  // others causally (j <= i) when causal, otherwise to every query.
+  // Request-key visibility (DESIGN.md section 2, reference/masks.py): causal is top-left aligned (j <= i); a
+  // target query (one of the last num_targets tokens; Lq == Lk whenever targets exist) never sees another target.
   bool visible(int64_t i, int64_t j, int64_t Lk, int64_t nt) const {
-    if (nt > 0 && j >= Lk - nt) return j == i;
-    return !p_.causal || j <= i;
+    if (p_.causal && j > i) return false;
+    if (nt > 0 && j >= Lk - nt && i >= Lk - nt && j != i) return false;
+    return true;
   }
 
   int64_t seg_len(int seg, int64_t b, int64_t h) const {
@@ -431,7 +410,9 @@ class Kernel {
         const int64_t ng = (sg.capacity + sg.group_size - 1) / sg.group_size;
         const uint16_t* s16 = sg.k_scale + (bh * ng + g) * D_;
         const uint16_t* z16 = sg.k_zero ? sg.k_zero + (bh * ng + g) * D_ : nullptr;
-        for (int d = 0; d < D_; ++d) { sc.cs[d] = half_to_float(s16[d]); sc.cz[d] = z16 ? half_to_float(z16[d]) : 0.f; }
+        halves_to_floats(s16, D_, sc.cs.data());
+        if (z16) halves_to_floats(z16, D_, sc.cz.data());
+        else std::fill(sc.cz.begin(), sc.cz.begin() + D_, 0.f);
         for (int r = 0; r < R; ++r) {
           const float* q = sc.Q.data() + int64_t(r) * Dp_;
           float* qs = sc.Qs.data() + int64_t(r) * Dp_;

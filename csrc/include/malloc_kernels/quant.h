@@ -153,9 +153,9 @@ MK_HOST_DEVICE float round_half_even(float x) {
 }
 
 // (scale, zero) of an asymmetric integer group with fp32 min/max over its valid elements:
-//   zero = f16_round_down(mn + 0), scale = f16_round_up((mx - zero) / qmax)   (fp32 arithmetic).
-// The "+ 0" maps a -0.0 minimum to +0.0 so the stored zero does not depend on which signed zero a min reduction
-// happened to keep (the PyTorch packer does the same). Returns kNonFinite for NaN/inf statistics and
+//   zero = f16_round_down(mn + 0), scale = f16_round_up((mx + 0 - zero) / qmax)   (fp32 arithmetic).
+// The "+ 0" maps a -0.0 min/max to +0.0 so the stored zero and scale do not depend on which signed zero a
+// reduction happened to keep (the PyTorch packer does the same). Returns kNonFinite for NaN/inf statistics and
 // kF16Overflow when zero or scale does not fit float16.
 MK_HOST_DEVICE int int_scale_zero(float mn, float mx, int qmax, float* scale, float* zero) {
   *scale = 0.0f;
@@ -163,7 +163,7 @@ MK_HOST_DEVICE int int_scale_zero(float mn, float mx, int qmax, float* scale, fl
   if (!is_finite(mn) || !is_finite(mx)) return kNonFinite;
   const float z = f16_round_down(mn + 0.0f);
   if (!is_finite(z)) return kF16Overflow;
-  const float s = f16_round_up((mx - z) / static_cast<float>(qmax));
+  const float s = f16_round_up(((mx + 0.0f) - z) / static_cast<float>(qmax));
   if (!is_finite(s)) return kF16Overflow;
   *zero = z;
   *scale = s;

@@ -1,0 +1,55 @@
+"""This machine's ceilings for the roofline fractions of the CPU benchmarks.
+
+* memory bandwidth: a large (256 MiB, far beyond the L3) fp32 tensor copy, counted as read + write bytes;
+* compute: a large fp32 matmul (``2 * n^3`` FLOP).
+
+Both are measured with the current torch thread count (the benchmarks pin 2 threads), best of a few rounds, so the
+fractions reported next to the kernels are relative to what torch itself reaches on this box in the same run.
+Run ``python benchmarks/roofline.py`` to print them.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def _best(fn, rounds: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure_bandwidth(mib: int = 256, rounds: int = 5) -> float:
+    """Sustained memory bandwidth in GB/s (bytes read + bytes written by a large copy)."""
+    n = mib * (1 << 20) // 4
+    src = torch.ones(n, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    t = _best(lambda: dst.copy_(src), rounds)
+    return 2 * n * 4 / t / 1e9
+
+
+def measure_flops(n: int = 2048, rounds: int = 3) -> float:
+    """fp32 matmul throughput in GFLOP/s."""
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    t = _best(lambda: torch.mm(a, b), rounds)
+    return 2 * n ** 3 / t / 1e9
+
+
+def roofline(threads: int = 2) -> dict:
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return {"threads": threads, "bandwidth_gbs": measure_bandwidth(), "gflops": measure_flops()}
+    finally:
+        torch.set_num_threads(prev)
+
+
+if __name__ == "__main__":
+    r = roofline()
+    print(f"threads={r['threads']}  copy bandwidth {r['bandwidth_gbs']:.1f} GB/s  fp32 matmul {r['gflops']:.1f} GFLOP/s")

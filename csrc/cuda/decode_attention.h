@@ -1,0 +1,95 @@
+// Host interface of the CUDA split-K decode attention (csrc/cuda/decode_attention.cu): plain structs of raw device
+// pointers, so the kernel compiles (and is compile-checked for sm_80/sm_90) without torch. The torch glue
+// (csrc/torch/cuda/decode_attention.cpp) fills them from tensors; malloc_kernels/ops/cuda.py prepares the tensors.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "malloc_kernels/common.h"
+
+namespace malloc_kernels {
+namespace cuda {
+
+// Storage formats of a segment's payload (cache/types.py). Floats are read in their own dtype.
+enum DecodeFormat : int { kFmtF32 = 0, kFmtF16 = 1, kFmtBF16 = 2, kFmtI8 = 3, kFmtI4 = 4, kFmtI2 = 5, kFmtFP8 = 6 };
+
+constexpr int kDecodeRowTile = 16;      // query rows (GQA heads x queries) per block
+constexpr int kDecodeMaxHeadDim = 256;  // largest supported head dim
+
+// One key/value segment of one layer: the cache, its residual, or the request's own tokens. Payloads are
+// contiguous [B, Hkv, capacity, row_bytes]; scales/zeros fp16 bits in the cache layout; per-entry fields
+// contiguous [B, Hkv, capacity] except for the request, whose positions/timestamps are [B, capacity] (stride_h 0).
+struct DecodeSegment {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int k_fmt = kFmtF32, v_fmt = kFmtF32;
+  int64_t k_row_bytes = 0, v_row_bytes = 0;
+  bool k_channel = false;   // keys grouped per channel over groups of entries (KIVI)
+  int group_size = 1;
+  int head_dim = 0;
+  int capacity = 0;
+  const uint16_t* k_scale = nullptr;
+  const uint16_t* k_zero = nullptr;
+  const uint16_t* v_scale = nullptr;
+  const uint16_t* v_zero = nullptr;
+  const int32_t* length = nullptr;  // [B, Hkv] valid entries (request: k_lengths [B] with stride_h 0)
+  int64_t length_stride_b = 0, length_stride_h = 0;
+  const int32_t* pos32 = nullptr;   // cache positions (int32) ...
+  const int64_t* pos64 = nullptr;   // ... or request positions (int64)
+  const int64_t* ts = nullptr;
+  int64_t pos_stride_b = 0, pos_stride_h = 0;
+  const float* count = nullptr;     // merge counts, null = 1
+  bool is_request = false;          // causal / target masks apply
+
+  MK_HOST_DEVICE int64_t pos_row(int b, int hk) const { return b * pos_stride_b + hk * pos_stride_h; }
+};
+
+struct DecodeParams {
+  int batch = 0, num_heads = 0, num_kv_heads = 0, max_q_len = 0, head_dim = 0;
+  float scale = 1.0f;
+  bool hstu = false, is_causal = false;
+  const float* q = nullptr;             // [B, Hq, Lq, D] fp32 contiguous
+  const int32_t* q_lengths = nullptr;   // [B]
+  const int32_t* num_targets = nullptr; // [B]
+  const int64_t* q_pos = nullptr;       // [B, Lq] query positions (bias)
+  const int64_t* q_ts = nullptr;        // [B, Lq] query timestamps (time bias)
+  const float* pos_bias = nullptr;      // [Hq, P]
+  int64_t num_pos = 0;
+  const float* time_bias = nullptr;     // [Hq, T]
+  int64_t num_time = 0;
+  const int64_t* time_th = nullptr;     // [T] bucket thresholds (reference.time_bucket_thresholds)
+  const float* inv_n = nullptr;         // [B, Hkv, Lq] HSTU 1/n_i (0 where n_i == 0)
+  DecodeSegment seg[3];                 // cache, residual, request (absent segments have k == nullptr)
+  int seg_first_block[4] = {0, 0, 0, 0};
+  int span = 256;                       // keys per split
+  float* part_acc = nullptr;            // workspace, decode_workspace_floats()
+  float* part_m = nullptr;
+  float* part_l = nullptr;
+  float* out = nullptr;                 // [B, Hq, Lq, D] fp32
+  float* lse = nullptr;                 // [B, Hq, Lq] or null
+};
+
+// Fills seg_first_block from the segments' capacities and `span` (a multiple of 32); returns the workspace size in
+// floats: (acc, m, l) for every (user, kv head, row tile, split).
+inline void decode_plan(DecodeParams& p, int64_t* acc_floats, int64_t* state_floats) {
+  p.seg_first_block[0] = 0;
+  for (int s = 0; s < 3; ++s) {
+    const int blocks = p.seg[s].k ? (p.seg[s].capacity + p.span - 1) / p.span : 0;
+    p.seg_first_block[s + 1] = p.seg_first_block[s] + blocks;
+  }
+  const int64_t tiles = (int64_t(p.num_heads / (p.num_kv_heads ? p.num_kv_heads : 1)) * p.max_q_len +
+                         kDecodeRowTile - 1) / kDecodeRowTile;
+  const int64_t parts = int64_t(p.batch) * p.num_kv_heads * tiles * p.seg_first_block[3];
+  *state_floats = parts * kDecodeRowTile;
+  *acc_floats = parts * kDecodeRowTile * p.head_dim;
+}
+
+size_t decode_smem_bytes(int head_dim);
+
+// Launch the split kernel and the combine kernel on `stream`.
+cudaError_t decode_attention(const DecodeParams& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace malloc_kernels

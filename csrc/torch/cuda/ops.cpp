@@ -1,0 +1,253 @@
+// Torch glue of the CUDA kernels (built only when torch is a CUDA build and nvcc exists; see setup.py):
+//   malloc_kernels::cuda_quantize_pack(x, length, fmt, group_size, axis) -> (codes, scale, zero)
+//   malloc_kernels::cuda_decode_attention(...) -> (out, lse)
+// Tensors are validated/normalised by malloc_kernels/ops/cuda.py (fp32 contiguous queries and request tokens,
+// contiguous cache payloads); this file checks devices/dtypes/contiguity and passes raw pointers.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "../../cuda/decode_attention.h"
+#include "../../cuda/launch.h"
+#include "malloc_kernels/quant.h"
+
+namespace {
+
+using malloc_kernels::QuantSpec;
+namespace mc = malloc_kernels::cuda;
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
+}
+
+QuantSpec make_spec(const std::string& fmt, int64_t group_size, const std::string& axis) {
+  QuantSpec s{};
+  s.bits = fmt == "int4" ? 4 : fmt == "int2" ? 2 : 8;
+  s.fp8 = fmt == "fp8";
+  TORCH_CHECK_VALUE(fmt == "int8" || fmt == "int4" || fmt == "int2" || fmt == "fp8",
+                    "fmt must be one of 'int8', 'int4', 'int2', 'fp8', got '", fmt, "'");
+  TORCH_CHECK_VALUE(axis == "token" || axis == "channel", "axis must be 'token' or 'channel', got '", axis, "'");
+  TORCH_CHECK_VALUE(group_size > 0, "group_size must be positive, got ", group_size);
+  s.group_size = static_cast<int>(group_size);
+  s.channel = axis == "channel";
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_quantize_pack(const at::Tensor& x, const at::Tensor& length,
+                                                                  c10::string_view fmt, int64_t group_size,
+                                                                  c10::string_view axis) {
+  const QuantSpec spec = make_spec(std::string(fmt), group_size, std::string(axis));
+  TORCH_CHECK_TYPE(x.is_floating_point(), "x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.is_cuda(), "x must be a CUDA tensor [B, H, N, D]");
+  TORCH_CHECK_TYPE(length.scalar_type() == at::kInt, "length must be int32");
+  TORCH_CHECK_VALUE(length.is_cuda() && length.dim() == 2 && length.size(0) == x.size(0) &&
+                    length.size(1) == x.size(1), "length must be a CUDA int32 tensor [B, H]");
+  const int64_t B = x.size(0), H = x.size(1), N = x.size(2), D = x.size(3);
+  TORCH_CHECK_VALUE(spec.channel || D % group_size == 0, "group_size must divide head_dim on the token axis");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  const int64_t W = malloc_kernels::quant::packed_width(static_cast<int>(D), spec.bits);
+  const int64_t NG = spec.channel ? (N + group_size - 1) / group_size : D / group_size;
+  auto codes = at::empty({B, H, N, W}, x.options().dtype(at::kByte));
+  auto scale = at::empty(spec.channel ? std::vector<int64_t>{B, H, NG, D} : std::vector<int64_t>{B, H, N, NG},
+                         x.options().dtype(at::kHalf));
+  auto zero = spec.fp8 ? at::empty({0}, scale.options()) : at::empty(scale.sizes(), scale.options());
+  auto status = at::zeros({1}, x.options().dtype(at::kInt));
+  const int64_t xs[4] = {xf.stride(0), xf.stride(1), xf.stride(2), xf.stride(3)};
+  const int64_t ls[2] = {length.stride(0), length.stride(1)};
+  check_cuda(mc::quantize_pack(xf.data_ptr<float>(), xs, length.data_ptr<int32_t>(), ls, B, H, N, D, spec,
+                               codes.data_ptr<uint8_t>(), reinterpret_cast<uint16_t*>(scale.data_ptr<at::Half>()),
+                               spec.fp8 ? nullptr : reinterpret_cast<uint16_t*>(zero.data_ptr<at::Half>()),
+                               status.data_ptr<int>(), c10::cuda::getCurrentCUDAStream().stream()),
+             "cuda quantize_pack");
+  const int st = status.item<int>();
+  TORCH_CHECK_VALUE(st != malloc_kernels::quant::kNonFinite, "x has NaN or infinite values in a valid entry");
+  TORCH_CHECK_VALUE(st != malloc_kernels::quant::kF16Overflow,
+                    "x has a group whose range does not fit float16 scales/zeros");
+  return std::make_tuple(codes, scale, zero);
+}
+
+int format_code(const std::string& fmt, const at::Tensor& t) {
+  if (fmt == "float") {
+    if (t.scalar_type() == at::kFloat) return mc::kFmtF32;
+    if (t.scalar_type() == at::kHalf) return mc::kFmtF16;
+    if (t.scalar_type() == at::kBFloat16) return mc::kFmtBF16;
+    TORCH_CHECK_TYPE(false, "float cache payloads must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+  if (fmt == "int8") return mc::kFmtI8;
+  if (fmt == "int4") return mc::kFmtI4;
+  if (fmt == "int2") return mc::kFmtI2;
+  if (fmt == "fp8") return mc::kFmtFP8;
+  TORCH_CHECK_VALUE(false, "unknown cache format '", fmt, "'");
+  return 0;
+}
+
+const uint16_t* half_ptr(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined() || t->numel() == 0) return nullptr;
+  TORCH_CHECK_TYPE(t->scalar_type() == at::kHalf, "scales/zeros must be float16");
+  TORCH_CHECK_VALUE(t->is_contiguous(), "scales/zeros must be contiguous");
+  return reinterpret_cast<const uint16_t*>(t->data_ptr<at::Half>());
+}
+
+template <typename T>
+const T* opt_ptr(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK_VALUE(t->is_contiguous() && t->is_cuda(), "decode inputs must be contiguous CUDA tensors");
+  return t->data_ptr<T>();
+}
+
+// One segment: payloads [B, Hkv, C, *] contiguous, per-entry fields [B, Hkv, C].
+mc::DecodeSegment segment(const at::Tensor& k, const at::Tensor& v, const std::string& k_fmt,
+                          const std::string& v_fmt, bool k_channel, int64_t group_size, int64_t head_dim,
+                          const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& k_zero,
+                          const c10::optional<at::Tensor>& v_scale, const c10::optional<at::Tensor>& v_zero,
+                          const c10::optional<at::Tensor>& length, const c10::optional<at::Tensor>& pos,
+                          const c10::optional<at::Tensor>& ts, const c10::optional<at::Tensor>& count) {
+  TORCH_CHECK_VALUE(k.is_contiguous() && v.is_contiguous() && k.is_cuda() && v.is_cuda(),
+                    "segment payloads must be contiguous CUDA tensors");
+  mc::DecodeSegment s;
+  s.k = k.data_ptr();
+  s.v = v.data_ptr();
+  s.k_fmt = format_code(k_fmt, k);
+  s.v_fmt = format_code(v_fmt, v);
+  s.k_row_bytes = k.size(3) * k.element_size();
+  s.v_row_bytes = v.size(3) * v.element_size();
+  s.k_channel = k_channel;
+  s.group_size = static_cast<int>(group_size > 0 ? group_size : 1);
+  s.head_dim = static_cast<int>(head_dim);
+  s.capacity = static_cast<int>(k.size(2));
+  s.k_scale = half_ptr(k_scale);
+  s.k_zero = half_ptr(k_zero);
+  s.v_scale = half_ptr(v_scale);
+  s.v_zero = half_ptr(v_zero);
+  if (length.has_value()) {
+    TORCH_CHECK_TYPE(length->scalar_type() == at::kInt, "segment lengths must be int32");
+    s.length = opt_ptr<int32_t>(length);
+    s.length_stride_b = length->stride(0);
+    s.length_stride_h = length->stride(1);
+  }
+  if (pos.has_value()) {
+    TORCH_CHECK_TYPE(pos->scalar_type() == at::kInt, "cache positions must be int32");
+    s.pos32 = opt_ptr<int32_t>(pos);
+  }
+  s.ts = opt_ptr<int64_t>(ts);
+  s.pos_stride_b = k.size(1) * k.size(2);
+  s.pos_stride_h = k.size(2);
+  s.count = opt_ptr<float>(count);
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor> cuda_decode_attention(
+    const at::Tensor& q, const at::Tensor& q_lengths, const at::Tensor& num_targets, const at::Tensor& k_req,
+    const at::Tensor& v_req, const at::Tensor& k_lengths, const c10::optional<at::Tensor>& q_pos,
+    const c10::optional<at::Tensor>& q_ts, const c10::optional<at::Tensor>& k_pos,
+    const c10::optional<at::Tensor>& k_ts,
+    const c10::optional<at::Tensor>& cache_k, const c10::optional<at::Tensor>& cache_v, c10::string_view k_fmt,
+    c10::string_view v_fmt, c10::string_view k_axis, int64_t group_size, const c10::optional<at::Tensor>& k_scale,
+    const c10::optional<at::Tensor>& k_zero, const c10::optional<at::Tensor>& v_scale,
+    const c10::optional<at::Tensor>& v_zero, const c10::optional<at::Tensor>& cache_length,
+    const c10::optional<at::Tensor>& cache_pos, const c10::optional<at::Tensor>& cache_ts,
+    const c10::optional<at::Tensor>& cache_count, const c10::optional<at::Tensor>& res_k,
+    const c10::optional<at::Tensor>& res_v, const c10::optional<at::Tensor>& res_length,
+    const c10::optional<at::Tensor>& res_pos, const c10::optional<at::Tensor>& res_ts,
+    const c10::optional<at::Tensor>& res_count, const c10::optional<at::Tensor>& pos_bias,
+    const c10::optional<at::Tensor>& time_bias, const c10::optional<at::Tensor>& time_th,
+    const c10::optional<at::Tensor>& inv_n, double scale, c10::string_view kind, bool is_causal, int64_t span,
+    bool want_lse) {
+  TORCH_CHECK_VALUE(q.is_cuda() && q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 4,
+                    "q must be a contiguous float32 CUDA tensor [B, Hq, Lq, D]");
+  TORCH_CHECK_VALUE(k_req.scalar_type() == at::kFloat && v_req.scalar_type() == at::kFloat && k_req.dim() == 4,
+                    "request keys/values must be float32 [B, Hkv, Lq, D]");
+  TORCH_CHECK_TYPE(q_lengths.scalar_type() == at::kInt && num_targets.scalar_type() == at::kInt &&
+                   k_lengths.scalar_type() == at::kInt, "q_lengths / k_lengths / num_targets must be int32");
+  const std::string kind_s(kind);
+  TORCH_CHECK_VALUE(kind_s == "softmax" || kind_s == "hstu", "kind must be 'softmax' or 'hstu'");
+  const int64_t D = q.size(3);
+  TORCH_CHECK_VALUE(D >= 1 && D <= mc::kDecodeMaxHeadDim, "head_dim must be in [1, ", mc::kDecodeMaxHeadDim, "]");
+  TORCH_CHECK_VALUE(span > 0 && span % 32 == 0, "span must be a positive multiple of 32");
+  const c10::cuda::CUDAGuard guard(q.device());
+
+  mc::DecodeParams p;
+  p.batch = static_cast<int>(q.size(0));
+  p.num_heads = static_cast<int>(q.size(1));
+  p.max_q_len = static_cast<int>(q.size(2));
+  p.head_dim = static_cast<int>(D);
+  p.num_kv_heads = static_cast<int>(k_req.size(1));
+  p.scale = static_cast<float>(scale);
+  p.hstu = kind_s == "hstu";
+  p.is_causal = is_causal;
+  p.q = q.data_ptr<float>();
+  p.q_lengths = opt_ptr<int32_t>(q_lengths);
+  p.num_targets = opt_ptr<int32_t>(num_targets);
+  p.q_pos = opt_ptr<int64_t>(q_pos);
+  p.q_ts = opt_ptr<int64_t>(q_ts);
+  p.pos_bias = opt_ptr<float>(pos_bias);
+  p.num_pos = pos_bias.has_value() ? pos_bias->size(1) : 0;
+  p.time_bias = opt_ptr<float>(time_bias);
+  p.num_time = time_bias.has_value() ? time_bias->size(1) : 0;
+  p.time_th = opt_ptr<int64_t>(time_th);
+  p.inv_n = opt_ptr<float>(inv_n);
+  TORCH_CHECK_VALUE(!p.hstu || p.inv_n, "inv_n is required for kind='hstu'");
+  TORCH_CHECK_VALUE(!p.time_bias || (p.time_th && p.q_ts), "time_bias needs time_th and q_ts");
+
+  const std::string kf(k_fmt), vf(v_fmt);
+  if (cache_k.has_value()) {
+    p.seg[0] = segment(*cache_k, *cache_v, kf, vf, std::string(k_axis) == "channel", group_size, D, k_scale, k_zero,
+                       v_scale, v_zero, cache_length, cache_pos, cache_ts, cache_count);
+  }
+  if (res_k.has_value()) {
+    p.seg[1] = segment(*res_k, *res_v, "float", "float", false, 1, D, c10::nullopt, c10::nullopt, c10::nullopt,
+                       c10::nullopt, res_length, res_pos, res_ts, res_count);
+  }
+  p.seg[2] = segment(k_req, v_req, "float", "float", false, 1, D, c10::nullopt, c10::nullopt, c10::nullopt,
+                     c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt);
+  p.seg[2].is_request = true;
+  p.seg[2].length = opt_ptr<int32_t>(k_lengths);
+  p.seg[2].length_stride_b = 1;
+  p.seg[2].length_stride_h = 0;
+  p.seg[2].pos64 = opt_ptr<int64_t>(k_pos);
+  p.seg[2].ts = opt_ptr<int64_t>(k_ts);
+  p.seg[2].pos_stride_b = k_req.size(2);
+  p.seg[2].pos_stride_h = 0;
+  TORCH_CHECK_VALUE(!p.pos_bias || (p.q_pos && p.seg[2].pos64), "pos_bias needs q_pos and k_pos");
+  TORCH_CHECK_VALUE(!p.time_bias || p.seg[2].ts, "time_bias needs k_ts");
+  p.span = static_cast<int>(span);
+
+  int64_t acc_floats = 0, state_floats = 0;
+  mc::decode_plan(p, &acc_floats, &state_floats);
+  auto fopts = q.options();
+  auto part_acc = at::empty({acc_floats}, fopts);
+  auto part_ml = at::empty({2 * state_floats}, fopts);
+  auto out = at::empty(q.sizes(), fopts);
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, fopts);
+  p.part_acc = part_acc.data_ptr<float>();
+  p.part_m = part_ml.data_ptr<float>();
+  p.part_l = p.part_m + state_floats;
+  p.out = out.data_ptr<float>();
+  p.lse = want_lse ? lse.data_ptr<float>() : nullptr;
+  if (!want_lse) lse.fill_(-INFINITY);
+  check_cuda(mc::decode_attention(p, c10::cuda::getCurrentCUDAStream().stream()), "cuda decode_attention");
+  return std::make_tuple(out, lse);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(malloc_kernels, m) {
+  m.def("cuda_quantize_pack(Tensor x, Tensor length, str fmt, int group_size, str axis) -> (Tensor, Tensor, Tensor)");
+  m.def("cuda_decode_attention(Tensor q, Tensor q_lengths, Tensor num_targets, Tensor k_req, Tensor v_req, "
+        "Tensor k_lengths, Tensor? q_pos, Tensor? q_ts, Tensor? k_pos, Tensor? k_ts, Tensor? cache_k, "
+        "Tensor? cache_v, str k_fmt, str v_fmt, str k_axis, "
+        "int group_size, Tensor? k_scale, Tensor? k_zero, Tensor? v_scale, Tensor? v_zero, Tensor? cache_length, "
+        "Tensor? cache_pos, Tensor? cache_ts, Tensor? cache_count, Tensor? res_k, Tensor? res_v, "
+        "Tensor? res_length, Tensor? res_pos, Tensor? res_ts, Tensor? res_count, Tensor? pos_bias, "
+        "Tensor? time_bias, Tensor? time_th, Tensor? inv_n, float scale, str kind, bool is_causal, int span, "
+        "bool want_lse) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(malloc_kernels, CUDA, m) {
+  m.impl("cuda_quantize_pack", &cuda_quantize_pack);
+  m.impl("cuda_decode_attention", &cuda_decode_attention);
+}
