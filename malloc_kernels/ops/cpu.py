@@ -139,15 +139,16 @@ def _register_fakes():
                             hstu_norm, hstu_norm_const, return_lse, return_stats, stats_window):
         jagged = q_offsets is not None
         f32 = dict(dtype=torch.float32, device=query.device)
-        empty = query.new_empty((0,), dtype=torch.float32)
+        def empty():  # distinct tensors: custom-op outputs must not alias each other
+            return query.new_empty((0,), dtype=torch.float32)
         out = query.new_empty(query.shape, dtype=query.dtype)
         Hq = query.shape[1]
         Hkv = cache_k.shape[1] if cache_k is not None else key.shape[1]
         B = q_offsets.shape[0] - 1 if jagged else query.shape[0]
-        lse = empty
+        lse = empty()
         if return_lse:
             lse = torch.empty((query.shape[0], Hq), **f32) if jagged else torch.empty((B, Hq, query.shape[2]), **f32)
-        km = kwm = cm = cwm = rm = rwm = empty
+        km, kwm, cm, cwm, rm, rwm = (empty() for _ in range(6))
         if return_stats:
             if jagged:
                 kshape = (key.shape[0] if key is not None else 0, Hkv)
