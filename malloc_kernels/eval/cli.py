@@ -13,6 +13,9 @@ from .methods import VARIANTS
 from .runner import EvalConfig, run
 
 FULL_DATA = Path("..") / "shared" / "data" / "ml-1m"
+# The no-argument run trains 2 base models + these variants per architecture: one head-level and one
+# sequence-level row keep every MALLOC level in the quick tables while staying within minutes on 2 cores.
+QUICK_VARIANTS = ("mqa", "linformer")
 
 
 def _floats(s):
@@ -36,11 +39,13 @@ def build_parser():
     p.add_argument("--methods", type=_names, default=None, help="comma list of method labels (default: all)")
     p.add_argument("--budgets", type=_floats, default=(0.5, 0.25, 0.125), help="token ratios, e.g. 0.5,0.25")
     p.add_argument("--bits", type=_ints, default=(8, 4, 2), help="precision bit widths, e.g. 8,4,2")
-    p.add_argument("--variants", type=_names, default=tuple(VARIANTS),
-                   help=f"trained head/sequence variants (comma list of {','.join(VARIANTS)}; '' for none)")
+    p.add_argument("--variants", type=_names, default=None,
+                   help=f"trained head/sequence variants (comma list of {','.join(VARIANTS)}; '' for none; "
+                        f"default: {','.join(QUICK_VARIANTS)}, all with --full)")
     p.add_argument("--max-len", type=int, default=200)
     p.add_argument("--request-size", type=int, default=8)
-    p.add_argument("--users", type=int, default=None, help="evaluate a seeded sample of N test users")
+    p.add_argument("--users", type=int, default=None,
+                   help="evaluate a seeded sample of N test users (default: all; 1000 with --full)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--time-budget-min", type=float, default=0.0, help="training time cap per model (minutes)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -54,10 +59,12 @@ def build_parser():
 
 def config_from_args(args) -> EvalConfig:
     data = args.data or (str(FULL_DATA) if args.full else "ml-latest-small")
-    epochs = args.epochs if args.epochs is not None else (30 if args.full else 20)
+    epochs = args.epochs if args.epochs is not None else (30 if args.full else 15)
+    variants = args.variants if args.variants is not None else (tuple(VARIANTS) if args.full else QUICK_VARIANTS)
     return EvalConfig(data=data, models=args.model, methods=args.methods, budgets=args.budgets, bits=args.bits,
-                      variants=args.variants, max_len=args.max_len, request_size=args.request_size,
-                      users=args.users, batch_size=args.batch_size, epochs=epochs,
+                      variants=variants, max_len=args.max_len, request_size=args.request_size,
+                      users=args.users if args.users is not None else (1000 if args.full else None),
+                      batch_size=args.batch_size, epochs=epochs,
                       time_budget_min=args.time_budget_min, seed=args.seed, out=args.out, cache=args.cache,
                       progress=not args.no_progress)
 
