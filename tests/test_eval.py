@@ -25,8 +25,9 @@ def tiny_run(tmp_path_factory):
     data = out / "sequences.txt"
     data.write_text("\n".join(lines) + "\n")
     cfg = EvalConfig(data=str(data), models=("hstu", "sasrec"),
-                     methods=("int8", "kivi4", "kivi2", "int4", "int2", "h2o", "recent", "chunk", "h2o+kivi4", "mqa"),
-                     budgets=(1.0, 0.5, 0.25), bits=(8, 4, 2), variants=("mqa",), max_len=100, request_size=4,
+                     methods=("int8", "kivi4", "kivi2", "int4", "int2", "h2o", "recent", "chunk", "h2o+kivi4", "mqa",
+                              "msn"),
+                     budgets=(1.0, 0.5, 0.25), bits=(8, 4, 2), variants=("mqa", "msn"), max_len=100, request_size=4,
                      users=40, batch_size=20, d_model=16, n_layers=2, n_heads=2, epochs=1, out=str(out),
                      cache=str(out / "ckpt"), progress=False)
     result = run(cfg, log=lambda m: None)
@@ -98,6 +99,21 @@ def test_mqa_variant_stores_one_kv_head(tiny_run):
         assert mqa["bytes_per_user"] < native["bytes_per_user"]
 
 
+def test_msn_variant_row(tiny_run):
+    _, out, rows = tiny_run
+    for model in ("hstu", "sasrec"):
+        native, msn = _row(rows, model, "native", "100%"), _row(rows, model, "msn", "100%")
+        assert msn["level"] == "memory"
+        assert msn["memory_table_bytes"] > 0 == native["memory_table_bytes"]
+        assert msn["params"] > native["params"]
+        # the memory is per token: the KV cache is the native one
+        assert msn["bytes_per_user"] == native["bytes_per_user"]
+        assert msn["latency_ms"] > 0 and 0.0 <= msn["NDCG@10"] <= msn["HR@10"] <= 1.0
+    with open(out / "resources.csv") as f:
+        header = next(csv.reader(f))
+    assert "params" in header and "memory_table_bytes" in header
+
+
 def test_rerun_resumes_without_recomputing(tiny_run, monkeypatch):
     cfg, _, rows = tiny_run
     import malloc_kernels.eval.runner as runner
@@ -112,7 +128,7 @@ def test_rerun_resumes_without_recomputing(tiny_run, monkeypatch):
 
 def test_grid_covers_every_level():
     levels = {s.level for s in build_grid()}
-    assert {"baseline", "precision", "pruning", "merging", "hybrid", "head", "sequence"} <= levels
+    assert {"baseline", "precision", "pruning", "merging", "hybrid", "head", "sequence", "memory"} <= levels
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -25,13 +25,16 @@ VARIANTS = {
     "mla": ("head", {"heads": "mla"}),
     "linformer": ("sequence", {"seq_compress": "linformer"}),
     "beacon": ("sequence", {"seq_compress": "beacon"}),
+    # MSN product-key memory (arXiv 2602.07526) gated into the last layer; same cache as native, so its rows give
+    # the accuracy / parameters / memory-table bytes / latency with the memory next to the native row without it
+    "msn": ("memory", {"msn": True}),
 }
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     label: str                 # the table's method column
-    level: str                 # baseline / precision / pruning / merging / hybrid / head / sequence
+    level: str                 # baseline / precision / pruning / merging / hybrid / head / sequence / memory
     method: str = "none"       # compress() method
     budget: Optional[float] = None
     budget_label: str = "100%"

@@ -14,10 +14,10 @@ ACCURACY_METRICS = ("HR@10", "NDCG@10", "MRR", "GAUC")
 KEY_COLUMNS = ("dataset", "model", "level", "method", "budget")
 ACCURACY_COLUMNS = KEY_COLUMNS + ACCURACY_METRICS + tuple(f"d{m}" for m in ACCURACY_METRICS)
 RESOURCE_COLUMNS = KEY_COLUMNS + ("bytes_per_user", "ratio", "macs_per_request", "latency_ms",
-                                  "requests_per_s")
+                                  "requests_per_s", "params", "memory_table_bytes")
 
 COLUMN_HELP = {
-    "level": "MALLOC level: precision / pruning / merging / hybrid / head / sequence / baseline",
+    "level": "MALLOC level: precision / pruning / merging / hybrid / head / sequence / baseline; memory = MSN",
     "budget": "tokens kept (fraction of the cached history) or bits per stored number",
     "HR@10": "hit rate: target among the top 10 of all items",
     "NDCG@10": "normalised discounted cumulative gain of the target in the top 10",
@@ -29,6 +29,8 @@ COLUMN_HELP = {
     "macs_per_request": "analytic multiply-accumulates to serve one request over the cache (all layers)",
     "latency_ms": "measured wall time to serve one request batch (--batch-size users) on this machine",
     "requests_per_s": "measured throughput of requests on this machine",
+    "params": "trainable parameters of the served model (embeddings, layers, MSN memory tables)",
+    "memory_table_bytes": "bytes of the MSN product-key memories' value and sub-key tables (0 without memory)",
 }
 
 

@@ -96,8 +96,14 @@ def _split_request(batch, r: int):
 
 
 def dense_macs_per_token(model) -> int:
-    """MACs of the per-token dense work of all layers (every 2-D weight of ``model.layers`` is used once a token)."""
-    return int(sum(p.numel() for p in model.layers.parameters() if p.dim() == 2))
+    """MACs of the per-token dense work of all layers (every 2-D weight of ``model.layers`` is used once a token),
+    plus each MSN memory's sparse read: per head the sub-key scores (``2 * S * Dk/2``), the ``k x k`` candidate
+    sums, and the weighted gather of ``k`` value rows (``k * Dv``); the value table itself is not a dense weight."""
+    tables = {id(m.values) for m in model.memories()} if hasattr(model, "memories") else set()
+    macs = sum(p.numel() for p in model.layers.parameters() if p.dim() == 2 and id(p) not in tables)
+    for m in (model.memories() if hasattr(model, "memories") else ()):
+        macs += m.heads * (m.num_subkeys * m.key_dim + m.k * m.k + m.k * m.value_dim)
+    return int(macs)
 
 
 def request_macs(model, entries_per_layer: float, request_size: float) -> float:
@@ -247,7 +253,9 @@ def run(cfg: EvalConfig, log=print) -> dict:
         with open(partial, "a") as f:
             for s in todo:
                 row = {"run_key": run_key, "dataset": ds.name, "model": arch, "level": s.level, "method": s.label,
-                       "budget": s.budget_label, **results[s.key]}
+                       "budget": s.budget_label, **results[s.key],
+                       "params": sum(p.numel() for p in model.parameters()),
+                       "memory_table_bytes": model.memory_table_bytes()}
                 done[(arch, s.label, s.budget_label)] = row
                 f.write(json.dumps(row) + "\n")
         log(f"{arch}{'/' + variant if variant else ''}: {len(todo)} rows done")

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 ARCHS = ("hstu", "sasrec")
 HEAD_MODES = ("mha", "gqa", "mqa", "mla")
@@ -27,6 +28,15 @@ class ModelConfig:
     num_time_buckets: HSTU's time-bias table size (used only when timestamps are given). similarity/temperature:
     item scores are ``<h, e_item> / temperature`` of L2-normalised vectors (``"cosine"``) or raw dot products.
     train_request_len: for seq_compress models, the longest request (suffix) trained against a compressed history.
+
+    MSN product-key memory (``malloc_kernels.memory``; MSN, arXiv 2602.07526, over Lample et al. 2019):
+    msn: add a gated memory read to the layers in ``msn_layers`` (None = the last layer; negative indices count from
+    the end). msn_slots: memory rows M, a perfect square (M = S^2, S sub-keys per half). msn_heads / msn_key_dim /
+    msn_topk: memory heads, query width per head (even) and slots read per head (``msn_topk <= sqrt(M)``).
+    msn_sparse_grad: sparse COO gradient of the value table (trained with SparseAdam, ``train.py``). Where the
+    read enters each layer: ``layers.py`` (SASRec: gated around the FFN; HSTU: gated into the output update).
+    ``to_dict`` omits the ``msn_*`` fields when ``msn`` is off, so configs (and checkpoint keys) of models
+    without memory are unchanged by this option.
     """
 
     arch: str = "hstu"
@@ -48,6 +58,13 @@ class ModelConfig:
     similarity: str = "cosine"
     temperature: float = 0.05
     train_request_len: int = 16
+    msn: bool = False
+    msn_slots: int = 128 * 128
+    msn_heads: int = 4
+    msn_key_dim: int = 32
+    msn_topk: int = 32
+    msn_layers: Optional[Tuple[int, ...]] = None
+    msn_sparse_grad: bool = True
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -90,6 +107,45 @@ class ModelConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.num_time_buckets < 1:
             raise ValueError(f"num_time_buckets must be >= 1, got {self.num_time_buckets}")
+        self._validate_msn()
+
+    def _validate_msn(self):
+        if not isinstance(self.msn, bool):
+            raise ValueError(f"msn must be a bool, got {self.msn!r}")
+        if not isinstance(self.msn_sparse_grad, bool):
+            raise ValueError(f"msn_sparse_grad must be a bool, got {self.msn_sparse_grad!r}")
+        for name in ("msn_slots", "msn_heads", "msn_key_dim", "msn_topk"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        s = math.isqrt(self.msn_slots)
+        if s * s != self.msn_slots:
+            raise ValueError(f"msn_slots must be a perfect square (M = S^2 product keys), got {self.msn_slots}")
+        if self.msn_key_dim % 2:
+            raise ValueError(f"msn_key_dim must be even (two half-queries), got {self.msn_key_dim}")
+        if self.msn_topk > s:
+            raise ValueError(f"msn_topk must be <= sqrt(msn_slots) = {s}, got {self.msn_topk}")
+        if self.msn_layers is not None:
+            if isinstance(self.msn_layers, int) and not isinstance(self.msn_layers, bool):
+                self.msn_layers = (self.msn_layers,)
+            try:
+                layers = tuple(self.msn_layers)
+            except TypeError:
+                raise ValueError(f"msn_layers must be None or a sequence of layer indices, got {self.msn_layers!r}")
+            if not layers or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+                raise ValueError(f"msn_layers must be a non-empty sequence of ints, got {self.msn_layers!r}")
+            norm = sorted({i % self.n_layers for i in layers if -self.n_layers <= i < self.n_layers})
+            if len(norm) != len(set(layers)) or any(not -self.n_layers <= i < self.n_layers for i in layers):
+                raise ValueError(f"msn_layers must be distinct indices in [-{self.n_layers}, {self.n_layers}), "
+                                 f"got {self.msn_layers!r}")
+            self.msn_layers = tuple(norm)
+
+    @property
+    def memory_layers(self) -> Tuple[int, ...]:
+        """0-based indices of the layers with an MSN memory (empty when ``msn`` is off)."""
+        if not self.msn:
+            return ()
+        return self.msn_layers if self.msn_layers is not None else (self.n_layers - 1,)
 
     @property
     def cache_heads(self) -> int:
@@ -102,7 +158,13 @@ class ModelConfig:
         return self.latent_dim if self.heads == "mla" else self.head_dim
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.msn:  # keep configs (and checkpoint keys) of memory-free models as they were
+            for f in [f for f in d if f.startswith("msn")]:
+                d.pop(f)
+        elif d["msn_layers"] is not None:
+            d["msn_layers"] = list(d["msn_layers"])
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

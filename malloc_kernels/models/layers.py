@@ -23,6 +23,17 @@ twice: ``2 r`` numbers per token and layer versus ``2 H D`` for MHA), the query 
 all heads read kv head 0, i.e. MQA over the latent), the scale stays ``1/sqrt(D)``, and ``W_uv[h]`` is applied to
 the attention output. HSTU's pointwise weights are linear in ``v``, so the absorption is exact for both kinds. In
 HSTU the SiLU of ``phi_1`` is applied to the latent (not to ``k``/``v``), which keeps ``k``/``v`` linear in ``c``.
+
+MSN memory (``ModelConfig.msn``; MSN, arXiv 2602.07526: a product-key memory read gated into a host module with
+``g(x) * m + (1 - g(x)) * h``): in the layers of ``cfg.memory_layers``
+
+* SASRec: the host is the FFN, ``x'' = x' + Drop(g(z) * PKM(z) + (1 - g(z)) * FFN(z))`` with ``z = LN2(x')``
+  (``memory.MemoryAugmented`` around the FFN);
+* HSTU has no FFN; the host is the layer's output update ``h = f2(LayerNorm(A V) * U)``, and the memory reads the
+  same normalised input the projections see: ``x' = x + Drop(g(z) * PKM(z) + (1 - g(z)) * h)``, ``z = LN(x)``.
+
+Both reads depend only on the token's own layer input, so they are per-token like the FFN: cached serving (history
+in the KV cache, memory evaluated for the request tokens only) still reproduces the full recompute.
 """
 from __future__ import annotations
 
@@ -34,7 +45,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..memory import MemoryAugmented, MemoryGate, ProductKeyMemory
 from .config import ModelConfig
+
+
+def make_memory(cfg: ModelConfig) -> ProductKeyMemory:
+    """The MSN product-key memory of one layer, ``[..., d_model] -> [..., d_model]`` (ModelConfig ``msn_*``); slot
+    usage is tracked so training can report collapse (``SequentialRecommender.memory_usage``)."""
+    return ProductKeyMemory(cfg.d_model, cfg.d_model, num_subkeys=math.isqrt(cfg.msn_slots), heads=cfg.msn_heads,
+                            key_dim=cfg.msn_key_dim, k=cfg.msn_topk, sparse_grad=cfg.msn_sparse_grad,
+                            track_usage=True)
 
 
 @dataclass
@@ -116,7 +136,7 @@ class HSTULayer(nn.Module):
 
     kind = "hstu"
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, memory: bool = False):
         super().__init__()
         self.cfg = cfg
         self.norm = nn.LayerNorm(cfg.d_model)
@@ -126,6 +146,9 @@ class HSTULayer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.pos_bias = nn.Parameter(torch.randn(cfg.max_len) * 0.02)
         self.time_bias = nn.Parameter(torch.randn(cfg.num_time_buckets) * 0.02)
+        # MSN: memory read of LN(x) gated into the output update (module docstring)
+        self.memory = make_memory(cfg) if memory else None
+        self.memory_gate = MemoryGate(cfg.d_model, cfg.d_model) if memory else None
 
     def project(self, x):
         return self.qkv.project(self.norm(x))
@@ -138,7 +161,11 @@ class HSTULayer(nn.Module):
 
     def finish(self, x, a, p, cached: bool):
         a = self.qkv.output(a, cached)
-        return x + self.drop(self.out(self.attn_norm(a) * p.u))
+        h = self.out(self.attn_norm(a) * p.u)
+        if self.memory is not None:
+            z = self.norm(x)
+            h = self.memory_gate(z, self.memory(z), h)
+        return x + self.drop(h)
 
 
 class SASRecLayer(nn.Module):
@@ -150,7 +177,7 @@ class SASRecLayer(nn.Module):
     pos_bias = None
     time_bias = None
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, memory: bool = False):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
@@ -160,6 +187,8 @@ class SASRecLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d)
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_mult * d), nn.GELU(), nn.Dropout(cfg.dropout),
                                  nn.Linear(cfg.ffn_mult * d, d))
+        if memory:  # MSN: gated memory read around the FFN (module docstring)
+            self.ffn = MemoryAugmented(self.ffn, make_memory(cfg))
         self.drop = nn.Dropout(cfg.dropout)
 
     def project(self, x):

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..cache.types import KVCache
 from ..ops.layout import jagged_to_padded
+from ..memory import ProductKeyMemory
 from .config import ModelConfig
 from .layers import HSTULayer, SASRecLayer
 
@@ -110,7 +111,8 @@ class SequentialRecommender(nn.Module):
             self.item_emb.weight[0].zero_()
         self.pos_emb = nn.Embedding(cfg.max_len, d) if cfg.arch == "sasrec" else None
         layer_cls = HSTULayer if cfg.arch == "hstu" else SASRecLayer
-        self.layers = nn.ModuleList(layer_cls(cfg) for _ in range(cfg.n_layers))
+        mem = set(cfg.memory_layers)
+        self.layers = nn.ModuleList(layer_cls(cfg, memory=li in mem) for li in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(d) if cfg.arch == "sasrec" else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
@@ -121,6 +123,31 @@ class SequentialRecommender(nn.Module):
             self.lin_logits = nn.Parameter(torch.randn(cfg.n_layers, cfg.slots, cfg.max_len) * 0.02)
         if cfg.seq_compress == "beacon":
             self.beacon_emb = nn.Parameter(torch.randn(d) * d ** -0.5)
+
+    # ---- MSN memory ---------------------------------------------------------------------------------------------
+    def memories(self) -> List[ProductKeyMemory]:
+        """The MSN product-key memories of the layers (``cfg.memory_layers``), in layer order."""
+        return [m for m in self.layers.modules() if isinstance(m, ProductKeyMemory)]
+
+    def memory_table_bytes(self) -> int:
+        """Bytes of the memories' value tables ``[M, d]`` and (stored) sub-key tables; 0 without memory."""
+        total = 0
+        for m in self.memories():
+            for t in (m.values, m.subkeys, m.subkeys_raw, m.key_proj):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+        return total
+
+    def memory_usage(self, reset: bool = False) -> List[dict]:
+        """Slot usage of each memory since its last reset (``ProductKeyMemory.usage_stats``: fraction of slots
+        hit, KL of the selection distribution to uniform, queries, selections); ``reset`` zeroes the counts
+        after reading them."""
+        out = []
+        for m in self.memories():
+            out.append(m.usage_stats())
+            if reset:
+                m.reset_usage()
+        return out
 
     # ---- building blocks ----------------------------------------------------------------------------------------
     @property

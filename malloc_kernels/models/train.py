@@ -13,6 +13,14 @@ reuses) the checkpoint; ``--retrain`` ignores it. Batches group users of similar
 budget stops training mid-epoch; the checkpoint then records the completed epochs and the weights after the last step.
 
 Metrics: see ``metrics.py`` (full ranking over all items, only padding excluded).
+
+MSN memory (``--msn``, ``ModelConfig.msn``; MSN, arXiv 2602.07526): the memories' value tables get sparse COO
+gradients (only the rows read in the step) and are optimised by ``torch.optim.SparseAdam`` (lazy Adam: moments of
+untouched rows are not decayed, as for sparse embeddings); every other parameter by AdamW (``make_optimizer``).
+Gradient clipping includes the sparse gradients' values. Each epoch's curve point records the memories' slot usage
+over that epoch's training steps (``slot_usage``: fraction of slots hit, KL to uniform). The ML-1M comparison at
+equal training budget is the acceptance command above run twice, with and without ``--msn`` (same
+``--time-budget-min``): ``tools/msn_compare.py`` runs both and tabulates them.
 """
 from __future__ import annotations
 
@@ -66,6 +74,61 @@ class TrainConfig:
         return d
 
 
+class _Optimizers:
+    """AdamW over the dense parameters + SparseAdam over the sparse-gradient ones, driven as one optimiser."""
+
+    def __init__(self, dense, sparse):
+        self.dense, self.sparse = dense, sparse
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.dense.zero_grad(set_to_none=set_to_none)
+        self.sparse.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        self.dense.step()
+        self.sparse.step()
+
+    def state_dict(self) -> dict:
+        return {"dense": self.dense.state_dict(), "sparse": self.sparse.state_dict()}
+
+    def load_state_dict(self, state: dict):
+        self.dense.load_state_dict(state["dense"])
+        self.sparse.load_state_dict(state["sparse"])
+
+
+def make_optimizer(model: SequentialRecommender, train_cfg: "TrainConfig"):
+    """AdamW over all parameters; with sparse-gradient MSN value tables, SparseAdam over those and AdamW over the
+    rest (AdamW rejects sparse gradients; weight decay does not apply to the value tables)."""
+    sparse = [p for m in model.memories() for p in m.sparse_parameters()]
+    if not sparse:
+        return torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    ids = {id(p) for p in sparse}
+    dense = [p for p in model.parameters() if id(p) not in ids]
+    return _Optimizers(torch.optim.AdamW(dense, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay),
+                       torch.optim.SparseAdam(sparse, lr=train_cfg.lr))
+
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """``torch.nn.utils.clip_grad_norm_`` that also accepts sparse COO gradients: the global L2 norm counts each
+    sparse gradient's (coalesced) values; every gradient is scaled by ``min(1, max_norm / (norm + 1e-6))``."""
+    parameters = list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    if not any(g.is_sparse for g in grads):  # dense only: exactly torch's clipping
+        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    sq = torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        vals = g.coalesce().values() if g.is_sparse else g
+        sq += vals.detach().double().pow(2).sum()
+    norm = float(sq.sqrt())
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return norm
+
+
 def cache_dir(path: Optional[str] = None) -> Path:
     """``path``, else ``$MALLOC_CACHE``, else ``~/.cache/malloc_kernels``."""
     return Path(path or os.environ.get("MALLOC_CACHE") or Path.home() / ".cache" / "malloc_kernels").expanduser()
@@ -89,7 +152,7 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
     ckpt_path = cache_dir(cache) / "checkpoints" / f"{model_cfg.arch}-{key}.pt"
     torch.manual_seed(train_cfg.seed)
     model = SequentialRecommender(model_cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    opt = make_optimizer(model, train_cfg)
     curve, start_epoch, elapsed0 = [], 0, 0.0
     if use_cache and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -104,6 +167,7 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
     n_batches = math.ceil(n_train / train_cfg.batch_size)
     for epoch in range(start_epoch, train_cfg.epochs):
         model.train()
+        model.memory_usage(reset=True)  # slot usage is reported per epoch of training steps
         gen = torch.Generator().manual_seed(train_cfg.seed * 1_000_003 + epoch)
         total, count = 0.0, 0
         bar = tqdm(training_batches(split.train_sequences, split.train_timestamps, train_cfg.batch_size,
@@ -121,7 +185,7 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if train_cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+                clip_grad_norm(list(model.parameters()), train_cfg.grad_clip)
             opt.step()
             total += float(loss.detach()) * batch.batch_size
             count += batch.batch_size
@@ -131,6 +195,8 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
                 break
         point = {"epoch": epoch + 1 if not stopped else epoch + count / max(n_train, 1),
                  "train_loss": total / max(count, 1), "train_seconds": elapsed0 + time.perf_counter() - t0}
+        if model.memories():
+            point["slot_usage"] = model.memory_usage()
         if (epoch + 1) % train_cfg.eval_every == 0 or stopped or epoch + 1 == train_cfg.epochs:
             point["valid"] = evaluate(model, split.valid, batch_size=train_cfg.eval_batch_size, progress=progress,
                                       desc="valid")
@@ -146,7 +212,9 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
     report = {"dataset": dataset.name, "source": dataset.source, "n_users": dataset.n_users,
               "n_items": dataset.n_items, "model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
               "checkpoint": str(ckpt_path), "curve": curve, "test": test,
-              "train_seconds": curve[-1]["train_seconds"] if curve else 0.0, "threads": torch.get_num_threads()}
+              "train_seconds": curve[-1]["train_seconds"] if curve else 0.0, "threads": torch.get_num_threads(),
+              "params": sum(p.numel() for p in model.parameters()),
+              "memory_table_bytes": model.memory_table_bytes()}
     return model, report
 
 
@@ -169,6 +237,8 @@ def load_checkpoint(path) -> SequentialRecommender:
 
 def _fmt_point(p) -> str:
     s = f"epoch {p['epoch']:.2f} loss {p['train_loss']:.4f} time {p['train_seconds'] / 60:.1f} min"
+    for li, u in enumerate(p.get("slot_usage", ())):
+        s += f" | memory {li}: slots hit {u['fraction_hit']:.3f} KL-uniform {u['kl_to_uniform']:.3f}"
     if "valid" in p:
         v = p["valid"]
         s += f" | valid HR@10 {v['HR@10']:.4f} NDCG@10 {v['NDCG@10']:.4f} MRR {v['MRR']:.4f}"
@@ -193,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--temperature", type=float, default=0.05)
     ap.add_argument("--similarity", choices=("cosine", "dot"), default="cosine")
+    ap.add_argument("--msn", action="store_true",
+                    help="add the MSN product-key memory (gated into the last layer unless --msn-layers)")
+    ap.add_argument("--msn-slots", type=int, default=128 * 128, help="memory rows M (a perfect square)")
+    ap.add_argument("--msn-heads", type=int, default=4)
+    ap.add_argument("--msn-key-dim", type=int, default=32)
+    ap.add_argument("--msn-topk", type=int, default=32, help="slots read per memory head")
+    ap.add_argument("--msn-layers", type=int, nargs="+", default=None,
+                    help="layers with a memory (0-based, negative from the end; default: the last)")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -221,7 +299,9 @@ def main(argv=None) -> dict:
                        n_heads=args.n_heads, heads=args.heads, n_kv_heads=args.kv_heads, latent_dim=args.latent_dim,
                        seq_compress=None if args.seq_compress == "none" else args.seq_compress, slots=args.slots,
                        beacon_chunk=args.beacon_chunk, max_len=args.max_len, dropout=args.dropout,
-                       temperature=args.temperature, similarity=args.similarity)
+                       temperature=args.temperature, similarity=args.similarity, msn=args.msn,
+                       msn_slots=args.msn_slots, msn_heads=args.msn_heads, msn_key_dim=args.msn_key_dim,
+                       msn_topk=args.msn_topk, msn_layers=args.msn_layers)
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        num_negatives=args.negatives, full_softmax=args.full_softmax, seed=args.seed,
                        eval_every=args.eval_every, time_budget_min=args.time_budget_min,
