@@ -233,3 +233,24 @@ def eval_batches(examples: EvalExamples, batch_size: int, max_len: int) -> Itera
         hist = [h[-max_len:] for h in examples.histories[sl]]
         ts = None if examples.history_timestamps is None else [t[-max_len:] for t in examples.history_timestamps[sl]]
         yield make_jagged(hist, ts, targets=examples.targets[sl], users=examples.users[sl])
+
+
+def split_request(batch: JaggedBatch, request_len: int):
+    """Serving split of an evaluation batch: per user, (history prefix, request = the last ``request_len`` items).
+    A user with at most ``request_len`` items gets an empty history. Returns two ``JaggedBatch`` (no targets)."""
+    if request_len < 1:
+        raise ValueError(f"request_len must be >= 1, got {request_len}")
+    lens = batch.lengths.tolist()
+    items = batch.items.numpy()
+    ts = None if batch.timestamps is None else batch.timestamps.numpy()
+    hist, req, hist_ts, req_ts = [], [], [], []
+    for b, n in enumerate(lens):
+        o = int(batch.offsets[b])
+        cut = max(n - request_len, 0)
+        hist.append(items[o:o + cut])
+        req.append(items[o + cut:o + n])
+        if ts is not None:
+            hist_ts.append(ts[o:o + cut])
+            req_ts.append(ts[o + cut:o + n])
+    return (make_jagged(hist, hist_ts if ts is not None else None),
+            make_jagged(req, req_ts if ts is not None else None))

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import load_dataset
-from ..data.dataset import EvalExamples, eval_batches, make_jagged
+from ..data.dataset import EvalExamples, eval_batches, split_request
 from ..models.config import ModelConfig
 from ..models.metrics import rank_metrics, target_ranks
 from ..models.train import TrainConfig, train
@@ -75,24 +75,6 @@ class EvalConfig:
         for f in ("methods", "budgets", "bits", "variants", "out", "progress", "cache"):
             d.pop(f)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _split_request(batch, r: int):
-    """Per user: (history prefix, request = the last r items of the truncated history)."""
-    lens = batch.lengths.tolist()
-    items = batch.items.numpy()
-    ts = None if batch.timestamps is None else batch.timestamps.numpy()
-    hist, req, hts, rts = [], [], [], []
-    for b, n in enumerate(lens):
-        o = int(batch.offsets[b])
-        cut = max(n - r, 0)
-        hist.append(items[o:o + cut])
-        req.append(items[o + cut:o + n])
-        if ts is not None:
-            hts.append(ts[o:o + cut])
-            rts.append(ts[o + cut:o + n])
-    return (make_jagged(hist, hts if ts is not None else None),
-            make_jagged(req, rts if ts is not None else None))
 
 
 def dense_macs_per_token(model) -> int:
@@ -155,7 +137,7 @@ def evaluate_specs(model, examples: EvalExamples, specs: Sequence[MethodSpec], c
     n_batches = (len(examples) + cfg.batch_size - 1) // cfg.batch_size
     for batch in tqdm(eval_batches(examples, cfg.batch_size, cfg.max_len), total=n_batches, desc=desc,
                       disable=not cfg.progress, leave=False):
-        hist, req = _split_request(batch, cfg.request_size)
+        hist, req = split_request(batch, cfg.request_size)
         native, stats = model.encode_history(hist, return_stats=True, stats_window=cfg.request_size)
         for spec in specs:
             a = acc[spec.key]

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..data.dataset import EvalExamples, eval_batches, make_jagged
+from ..data.dataset import EvalExamples, eval_batches, split_request
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -68,17 +68,5 @@ def evaluate(model, examples: EvalExamples, *, max_len: Optional[int] = None, ba
 
 
 def _served_hidden(model, batch, request_len: int) -> torch.Tensor:
-    lens = (batch.offsets[1:] - batch.offsets[:-1]).tolist()
-    items = batch.items.numpy()
-    ts = None if batch.timestamps is None else batch.timestamps.numpy()
-    hist, req, hist_ts, req_ts = [], [], [], []
-    for b, n in enumerate(lens):
-        o = int(batch.offsets[b])
-        cut = max(n - request_len, 0)
-        hist.append(items[o:o + cut])
-        req.append(items[o + cut:o + n])
-        if ts is not None:
-            hist_ts.append(ts[o:o + cut])
-            req_ts.append(ts[o + cut:o + n])
-    caches = model.encode_history(make_jagged(hist, hist_ts if ts is not None else None))
-    return model.serve(make_jagged(req, req_ts if ts is not None else None), caches=caches)
+    hist, req = split_request(batch, request_len)
+    return model.serve(req, caches=model.encode_history(hist))
