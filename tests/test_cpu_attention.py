@@ -254,3 +254,18 @@ def test_supports_reasons():
     assert not ok and "float64" in why
     ok, why = cpu.supports(validate_call(q, k, v, attn_mask=torch.ones(3, 3, dtype=torch.bool)))
     assert not ok and "attn_mask" in why
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("D,hq,hkv", [(64, 4, 4), (64, 4, 2), (32, 2, 2), (40, 2, 2)])
+def test_decode_rows_from_codes(fmt, D, hq, hkv):
+    # Lq = 1 with 1-2 query heads per kv head takes the decode path (scores and P V straight from the codes).
+    q, k, v, hk, hv = _data(2, hq, hkv, 1, 97, D, seed=D + hq)
+    cache = mk.compress(hk, hv, fmt, lengths=torch.tensor([97, 61]))
+    for kind in ("softmax", "hstu"):
+        kw = dict(is_causal=True, kind=kind, return_stats=True, return_lse=kind == "softmax")
+        got, want = _run_both(q, k, v, cache, **kw)
+        _close(got.output, want.output)
+        if kind == "softmax":
+            _close(got.lse, want.lse)
+        _close(got.stats.cache_mass, want.stats.cache_mass)

@@ -317,12 +317,76 @@ inline void exp_inplace(float* x, int n) {
   for (; i < n; ++i) x[i] = std::exp(x[i]);
 }
 
+#ifdef MK_ISA_AVX2
+// Decode-sized rows (R <= 2): scores straight from packed codes, S[r][j] = <Q[r], code_j> + add[r]. Each code chunk
+// is expanded in registers and consumed by the FMA at once, so no float tile is written or re-read (D % 8 == 0).
+template <Fmt F>
+inline void qk_codes(const float* Q, int ldq, int R, const uint8_t* K, int64_t rb, int n, int D, float* S, int lds,
+                     const float* add) {
+  const int nc = D / 8;
+  for (int r = 0; r < R; ++r) {
+    const float* q = Q + int64_t(r) * ldq;
+    float* s = S + int64_t(r) * lds;
+    const float a = add ? add[r] : 0.f;
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const uint8_t* k0 = K + j * rb;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int c = 0; c < nc; ++c) {
+        const __m256 qv = _mm256_loadu_ps(q + 8 * c);
+        a0 = _mm256_fmadd_ps(qv, raw8<F>(k0, c), a0);
+        a1 = _mm256_fmadd_ps(qv, raw8<F>(k0 + rb, c), a1);
+        a2 = _mm256_fmadd_ps(qv, raw8<F>(k0 + 2 * rb, c), a2);
+        a3 = _mm256_fmadd_ps(qv, raw8<F>(k0 + 3 * rb, c), a3);
+      }
+      _mm_storeu_ps(s + j, _mm_add_ps(hsum4(a0, a1, a2, a3), _mm_set1_ps(a)));
+    }
+    for (; j < n; ++j) {
+      __m256 a0 = _mm256_setzero_ps();
+      for (int c = 0; c < nc; ++c) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), raw8<F>(K + j * rb, c), a0);
+      s[j] = hsum(a0) + a;
+    }
+  }
+}
+
+// Decode-sized rows: O[r] += sum_j P[r][j] * (code_j * s_jg + z_jg) with token-axis groups of gs channels, the
+// value scale folded into the weight (p_j * s_jg) and the zero point summed once per group (sum_j p_j z_jg), so the
+// value tile is never materialised. sf/zf: the block's scales/zeros as floats [n][D/gs] (zf null: no zero point);
+// D == 8 * NC so the NC accumulators stay in registers. pw: scratch of n * D/gs floats.
+template <Fmt F, int NC>
+inline void pv_codes(const float* P, int ldp, int R, int n, const uint8_t* V, int64_t rb, int gs, const float* sf,
+                     const float* zf, float* O, int ldo, float* pw) {
+  const int ngr = 8 * NC / gs;
+  int gmap[NC];
+  for (int c = 0; c < NC; ++c) gmap[c] = 8 * c / gs;
+  for (int r = 0; r < R; ++r) {
+    const float* p = P + int64_t(r) * ldp;
+    float* o = O + int64_t(r) * ldo;
+    float zs[NC];
+    for (int g = 0; g < ngr; ++g) zs[g] = 0.f;
+    for (int j = 0; j < n; ++j)
+      for (int g = 0; g < ngr; ++g) {
+        pw[j * ngr + g] = p[j] * sf[j * ngr + g];
+        if (zf) zs[g] += p[j] * zf[j * ngr + g];
+      }
+    __m256 acc[NC];
+    for (int c = 0; c < NC; ++c) acc[c] = _mm256_add_ps(_mm256_loadu_ps(o + 8 * c), _mm256_set1_ps(zs[gmap[c]]));
+    for (int j = 0; j < n; ++j) {
+      const uint8_t* row = V + j * rb;
+      const float* w = pw + j * ngr;
+      for (int c = 0; c < NC; ++c) acc[c] = _mm256_fmadd_ps(_mm256_broadcast_ss(w + gmap[c]), raw8<F>(row, c), acc[c]);
+    }
+    for (int c = 0; c < NC; ++c) _mm256_storeu_ps(o + 8 * c, acc[c]);
+  }
+}
+#endif
+
 // ---- the kernel ------------------------------------------------------------------------------------------------
 enum SegId { SEG_CACHE = 0, SEG_RES = 1, SEG_REQ = 2 };
 
 struct Scratch {
   std::vector<float> Q, Qs, O, S, Kt, Vt, m, l, zb, cs, cz, nrm;
-  std::vector<float> lse, inw;
+  std::vector<float> lse, inw, vs, vz, pw;
   std::vector<int64_t> qi, qh, qpos, qts;
   void init(int Dp, int Rcap) {
     Q.assign(size_t(Rcap) * Dp, 0.f); Qs.assign(size_t(Rcap) * Dp, 0.f); O.assign(size_t(Rcap) * Dp, 0.f);
@@ -330,6 +394,7 @@ struct Scratch {
     m.assign(Rcap, 0.f); l.assign(Rcap, 0.f); zb.assign(Rcap, 0.f); nrm.assign(Rcap, 0.f);
     lse.assign(Rcap, 0.f); inw.assign(Rcap, 0.f);
     cs.assign(Dp, 0.f); cz.assign(Dp, 0.f);
+    vs.assign(size_t(KB) * Dp, 0.f); vz.assign(size_t(KB) * Dp, 0.f); pw.assign(size_t(KB) * Dp, 0.f);
     qi.assign(Rcap, 0); qh.assign(Rcap, 0); qpos.assign(Rcap, 0); qts.assign(Rcap, 0);
   }
 };
@@ -381,8 +446,9 @@ class Kernel {
     const int64_t bh = b * p_.Hkv + h;
     const float* Qeff = sc.Q.data();
     const float* add = nullptr;
-    const float* K;
-    int64_t ldk;
+    const float* K = nullptr;
+    int64_t ldk = 0;
+    bool fused = false;
     if (seg == SEG_REQ) {
       const char* base = static_cast<const char*>(p_.k.p);
       const size_t eb = p_.kv_dtype == DType::F32 ? 4 : 2;
@@ -417,14 +483,39 @@ class Kernel {
           const float* q = sc.Q.data() + int64_t(r) * Dp_;
           float* qs = sc.Qs.data() + int64_t(r) * Dp_;
           float zacc = 0.f;
-          for (int d = 0; d < D_; ++d) { qs[d] = q[d] * sc.cs[d]; zacc += q[d] * sc.cz[d]; }
+          int d0 = 0;
+#ifdef MK_ISA_AVX2
+          __m256 za = _mm256_setzero_ps();
+          for (; d0 + 8 <= D_; d0 += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + d0);
+            _mm256_storeu_ps(qs + d0, _mm256_mul_ps(qv, _mm256_loadu_ps(sc.cs.data() + d0)));
+            za = _mm256_fmadd_ps(qv, _mm256_loadu_ps(sc.cz.data() + d0), za);
+          }
+          zacc = hsum(za);
+#endif
+          for (int d = d0; d < D_; ++d) { qs[d] = q[d] * sc.cs[d]; zacc += q[d] * sc.cz[d]; }
           for (int d = D_; d < Dp_; ++d) qs[d] = 0.f;
           sc.zb[r] = zacc;
         }
         Qeff = sc.Qs.data();
         add = sc.zb.data();
-        decode_rows_rt(sg.k_fmt, row0, rb, n, D_, Dp_, sc.Kt.data(), 0, nullptr, nullptr, 0);
-        K = sc.Kt.data(); ldk = Dp_;
+#ifdef MK_ISA_AVX2
+        if (R <= 2 && Dp_ == D_) {
+          // Decode-sized: dot products straight from the codes (no float tile).
+          float* S = sc.S.data();
+          switch (sg.k_fmt) {
+            case Fmt::INT4: qk_codes<Fmt::INT4>(Qeff, Dp_, R, row0, rb, n, D_, S, KB, add); break;
+            case Fmt::INT2: qk_codes<Fmt::INT2>(Qeff, Dp_, R, row0, rb, n, D_, S, KB, add); break;
+            case Fmt::INT8: qk_codes<Fmt::INT8>(Qeff, Dp_, R, row0, rb, n, D_, S, KB, add); break;
+            default: qk_codes<Fmt::FP8>(Qeff, Dp_, R, row0, rb, n, D_, S, KB, add); break;
+          }
+          fused = true;
+        }
+#endif
+        if (!fused) {
+          decode_rows_rt(sg.k_fmt, row0, rb, n, D_, Dp_, sc.Kt.data(), 0, nullptr, nullptr, 0);
+          K = sc.Kt.data(); ldk = Dp_;
+        }
       } else {
         const int64_t ngr = D_ / sg.group_size;
         const uint16_t* s16 = sg.k_scale + (bh * sg.capacity + j0) * ngr;
@@ -434,7 +525,7 @@ class Kernel {
       }
     }
     float* S = sc.S.data();
-    qk_dots(Qeff, Dp_, R, K, ldk, n, Dp_, S, KB, add);
+    if (!fused) qk_dots(Qeff, Dp_, R, K, ldk, n, Dp_, S, KB, add);
 
     // counts
     const float* c = nullptr;
@@ -487,6 +578,43 @@ class Kernel {
       e = std::min<int64_t>(e, (j0 / gs + 1) * gs);
     }
     *n = int(e - j0);
+  }
+
+  // Decode-sized rows over a quantized cache block: O += P V straight from the value codes (pv_codes). Returns
+  // false (nothing done) when the shape or format needs the tile path.
+  bool values_fused(Scratch& sc, int seg, int64_t b, int64_t h, int64_t j0, int n, int R) const {
+#ifdef MK_ISA_AVX2
+    if (seg != SEG_CACHE || R > 2 || Dp_ != D_ || (D_ != 64 && D_ != 32)) return false;
+    const Segment& sg = p_.cache;
+    const bool quant = sg.v_fmt == Fmt::INT8 || sg.v_fmt == Fmt::INT4 || sg.v_fmt == Fmt::INT2 || sg.v_fmt == Fmt::FP8;
+    if (!quant || sg.group_size % 8 != 0) return false;
+    const int64_t bh = b * p_.Hkv + h;
+    const int64_t rb = row_bytes(sg.v_fmt, D_);
+    const int ngr = D_ / sg.group_size;
+    const uint8_t* row0 = static_cast<const uint8_t*>(sg.v) + (bh * sg.capacity + j0) * rb;
+    float* sf = sc.vs.data();
+    float* zf = sg.v_zero ? sc.vz.data() : nullptr;
+    halves_to_floats(sg.v_scale + (bh * sg.capacity + j0) * ngr, n * ngr, sf);
+    if (zf) halves_to_floats(sg.v_zero + (bh * sg.capacity + j0) * ngr, n * ngr, zf);
+    const float* P = sc.S.data();
+    float* O = sc.O.data();
+    float* pw = sc.pw.data();
+    const int gs = sg.group_size;
+#define MK_PV(FM)                                                                              \
+  if (D_ == 64) pv_codes<FM, 8>(P, KB, R, n, row0, rb, gs, sf, zf, O, Dp_, pw);                \
+  else pv_codes<FM, 4>(P, KB, R, n, row0, rb, gs, sf, zf, O, Dp_, pw);
+    switch (sg.v_fmt) {
+      case Fmt::INT4: MK_PV(Fmt::INT4) break;
+      case Fmt::INT2: MK_PV(Fmt::INT2) break;
+      case Fmt::INT8: MK_PV(Fmt::INT8) break;
+      default: MK_PV(Fmt::FP8) break;
+    }
+#undef MK_PV
+    return true;
+#else
+    (void)sc; (void)seg; (void)b; (void)h; (void)j0; (void)n; (void)R;
+    return false;
+#endif
   }
 
   void values(Scratch& sc, int seg, int64_t b, int64_t h, int64_t j0, int n, const float** V, int64_t* ldv) const {
@@ -577,6 +705,7 @@ class Kernel {
             for (int j = 0; j < n; ++j) s[j] = s[j] == NEG_INF ? 0.f : cnt[j] * s[j] / (1.f + e[j]);
           }
         }
+        if (values_fused(sc, seg, b, h, j0, n, R)) continue;
         const float* V; int64_t ldv;
         values(sc, seg, b, h, j0, n, &V, &ldv);
         pv_accum(S, KB, R, n, V, ldv, Dp_, sc.O.data(), Dp_);
