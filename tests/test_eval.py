@@ -25,7 +25,7 @@ def tiny_run(tmp_path_factory):
     data = out / "sequences.txt"
     data.write_text("\n".join(lines) + "\n")
     cfg = EvalConfig(data=str(data), models=("hstu", "sasrec"),
-                     methods=("int8", "kivi4", "kivi2", "int4", "int2", "h2o", "recent", "chunk", "h2o+kivi4", "mqa",
+                     methods=("int8", "kivi4", "kivi2", "int4", "int2", "h2o", "tova", "recent", "chunk", "h2o+kivi4", "mqa",
                               "msn"),
                      budgets=(1.0, 0.5, 0.25), bits=(8, 4, 2), variants=("mqa", "msn"), max_len=100, request_size=4,
                      users=40, batch_size=20, d_model=16, n_layers=2, n_heads=2, epochs=1, out=str(out),

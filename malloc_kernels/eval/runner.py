@@ -118,6 +118,10 @@ def _compress_caches(model, native, stats, spec: MethodSpec, seed: int):
     return out
 
 
+def _scored_by_last_query(spec: MethodSpec) -> bool:
+    return spec.method.split("+")[0] == "tova"
+
+
 def _stored_entries(caches) -> torch.Tensor:
     """Mean stored entries per (user, kv head), per layer, for the MACs model: [B]."""
     per_layer = []
@@ -139,6 +143,9 @@ def evaluate_specs(model, examples: EvalExamples, specs: Sequence[MethodSpec], c
                       disable=not cfg.progress, leave=False):
         hist, req = split_request(batch, cfg.request_size)
         native, stats = model.encode_history(hist, return_stats=True, stats_window=cfg.request_size)
+        # TOVA scores by the LAST query alone, so it needs the history's statistics with a window of 1.
+        last_query_stats = (model.encode_history(hist, return_stats=True, stats_window=1)[1]
+                            if any(_scored_by_last_query(s) for s in specs) else None)
         for spec in specs:
             a = acc[spec.key]
             if spec.recompute:
@@ -148,7 +155,8 @@ def evaluate_specs(model, examples: EvalExamples, specs: Sequence[MethodSpec], c
                 nbytes = torch.zeros(batch.batch_size, dtype=torch.float64)
                 entries = torch.zeros(batch.batch_size, dtype=torch.float64)
             else:
-                caches = _compress_caches(model, native, stats, spec, cfg.seed)
+                caches = _compress_caches(model, native, last_query_stats if _scored_by_last_query(spec) else stats,
+                                          spec, cfg.seed)
                 t0 = time.perf_counter()
                 h = model.serve(req, caches=caches)
                 a.seconds += time.perf_counter() - t0
