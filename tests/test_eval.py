@@ -149,3 +149,25 @@ def test_bad_configuration_is_rejected(argv, match, tmp_path):
 def test_pareto_front():
     pts = [(1.0, 0.1), (2.0, 0.3), (3.0, 0.2), (4.0, 0.4), (0.5, 0.05)]
     assert pareto_front(pts) == [4, 0, 1, 3]
+
+
+def test_full_recipe_matches_the_acceptance_training_and_flags_override():
+    full = config_from_args(build_parser().parse_args(["--full"]))
+    assert (full.epochs, full.full_softmax, full.schedule, full.warmup_steps, full.uptrain_epochs) == \
+        (24, True, "cosine", 100, 3)
+    assert full.time_budget_min == 45.0 and full.users == 1000
+    quick = config_from_args(build_parser().parse_args(["--loss", "full", "--uptrain-epochs", "2"]))
+    assert quick.full_softmax and quick.uptrain_epochs == 2 and quick.schedule == "constant" and quick.epochs == 15
+
+
+def test_uptrained_variant_starts_from_the_base(tiny_run, tmp_path):
+    cfg, _, _ = tiny_run
+    import dataclasses
+    up = dataclasses.replace(cfg, methods=("mqa", "linformer"), variants=("mqa", "linformer"), models=("hstu",),
+                             uptrain_epochs=1, out=str(tmp_path))
+    result = run(up, log=lambda m: None)
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    for variant in ("mqa", "linformer"):
+        assert meta["training"][f"hstu/{variant}"]["init_from"].startswith("hstu-"), meta["training"]
+        assert _row(result["rows"], "hstu", variant, "100%")["NDCG@10"] >= 0.0
+    assert meta["training"]["hstu/base"]["init_from"] == ""

@@ -37,7 +37,12 @@ from .report import write_outputs
 
 @dataclass
 class EvalConfig:
-    """One harness run. ``users``: evaluate a seeded sample of this many test users (None = all)."""
+    """One harness run. ``users``: evaluate a seeded sample of this many test users (None = all).
+    ``epochs``/``time_budget_min``/``full_softmax``/``schedule``/``warmup_steps``: the training recipe of the base
+    models (``models.train.TrainConfig``). ``uptrain_epochs``: > 0 warm-starts the head- and sequence-level variants
+    from the trained base and fine-tunes them for this many epochs (``models.uptrain``, GQA-paper uptraining);
+    0 trains them from scratch with the base recipe. The memory (MSN) variant always trains from scratch with the
+    base recipe, so its row compares the two at equal training budget."""
 
     data: str = "ml-latest-small"
     models: Sequence[str] = ("hstu", "sasrec")
@@ -54,6 +59,10 @@ class EvalConfig:
     n_heads: int = 2
     epochs: int = 20
     time_budget_min: float = 0.0
+    full_softmax: bool = False
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    uptrain_epochs: int = 0
     seed: int = 0
     out: str = "results"
     cache: Optional[str] = None
@@ -199,6 +208,14 @@ def _model_config(cfg: EvalConfig, arch: str, n_items: int, overrides: dict) -> 
                        max_len=cfg.max_len, **overrides)
 
 
+def _train_base(ds, cfg: EvalConfig, arch: str, train_cfg: TrainConfig, bases: dict):
+    """``(model, report)`` of the base model of ``arch`` (trained once per run, or loaded from its checkpoint)."""
+    if arch not in bases:
+        bases[arch] = train(ds, _model_config(cfg, arch, ds.n_items, {}), train_cfg, cache=cfg.cache,
+                            progress=cfg.progress, log=lambda m: None)
+    return bases[arch]
+
+
 def _load_done(path: Path, run_key: str) -> dict:
     done = {}
     if path.is_file():
@@ -222,8 +239,9 @@ def run(cfg: EvalConfig, log=print) -> dict:
     run_key = cfg.run_key()
     partial = out / "rows.jsonl"
     done = _load_done(partial, run_key)
-    train_cfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed, time_budget_min=cfg.time_budget_min)
-    trained = {}
+    train_cfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed, time_budget_min=cfg.time_budget_min,
+                            full_softmax=cfg.full_softmax, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps)
+    trained, bases = {}, {}
     log(f"{ds!r}: {len(examples)} test users, {len(grid)} rows per model, results in {out}")
 
     groups = [(arch, None, [s for s in grid if s.variant is None]) for arch in cfg.models]
@@ -234,8 +252,17 @@ def run(cfg: EvalConfig, log=print) -> dict:
             continue
         overrides = {} if variant is None else VARIANTS[variant][1]
         model_cfg = _model_config(cfg, arch, ds.n_items, overrides)
-        model, report = train(ds, model_cfg, train_cfg, cache=cfg.cache, progress=cfg.progress,
-                              log=lambda m: None)
+        if variant is not None and cfg.uptrain_epochs and VARIANTS[variant][0] in ("head", "sequence"):
+            base_model, base_report = _train_base(ds, cfg, arch, train_cfg, bases)
+            up_cfg = dataclasses.replace(train_cfg, epochs=cfg.uptrain_epochs,
+                                         init_from=Path(base_report["checkpoint"]).stem)
+            model, report = train(ds, model_cfg, up_cfg, cache=cfg.cache, progress=cfg.progress,
+                                  log=lambda m: None, init_model=base_model)
+        elif variant is None:
+            model, report = _train_base(ds, cfg, arch, train_cfg, bases)
+        else:
+            model, report = train(ds, model_cfg, train_cfg, cache=cfg.cache, progress=cfg.progress,
+                                  log=lambda m: None)
         trained[(arch, variant)] = report
         if variant is not None:  # a trained variant is served over its own native cache
             todo = [dataclasses.replace(s, method="none") for s in todo]
@@ -256,7 +283,8 @@ def run(cfg: EvalConfig, log=print) -> dict:
     meta = {"config": dataclasses.asdict(cfg), "run_key": run_key, "dataset": repr(ds),
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "processor": platform.processor(), "threads": torch.get_num_threads(),
-            "training": {f"{a}/{v or 'base'}": {"test": r["test"], "train_seconds": r["train_seconds"]}
+            "training": {f"{a}/{v or 'base'}": {"test": r["test"], "train_seconds": r["train_seconds"],
+                                                 "init_from": r["train"].get("init_from", "")}
                          for (a, v), r in trained.items()}}
     paths = write_outputs(rows, out, meta)
     return {"paths": paths, "rows": rows}

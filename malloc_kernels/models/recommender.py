@@ -412,7 +412,10 @@ class SequentialRecommender(nn.Module):
         if h.shape[0] == 0:
             return hidden.sum() * 0.0
         if full_softmax:
-            return F.cross_entropy(self.score_all_items(h)[:, 1:], t - 1)
+            # temperature folded into the (small) item matrix and padding row 0 left out of it, so the big
+            # [tokens, n_items] logit matrix is written once and read once by the fused log-softmax
+            items = self._normed(self.item_emb.weight[1:]) / self.cfg.temperature
+            return F.cross_entropy(self._normed(h) @ items.t(), t - 1)
         negs = torch.randint(1, self.cfg.n_items + 1, (num_negatives,), generator=generator)
         hn = self._normed(h)
         pos = (hn * self._normed(self.item_emb(t))).sum(-1, keepdim=True)

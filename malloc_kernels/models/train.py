@@ -43,6 +43,7 @@ from ..data import SequenceDataset, load_dataset, training_batches
 from .config import ModelConfig
 from .metrics import evaluate
 from .recommender import SequentialRecommender
+from .uptrain import warm_start
 
 
 @dataclass
@@ -50,7 +51,10 @@ class TrainConfig:
     """Optimisation settings. ``request_len``: for seq_compress models the longest served suffix trained against
     the compressed history (each batch draws r uniformly in [1, request_len]); 0 = the model's
     ``train_request_len``. ``bucket``: length-bucketing window in batches (0 = plain shuffle).
-    ``time_budget_min``: stop after this many minutes (0 = no limit)."""
+    ``time_budget_min``: stop after this many minutes (0 = no limit). ``schedule``: ``"constant"`` learning rate,
+    or ``"cosine"``: linear warm-up over ``warmup_steps`` then cosine decay to 0 at the end of epoch ``epochs`` (the
+    epoch count then shapes the weights, so it joins the checkpoint key). ``init_from``: name of the base checkpoint
+    a variant is warm-started from (``uptrain.warm_start``; "" = from scratch); part of the checkpoint key."""
 
     epochs: int = 20
     batch_size: int = 32
@@ -65,13 +69,36 @@ class TrainConfig:
     request_len: int = 0
     bucket: int = 8
     grad_clip: float = 1.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    init_from: str = ""
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
     def key_fields(self) -> dict:
         """Fields that change the trained weights (what the checkpoint key hashes)."""
         d = dataclasses.asdict(self)
-        for f in ("eval_every", "eval_batch_size", "time_budget_min", "epochs"):
+        for f in ("eval_every", "eval_batch_size", "time_budget_min"):
             d.pop(f)
+        if self.schedule == "constant":  # keeps pre-schedule checkpoint keys; epochs only bound a constant run
+            for f in ("epochs", "schedule", "warmup_steps"):
+                d.pop(f)
+        if not self.init_from:
+            d.pop("init_from")
         return d
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """Learning rate of optimiser step ``step`` (0-based) of ``total_steps``."""
+        if self.schedule == "constant":
+            return self.lr
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        frac = (step - self.warmup_steps) / max(total_steps - self.warmup_steps, 1)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
 
 
 class _Optimizers:
@@ -79,6 +106,7 @@ class _Optimizers:
 
     def __init__(self, dense, sparse):
         self.dense, self.sparse = dense, sparse
+        self.param_groups = dense.param_groups + sparse.param_groups
 
     def zero_grad(self, set_to_none: bool = True):
         self.dense.zero_grad(set_to_none=set_to_none)
@@ -142,9 +170,13 @@ def checkpoint_key(model_cfg: ModelConfig, train_cfg: TrainConfig, data_fingerpr
 
 def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConfig = TrainConfig(), *,
           cache: Optional[str] = None, use_cache: bool = True, progress: bool = True,
-          log: Callable[[str], None] = print):
+          log: Callable[[str], None] = print, init_model: Optional[SequentialRecommender] = None):
     """Train (or resume / reuse a cached checkpoint) and evaluate. Returns ``(model, report)``; ``report`` holds
-    the config, the per-epoch curve (train loss, validation metrics, elapsed seconds) and the final test metrics."""
+    the config, the per-epoch curve (train loss, validation metrics, elapsed seconds) and the final test metrics.
+    ``init_model``: a trained base model to warm-start from (``uptrain.warm_start``); then ``train_cfg.init_from``
+    must name it (e.g. its checkpoint file name), which keys the variant's checkpoint."""
+    if (init_model is None) != (not train_cfg.init_from):
+        raise ValueError("init_model and train_cfg.init_from must be given together")
     if model_cfg.n_items != dataset.n_items:
         model_cfg = dataclasses.replace(model_cfg, n_items=dataset.n_items)
     split = dataset.split()
@@ -152,6 +184,9 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
     ckpt_path = cache_dir(cache) / "checkpoints" / f"{model_cfg.arch}-{key}.pt"
     torch.manual_seed(train_cfg.seed)
     model = SequentialRecommender(model_cfg)
+    if init_model is not None:
+        fresh = warm_start(model, init_model)
+        log(f"warm start from {train_cfg.init_from}; fresh parameters: {', '.join(fresh) or 'none'}")
     opt = make_optimizer(model, train_cfg)
     curve, start_epoch, elapsed0 = [], 0, 0.0
     if use_cache and ckpt_path.is_file():
@@ -165,6 +200,9 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
     stopped = False
     n_train = sum(1 for s in split.train_sequences if len(s) >= 2)
     n_batches = math.ceil(n_train / train_cfg.batch_size)
+    total_steps = n_batches * train_cfg.epochs
+    if train_cfg.time_budget_min and elapsed0 >= 60 * train_cfg.time_budget_min:
+        start_epoch = train_cfg.epochs  # a checkpoint that used up the budget is reused as it is
     for epoch in range(start_epoch, train_cfg.epochs):
         model.train()
         model.memory_usage(reset=True)  # slot usage is reported per epoch of training steps
@@ -175,7 +213,9 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
                                     bucket=train_cfg.bucket),
                    total=n_batches, desc=f"epoch {epoch + 1}/{train_cfg.epochs}", disable=not progress,
                    leave=False)
-        for batch in bar:
+        for step_in_epoch, batch in enumerate(bar):
+            for group in opt.param_groups:
+                group["lr"] = train_cfg.lr_at(epoch * n_batches + step_in_epoch, total_steps)
             r = None
             if model_cfg.seq_compress is not None:
                 r = int(torch.randint(1, req_max + 1, (1,), generator=gen))
@@ -275,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                    help="learning-rate schedule (cosine: warm-up then decay to 0 at the last epoch)")
+    ap.add_argument("--warmup-steps", type=int, default=0)
+    ap.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                    help="warm-start a head/sequence variant from this trained base checkpoint (uptraining)")
     ap.add_argument("--negatives", type=int, default=128)
     ap.add_argument("--full-softmax", action="store_true", help="full softmax loss instead of sampled softmax")
     ap.add_argument("--seed", type=int, default=0)
@@ -305,9 +350,12 @@ def main(argv=None) -> dict:
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        num_negatives=args.negatives, full_softmax=args.full_softmax, seed=args.seed,
                        eval_every=args.eval_every, time_budget_min=args.time_budget_min,
-                       bucket=args.bucket)
+                       bucket=args.bucket, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                       init_from=Path(args.init_from).stem if args.init_from else "")
+    init_model = load_checkpoint(args.init_from) if args.init_from else None
     _, report = train(ds, mcfg, tcfg, cache=args.cache_dir, use_cache=not args.retrain,
-                      progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr, flush=True))
+                      progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr, flush=True),
+                      init_model=init_model)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))

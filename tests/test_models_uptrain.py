@@ -1,0 +1,127 @@
+"""Warm-starting head/sequence variants from a trained base (models/uptrain.py): exact conversions where the math
+says the variant can represent the base, fresh parameters reported, bad pairs rejected, checkpoint keys separated."""
+import pytest
+import torch
+
+from malloc_kernels.data import synthetic_dataset
+from malloc_kernels.models import ModelConfig, SequentialRecommender
+from malloc_kernels.models.train import TrainConfig, checkpoint_key, train
+from malloc_kernels.models.uptrain import warm_start
+
+N_ITEMS = 30
+
+
+def _model(arch, **kw):
+    kw.setdefault("n_heads", 2)
+    cfg = ModelConfig(arch=arch, n_items=N_ITEMS, d_model=12, n_layers=2, max_len=32, dropout=0.0, **kw)
+    return SequentialRecommender(cfg).double().eval()
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([17, 1, 9, 32])
+    items = torch.randint(1, N_ITEMS + 1, (4, 32), generator=g)
+    items[torch.arange(32)[None, :] >= lengths[:, None]] = 0
+    return items, lengths
+
+
+def _hidden(model):
+    items, lengths = _batch()
+    with torch.no_grad():
+        return model.last_hidden(items, lengths=lengths)
+
+
+@pytest.mark.parametrize("arch", ["sasrec", "hstu"])
+def test_gqa_mean_pooling_is_exact_when_group_heads_agree(arch):
+    torch.manual_seed(1)
+    base = _model(arch, n_heads=4, head_dim=3)
+    H, D = 4, 3
+    with torch.no_grad():  # make heads 0/1 and 2/3 share key and value projections: pooling then loses nothing
+        for layer in base.layers:
+            W, b = layer.qkv.proj.weight, layer.qkv.proj.bias
+            start = W.shape[0] - 2 * H * D
+            for off in (start, start + H * D):
+                for g in range(2):
+                    src = slice(off + 2 * g * D, off + (2 * g + 1) * D)
+                    dst = slice(off + (2 * g + 1) * D, off + (2 * g + 2) * D)
+                    W[dst], b[dst] = W[src], b[src]
+    torch.manual_seed(2)
+    gqa = _model(arch, n_heads=4, head_dim=3, heads="gqa", n_kv_heads=2)
+    assert warm_start(gqa, base) == []
+    torch.testing.assert_close(_hidden(gqa), _hidden(base), rtol=1e-10, atol=1e-10)
+
+
+def test_gqa_pools_the_mean_of_each_group():
+    torch.manual_seed(3)
+    base = _model("sasrec", n_heads=4, head_dim=3)
+    mqa = _model("sasrec", n_heads=4, head_dim=3, heads="mqa")
+    warm_start(mqa, base)
+    W = base.layers[0].qkv.proj.weight
+    k_heads = W[12:24].reshape(4, 3, 12)
+    torch.testing.assert_close(mqa.layers[0].qkv.proj.weight[12:15], k_heads.mean(0))
+
+
+def test_mla_full_rank_svd_reproduces_sasrec():
+    torch.manual_seed(4)
+    base = _model("sasrec")  # d=12, 2 heads x 6: the affine map [W_k; W_v | b] has rank <= 13
+    mla = _model("sasrec", heads="mla", latent_dim=13)
+    assert warm_start(mla, base) == []
+    torch.testing.assert_close(_hidden(mla), _hidden(base), rtol=1e-9, atol=1e-9)
+    low = _model("sasrec", heads="mla", latent_dim=4)  # truncated: close to, not equal to, the base
+    warm_start(low, base)
+    assert not torch.allclose(_hidden(low), _hidden(base), atol=1e-6)
+
+
+@pytest.mark.parametrize("seq,fresh", [("linformer", ["lin_logits"]), ("beacon", ["beacon_emb"])])
+def test_sequence_variants_keep_every_base_weight(seq, fresh):
+    torch.manual_seed(5)
+    base = _model("hstu")
+    var = _model("hstu", seq_compress=seq)
+    assert warm_start(var, base) == fresh
+    for name, t in base.state_dict().items():
+        torch.testing.assert_close(var.state_dict()[name], t, rtol=0, atol=0)
+
+
+def test_rejects_mismatched_pairs():
+    base = _model("hstu")
+    with pytest.raises(ValueError, match="d_model"):
+        warm_start(SequentialRecommender(ModelConfig(arch="hstu", n_items=N_ITEMS, d_model=16, max_len=32)), base)
+    with pytest.raises(ValueError, match="arch"):
+        warm_start(_model("sasrec"), base)
+    with pytest.raises(ValueError, match="base must be"):
+        warm_start(_model("hstu"), _model("hstu", heads="mqa"))
+
+
+def test_train_warm_start_keys_and_arguments(tmp_path):
+    ds = synthetic_dataset(n_users=24, n_items=N_ITEMS, min_len=4, max_len=20, n_topics=4, seed=0)
+    base_cfg = ModelConfig(arch="hstu", n_items=ds.n_items, d_model=12, max_len=16)
+    tcfg = TrainConfig(epochs=1, batch_size=8, num_negatives=8)
+    base, _ = train(ds, base_cfg, tcfg, cache=str(tmp_path), progress=False, log=lambda s: None)
+    mqa_cfg = ModelConfig(arch="hstu", n_items=ds.n_items, d_model=12, max_len=16, heads="mqa")
+    up = TrainConfig(epochs=1, batch_size=8, num_negatives=8, init_from="hstu-base")
+    assert checkpoint_key(mqa_cfg, up, "x") != checkpoint_key(mqa_cfg, tcfg, "x")
+    with pytest.raises(ValueError, match="init_from"):
+        train(ds, mqa_cfg, up, cache=str(tmp_path), progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match="init_from"):
+        train(ds, mqa_cfg, tcfg, cache=str(tmp_path), progress=False, log=lambda s: None, init_model=base)
+    model, report = train(ds, mqa_cfg, up, cache=str(tmp_path), progress=False, log=lambda s: None,
+                          init_model=base)
+    assert report["train"]["init_from"] == "hstu-base"
+    assert model.cfg.n_kv_heads == 1
+
+
+def test_cosine_schedule_warms_up_and_decays_to_zero():
+    t = TrainConfig(lr=1e-2, schedule="cosine", warmup_steps=4)
+    assert t.lr_at(0, 100) == pytest.approx(2.5e-3)
+    assert t.lr_at(3, 100) == pytest.approx(1e-2)
+    assert t.lr_at(4, 100) == pytest.approx(1e-2)
+    assert t.lr_at(52, 100) == pytest.approx(5e-3)
+    assert t.lr_at(100, 100) == pytest.approx(0.0, abs=1e-12)
+    assert TrainConfig(lr=1e-2).lr_at(77, 100) == 1e-2
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="step")
+    a = TrainConfig(schedule="cosine", epochs=10)
+    assert checkpoint_key(ModelConfig(n_items=5), a, "x") != checkpoint_key(
+        ModelConfig(n_items=5), TrainConfig(schedule="cosine", epochs=12), "x")
+    assert checkpoint_key(ModelConfig(n_items=5), TrainConfig(epochs=10), "x") == checkpoint_key(
+        ModelConfig(n_items=5), TrainConfig(epochs=12), "x")
