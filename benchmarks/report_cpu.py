@@ -14,7 +14,6 @@ import argparse
 import csv
 import importlib
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,19 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import malloc_kernels as mk  # noqa: E402
 from malloc_kernels.ops import cpu  # noqa: E402
 from malloc_kernels.ops.validate import validate_call  # noqa: E402
-from roofline import roofline  # noqa: E402
+from roofline import best_seconds, roofline  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def best_ms(fn, rounds):
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+    return best_seconds(fn, rounds) * 1e3
 
 
 def cache_bytes(c):

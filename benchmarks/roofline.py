@@ -14,7 +14,9 @@ import time
 import torch
 
 
-def _best(fn, rounds: int) -> float:
+def best_seconds(fn, rounds: int) -> float:
+    """Fastest of ``rounds`` timed calls of ``fn`` (after one untimed warm-up call), in seconds: the minimum is the
+    run least disturbed by the rest of the machine."""
     fn()
     best = float("inf")
     for _ in range(rounds):
@@ -29,7 +31,7 @@ def measure_bandwidth(mib: int = 256, rounds: int = 5) -> float:
     n = mib * (1 << 20) // 4
     src = torch.ones(n, dtype=torch.float32)
     dst = torch.empty_like(src)
-    t = _best(lambda: dst.copy_(src), rounds)
+    t = best_seconds(lambda: dst.copy_(src), rounds)
     return 2 * n * 4 / t / 1e9
 
 
@@ -37,7 +39,7 @@ def measure_flops(n: int = 2048, rounds: int = 3) -> float:
     """fp32 matmul throughput in GFLOP/s."""
     a = torch.randn(n, n)
     b = torch.randn(n, n)
-    t = _best(lambda: torch.mm(a, b), rounds)
+    t = best_seconds(lambda: torch.mm(a, b), rounds)
     return 2 * n ** 3 / t / 1e9
 
 

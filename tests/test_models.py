@@ -10,6 +10,7 @@ from malloc_kernels.data import make_jagged, synthetic_dataset
 from malloc_kernels.models import HSTU, ModelConfig, SASRec, SequentialRecommender, evaluate, rank_metrics
 from malloc_kernels.models.metrics import target_ranks
 from malloc_kernels.models.train import TrainConfig, checkpoint_key, load_checkpoint, train
+from model_serving import forward_and_serve
 
 N_ITEMS = 40
 HEADS = {
@@ -113,17 +114,7 @@ def test_time_and_position_bias_matter():
                                      dict(seq_compress="linformer", slots=3, heads="mqa", n_heads=2)])
 def test_sequence_compression_serving_matches_training_forward(arch, variant):
     m = _model(arch, **variant)
-    rng = np.random.default_rng(0)
-    seqs = [rng.integers(1, N_ITEMS + 1, size=n) for n in [20, 6, 3, 1]]
-    tss = [np.sort(rng.integers(0, 10 ** 7, size=len(s))) for s in seqs]
-    R = 3
-    full = make_jagged(seqs, tss)
-    with torch.no_grad():
-        h = m(full, request_len=R)[full.offsets[1:] - 1]
-        hist = make_jagged([s[:max(len(s) - R, 0)] for s in seqs], [t[:max(len(t) - R, 0)] for t in tss])
-        req = make_jagged([s[max(len(s) - R, 0):] for s in seqs], [t[max(len(t) - R, 0):] for t in tss])
-        caches = m.encode_history(hist)
-        out = m.serve(req, caches=caches)
+    full, h, out, caches = forward_and_serve(m, N_ITEMS)
     assert (h - out).abs().max().item() < 1e-10
     c = caches[0]
     assert c.original_length.tolist() == [17, 3, 0, 0]

@@ -8,6 +8,7 @@ from malloc_kernels.memory import MemoryAugmented, ProductKeyMemory
 from malloc_kernels.models import ModelConfig, SequentialRecommender
 from malloc_kernels.models.train import (TrainConfig, build_parser, checkpoint_key, clip_grad_norm, load_checkpoint,
                                          make_optimizer, train)
+from model_serving import forward_and_serve
 
 N_ITEMS = 40
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -178,17 +179,6 @@ def test_tiny_training_run_with_memory(tmp_path, arch):
 @pytest.mark.parametrize("arch", ["hstu", "sasrec"])
 def test_memory_with_sequence_compression_serves_as_trained(arch, variant):
     """Learned sequence compression + memory in every layer: the serving path equals the training forward."""
-    import numpy as np
-    from malloc_kernels.data import make_jagged
     m = _model(arch, msn_layers=[0, 1], **variant)
-    rng = np.random.default_rng(0)
-    seqs = [rng.integers(1, N_ITEMS + 1, size=n) for n in [20, 6, 3, 1]]
-    tss = [np.sort(rng.integers(0, 10 ** 7, size=len(s))) for s in seqs]
-    R = 3
-    full = make_jagged(seqs, tss)
-    with torch.no_grad():
-        h = m(full, request_len=R)[full.offsets[1:] - 1]
-        hist = make_jagged([s[:max(len(s) - R, 0)] for s in seqs], [t[:max(len(t) - R, 0)] for t in tss])
-        req = make_jagged([s[max(len(s) - R, 0):] for s in seqs], [t[max(len(t) - R, 0):] for t in tss])
-        out = m.serve(req, caches=m.encode_history(hist))
+    _, h, out, _ = forward_and_serve(m, N_ITEMS)
     assert (h - out).abs().max().item() < 1e-10

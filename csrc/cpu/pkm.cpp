@@ -42,13 +42,15 @@ void half_scores_scalar(const T* q, const T* kt, int64_t Dh, int64_t S, T* s) {
   }
 }
 
-template <typename T>
-void gather_row_scalar(const T* values, int64_t Dv, const int64_t* idx, const T* w, int64_t E, T* out) {
+// out[0 .. Dv) = sum over t < count of weight(t) * row(t)[0 .. Dv), each channel summed in ascending t: the
+// forward gather (value rows of one query) and the backward scatter (grad_out rows of one touched value row).
+template <typename T, typename Weight, typename Row>
+void weighted_row_sum_scalar(int64_t Dv, int64_t count, Weight weight, Row row, T* out) {
   for (int64_t c = 0; c < Dv; ++c) out[c] = T(0);
-  for (int64_t e = 0; e < E; ++e) {
-    const T* row = values + idx[e] * Dv;
-    const T we = w[e];
-    for (int64_t c = 0; c < Dv; ++c) out[c] += we * row[c];
+  for (int64_t t = 0; t < count; ++t) {
+    const T* r = row(t);
+    const T wt = weight(t);
+    for (int64_t c = 0; c < Dv; ++c) out[c] += wt * r[c];
   }
 }
 
@@ -61,33 +63,47 @@ T dot_scalar(const T* a, const T* b, int64_t n) {
 
 // ---- AVX2 float building blocks -------------------------------------------------------------------------------
 
+// Four 8-wide accumulators over 32 consecutive floats: independent FMA chains, so the latency of one hides behind
+// the others, and few enough that a loop can keep one or two blocks in registers across its whole reduction.
+struct Acc32 {
+  __m256 a0, a1, a2, a3;
+};
+
+__attribute__((target("avx2,fma"))) inline Acc32 zero32() {
+  const __m256 z = _mm256_setzero_ps();
+  return {z, z, z, z};
+}
+
+// acc += b * r[0 .. 32)
+__attribute__((target("avx2,fma"))) inline void fma32(Acc32& acc, __m256 b, const float* r) {
+  acc.a0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 0), acc.a0);
+  acc.a1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 8), acc.a1);
+  acc.a2 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 16), acc.a2);
+  acc.a3 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 24), acc.a3);
+}
+
+__attribute__((target("avx2,fma"))) inline void store32(float* out, const Acc32& acc) {
+  _mm256_storeu_ps(out + 0, acc.a0);
+  _mm256_storeu_ps(out + 8, acc.a1);
+  _mm256_storeu_ps(out + 16, acc.a2);
+  _mm256_storeu_ps(out + 24, acc.a3);
+}
+
 // Blocks of 64 keys keep 8 accumulators in registers across the whole Dh loop (one broadcast + 8 FMAs per d), so
 // the scores never round-trip through memory inside the reduction.
 __attribute__((target("avx2,fma"))) void half_scores_avx2(const float* q, const float* kt, int64_t Dh, int64_t S,
                                                           float* s) {
   int64_t j = 0;
   for (; j + 64 <= S; j += 64) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    Acc32 lo = zero32(), hi = zero32();
     for (int64_t d = 0; d < Dh; ++d) {
       const __m256 b = _mm256_set1_ps(q[d]);
       const float* r = kt + d * S + j;
-      a0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 0), a0);
-      a1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 8), a1);
-      a2 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 16), a2);
-      a3 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 24), a3);
-      a4 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 32), a4);
-      a5 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 40), a5);
-      a6 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 48), a6);
-      a7 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 56), a7);
+      fma32(lo, b, r);
+      fma32(hi, b, r + 32);
     }
-    _mm256_storeu_ps(s + j + 0, a0);
-    _mm256_storeu_ps(s + j + 8, a1);
-    _mm256_storeu_ps(s + j + 16, a2);
-    _mm256_storeu_ps(s + j + 24, a3);
-    _mm256_storeu_ps(s + j + 32, a4);
-    _mm256_storeu_ps(s + j + 40, a5);
-    _mm256_storeu_ps(s + j + 48, a6);
-    _mm256_storeu_ps(s + j + 56, a7);
+    store32(s + j, lo);
+    store32(s + j + 32, hi);
   }
   for (; j + 8 <= S; j += 8) {
     __m256 a = _mm256_setzero_ps();
@@ -109,34 +125,30 @@ constexpr int64_t kParallelWork = int64_t(1) << 16;
 // in flight, small enough that the lines are still in L1/L2 when used.
 constexpr int64_t kPrefetch = 8;
 
-__attribute__((target("avx2,fma"))) void gather_row_avx2(const float* values, int64_t Dv, const int64_t* idx,
-                                                         const float* w, int64_t E, float* out) {
+// weighted_row_sum_scalar for float on AVX2: column blocks of 32 keep four accumulators in registers across the
+// whole t loop. With kPrefetchRows the row kPrefetch terms ahead is prefetched (the forward's random value-row
+// reads).
+template <bool kPrefetchRows, typename Weight, typename Row>
+__attribute__((target("avx2,fma"))) void weighted_row_sum_avx2(int64_t Dv, int64_t count, Weight weight, Row row,
+                                                               float* out) {
   int64_t c = 0;
   for (; c + 32 <= Dv; c += 32) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t e = 0; e < E; ++e) {
-      if (e + kPrefetch < E) _mm_prefetch(reinterpret_cast<const char*>(values + idx[e + kPrefetch] * Dv + c),
-                                          _MM_HINT_T0);
-      const __m256 b = _mm256_set1_ps(w[e]);
-      const float* r = values + idx[e] * Dv + c;
-      a0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 0), a0);
-      a1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 8), a1);
-      a2 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 16), a2);
-      a3 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 24), a3);
+    Acc32 acc = zero32();
+    for (int64_t t = 0; t < count; ++t) {
+      if (kPrefetchRows && t + kPrefetch < count)
+        _mm_prefetch(reinterpret_cast<const char*>(row(t + kPrefetch) + c), _MM_HINT_T0);
+      fma32(acc, _mm256_set1_ps(weight(t)), row(t) + c);
     }
-    _mm256_storeu_ps(out + c + 0, a0);
-    _mm256_storeu_ps(out + c + 8, a1);
-    _mm256_storeu_ps(out + c + 16, a2);
-    _mm256_storeu_ps(out + c + 24, a3);
+    store32(out + c, acc);
   }
   for (; c + 8 <= Dv; c += 8) {
     __m256 a = _mm256_setzero_ps();
-    for (int64_t e = 0; e < E; ++e) a = _mm256_fmadd_ps(_mm256_set1_ps(w[e]), _mm256_loadu_ps(values + idx[e] * Dv + c), a);
+    for (int64_t t = 0; t < count; ++t) a = _mm256_fmadd_ps(_mm256_set1_ps(weight(t)), _mm256_loadu_ps(row(t) + c), a);
     _mm256_storeu_ps(out + c, a);
   }
   for (; c < Dv; ++c) {
     float acc = 0.f;
-    for (int64_t e = 0; e < E; ++e) acc += w[e] * values[idx[e] * Dv + c];
+    for (int64_t t = 0; t < count; ++t) acc += weight(t) * row(t)[c];
     out[c] = acc;
   }
 }
@@ -163,53 +175,6 @@ __attribute__((target("avx2,fma"))) void grad_weights_row_avx2(const float* g, c
   }
 }
 
-// One touched row: sum of weights[e] * grad_out[e / E] over its entries (ascending e).
-__attribute__((target("avx2,fma"))) void accumulate_row_avx2(const float* grad_out, int64_t Dv, const float* weights,
-                                                             const int64_t* entries, int64_t count, int64_t E,
-                                                             float* out) {
-  int64_t c = 0;
-  for (; c + 32 <= Dv; c += 32) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t t = 0; t < count; ++t) {
-      const int64_t e = entries[t];
-      const __m256 b = _mm256_set1_ps(weights[e]);
-      const float* r = grad_out + (e / E) * Dv + c;
-      a0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 0), a0);
-      a1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 8), a1);
-      a2 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 16), a2);
-      a3 = _mm256_fmadd_ps(b, _mm256_loadu_ps(r + 24), a3);
-    }
-    _mm256_storeu_ps(out + c + 0, a0);
-    _mm256_storeu_ps(out + c + 8, a1);
-    _mm256_storeu_ps(out + c + 16, a2);
-    _mm256_storeu_ps(out + c + 24, a3);
-  }
-  for (; c + 8 <= Dv; c += 8) {
-    __m256 a = _mm256_setzero_ps();
-    for (int64_t t = 0; t < count; ++t) {
-      const int64_t e = entries[t];
-      a = _mm256_fmadd_ps(_mm256_set1_ps(weights[e]), _mm256_loadu_ps(grad_out + (e / E) * Dv + c), a);
-    }
-    _mm256_storeu_ps(out + c, a);
-  }
-  for (; c < Dv; ++c) {
-    float acc = 0.f;
-    for (int64_t t = 0; t < count; ++t) acc += weights[entries[t]] * grad_out[(entries[t] / E) * Dv + c];
-    out[c] = acc;
-  }
-}
-
-template <typename T>
-void accumulate_row_scalar(const T* grad_out, int64_t Dv, const T* weights, const int64_t* entries, int64_t count,
-                           int64_t E, T* out) {
-  for (int64_t c = 0; c < Dv; ++c) out[c] = T(0);
-  for (int64_t t = 0; t < count; ++t) {
-    const int64_t e = entries[t];
-    const T we = weights[e];
-    const T* r = grad_out + (e / E) * Dv;
-    for (int64_t c = 0; c < Dv; ++c) out[c] += we * r[c];
-  }
-}
 
 // ---- dispatchers over T ---------------------------------------------------------------------------------------
 
@@ -219,6 +184,14 @@ void half_scores(const T* q, const T* kt, int64_t Dh, int64_t S, T* s) {
     if (cpu_has_avx2()) return half_scores_avx2(q, kt, Dh, S, s);
   }
   half_scores_scalar(q, kt, Dh, S, s);
+}
+
+template <bool kPrefetchRows, typename T, typename Weight, typename Row>
+void weighted_row_sum(int64_t Dv, int64_t count, Weight weight, Row row, T* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx2()) return weighted_row_sum_avx2<kPrefetchRows>(Dv, count, weight, row, out);
+  }
+  weighted_row_sum_scalar(Dv, count, weight, row, out);
 }
 
 // Top-k of one half into (val, pos), best first: strictly greater than the current k-th enters, so among equal
@@ -339,13 +312,10 @@ template <typename T>
 void gather_forward(const T* values, int64_t Dv, const int64_t* idx, const T* weights, int64_t N, int64_t E, T* out) {
 #pragma omp parallel for schedule(static) if (N * E * Dv > kParallelWork)
   for (int64_t n = 0; n < N; ++n) {
-    if constexpr (std::is_same_v<T, float>) {
-      if (cpu_has_avx2()) {
-        gather_row_avx2(values, Dv, idx + n * E, weights + n * E, E, out + n * Dv);
-        continue;
-      }
-    }
-    gather_row_scalar(values, Dv, idx + n * E, weights + n * E, E, out + n * Dv);
+    const int64_t* ix = idx + n * E;
+    const T* w = weights + n * E;
+    weighted_row_sum<true>(Dv, E, [w](int64_t e) { return w[e]; },
+                           [values, ix, Dv](int64_t e) { return values + ix[e] * Dv; }, out + n * Dv);
   }
 }
 
@@ -392,13 +362,10 @@ void gather_backward(const T* grad_out, const T* values, int64_t M, int64_t Dv, 
   for (int64_t u = 0; u < U; ++u) {
     const int64_t* entries = order_ws + start_ws[u];
     const int64_t count = start_ws[u + 1] - start_ws[u];
-    if constexpr (std::is_same_v<T, float>) {
-      if (cpu_has_avx2()) {
-        accumulate_row_avx2(grad_out, Dv, weights, entries, count, E, grad_rows + u * Dv);
-        continue;
-      }
-    }
-    accumulate_row_scalar(grad_out, Dv, weights, entries, count, E, grad_rows + u * Dv);
+    // One touched row: sum of weights[e] * grad_out[e / E] over its entries (ascending e).
+    weighted_row_sum<false>(Dv, count, [weights, entries](int64_t t) { return weights[entries[t]]; },
+                            [grad_out, entries, E, Dv](int64_t t) { return grad_out + (entries[t] / E) * Dv; },
+                            grad_rows + u * Dv);
   }
   (void)M;
 }

@@ -41,6 +41,19 @@ __device__ __forceinline__ float to_float_bits16(uint32_t h, int fmt) {
   return fmt == kFmtF16 ? q::f16_bits_to_f32(static_cast<uint16_t>(h)) : q::bf16_bits_to_f32(static_cast<uint16_t>(h));
 }
 
+// Calls f(c, d) for each output-accumulator column c of this thread with the channel d it holds: for D <= kThreads
+// thread t owns channel t % D in column 0 only (the rows are split kThreads / D ways instead), otherwise channels
+// t, t + kThreads, ... below D. The column loop is unrolled, so acc[c] stays in registers.
+template <typename F>
+__device__ __forceinline__ void for_each_owned_channel(int D, F&& f) {
+#pragma unroll
+  for (int c = 0; c < kMaxDPerThread; ++c) {
+    const int d = D <= kThreads ? threadIdx.x % D : threadIdx.x + c * kThreads;
+    if (c > 0 && (D <= kThreads || d >= D)) break;
+    f(c, d);
+  }
+}
+
 // Scale/zero of element (row j, channel d) of a quantized segment.
 __device__ __forceinline__ void scale_zero(const DecodeSegment& s, bool is_k, int64_t row_base_groups, int j, int d,
                                            float* sc, float* z) {
@@ -264,10 +277,7 @@ __global__ void __launch_bounds__(kThreads) decode_split(DecodeParams p) {
     __syncthreads();
 
     if (pv_active) {
-#pragma unroll
-      for (int c = 0; c < kMaxDPerThread; ++c) {
-        const int d = D <= kThreads ? threadIdx.x % D : threadIdx.x + c * kThreads;
-        if (c > 0 && (D <= kThreads || d >= D)) break;
+      for_each_owned_channel(D, [&](int c, int d) {
 #pragma unroll
         for (int r = 0; r < kRowTile; ++r)
           if (r % rsplit == my_rs) acc[c][r] *= alpha[r];
@@ -277,21 +287,18 @@ __global__ void __launch_bounds__(kThreads) decode_split(DecodeParams p) {
           for (int r = 0; r < kRowTile; ++r)
             if (r % rsplit == my_rs) acc[c][r] = fmaf(ps[r * kChunk + jj], v, acc[c][r]);
         }
-      }
+      });
     }
   }
 
   // Partials: acc [bh][tile][split][r][d], state [bh][tile][split][r] (m, l).
   const int64_t part = (int64_t(bh) * gridDim.z + tile_idx) * gridDim.x + blockIdx.x;
   if (pv_active) {
-#pragma unroll
-    for (int c = 0; c < kMaxDPerThread; ++c) {
-      const int d = D <= kThreads ? threadIdx.x % D : threadIdx.x + c * kThreads;
-      if (c > 0 && (D <= kThreads || d >= D)) break;
+    for_each_owned_channel(D, [&](int c, int d) {
 #pragma unroll
       for (int r = 0; r < kRowTile; ++r)
         if (r % rsplit == my_rs) p.part_acc[(part * kRowTile + r) * D + d] = acc[c][r];
-    }
+    });
   }
   if (lane == 0) {
 #pragma unroll

@@ -37,6 +37,27 @@ __device__ __forceinline__ int group_scale_zero(const QuantSpec& spec, float mn,
   return q::int_scale_zero(mn, mx, (1 << spec.bits) - 1, s, z);
 }
 
+// Scale/zero of the non-empty group of valid values v[t * stride], begin <= t < end: min, max and absmax with the
+// same comparisons in the same order as the CPU packer, so even the sign of a zero statistic matches it. A NaN or
+// a range that does not fit float16 raises *status (atomicMax of the quant:: code) and leaves s = z = 0.
+__device__ __forceinline__ void strided_group_params(const QuantSpec& spec, const float* v, int64_t stride,
+                                                     int64_t begin, int64_t end, int* status, float* s, float* z) {
+  float mn = v[begin * stride], mx = mn, amax = 0.0f;
+  bool nan = false;
+  for (int64_t t = begin; t < end; ++t) {
+    const float e = v[t * stride];
+    nan |= (e != e);
+    mn = e < mn ? e : mn;
+    mx = e > mx ? e : mx;
+    amax = fabsf(e) > amax ? fabsf(e) : amax;
+  }
+  const int st = nan ? int(q::kNonFinite) : group_scale_zero(spec, mn, spec.fp8 ? amax : mx, s, z);
+  if (st != q::kOk) {
+    atomicMax(status, st);
+    *s = *z = 0.0f;
+  }
+}
+
 // Token axis: one thread per (b, h, entry j, channel group g); threads of a warp walk consecutive groups.
 __global__ void group_params_token(const float* __restrict__ x, const int32_t* __restrict__ length, Dims d,
                                    QuantSpec spec, uint16_t* __restrict__ scale, uint16_t* __restrict__ zero,
@@ -49,21 +70,7 @@ __global__ void group_params_token(const float* __restrict__ x, const int32_t* _
   float s = 0.0f, z = 0.0f;
   if (j < valid_len(length, d, b, h)) {
     const float* xr = x + b * d.xs0 + h * d.xs1 + j * d.xs2;
-    float mn = xr[g * spec.group_size * d.xs3], mx = mn, amax = 0.0f;
-    bool nan = false;
-    for (int64_t c = g * spec.group_size; c < (g + 1) * spec.group_size; ++c) {
-      const float v = xr[c * d.xs3];
-      nan |= (v != v);
-      // Same comparisons and order as the CPU packer, so even the sign of a zero statistic matches it.
-      mn = v < mn ? v : mn;
-      mx = v > mx ? v : mx;
-      amax = fabsf(v) > amax ? fabsf(v) : amax;
-    }
-    const int st = nan ? int(q::kNonFinite) : group_scale_zero(spec, mn, spec.fp8 ? amax : mx, &s, &z);
-    if (st != q::kOk) {
-      atomicMax(status, st);
-      s = z = 0.0f;
-    }
+    strided_group_params(spec, xr, d.xs3, g * spec.group_size, (g + 1) * spec.group_size, status, &s, &z);
   }
   scale[idx] = q::f32_to_f16_bits(s);
   if (!spec.fp8) zero[idx] = q::f32_to_f16_bits(z);
@@ -84,21 +91,7 @@ __global__ void group_params_channel(const float* __restrict__ x, const int32_t*
   const int64_t j0 = g * G, j1 = (j0 + G < n) ? j0 + G : n;
   if (j0 < n) {
     const float* xc = x + b * d.xs0 + h * d.xs1 + c * d.xs3;
-    float mn = xc[j0 * d.xs2], mx = mn, amax = 0.0f;
-    bool nan = false;
-    for (int64_t j = j0; j < j1; ++j) {
-      const float v = xc[j * d.xs2];
-      nan |= (v != v);
-      // Same comparisons and order as the CPU packer, so even the sign of a zero statistic matches it.
-      mn = v < mn ? v : mn;
-      mx = v > mx ? v : mx;
-      amax = fabsf(v) > amax ? fabsf(v) : amax;
-    }
-    const int st = nan ? int(q::kNonFinite) : group_scale_zero(spec, mn, spec.fp8 ? amax : mx, &s, &z);
-    if (st != q::kOk) {
-      atomicMax(status, st);
-      s = z = 0.0f;
-    }
+    strided_group_params(spec, xc, d.xs2, j0, j1, status, &s, &z);
   }
   scale[idx] = q::f32_to_f16_bits(s);
   if (!spec.fp8) zero[idx] = q::f32_to_f16_bits(z);

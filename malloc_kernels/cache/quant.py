@@ -259,14 +259,10 @@ def dequantize_tensor(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[
 
 
 # ---- whole caches ---------------------------------------------------------------------------------------------
-def quantize_cache(cache: KVCache, k_format: str, v_format: str, group_size: int, k_axis: str = "token") -> KVCache:
-    """Quantize a full-precision cache into ``k_format`` / ``v_format`` (``"float"`` keeps that side as is).
-
-    ``group_size``: channels per group on the token axis (must divide ``head_dim``), entries per group on the
-    channel axis (KIVI keys). ``k_axis``: ``"token"`` or ``"channel"`` for keys; values always use the token axis.
-    Lengths, positions, timestamps, counts, ``original_length``, the residual segment and ``meta`` are carried
-    unchanged. Returns a validated ``KVCache``.
-    """
+def check_quantize_cache_args(cache: KVCache, k_format: str, v_format: str, k_axis: str) -> None:
+    """Argument checks shared by every ``quantize_cache`` backend: ``cache`` is a valid full-precision
+    ``KVCache``, both formats are known and ``k_axis`` is a grouping axis (TypeError/ValueError naming the
+    argument otherwise)."""
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
     if cache.is_quantized:
@@ -278,6 +274,32 @@ def quantize_cache(cache: KVCache, k_format: str, v_format: str, group_size: int
     if k_axis not in K_AXES:
         raise ValueError(f"k_axis must be one of {K_AXES}, got {k_axis!r}")
     cache.validate()
+
+
+def quantize_cache_sides(cache: KVCache, k_format: str, v_format: str, group_size: int, k_axis: str,
+                         quantize) -> KVCache:
+    """The cache with keys and values quantized by ``quantize`` (``quantize_tensor`` or a bit-exact twin with
+    its signature) unless their format is ``"float"``; values always use the token axis. Returns a validated
+    ``KVCache``; arguments must already have passed ``check_quantize_cache_args``."""
+    changes = dict(k_format=k_format, v_format=v_format, k_axis=k_axis, group_size=group_size)
+    if k_format != FLOAT_FORMAT:
+        k, ks, kz = quantize(cache.k, cache.length, k_format, group_size, k_axis, name="cache.k")
+        changes.update(k=k, k_scale=ks, k_zero=kz)
+    if v_format != FLOAT_FORMAT:
+        v, vs, vz = quantize(cache.v, cache.length, v_format, group_size, "token", name="cache.v")
+        changes.update(v=v, v_scale=vs, v_zero=vz)
+    return cache.replace(**changes).validate()
+
+
+def quantize_cache(cache: KVCache, k_format: str, v_format: str, group_size: int, k_axis: str = "token") -> KVCache:
+    """Quantize a full-precision cache into ``k_format`` / ``v_format`` (``"float"`` keeps that side as is).
+
+    ``group_size``: channels per group on the token axis (must divide ``head_dim``), entries per group on the
+    channel axis (KIVI keys). ``k_axis``: ``"token"`` or ``"channel"`` for keys; values always use the token axis.
+    Lengths, positions, timestamps, counts, ``original_length``, the residual segment and ``meta`` are carried
+    unchanged. Returns a validated ``KVCache``.
+    """
+    check_quantize_cache_args(cache, k_format, v_format, k_axis)
     D = cache.head_dim
     if k_format != FLOAT_FORMAT:
         _check_group_size(group_size, D, k_axis)
@@ -285,14 +307,7 @@ def quantize_cache(cache: KVCache, k_format: str, v_format: str, group_size: int
         _check_group_size(group_size, D, "token")
     if k_format == FLOAT_FORMAT and v_format == FLOAT_FORMAT:
         return cache.replace(k_axis=k_axis, group_size=group_size).validate()
-    changes = dict(k_format=k_format, v_format=v_format, k_axis=k_axis, group_size=group_size)
-    if k_format != FLOAT_FORMAT:
-        k, ks, kz = quantize_tensor(cache.k, cache.length, k_format, group_size, k_axis, name="cache.k")
-        changes.update(k=k, k_scale=ks, k_zero=kz)
-    if v_format != FLOAT_FORMAT:
-        v, vs, vz = quantize_tensor(cache.v, cache.length, v_format, group_size, "token", name="cache.v")
-        changes.update(v=v, v_scale=vs, v_zero=vz)
-    return cache.replace(**changes).validate()
+    return quantize_cache_sides(cache, k_format, v_format, group_size, k_axis, quantize_tensor)
 
 
 def dequantize_cache(cache: KVCache, dtype: Optional[torch.dtype] = None):

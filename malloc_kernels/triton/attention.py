@@ -5,8 +5,9 @@ Receives the validated ``AttentionCall`` (``ops/validate.py``) and runs the fuse
 per-head lengths, merge counts, residual segment), the request's own tokens, both kinds (softmax with lse, hstu
 with in-kernel relative bias), causal / target / attn_mask masks, dense and jagged layouts:
 
-* ``G * max_Lq <= DECODE_MAX_ROWS`` -> ``attention_decode`` (split-K flash-decoding + merge);
-* otherwise -> ``attention_append`` (query tiles);
+* ``G * max_Lq <= DECODE_MAX_ROWS`` -> decode: ``attention_common.attention_forward_kernel`` split over the key
+  axis (``SPLIT_K``, flash-decoding) + ``attention_decode.attention_merge_kernel``;
+* otherwise -> append: the same forward kernel over query tiles;
 * ``return_stats`` -> ``attention_stats`` afterwards (per-key mass from the stored lse / normaliser).
 
 Runs CUDA tensors on the GPU, and CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set before
@@ -26,7 +27,7 @@ from ..reference.bias import time_bucket_thresholds
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-# Largest packed decode tile (G query heads x Lq queries of one kv head) before the append kernel takes over.
+# Largest packed decode tile (G query heads x Lq queries of one kv head) before the append path takes over.
 DECODE_MAX_ROWS = 64
 # Programs a decode launch aims for: about two waves of an H100's 132 SMs.
 TARGET_PROGRAMS = 264
@@ -278,29 +279,37 @@ def _pick(d, names):
     return {n: d[n] for n in names}
 
 
+def _output_args(buffers):
+    """The final output ``O`` (query layout, strides ``so_*``) and per-row statistic ``STAT`` arguments."""
+    so = buffers["so"]
+    return dict(O=buffers["out"], so_b=so[0], so_l=so[1], so_h=so[2], so_d=so[3], STAT=buffers["stat"])
+
+
 def decode_kernel_args(call, cfg, args, consts, buffers):
-    """Arguments of ``attention_decode_kernel`` and ``attention_merge_kernel`` (partials allocated here)."""
+    """Arguments of ``attention_forward_kernel`` with ``SPLIT_K`` and of ``attention_merge_kernel`` (partials
+    allocated here)."""
     S, tq, Hq = cfg.num_splits, max(buffers["tq"], 1), call.num_heads
     dev = call.device
     acc = torch.empty((S, tq, Hq, cfg.block_d), dtype=torch.float32, device=dev)
     mp = torch.empty((S, tq, Hq), dtype=torch.float32, device=dev)
     lp = torch.empty((S, tq, Hq), dtype=torch.float32, device=dev)
-    dargs = dict(args, ACC=acc, MP=mp, LP=lp, TQ=tq, split_size=cfg.split_size)
-    dconsts = dict(consts)
-    so = buffers["so"]
+    # The split kernel writes only the partials; O/STAT are passed because the forward kernel's signature is shared.
+    dargs = dict(args, **_output_args(buffers), ACC=acc, MP=mp, LP=lp, TQ=tq, split_size=cfg.split_size)
+    dconsts = dict(consts, SPLIT_K=True)
     block_r = max(16, min(64, _next_pow2(Hq)))
     margs = dict(ACC=acc, MP=mp, LP=lp, TQ=tq, num_splits=S, Q_OFF=args["Q_OFF"], Q_LEN=args["Q_LEN"],
-                 QROWB=args["QROWB"], ORIG=args["ORIG"], norm_const=args["norm_const"], O=buffers["out"],
-                 so_b=so[0], so_l=so[1], so_h=so[2], so_d=so[3], STAT=buffers["stat"])
+                 QROWB=args["QROWB"], ORIG=args["ORIG"], norm_const=args["norm_const"], **_output_args(buffers))
     mconsts = dict(HQ=Hq, HEAD_DIM=consts["HEAD_DIM"], BLOCK_D=cfg.block_d, BLOCK_R=block_r, KIND=consts["KIND"],
                    NORM=consts["NORM"], HAS_CACHE=consts["HAS_CACHE"])
     return dargs, dconsts, margs, mconsts
 
 
 def append_kernel_args(call, cfg, args, consts, buffers):
-    so = buffers["so"]
-    return dict(args, O=buffers["out"], so_b=so[0], so_l=so[1], so_h=so[2], so_d=so[3], STAT=buffers["stat"]), \
-        dict(consts)
+    """Arguments of ``attention_forward_kernel`` over query tiles (no ``SPLIT_K``): the split partial buffers of its
+    shared signature are placeholders it never touches."""
+    unused = _dummy(call.device, torch.float32)
+    return dict(args, **_output_args(buffers), ACC=unused, MP=unused, LP=unused, TQ=1, split_size=1), \
+        dict(consts, SPLIT_K=False)
 
 
 STATS_ARG_NAMES = ("Q", "sq_b", "sq_l", "sq_h", "sq_d", "Q_OFF", "Q_LEN", "QROWB", "QPOS", "QTS")
@@ -340,8 +349,8 @@ def run(call: AttentionCall, *, path: Optional[str] = None, block_m: Optional[in
     ok, why = supports(call)
     if not ok:
         raise ValueError(f"backend 'triton' cannot run this call: {why}")
-    from .attention_append import attention_append_kernel
-    from .attention_decode import attention_decode_kernel, attention_merge_kernel
+    from .attention_common import attention_forward_kernel
+    from .attention_decode import attention_merge_kernel
     from .attention_stats import attention_stats_kernel
 
     cfg = choose_config(call, path=path, block_m=block_m, block_n=block_n, split_size=split_size)
@@ -352,13 +361,13 @@ def run(call: AttentionCall, *, path: Optional[str] = None, block_m: Optional[in
     if B > 0 and call.max_q_len > 0:
         if cfg.path == "decode":
             dargs, dconsts, margs, mconsts = decode_kernel_args(call, cfg, args, consts, buffers)
-            attention_decode_kernel[(B * Hkv, cfg.num_splits)](**dargs, **dconsts, **launch)
+            attention_forward_kernel[(B * Hkv, cfg.num_splits)](**dargs, **dconsts, **launch)
             grid = (B, _cdiv(call.max_q_len * Hq, mconsts["BLOCK_R"]))
             attention_merge_kernel[grid](**margs, **mconsts, num_warps=4)
         else:
             aargs, aconsts = append_kernel_args(call, cfg, args, consts, buffers)
             grid = (_cdiv(call.group_size * call.max_q_len, cfg.block_m), B * Hkv)
-            attention_append_kernel[grid](**aargs, **aconsts, **launch)
+            attention_forward_kernel[grid](**aargs, **aconsts, **launch)
 
     lse = None
     if call.kind == "softmax" and call.return_lse:
@@ -442,8 +451,8 @@ def aot_specs():
     """The decode (+ merge), append and stats specialisations the launcher uses, covering every cache format,
     both kinds, bias, counts, residual, masks and the three input dtypes (see ``aot.py``)."""
     from .aot import AotSpec
-    from .attention_append import attention_append_kernel
-    from .attention_decode import attention_decode_kernel, attention_merge_kernel
+    from .attention_common import attention_forward_kernel
+    from .attention_decode import attention_merge_kernel
     from .attention_stats import attention_stats_kernel
 
     kivi4 = dict(k_format="int4", v_format="int4", k_axis="channel", residual=True)
@@ -484,7 +493,7 @@ def aot_specs():
         args, consts, buffers = kernel_args(call, cfg, dot_lowp=True)
         dargs, dconsts, margs, mconsts = decode_kernel_args(call, cfg, args, consts, buffers)
         lowp = call.dtype != torch.float32
-        specs.append(AotSpec.from_args(f"decode/{name}", attention_decode_kernel, dargs, dconsts,
+        specs.append(AotSpec.from_args(f"decode/{name}", attention_forward_kernel, dargs, dconsts,
                                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, mma_expected=lowp,
                                        note=f"D={call.head_dim} G={call.group_size} Lq={call.max_q_len}"))
         key = (mconsts["KIND"], mconsts["NORM"], mconsts["HAS_CACHE"], call.dtype, mconsts["BLOCK_D"])
@@ -498,7 +507,7 @@ def aot_specs():
         cfg = choose_config(call, path="append")
         args, consts, buffers = kernel_args(call, cfg, dot_lowp=True)
         aargs, aconsts = append_kernel_args(call, cfg, args, consts, buffers)
-        specs.append(AotSpec.from_args(f"append/{name}", attention_append_kernel, aargs, aconsts,
+        specs.append(AotSpec.from_args(f"append/{name}", attention_forward_kernel, aargs, aconsts,
                                        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                        mma_expected=call.dtype != torch.float32,
                                        note=f"D={call.head_dim} BLOCK_M={cfg.block_m}"))

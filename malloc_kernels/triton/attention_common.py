@@ -1,8 +1,10 @@
-"""Triton device helpers shared by the attention kernels (decode, append, stats).
+"""Triton device code shared by the attention kernels (decode, append, stats), and the forward kernel itself.
 
-Everything here is ``@triton.jit`` device code: tile loads that dequantize every cache format in registers right
-after the load (the storage contract of ``cache/types.py``), HSTU's relative bias evaluated exactly in-kernel, the
-mask rules of the request segment, and the per-key-block scoring step that every kernel shares.
+Device helpers: tile loads that dequantize every cache format in registers right after the load (the storage
+contract of ``cache/types.py``), HSTU's relative bias evaluated exactly in-kernel, the mask rules of the request
+segment, and the per-key-block scoring step that every kernel shares. ``attention_forward_kernel`` is the one
+forward program both launch paths use: split-K over the key axis for decode (its partials are combined by
+``attention_decode.attention_merge_kernel``) or query tiles over the whole key axis for append / prefill.
 
 Numerics: every loaded value is upcast to fp32 immediately (the Triton interpreter silently corrupts bf16
 arithmetic, and fp32 is what the softmax/SiLU math needs anyway). Only the two matrix products take lower-precision
@@ -286,6 +288,32 @@ def _rows(b, hkv, r, Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS, 
     return q, i, h, row_ok, flat, qlen, p_i, t_i
 
 
+@triton.constexpr_function
+def _cache_row_width(FMT, HEAD_DIM):
+    """Stored elements per cache entry (the row stride of the payload): ``HEAD_DIM`` values or 8-bit codes, or
+    bytes holding two 4-bit (``FMT == 2``) or four 2-bit (``FMT == 3``) codes each."""
+    if FMT == 2:
+        return (HEAD_DIM + 1) // 2
+    if FMT == 3:
+        return (HEAD_DIM + 3) // 4
+    return HEAD_DIM
+
+
+@triton.jit
+def _scale_offset(bh, C, HEAD_DIM: tl.constexpr, FMT: tl.constexpr, CHANNEL: tl.constexpr, GS: tl.constexpr):
+    """Offset of the first scale/zero of (user, kv head) ``bh`` in a ``[B, Hkv, ...]`` scale tensor of a cache with
+    capacity ``C``: ``ceil(C / GS) * HEAD_DIM`` per head on the channel axis, ``C * (HEAD_DIM / GS)`` on the token
+    axis; 0 for a float payload, which has no scales (the pointers are placeholders)."""
+    if FMT != 0:
+        if CHANNEL:
+            off = bh.to(tl.int64) * ((C + GS - 1) // GS) * HEAD_DIM
+        else:
+            off = bh.to(tl.int64) * C * (HEAD_DIM // GS)
+    else:
+        off = 0
+    return off
+
+
 @triton.jit
 def _attend(b, hkv, r, vlo, vhi, scale,
             Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS,
@@ -304,7 +332,7 @@ def _attend(b, hkv, r, vlo, vhi, scale,
 
     The virtual key axis of a (user, kv head) concatenates its segments in time order: cache entries
     ``[0, clen)``, residual entries ``[clen, clen + rlen)``, request tokens ``[clen + rlen, + klen)``; a split-K
-    program takes a slice of it, the append kernel all of it. Returns ``(acc, m, l, nh, nr, i, h, row_ok, flat)``."""
+    program takes a slice of it, an append program all of it. Returns ``(acc, m, l, nh, nr, i, h, row_ok, flat)``."""
     q, i, h, row_ok, flat, qlen, p_i, t_i = _rows(b, hkv, r, Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS,
                                                   QTS, G, HQ, HEAD_DIM, BLOCK_D, HAS_POS, HAS_TIME, DOT_F16,
                                                   DOT_BF16)
@@ -317,33 +345,10 @@ def _attend(b, hkv, r, vlo, vhi, scale,
     vs = 0
     if HAS_CACHE:
         clen = tl.load(CLEN + bh)
-        if K_FMT == 0:
-            CKW: tl.constexpr = HEAD_DIM
-        elif K_FMT == 2:
-            CKW: tl.constexpr = (HEAD_DIM + 1) // 2
-        elif K_FMT == 3:
-            CKW: tl.constexpr = (HEAD_DIM + 3) // 4
-        else:
-            CKW: tl.constexpr = HEAD_DIM
-        if V_FMT == 0:
-            CVW: tl.constexpr = HEAD_DIM
-        elif V_FMT == 2:
-            CVW: tl.constexpr = (HEAD_DIM + 1) // 2
-        elif V_FMT == 3:
-            CVW: tl.constexpr = (HEAD_DIM + 3) // 4
-        else:
-            CVW: tl.constexpr = HEAD_DIM
-        if K_FMT != 0:
-            if K_CHANNEL:
-                ks_off = bh.to(tl.int64) * ((C + GS - 1) // GS) * HEAD_DIM
-            else:
-                ks_off = bh.to(tl.int64) * C * (HEAD_DIM // GS)
-        else:
-            ks_off = 0
-        if V_FMT != 0:
-            vs_off = bh.to(tl.int64) * C * (HEAD_DIM // GS)
-        else:
-            vs_off = 0
+        CKW: tl.constexpr = _cache_row_width(K_FMT, HEAD_DIM)
+        CVW: tl.constexpr = _cache_row_width(V_FMT, HEAD_DIM)
+        ks_off = _scale_offset(bh, C, HEAD_DIM, K_FMT, K_CHANNEL, GS)
+        vs_off = _scale_offset(bh, C, HEAD_DIM, V_FMT, False, GS)
         row0 = bh.to(tl.int64) * C
         lo = tl.maximum(vlo, 0)
         hi = tl.minimum(vhi, clen)
@@ -408,3 +413,89 @@ def _finalize(acc, m_i, l_i, nh, nr, orig, norm_const, KIND: tl.constexpr, NORM:
         out = tl.where((n > 0)[:, None], out, 0.0)
         stat = n
     return out, stat
+
+
+# Virtual key range end used when a program covers the whole key axis.
+WHOLE = tl.constexpr(1 << 30)
+
+
+@triton.jit
+def attention_forward_kernel(
+        Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS,
+        K, sk_b, sk_l, sk_h, sk_d, V, sv_b, sv_l, sv_h, sv_d, K_OFF, K_LEN, KROWB,
+        MASK, sm_b, sm_h, sm_i, sm_j, NT,
+        CK, CV, CKS, CKZ, CVS, CVZ, C, CLEN, CPOS, CTS, CCNT, ORIG,
+        RK, RV, R, RLEN, RPOS, RTS, RCNT,
+        PB, P, TB, T, TH, scale, norm_const,
+        O, so_b, so_l, so_h, so_d, STAT, ACC, MP, LP, TQ, split_size,
+        G: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KIND: tl.constexpr, NORM: tl.constexpr,
+        HAS_CACHE: tl.constexpr, K_FMT: tl.constexpr, V_FMT: tl.constexpr, K_CHANNEL: tl.constexpr,
+        GS: tl.constexpr, HAS_CCOUNT: tl.constexpr, HAS_RES: tl.constexpr, HAS_RCOUNT: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+        HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_F16: tl.constexpr, DOT_BF16: tl.constexpr,
+        SPLIT_K: tl.constexpr):
+    """Forward attention of packed query rows (see ``_rows``) of one (user, kv head); see ``attention.py`` for the
+    argument meanings.
+
+    ``SPLIT_K`` (decode, flash-decoding): grid ``(B * Hkv, num_splits)``, needs ``G * max_Lq <= BLOCK_M``. Program
+    ``(bh, s)`` takes all query rows of the kv head's group over the key slice ``[s * split_size, + split_size)``
+    and writes un-normalised partials to ``ACC [S, TQ, Hq, D]`` (fp32) and ``MP``/``LP [S, TQ, Hq]`` (softmax
+    running max and denominator; hstu visible stored and request entry counts); ``O``/``STAT`` are not used.
+
+    Otherwise (append / prefill): grid ``(cdiv(G * max_Lq, BLOCK_M), B * Hkv)``. Program ``(tile, bh)`` takes
+    ``BLOCK_M`` rows over the whole key axis -- compressed cache, residual, then the request's own tokens, causal
+    blocks past the tile's last query skipped -- with FlashAttention-2's online softmax (Dao, arXiv 2307.08691) or
+    HSTU's pointwise SiLU sum (Zhai et al., arXiv 2402.17152), and writes the normalised output ``O`` and the
+    per-row statistic ``STAT [TQ, Hq]`` (lse, or the hstu normaliser n); ``ACC``/``MP``/``LP`` are not used."""
+    if SPLIT_K:
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+    else:
+        tile = tl.program_id(0)
+        bh = tl.program_id(1)
+    b = bh // HKV
+    hkv = bh % HKV
+    if SPLIT_K:
+        # every query row of the group, over one slice of the key axis
+        first_row = 0
+        vlo = split * split_size
+        vhi = vlo + split_size
+        active = True
+    else:
+        # one tile of query rows over the whole key axis; tiles past the user's last row have nothing to do
+        qlen = tl.load(Q_LEN + b)
+        first_row = tile * BLOCK_M
+        vlo = 0
+        vhi = WHOLE
+        active = first_row < qlen * G
+    if active:
+        r = first_row + tl.arange(0, BLOCK_M)
+        acc, m_i, l_i, nh, nr, i, h, row_ok, flat = _attend(
+            b, hkv, r, vlo, vhi, scale,
+            Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS,
+            K, sk_b, sk_l, sk_h, sk_d, V, sv_b, sv_l, sv_h, sv_d, K_OFF, K_LEN, KROWB,
+            MASK, sm_b, sm_h, sm_i, sm_j, NT,
+            CK, CV, CKS, CKZ, CVS, CVZ, C, CLEN, CPOS, CTS, CCNT,
+            RK, RV, R, RLEN, RPOS, RTS, RCNT,
+            PB, P, TB, T, TH,
+            G, HQ, HKV, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, KIND, HAS_CACHE, K_FMT, V_FMT, K_CHANNEL, GS,
+            HAS_CCOUNT, HAS_RES, HAS_RCOUNT, CAUSAL, HAS_TARGETS, HAS_MASK, MASK_BOOL, HAS_POS, HAS_TIME,
+            DOT_F16, DOT_BF16)
+        if SPLIT_K:
+            base = (split.to(tl.int64) * TQ + flat) * HQ + h
+            d = tl.arange(0, BLOCK_D)
+            tl.store(ACC + base[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
+            if KIND == 0:
+                tl.store(MP + base, m_i, mask=row_ok)
+                tl.store(LP + base, l_i, mask=row_ok)
+            else:
+                tl.store(MP + base, nh, mask=row_ok)
+                tl.store(LP + base, nr, mask=row_ok)
+        else:
+            out, stat = _finalize(acc, m_i, l_i, nh, nr, tl.load(ORIG + b), norm_const, KIND, NORM, HAS_CACHE)
+            d = tl.arange(0, BLOCK_D)
+            qoff = tl.load(Q_OFF + b)
+            op = O + b * so_b + (qoff + i)[:, None] * so_l + h[:, None] * so_h + d[None, :] * so_d
+            tl.store(op, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < HEAD_DIM))
+            tl.store(STAT + flat * HQ + h, stat, mask=row_ok)

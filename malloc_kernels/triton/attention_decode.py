@@ -1,67 +1,21 @@
-"""Decode / small-Lq attention: split-K flash-decoding plus a merge kernel.
+"""Decode / small-Lq attention: split-K flash-decoding, the merge of its partials.
 
 A decode request has few query rows (often 1 per head) over a long compressed cache: one program per (user, kv
 head) would leave most of a GPU idle. Following flash-decoding (Dao et al., "Flash-Decoding for long-context
 inference", 2023), the key axis of every (user, kv head) -- cache, residual and request segments in time order --
-is cut into ``num_splits`` slices of ``split_size`` entries; program ``(user * Hkv + kv head, split)`` packs all
-``G * Lq`` query rows of the kv head's group into its M tile (so every dequantized K/V tile is reused by all query
-heads that read it, GQA/MQA without replication) and writes an un-normalised partial result. The merge kernel
-combines the partials: for softmax by the log-sum-exp merge ``o = sum_s e^{m_s - M} acc_s / sum_s e^{m_s - M} l_s``,
-for hstu by plain addition of the partial sums and visible-entry counts (pointwise attention has no normaliser to
-reconcile, DESIGN.md section 2).
+is cut into ``num_splits`` slices of ``split_size`` entries; ``attention_common.attention_forward_kernel`` with
+``SPLIT_K`` runs program ``(user * Hkv + kv head, split)``, which packs all ``G * Lq`` query rows of the kv head's
+group into its M tile (so every dequantized K/V tile is reused by all query heads that read it, GQA/MQA without
+replication) and writes an un-normalised partial result. The merge kernel here combines the partials: for softmax
+by the log-sum-exp merge ``o = sum_s e^{m_s - M} acc_s / sum_s e^{m_s - M} l_s``, for hstu by plain addition of the
+partial sums and visible-entry counts (pointwise attention has no normaliser to reconcile, DESIGN.md section 2).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .attention_common import _attend, _finalize
-
-
-@triton.jit
-def attention_decode_kernel(
-        Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS,
-        K, sk_b, sk_l, sk_h, sk_d, V, sv_b, sv_l, sv_h, sv_d, K_OFF, K_LEN, KROWB,
-        MASK, sm_b, sm_h, sm_i, sm_j, NT,
-        CK, CV, CKS, CKZ, CVS, CVZ, C, CLEN, CPOS, CTS, CCNT, ORIG,
-        RK, RV, R, RLEN, RPOS, RTS, RCNT,
-        PB, P, TB, T, TH, scale, norm_const,
-        ACC, MP, LP, TQ, split_size,
-        G: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KIND: tl.constexpr, NORM: tl.constexpr,
-        HAS_CACHE: tl.constexpr, K_FMT: tl.constexpr, V_FMT: tl.constexpr, K_CHANNEL: tl.constexpr,
-        GS: tl.constexpr, HAS_CCOUNT: tl.constexpr, HAS_RES: tl.constexpr, HAS_RCOUNT: tl.constexpr,
-        CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-        HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_F16: tl.constexpr, DOT_BF16: tl.constexpr):
-    """Grid ``(B * Hkv, num_splits)``; needs ``G * max_Lq <= BLOCK_M``. Partials go to ``ACC [S, TQ, Hq, D]``
-    (fp32, un-normalised), ``MP``/``LP [S, TQ, Hq]``: softmax running max and denominator; hstu visible stored
-    and request entry counts."""
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = bh // HKV
-    hkv = bh % HKV
-    r = tl.arange(0, BLOCK_M)
-    lo = split * split_size
-    acc, m_i, l_i, nh, nr, i, h, row_ok, flat = _attend(
-        b, hkv, r, lo, lo + split_size, scale,
-        Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS,
-        K, sk_b, sk_l, sk_h, sk_d, V, sv_b, sv_l, sv_h, sv_d, K_OFF, K_LEN, KROWB,
-        MASK, sm_b, sm_h, sm_i, sm_j, NT,
-        CK, CV, CKS, CKZ, CVS, CVZ, C, CLEN, CPOS, CTS, CCNT,
-        RK, RV, R, RLEN, RPOS, RTS, RCNT,
-        PB, P, TB, T, TH,
-        G, HQ, HKV, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, KIND, HAS_CACHE, K_FMT, V_FMT, K_CHANNEL, GS,
-        HAS_CCOUNT, HAS_RES, HAS_RCOUNT, CAUSAL, HAS_TARGETS, HAS_MASK, MASK_BOOL, HAS_POS, HAS_TIME,
-        DOT_F16, DOT_BF16)
-    base = (split.to(tl.int64) * TQ + flat) * HQ + h
-    d = tl.arange(0, BLOCK_D)
-    tl.store(ACC + base[:, None] * BLOCK_D + d[None, :], acc, mask=row_ok[:, None])
-    if KIND == 0:
-        tl.store(MP + base, m_i, mask=row_ok)
-        tl.store(LP + base, l_i, mask=row_ok)
-    else:
-        tl.store(MP + base, nh, mask=row_ok)
-        tl.store(LP + base, nr, mask=row_ok)
+from .attention_common import _finalize
 
 
 @triton.jit

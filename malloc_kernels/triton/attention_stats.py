@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_common import _block_scores, _rows
+from .attention_common import _block_scores, _cache_row_width, _rows, _scale_offset
 
 
 @triton.jit
@@ -80,19 +80,8 @@ def attention_stats_kernel(
         if HAS_CACHE:
             clen = tl.load(CLEN + bh)
             if blk * BLOCK_N < clen:
-                if K_FMT == 2:
-                    CKW: tl.constexpr = (HEAD_DIM + 1) // 2
-                elif K_FMT == 3:
-                    CKW: tl.constexpr = (HEAD_DIM + 3) // 4
-                else:
-                    CKW: tl.constexpr = HEAD_DIM
-                if K_FMT != 0:
-                    if K_CHANNEL:
-                        ks_off = bh.to(tl.int64) * ((C + GS - 1) // GS) * HEAD_DIM
-                    else:
-                        ks_off = bh.to(tl.int64) * C * (HEAD_DIM // GS)
-                else:
-                    ks_off = 0
+                CKW: tl.constexpr = _cache_row_width(K_FMT, HEAD_DIM)
+                ks_off = _scale_offset(bh, C, HEAD_DIM, K_FMT, K_CHANNEL, GS)
                 row0 = bh.to(tl.int64) * C
                 n_ok = n < clen
                 mass, wmass = _key_mass(

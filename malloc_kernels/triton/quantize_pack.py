@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..cache.types import FLOAT_FORMAT, FORMATS, FP8_FORMAT, INT_FORMATS, K_AXES, KVCache
+from ..cache.quant import check_quantize_cache_args, quantize_cache_sides
+from ..cache.types import FP8_FORMAT, INT_FORMATS, K_AXES, KVCache
 
 _FMT = {"int8": 1, "int4": 2, "int2": 3, "fp8": 4}
 
@@ -274,25 +275,8 @@ def quantize_pack(x: torch.Tensor, length: torch.Tensor, fmt: str, group_size: i
 
 def quantize_cache(cache: KVCache, k_format: str, v_format: str, group_size: int, k_axis: str = "token") -> KVCache:
     """Triton twin of ``cache.quant.quantize_cache`` (same arguments, same validated result, bit for bit)."""
-    if not isinstance(cache, KVCache):
-        raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
-    if cache.is_quantized:
-        raise ValueError(f"cache must be a full-precision cache, got formats k={cache.k_format!r}, "
-                         f"v={cache.v_format!r}")
-    for arg, fmt in (("k_format", k_format), ("v_format", v_format)):
-        if fmt not in FORMATS:
-            raise ValueError(f"{arg} must be one of {FORMATS}, got {fmt!r}")
-    if k_axis not in K_AXES:
-        raise ValueError(f"k_axis must be one of {K_AXES}, got {k_axis!r}")
-    cache.validate()
-    changes = dict(k_format=k_format, v_format=v_format, k_axis=k_axis, group_size=group_size)
-    if k_format != FLOAT_FORMAT:
-        k, ks, kz = quantize_pack(cache.k, cache.length, k_format, group_size, k_axis, name="cache.k")
-        changes.update(k=k, k_scale=ks, k_zero=kz)
-    if v_format != FLOAT_FORMAT:
-        v, vs, vz = quantize_pack(cache.v, cache.length, v_format, group_size, "token", name="cache.v")
-        changes.update(v=v, v_scale=vs, v_zero=vz)
-    return cache.replace(**changes).validate()
+    check_quantize_cache_args(cache, k_format, v_format, k_axis)
+    return quantize_cache_sides(cache, k_format, v_format, group_size, k_axis, quantize_pack)
 
 
 def aot_specs():
