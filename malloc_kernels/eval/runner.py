@@ -42,7 +42,9 @@ class EvalConfig:
     models (``models.train.TrainConfig``). ``uptrain_epochs``: > 0 warm-starts the head- and sequence-level variants
     from the trained base and fine-tunes them for this many epochs (``models.uptrain``, GQA-paper uptraining);
     0 trains them from scratch with the base recipe. The memory (MSN) variant always trains from scratch with the
-    base recipe, so its row compares the two at equal training budget."""
+    base recipe and time budget (``memory_epochs``: its own epoch count, so a cosine schedule ends within the same
+    budget although its epochs are slower; None = ``epochs``), so its row compares the two at equal training
+    budget."""
 
     data: str = "ml-latest-small"
     models: Sequence[str] = ("hstu", "sasrec")
@@ -63,6 +65,7 @@ class EvalConfig:
     schedule: str = "constant"
     warmup_steps: int = 0
     uptrain_epochs: int = 0
+    memory_epochs: Optional[int] = None
     seed: int = 0
     out: str = "results"
     cache: Optional[str] = None
@@ -261,7 +264,10 @@ def run(cfg: EvalConfig, log=print) -> dict:
         elif variant is None:
             model, report = _train_base(ds, cfg, arch, train_cfg, bases)
         else:
-            model, report = train(ds, model_cfg, train_cfg, cache=cfg.cache, progress=cfg.progress,
+            own_cfg = train_cfg
+            if VARIANTS[variant][0] == "memory" and cfg.memory_epochs:
+                own_cfg = dataclasses.replace(train_cfg, epochs=cfg.memory_epochs)
+            model, report = train(ds, model_cfg, own_cfg, cache=cfg.cache, progress=cfg.progress,
                                   log=lambda m: None)
         trained[(arch, variant)] = report
         if variant is not None:  # a trained variant is served over its own native cache
