@@ -22,7 +22,7 @@ QUICK_VARIANTS = ("mqa", "linformer")
 QUICK_RECIPE = dict(epochs=15, time_budget_min=0.0, loss="sampled", schedule="constant", warmup_steps=0,
                     uptrain_epochs=0, memory_epochs=None)
 FULL_RECIPE = dict(epochs=24, time_budget_min=45.0, loss="full", schedule="cosine", warmup_steps=100,
-                   uptrain_epochs=3, memory_epochs=12)
+                   uptrain_epochs=3, memory_epochs=None)
 
 
 def _floats(s):
@@ -62,8 +62,7 @@ def build_parser():
                    help="learning-rate schedule (constant; cosine with --full)")
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--memory-epochs", type=int, default=None,
-                   help="epochs of the MSN memory variant (default: --epochs; 12 with --full, which fits the 45-min "
-                        "budget of the base at its slower epochs)")
+                   help="epochs of the MSN memory variant (default: --epochs)")
     p.add_argument("--uptrain-epochs", type=int, default=None,
                    help="warm-start head/sequence variants from the base and fine-tune this many epochs "
                         "(0 = train from scratch; default 0, 3 with --full)")
@@ -89,7 +88,8 @@ def config_from_args(args) -> EvalConfig:
                       batch_size=args.batch_size, epochs=recipe["epochs"],
                       time_budget_min=recipe["time_budget_min"], full_softmax=recipe["loss"] == "full",
                       schedule=recipe["schedule"], warmup_steps=recipe["warmup_steps"],
-                      uptrain_epochs=recipe["uptrain_epochs"], memory_epochs=recipe["memory_epochs"], seed=args.seed, out=args.out, cache=args.cache,
+                      uptrain_epochs=recipe["uptrain_epochs"], memory_epochs=recipe["memory_epochs"],
+                      seed=args.seed, out=args.out, cache=args.cache,
                       progress=not args.no_progress)
 
 
