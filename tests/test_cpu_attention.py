@@ -269,3 +269,22 @@ def test_decode_rows_from_codes(fmt, D, hq, hkv):
         if kind == "softmax":
             _close(got.lse, want.lse)
         _close(got.stats.cache_mass, want.stats.cache_mass)
+
+
+@pytest.mark.parametrize("fmt,params", [
+    ("int4", {}), ("int2", {}), ("int8", {}),
+    ("int4", {"group_size": 8}), ("int2", {"group_size": 16}), ("int4", {"group_size": 64}),
+    ("int8", {"group_size": 16, "k_axis": "channel"}), ("int8", {"group_size": 4, "k_axis": "channel"}),
+    ("int8", {"group_size": 32}), ("int4", {"group_size": 32, "k_axis": "token"}),
+])
+@pytest.mark.parametrize("hq,hkv,L", [(4, 4, 1), (2, 1, 1), (8, 2, 1), (8, 1, 1), (4, 2, 5)])
+def test_decode_code_layout_gqa_groups(fmt, params, hq, hkv, L):
+    # D = 64 softmax over int8/int4/int2 caches runs the cache segment in the kernel's code layout (one query row
+    # straight from the codes, several rows through one expanded tile): GQA, odd and ragged lengths, token groups
+    # that end mid-block (group sizes 4..64) and the layouts that fall back to the generic path.
+    q, k, v, hk, hv = _data(3, hq, hkv, L, 97, 64, seed=hq * 10 + hkv + L)
+    cache = mk.compress(hk, hv, fmt, lengths=torch.tensor([97, 33, 1]), **params)
+    got, want = _run_both(q, k, v, cache, is_causal=True, return_lse=True, return_stats=True)
+    _close(got.output, want.output)
+    _close(got.lse, want.lse)
+    _close(got.stats.cache_mass, want.stats.cache_mass)

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include <omp.h>
@@ -233,7 +234,45 @@ inline void decode_rows_rt(Fmt f, const uint8_t* base, int64_t stride, int n, in
 // S[r][j] = <Q[r], K[j]> (+ add[r] if add), r < R, j < n, over Dp (multiple of 8 in the AVX2 build) elements.
 inline void qk_dots(const float* Q, int ldq, int R, const float* K, int64_t ldk, int n, int Dp, float* S, int lds,
                     const float* add) {
-  for (int r = 0; r < R; ++r) {
+  int r0 = 0;
+#ifdef MK_ISA_AVX2
+  // Rows in pairs over blocks of 4 keys: every K vector load feeds two FMAs (the loop is load-bound otherwise).
+  // Each score accumulates in the same order as the single-row loop below, so results are bit-identical.
+  for (; r0 + 2 <= R && n >= 4; r0 += 2) {
+    const float* qa = Q + int64_t(r0) * ldq;
+    const float* qb = qa + ldq;
+    float* sa = S + int64_t(r0) * lds;
+    float* sb = sa + lds;
+    const float aa = add ? add[r0] : 0.f, ab = add ? add[r0 + 1] : 0.f;
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const float* k0 = K + j * ldk;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+      for (int d = 0; d < Dp; d += 8) {
+        const __m256 x = _mm256_loadu_ps(qa + d), y = _mm256_loadu_ps(qb + d);
+        const __m256 k0v = _mm256_loadu_ps(k0 + d), k1v = _mm256_loadu_ps(k0 + ldk + d);
+        const __m256 k2v = _mm256_loadu_ps(k0 + 2 * ldk + d), k3v = _mm256_loadu_ps(k0 + 3 * ldk + d);
+        a0 = _mm256_fmadd_ps(x, k0v, a0); b0 = _mm256_fmadd_ps(y, k0v, b0);
+        a1 = _mm256_fmadd_ps(x, k1v, a1); b1 = _mm256_fmadd_ps(y, k1v, b1);
+        a2 = _mm256_fmadd_ps(x, k2v, a2); b2 = _mm256_fmadd_ps(y, k2v, b2);
+        a3 = _mm256_fmadd_ps(x, k3v, a3); b3 = _mm256_fmadd_ps(y, k3v, b3);
+      }
+      _mm_storeu_ps(sa + j, _mm_add_ps(hsum4(a0, a1, a2, a3), _mm_set1_ps(aa)));
+      _mm_storeu_ps(sb + j, _mm_add_ps(hsum4(b0, b1, b2, b3), _mm_set1_ps(ab)));
+    }
+    for (; j < n; ++j) {
+      __m256 a0 = _mm256_setzero_ps(), b0 = a0;
+      for (int d = 0; d < Dp; d += 8) {
+        const __m256 kv = _mm256_loadu_ps(K + j * ldk + d);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qa + d), kv, a0);
+        b0 = _mm256_fmadd_ps(_mm256_loadu_ps(qb + d), kv, b0);
+      }
+      sa[j] = hsum(a0) + aa;
+      sb[j] = hsum(b0) + ab;
+    }
+  }
+#endif
+  for (int r = r0; r < R; ++r) {
     const float* q = Q + int64_t(r) * ldq;
     float* s = S + int64_t(r) * lds;
     const float a = add ? add[r] : 0.f;
@@ -379,6 +418,181 @@ inline void pv_codes(const float* P, int ldp, int R, int n, const uint8_t* V, in
     for (int c = 0; c < NC; ++c) _mm256_storeu_ps(o + 8 * c, acc[c]);
   }
 }
+
+// ---- decode straight from the codes in the "code layout" (D == 64; int8 / int4 / int2) -------------------------
+// A stored row of 64 codes is read as packed 32-bit words and expanded into 8 vectors v_t (t = 0..7): lane c of v_t
+// holds the code of element code_elem<F>(c, t) times 2^code_exp<F>(t), obtained with ONE and (or shift) of the
+// words and an int -> float conversion: no per-element variable shifts and no shuffles in the inner loop. The query
+// is stored once per (row, key group) in the same order and pre-multiplied by 2^-code_exp (exact: a power of two),
+// so every product q_d * code_d is bit-identical to the natural computation and only the summation order changes;
+// value accumulators live in the same layout and are scaled back (exactly) once per work item.
+template <Fmt F>
+constexpr int code_elem(int c, int t) { return F == Fmt::INT8 ? 32 * (t >> 2) + 4 * c + (t & 3) : 8 * c + t; }
+template <Fmt F>
+constexpr int code_exp(int t) {
+  return F == Fmt::INT4 ? 4 * (t & 3) : F == Fmt::INT2 ? 2 * t : ((t & 3) < 3 ? 8 * (t & 3) : 0);
+}
+
+template <Fmt F>
+struct Codes64 {
+  __m256i lo, hi;
+  explicit Codes64(const uint8_t* row) {
+    if constexpr (F == Fmt::INT4) {
+      // 32 bytes = 8 words of 8 nibbles: word c holds elements 8c..8c+7, element 8c+t in nibble t.
+      lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+      hi = _mm256_srli_epi32(lo, 16);
+    } else if constexpr (F == Fmt::INT2) {
+      // 16 bytes = 8 half-words of 8 crumbs, widened to one half-word per 32-bit lane.
+      lo = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+      hi = lo;
+    } else {
+      // 64 bytes: word c of half h holds elements 32h + 4c .. 32h + 4c + 3.
+      lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+      hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32));
+    }
+  }
+  template <int T>
+  __m256 get() const {
+    if constexpr (F == Fmt::INT4) {
+      // the top nibble of a word comes from `hi` (pre-shifted) so the masked value stays below 2^24 and positive.
+      const __m256i x = T < 4 ? lo : hi;
+      return _mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_set1_epi32(0xF << (4 * (T & 3)))));
+    } else if constexpr (F == Fmt::INT2) {
+      return _mm256_cvtepi32_ps(_mm256_and_si256(lo, _mm256_set1_epi32(0x3 << (2 * T))));
+    } else {
+      const __m256i x = T < 4 ? lo : hi;
+      if constexpr ((T & 3) == 3) return _mm256_cvtepi32_ps(_mm256_srli_epi32(x, 24));
+      else return _mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_set1_epi32(0xFF << (8 * (T & 3)))));
+    }
+  }
+};
+
+template <class Fn, int... T>
+inline void for_t_impl(Fn&& fn, std::integer_sequence<int, T...>) { (fn(std::integral_constant<int, T>{}), ...); }
+// fn(std::integral_constant<int, t>) for t = 0..7, fully unrolled at compile time.
+template <class Fn>
+inline void for_t(Fn&& fn) { for_t_impl(fn, std::make_integer_sequence<int, 8>{}); }
+
+// In-place 8x8 transpose: r[i] lane j <- r[j] lane i.
+inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20); r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20); r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31); r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31); r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// One query row against n rows of codes: S[j] = <qp, code_j> (qp in code layout, 8 vectors).
+template <Fmt F>
+inline void qk_code_layout_r1(const float* qp, const uint8_t* K, int64_t rb, int n, float* S) {
+  int j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const uint8_t* k0 = K + j * rb;
+    const Codes64<F> c0(k0), c1(k0 + rb), c2(k0 + 2 * rb), c3(k0 + 3 * rb);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for_t([&](auto T) {
+      const __m256 q = _mm256_loadu_ps(qp + 8 * T);
+      a0 = _mm256_fmadd_ps(q, c0.template get<T>(), a0);
+      a1 = _mm256_fmadd_ps(q, c1.template get<T>(), a1);
+      a2 = _mm256_fmadd_ps(q, c2.template get<T>(), a2);
+      a3 = _mm256_fmadd_ps(q, c3.template get<T>(), a3);
+    });
+    _mm_storeu_ps(S + j, hsum4(a0, a1, a2, a3));
+  }
+  for (; j < n; ++j) {
+    const Codes64<F> c0(K + j * rb);
+    __m256 a0 = _mm256_setzero_ps();
+    for_t([&](auto T) { a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp + 8 * T), c0.template get<T>(), a0); });
+    S[j] = hsum(a0);
+  }
+}
+
+// n rows of codes expanded into a float tile in code layout (row stride 64): shared by several query rows.
+template <Fmt F>
+inline void expand_code_layout(const uint8_t* K, int64_t rb, int n, float* tile) {
+  for (int j = 0; j < n; ++j) {
+    const Codes64<F> c(K + j * rb);
+    float* t = tile + int64_t(j) * 64;
+    for_t([&](auto T) { _mm256_storeu_ps(t + 8 * T, c.template get<T>()); });
+  }
+}
+
+// Value weights of key j in code layout: lane c of the vector used for v_t is pw[j * ngr + group of the element];
+// gidx[H] holds those group indices for the vectors t with t >> 2 == H (int4/int2: the same for every t).
+template <Fmt F, int T>
+inline __m256 code_weight(const __m256& w0, const __m256& w1) {
+  if constexpr (F == Fmt::INT8) return T < 4 ? w0 : w1;
+  else return w0;
+}
+
+// Op (code layout, 8 vectors) += sum_j pw_j (x) v_t(code_j), from the codes (one query row).
+template <Fmt F>
+inline void pv_code_layout_r1(const float* pw, int ngr, const __m256i* gidx, const uint8_t* V, int64_t rb, int n,
+                              float* Op) {
+  __m256 acc[8];
+  for (int t = 0; t < 8; ++t) acc[t] = _mm256_loadu_ps(Op + 8 * t);
+  for (int j = 0; j < n; ++j) {
+    const Codes64<F> c(V + j * rb);
+    const __m256 pj = _mm256_loadu_ps(pw + j * ngr);
+    const __m256 w0 = _mm256_permutevar8x32_ps(pj, gidx[0]);
+    const __m256 w1 = F == Fmt::INT8 ? _mm256_permutevar8x32_ps(pj, gidx[1]) : w0;
+    for_t([&](auto T) { acc[T] = _mm256_fmadd_ps(code_weight<F, T>(w0, w1), c.template get<T>(), acc[T]); });
+  }
+  for (int t = 0; t < 8; ++t) _mm256_storeu_ps(Op + 8 * t, acc[t]);
+}
+
+// Two query rows from an expanded tile, half of the code layout (vectors 4H..4H+3) at a time: each tile load feeds
+// two FMAs and the 8 accumulators stay in registers.
+template <Fmt F>
+inline void pv_code_tile2(const float* pwa, const float* pwb, int ngr, const __m256i* gidx, const float* tile, int n,
+                          float* Opa, float* Opb) {
+  for (int H = 0; H < 2; ++H) {
+    const __m256i gi = gidx[F == Fmt::INT8 ? H : 0];
+    __m256 a[4], b[4];
+    for (int t = 0; t < 4; ++t) {
+      a[t] = _mm256_loadu_ps(Opa + 32 * H + 8 * t);
+      b[t] = _mm256_loadu_ps(Opb + 32 * H + 8 * t);
+    }
+    for (int j = 0; j < n; ++j) {
+      const float* v = tile + int64_t(j) * 64 + 32 * H;
+      const __m256 wa = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pwa + j * ngr), gi);
+      const __m256 wb = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pwb + j * ngr), gi);
+      for (int t = 0; t < 4; ++t) {
+        const __m256 x = _mm256_loadu_ps(v + 8 * t);
+        a[t] = _mm256_fmadd_ps(wa, x, a[t]);
+        b[t] = _mm256_fmadd_ps(wb, x, b[t]);
+      }
+    }
+    for (int t = 0; t < 4; ++t) {
+      _mm256_storeu_ps(Opa + 32 * H + 8 * t, a[t]);
+      _mm256_storeu_ps(Opb + 32 * H + 8 * t, b[t]);
+    }
+  }
+}
+
+// Same from an expanded tile (several query rows share one expansion).
+template <Fmt F>
+inline void pv_code_tile(const float* pw, int ngr, const __m256i* gidx, const float* tile, int n, float* Op) {
+  __m256 acc[8];
+  for (int t = 0; t < 8; ++t) acc[t] = _mm256_loadu_ps(Op + 8 * t);
+  for (int j = 0; j < n; ++j) {
+    const float* v = tile + int64_t(j) * 64;
+    const __m256 pj = _mm256_loadu_ps(pw + j * ngr);
+    const __m256 w0 = _mm256_permutevar8x32_ps(pj, gidx[0]);
+    const __m256 w1 = F == Fmt::INT8 ? _mm256_permutevar8x32_ps(pj, gidx[1]) : w0;
+    for_t([&](auto T) {
+      acc[T] = _mm256_fmadd_ps(code_weight<F, T>(w0, w1), _mm256_loadu_ps(v + 8 * T), acc[T]);
+    });
+  }
+  for (int t = 0; t < 8; ++t) _mm256_storeu_ps(Op + 8 * t, acc[t]);
+}
 #endif
 
 // ---- the kernel ------------------------------------------------------------------------------------------------
@@ -387,8 +601,13 @@ enum SegId { SEG_CACHE = 0, SEG_RES = 1, SEG_REQ = 2 };
 struct Scratch {
   std::vector<float> Q, Qs, O, S, Kt, Vt, m, l, zb, cs, cz, nrm;
   std::vector<float> lse, inw, vs, vz, pw;
+  // decode-from-codes path (code layout, D == 64): queries, value accumulators, zero-point sums, weights.
+  std::vector<float> qperm, qp, Op, Zv, pwr, qsum, ksf, kzf;
   std::vector<int64_t> qi, qh, qpos, qts;
   void init(int Dp, int Rcap) {
+    qperm.assign(size_t(Rcap) * 64, 0.f); qp.assign(size_t(Rcap) * 64, 0.f); Op.assign(size_t(Rcap) * 64, 0.f);
+    Zv.assign(size_t(Rcap) * 8, 0.f); pwr.assign(size_t(Rcap) * (KB * 8 + 8), 0.f); qsum.assign(Rcap, 0.f);
+    ksf.assign(KB + 8, 0.f); kzf.assign(KB + 8, 0.f);
     Q.assign(size_t(Rcap) * Dp, 0.f); Qs.assign(size_t(Rcap) * Dp, 0.f); O.assign(size_t(Rcap) * Dp, 0.f);
     S.assign(size_t(Rcap) * KB, 0.f); Kt.assign(size_t(KB) * Dp, 0.f); Vt.assign(size_t(KB) * Dp, 0.f);
     m.assign(Rcap, 0.f); l.assign(Rcap, 0.f); zb.assign(Rcap, 0.f); nrm.assign(Rcap, 0.f);
@@ -645,6 +864,227 @@ class Kernel {
     *V = sc.Vt.data(); *ldv = Dp_;
   }
 
+  // The cache segment of a softmax chunk decoded straight from the codes in code layout (see Codes64): int8/int4/int2
+  // keys and values of the same format, D == 64, channel-axis keys (any token group) or token-axis keys with one
+  // group per row, token-axis value groups the layout can address, no counts, no bias. Must run first in a chunk
+  // (it starts from m = -inf, l = 0, O = 0, which is the state before the cache segment).
+  bool decode_cache_ok() const {
+#ifdef MK_ISA_AVX2
+    const Segment& sg = p_.cache;
+    if (!p_.has_cache || D_ != 64 || p_.kind != Kind::Softmax || has_bias_ || sg.count) return false;
+    if (sg.k_fmt != sg.v_fmt) return false;
+    if (sg.k_fmt != Fmt::INT8 && sg.k_fmt != Fmt::INT4 && sg.k_fmt != Fmt::INT2) return false;
+    const int gs = sg.group_size;
+    // value groups: at most 8 per row (one weight vector per key), each a whole number of code-layout lanes
+    if (gs < 8 || 64 % gs != 0) return false;
+    return sg.k_channel || gs == 64;
+#else
+    return false;
+#endif
+  }
+
+#ifdef MK_ISA_AVX2
+  template <Fmt F>
+  void decode_cache(Scratch& sc, int64_t b, int64_t h, int R) const {
+    const Segment& sg = p_.cache;
+    const int64_t bh = b * p_.Hkv + h;
+    const int64_t len = seg_len(SEG_CACHE, b, h);
+    const int64_t rb = row_bytes(F, 64);
+    const uint8_t* kbase = static_cast<const uint8_t*>(sg.k) + bh * sg.capacity * rb;
+    const uint8_t* vbase = static_cast<const uint8_t*>(sg.v) + bh * sg.capacity * rb;
+    const int gs = sg.group_size, vng = 64 / gs;
+    const bool kch = sg.k_channel;
+    float* qperm = sc.qperm.data();
+    float* Op = sc.Op.data();
+    float* Zv = sc.Zv.data();
+    // queries in code layout, pre-scaled by 2^-code_exp (exact)
+    for (int r = 0; r < R; ++r) {
+      const float* q = sc.Q.data() + int64_t(r) * Dp_;
+      float qs = 0.f;
+      for (int t = 0; t < 8; ++t) {
+        const float f = std::ldexp(1.f, -code_exp<F>(t));
+        for (int c = 0; c < 8; ++c) qperm[r * 64 + t * 8 + c] = q[code_elem<F>(c, t)] * f;
+      }
+      for (int d = 0; d < 64; ++d) qs += q[d];
+      sc.qsum[r] = qs;
+      std::fill(Op + r * 64, Op + (r + 1) * 64, 0.f);
+      std::fill(Zv + r * 8, Zv + (r + 1) * 8, 0.f);
+    }
+    // group index of each lane of the value weight vectors (vectors t with t >> 2 == H; gs >= 8 keeps it per lane)
+    __m256i gidx[2];
+    for (int H = 0; H < 2; ++H) {
+      alignas(32) int32_t gi[8];
+      for (int c = 0; c < 8; ++c) gi[c] = code_elem<F>(c, F == Fmt::INT8 ? 4 * H : 0) / gs;
+      gidx[H] = _mm256_load_si256(reinterpret_cast<const __m256i*>(gi));
+    }
+    // p index of lane i of the k-th vector of (key, group) pairs: pairs 8k..8k+7 within the 8-key block k / vng
+    __m256i pidx[8];
+    for (int k = 0; k < vng; ++k) {
+      alignas(32) int32_t pi[8];
+      for (int i = 0; i < 8; ++i) pi[i] = (8 * (k % vng) + i) / vng;
+      pidx[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(pi));
+    }
+    const int64_t nkg = (sg.capacity + gs - 1) / gs;
+    const int pwld = KB * 8 + 8;
+    float* S = sc.S.data();
+    float* vsf = sc.vs.data();
+    float* vzf = sc.vz.data();
+    int64_t kg_cur = -1;
+    int n;
+    for (int64_t j0 = 0; j0 < len; j0 += n) {
+      block_len(SEG_CACHE, b, h, j0, len, &n);
+      const float* qp = qperm;
+      if (kch) {
+        // per-channel key scale of this token group folded into the query, zero point into one offset per row
+        const int64_t g = j0 / gs;
+        if (g != kg_cur) {
+          kg_cur = g;
+          halves_to_floats(sg.k_scale + (bh * nkg + g) * 64, 64, sc.cs.data());
+          if (sg.k_zero) halves_to_floats(sg.k_zero + (bh * nkg + g) * 64, 64, sc.cz.data());
+          else std::fill(sc.cz.begin(), sc.cz.begin() + 64, 0.f);
+          for (int r = 0; r < R; ++r) {
+            const float* q = sc.Q.data() + int64_t(r) * Dp_;
+            float* qpr = sc.qp.data() + r * 64;
+            __m256 v[8];
+            __m256 za = _mm256_setzero_ps();
+            for (int c = 0; c < 8; ++c) {
+              const __m256 qv = _mm256_loadu_ps(q + 8 * c);
+              v[c] = _mm256_mul_ps(qv, _mm256_loadu_ps(sc.cs.data() + 8 * c));
+              za = _mm256_fmadd_ps(qv, _mm256_loadu_ps(sc.cz.data() + 8 * c), za);
+            }
+            sc.zb[r] = hsum(za);
+            if constexpr (F == Fmt::INT8) {
+              alignas(32) float nat[64];
+              for (int c = 0; c < 8; ++c) _mm256_store_ps(nat + 8 * c, v[c]);
+              for (int t = 0; t < 8; ++t) {
+                const float f = std::ldexp(1.f, -code_exp<F>(t));
+                for (int c = 0; c < 8; ++c) qpr[t * 8 + c] = nat[code_elem<F>(c, t)] * f;
+              }
+            } else {
+              transpose8(v);  // element 8c + t -> vector t, lane c
+              for (int t = 0; t < 8; ++t)
+                _mm256_storeu_ps(qpr + 8 * t, _mm256_mul_ps(v[t], _mm256_set1_ps(std::ldexp(1.f, -code_exp<F>(t)))));
+            }
+          }
+        }
+        qp = sc.qp.data();
+      }
+      // scores
+      const uint8_t* kb0 = kbase + j0 * rb;
+      if (R == 1) {
+        qk_code_layout_r1<F>(qp, kb0, rb, n, S);
+      } else {
+        expand_code_layout<F>(kb0, rb, n, sc.Kt.data());
+        qk_dots(qp, 64, R, sc.Kt.data(), 64, n, 64, S, KB, nullptr);
+      }
+      if (!kch) {  // token-axis keys, one group per row: s_j * <q, code_j> + z_j * sum(q)
+        halves_to_floats(sg.k_scale + bh * sg.capacity + j0, n, sc.ksf.data());
+        if (sg.k_zero) halves_to_floats(sg.k_zero + bh * sg.capacity + j0, n, sc.kzf.data());
+        else std::fill(sc.kzf.begin(), sc.kzf.begin() + n, 0.f);
+      }
+      // online softmax, vectorised over the block (entries past n are -inf, so their weights are exactly 0)
+      const int n8 = (n + 7) / 8 * 8;
+      for (int r = 0; r < R; ++r) {
+        float* s = S + r * KB;
+        if (kch) {
+          const __m256 zb = _mm256_set1_ps(sc.zb[r]);
+          for (int j = 0; j < n8; j += 8) _mm256_storeu_ps(s + j, _mm256_add_ps(_mm256_loadu_ps(s + j), zb));
+        } else {
+          const __m256 qs = _mm256_set1_ps(sc.qsum[r]);
+          for (int j = 0; j < n8; j += 8)
+            _mm256_storeu_ps(s + j, _mm256_fmadd_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(sc.ksf.data() + j),
+                                                    _mm256_mul_ps(_mm256_loadu_ps(sc.kzf.data() + j), qs)));
+        }
+        for (int j = n; j < KB; ++j) s[j] = NEG_INF;
+        __m256 mx = _mm256_loadu_ps(s);
+        for (int j = 8; j < KB; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + j));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float mnew = std::max(sc.m[r], _mm_cvtss_f32(m4));
+        if (mnew == NEG_INF) { std::fill(s, s + KB, 0.f); continue; }
+        const __m256 mv = _mm256_set1_ps(mnew);
+        __m256 sum = _mm256_setzero_ps();
+        for (int j = 0; j < KB; j += 8) {
+          const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+          _mm256_storeu_ps(s + j, e);
+          sum = _mm256_add_ps(sum, e);
+        }
+        if (sc.m[r] != mnew) {
+          const float alpha = sc.m[r] == NEG_INF ? 0.f : std::exp(sc.m[r] - mnew);
+          const __m256 av = _mm256_set1_ps(alpha);
+          for (int t = 0; t < 8; ++t) _mm256_storeu_ps(Op + r * 64 + 8 * t, _mm256_mul_ps(av, _mm256_loadu_ps(Op + r * 64 + 8 * t)));
+          _mm256_storeu_ps(Zv + r * 8, _mm256_mul_ps(av, _mm256_loadu_ps(Zv + r * 8)));
+          sc.l[r] *= alpha;
+          sc.m[r] = mnew;
+        }
+        sc.l[r] += hsum(sum);
+      }
+      // values: weights p_j * s_jg (value scale folded into the weight), zero points summed per group
+      const int np = n * vng, np8 = (np + 7) / 8 * 8;
+      halves_to_floats(sg.v_scale + (bh * sg.capacity + j0) * vng, np, vsf);
+      if (sg.v_zero) halves_to_floats(sg.v_zero + (bh * sg.capacity + j0) * vng, np, vzf);
+      else std::fill(vzf, vzf + np, 0.f);
+      std::fill(vsf + np, vsf + np8, 0.f);
+      std::fill(vzf + np, vzf + np8, 0.f);
+      for (int r = 0; r < R; ++r) {
+        const float* pr = S + r * KB;
+        float* pw = sc.pwr.data() + int64_t(r) * pwld;
+        __m256 za = _mm256_loadu_ps(Zv + r * 8);
+        for (int k = 0; k < np8 / 8; ++k) {
+          const __m256 pk = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pr + 8 * (k / vng)), pidx[k % vng]);
+          _mm256_storeu_ps(pw + 8 * k, _mm256_mul_ps(pk, _mm256_loadu_ps(vsf + 8 * k)));
+          za = _mm256_fmadd_ps(pk, _mm256_loadu_ps(vzf + 8 * k), za);
+        }
+        _mm256_storeu_ps(Zv + r * 8, za);
+      }
+      const uint8_t* vb0 = vbase + j0 * rb;
+      if (R == 1) {
+        pv_code_layout_r1<F>(sc.pwr.data(), vng, gidx, vb0, rb, n, Op);
+      } else {
+        expand_code_layout<F>(vb0, rb, n, sc.Vt.data());
+        int r = 0;
+        for (; r + 2 <= R; r += 2)
+          pv_code_tile2<F>(sc.pwr.data() + int64_t(r) * pwld, sc.pwr.data() + int64_t(r + 1) * pwld, vng, gidx,
+                           sc.Vt.data(), n, Op + r * 64, Op + (r + 1) * 64);
+        for (; r < R; ++r) pv_code_tile<F>(sc.pwr.data() + int64_t(r) * pwld, vng, gidx, sc.Vt.data(), n, Op + r * 64);
+      }
+    }
+    // back to natural order: O_d = 2^-code_exp * Op + (sum_j p_j z_jg) of the element's group
+    for (int r = 0; r < R; ++r) {
+      float* o = sc.O.data() + int64_t(r) * Dp_;
+      float zg[8];
+      for (int g = 0; g < vng; ++g) {
+        zg[g] = 0.f;
+        for (int i = g; i < 8; i += vng) zg[g] += Zv[r * 8 + i];
+      }
+      for (int t = 0; t < 8; ++t) {
+        const float f = std::ldexp(1.f, -code_exp<F>(t));
+        for (int c = 0; c < 8; ++c) {
+          const int e = code_elem<F>(c, t);
+          o[e] += Op[r * 64 + t * 8 + c] * f + zg[e / gs];
+        }
+      }
+    }
+  }
+#endif
+
+  // Runs decode_cache for the cache segment when decode_cache_ok(); returns whether it did.
+  bool cache_from_codes(Scratch& sc, int64_t b, int64_t h, int R) const {
+#ifdef MK_ISA_AVX2
+    if (!decode_cache_ok()) return false;
+    switch (p_.cache.k_fmt) {
+      case Fmt::INT4: decode_cache<Fmt::INT4>(sc, b, h, R); break;
+      case Fmt::INT2: decode_cache<Fmt::INT2>(sc, b, h, R); break;
+      default: decode_cache<Fmt::INT8>(sc, b, h, R); break;
+    }
+    return true;
+#else
+    (void)sc; (void)b; (void)h; (void)R;
+    return false;
+#endif
+  }
+
   // One chunk: kv head h of user b, queries [i0, i0 + nq), all G query heads.
   void run_chunk(Scratch& sc, int64_t b, int64_t h, int64_t i0, int nq) const {
     const int R = G_ * nq;
@@ -669,6 +1109,7 @@ class Kernel {
     const bool softmax = p_.kind == Kind::Softmax;
     float cnt[KB];
     for (int seg = 0; seg < 3; ++seg) {
+      if (seg == SEG_CACHE && cache_from_codes(sc, b, h, R)) continue;
       const int64_t len = seg_len(seg, b, h);
       int n;
       for (int64_t j0 = 0; j0 < len; j0 += n) {
