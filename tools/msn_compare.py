@@ -24,10 +24,29 @@ from malloc_kernels.models.train import main as train_main
 
 
 def _summary(rep: dict) -> dict:
-    last_usage = next((p["slot_usage"] for p in reversed(rep["curve"]) if "slot_usage" in p), None)
+    # slot usage of the last whole epoch: a run stopped by its time budget ends with a sliver of an epoch whose
+    # few batches hit only a fraction of the slots
+    whole = [p for p, prev in zip(rep["curve"], [{"epoch": 0.0}] + rep["curve"])
+             if "slot_usage" in p and p["epoch"] - prev["epoch"] >= 0.5]
+    last_usage = whole[-1]["slot_usage"] if whole else None
     return {"test": rep["test"], "train_seconds": rep["train_seconds"],
             "epochs": rep["curve"][-1]["epoch"] if rep["curve"] else 0, "params": rep["params"],
-            "memory_table_bytes": rep["memory_table_bytes"], "slot_usage": last_usage, "model": rep["model"]}
+            "memory_table_bytes": rep["memory_table_bytes"], "slot_usage": last_usage, "model": rep["model"],
+            "valid_curve": [{"epoch": p["epoch"], "minutes": p["train_seconds"] / 60, **p["valid"]}
+                            for p in rep["curve"] if "valid" in p]}
+
+
+def _epoch_matched(base: dict, msn: dict) -> list[str]:
+    """Validation NDCG@10 / HR@10 of both runs at the epochs both evaluated: the comparison free of wall-clock noise."""
+    at = {round(p["epoch"], 2): p for p in base["valid_curve"]}
+    lines = ["| epoch | baseline valid NDCG@10 | msn valid NDCG@10 | baseline valid HR@10 | msn valid HR@10 |",
+             "|---|---|---|---|---|"]
+    for p in msn["valid_curve"]:
+        b = at.get(round(p["epoch"], 2))
+        if b is not None:
+            lines.append(f"| {p['epoch']:.0f} | {b['NDCG@10']:.4f} | {p['NDCG@10']:.4f} | {b['HR@10']:.4f} | "
+                         f"{p['HR@10']:.4f} |")
+    return lines
 
 
 def main(argv=None) -> dict:
@@ -51,10 +70,12 @@ def main(argv=None) -> dict:
         lines.append(f"| {name} | " + " | ".join(f"{r['test'][m]:.4f}" for m in metrics)
                      + f" | {r['params']:,} | {r['memory_table_bytes']:,} | {r['train_seconds']:.0f} | "
                        f"{r['epochs']:.2f} | {hit} |")
+    lines += ["", "Validation at matched epochs:", ""] + _epoch_matched(base, msn)
     print("\n".join(lines))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
+        Path(args.out).with_suffix(".tables.md").write_text("\n".join(lines) + "\n")
     return result
 
 

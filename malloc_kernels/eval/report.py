@@ -102,6 +102,9 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
             ax.scatter(x, y, color=colors.get(r["level"], "gray"), s=28, zorder=3)
             ax.annotate(f"{r['method']} {r['budget']}", (x, y), fontsize=6, xytext=(3, 2),
                         textcoords="offset points")
+        native = next((r for r in pts if r["method"] == "native"), None)
+        if native is not None:
+            ax.axhline(float(native["NDCG@10"]), color="black", lw=0.8, ls=":", zorder=1, label="native NDCG@10")
         front = pareto_front(xy)
         if front:
             ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "--", color="gray", zorder=2,
