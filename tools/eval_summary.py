@@ -2,8 +2,9 @@
 
     python tools/eval_summary.py benchmarks/results/ml1m_eval/results.json [more results.json ...]
 
-One row per method x budget, the models side by side: cache bytes per user as a fraction of the native cache, then
-for each model NDCG@10, its change vs the native cache (absolute points) and HR@10, then the request latency. Rows
+One row per method x budget, the models side by side: cache bytes per user as a fraction of the native cache (one
+figure when it is the same for every model), each model's NDCG@10 with its change vs the native cache (absolute
+points), HR@10, and the measured latency of a request batch. Rows
 from several results files (e.g. the MSN rows evaluated into their own directory) are merged; the full tables stay in
 each directory's ``accuracy.md`` / ``resources.md``.
 """
@@ -38,22 +39,25 @@ def summarise(rows: list[dict]) -> str:
         by_key.setdefault((r["level"], r["method"], r["budget"]), {})[r["model"]] = r
     keys = sorted(by_key, key=lambda k: (LEVEL_ORDER.index(k[0]) if k[0] in LEVEL_ORDER else len(LEVEL_ORDER),
                                          _budget_key(k[2]), k[1]))
-    head = ["level", "method", "budget"]
-    for m in models:
-        head += [f"{m} bytes ratio", f"{m} NDCG@10", f"{m} dNDCG@10", f"{m} HR@10", f"{m} latency ms"]
+    head = ["level", "method", "budget", "bytes ratio"]
+    head += [f"{m} NDCG@10 (change)" for m in models] + [f"{m} HR@10" for m in models]
+    head += [f"{m} latency ms" for m in models]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in keys:
-        cells = list(key)
+        ratios, ndcg, hr, lat = [], [], [], []
         for m in models:
             r, base = by_key[key].get(m), native.get(m)
             if r is None:
-                cells += ["-"] * 5
+                ndcg.append("-"), hr.append("-"), lat.append("-")
                 continue
-            ratio = r["bytes_per_user"] / base["bytes_per_user"] if base and base["bytes_per_user"] else None
-            delta = r["NDCG@10"] - base["NDCG@10"] if base else None
-            cells += [_cell(ratio, ".3f"), _cell(r["NDCG@10"], ".4f"), _cell(delta, "+.4f"), _cell(r["HR@10"], ".4f"),
-                      _cell(r.get("latency_ms"), ".1f")]
-        lines.append("| " + " | ".join(cells) + " |")
+            if base and base["bytes_per_user"]:
+                ratios.append(_cell(r["bytes_per_user"] / base["bytes_per_user"], ".3f"))
+            delta = _cell(r["NDCG@10"] - base["NDCG@10"], "+.4f") if base else "-"
+            ndcg.append(f"{_cell(r['NDCG@10'], '.4f')} ({delta})")
+            hr.append(_cell(r["HR@10"], ".4f"))
+            lat.append(_cell(r.get("latency_ms"), ".1f"))
+        ratio = " / ".join(dict.fromkeys(ratios)) or "-"  # one figure when every model's cache shrinks alike
+        lines.append("| " + " | ".join(list(key) + [ratio] + ndcg + hr + lat) + " |")
     return "\n".join(lines) + "\n"
 
 
