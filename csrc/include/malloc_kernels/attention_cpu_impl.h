@@ -35,6 +35,9 @@ namespace cpu {
 namespace MK_IMPL_NS {
 
 constexpr int KB = 32;        // keys per block: K and V tiles of KB x D floats stay in L1
+// keys per block of the decode-from-codes path (cache_from_codes): DKB for one query row, DKB / 2 for several (their
+// score/weight rows must stay in L1 next to the shared tiles); a multiple of 64, so key groups never straddle blocks.
+constexpr int DKB = 128;
 constexpr int RMAX = 64;      // query rows (heads x queries) per work item chunk
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
@@ -430,7 +433,14 @@ template <Fmt F>
 constexpr int code_elem(int c, int t) { return F == Fmt::INT8 ? 32 * (t >> 2) + 4 * c + (t & 3) : 8 * c + t; }
 template <Fmt F>
 constexpr int code_exp(int t) {
-  return F == Fmt::INT4 ? 4 * (t & 3) : F == Fmt::INT2 ? 2 * t : ((t & 3) < 3 ? 8 * (t & 3) : 0);
+  return F == Fmt::INT4 ? (t < 7 ? 4 * t : 0) : F == Fmt::INT2 ? 2 * t : ((t & 3) < 3 ? 8 * (t & 3) : 0);
+}
+
+// The same pointer, opaque to the optimiser: loads through it cannot be hoisted out of the loop that launders it.
+template <class P>
+inline P* launder(P* p) {
+  asm("" : "+r"(p));
+  return p;
 }
 
 template <Fmt F>
@@ -440,7 +450,7 @@ struct Codes64 {
     if constexpr (F == Fmt::INT4) {
       // 32 bytes = 8 words of 8 nibbles: word c holds elements 8c..8c+7, element 8c+t in nibble t.
       lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
-      hi = _mm256_srli_epi32(lo, 16);
+      hi = lo;
     } else if constexpr (F == Fmt::INT2) {
       // 16 bytes = 8 half-words of 8 crumbs, widened to one half-word per 32-bit lane.
       lo = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
@@ -451,12 +461,38 @@ struct Codes64 {
       hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32));
     }
   }
+  // The and-masks of the 8 vectors. The inner loops read them through launder() so that they stay memory
+  // operands of the and: held in registers they would push the accumulators out to the stack (GCC does that).
+  static const __m256i* masks() {
+    alignas(32) static const int32_t m[8][8] = {
+#define MK_M(T) {MK_V(T), MK_V(T), MK_V(T), MK_V(T), MK_V(T), MK_V(T), MK_V(T), MK_V(T)}
+#define MK_V(T) int32_t(F == Fmt::INT4 ? (T < 7 ? 0xFu << (4 * T) : 0u) : F == Fmt::INT2 ? 0x3u << (2 * T) \
+                        : ((T & 3) < 3 ? 0xFFu << (8 * (T & 3)) : 0u))
+        MK_M(0), MK_M(1), MK_M(2), MK_M(3), MK_M(4), MK_M(5), MK_M(6), MK_M(7)};
+#undef MK_V
+#undef MK_M
+    return reinterpret_cast<const __m256i*>(m);
+  }
+  template <int T>
+  __m256 get(const __m256i* mk) const {
+    if constexpr (F == Fmt::INT4) {
+      if constexpr (T == 7) return _mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 28));
+      else return _mm256_cvtepi32_ps(_mm256_and_si256(lo, _mm256_load_si256(mk + T)));
+    } else if constexpr (F == Fmt::INT2) {
+      return _mm256_cvtepi32_ps(_mm256_and_si256(lo, _mm256_load_si256(mk + T)));
+    } else {
+      const __m256i x = T < 4 ? lo : hi;
+      if constexpr ((T & 3) == 3) return _mm256_cvtepi32_ps(_mm256_srli_epi32(x, 24));
+      else return _mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_load_si256(mk + T)));
+    }
+  }
   template <int T>
   __m256 get() const {
     if constexpr (F == Fmt::INT4) {
-      // the top nibble of a word comes from `hi` (pre-shifted) so the masked value stays below 2^24 and positive.
-      const __m256i x = T < 4 ? lo : hi;
-      return _mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_set1_epi32(0xF << (4 * (T & 3)))));
+      // nibbles 0..6 masked in place (c * 2^4t < 2^31: positive, 4 significant bits, converted exactly); the top
+      // nibble by a shift, so its sign bit never reaches the conversion.
+      if constexpr (T == 7) return _mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 28));
+      else return _mm256_cvtepi32_ps(_mm256_and_si256(lo, _mm256_set1_epi32(0xF << (4 * T))));
     } else if constexpr (F == Fmt::INT2) {
       return _mm256_cvtepi32_ps(_mm256_and_si256(lo, _mm256_set1_epi32(0x3 << (2 * T))));
     } else {
@@ -489,28 +525,37 @@ inline void transpose8(__m256* r) {
   r[6] = _mm256_permute2f128_ps(u2, u6, 0x31); r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// One query row against n rows of codes: S[j] = <qp, code_j> (qp in code layout, 8 vectors).
+// One query row against n rows of codes: S[j] = <qp, code_j> + add (qp in code layout, 8 vectors). Four keys per
+// step, two accumulators per key (even / odd t) so that the FMA chains are short next to the step's work.
 template <Fmt F>
-inline void qk_code_layout_r1(const float* qp, const uint8_t* K, int64_t rb, int n, float* S) {
+inline void qk_code_layout_r1(const float* qp, const uint8_t* K, int64_t rb, int n, float* S, float add) {
+  const __m128 addv = _mm_set1_ps(add);
   int j = 0;
   for (; j + 4 <= n; j += 4) {
+    const __m256i* mk = launder(Codes64<F>::masks());
+    const float* q = launder(qp);
     const uint8_t* k0 = K + j * rb;
     const Codes64<F> c0(k0), c1(k0 + rb), c2(k0 + 2 * rb), c3(k0 + 3 * rb);
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for_t([&](auto T) {
-      const __m256 q = _mm256_loadu_ps(qp + 8 * T);
-      a0 = _mm256_fmadd_ps(q, c0.template get<T>(), a0);
-      a1 = _mm256_fmadd_ps(q, c1.template get<T>(), a1);
-      a2 = _mm256_fmadd_ps(q, c2.template get<T>(), a2);
-      a3 = _mm256_fmadd_ps(q, c3.template get<T>(), a3);
-    });
-    _mm_storeu_ps(S + j, hsum4(a0, a1, a2, a3));
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+#define MK_QK_T(T, A0, A1, A2, A3)                                          \
+  {                                                                         \
+    const __m256 qv = _mm256_loadu_ps(q + 8 * T);                           \
+    A0 = _mm256_fmadd_ps(qv, c0.template get<T>(mk), A0);                   \
+    A1 = _mm256_fmadd_ps(qv, c1.template get<T>(mk), A1);                   \
+    A2 = _mm256_fmadd_ps(qv, c2.template get<T>(mk), A2);                   \
+    A3 = _mm256_fmadd_ps(qv, c3.template get<T>(mk), A3);                   \
+  }
+    MK_QK_T(0, a0, a1, a2, a3) MK_QK_T(1, b0, b1, b2, b3) MK_QK_T(2, a0, a1, a2, a3) MK_QK_T(3, b0, b1, b2, b3)
+    MK_QK_T(4, a0, a1, a2, a3) MK_QK_T(5, b0, b1, b2, b3) MK_QK_T(6, a0, a1, a2, a3) MK_QK_T(7, b0, b1, b2, b3)
+#undef MK_QK_T
+    _mm_storeu_ps(S + j, _mm_add_ps(hsum4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2),
+                                          _mm256_add_ps(a3, b3)), addv));
   }
   for (; j < n; ++j) {
     const Codes64<F> c0(K + j * rb);
     __m256 a0 = _mm256_setzero_ps();
     for_t([&](auto T) { a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp + 8 * T), c0.template get<T>(), a0); });
-    S[j] = hsum(a0);
+    S[j] = hsum(a0) + add;
   }
 }
 
@@ -526,31 +571,97 @@ inline void expand_code_layout(const uint8_t* K, int64_t rb, int n, float* tile)
 
 // Value weights of key j in code layout: lane c of the vector used for v_t is pw[j * ngr + group of the element];
 // gidx[H] holds those group indices for the vectors t with t >> 2 == H (int4/int2: the same for every t).
+// WM: how the vector is formed from the key's ngr weights -- 0: one group (broadcast), 1: at most 4 groups (a
+// 128-bit broadcast and an in-lane permute, both cheap), 2: up to 8 groups (a cross-lane permute).
+template <int WM>
+inline __m256 code_weight_vec(const float* pwj, const __m256i& gi) {
+  if constexpr (WM == 0) return _mm256_broadcast_ss(pwj);
+  else if constexpr (WM == 1)
+    return _mm256_permutevar_ps(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(pwj)), gi);
+  else return _mm256_permutevar8x32_ps(_mm256_loadu_ps(pwj), gi);
+}
+
 template <Fmt F, int T>
 inline __m256 code_weight(const __m256& w0, const __m256& w1) {
   if constexpr (F == Fmt::INT8) return T < 4 ? w0 : w1;
   else return w0;
 }
 
-// Op (code layout, 8 vectors) += sum_j pw_j (x) v_t(code_j), from the codes (one query row).
-template <Fmt F>
+// Op (code layout, 8 vectors) += sum_j pw_j (x) v_t(code_j), from the codes (one query row). pw must be readable
+// 4 floats past the last key's weights (WM 1) / 8 floats (WM 2).
+template <Fmt F, int WM>
 inline void pv_code_layout_r1(const float* pw, int ngr, const __m256i* gidx, const uint8_t* V, int64_t rb, int n,
                               float* Op) {
-  __m256 acc[8];
-  for (int t = 0; t < 8; ++t) acc[t] = _mm256_loadu_ps(Op + 8 * t);
+  // eight named accumulators: an array of vectors indexed from a lambda ends up on the stack (GCC)
+  __m256 a0 = _mm256_loadu_ps(Op), a1 = _mm256_loadu_ps(Op + 8), a2 = _mm256_loadu_ps(Op + 16),
+         a3 = _mm256_loadu_ps(Op + 24), a4 = _mm256_loadu_ps(Op + 32), a5 = _mm256_loadu_ps(Op + 40),
+         a6 = _mm256_loadu_ps(Op + 48), a7 = _mm256_loadu_ps(Op + 56);
   for (int j = 0; j < n; ++j) {
+    const __m256i* mk = launder(Codes64<F>::masks());
     const Codes64<F> c(V + j * rb);
-    const __m256 pj = _mm256_loadu_ps(pw + j * ngr);
-    const __m256 w0 = _mm256_permutevar8x32_ps(pj, gidx[0]);
-    const __m256 w1 = F == Fmt::INT8 ? _mm256_permutevar8x32_ps(pj, gidx[1]) : w0;
-    for_t([&](auto T) { acc[T] = _mm256_fmadd_ps(code_weight<F, T>(w0, w1), c.template get<T>(), acc[T]); });
+    const __m256 w0 = code_weight_vec<WM>(pw + j * ngr, gidx[0]);
+    const __m256 w1 = F == Fmt::INT8 && WM != 0 ? code_weight_vec<WM>(pw + j * ngr, gidx[1]) : w0;
+    a0 = _mm256_fmadd_ps(w0, c.template get<0>(mk), a0);
+    a1 = _mm256_fmadd_ps(w0, c.template get<1>(mk), a1);
+    a2 = _mm256_fmadd_ps(w0, c.template get<2>(mk), a2);
+    a3 = _mm256_fmadd_ps(w0, c.template get<3>(mk), a3);
+    a4 = _mm256_fmadd_ps(w1, c.template get<4>(mk), a4);
+    a5 = _mm256_fmadd_ps(w1, c.template get<5>(mk), a5);
+    a6 = _mm256_fmadd_ps(w1, c.template get<6>(mk), a6);
+    a7 = _mm256_fmadd_ps(w1, c.template get<7>(mk), a7);
   }
-  for (int t = 0; t < 8; ++t) _mm256_storeu_ps(Op + 8 * t, acc[t]);
+  _mm256_storeu_ps(Op, a0); _mm256_storeu_ps(Op + 8, a1); _mm256_storeu_ps(Op + 16, a2);
+  _mm256_storeu_ps(Op + 24, a3); _mm256_storeu_ps(Op + 32, a4); _mm256_storeu_ps(Op + 40, a5);
+  _mm256_storeu_ps(Op + 48, a6); _mm256_storeu_ps(Op + 56, a7);
+}
+
+// Several query rows (NR <= 4 of them, a "quad") straight from the codes: every code vector is expanded once and
+// feeds NR FMAs, so no float tile is written and re-read. S[r * lds + j] = <qp_r, code_j> + add[r] (qp: NR rows of
+// 64 floats in code layout; add: NR floats). One key per step, two accumulators per row (even / odd t) so that the
+// FMA chains stay short next to the step's work.
+template <Fmt F, int NR>
+inline void qk_code_rows(const float* qp, const float* add, const uint8_t* K, int64_t rb, int n, float* S, int lds) {
+  alignas(16) float av[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int r = 0; r < NR; ++r) av[r] = add[r];
+  const __m128 addv = _mm_load_ps(av);
+  for (int j = 0; j < n; ++j) {
+    const __m256i* mk = launder(Codes64<F>::masks());
+    const float* q = launder(qp);
+    const Codes64<F> c0(K + j * rb);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+#define MK_QR_T(T, A0, A1, A2, A3)                                                                       \
+  {                                                                                                      \
+    const __m256 x = c0.template get<T>(mk);                                                             \
+    A0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * T), x, A0);                                             \
+    if constexpr (NR > 1) A1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 64 + 8 * T), x, A1);                  \
+    if constexpr (NR > 2) A2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 128 + 8 * T), x, A2);                 \
+    if constexpr (NR > 3) A3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 192 + 8 * T), x, A3);                 \
+  }
+    MK_QR_T(0, a0, a1, a2, a3) MK_QR_T(1, b0, b1, b2, b3) MK_QR_T(2, a0, a1, a2, a3) MK_QR_T(3, b0, b1, b2, b3)
+    MK_QR_T(4, a0, a1, a2, a3) MK_QR_T(5, b0, b1, b2, b3) MK_QR_T(6, a0, a1, a2, a3) MK_QR_T(7, b0, b1, b2, b3)
+#undef MK_QR_T
+    alignas(16) float sv[4];
+    _mm_store_ps(sv, _mm_add_ps(hsum4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2),
+                                      _mm256_add_ps(a3, b3)), addv));
+    for (int r = 0; r < NR; ++r) S[r * lds + j] = sv[r];
+  }
+}
+
+// Runtime row count (1..4) -> the templates above.
+template <Fmt F>
+inline void qk_code_quad(int nr, const float* qp, const float* add, const uint8_t* K, int64_t rb, int n, float* S,
+                         int lds) {
+  switch (nr) {
+    case 1: qk_code_rows<F, 1>(qp, add, K, rb, n, S, lds); break;
+    case 2: qk_code_rows<F, 2>(qp, add, K, rb, n, S, lds); break;
+    case 3: qk_code_rows<F, 3>(qp, add, K, rb, n, S, lds); break;
+    default: qk_code_rows<F, 4>(qp, add, K, rb, n, S, lds); break;
+  }
 }
 
 // Two query rows from an expanded tile, half of the code layout (vectors 4H..4H+3) at a time: each tile load feeds
 // two FMAs and the 8 accumulators stay in registers.
-template <Fmt F>
+template <Fmt F, int WM>
 inline void pv_code_tile2(const float* pwa, const float* pwb, int ngr, const __m256i* gidx, const float* tile, int n,
                           float* Opa, float* Opb) {
   for (int H = 0; H < 2; ++H) {
@@ -562,8 +673,8 @@ inline void pv_code_tile2(const float* pwa, const float* pwb, int ngr, const __m
     }
     for (int j = 0; j < n; ++j) {
       const float* v = tile + int64_t(j) * 64 + 32 * H;
-      const __m256 wa = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pwa + j * ngr), gi);
-      const __m256 wb = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pwb + j * ngr), gi);
+      const __m256 wa = code_weight_vec<WM>(pwa + j * ngr, gi);
+      const __m256 wb = code_weight_vec<WM>(pwb + j * ngr, gi);
       for (int t = 0; t < 4; ++t) {
         const __m256 x = _mm256_loadu_ps(v + 8 * t);
         a[t] = _mm256_fmadd_ps(wa, x, a[t]);
@@ -602,12 +713,14 @@ struct Scratch {
   std::vector<float> Q, Qs, O, S, Kt, Vt, m, l, zb, cs, cz, nrm;
   std::vector<float> lse, inw, vs, vz, pw;
   // decode-from-codes path (code layout, D == 64): queries, value accumulators, zero-point sums, weights.
-  std::vector<float> qperm, qp, Op, Zv, pwr, qsum, ksf, kzf;
+  std::vector<float> qperm, qp, Op, Zv, pwr, qsum, ksf, kzf, Sd, dvs, dvz, dV;
   std::vector<int64_t> qi, qh, qpos, qts;
+  float cexp[8];  // 2^-code_exp(t) of the format being decoded
   void init(int Dp, int Rcap) {
     qperm.assign(size_t(Rcap) * 64, 0.f); qp.assign(size_t(Rcap) * 64, 0.f); Op.assign(size_t(Rcap) * 64, 0.f);
-    Zv.assign(size_t(Rcap) * 8, 0.f); pwr.assign(size_t(Rcap) * (KB * 8 + 8), 0.f); qsum.assign(Rcap, 0.f);
-    ksf.assign(KB + 8, 0.f); kzf.assign(KB + 8, 0.f);
+    Zv.assign(size_t(Rcap) * 8, 0.f); pwr.assign(size_t(Rcap) * (DKB * 8 + 8), 0.f); qsum.assign(Rcap, 0.f);
+    ksf.assign(DKB + 8, 0.f); kzf.assign(DKB + 8, 0.f); Sd.assign(size_t(Rcap) * DKB, 0.f);
+    dvs.assign(DKB * 8 + 8, 0.f); dvz.assign(DKB * 8 + 8, 0.f); dV.assign(KB * 64, 0.f);
     Q.assign(size_t(Rcap) * Dp, 0.f); Qs.assign(size_t(Rcap) * Dp, 0.f); O.assign(size_t(Rcap) * Dp, 0.f);
     S.assign(size_t(Rcap) * KB, 0.f); Kt.assign(size_t(KB) * Dp, 0.f); Vt.assign(size_t(KB) * Dp, 0.f);
     m.assign(Rcap, 0.f); l.assign(Rcap, 0.f); zb.assign(Rcap, 0.f); nrm.assign(Rcap, 0.f);
@@ -884,8 +997,95 @@ class Kernel {
   }
 
 #ifdef MK_ISA_AVX2
+  // Keys [j0, j0 + n) of the code-layout path: S[r][0..n) = scores (kch: per-channel scales already folded into
+  // the rows' queries for each key group; token-axis keys: scale/zero applied here), rows of stride DKB.
+  template <Fmt F>
+  void decode_scores(Scratch& sc, int64_t bh, int R, int64_t j0, int n, const uint8_t* kb0, int64_t rb) const {
+    const Segment& sg = p_.cache;
+    const int gs = sg.group_size;
+    float* S = sc.Sd.data();
+    if (sg.k_channel) {
+      const int64_t nkg = (sg.capacity + gs - 1) / gs;
+      // j0 is a multiple of 64 and gs divides 64: sub-blocks of gs keys are whole key groups
+      for (int s0 = 0; s0 < n; s0 += gs) {
+        const int ns = std::min(gs, n - s0);
+        const int64_t g = (j0 + s0) / gs;
+        const uint16_t* s16 = sg.k_scale + (bh * nkg + g) * 64;
+        const uint16_t* z16 = sg.k_zero ? sg.k_zero + (bh * nkg + g) * 64 : nullptr;
+        for (int r = 0; r < R; ++r) {
+          // per-channel key scale of this token group folded into the query, zero point into one offset per row
+          const float* q = sc.Q.data() + int64_t(r) * Dp_;
+          float* qpr = sc.qp.data() + r * 64;
+          __m256 v[8];
+          __m256 za = _mm256_setzero_ps();
+          for (int c = 0; c < 8; ++c) {
+            const __m256 qv = _mm256_loadu_ps(q + 8 * c);
+            v[c] = _mm256_mul_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + 8 * c))));
+            if (z16)
+              za = _mm256_fmadd_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z16 + 8 * c))),
+                                   za);
+          }
+          sc.zb[r] = hsum(za);
+          if constexpr (F == Fmt::INT8) {
+            alignas(32) float nat[64];
+            for (int c = 0; c < 8; ++c) _mm256_store_ps(nat + 8 * c, v[c]);
+            for (int t = 0; t < 8; ++t)
+              for (int c = 0; c < 8; ++c) qpr[t * 8 + c] = nat[code_elem<F>(c, t)] * sc.cexp[t];
+          } else {
+            transpose8(v);  // element 8c + t -> vector t, lane c
+            for (int t = 0; t < 8; ++t) _mm256_storeu_ps(qpr + 8 * t, _mm256_mul_ps(v[t], _mm256_set1_ps(sc.cexp[t])));
+          }
+        }
+        const uint8_t* k = kb0 + s0 * rb;
+        if (R == 1) {
+          qk_code_layout_r1<F>(sc.qp.data(), k, rb, ns, S + s0, sc.zb[0]);
+        } else {
+          for (int r0 = 0; r0 < R; r0 += 4)
+            qk_code_quad<F>(std::min(4, R - r0), sc.qp.data() + r0 * 64, sc.zb.data() + r0, k, rb, ns,
+                            S + r0 * DKB + s0, DKB);
+        }
+      }
+      return;
+    }
+    // token-axis keys, one group per row: s_j * <q, code_j> + z_j * sum(q)
+    if (R == 1) {
+      qk_code_layout_r1<F>(sc.qperm.data(), kb0, rb, n, S, 0.f);
+    } else {
+      const float zero4[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int r0 = 0; r0 < R; r0 += 4)
+        qk_code_quad<F>(std::min(4, R - r0), sc.qperm.data() + r0 * 64, zero4, kb0, rb, n, S + r0 * DKB, DKB);
+    }
+    float* ksf = sc.ksf.data();
+    float* kzf = sc.kzf.data();
+    halves_to_floats(sg.k_scale + bh * sg.capacity + j0, n, ksf);
+    if (sg.k_zero) halves_to_floats(sg.k_zero + bh * sg.capacity + j0, n, kzf);
+    else std::fill(kzf, kzf + n, 0.f);
+    const int n8 = (n + 7) / 8 * 8;
+    std::fill(ksf + n, ksf + n8, 0.f);
+    std::fill(kzf + n, kzf + n8, 0.f);
+    for (int r = 0; r < R; ++r) {
+      float* s = S + r * DKB;
+      const __m256 qs = _mm256_set1_ps(sc.qsum[r]);
+      for (int j = 0; j < n8; j += 8)
+        _mm256_storeu_ps(s + j, _mm256_fmadd_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(ksf + j),
+                                                _mm256_mul_ps(_mm256_loadu_ps(kzf + j), qs)));
+    }
+  }
+
+  // The cache segment of a softmax chunk straight from the codes (see Codes64), blocks of bk keys (below):
+  //   scores (decode_scores) -> online softmax per row -> value weights p_j * s_jg (the value scale folded into the
+  //   weight, zero points summed per group) -> O += weights x codes in code layout.
   template <Fmt F>
   void decode_cache(Scratch& sc, int64_t b, int64_t h, int R) const {
+    const Segment& sg = p_.cache;
+    const int gs = sg.group_size, vng = 64 / gs;
+    if (vng == 1) decode_cache_w<F, 0>(sc, b, h, R);
+    else if (vng <= 4) decode_cache_w<F, 1>(sc, b, h, R);
+    else decode_cache_w<F, 2>(sc, b, h, R);
+  }
+
+  template <Fmt F, int WM>
+  void decode_cache_w(Scratch& sc, int64_t b, int64_t h, int R) const {
     const Segment& sg = p_.cache;
     const int64_t bh = b * p_.Hkv + h;
     const int64_t len = seg_len(SEG_CACHE, b, h);
@@ -893,20 +1093,19 @@ class Kernel {
     const uint8_t* kbase = static_cast<const uint8_t*>(sg.k) + bh * sg.capacity * rb;
     const uint8_t* vbase = static_cast<const uint8_t*>(sg.v) + bh * sg.capacity * rb;
     const int gs = sg.group_size, vng = 64 / gs;
-    const bool kch = sg.k_channel;
-    float* qperm = sc.qperm.data();
     float* Op = sc.Op.data();
     float* Zv = sc.Zv.data();
+    for (int t = 0; t < 8; ++t) sc.cexp[t] = std::ldexp(1.f, -code_exp<F>(t));
     // queries in code layout, pre-scaled by 2^-code_exp (exact)
     for (int r = 0; r < R; ++r) {
       const float* q = sc.Q.data() + int64_t(r) * Dp_;
-      float qs = 0.f;
-      for (int t = 0; t < 8; ++t) {
-        const float f = std::ldexp(1.f, -code_exp<F>(t));
-        for (int c = 0; c < 8; ++c) qperm[r * 64 + t * 8 + c] = q[code_elem<F>(c, t)] * f;
+      if (!sg.k_channel) {
+        float qs = 0.f;
+        for (int t = 0; t < 8; ++t)
+          for (int c = 0; c < 8; ++c) sc.qperm[r * 64 + t * 8 + c] = q[code_elem<F>(c, t)] * sc.cexp[t];
+        for (int d = 0; d < 64; ++d) qs += q[d];
+        sc.qsum[r] = qs;
       }
-      for (int d = 0; d < 64; ++d) qs += q[d];
-      sc.qsum[r] = qs;
       std::fill(Op + r * 64, Op + (r + 1) * 64, 0.f);
       std::fill(Zv + r * 8, Zv + (r + 1) * 8, 0.f);
     }
@@ -917,95 +1116,37 @@ class Kernel {
       for (int c = 0; c < 8; ++c) gi[c] = code_elem<F>(c, F == Fmt::INT8 ? 4 * H : 0) / gs;
       gidx[H] = _mm256_load_si256(reinterpret_cast<const __m256i*>(gi));
     }
-    // p index of lane i of the k-th vector of (key, group) pairs: pairs 8k..8k+7 within the 8-key block k / vng
+    // p index of lane i of the k-th vector of (key, group) pairs: pairs 8k..8k+7 within the 8-key chunk k / vng
     __m256i pidx[8];
     for (int k = 0; k < vng; ++k) {
       alignas(32) int32_t pi[8];
-      for (int i = 0; i < 8; ++i) pi[i] = (8 * (k % vng) + i) / vng;
+      for (int i = 0; i < 8; ++i) pi[i] = (8 * k + i) / vng;
       pidx[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(pi));
     }
-    const int64_t nkg = (sg.capacity + gs - 1) / gs;
-    const int pwld = KB * 8 + 8;
-    float* S = sc.S.data();
-    float* vsf = sc.vs.data();
-    float* vzf = sc.vz.data();
-    int64_t kg_cur = -1;
-    int n;
-    for (int64_t j0 = 0; j0 < len; j0 += n) {
-      block_len(SEG_CACHE, b, h, j0, len, &n);
-      const float* qp = qperm;
-      if (kch) {
-        // per-channel key scale of this token group folded into the query, zero point into one offset per row
-        const int64_t g = j0 / gs;
-        if (g != kg_cur) {
-          kg_cur = g;
-          halves_to_floats(sg.k_scale + (bh * nkg + g) * 64, 64, sc.cs.data());
-          if (sg.k_zero) halves_to_floats(sg.k_zero + (bh * nkg + g) * 64, 64, sc.cz.data());
-          else std::fill(sc.cz.begin(), sc.cz.begin() + 64, 0.f);
-          for (int r = 0; r < R; ++r) {
-            const float* q = sc.Q.data() + int64_t(r) * Dp_;
-            float* qpr = sc.qp.data() + r * 64;
-            __m256 v[8];
-            __m256 za = _mm256_setzero_ps();
-            for (int c = 0; c < 8; ++c) {
-              const __m256 qv = _mm256_loadu_ps(q + 8 * c);
-              v[c] = _mm256_mul_ps(qv, _mm256_loadu_ps(sc.cs.data() + 8 * c));
-              za = _mm256_fmadd_ps(qv, _mm256_loadu_ps(sc.cz.data() + 8 * c), za);
-            }
-            sc.zb[r] = hsum(za);
-            if constexpr (F == Fmt::INT8) {
-              alignas(32) float nat[64];
-              for (int c = 0; c < 8; ++c) _mm256_store_ps(nat + 8 * c, v[c]);
-              for (int t = 0; t < 8; ++t) {
-                const float f = std::ldexp(1.f, -code_exp<F>(t));
-                for (int c = 0; c < 8; ++c) qpr[t * 8 + c] = nat[code_elem<F>(c, t)] * f;
-              }
-            } else {
-              transpose8(v);  // element 8c + t -> vector t, lane c
-              for (int t = 0; t < 8; ++t)
-                _mm256_storeu_ps(qpr + 8 * t, _mm256_mul_ps(v[t], _mm256_set1_ps(std::ldexp(1.f, -code_exp<F>(t)))));
-            }
-          }
-        }
-        qp = sc.qp.data();
-      }
-      // scores
-      const uint8_t* kb0 = kbase + j0 * rb;
-      if (R == 1) {
-        qk_code_layout_r1<F>(qp, kb0, rb, n, S);
-      } else {
-        expand_code_layout<F>(kb0, rb, n, sc.Kt.data());
-        qk_dots(qp, 64, R, sc.Kt.data(), 64, n, 64, S, KB, nullptr);
-      }
-      if (!kch) {  // token-axis keys, one group per row: s_j * <q, code_j> + z_j * sum(q)
-        halves_to_floats(sg.k_scale + bh * sg.capacity + j0, n, sc.ksf.data());
-        if (sg.k_zero) halves_to_floats(sg.k_zero + bh * sg.capacity + j0, n, sc.kzf.data());
-        else std::fill(sc.kzf.begin(), sc.kzf.begin() + n, 0.f);
-      }
-      // online softmax, vectorised over the block (entries past n are -inf, so their weights are exactly 0)
+    const int pwld = DKB * 8 + 8;
+    float* S = sc.Sd.data();
+    float* vsf = sc.dvs.data();
+    float* vzf = sc.dvz.data();
+    // token-axis keys (int8's per-token layout) are memory-bound: short blocks keep both code streams in flight
+    const int bk = !sg.k_channel ? KB : R == 1 ? DKB : DKB / 2;
+    for (int64_t j0 = 0; j0 < len; j0 += bk) {
+      const int n = int(std::min<int64_t>(bk, len - j0));
       const int n8 = (n + 7) / 8 * 8;
+      decode_scores<F>(sc, bh, R, j0, n, kbase + j0 * rb, rb);
+      // online softmax, vectorised over the block (entries past n are -inf, so their weights are exactly 0)
       for (int r = 0; r < R; ++r) {
-        float* s = S + r * KB;
-        if (kch) {
-          const __m256 zb = _mm256_set1_ps(sc.zb[r]);
-          for (int j = 0; j < n8; j += 8) _mm256_storeu_ps(s + j, _mm256_add_ps(_mm256_loadu_ps(s + j), zb));
-        } else {
-          const __m256 qs = _mm256_set1_ps(sc.qsum[r]);
-          for (int j = 0; j < n8; j += 8)
-            _mm256_storeu_ps(s + j, _mm256_fmadd_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(sc.ksf.data() + j),
-                                                    _mm256_mul_ps(_mm256_loadu_ps(sc.kzf.data() + j), qs)));
-        }
-        for (int j = n; j < KB; ++j) s[j] = NEG_INF;
+        float* s = S + r * DKB;
+        for (int j = n; j < n8; ++j) s[j] = NEG_INF;
         __m256 mx = _mm256_loadu_ps(s);
-        for (int j = 8; j < KB; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + j));
+        for (int j = 8; j < n8; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + j));
         __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
         const float mnew = std::max(sc.m[r], _mm_cvtss_f32(m4));
-        if (mnew == NEG_INF) { std::fill(s, s + KB, 0.f); continue; }
+        if (mnew == NEG_INF) { std::fill(s, s + n8, 0.f); continue; }
         const __m256 mv = _mm256_set1_ps(mnew);
         __m256 sum = _mm256_setzero_ps();
-        for (int j = 0; j < KB; j += 8) {
+        for (int j = 0; j < n8; j += 8) {
           const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
           _mm256_storeu_ps(s + j, e);
           sum = _mm256_add_ps(sum, e);
@@ -1020,34 +1161,60 @@ class Kernel {
         }
         sc.l[r] += hsum(sum);
       }
-      // values: weights p_j * s_jg (value scale folded into the weight), zero points summed per group
-      const int np = n * vng, np8 = (np + 7) / 8 * 8;
-      halves_to_floats(sg.v_scale + (bh * sg.capacity + j0) * vng, np, vsf);
-      if (sg.v_zero) halves_to_floats(sg.v_zero + (bh * sg.capacity + j0) * vng, np, vzf);
-      else std::fill(vzf, vzf + np, 0.f);
-      std::fill(vsf + np, vsf + np8, 0.f);
-      std::fill(vzf + np, vzf + np8, 0.f);
+      // values: weights p_j * s_jg (value scale folded into the weight), zero points summed per group. Whole
+      // 8-key chunks convert their fp16 scales/zeros straight from the cache; a partial last chunk goes through
+      // zero-padded copies (keys past n have p = 0), so nothing past the segment is read.
+      const uint16_t* vs16 = sg.v_scale + (bh * sg.capacity + j0) * vng;
+      const uint16_t* vz16 = sg.v_zero ? sg.v_zero + (bh * sg.capacity + j0) * vng : nullptr;
+      const int nfull = n / 8;
+      if (nfull * 8 < n) {
+        const int p0 = nfull * 8 * vng, np = n * vng, npe = n8 * vng;
+        halves_to_floats(vs16 + p0, np - p0, vsf);
+        std::fill(vsf + np - p0, vsf + npe - p0, 0.f);
+        if (vz16) halves_to_floats(vz16 + p0, np - p0, vzf);
+        else std::fill(vzf, vzf + np - p0, 0.f);
+        std::fill(vzf + np - p0, vzf + npe - p0, 0.f);
+      }
       for (int r = 0; r < R; ++r) {
-        const float* pr = S + r * KB;
+        const float* pr = S + r * DKB;
         float* pw = sc.pwr.data() + int64_t(r) * pwld;
         __m256 za = _mm256_loadu_ps(Zv + r * 8);
-        for (int k = 0; k < np8 / 8; ++k) {
-          const __m256 pk = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pr + 8 * (k / vng)), pidx[k % vng]);
-          _mm256_storeu_ps(pw + 8 * k, _mm256_mul_ps(pk, _mm256_loadu_ps(vsf + 8 * k)));
-          za = _mm256_fmadd_ps(pk, _mm256_loadu_ps(vzf + 8 * k), za);
+        for (int kc = 0; kc < n8 / 8; ++kc) {
+          const __m256 p8 = _mm256_loadu_ps(pr + 8 * kc);
+          const bool full = kc < nfull;
+          for (int i = 0; i < vng; ++i) {
+            const int k = kc * vng + i;
+            const __m256 pk = vng == 1 ? p8 : _mm256_permutevar8x32_ps(p8, pidx[i]);
+            __m256 sv, zv;
+            if (full) {
+              sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vs16 + 8 * k)));
+              zv = vz16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vz16 + 8 * k)))
+                        : _mm256_setzero_ps();
+            } else {
+              sv = _mm256_loadu_ps(vsf + 8 * i);
+              zv = _mm256_loadu_ps(vzf + 8 * i);
+            }
+            _mm256_storeu_ps(pw + 8 * k, _mm256_mul_ps(pk, sv));
+            za = _mm256_fmadd_ps(pk, zv, za);
+          }
         }
         _mm256_storeu_ps(Zv + r * 8, za);
       }
       const uint8_t* vb0 = vbase + j0 * rb;
       if (R == 1) {
-        pv_code_layout_r1<F>(sc.pwr.data(), vng, gidx, vb0, rb, n, Op);
+        pv_code_layout_r1<F, WM>(sc.pwr.data(), vng, gidx, vb0, rb, n, Op);
       } else {
-        expand_code_layout<F>(vb0, rb, n, sc.Vt.data());
-        int r = 0;
-        for (; r + 2 <= R; r += 2)
-          pv_code_tile2<F>(sc.pwr.data() + int64_t(r) * pwld, sc.pwr.data() + int64_t(r + 1) * pwld, vng, gidx,
-                           sc.Vt.data(), n, Op + r * 64, Op + (r + 1) * 64);
-        for (; r < R; ++r) pv_code_tile<F>(sc.pwr.data() + int64_t(r) * pwld, vng, gidx, sc.Vt.data(), n, Op + r * 64);
+        // value tiles of KB keys (expanded once, shared by all rows) so that tile + weights stay in L1
+        for (int v0 = 0; v0 < n; v0 += KB) {
+          const int nv = std::min(KB, n - v0);
+          expand_code_layout<F>(vb0 + v0 * rb, rb, nv, sc.dV.data());
+          const float* pw0 = sc.pwr.data() + v0 * vng;
+          int r = 0;
+          for (; r + 2 <= R; r += 2)
+            pv_code_tile2<F, WM>(pw0 + int64_t(r) * pwld, pw0 + int64_t(r + 1) * pwld, vng, gidx, sc.dV.data(), nv,
+                             Op + r * 64, Op + (r + 1) * 64);
+          for (; r < R; ++r) pv_code_tile<F>(pw0 + int64_t(r) * pwld, vng, gidx, sc.dV.data(), nv, Op + r * 64);
+        }
       }
     }
     // back to natural order: O_d = 2^-code_exp * Op + (sum_j p_j z_jg) of the element's group
@@ -1059,10 +1226,9 @@ class Kernel {
         for (int i = g; i < 8; i += vng) zg[g] += Zv[r * 8 + i];
       }
       for (int t = 0; t < 8; ++t) {
-        const float f = std::ldexp(1.f, -code_exp<F>(t));
         for (int c = 0; c < 8; ++c) {
           const int e = code_elem<F>(c, t);
-          o[e] += Op[r * 64 + t * 8 + c] * f + zg[e / gs];
+          o[e] += Op[r * 64 + t * 8 + c] * sc.cexp[t] + zg[e / gs];
         }
       }
     }
