@@ -1,5 +1,6 @@
 // CPU (OpenMP + AVX2/FMA) implementation of the product-key memory kernels declared in malloc_kernels/pkm.h.
 #include "malloc_kernels/pkm.h"
+#include "malloc_kernels/simd_avx2.h"
 
 #include <immintrin.h>
 #include <omp.h>
@@ -14,20 +15,9 @@ namespace pkm {
 namespace {
 
 // The extension is compiled for baseline x86-64; AVX2/FMA code lives in target-attributed functions chosen at run
-// time, so one binary runs everywhere and uses the wide units where they exist.
-bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
-
-inline float hsum256(__m256 v) __attribute__((target("avx2,fma")));
-inline float hsum256(__m256 v) {
-  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-  lo = _mm_add_ps(lo, hi);
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
-  return _mm_cvtss_f32(lo);
-}
+// time (simd_avx2::cpu_has_avx2), so one binary runs everywhere and uses the wide units where they exist.
+using simd_avx2::cpu_has_avx2;
+using simd_avx2::hsum;
 
 // ---- scalar (any T) building blocks --------------------------------------------------------------------------
 
@@ -161,7 +151,7 @@ __attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* 
     acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
   }
   for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  float acc = hsum256(_mm256_add_ps(acc0, acc1));
+  float acc = hsum(_mm256_add_ps(acc0, acc1));
   for (; i < n; ++i) acc += a[i] * b[i];
   return acc;
 }

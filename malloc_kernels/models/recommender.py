@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..cache.types import KVCache
 from ..ops.layout import jagged_to_padded
+from ..loss import linear_cross_entropy
 from ..memory import ProductKeyMemory
 from .config import ModelConfig
 from .layers import HSTULayer, SASRecLayer
@@ -412,10 +413,10 @@ class SequentialRecommender(nn.Module):
         if h.shape[0] == 0:
             return hidden.sum() * 0.0
         if full_softmax:
-            # temperature folded into the (small) item matrix and padding row 0 left out of it, so the big
-            # [tokens, n_items] logit matrix is written once and read once by the fused log-softmax
+            # temperature folded into the (small) item matrix and padding row 0 left out of it; the chunked fused
+            # loss never materialises the [tokens, n_items] logits or their gradient (malloc_kernels.loss)
             items = self._normed(self.item_emb.weight[1:]) / self.cfg.temperature
-            return F.cross_entropy(self._normed(h) @ items.t(), t - 1)
+            return linear_cross_entropy(self._normed(h), items, t - 1)
         negs = torch.randint(1, self.cfg.n_items + 1, (num_negatives,), generator=generator)
         hn = self._normed(h)
         pos = (hn * self._normed(self.item_emb(t))).sum(-1, keepdim=True)

@@ -28,6 +28,8 @@
 
 #ifdef MK_ISA_AVX2
 #include <immintrin.h>
+
+#include "malloc_kernels/simd_avx2.h"
 #endif
 
 namespace malloc_kernels {
@@ -116,34 +118,11 @@ inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
   const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
   return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
 }
-inline float hsum(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// exp(x) for x <= 0 (and anything else up to 88): Cephes-style range reduction + degree-6 polynomial, ~1 ulp;
-// inputs below -87.3 (including -inf) give exactly 0 so masked scores never leak.
-inline __m256 exp256(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3f);
-  const __m256 zero_mask = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3f)), lo);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-  const __m256 r2 = _mm256_mul_ps(r, r);
-  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(zero_mask, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
+// hsum / hmax / exp256 / exp_shift_inplace: malloc_kernels/simd_avx2.h
+using simd_avx2::exp256;
+using simd_avx2::exp_shift_inplace;
+using simd_avx2::hmax;
+using simd_avx2::hsum;
 
 // 8 consecutive raw elements (chunk c = elements 8c..8c+7) of a stored row as floats.
 template <Fmt F>
@@ -1139,18 +1118,9 @@ class Kernel {
         for (int j = n; j < n8; ++j) s[j] = NEG_INF;
         __m256 mx = _mm256_loadu_ps(s);
         for (int j = 8; j < n8; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + j));
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        const float mnew = std::max(sc.m[r], _mm_cvtss_f32(m4));
+        const float mnew = std::max(sc.m[r], hmax(mx));
         if (mnew == NEG_INF) { std::fill(s, s + n8, 0.f); continue; }
-        const __m256 mv = _mm256_set1_ps(mnew);
-        __m256 sum = _mm256_setzero_ps();
-        for (int j = 0; j < n8; j += 8) {
-          const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
-          _mm256_storeu_ps(s + j, e);
-          sum = _mm256_add_ps(sum, e);
-        }
+        const __m256 sum = exp_shift_inplace(s, n8, mnew);
         if (sc.m[r] != mnew) {
           const float alpha = sc.m[r] == NEG_INF ? 0.f : std::exp(sc.m[r] - mnew);
           const __m256 av = _mm256_set1_ps(alpha);
