@@ -4,18 +4,12 @@
 #include <omp.h>
 
 #include "malloc_kernels/attention_cpu.h"
+#include "malloc_kernels/simd_avx2.h"
 
 namespace malloc_kernels {
 namespace cpu {
 
-bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
+bool cpu_has_avx2() { return simd_avx2::cpu_has_avx2_f16c(); }
 
 void attention_forward(const AttnParams& p) {
   static const bool avx2 = cpu_has_avx2();

@@ -106,7 +106,7 @@ void attention_forward(const AttnParams& p);
 // Implementations (selected by attention_forward; exposed for tests that pin one).
 void attention_forward_portable(const AttnParams& p);
 void attention_forward_avx2(const AttnParams& p);
-bool cpu_has_avx2();
+bool cpu_has_avx2();  // AVX2 + FMA + F16C (simd_avx2::cpu_has_avx2_f16c)
 
 // Gather/compaction used by the pruning policies: for every (b, h) copy rows index[b, h, 0..K) of a
 // [B, H, C, row_bytes] byte tensor into [B, H, K, row_bytes]. Indices must be in [0, C) (the caller checks).

@@ -19,6 +19,12 @@ inline bool cpu_has_avx2() {
   return ok;
 }
 
+// Whether this CPU also converts fp16 <-> fp32 in vectors (F16C): the attention kernels read fp16 scales and caches.
+inline bool cpu_has_avx2_f16c() {
+  static const bool ok = cpu_has_avx2() && __builtin_cpu_supports("f16c");
+  return ok;
+}
+
 // Sum of the 8 lanes.
 MK_AVX2 inline float hsum(__m256 a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
