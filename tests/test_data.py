@@ -6,7 +6,7 @@ import pytest
 
 from malloc_kernels.data import (eval_batches, leave_one_out, load_aligned, load_dataset, load_ratings_csv,
                                  load_ratings_dat, load_sequences, make_jagged, synthetic_dataset,
-                                 training_batches)
+                                 training_batches, training_windows)
 from malloc_kernels.data.loaders import EMBEDDED_DIR
 
 
@@ -146,6 +146,38 @@ def test_training_batches_are_jagged_and_complete(bucket):
     assert sorted(seen) == [1, 2, 3, 4, 5, 6, 7]     # user 0 (one item) has no training pair
     again = [b.users.tolist() for b in training_batches(seqs, ts, 3, 6, seed=1, bucket=bucket)]
     assert again == [b.users.tolist() for b in training_batches(seqs, ts, 3, 6, seed=1, bucket=bucket)]
+
+
+@pytest.mark.parametrize("bucket", [0, 2])
+def test_training_windows_all_cover_every_target_once(bucket):
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(1, 50, size=n) for n in [1, 2, 6, 7, 8, 13, 30, 0]]
+    ts = [np.arange(len(s)) * 10 for s in seqs]
+    w = training_windows(seqs, 6, "all")
+    # user 4 (8 items): windows end at 8 and 2; user 3 (7 items) ends at 7 only (a 1-item rest has no pair)
+    assert [tuple(r) for r in w if r[0] in (3, 4)] == [(3, 7), (4, 8), (4, 2)]
+    targets = {u: [] for u in range(len(seqs))}
+    n_batches = 0
+    for b in training_batches(seqs, ts, 3, 6, seed=2, bucket=bucket, windows="all"):
+        n_batches += 1
+        for i, u in enumerate(b.users.tolist()):
+            lo, hi = int(b.offsets[i]), int(b.offsets[i + 1])
+            assert 1 <= hi - lo <= 6
+            items, tg, t = b.items[lo:hi].numpy(), b.targets[lo:hi].numpy(), b.timestamps[lo:hi].numpy()
+            start = int(t[0]) // 10  # the window's first item (timestamps = 10 * index)
+            assert items.tolist() == seqs[u][start:start + hi - lo].tolist()
+            assert tg.tolist() == seqs[u][start + 1:start + 1 + hi - lo].tolist()
+            targets[u] += list(range(start + 1, start + 1 + hi - lo))
+    for u, s in enumerate(seqs):  # every item but the first is a target exactly once
+        assert sorted(targets[u]) == list(range(1, len(s))), u
+    assert n_batches == -(-len(w) // 3)
+    # "last" is the original one-window-per-user recipe
+    last = training_windows(seqs, 6, "last")
+    assert last.tolist() == [[u, len(s)] for u, s in enumerate(seqs) if len(s) >= 2]
+    with pytest.raises(ValueError, match="windows"):
+        training_windows(seqs, 6, "every")
+    with pytest.raises(ValueError, match="max_len"):
+        training_windows(seqs, 0)
 
 
 def test_eval_batches_and_padding():

@@ -78,6 +78,31 @@ def test_cached_serving_equals_full_recompute(arch, heads, dtype):
     assert (scores_ref[fin] - scores[fin]).abs().max().item() <= TOL[dtype] / cfg.temperature * 10
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_hstu_with_position_embedding_serves_as_recompute(dtype):
+    m = _model("hstu", dtype, position_embedding=True)
+    assert m.pos_emb is not None and m.pos_emb.weight.shape == (48, 12)
+    hist, hts, hl, req, rts, rl, full, fts, fl = _ragged(4, [30, 5, 0], [2, 3, 1])
+    with torch.no_grad():
+        ref = m.last_hidden(full, fts, fl)
+        out = m.serve(req, rts, m.encode_history(hist, hts, hl), rl)
+        plain = _model("hstu", dtype).last_hidden(full, fts, fl)
+    assert (ref - out).abs().max().item() <= TOL[dtype] * max(1.0, ref.abs().max().item())
+    assert (ref - plain).abs().max().item() > 1e-3  # the embedding changes the model
+
+
+def test_position_embedding_option_and_config_keys():
+    assert ModelConfig(arch="sasrec", n_items=5).uses_position_embedding
+    assert not ModelConfig(arch="hstu", n_items=5).uses_position_embedding
+    assert not ModelConfig(arch="sasrec", n_items=5, position_embedding=False).uses_position_embedding
+    assert SequentialRecommender(ModelConfig(arch="sasrec", n_items=5, position_embedding=False)).pos_emb is None
+    # the default is left out of the config dict, so checkpoints keyed by older configs keep their keys
+    assert "position_embedding" not in ModelConfig(arch="hstu", n_items=5).to_dict()
+    assert ModelConfig(arch="hstu", n_items=5, position_embedding=True).to_dict()["position_embedding"] is True
+    with pytest.raises(ValueError, match="position_embedding"):
+        ModelConfig(arch="hstu", n_items=5, position_embedding="yes")
+
+
 def test_hstu_without_timestamps_and_request_of_many_tokens():
     m = _model("hstu")
     hist, _, hl, req, _, rl, full, _, fl = _ragged(2, [9, 4], [5, 5], with_time=False)

@@ -191,25 +191,55 @@ def make_jagged(seqs: Sequence[np.ndarray], timestamps: Optional[Sequence[np.nda
                        users=None if users is None else torch.as_tensor(users, dtype=torch.int64))
 
 
+WINDOW_MODES = ("last", "all")
+
+
+def training_windows(sequences: Sequence[np.ndarray], max_len: int, windows: str = "last") -> np.ndarray:
+    """Training samples as ``[n, 2]`` int64 rows ``(user, end)``: the sample is ``s[max(end - max_len - 1, 0):end]``
+    of user ``s`` (inputs = all but its last item, targets = all but its first).
+
+    ``windows="last"``: one sample per user with >= 2 items, its most recent ``max_len + 1`` items (the usual SASRec /
+    HSTU recipe; items older than that are never trained on). ``"all"``: longer sequences are tiled backwards from the
+    end into windows of ``max_len + 1`` items sharing one boundary item, so every item after the first is a target
+    exactly once per epoch (MovieLens-1M training split at max_len 200: 982k targets in 8,619 windows, against 648k
+    in 6,040 for ``"last"``); windows with fewer than 2 items are dropped. Positions restart at 0 in every window, as in a truncated history at serving.
+    """
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    if windows not in WINDOW_MODES:
+        raise ValueError(f"windows must be one of {WINDOW_MODES}, got {windows!r}")
+    rows = []
+    for u, s in enumerate(sequences):
+        end = len(s)
+        while end >= 2:
+            rows.append((u, end))
+            if windows == "last":
+                break
+            end -= max_len
+    return np.array(rows, dtype=np.int64).reshape(-1, 2)
+
+
 def training_batches(sequences: Sequence[np.ndarray], timestamps: Optional[Sequence[np.ndarray]], batch_size: int,
-                     max_len: int, *, shuffle: bool = True, seed: int = 0,
-                     bucket: int = 0) -> Iterator[JaggedBatch]:
-    """Next-item training batches: per user the last ``max_len + 1`` items give inputs ``s[:-1]`` and targets
-    ``s[1:]`` (so every input token has a label). Users with fewer than 2 items are skipped. Deterministic given
-    ``seed``. ``bucket = k > 0``: the shuffled users are cut into windows of ``k`` batches, each window is sorted by
-    length before batching and the batch order is shuffled again, so a batch holds users of similar length (less
-    padding inside dense attention kernels) while every epoch still sees a random order."""
+                     max_len: int, *, shuffle: bool = True, seed: int = 0, bucket: int = 0,
+                     windows: str = "last") -> Iterator[JaggedBatch]:
+    """Next-item training batches over the samples of ``training_windows(sequences, max_len, windows)``: each
+    sample's items give inputs ``w[:-1]`` and targets ``w[1:]`` (so every input token has a label); ``users`` of a
+    batch holds each sample's user (repeated for a user's several windows). Deterministic given ``seed``.
+    ``bucket = k > 0``: the shuffled samples are cut into runs of ``k`` batches, each run is sorted by length before
+    batching and the batch order is shuffled again, so a batch holds samples of similar length (less padding inside
+    dense attention kernels) while every epoch still sees a random order."""
     if batch_size < 1 or max_len < 1:
         raise ValueError(f"batch_size and max_len must be >= 1, got {batch_size}, {max_len}")
     if bucket < 0:
         raise ValueError(f"bucket must be >= 0, got {bucket}")
-    order = np.array([u for u, s in enumerate(sequences) if len(s) >= 2], dtype=np.int64)
+    samples = training_windows(sequences, max_len, windows)
+    order = np.arange(len(samples), dtype=np.int64)
     rng = np.random.default_rng(seed)
     if shuffle:
         rng.shuffle(order)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     if bucket:
-        eff = np.array([min(len(sequences[u]), max_len + 1) for u in order])
+        eff = np.minimum(samples[order, 1], max_len + 1)
         batches = []
         win = bucket * batch_size
         for w0 in range(0, len(order), win):
@@ -217,9 +247,11 @@ def training_batches(sequences: Sequence[np.ndarray], timestamps: Optional[Seque
             batches += [order[idx[i:i + batch_size]] for i in range(0, len(idx), batch_size)]
         if shuffle:
             rng.shuffle(batches)
-    for users in batches:
-        seqs = [sequences[u][-(max_len + 1):] for u in users]
-        ts = None if timestamps is None else [timestamps[u][-(max_len + 1):] for u in users]
+    for rows in batches:
+        users, ends = samples[rows, 0], samples[rows, 1]
+        cuts = [slice(max(int(e) - max_len - 1, 0), int(e)) for e in ends]
+        seqs = [sequences[u][c] for u, c in zip(users, cuts)]
+        ts = None if timestamps is None else [timestamps[u][c] for u, c in zip(users, cuts)]
         yield make_jagged([s[:-1] for s in seqs], None if ts is None else [t[:-1] for t in ts],
                           targets=[s[1:] for s in seqs], users=users)
 

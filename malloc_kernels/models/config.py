@@ -28,6 +28,9 @@ class ModelConfig:
     num_time_buckets: HSTU's time-bias table size (used only when timestamps are given). similarity/temperature:
     item scores are ``<h, e_item> / temperature`` of L2-normalised vectors (``"cosine"``) or raw dot products.
     train_request_len: for seq_compress models, the longest request (suffix) trained against a compressed history.
+    position_embedding: add a learned absolute position embedding to the input (None = the architecture's default:
+    SASRec yes, HSTU no; HSTU with it is the generative-recommenders reference setup, which adds one to the item
+    embedding besides the relative bias). Omitted from ``to_dict`` when None, so existing configs keep their keys.
 
     MSN product-key memory (``malloc_kernels.memory``; MSN, arXiv 2602.07526, over Lample et al. 2019):
     msn: add a gated memory read to the layers in ``msn_layers`` (None = the last layer; negative indices count from
@@ -58,6 +61,7 @@ class ModelConfig:
     similarity: str = "cosine"
     temperature: float = 0.05
     train_request_len: int = 16
+    position_embedding: Optional[bool] = None
     msn: bool = False
     msn_slots: int = 128 * 128
     msn_heads: int = 4
@@ -105,6 +109,8 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.position_embedding is not None and not isinstance(self.position_embedding, bool):
+            raise ValueError(f"position_embedding must be None or a bool, got {self.position_embedding!r}")
         if self.num_time_buckets < 1:
             raise ValueError(f"num_time_buckets must be >= 1, got {self.num_time_buckets}")
         self._validate_msn()
@@ -148,6 +154,13 @@ class ModelConfig:
         return self.msn_layers if self.msn_layers is not None else (self.n_layers - 1,)
 
     @property
+    def uses_position_embedding(self) -> bool:
+        """Whether the input adds a learned absolute position embedding (``position_embedding`` or the default)."""
+        if self.position_embedding is None:
+            return self.arch == "sasrec"
+        return self.position_embedding
+
+    @property
     def cache_heads(self) -> int:
         """kv heads stored in the cache (1 for MQA and MLA)."""
         return 1 if self.heads == "mla" else self.n_kv_heads
@@ -159,6 +172,8 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        if d["position_embedding"] is None:  # the architecture default: keep older configs' keys unchanged
+            d.pop("position_embedding")
         if not self.msn:  # keep configs (and checkpoint keys) of memory-free models as they were
             for f in [f for f in d if f.startswith("msn")]:
                 d.pop(f)

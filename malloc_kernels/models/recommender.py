@@ -96,8 +96,9 @@ class SequentialRecommender(nn.Module):
     """HSTU or SASRec (``ModelConfig.arch``) with the configured head / sequence-level variant.
 
     Inputs are item ids in ``1..n_items``; the embedding table has ``n_items + 1`` rows (row 0 = padding, unused).
-    HSTU input: ``sqrt(d) * e_item`` (positions enter through the relative bias); SASRec input:
-    ``sqrt(d) * e_item + e_pos``. Output: per-token hidden states ``[T, d]`` (SASRec: after a final LayerNorm).
+    HSTU input: ``sqrt(d) * e_item`` (positions enter through the relative bias; ``+ e_pos`` with
+    ``ModelConfig.position_embedding``); SASRec input: ``sqrt(d) * e_item + e_pos``. Output: per-token hidden
+    states ``[T, d]`` (SASRec: after a final LayerNorm).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -110,15 +111,15 @@ class SequentialRecommender(nn.Module):
         nn.init.normal_(self.item_emb.weight, std=d ** -0.5)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
-        self.pos_emb = nn.Embedding(cfg.max_len, d) if cfg.arch == "sasrec" else None
+        self.pos_emb = nn.Embedding(cfg.max_len, d) if cfg.uses_position_embedding else None
         layer_cls = HSTULayer if cfg.arch == "hstu" else SASRecLayer
         mem = set(cfg.memory_layers)
         self.layers = nn.ModuleList(layer_cls(cfg, memory=li in mem) for li in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(d) if cfg.arch == "sasrec" else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        # ``malloc_kernels.attention`` backend for every call ("auto": kernels for inference, the reference when
-        # autograd is needed); set e.g. ``model.backend = "reference"`` to pin one.
+        # ``malloc_kernels.attention`` backend for every call ("auto": kernels for inference; under autograd the C++
+        # training kernels for HSTU, the reference for SASRec); set e.g. ``model.backend = "reference"`` to pin one.
         self.backend = "auto"
         if cfg.seq_compress == "linformer":
             self.lin_logits = nn.Parameter(torch.randn(cfg.n_layers, cfg.slots, cfg.max_len) * 0.02)

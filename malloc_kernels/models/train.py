@@ -44,7 +44,8 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..data import SequenceDataset, load_dataset, training_batches
+from ..data import SequenceDataset, load_dataset, training_batches, training_windows
+from ..data.dataset import WINDOW_MODES
 from .config import ModelConfig
 from .metrics import evaluate
 from .recommender import SequentialRecommender
@@ -59,7 +60,9 @@ class TrainConfig:
     ``time_budget_min``: stop after this many minutes (0 = no limit). ``schedule``: ``"constant"`` learning rate,
     or ``"cosine"``: linear warm-up over ``warmup_steps`` then cosine decay to 0 at the end of epoch ``epochs`` (the
     epoch count then shapes the weights, so it joins the checkpoint key). ``init_from``: name of the base checkpoint
-    a variant is warm-started from (``uptrain.warm_start``; "" = from scratch); part of the checkpoint key."""
+    a variant is warm-started from (``uptrain.warm_start``; "" = from scratch); part of the checkpoint key.
+    ``windows``: which items of long sequences are trained on (``data.training_windows``): ``"last"`` the most
+    recent ``max_len + 1`` per user, ``"all"`` every item, in windows of ``max_len + 1``."""
 
     epochs: int = 20
     batch_size: int = 32
@@ -77,12 +80,15 @@ class TrainConfig:
     schedule: str = "constant"
     warmup_steps: int = 0
     init_from: str = ""
+    windows: str = "last"
 
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.windows not in WINDOW_MODES:
+            raise ValueError(f"windows must be one of {WINDOW_MODES}, got {self.windows!r}")
 
     def key_fields(self) -> dict:
         """Fields that change the trained weights (what the checkpoint key hashes)."""
@@ -94,6 +100,8 @@ class TrainConfig:
                 d.pop(f)
         if not self.init_from:
             d.pop("init_from")
+        if self.windows == "last":  # the original recipe keeps its checkpoint keys
+            d.pop("windows")
         return d
 
     def lr_at(self, step: int, total_steps: int) -> float:
@@ -203,7 +211,7 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
     req_max = train_cfg.request_len or model_cfg.train_request_len
     t0 = time.perf_counter()
     stopped = False
-    n_train = sum(1 for s in split.train_sequences if len(s) >= 2)
+    n_train = len(training_windows(split.train_sequences, model_cfg.max_len, train_cfg.windows))
     n_batches = math.ceil(n_train / train_cfg.batch_size)
     total_steps = n_batches * train_cfg.epochs
     if train_cfg.time_budget_min and elapsed0 >= 60 * train_cfg.time_budget_min:
@@ -215,7 +223,7 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
         total, count = 0.0, 0
         bar = tqdm(training_batches(split.train_sequences, split.train_timestamps, train_cfg.batch_size,
                                     model_cfg.max_len, shuffle=True, seed=train_cfg.seed * 1_000_003 + epoch,
-                                    bucket=train_cfg.bucket),
+                                    bucket=train_cfg.bucket, windows=train_cfg.windows),
                    total=n_batches, desc=f"epoch {epoch + 1}/{train_cfg.epochs}", disable=not progress,
                    leave=False)
         for step_in_epoch, batch in enumerate(bar):
@@ -308,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--temperature", type=float, default=0.05)
     ap.add_argument("--similarity", choices=("cosine", "dot"), default="cosine")
+    ap.add_argument("--position-embedding", choices=("default", "on", "off"), default="default",
+                    help="learned absolute position embedding in the input (default: SASRec on, HSTU off)")
     ap.add_argument("--msn", action="store_true",
                     help="add the MSN product-key memory (gated into the last layer unless --msn-layers)")
     ap.add_argument("--msn-slots", type=int, default=128 * 128, help="memory rows M (a perfect square)")
@@ -328,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--negatives", type=int, default=128)
     ap.add_argument("--full-softmax", action="store_true", help="full softmax loss instead of sampled softmax")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--windows", choices=WINDOW_MODES, default="last",
+                    help="train on each user's last max_len+1 items (last) or on every item in windows (all)")
     ap.add_argument("--bucket", type=int, default=8, help="length-bucketing window in batches (0 = off)")
     ap.add_argument("--eval-every", type=int, default=1)
     ap.add_argument("--time-budget-min", type=float, default=0.0, help="stop training after this many minutes")
@@ -351,11 +363,13 @@ def main(argv=None) -> dict:
                        beacon_chunk=args.beacon_chunk, max_len=args.max_len, dropout=args.dropout,
                        temperature=args.temperature, similarity=args.similarity, msn=args.msn,
                        msn_slots=args.msn_slots, msn_heads=args.msn_heads, msn_key_dim=args.msn_key_dim,
-                       msn_topk=args.msn_topk, msn_layers=args.msn_layers)
+                       msn_topk=args.msn_topk, msn_layers=args.msn_layers,
+                       position_embedding={"default": None, "on": True, "off": False}[args.position_embedding])
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        num_negatives=args.negatives, full_softmax=args.full_softmax, seed=args.seed,
                        eval_every=args.eval_every, time_budget_min=args.time_budget_min,
-                       bucket=args.bucket, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                       bucket=args.bucket, windows=args.windows, schedule=args.schedule,
+                       warmup_steps=args.warmup_steps,
                        init_from=Path(args.init_from).stem if args.init_from else "")
     init_model = load_checkpoint(args.init_from) if args.init_from else None
     _, report = train(ds, mcfg, tcfg, cache=args.cache_dir, use_cache=not args.retrain,

@@ -100,6 +100,13 @@ def _usable(name: str, call: AttentionCall) -> Tuple[Optional[object], str]:
     if not ok:
         return None, why
     mod, _ = _load(name)
+    if call.requires_grad and name == "cpu":
+        from . import hstu_train
+        ok, why = hstu_train.supports(call)
+        if ok:
+            return hstu_train, ""
+        return None, (f"backend 'cpu' is inference-only for this call and an input requires grad ({why}; "
+                      "use backend='reference' or 'auto', or run under torch.no_grad())")
     if call.requires_grad and not getattr(mod, "supports_autograd", False):
         return None, (f"backend {name!r} is inference-only and an input requires grad "
                       "(use backend='reference' or 'auto', or run under torch.no_grad())")
@@ -113,7 +120,8 @@ def select_backend(call: AttentionCall) -> Tuple[str, Optional[object]]:
     """(name, launcher module) for ``call``; the module is None for the reference.
 
     Explicit backends raise ``ValueError`` saying why they cannot run the call. ``"auto"``: any input requiring
-    grad -> reference (kernels are inference-only); CUDA tensors -> CUDA C++ where it declares itself preferred
+    grad -> the C++ training kernel for jagged HSTU self-attention on CPU tensors (``ops/hstu_train.py``), else the
+    reference (the other kernels are inference-only); CUDA tensors -> CUDA C++ where it declares itself preferred
     (decode), else Triton, else CUDA C++, else reference; CPU tensors -> the C++ CPU op when it supports the call,
     else reference.
     """
@@ -125,7 +133,8 @@ def select_backend(call: AttentionCall) -> Tuple[str, Optional[object]]:
             raise ValueError(f"backend={call.backend!r} cannot run this call: {why}")
         return call.backend, mod
     if call.requires_grad:
-        return "reference", None
+        train_mod, _ = _usable("cpu", call) if call.device.type == "cpu" else (None, "")
+        return ("cpu", train_mod) if train_mod is not None else ("reference", None)
     if call.device.type == "cuda":
         cuda_mod, _ = _usable("cuda", call)
         preferred = getattr(cuda_mod, "preferred", None)

@@ -8,7 +8,8 @@ arXiv 2307.08691) or HSTU's pointwise SiLU (arXiv 2402.17152) and the relative p
 ORIGINAL positions/timestamps. All query heads of a kv head share each K/V block (GQA/MQA without repeating K/V).
 
 Protocol (``ops/backends.py``): ``is_available()``, ``supports(call) -> (bool, reason)``, ``run(call) ->
-AttentionResult`` for a validated ``AttentionCall`` (``ops/validate.py``). Inference only (no autograd).
+AttentionResult`` for a validated ``AttentionCall`` (``ops/validate.py``). This kernel is inference only; under
+autograd the backend selection sends jagged HSTU self-attention to the training kernels of ``ops/hstu_train.py``.
 
 Also exported for the pruning policies: ``gather_cache_entries(cache, index, length=None)`` (compaction of the
 kept entries, see its docstring) and ``gather_rows(src, index)``.
