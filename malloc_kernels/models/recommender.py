@@ -118,8 +118,8 @@ class SequentialRecommender(nn.Module):
         self.final_norm = nn.LayerNorm(d) if cfg.arch == "sasrec" else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        # ``malloc_kernels.attention`` backend for every call ("auto": kernels for inference; under autograd the C++
-        # training kernels for HSTU, the reference for SASRec); set e.g. ``model.backend = "reference"`` to pin one.
+        # ``malloc_kernels.attention`` backend for every call ("auto": kernels for inference, the C++ training
+        # kernels under autograd); set e.g. ``model.backend = "reference"`` to pin one.
         self.backend = "auto"
         if cfg.seq_compress == "linformer":
             self.lin_logits = nn.Parameter(torch.randn(cfg.n_layers, cfg.slots, cfg.max_len) * 0.02)

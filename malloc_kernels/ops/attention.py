@@ -37,8 +37,8 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     ``return_lse``/``return_stats`` (stats: ``AttentionStats`` with per-key attention mass, over each user's last
     ``stats_window`` queries for the window variants). ``backend``: "auto" | "reference" | "cpu" | "triton" |
     "cuda"; an explicit backend that cannot run the call raises ``ValueError`` saying why. Under autograd "auto"
-    (and "cpu") run jagged HSTU self-attention on CPU tensors with the C++ training kernels (``ops/hstu_train.py``)
-    and every other call on the reference.
+    (and "cpu") run jagged self-attention without a cache (HSTU or softmax, the recommenders' training form) on CPU
+    tensors with the C++ training kernels (``ops/train_attention.py``) and every other call on the reference.
     """
     call = validate_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, cache=cache,
                          kind=kind, offsets=offsets, key_offsets=key_offsets, num_targets=num_targets,

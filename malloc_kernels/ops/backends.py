@@ -101,10 +101,10 @@ def _usable(name: str, call: AttentionCall) -> Tuple[Optional[object], str]:
         return None, why
     mod, _ = _load(name)
     if call.requires_grad and name == "cpu":
-        from . import hstu_train
-        ok, why = hstu_train.supports(call)
+        from . import train_attention
+        ok, why = train_attention.supports(call)
         if ok:
-            return hstu_train, ""
+            return train_attention, ""
         return None, (f"backend 'cpu' is inference-only for this call and an input requires grad ({why}; "
                       "use backend='reference' or 'auto', or run under torch.no_grad())")
     if call.requires_grad and not getattr(mod, "supports_autograd", False):
@@ -120,8 +120,8 @@ def select_backend(call: AttentionCall) -> Tuple[str, Optional[object]]:
     """(name, launcher module) for ``call``; the module is None for the reference.
 
     Explicit backends raise ``ValueError`` saying why they cannot run the call. ``"auto"``: any input requiring
-    grad -> the C++ training kernel for jagged HSTU self-attention on CPU tensors (``ops/hstu_train.py``), else the
-    reference (the other kernels are inference-only); CUDA tensors -> CUDA C++ where it declares itself preferred
+    grad -> the C++ training kernels for jagged self-attention without a cache on CPU tensors
+    (``ops/train_attention.py``), else the reference (the other kernels are inference-only); CUDA tensors -> CUDA C++ where it declares itself preferred
     (decode), else Triton, else CUDA C++, else reference; CPU tensors -> the C++ CPU op when it supports the call,
     else reference.
     """

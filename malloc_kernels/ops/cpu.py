@@ -9,7 +9,7 @@ ORIGINAL positions/timestamps. All query heads of a kv head share each K/V block
 
 Protocol (``ops/backends.py``): ``is_available()``, ``supports(call) -> (bool, reason)``, ``run(call) ->
 AttentionResult`` for a validated ``AttentionCall`` (``ops/validate.py``). This kernel is inference only; under
-autograd the backend selection sends jagged HSTU self-attention to the training kernels of ``ops/hstu_train.py``.
+autograd the backend selection sends jagged self-attention to the training kernels of ``ops/train_attention.py``.
 
 Also exported for the pruning policies: ``gather_cache_entries(cache, index, length=None)`` (compaction of the
 kept entries, see its docstring) and ``gather_rows(src, index)``.

@@ -1,11 +1,13 @@
-"""Trainable C++ CPU kernel for HSTU self-attention on jagged batches (``backend="cpu"`` / ``"auto"`` with autograd).
+"""Trainable C++ CPU kernels for jagged self-attention (``backend="cpu"`` / ``"auto"`` with autograd).
 
-Every HSTU training step attends each user's tokens to themselves, without a cache: ``o_i = (1/n_i) sum_j
-silu(scale <q_i, k_j> + rab_ij) v_j`` over the visible j (DESIGN.md section 2 with all counts 1; Zhai et al., arXiv
-2402.17152). The reference runs this on padded ``[B, H, L, L]`` tensors through autograd; the ops
-``malloc_kernels::hstu_self_attention_fwd`` / ``_bwd`` (``csrc/cpu/hstu_train*.cpp``, math in
-``csrc/include/malloc_kernels/hstu_train.h``) compute the output and all gradients (q, k, v, position and time bias
-tables) per (user, kv head) with score rows recomputed in the backward, never materialising an ``[L, L]`` matrix.
+Every training step of the recommenders attends each user's tokens to themselves, without a cache (DESIGN.md
+section 2 with all counts 1): HSTU's pointwise ``o_i = (1/n_i) sum_j silu(s_ij) v_j`` (Zhai et al., arXiv 2402.17152)
+or SASRec's softmax ``o_i = sum_j softmax_j(s_ij) v_j``, with ``s_ij = scale <q_i, k_j> + rab_ij`` over the visible j.
+The reference runs this on padded ``[B, H, L, L]`` tensors through autograd; the ops
+``malloc_kernels::self_attention_fwd`` / ``_bwd`` (``csrc/cpu/train_attention*.cpp``, math in
+``csrc/include/malloc_kernels/train_attention.h``) compute the output (and the softmax lse) and all gradients (q, k,
+v, position and time bias tables) per (user, kv head), score rows recomputed in blocks in the backward
+(FlashAttention-2's scheme), never materialising an ``[L, L]`` matrix.
 
 Launcher protocol (``ops/backends.py``): ``supports(call)``, ``run(call)``. Calls outside the supported form (dense
 layout, a cache, targets, masks, dropout, lse/stats, half precision) keep using the reference under autograd.
@@ -26,8 +28,8 @@ def _ops_loaded() -> Tuple[bool, str]:
         import malloc_kernels._C  # noqa: F401  (registers the ops)
     except ImportError as e:
         return False, f"the C++ extension malloc_kernels._C does not load ({e})"
-    if not hasattr(torch.ops.malloc_kernels, "hstu_self_attention_fwd"):
-        return False, "malloc_kernels._C was built without hstu_self_attention_fwd (rebuild the extension)"
+    if not hasattr(torch.ops.malloc_kernels, "self_attention_fwd"):
+        return False, "malloc_kernels._C was built without self_attention_fwd (rebuild the extension)"
     return True, ""
 
 
@@ -38,7 +40,6 @@ def supports(call) -> Tuple[bool, str]:
         return False, why
     checks = (
         (call.device.type == "cpu", f"needs CPU tensors, got {call.device}"),
-        (call.kind == "hstu", "trains kind='hstu' only"),
         (call.jagged, "needs the jagged layout (offsets)"),
         (call.cache is None, "attends a user's own tokens only (no cache)"),
         (call.dtype in _DTYPES, f"computes in float32/float64, got {call.dtype}"),
@@ -59,45 +60,45 @@ def _norm_const(call) -> int:
     return int(call.hstu_norm) if isinstance(call.hstu_norm, int) else 0
 
 
-class HSTUSelfAttention(torch.autograd.Function):
+class SelfAttention(torch.autograd.Function):
     """Autograd wrapper of the two ops. Inputs: q, k, v, pos_bias, time_bias (tensors that may require grad), then
-    the non-differentiable offsets, positions, timestamps, bucket thresholds, scale, causal, norm_const."""
+    the non-differentiable offsets, positions, timestamps, bucket thresholds, kind, scale, causal, norm_const."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pos_bias, time_bias, offsets, positions, timestamps, thresholds, scale, causal,
+    def forward(ctx, q, k, v, pos_bias, time_bias, offsets, positions, timestamps, thresholds, kind, scale, causal,
                 norm_const):
-        args = (offsets, float(scale), bool(causal), int(norm_const), positions, pos_bias, timestamps, time_bias,
-                thresholds)
-        out = torch.ops.malloc_kernels.hstu_self_attention_fwd(q, k, v, *args)
-        ctx.save_for_backward(q, k, v, pos_bias, time_bias, offsets, positions, timestamps, thresholds)
-        ctx.scalars = (float(scale), bool(causal), int(norm_const))
+        scalars = (kind, float(scale), bool(causal), int(norm_const))
+        out, lse = torch.ops.malloc_kernels.self_attention_fwd(q, k, v, offsets, *scalars, positions, pos_bias,
+                                                              timestamps, time_bias, thresholds)
+        ctx.save_for_backward(q, k, v, out, lse, pos_bias, time_bias, offsets, positions, timestamps, thresholds)
+        ctx.scalars = scalars
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, pos_bias, time_bias, offsets, positions, timestamps, thresholds = ctx.saved_tensors
-        scale, causal, norm_const = ctx.scalars
-        dq, dk, dv, dpb, dtb = torch.ops.malloc_kernels.hstu_self_attention_bwd(
-            grad_out, q, k, v, offsets, scale, causal, norm_const, positions, pos_bias, timestamps, time_bias,
+        q, k, v, out, lse, pos_bias, time_bias, offsets, positions, timestamps, thresholds = ctx.saved_tensors
+        dq, dk, dv, dpb, dtb = torch.ops.malloc_kernels.self_attention_bwd(
+            grad_out, out, lse, q, k, v, offsets, *ctx.scalars, positions, pos_bias, timestamps, time_bias,
             thresholds)
         need = ctx.needs_input_grad
         return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
                 dpb if pos_bias is not None and need[3] else None,
                 dtb if time_bias is not None and need[4] else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
-def hstu_self_attention(q, k, v, offsets, *, scale, causal=True, norm_const=0, positions=None, pos_bias=None,
-                        timestamps=None, time_bias=None):
-    """Differentiable jagged HSTU self-attention on the C++ kernel (shapes as in ``malloc_kernels.attention``:
-    q ``[total, Hq, D]``, k/v ``[total, Hkv, D]``, int64 ``offsets [B+1]``, ``positions``/``timestamps`` int64
-    ``[total]``, ``pos_bias [P]|[Hq, P]``, ``time_bias [T]|[Hq, T]``). ``norm_const`` 0: n_i = visible keys."""
+def self_attention(q, k, v, offsets, *, kind, scale, causal=True, norm_const=0, positions=None, pos_bias=None,
+                   timestamps=None, time_bias=None):
+    """Differentiable jagged self-attention on the C++ kernels (``kind`` "hstu" or "softmax"; shapes as in
+    ``malloc_kernels.attention``: q ``[total, Hq, D]``, k/v ``[total, Hkv, D]``, int64 ``offsets [B+1]``,
+    ``positions``/``timestamps`` int64 ``[total]``, ``pos_bias [P]|[Hq, P]``, ``time_bias [T]|[Hq, T]``).
+    ``norm_const`` (hstu) 0: n_i = visible keys."""
     thresholds = None
     if time_bias is not None:
         from .cpu import _thresholds
         thresholds = _thresholds(int(time_bias.shape[-1]))
-    return HSTUSelfAttention.apply(q, k, v, pos_bias, time_bias, offsets, positions, timestamps, thresholds, scale,
-                                   causal, norm_const)
+    return SelfAttention.apply(q, k, v, pos_bias, time_bias, offsets, positions, timestamps, thresholds, kind, scale,
+                               causal, norm_const)
 
 
 def run(call) -> AttentionResult:
@@ -105,8 +106,9 @@ def run(call) -> AttentionResult:
     are float32 ``[Hq, P]``; they are cast to the query's dtype here (autograd carries the gradient back)."""
     pos_bias = None if call.pos_bias is None else call.pos_bias.to(call.dtype)
     time_bias = None if call.time_bias is None else call.time_bias.to(call.dtype)
-    out = hstu_self_attention(
-        call.query, call.key, call.value, call.offsets.to(torch.int64), scale=call.scale, causal=call.is_causal,
+    out = self_attention(
+        call.query, call.key, call.value, call.offsets.to(torch.int64), kind=call.kind, scale=call.scale,
+        causal=call.is_causal,
         norm_const=_norm_const(call),
         positions=call.query_positions if pos_bias is not None else None, pos_bias=pos_bias,
         timestamps=call.query_timestamps if time_bias is not None else None, time_bias=time_bias)
@@ -117,13 +119,15 @@ def _register_fakes():
     if not _ops_loaded()[0]:
         return
 
-    @torch.library.register_fake("malloc_kernels::hstu_self_attention_fwd")
-    def _fwd(q, k, v, offsets, scale, causal, norm_const, positions, pos_bias, timestamps, time_bias, thresholds):
-        return q.new_empty(q.shape)
-
-    @torch.library.register_fake("malloc_kernels::hstu_self_attention_bwd")
-    def _bwd(grad_out, q, k, v, offsets, scale, causal, norm_const, positions, pos_bias, timestamps, time_bias,
+    @torch.library.register_fake("malloc_kernels::self_attention_fwd")
+    def _fwd(q, k, v, offsets, kind, scale, causal, norm_const, positions, pos_bias, timestamps, time_bias,
              thresholds):
+        lse = q.new_empty(q.shape[:2]) if kind == "softmax" else q.new_empty((0,))
+        return q.new_empty(q.shape), lse
+
+    @torch.library.register_fake("malloc_kernels::self_attention_bwd")
+    def _bwd(grad_out, out, lse, q, k, v, offsets, kind, scale, causal, norm_const, positions, pos_bias, timestamps,
+             time_bias, thresholds):
         dpb = pos_bias.new_empty(pos_bias.shape) if pos_bias is not None else q.new_empty((0,))
         dtb = time_bias.new_empty(time_bias.shape) if time_bias is not None else q.new_empty((0,))
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dpb, dtb

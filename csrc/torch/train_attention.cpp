@@ -1,19 +1,22 @@
-// Torch glue for the HSTU training attention (malloc_kernels/hstu_train.h): validation, contiguity, allocation.
-// Ops (fake impls and the autograd Function in malloc_kernels/ops/hstu_train.py):
-//   hstu_self_attention_fwd(q, k, v, offsets, scale, causal, norm_const, positions?, pos_bias?, timestamps?,
-//                           time_bias?, thresholds?) -> out
-//   hstu_self_attention_bwd(grad_out, <the same>) -> (dq, dk, dv, dpos_bias, dtime_bias)
-// (a bias gradient is an empty tensor when its table is absent). Bad arguments raise ValueError/TypeError naming
-// the argument.
+// Torch glue for the training self-attention (malloc_kernels/train_attention.h): validation, contiguity,
+// allocation. Ops (fake impls and the autograd Function in malloc_kernels/ops/train_attention.py):
+//   self_attention_fwd(q, k, v, offsets, kind, scale, causal, norm_const, positions?, pos_bias?, timestamps?,
+//                      time_bias?, thresholds?) -> (out, lse)
+//   self_attention_bwd(grad_out, out, lse, q, k, v, offsets, kind, <the rest as above>)
+//       -> (dq, dk, dv, dpos_bias, dtime_bias)
+// kind: "hstu" or "softmax"; lse [total, Hq] is filled for softmax (empty for hstu); a bias gradient is an empty
+// tensor when its table is absent. Bad arguments raise ValueError/TypeError naming the argument.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <c10/util/Optional.h>
 
+#include <cmath>
+#include <string>
 #include <tuple>
 
-#include "malloc_kernels/hstu_train.h"
+#include "malloc_kernels/train_attention.h"
 
 namespace {
 
@@ -102,9 +105,18 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
   return r;
 }
 
+namespace ta = malloc_kernels::train_attention;
+
+ta::Kind kind_of(c10::string_view kind) {
+  if (kind == "hstu") return ta::Kind::HSTU;
+  TORCH_CHECK_VALUE(kind == "softmax", "kind must be 'hstu' or 'softmax', got '", std::string(kind), "'");
+  return ta::Kind::SOFTMAX;
+}
+
 template <typename T>
-malloc_kernels::hstu_train::Params<T> params_of(const Prepared& r, double scale, bool causal, int64_t norm_const) {
-  malloc_kernels::hstu_train::Params<T> p;
+ta::Params<T> params_of(const Prepared& r, ta::Kind kind, double scale, bool causal, int64_t norm_const) {
+  ta::Params<T> p;
+  p.kind = kind;
   p.B = r.B;
   p.Hq = r.Hq;
   p.Hkv = r.Hkv;
@@ -133,35 +145,55 @@ malloc_kernels::hstu_train::Params<T> params_of(const Prepared& r, double scale,
   return p;
 }
 
-Tensor hstu_self_attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& offsets,
-                                   double scale, bool causal, int64_t norm_const, const OptTensor& positions,
-                                   const OptTensor& pos_bias, const OptTensor& timestamps,
-                                   const OptTensor& time_bias, const OptTensor& thresholds) {
+std::tuple<Tensor, Tensor> self_attention_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                  const Tensor& offsets, c10::string_view kind, double scale,
+                                                  bool causal, int64_t norm_const, const OptTensor& positions,
+                                                  const OptTensor& pos_bias, const OptTensor& timestamps,
+                                                  const OptTensor& time_bias, const OptTensor& thresholds) {
+  const ta::Kind kd = kind_of(kind);
   const Prepared r = prepare(q, k, v, offsets, norm_const, positions, pos_bias, timestamps, time_bias, thresholds);
   Tensor out = at::zeros_like(r.q);
-  AT_DISPATCH_FLOATING_TYPES(r.q.scalar_type(), "hstu_self_attention_fwd", [&] {
-    malloc_kernels::hstu_train::hstu_self_attention_forward<scalar_t>(
-        params_of<scalar_t>(r, scale, causal, norm_const), out.data_ptr<scalar_t>());
+  Tensor lse = kd == ta::Kind::SOFTMAX ? at::full({r.total, r.Hq}, -INFINITY, r.q.options())
+                                       : at::empty({0}, r.q.options());
+  AT_DISPATCH_FLOATING_TYPES(r.q.scalar_type(), "self_attention_fwd", [&] {
+    ta::self_attention_forward<scalar_t>(params_of<scalar_t>(r, kd, scale, causal, norm_const),
+                                         out.data_ptr<scalar_t>(),
+                                         kd == ta::Kind::SOFTMAX ? lse.data_ptr<scalar_t>() : nullptr);
   });
-  return out;
+  return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> hstu_self_attention_bwd_cpu(
-    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& offsets, double scale,
-    bool causal, int64_t norm_const, const OptTensor& positions, const OptTensor& pos_bias,
-    const OptTensor& timestamps, const OptTensor& time_bias, const OptTensor& thresholds) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> self_attention_bwd_cpu(
+    const Tensor& grad_out, const Tensor& out, const Tensor& lse, const Tensor& q, const Tensor& k, const Tensor& v,
+    const Tensor& offsets, c10::string_view kind, double scale, bool causal, int64_t norm_const,
+    const OptTensor& positions, const OptTensor& pos_bias, const OptTensor& timestamps, const OptTensor& time_bias,
+    const OptTensor& thresholds) {
+  const ta::Kind kd = kind_of(kind);
   const Prepared r = prepare(q, k, v, offsets, norm_const, positions, pos_bias, timestamps, time_bias, thresholds);
   check_like(grad_out, q, "grad_out");
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes(), "grad_out must have the query's shape ", q.sizes(), ", got ",
                     grad_out.sizes());
+  Tensor o, l;
+  if (kd == ta::Kind::SOFTMAX) {
+    check_like(out, q, "out");
+    check_like(lse, q, "lse");
+    TORCH_CHECK_VALUE(out.sizes() == q.sizes(), "out must have the query's shape ", q.sizes(), ", got ",
+                      out.sizes());
+    TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == r.total && lse.size(1) == r.Hq, "lse must be [total=",
+                      r.total, ", Hq=", r.Hq, "], got ", lse.sizes());
+    o = out.contiguous();
+    l = lse.contiguous();
+  }
   const Tensor go = grad_out.contiguous();
   Tensor dq = at::zeros_like(r.q), dk = at::zeros_like(r.k), dv = at::zeros_like(r.v);
   Tensor dpb = r.pos_bias.defined() ? at::zeros_like(r.pos_bias) : at::empty({0}, r.q.options());
   Tensor dtb = r.time_bias.defined() ? at::zeros_like(r.time_bias) : at::empty({0}, r.q.options());
-  AT_DISPATCH_FLOATING_TYPES(r.q.scalar_type(), "hstu_self_attention_bwd", [&] {
-    malloc_kernels::hstu_train::hstu_self_attention_backward<scalar_t>(
-        params_of<scalar_t>(r, scale, causal, norm_const), go.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
-        dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), r.pos_bias.defined() ? dpb.data_ptr<scalar_t>() : nullptr,
+  AT_DISPATCH_FLOATING_TYPES(r.q.scalar_type(), "self_attention_bwd", [&] {
+    ta::self_attention_backward<scalar_t>(
+        params_of<scalar_t>(r, kd, scale, causal, norm_const), go.data_ptr<scalar_t>(),
+        o.defined() ? o.data_ptr<scalar_t>() : nullptr, l.defined() ? l.data_ptr<scalar_t>() : nullptr,
+        dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+        r.pos_bias.defined() ? dpb.data_ptr<scalar_t>() : nullptr,
         r.time_bias.defined() ? dtb.data_ptr<scalar_t>() : nullptr);
   });
   return {dq, dk, dv, dpb, dtb};
@@ -170,15 +202,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> hstu_self_attention_bwd_cpu(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(malloc_kernels, m) {
-  m.def("hstu_self_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor offsets, float scale, bool causal, "
+  m.def("self_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor offsets, str kind, float scale, bool causal, "
         "int norm_const, Tensor? positions, Tensor? pos_bias, Tensor? timestamps, Tensor? time_bias, "
-        "Tensor? thresholds) -> Tensor");
-  m.def("hstu_self_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor offsets, float scale, "
-        "bool causal, int norm_const, Tensor? positions, Tensor? pos_bias, Tensor? timestamps, Tensor? time_bias, "
-        "Tensor? thresholds) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? thresholds) -> (Tensor, Tensor)");
+  m.def("self_attention_bwd(Tensor grad_out, Tensor out, Tensor lse, Tensor q, Tensor k, Tensor v, Tensor offsets, "
+        "str kind, float scale, bool causal, int norm_const, Tensor? positions, Tensor? pos_bias, "
+        "Tensor? timestamps, Tensor? time_bias, Tensor? thresholds) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(malloc_kernels, CPU, m) {
-  m.impl("hstu_self_attention_fwd", &hstu_self_attention_fwd_cpu);
-  m.impl("hstu_self_attention_bwd", &hstu_self_attention_bwd_cpu);
+  m.impl("self_attention_fwd", &self_attention_fwd_cpu);
+  m.impl("self_attention_bwd", &self_attention_bwd_cpu);
 }

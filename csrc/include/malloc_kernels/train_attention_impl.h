@@ -1,6 +1,6 @@
-// Implementation of hstu_train.h, written once and compiled twice like the inference attention: portable
-// (csrc/cpu/hstu_train_portable.cpp) and AVX2+FMA (csrc/cpu/hstu_train_avx2.cpp, under `#pragma GCC target`),
-// chosen at run time by csrc/cpu/hstu_train.cpp. Each translation unit defines MK_IMPL_NS and, for the AVX2 copy,
+// Implementation of train_attention.h, written once and compiled twice like the inference attention: portable
+// (csrc/cpu/train_attention_portable.cpp) and AVX2+FMA (csrc/cpu/train_attention_avx2.cpp, under
+// `#pragma GCC target`), chosen at run time by csrc/cpu/train_attention.cpp. Each translation unit defines MK_IMPL_NS and, for the AVX2 copy,
 // MK_ISA_AVX2.
 //
 // Layout of the work (per user b and kv head g, all query heads of g in turn): the user's keys and values are
@@ -21,7 +21,7 @@
 #include <omp.h>
 
 #include "malloc_kernels/bias.h"
-#include "malloc_kernels/hstu_train.h"
+#include "malloc_kernels/train_attention.h"
 
 #ifdef MK_ISA_AVX2
 #include <immintrin.h>
@@ -30,7 +30,7 @@
 #endif
 
 namespace malloc_kernels {
-namespace hstu_train {
+namespace train_attention {
 namespace MK_IMPL_NS {
 
 constexpr int R = 4;   // query rows per block
@@ -49,6 +49,30 @@ inline void sigmoid_row(const T* s, T* sig, int64_t n) {
   }
 #endif
   for (; j < n; ++j) sig[j] = T(1) / (T(1) + std::exp(-s[j]));
+}
+
+// e[j] = exp(s[j] - m), j < n; returns sum_j e[j].
+template <typename T>
+inline T exp_shift_row(const T* s, T m, T* e, int64_t n) {
+  int64_t j = 0;
+  T sum = T(0);
+#ifdef MK_ISA_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 mv = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+      const __m256 x = simd_avx2::exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+      _mm256_storeu_ps(e + j, x);
+      acc = _mm256_add_ps(acc, x);
+    }
+    sum = simd_avx2::hsum(acc);
+  }
+#endif
+  for (; j < n; ++j) {
+    e[j] = std::exp(s[j] - m);
+    sum += e[j];
+  }
+  return sum;
 }
 
 // S[r * Lp + j] = sum_d X[r][d] tile[d * Lp + j] for j < jp (a multiple of 8).
@@ -219,8 +243,8 @@ struct UserHead {
       out[r] = i0 + r < L ? base_ptr + ((base + i0 + r) * H + h) * p.D : dummy_row.data();
   }
 
-  // S[r] (raw <q, k>) -> scores with scale and bias, then sig; returns nothing past jn (callers mask).
-  void finish_scores(int64_t h, int64_t i, int64_t jn, T* s, T* sig) const {
+  // S[r] (raw <q, k>) -> scores with scale and bias, j < jn (callers mask the rest).
+  void finish_scores(int64_t h, int64_t i, int64_t jn, T* s) const {
     const T scale = p.scale;
 #pragma omp simd
     for (int64_t j = 0; j < jn; ++j) s[j] *= scale;
@@ -236,7 +260,6 @@ struct UserHead {
       const int64_t* tj = p.timestamps + base;
       for (int64_t j = 0; j < jn; ++j) s[j] += tb[bucket(ti - tj[j])];
     }
-    sigmoid_row(s, sig, jn);
   }
 };
 
@@ -246,7 +269,7 @@ int threads_of(const Params<T>& p) {
 }
 
 template <typename T>
-void forward(const Params<T>& p, T* out) {
+void forward(const Params<T>& p, T* out, T* lse) {
   const int64_t G = p.Hq / p.Hkv, D = p.D;
   bias::TimeBucketer bucket;
   if (p.time_bias != nullptr) bucket.init(p.thresholds, p.NT);
@@ -271,10 +294,20 @@ void forward(const Params<T>& p, T* out) {
             T *s = u.S.data() + r * Lp, *sig = u.SIG.data() + r * Lp, *a = u.A.data() + r * Lp;
             std::fill(a + jn, a + jp, T(0));
             if (jn == 0) continue;
-            u.finish_scores(h, i0 + r, jn, s, sig);
-            const T inv_n = u.inv_norm(jn);
+            u.finish_scores(h, i0 + r, jn, s);
+            if (p.kind == Kind::HSTU) {
+              sigmoid_row(s, sig, jn);
+              const T inv_n = u.inv_norm(jn);
 #pragma omp simd
-            for (int64_t j = 0; j < jn; ++j) a[j] = s[j] * sig[j] * inv_n;
+              for (int64_t j = 0; j < jn; ++j) a[j] = s[j] * sig[j] * inv_n;
+            } else {   // softmax: a = p_ij already normalised, so the tiledots below give o directly
+              const T m = *std::max_element(s, s + jn);
+              const T l = exp_shift_row(s, m, a, jn);
+              const T inv_l = T(1) / l;
+#pragma omp simd
+              for (int64_t j = 0; j < jn; ++j) a[j] *= inv_l;
+              lse[(u.base + i0 + r) * p.Hq + h] = m + std::log(l);
+            }
           }
           u.rows_out(out, p.Hq, h, i0, yr);
           tiledots(u.A.data(), u.vt.data(), D, Lp, jp, T(1), yr);
@@ -285,7 +318,8 @@ void forward(const Params<T>& p, T* out) {
 }
 
 template <typename T>
-void backward(const Params<T>& p, const T* grad_out, T* dq, T* dk, T* dv, T* dpos_bias, T* dtime_bias) {
+void backward(const Params<T>& p, const T* grad_out, const T* out, const T* lse, T* dq, T* dk, T* dv, T* dpos_bias,
+              T* dtime_bias) {
   const int64_t G = p.Hq / p.Hkv, D = p.D;
   bias::TimeBucketer bucket;
   if (p.time_bias != nullptr) bucket.init(p.thresholds, p.NT);
@@ -322,13 +356,25 @@ void backward(const Params<T>& p, const T* grad_out, T* dq, T* dk, T* dv, T* dpo
             std::fill(a + jn, a + jp, T(0));
             std::fill(ds + jn, ds + jp, T(0));
             if (jn == 0) continue;
-            u.finish_scores(h, i, jn, s, sig);
-            const T inv_n = u.inv_norm(jn);
+            u.finish_scores(h, i, jn, s);
+            const int64_t row = (base + i) * p.Hq + h;
+            if (p.kind == Kind::HSTU) {
+              sigmoid_row(s, sig, jn);
+              const T inv_n = u.inv_norm(jn);
 #pragma omp simd
-            for (int64_t j = 0; j < jn; ++j) {
-              const T x = s[j], y = sig[j];
-              a[j] = x * y * inv_n;
-              ds[j] = ds[j] * y * (T(1) + x * (T(1) - y)) * inv_n;
+              for (int64_t j = 0; j < jn; ++j) {
+                const T x = s[j], y = sig[j];
+                a[j] = x * y * inv_n;
+                ds[j] = ds[j] * y * (T(1) + x * (T(1) - y)) * inv_n;
+              }
+            } else {   // softmax: p_ij = exp(s_ij - lse_i), ds_ij = p_ij (dA_ij - <do_i, o_i>)
+              exp_shift_row(s, lse[row], a, jn);
+              const T* oi = out + row * D;
+              const T* gi = grad_out + row * D;
+              T di = T(0);
+              for (int64_t d = 0; d < D; ++d) di += gi[d] * oi[d];
+#pragma omp simd
+              for (int64_t j = 0; j < jn; ++j) ds[j] = a[j] * (ds[j] - di);
             }
             if (want_pos) {
               double* acc = pos_acc.data() + (p.pos_heads == 1 ? 0 : h) * p.P;
@@ -358,7 +404,7 @@ void backward(const Params<T>& p, const T* grad_out, T* dq, T* dk, T* dv, T* dpo
         }
       }
     }
-#pragma omp critical(mk_hstu_train_bias)
+#pragma omp critical(mk_train_attention_bias)
     {
       for (int64_t x = 0; x < npos; ++x) pos_total[x] += pos_acc[x];
       for (int64_t x = 0; x < ntime; ++x) time_total[x] += time_acc[x];
@@ -369,5 +415,5 @@ void backward(const Params<T>& p, const T* grad_out, T* dq, T* dk, T* dv, T* dpo
 }
 
 }  // namespace MK_IMPL_NS
-}  // namespace hstu_train
+}  // namespace train_attention
 }  // namespace malloc_kernels
