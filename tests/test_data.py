@@ -215,6 +215,10 @@ def test_synthetic_generator():
         synthetic_dataset(2, 10, min_len=5, max_len=4)
     with pytest.raises(ValueError, match="n_topics"):
         synthetic_dataset(2, 10, n_topics=20)
+    # fewer topics than the 2-4 interests a user draws (used to fail sampling interests without replacement)
+    for topics in (1, 2, 3):
+        few = synthetic_dataset(30, 40, min_len=5, max_len=20, n_topics=topics, seed=topics)
+        assert len(few.sequences) == 30 and all(int(s.max()) <= 40 for s in few.sequences)
 
 
 # ---- real data (../shared/data) -------------------------------------------------------------------------------

@@ -103,6 +103,13 @@ def test_position_embedding_option_and_config_keys():
         ModelConfig(arch="hstu", n_items=5, position_embedding="yes")
 
 
+def test_training_windows_option_keys_checkpoints_and_validates():
+    assert "windows" not in TrainConfig().key_fields()          # the original recipe keeps its checkpoint keys
+    assert TrainConfig(windows="all").key_fields()["windows"] == "all"
+    with pytest.raises(ValueError, match="windows"):
+        TrainConfig(windows="some")
+
+
 def test_hstu_without_timestamps_and_request_of_many_tokens():
     m = _model("hstu")
     hist, _, hl, req, _, rl, full, _, fl = _ragged(2, [9, 4], [5, 5], with_time=False)
@@ -281,6 +288,21 @@ def test_tiny_training_run_loss_decreases_and_checkpoint_is_reused(tmp_path):
     # the serving path (cache + 3-token request) ranks exactly like the full recompute
     served = evaluate(loaded, split.test, progress=False, request_len=3)
     assert served["HR@10"] == rep["test"]["HR@10"] and served["MRR"] == pytest.approx(rep["test"]["MRR"])
+
+
+def test_tiny_training_run_on_all_windows(tmp_path):
+    """windows='all' trains on every item of sequences longer than max_len: more steps per epoch, same interface."""
+    ds = synthetic_dataset(24, 90, min_len=20, max_len=60, n_topics=3, drift=0.0, seed=2)
+    mcfg = ModelConfig(arch="hstu", d_model=16, n_layers=1, n_heads=2, max_len=16, dropout=0.0)
+    steps = {}
+    for windows in ("last", "all"):
+        tcfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, num_negatives=16, seed=0, windows=windows)
+        counted = []
+        _, rep = train(ds, mcfg, tcfg, cache=str(tmp_path), progress=False, log=counted.append)
+        losses = [p["train_loss"] for p in rep["curve"]]
+        assert losses[-1] < losses[0] and rep["test"]["users"] == 24, losses
+        steps[windows] = rep["checkpoint"]
+    assert steps["last"] != steps["all"]            # different recipes, different checkpoints
 
 
 def test_tiny_training_run_of_a_beacon_model(tmp_path):

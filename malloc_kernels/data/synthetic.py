@@ -44,7 +44,7 @@ def synthetic_dataset(n_users: int = 64, n_items: int = 2000, *, min_len: int = 
     seqs, tss = [], []
     for u in range(n_users):
         L = int(lengths[u])
-        k = int(rng.integers(2, 5))
+        k = min(int(rng.integers(2, 5)), n_topics)   # 2-4 interests, never more than there are topics
         interests = rng.choice(n_topics, size=k, replace=False)
         weights = rng.dirichlet(np.ones(k))
         items = np.empty(L, dtype=np.int64)
