@@ -20,7 +20,8 @@ def render(report: dict, title: str) -> str:
              f"{m['arch']}, d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads, max_len "
              f"{m['max_len']}, dropout {m['dropout']}, {m['similarity']} / temperature {m['temperature']}; {loss}, "
              f"batch {t['batch_size']}, lr {t['lr']} ({t.get('schedule', 'constant')}, warm-up "
-             f"{t.get('warmup_steps', 0)} steps), {t['epochs']} epochs, time cap {t['time_budget_min']} min, "
+             f"{t.get('warmup_steps', 0)} steps), {t['epochs']} epochs, training windows "
+             f"{t.get('windows', 'last')}, time cap {t['time_budget_min']} min, "
              f"{report.get('threads', '?')} thread(s); {report.get('params', 0):,} parameters.", "",
              "Test (leave-one-out, full ranking over all items): "
              + ", ".join(f"{k} {report['test'][k]:.4f}" for k in METRICS)
