@@ -68,8 +68,8 @@ def test_bench_train_attention(benchmark):
             fns = {b: (lambda b=b: _step(b, kind, leaves, off, pos, grad)) for b in ("reference", "cpu")}
             best = interleaved_best_seconds(fns, ROUNDS)
             flop = 14 * pairs * D
-            rows.append({"kind": kind, "shape": name, "users": users, "tokens": int(off[-1]), "Hq": Hq, "Hkv": Hkv, "D": D,
-                         "pairs": pairs, "flop": flop, **{f"{k}_s": v for k, v in best.items()},
+            rows.append({"kind": kind, "shape": name, "users": users, "tokens": int(off[-1]), "Hq": Hq, "Hkv": Hkv,
+                         "D": D, "pairs": pairs, "flop": flop, **{f"{k}_s": v for k, v in best.items()},
                          "speedup": best["reference"] / best["cpu"], "floor_s": flop / (gflops * 1e9)})
         leaves, off, pos, grad, _ = _problem(*SHAPES[0][2:], seed=0)
         benchmark.pedantic(lambda: _step("cpu", "hstu", leaves, off, pos, grad), rounds=1, iterations=1)
@@ -99,8 +99,8 @@ def _write(res):
     ]
     for r in res["rows"]:
         rate = r["flop"] / r["cpu_s"] / 1e9
-        lines.append(f"| {r['kind']} | {r['shape']} | {r['users']} | {r['tokens']:,} | {r['Hq']} / {r['Hkv']} | {r['D']} "
-                     f"| {1e3 * r['reference_s']:.1f} | {1e3 * r['cpu_s']:.1f} | **{r['speedup']:.1f}x** "
+        lines.append(f"| {r['kind']} | {r['shape']} | {r['users']} | {r['tokens']:,} | {r['Hq']} / {r['Hkv']} "
+                     f"| {r['D']} | {1e3 * r['reference_s']:.1f} | {1e3 * r['cpu_s']:.1f} | **{r['speedup']:.1f}x** "
                      f"| {1e3 * r['floor_s']:.2f} | {rate:.0f} | {100 * rate / res['matmul_gflops']:.0f}% |")
     lines += ["", "The reference pads the batch to `[B, H, L, L]` and runs a chain of autograd ops over it (scores, "
               "the gathered bias, masks, SiLU or softmax, the normalisation) forward and again backward; the kernels "

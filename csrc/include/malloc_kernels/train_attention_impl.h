@@ -1,7 +1,7 @@
 // Implementation of train_attention.h, written once and compiled twice like the inference attention: portable
 // (csrc/cpu/train_attention_portable.cpp) and AVX2+FMA (csrc/cpu/train_attention_avx2.cpp, under
-// `#pragma GCC target`), chosen at run time by csrc/cpu/train_attention.cpp. Each translation unit defines MK_IMPL_NS and, for the AVX2 copy,
-// MK_ISA_AVX2.
+// `#pragma GCC target`), chosen at run time by csrc/cpu/train_attention.cpp. Each translation unit defines
+// MK_IMPL_NS and, for the AVX2 copy, MK_ISA_AVX2.
 //
 // Layout of the work (per user b and kv head g, all query heads of g in turn): the user's keys and values are
 // transposed once into zero-padded [D][Lp] tiles (Lp = L rounded up to 8), and query rows are taken R = 4 at a time,
@@ -12,6 +12,8 @@
 // Each tile element is loaded once per block of 4 rows instead of once per row, and accumulators stay in registers
 // (AVX2 float build: explicit intrinsics; the portable and float64 builds run the same loops in plain C++). The
 // block's scratch (S, sig, A, dS: 4 x 4 x Lp) and the tiles stay in L1/L2 for recommender sequence lengths.
+// The elementwise middle of a block is per kind: HSTU's SiLU (sigmoid via exp) and its derivative, or softmax's
+// exp(s - max) / sum (forward, which also writes lse) and exp(s - lse) (dA - <do, o>) (backward).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
