@@ -316,3 +316,14 @@ def test_tiny_training_run_of_a_beacon_model(tmp_path):
     assert model.beacon_emb.grad is not None and model.beacon_emb.grad.abs().sum() > 0
     served = evaluate(model, ds.split().test, progress=False, request_len=2)
     assert served["users"] == 24
+
+
+def test_train_cli_windows_and_position_embedding(tmp_path):
+    from malloc_kernels.models.train import main
+    out = tmp_path / "report.json"
+    report = main(["--data", "ml-latest-small", "--model", "hstu", "--d-model", "8", "--layers", "1", "--n-heads", "1",
+                   "--max-len", "16", "--epochs", "1", "--windows", "all", "--position-embedding", "on",
+                   "--negatives", "8", "--threads", "1", "--cache-dir", str(tmp_path), "--no-progress",
+                   "--out", str(out)])
+    assert report["train"]["windows"] == "all" and report["model"]["position_embedding"] is True
+    assert out.is_file() and report["test"]["users"] > 0
