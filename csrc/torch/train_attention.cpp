@@ -4,7 +4,7 @@
 //                      time_bias?, thresholds?) -> (out, lse)
 //   self_attention_bwd(grad_out, out, lse, q, k, v, offsets, kind, <the rest as above>)
 //       -> (dq, dk, dv, dpos_bias, dtime_bias)
-// kind: "hstu" or "softmax"; lse [total, Hq] is filled for softmax (empty for hstu); a bias gradient is an empty
+// kind: "hstu" or "softmax"; lse [total, Hq] is filled for softmax ([0, Hq] for hstu); a bias gradient is an empty
 // tensor when its table is absent. Bad arguments raise ValueError/TypeError naming the argument.
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -12,7 +12,6 @@
 
 #include <c10/util/Optional.h>
 
-#include <cmath>
 #include <string>
 #include <tuple>
 
@@ -152,9 +151,9 @@ std::tuple<Tensor, Tensor> self_attention_fwd_cpu(const Tensor& q, const Tensor&
                                                   const OptTensor& time_bias, const OptTensor& thresholds) {
   const ta::Kind kd = kind_of(kind);
   const Prepared r = prepare(q, k, v, offsets, norm_const, positions, pos_bias, timestamps, time_bias, thresholds);
-  Tensor out = at::zeros_like(r.q);
-  Tensor lse = kd == ta::Kind::SOFTMAX ? at::full({r.total, r.Hq}, -INFINITY, r.q.options())
-                                       : at::empty({0}, r.q.options());
+  // offsets cover every token and every user's rows are written (softmax rows see at least themselves): no fill
+  Tensor out = at::empty_like(r.q);
+  Tensor lse = at::empty({kd == ta::Kind::SOFTMAX ? r.total : 0, r.Hq}, r.q.options());
   AT_DISPATCH_FLOATING_TYPES(r.q.scalar_type(), "self_attention_fwd", [&] {
     ta::self_attention_forward<scalar_t>(params_of<scalar_t>(r, kd, scale, causal, norm_const),
                                          out.data_ptr<scalar_t>(),
@@ -185,9 +184,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> self_attention_bwd_cpu(
     l = lse.contiguous();
   }
   const Tensor go = grad_out.contiguous();
-  Tensor dq = at::zeros_like(r.q), dk = at::zeros_like(r.k), dv = at::zeros_like(r.v);
-  Tensor dpb = r.pos_bias.defined() ? at::zeros_like(r.pos_bias) : at::empty({0}, r.q.options());
-  Tensor dtb = r.time_bias.defined() ? at::zeros_like(r.time_bias) : at::empty({0}, r.q.options());
+  // every element of the gradients is written by the kernel (as for the forward's output): no fill
+  Tensor dq = at::empty_like(r.q), dk = at::empty_like(r.k), dv = at::empty_like(r.v);
+  Tensor dpb = r.pos_bias.defined() ? at::empty_like(r.pos_bias) : at::empty({0}, r.q.options());
+  Tensor dtb = r.time_bias.defined() ? at::empty_like(r.time_bias) : at::empty({0}, r.q.options());
   AT_DISPATCH_FLOATING_TYPES(r.q.scalar_type(), "self_attention_bwd", [&] {
     ta::self_attention_backward<scalar_t>(
         params_of<scalar_t>(r, kd, scale, causal, norm_const), go.data_ptr<scalar_t>(),

@@ -202,7 +202,8 @@ def training_windows(sequences: Sequence[np.ndarray], max_len: int, windows: str
     HSTU recipe; items older than that are never trained on). ``"all"``: longer sequences are tiled backwards from the
     end into windows of ``max_len + 1`` items sharing one boundary item, so every item after the first is a target
     exactly once per epoch (MovieLens-1M training split at max_len 200: 982k targets in 8,619 windows, against 648k
-    in 6,040 for ``"last"``); windows with fewer than 2 items are dropped. Positions restart at 0 in every window, as in a truncated history at serving.
+    in 6,040 for ``"last"``); windows with fewer than 2 items are dropped. Positions restart at 0 in every window,
+    as in a truncated history at serving.
     """
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")

@@ -122,7 +122,7 @@ def _register_fakes():
     @torch.library.register_fake("malloc_kernels::self_attention_fwd")
     def _fwd(q, k, v, offsets, kind, scale, causal, norm_const, positions, pos_bias, timestamps, time_bias,
              thresholds):
-        lse = q.new_empty(q.shape[:2]) if kind == "softmax" else q.new_empty((0,))
+        lse = q.new_empty((q.shape[0] if kind == "softmax" else 0, q.shape[1]))
         return q.new_empty(q.shape), lse
 
     @torch.library.register_fake("malloc_kernels::self_attention_bwd")
