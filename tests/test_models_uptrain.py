@@ -125,3 +125,28 @@ def test_cosine_schedule_warms_up_and_decays_to_zero():
         ModelConfig(n_items=5), TrainConfig(schedule="cosine", epochs=12), "x")
     assert checkpoint_key(ModelConfig(n_items=5), TrainConfig(epochs=10), "x") == checkpoint_key(
         ModelConfig(n_items=5), TrainConfig(epochs=12), "x")
+
+
+def test_cosine_time_schedule_follows_the_clock_or_the_steps_whichever_is_further():
+    t = TrainConfig(lr=1e-2, schedule="cosine-time", warmup_steps=0, time_budget_min=10.0)
+    assert t.lr_at(0, 100, elapsed_seconds=0.0) == pytest.approx(1e-2)
+    assert t.lr_at(10, 100, elapsed_seconds=300.0) == pytest.approx(5e-3)  # half the budget, 10% of the steps
+    assert t.lr_at(50, 100, elapsed_seconds=6.0) == pytest.approx(5e-3)  # half the steps, 1% of the budget
+    assert t.lr_at(10, 100, elapsed_seconds=900.0) == pytest.approx(0.0, abs=1e-12)  # past the budget
+    with pytest.raises(ValueError, match="time_budget_min"):
+        TrainConfig(schedule="cosine-time")
+    keys = {checkpoint_key(ModelConfig(n_items=5), TrainConfig(schedule="cosine-time", time_budget_min=m), "x")
+            for m in (10.0, 20.0)}
+    assert len(keys) == 2  # the budget shapes the weights
+    assert checkpoint_key(ModelConfig(n_items=5), TrainConfig(schedule="cosine", time_budget_min=10.0), "x") == \
+        checkpoint_key(ModelConfig(n_items=5), TrainConfig(schedule="cosine", time_budget_min=20.0), "x")
+
+
+def test_eval_every_zero_validates_after_the_last_epoch_only(tmp_path):
+    with pytest.raises(ValueError, match="eval_every"):
+        TrainConfig(eval_every=-1)
+    ds = synthetic_dataset(n_users=24, n_items=N_ITEMS, min_len=4, max_len=20, n_topics=4, seed=0)
+    cfg = ModelConfig(arch="sasrec", n_items=ds.n_items, d_model=8, n_layers=1, n_heads=1, max_len=16)
+    _, report = train(ds, cfg, TrainConfig(epochs=2, batch_size=8, num_negatives=4, eval_every=0),
+                      cache=str(tmp_path), progress=False, log=lambda s: None)
+    assert ["valid" in p for p in report["curve"]] == [False, True]

@@ -53,6 +53,8 @@ from .metrics import evaluate
 from .recommender import SequentialRecommender
 from .uptrain import warm_start
 
+SCHEDULES = ("constant", "cosine", "cosine-time")
+
 
 @dataclass
 class TrainConfig:
@@ -61,7 +63,10 @@ class TrainConfig:
     ``train_request_len``. ``bucket``: length-bucketing window in batches (0 = plain shuffle).
     ``time_budget_min``: stop after this many minutes (0 = no limit). ``schedule``: ``"constant"`` learning rate,
     or ``"cosine"``: linear warm-up over ``warmup_steps`` then cosine decay to 0 at the end of epoch ``epochs`` (the
-    epoch count then shapes the weights, so it joins the checkpoint key). ``init_from``: name of the base checkpoint
+    epoch count then shapes the weights, so it joins the checkpoint key), or ``"cosine-time"``: the same decay driven
+    by whichever is further along, the steps or the wall clock against ``time_budget_min``, so the decay ends inside
+    the budget however fast the machine runs (the budget then joins the key; the weights depend on the machine's
+    speed). ``eval_every``: validate every this many epochs (0 = only after the last). ``init_from``: name of the base checkpoint
     a variant is warm-started from (``uptrain.warm_start``; "" = from scratch); part of the checkpoint key.
     ``windows``: which items of long sequences are trained on (``data.training_windows``): ``"last"`` the most
     recent ``max_len + 1`` per user, ``"all"`` every item, in windows of ``max_len + 1``."""
@@ -85,8 +90,12 @@ class TrainConfig:
     windows: str = "last"
 
     def __post_init__(self):
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule == "cosine-time" and not self.time_budget_min > 0:
+            raise ValueError(f"schedule 'cosine-time' needs time_budget_min > 0, got {self.time_budget_min}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.windows not in WINDOW_MODES:
@@ -95,7 +104,7 @@ class TrainConfig:
     def key_fields(self) -> dict:
         """Fields that change the trained weights (what the checkpoint key hashes)."""
         d = dataclasses.asdict(self)
-        for f in ("eval_every", "eval_batch_size", "time_budget_min"):
+        for f in ("eval_every", "eval_batch_size") + (() if self.schedule == "cosine-time" else ("time_budget_min",)):
             d.pop(f)
         if self.schedule == "constant":  # keeps pre-schedule checkpoint keys; epochs only bound a constant run
             for f in ("epochs", "schedule", "warmup_steps"):
@@ -106,13 +115,15 @@ class TrainConfig:
             d.pop("windows")
         return d
 
-    def lr_at(self, step: int, total_steps: int) -> float:
-        """Learning rate of optimiser step ``step`` (0-based) of ``total_steps``."""
+    def lr_at(self, step: int, total_steps: int, elapsed_seconds: float = 0.0) -> float:
+        """Learning rate of optimiser step ``step`` (0-based) of ``total_steps``, ``elapsed_seconds`` into training."""
         if self.schedule == "constant":
             return self.lr
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         frac = (step - self.warmup_steps) / max(total_steps - self.warmup_steps, 1)
+        if self.schedule == "cosine-time":
+            frac = max(frac, elapsed_seconds / (60 * self.time_budget_min))
         return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
 
 
@@ -230,7 +241,8 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
                    leave=False)
         for step_in_epoch, batch in enumerate(bar):
             for group in opt.param_groups:
-                group["lr"] = train_cfg.lr_at(epoch * n_batches + step_in_epoch, total_steps)
+                group["lr"] = train_cfg.lr_at(epoch * n_batches + step_in_epoch, total_steps,
+                                              elapsed0 + time.perf_counter() - t0)
             r = None
             if model_cfg.seq_compress is not None:
                 r = int(torch.randint(1, req_max + 1, (1,), generator=gen))
@@ -252,7 +264,7 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
                  "train_loss": total / max(count, 1), "train_seconds": elapsed0 + time.perf_counter() - t0}
         if model.memories():
             point["slot_usage"] = model.memory_usage()
-        if (epoch + 1) % train_cfg.eval_every == 0 or stopped or epoch + 1 == train_cfg.epochs:
+        if (train_cfg.eval_every and (epoch + 1) % train_cfg.eval_every == 0) or stopped or epoch + 1 == train_cfg.epochs:
             point["valid"] = evaluate(model, split.valid, batch_size=train_cfg.eval_batch_size, progress=progress,
                                       desc="valid")
         curve.append(point)
@@ -332,8 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
-                    help="learning-rate schedule (cosine: warm-up then decay to 0 at the last epoch)")
+    ap.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                    help="learning-rate schedule (cosine: warm-up then decay to 0 at the last epoch; cosine-time: "
+                         "decay to 0 at the last epoch or the end of --time-budget-min, whichever comes first)")
     ap.add_argument("--warmup-steps", type=int, default=0)
     ap.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                     help="warm-start a head/sequence variant from this trained base checkpoint (uptraining)")
@@ -343,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--windows", choices=WINDOW_MODES, default="last",
                     help="train on each user's last max_len+1 items (last) or on every item in windows (all)")
     ap.add_argument("--bucket", type=int, default=8, help="length-bucketing window in batches (0 = off)")
-    ap.add_argument("--eval-every", type=int, default=1)
+    ap.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (0 = after the last only)")
     ap.add_argument("--time-budget-min", type=float, default=0.0, help="stop training after this many minutes")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=None,
