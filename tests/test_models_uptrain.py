@@ -143,8 +143,10 @@ def test_cosine_time_schedule_follows_the_clock_or_the_steps_whichever_is_furthe
 
 
 def test_eval_every_zero_validates_after_the_last_epoch_only(tmp_path):
-    with pytest.raises(ValueError, match="eval_every"):
-        TrainConfig(eval_every=-1)
+    for bad in (dict(eval_every=-1), dict(epochs=0), dict(batch_size=0), dict(lr=0.0), dict(num_negatives=0),
+                dict(time_budget_min=-1.0), dict(weight_decay=float("nan"))):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
     ds = synthetic_dataset(n_users=24, n_items=N_ITEMS, min_len=4, max_len=20, n_topics=4, seed=0)
     cfg = ModelConfig(arch="sasrec", n_items=ds.n_items, d_model=8, n_layers=1, n_heads=1, max_len=16)
     _, report = train(ds, cfg, TrainConfig(epochs=2, batch_size=8, num_negatives=4, eval_every=0),

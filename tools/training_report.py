@@ -16,11 +16,14 @@ METRICS = ("HR@10", "NDCG@10", "MRR", "GAUC")
 def render(report: dict, title: str) -> str:
     m, t = report["model"], report["train"]
     loss = "full softmax" if t["full_softmax"] else f"sampled softmax ({t['num_negatives']} negatives)"
+    epochs = f"{t['epochs']} epochs"
+    if t.get("schedule") == "cosine-time":
+        epochs = f"up to {t['epochs']} epochs (the decay follows the {t['time_budget_min']:g}-min clock)"
     lines = [f"### {title}", "",
              f"{m['arch']}, d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']} heads, max_len "
              f"{m['max_len']}, dropout {m['dropout']}, {m['similarity']} / temperature {m['temperature']}; {loss}, "
              f"batch {t['batch_size']}, lr {t['lr']} ({t.get('schedule', 'constant')}, warm-up "
-             f"{t.get('warmup_steps', 0)} steps), {t['epochs']} epochs, training windows "
+             f"{t.get('warmup_steps', 0)} steps), {epochs}, training windows "
              f"{t.get('windows', 'last')}, time cap {t['time_budget_min']} min, "
              f"{report.get('threads', '?')} thread(s); {report.get('params', 0):,} parameters.", "",
              "Test (leave-one-out, full ranking over all items): "
