@@ -2,13 +2,13 @@
 
 Usage (the ML-1M acceptance run; MovieLens-1M is read from its folder, never copied)::
 
-    python -m malloc_kernels.models.train --data ../shared/data/ml-1m --model hstu --max-len 200 --full-softmax \
-        --windows all --schedule cosine --warmup-steps 100 --epochs 64 --time-budget-min 45 --eval-every 4 \
-        --threads 2 --out benchmarks/results/hstu_ml1m.json
+    python -m malloc_kernels.models.train --data ../shared/data/ml-1m --model hstu --max-len 200 --layers 4 \
+        --full-softmax --windows all --schedule cosine-time --warmup-steps 100 --epochs 100 --time-budget-min 45 \
+        --eval-every 4 --threads 2 --out benchmarks/results/hstu_ml1m.json
 
-(``--epochs`` is about what fits the 45 minutes on a 2-core box, so the cosine decay ends inside the budget;
-``--windows all`` trains on every item of the users longer than ``max_len``, not only their last ``max_len + 1``;
-see ``benchmarks/results/training_ml1m.md``). The full-softmax loss runs through ``malloc_kernels.loss``'s chunked
+(``cosine-time`` ends the cosine decay when the 45 minutes run out, however fast the machine is; ``--epochs`` only
+bounds it; ``--windows all`` trains on every item of the users longer than ``max_len``, not only their last
+``max_len + 1``; see ``benchmarks/results/training_ml1m.md``). The full-softmax loss runs through ``malloc_kernels.loss``'s chunked
 fused linear cross-entropy, the attention forward and backward through the C++ training kernels
 (``malloc_kernels.ops.train_attention``).
 
