@@ -8,9 +8,9 @@ Usage (the ML-1M acceptance run; MovieLens-1M is read from its folder, never cop
 
 (``cosine-time`` ends the cosine decay when the 45 minutes run out, however fast the machine is; ``--epochs`` only
 bounds it; ``--windows all`` trains on every item of the users longer than ``max_len``, not only their last
-``max_len + 1``; see ``benchmarks/results/training_ml1m.md``). The full-softmax loss runs through ``malloc_kernels.loss``'s chunked
-fused linear cross-entropy, the attention forward and backward through the C++ training kernels
-(``malloc_kernels.ops.train_attention``).
+``max_len + 1``; see ``benchmarks/results/training_ml1m.md``). The full-softmax loss runs through
+``malloc_kernels.loss``'s chunked fused linear cross-entropy, the attention forward and backward through the C++
+training kernels (``malloc_kernels.ops.train_attention``).
 
 Defaults train on the embedded MovieLens latest-small. Training is seeded (shuffling and negatives of epoch ``e``
 use ``seed + e``), uses AdamW and a tqdm progress bar, and checkpoints after every epoch under
@@ -66,8 +66,9 @@ class TrainConfig:
     epoch count then shapes the weights, so it joins the checkpoint key), or ``"cosine-time"``: the same decay driven
     by whichever is further along, the steps or the wall clock against ``time_budget_min``, so the decay ends inside
     the budget however fast the machine runs (the budget then joins the key; the weights depend on the machine's
-    speed). ``eval_every``: validate every this many epochs (0 = only after the last). ``init_from``: name of the base checkpoint
-    a variant is warm-started from (``uptrain.warm_start``; "" = from scratch); part of the checkpoint key.
+    speed). ``eval_every``: validate every this many epochs (0 = only after the last). ``init_from``: name of the
+    base checkpoint a variant is warm-started from (``uptrain.warm_start``; "" = from scratch); part of the
+    checkpoint key.
     ``windows``: which items of long sequences are trained on (``data.training_windows``): ``"last"`` the most
     recent ``max_len + 1`` per user, ``"all"`` every item, in windows of ``max_len + 1``."""
 
@@ -270,7 +271,8 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
                  "train_loss": total / max(count, 1), "train_seconds": elapsed0 + time.perf_counter() - t0}
         if model.memories():
             point["slot_usage"] = model.memory_usage()
-        if (train_cfg.eval_every and (epoch + 1) % train_cfg.eval_every == 0) or stopped or epoch + 1 == train_cfg.epochs:
+        scheduled = train_cfg.eval_every and (epoch + 1) % train_cfg.eval_every == 0
+        if scheduled or stopped or epoch + 1 == train_cfg.epochs:
             point["valid"] = evaluate(model, split.valid, batch_size=train_cfg.eval_batch_size, progress=progress,
                                       desc="valid")
         curve.append(point)
