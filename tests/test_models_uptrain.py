@@ -144,7 +144,7 @@ def test_cosine_time_schedule_follows_the_clock_or_the_steps_whichever_is_furthe
 
 def test_train_config_rejects_bad_values_and_eval_every_zero_validates_after_the_last_epoch(tmp_path):
     for bad in (dict(eval_every=-1), dict(epochs=0), dict(batch_size=0), dict(lr=0.0), dict(num_negatives=0),
-                dict(time_budget_min=-1.0), dict(weight_decay=float("nan"))):
+                dict(time_budget_min=-1.0), dict(weight_decay=float("nan")), dict(warmup_steps=-1)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             TrainConfig(**bad)
     ds = synthetic_dataset(n_users=24, n_items=N_ITEMS, min_len=4, max_len=20, n_topics=4, seed=0)

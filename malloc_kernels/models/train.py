@@ -100,11 +100,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        for name in ("weight_decay", "eval_every", "time_budget_min", "request_len", "bucket", "grad_clip"):
+        for name in ("weight_decay", "eval_every", "time_budget_min", "request_len", "bucket", "grad_clip",
+                     "warmup_steps"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.windows not in WINDOW_MODES:
             raise ValueError(f"windows must be one of {WINDOW_MODES}, got {self.windows!r}")
 
