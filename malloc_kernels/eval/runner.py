@@ -33,6 +33,7 @@ from ..models.train import TrainConfig, train
 from ..policies import compress
 from .methods import VARIANTS, MethodSpec, build_grid
 from .report import write_outputs
+from .stats import item_popularity, paired_bootstrap, per_user_metrics, popularity_scores
 
 
 @dataclass
@@ -66,6 +67,7 @@ class EvalConfig:
     warmup_steps: int = 0
     uptrain_epochs: int = 0
     memory_epochs: Optional[int] = None
+    n_boot: int = 1000
     seed: int = 0
     out: str = "results"
     cache: Optional[str] = None
@@ -84,7 +86,7 @@ class EvalConfig:
 
     def run_key(self) -> str:
         d = dataclasses.asdict(self)
-        for f in ("methods", "budgets", "bits", "variants", "out", "progress", "cache"):
+        for f in ("methods", "budgets", "bits", "variants", "out", "progress", "cache", "n_boot"):
             d.pop(f)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -181,7 +183,9 @@ def evaluate_specs(model, examples: EvalExamples, specs: Sequence[MethodSpec], c
     out = {}
     for spec in specs:
         a = acc[spec.key]
-        row = rank_metrics(torch.cat(a.ranks), model.cfg.n_items)
+        ranks = torch.cat(a.ranks)
+        row = rank_metrics(ranks, model.cfg.n_items)
+        row["ranks"] = ranks.tolist()   # per user (in example order): the paired bootstrap intervals' input
         mean_entries = float(torch.cat(a.entries).mean())
         if spec.recompute:  # recompute attends over the whole truncated history again
             mean_entries = float(np.mean([min(len(h), cfg.max_len) for h in examples.histories]))
@@ -217,6 +221,33 @@ def _train_base(ds, cfg: EvalConfig, arch: str, train_cfg: TrainConfig, bases: d
         bases[arch] = train(ds, _model_config(cfg, arch, ds.n_items, {}), train_cfg, cache=cfg.cache,
                             progress=cfg.progress, log=lambda m: None)
     return bases[arch]
+
+
+def popularity_ranks(train_sequences, n_items: int, examples: EvalExamples) -> torch.Tensor:
+    """Full-ranking 0-based ranks of the test targets under the popularity ranking (training counts)."""
+    pop = item_popularity(train_sequences, n_items)
+    return target_ranks(popularity_scores(pop, len(examples)), torch.as_tensor(examples.targets, dtype=torch.int64))
+
+
+def add_intervals(rows: list, n_boot: int = 1000, seed: int = 0) -> list:
+    """Give every row with per-user ``ranks`` the paired bootstrap 95% interval of its NDCG@10 / HR@10 change vs
+    the native row of the same (dataset, model): ``dNDCG@10_lo/_hi``, ``dHR@10_lo/_hi`` and ``significant``
+    (the NDCG@10 interval excludes 0); the ranks are then dropped from the row."""
+    per_user = {id(r): per_user_metrics(r.pop("ranks")) for r in rows if r.get("ranks") is not None}
+    native = {(r["dataset"], r["model"]): r for r in rows if r["method"] == "native"}
+    for r in rows:
+        base = native.get((r["dataset"], r["model"]))
+        if base is None or id(r) not in per_user or id(base) not in per_user:
+            continue
+        b, o = per_user[id(base)], per_user[id(r)]
+        if len(b["NDCG@10"]) != len(o["NDCG@10"]):
+            continue
+        for m in ("NDCG@10", "HR@10"):
+            ci = paired_bootstrap(b[m], o[m], n_boot=n_boot, seed=seed)
+            r[f"d{m}_lo"], r[f"d{m}_hi"] = ci["lo"], ci["hi"]
+            if m == "NDCG@10":
+                r["significant"] = ci["significant"]
+    return rows
 
 
 def _load_done(path: Path, run_key: str) -> dict:
@@ -284,8 +315,17 @@ def run(cfg: EvalConfig, log=print) -> dict:
         log(f"{arch}{'/' + variant if variant else ''}: {len(todo)} rows done")
 
     order = {(s.label, s.budget_label): i for i, s in enumerate(grid)}
+    order[("popularity", "-")] = 0.5   # right after native
+    pop_ranks = popularity_ranks(split.train_sequences, ds.n_items, examples)
+    for arch in cfg.models:
+        row = rank_metrics(pop_ranks, ds.n_items)
+        done[(arch, "popularity", "-")] = {
+            "run_key": run_key, "dataset": ds.name, "model": arch, "level": "baseline", "method": "popularity",
+            "budget": "-", **row, "ranks": pop_ranks.tolist(), "bytes_per_user": 0.0, "params": 0,
+            "memory_table_bytes": 0}
     rows = sorted((r for (arch, m, b), r in done.items() if arch in cfg.models and (m, b) in order),
                   key=lambda r: (cfg.models.index(r["model"]), order[(r["method"], r["budget"])]))
+    add_intervals(rows, n_boot=cfg.n_boot, seed=cfg.seed)
     meta = {"config": dataclasses.asdict(cfg), "run_key": run_key, "dataset": repr(ds),
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "processor": platform.processor(), "threads": torch.get_num_threads(),
