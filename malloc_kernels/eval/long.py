@@ -341,18 +341,18 @@ def run_long(cfg: LongConfig, log=print) -> dict:
             "threads": torch.get_num_threads(), "models": training}
     paths = write_long_outputs(out_rows, Path(cfg.out), meta)
     if cfg.resources:
-        paths.update(write_resources(models, Path(cfg.out), cfg, log))
+        paths.update(write_resources(models, Path(cfg.out), cfg, log, timestamps=ds.has_timestamps))
     return {"paths": paths, "rows": out_rows}
 
 
-def write_resources(models: dict, out: Path, cfg: LongConfig, log=print) -> dict:
+def write_resources(models: dict, out: Path, cfg: LongConfig, log=print, timestamps: bool = True) -> dict:
     """``resources.md/.json`` and ``resources.png``: bytes and latency vs N (``long_resources``)."""
     from . import long_resources as R
     model_rows = []
     for arch, model in models.items():
         t0 = time.perf_counter()
         model_rows += R.model_resources(model, arch, cfg.resources, request_size=cfg.request_size,
-                                        truncate_window=cfg.train_max_len, seed=cfg.seed)
+                                        truncate_window=cfg.train_max_len, seed=cfg.seed, timestamps=timestamps)
         log(f"{arch}: resources at N={list(cfg.resources)} in {time.perf_counter() - t0:.0f} s")
     some = next(iter(models.values()))
     attn_rows = R.attention_resources(some.cfg.n_heads, some.cfg.head_dim, cfg.resources,

@@ -43,28 +43,30 @@ def _interleaved_ms(fns: dict, repeats: int) -> dict:
     return {k: 1e3 * v for k, v in best.items()}
 
 
-def _user(n_items: int, n: int, request_size: int, seed: int):
+def _user(n_items: int, n: int, request_size: int, seed: int, timestamps: bool = True):
     ds = synthetic_dataset(n_users=1, n_items=min(n_items, 4000), min_len=n + request_size,
                            max_len=n + request_size, n_topics=min(32, n_items), seed=seed)
     s, t = ds.sequences[0], ds.timestamps[0]
-    hist = make_jagged([s[:n]], [t[:n]])
-    req = make_jagged([s[n:]], [t[n:]])
-    return hist, req
+    if not timestamps:
+        return make_jagged([s[:n]]), make_jagged([s[n:]])
+    return make_jagged([s[:n]], [t[:n]]), make_jagged([s[n:]], [t[n:]])
 
 
 @torch.no_grad()
 def model_resources(model, arch: str, ns: Sequence[int] = RESOURCE_NS, methods: Sequence[str] = RESOURCE_METHODS,
                     budget: float = 0.25, request_size: int = 8, truncate_window: int = 200, repeats: int = 9,
-                    seed: int = 0) -> list:
-    """Rows (arch, N, family, method, budget, bytes_per_user, request_ms) for every method at every N."""
+                    seed: int = 0, timestamps: bool = True) -> list:
+    """Rows (arch, N, family, method, budget, bytes_per_user, request_ms) for every method at every N.
+    ``timestamps``: give the synthetic users timestamps (as the model was trained: with or without)."""
     model.eval()
     specs = [s for s in build_grid(methods, (budget,), (8, 4, 2), ()) if s.method != "none"]
     rows = []
     for n in ns:
-        hist, req = _user(model.cfg.n_items, n, request_size, seed)
+        hist, req = _user(model.cfg.n_items, n, request_size, seed, timestamps)
         native, stats = model.encode_history(hist, return_stats=True, stats_window=request_size)
         w = truncate_window - request_size
-        short = model.encode_history(make_jagged([hist.items[-w:].numpy()], [hist.timestamps[-w:].numpy()]))
+        short = model.encode_history(make_jagged([hist.items[-w:].numpy()], None if hist.timestamps is None
+                                                 else [hist.timestamps[-w:].numpy()]))
         cases = [("native", "baseline", "100%", native), (f"truncate-{truncate_window}", "truncate",
                                                            f"{w} entries", short)]
         cases += [(s.label, s.level, s.budget_label, _compress_caches(model, native, stats, s, seed)) for s in specs]
