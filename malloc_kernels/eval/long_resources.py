@@ -4,8 +4,8 @@ family at N = 1k, 4k, 16k, and the fused CPU attention kernels against torch SDP
 A trained model's layers encode one synthetic user (``data.synthetic``: topic-drift sequences with timestamps) of
 ``N`` history items; every method compresses those caches; one request of ``request_size`` items is served over
 them (batch 1, the model's ``serve``: all layers, attention + dense work, item scoring excluded) and timed as the
-best of ``repeats`` runs, all methods interleaved (``_interleaved_ms``). ``truncate-W`` is the native cache of the last ``W`` items (constant
-in N). The attention rows time one layer's attention call alone (softmax, the model's heads and head width, the
+best of ``repeats`` runs, all methods interleaved (``_interleaved_ms``). ``truncate-W`` is the native cache of the
+last ``W`` items (constant in N). The attention rows time one layer's attention call alone (softmax, the model's heads and head width, the
 request attending causally over history + itself): ``malloc_kernels.attention(backend="cpu")`` over the fp32 /
 int8 / int4 / int2 cache against SDPA over the fp32 cache and against dequantize-then-SDPA.
 """

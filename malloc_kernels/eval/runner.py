@@ -39,9 +39,10 @@ from .stats import item_popularity, paired_bootstrap, per_user_metrics, populari
 @dataclass
 class EvalConfig:
     """One harness run. ``users``: evaluate a seeded sample of this many test users (None = all).
-    ``epochs``/``time_budget_min``/``full_softmax``/``schedule``/``warmup_steps``: the training recipe of the base
-    models (``models.train.TrainConfig``). ``uptrain_epochs``: > 0 warm-starts the head- and sequence-level variants
-    from the trained base and fine-tunes them for this many epochs (``models.uptrain``, GQA-paper uptraining);
+    ``epochs``/``time_budget_min``/``full_softmax``/``schedule``/``warmup_steps``/``windows``: the training
+    recipe of the base models (``models.train.TrainConfig``). ``uptrain_epochs``: > 0 warm-starts the head- and
+    sequence-level variants from the trained base and fine-tunes them for this many epochs (``models.uptrain``,
+    GQA-paper uptraining);
     0 trains them from scratch with the base recipe. The memory (MSN) variant always trains from scratch with the
     base recipe and time budget (``memory_epochs``: its own epoch count, so a cosine schedule ends within the same
     budget although its epochs are slower; None = ``epochs``), so its row compares the two at equal training
@@ -67,6 +68,7 @@ class EvalConfig:
     warmup_steps: int = 0
     uptrain_epochs: int = 0
     memory_epochs: Optional[int] = None
+    windows: str = "last"
     n_boot: int = 1000
     seed: int = 0
     out: str = "results"
@@ -88,6 +90,8 @@ class EvalConfig:
         d = dataclasses.asdict(self)
         for f in ("methods", "budgets", "bits", "variants", "out", "progress", "cache", "n_boot"):
             d.pop(f)
+        if d["windows"] == "last":   # runs from before the option keep their key
+            d.pop("windows")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -274,7 +278,8 @@ def run(cfg: EvalConfig, log=print) -> dict:
     partial = out / "rows.jsonl"
     done = _load_done(partial, run_key)
     train_cfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed, time_budget_min=cfg.time_budget_min,
-                            full_softmax=cfg.full_softmax, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps)
+                            full_softmax=cfg.full_softmax, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
+                            windows=cfg.windows)
     trained, bases = {}, {}
     log(f"{ds!r}: {len(examples)} test users, {len(grid)} rows per model, results in {out}")
 
