@@ -204,8 +204,8 @@ def test_user_selection_errors(tmp_path):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--long", "--max-len", "20000"], "--max-len 20000 exceeds the longest history"),
-    (["--max-len", "20000"], "--max-len 20000 exceeds the longest history"),
+    (["--long", "--max-len", "40000"], "--max-len 40000 exceeds the longest history"),
+    (["--max-len", "40000"], "--max-len 40000 exceeds the longest history"),
     (["--long", "--data", "ml-latest-small", "--min-history", "5000"], "no test user has >= 5000 interactions"),
     (["--long", "--negatives", "0"], "--negatives must be >= 1"),
 ])

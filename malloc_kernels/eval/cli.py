@@ -100,7 +100,7 @@ def _check_long_args(args) -> None:
     limit = SequentialRecommender.MAX_SERVE_LEN
     if args.max_len is not None and args.max_len > limit:
         raise ValueError(f"--max-len {args.max_len} exceeds the longest history the models serve ({limit}; "
-                         f"positions beyond training are clamped and tested up to that length)")
+                         f"positions beyond training are clamped)")
     if args.max_len is not None and args.max_len < 2:
         raise ValueError(f"--max-len must be >= 2, got {args.max_len}")
     for name in ("min_history", "negatives", "boot"):
