@@ -43,6 +43,7 @@ def long_run(tmp_path_factory):
     cfg = LongConfig(data=str(data), train_max_len=32, max_len=1024, request_size=4, d_model=16,
                      methods=("int8", "kivi4", "snapkv", "h2o+kivi4"), bits=(8, 4), budgets=(0.25,),
                      buckets=(100, 400), train=TrainConfig(epochs=1), n_boot=200, out=str(root / "out"),
+                     resources=(48, 96),
                      cache=str(root / "ckpt"), progress=False)
     result = run_long(cfg, log=lambda m: None)
     return cfg, root, result
@@ -64,6 +65,24 @@ def test_outputs_name_method_truncate_and_bucket(long_run):
             trunc = next(r for r in sel if r["truncate_of"] == f"{m}@{row['budget']}")
             assert trunc["method"] == "truncate" and trunc["bytes_per_user"] <= row["bytes_per_user"]
             assert not math.isnan(row["d_truncate"]) and row["d_truncate_lo"] <= row["d_truncate_hi"]
+
+
+def test_resources_at_each_length(long_run):
+    out = long_run[1] / "out"
+    res = json.loads((out / "resources.json").read_text())
+    assert (out / "resources.md").stat().st_size > 0 and (out / "resources.png").stat().st_size > 0
+    for model in ("hstu", "sasrec"):
+        rows = {(r["method"], r["N"]): r for r in res["model_rows"] if r["model"] == model}
+        for n in (48, 96):
+            assert rows[("truncate-32", n)]["bytes_per_user"] == rows[("truncate-32", 48)]["bytes_per_user"]
+            assert rows[("kivi4", n)]["bytes_per_user"] < rows[("native", n)]["bytes_per_user"]
+            assert all(r["request_ms"] > 0 for r in rows.values())
+        # native bytes are exactly fixed + N * per-entry: 2 layers x (2 heads' int32 lengths + original length)
+        b48, b96 = rows[("native", 48)]["bytes_per_user"], rows[("native", 96)]["bytes_per_user"]
+        assert 2 * b48 - b96 == 2 * (4 * 2 + 4)
+    if res["attention_rows"]:
+        provs = {(r["provider"], r["format"]) for r in res["attention_rows"]}
+        assert {("sdpa", "fp32"), ("fused-cpu", "int4"), ("dequant+sdpa", "int4")} <= provs
 
 
 def _served(arch, n_users=3, length=(60, 300), train_max_len=24, seed=0):
