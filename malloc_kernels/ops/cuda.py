@@ -21,6 +21,7 @@ from typing import Tuple
 
 import torch
 
+from ..core import extension
 from ..core.formats import FLOAT_FORMAT, FP8_FORMAT, INT_FORMATS
 from ..core.types import AttentionResult
 
@@ -31,14 +32,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _ops():
     """The CUDA ops namespace, or None when ``malloc_kernels._C`` lacks them (CPU build / not built)."""
-    try:
-        import importlib
-
-        importlib.import_module("malloc_kernels._C")
-    except ImportError:
-        return None
-    ns = torch.ops.malloc_kernels
-    return ns if hasattr(ns, "cuda_decode_attention") else None
+    return torch.ops.malloc_kernels if extension.has_op("cuda_decode_attention")[0] else None
 
 
 def is_available() -> Tuple[bool, str]:

@@ -18,24 +18,16 @@ from typing import Tuple
 
 import torch
 
+from ..core import extension
+from ..core.time_buckets import kernel_thresholds
 from ..core.types import AttentionResult
 
 _DTYPES = (torch.float32, torch.float64)
 
 
-def _ops_loaded() -> Tuple[bool, str]:
-    try:
-        import malloc_kernels._C  # noqa: F401  (registers the ops)
-    except ImportError as e:
-        return False, f"the C++ extension malloc_kernels._C does not load ({e})"
-    if not hasattr(torch.ops.malloc_kernels, "self_attention_fwd"):
-        return False, "malloc_kernels._C was built without self_attention_fwd (rebuild the extension)"
-    return True, ""
-
-
 def supports(call) -> Tuple[bool, str]:
     """Whether the training kernel computes this validated call (forward and backward), and why not."""
-    ok, why = _ops_loaded()
+    ok, why = extension.has_op("self_attention_fwd")
     if not ok:
         return False, why
     checks = (
@@ -95,8 +87,7 @@ def self_attention(q, k, v, offsets, *, kind, scale, causal=True, norm_const=0, 
     ``norm_const`` (hstu) 0: n_i = visible keys."""
     thresholds = None
     if time_bias is not None:
-        from .cpu import _thresholds
-        thresholds = _thresholds(int(time_bias.shape[-1]))
+        thresholds = kernel_thresholds(int(time_bias.shape[-1]))
     return SelfAttention.apply(q, k, v, pos_bias, time_bias, offsets, positions, timestamps, thresholds, kind, scale,
                                causal, norm_const)
 
@@ -116,7 +107,7 @@ def run(call) -> AttentionResult:
 
 
 def _register_fakes():
-    if not _ops_loaded()[0]:
+    if not extension.has_op("self_attention_fwd")[0]:
         return
 
     @torch.library.register_fake("malloc_kernels::self_attention_fwd")

@@ -23,7 +23,7 @@ normalised weights (softmax) or the pointwise weights (hstu) by a Bernoulli(1-p)
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -235,6 +235,14 @@ def _stats(call: AttentionCall, w: torch.Tensor, hist: Optional[_History], Nh: i
     return AttentionStats(key_mass=key_m.contiguous(), key_window_mass=None if key_w is None else key_w.contiguous(),
                           cache_mass=cache_m, cache_window_mass=cache_w, residual_mass=res_m,
                           residual_window_mass=res_w, window=call.stats_window)
+
+
+# The backend-launcher protocol (ops/backends.py): the reference runs every validated call, with autograd.
+supports_autograd = True
+
+
+def supports(call: AttentionCall) -> Tuple[bool, str]:
+    return True, ""
 
 
 def run(call: AttentionCall) -> AttentionResult:
