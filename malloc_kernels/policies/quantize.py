@@ -19,7 +19,7 @@ Parameters: ``group_size`` (int; on the token axis it must divide ``head_dim``) 
 from __future__ import annotations
 
 from ..cache.quant import fp8_available
-from ..core.formats import FP8_FORMAT, K_AXES
+from ..core.formats import FP8_FORMAT, K_AXES, format_bits
 from ..ops.quantize import quantize_cache
 from .base import Policy, PolicyInput
 from .registry import register_policy
@@ -45,6 +45,10 @@ class _PlainQuantizer(Policy):
     """Shared constructor/validation of the plain quantizers; subclasses set the format and default layout."""
 
     level = "precision"
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.fixed_bits = format_bits(cls.FORMAT)
 
     FORMAT = ""
     DEFAULT_K_AXIS = "token"
