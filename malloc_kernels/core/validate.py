@@ -1,4 +1,4 @@
-"""Validation and normalisation of one attention call (the contract in TEAM.md / DESIGN.md section 2).
+"""Validation and normalisation of one attention call (ARCHITECTURE.md, "Attention semantics").
 
 ``validate_call`` checks every argument of ``malloc_kernels.attention`` once and returns an ``AttentionCall``:
 the normalised arguments every backend launcher (``ops/cpu.py``, ``ops/cuda.py``, ``triton/attention.py``) and the

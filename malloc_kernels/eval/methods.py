@@ -1,4 +1,4 @@
-"""The method x budget grid the harness evaluates (MALLOC's levels, DESIGN.md section 1).
+"""The method x budget grid the harness evaluates (MALLOC's levels, ARCHITECTURE.md, "Compression policies").
 
 A ``MethodSpec`` is one row of the tables: a compression applied to every layer's cache of a trained model
 (``method``/``budget``/``params`` go to ``malloc_kernels.compress``), or a trained head/sequence-level model

@@ -1,4 +1,5 @@
-"""The serving-simulation benchmark (DESIGN.md section 6): MALLOC's accuracy and resource tables on real data.
+"""The serving-simulation benchmark (ARCHITECTURE.md, "Serving and evaluation"): MALLOC's accuracy and resource
+tables on real data.
 
 For every test user (leave-one-out), the history before the held-out target is truncated to the most recent
 ``max_len`` items and split into a cached prefix and a request of the last ``request_size`` interactions. The

@@ -10,9 +10,9 @@ tokens has positions ``n, n+1, ...`` (``cache.original_length``), exactly the po
 sequence. Timestamps (int64 seconds) feed HSTU's time bias when given; without timestamps the time bias is off
 (training and serving must agree on this).
 
-Serving (DESIGN.md section 6): ``encode_history`` runs the causal model over the history once and returns one
-full-precision ``KVCache`` per layer (positions/timestamps/original lengths filled; optionally compressed with any
-``malloc_kernels.compress`` method); ``serve`` runs the request tokens over those caches and returns the last
+Serving (ARCHITECTURE.md, "Serving and evaluation"): ``encode_history`` runs the causal model over the history once and
+returns one full-precision ``KVCache`` per layer (positions/timestamps/original lengths filled; optionally compressed
+with any ``malloc_kernels.compress`` method); ``serve`` runs the request tokens over those caches and returns the last
 hidden state; ``score_all_items`` scores every item. With the uncompressed cache ``serve`` equals
 ``last_hidden`` on the concatenated sequence (full recompute) up to floating-point summation order.
 

@@ -1,11 +1,12 @@
 """Launcher of the C++ CPU backend (``backend="cpu"``, and ``auto`` for CPU tensors).
 
-The kernel (``csrc/cpu/attention*.cpp``, op ``torch.ops.malloc_kernels.attention_cpu``) computes DESIGN.md section 2
-in one fused pass per (user, kv head, query block): every cache form (float fp32/fp16/bf16 payloads; int8, fp8, int4,
-int2 codes with token- or channel-axis groups, dequantized block by block in L1 and never written back), per-head
-lengths, merge counts, the residual segment and the request's own tokens, with online softmax (FlashAttention-2,
-arXiv 2307.08691) or HSTU's pointwise SiLU (arXiv 2402.17152) and the relative position/time bias computed from
-ORIGINAL positions/timestamps. All query heads of a kv head share each K/V block (GQA/MQA without repeating K/V).
+The kernel (``csrc/cpu/attention*.cpp``, op ``torch.ops.malloc_kernels.attention_cpu``) computes the attention contract
+(ARCHITECTURE.md, "Attention semantics") in one fused pass per (user, kv head, query block): every cache form (float
+fp32/fp16/bf16 payloads; int8, fp8, int4, int2 codes with token- or channel-axis groups, dequantized block by block in
+L1 and never written back), per-head lengths, merge counts, the residual segment and the request's own tokens, with
+online softmax (FlashAttention-2, arXiv 2307.08691) or HSTU's pointwise SiLU (arXiv 2402.17152) and the relative
+position/time bias computed from ORIGINAL positions/timestamps. All query heads of a kv head share each K/V block
+(GQA/MQA without repeating K/V).
 
 Protocol (``ops/backends.py``): ``supports(call) -> (bool, reason)``, ``run(call) ->
 AttentionResult`` for a validated ``AttentionCall`` (``core/validate.py``). This kernel is inference only; under

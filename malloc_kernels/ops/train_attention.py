@@ -1,8 +1,9 @@
 """Trainable C++ CPU kernels for jagged self-attention (``backend="cpu"`` / ``"auto"`` with autograd).
 
-Every training step of the recommenders attends each user's tokens to themselves, without a cache (DESIGN.md
-section 2 with all counts 1): HSTU's pointwise ``o_i = (1/n_i) sum_j silu(s_ij) v_j`` (Zhai et al., arXiv 2402.17152)
-or SASRec's softmax ``o_i = sum_j softmax_j(s_ij) v_j``, with ``s_ij = scale <q_i, k_j> + rab_ij`` over the visible j.
+Every training step of the recommenders attends each user's tokens to themselves, without a cache (the attention
+contract of ARCHITECTURE.md, "Attention semantics", with all counts 1): HSTU's pointwise ``o_i = (1/n_i) sum_j
+silu(s_ij) v_j`` (Zhai et al., arXiv 2402.17152) or SASRec's softmax ``o_i = sum_j softmax_j(s_ij) v_j``, with ``s_ij =
+scale <q_i, k_j> + rab_ij`` over the visible j.
 The reference runs this on padded ``[B, H, L, L]`` tensors through autograd; the ops
 ``malloc_kernels::self_attention_fwd`` / ``_bwd`` (``csrc/cpu/train_attention*.cpp``, math in
 ``csrc/include/malloc_kernels/train_attention.h``) compute the output (and the softmax lse) and all gradients (q, k,
