@@ -5,7 +5,8 @@ Runs the CMake configure + build of the repository (``CMakeLists.txt``: the fram
 and every ``.cu`` compiled for sm_80 and sm_90 with ``-Xptxas -v``) in the build directory given as argument, then
 
 * parses ptxas' output per kernel and architecture: registers, spill stores/loads, stack frame, static shared
-  memory, barriers; exits 1 if any kernel spills (DESIGN.md section 4: zero spills) or if the build fails;
+  memory, barriers; exits 1 if any kernel spills (zero spills: ARCHITECTURE.md, "Backends and the registry") or if
+  the build fails;
 * with ``--sass``, disassembles the objects with ``cuobjdump -sass`` and counts 128-bit global loads
   (``LDG.E.128``) per kernel -- the cache-streaming loops of the decode kernels must use them;
 * with ``--markdown PATH``, writes the table (and the bandwidth model of ``--bandwidth``) as markdown.

@@ -172,7 +172,10 @@ __global__ void __launch_bounds__(kThreads) decode_split(DecodeParams p) {
   int seg = 0;
   while (seg < 2 && blockIdx.x >= p.seg_first_block[seg + 1]) ++seg;
   const DecodeSegment& S = p.seg[seg];
-  const int seg_len = S.length ? S.length[b * S.length_stride_b + hk * S.length_stride_h] : q_len;
+  // Lengths are clamped to the segment's capacity: the glue cannot check device-resident lengths without a sync,
+  // and no value of them may make this block read past the payload.
+  const int raw_len = S.length ? S.length[b * S.length_stride_b + hk * S.length_stride_h] : q_len;
+  const int seg_len = max(0, min(raw_len, S.capacity));
   const int span_start = (blockIdx.x - p.seg_first_block[seg]) * p.span;
   const int span_end = min(seg_len, span_start + p.span);
 

@@ -29,7 +29,7 @@ NORM_ORIGINAL = 0
 NORM_KEPT = 1
 NORM_CONST = 2
 
-# Bucket divisor of HSTU's time bias (DESIGN.md section 2).
+# Bucket divisor of HSTU's time bias (ARCHITECTURE.md, "Attention semantics").
 BUCKET_DIVISOR = 0.301
 
 

@@ -8,7 +8,8 @@ is cut into ``num_splits`` slices of ``split_size`` entries; ``attention_common.
 group into its M tile (so every dequantized K/V tile is reused by all query heads that read it, GQA/MQA without
 replication) and writes an un-normalised partial result. The merge kernel here combines the partials: for softmax
 by the log-sum-exp merge ``o = sum_s e^{m_s - M} acc_s / sum_s e^{m_s - M} l_s``, for hstu by plain addition of the
-partial sums and visible-entry counts (pointwise attention has no normaliser to reconcile, DESIGN.md section 2).
+partial sums and visible-entry counts (pointwise attention has no normaliser to reconcile; ARCHITECTURE.md,
+"Attention semantics").
 """
 from __future__ import annotations
 
