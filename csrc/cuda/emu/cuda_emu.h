@@ -57,6 +57,7 @@ struct Block {
   std::vector<uint32_t> slots;
   std::vector<ucontext_t> ctx;
   std::vector<char> done;
+  std::vector<unsigned> wait_id, wait_gen;  // the barrier a fiber waits at and its generation then (id ~0u: none)
   ucontext_t scheduler;
   unsigned current_thread = 0;
   unsigned progress = 0;          // barrier releases + finished fibers, for deadlock detection
@@ -83,7 +84,10 @@ inline void arrive_and_wait(unsigned id) {
     return;
   }
   const unsigned me = b.current_thread;
-  while (bar.generation == gen) swapcontext(&b.ctx[me], &b.scheduler);
+  b.wait_id[me] = id;
+  b.wait_gen[me] = gen;
+  swapcontext(&b.ctx[me], &b.scheduler);  // resumed only once the barrier has been released
+  b.wait_id[me] = ~0u;
 }
 
 inline void fiber_entry() {
@@ -166,6 +170,8 @@ inline void mk_emu_launch(dim3 grid, dim3 block, F&& body) {
         b.slots.assign(n, 0);
         b.ctx.resize(n);
         b.done.assign(n, 0);
+        b.wait_id.assign(n, ~0u);
+        b.wait_gen.assign(n, 0);
         b.body = &fn;
         mk_emu::current = &b;
         mk_emu_dyn_smem();
@@ -183,6 +189,7 @@ inline void mk_emu_launch(dim3 grid, dim3 block, F&& body) {
           for (unsigned t = 0; t < n; ++t) {
             if (b.done[t]) continue;
             all_done = false;
+            if (b.wait_id[t] != ~0u && b.barriers[b.wait_id[t]].generation == b.wait_gen[t]) continue;
             b.current_thread = t;
             threadIdx = dim3(t, 0, 0);
             swapcontext(&b.scheduler, &b.ctx[t]);
