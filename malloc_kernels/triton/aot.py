@@ -178,6 +178,35 @@ def compile_spec(spec: AotSpec, arch: int) -> AotResult:
     return res
 
 
+def ttir(spec: AotSpec, arch: int = 90, optimize: bool = True) -> str:
+    """The Triton IR of one spec for ``sm_<arch>``, as text: straight from the AST (``optimize=False``: one
+    function per ``@triton.jit`` helper, nothing removed) or after Triton's TTIR passes (helpers inlined,
+    canonicalised). Takes a fraction of a full compile; tests read address arithmetic and loads off it."""
+    import triton
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    src = triton.compiler.ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
+    options = backend.parse_options({"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                         context)
+    if optimize:
+        stages = {}
+        backend.add_stages(stages, options, src.language)
+        module = stages["ttir"](module, {})
+    return str(module)
+
+
+def runtime_arg_names(spec: AotSpec) -> List[str]:
+    """The spec's runtime (non-constexpr) parameters in order: the kernel's ``%argN`` in its IR."""
+    return [n for n, t in spec.signature.items() if t != "constexpr"]
+
+
 def collect_specs(modules=SPEC_MODULES, only: Optional[List[str]] = None):
     """``(specs, notes)``: every module's ``aot_specs()``; ``only`` filters spec names by substring."""
     import importlib

@@ -24,6 +24,7 @@ import torch
 from ..ops.types import AttentionResult, AttentionStats
 from ..ops.validate import AttentionCall
 from ..reference.bias import time_bucket_thresholds
+from .launch import device_guard
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -142,6 +143,29 @@ def choose_config(call: AttentionCall, *, path: Optional[str] = None, block_m: O
     return LaunchConfig(path, block_m, block_n, block_d, split_size, num_splits, num_warps, 2)
 
 
+def decode_grid(batch: int, num_kv_heads: int, num_splits: int):
+    """Split-K forward grid ``(B * Hkv, num_splits)`` (the split count stays far below axis 1's limit)."""
+    return (batch * num_kv_heads, num_splits)
+
+
+def merge_grid(batch: int, rows_per_user: int, block_r: int):
+    """Merge grid ``(B * cdiv(Lq * Hq, BLOCK_R),)`` and its row blocks per user (one axis: no 65,535 limit)."""
+    blocks = _cdiv(rows_per_user, block_r)
+    return (batch * blocks,), blocks
+
+
+def append_grid(batch: int, num_kv_heads: int, rows_per_head: int, block_m: int):
+    """Append grid ``(num_tiles * B * Hkv,)`` and ``num_tiles = cdiv(G * Lq, BLOCK_M)`` (one axis)."""
+    tiles = _cdiv(rows_per_head, block_m)
+    return (tiles * batch * num_kv_heads,), tiles
+
+
+def stats_grid(batch: int, num_kv_heads: int, longest_segment: int, block_n: int):
+    """Stats grid ``(key blocks * B * Hkv, 3)`` (axis 1: cache, residual, request) and the key blocks per head."""
+    blocks = _cdiv(max(longest_segment, 1), block_n)
+    return (blocks * batch * num_kv_heads, 3), blocks
+
+
 def _dummy(device, dtype):
     return torch.zeros(1, dtype=dtype, device=device)
 
@@ -242,6 +266,9 @@ def kernel_args(call: AttentionCall, cfg: LaunchConfig, *, dot_lowp: Optional[bo
         norm, norm_const = 2, float(call.hstu_norm)
     else:
         norm, norm_const = (0 if call.hstu_norm == "original" else 1), 0.0
+    # host part of the HSTU normaliser bound (attention_common._hstu_bound): every stored entry plus the longest
+    # request for "kept", the longest request (plus the user's original length, in-kernel) for "original"
+    hstu_hb = float(call.max_k_len + (C + R if norm == 1 else 0))
     if dot_lowp is None:
         dot_lowp = call.dtype == torch.float16 or (call.dtype == torch.bfloat16 and not interpreting())
 
@@ -259,7 +286,7 @@ def kernel_args(call: AttentionCall, cfg: LaunchConfig, *, dot_lowp: Optional[bo
         MASK=mask, sm_b=sm[0], sm_h=sm[1], sm_i=sm[2], sm_j=sm[3], NT=_nonempty(call.num_targets.to(i64), i64),
         CK=ck, CV=cv, CKS=cks, CKZ=ckz, CVS=cvs, CVZ=cvz, C=C, CLEN=clen, CPOS=cpos, CTS=cts, CCNT=ccnt, ORIG=orig,
         RK=rk, RV=rv, R=R, RLEN=rlen, RPOS=rpos, RTS=rts, RCNT=rcnt,
-        PB=pb, P=P, TB=tb, T=T, TH=th, scale=float(call.scale), norm_const=norm_const,
+        PB=pb, P=P, TB=tb, T=T, TH=th, scale=float(call.scale), norm_const=norm_const, hstu_hb=hstu_hb,
     )
     consts = dict(
         G=call.group_size, HQ=Hq, HKV=Hkv, HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m,
@@ -294,11 +321,14 @@ def decode_kernel_args(call, cfg, args, consts, buffers):
     mp = torch.empty((S, tq, Hq), dtype=torch.float32, device=dev)
     lp = torch.empty((S, tq, Hq), dtype=torch.float32, device=dev)
     # The split kernel writes only the partials; O/STAT are passed because the forward kernel's signature is shared.
-    dargs = dict(args, **_output_args(buffers), ACC=acc, MP=mp, LP=lp, TQ=tq, split_size=cfg.split_size)
+    dargs = dict(args, **_output_args(buffers), ACC=acc, MP=mp, LP=lp, TQ=tq, split_size=cfg.split_size,
+                 num_tiles=1)
     dconsts = dict(consts, SPLIT_K=True)
     block_r = max(16, min(64, _next_pow2(Hq)))
-    margs = dict(ACC=acc, MP=mp, LP=lp, TQ=tq, num_splits=S, Q_OFF=args["Q_OFF"], Q_LEN=args["Q_LEN"],
-                 QROWB=args["QROWB"], ORIG=args["ORIG"], norm_const=args["norm_const"], **_output_args(buffers))
+    _, row_blocks = merge_grid(call.batch_size, call.max_q_len * Hq, block_r)
+    margs = dict(ACC=acc, MP=mp, LP=lp, TQ=tq, num_splits=S, num_row_blocks=row_blocks, Q_OFF=args["Q_OFF"],
+                 Q_LEN=args["Q_LEN"], QROWB=args["QROWB"], ORIG=args["ORIG"], norm_const=args["norm_const"],
+                 hstu_hb=args["hstu_hb"], **_output_args(buffers))
     mconsts = dict(HQ=Hq, HEAD_DIM=consts["HEAD_DIM"], BLOCK_D=cfg.block_d, BLOCK_R=block_r, KIND=consts["KIND"],
                    NORM=consts["NORM"], HAS_CACHE=consts["HAS_CACHE"])
     return dargs, dconsts, margs, mconsts
@@ -308,8 +338,9 @@ def append_kernel_args(call, cfg, args, consts, buffers):
     """Arguments of ``attention_forward_kernel`` over query tiles (no ``SPLIT_K``): the split partial buffers of its
     shared signature are placeholders it never touches."""
     unused = _dummy(call.device, torch.float32)
-    return dict(args, **_output_args(buffers), ACC=unused, MP=unused, LP=unused, TQ=1, split_size=1), \
-        dict(consts, SPLIT_K=False)
+    _, tiles = append_grid(call.batch_size, call.num_kv_heads, call.group_size * call.max_q_len, cfg.block_m)
+    return dict(args, **_output_args(buffers), ACC=unused, MP=unused, LP=unused, TQ=1, split_size=1,
+                num_tiles=tiles), dict(consts, SPLIT_K=False)
 
 
 STATS_ARG_NAMES = ("Q", "sq_b", "sq_l", "sq_h", "sq_d", "Q_OFF", "Q_LEN", "QROWB", "QPOS", "QTS")
@@ -335,7 +366,9 @@ def stats_kernel_args(call, cfg, args, consts, buffers):
     sargs = _pick(args, STATS_ARG_NAMES)
     sargs["STAT"] = buffers["stat"]
     sargs.update(_pick(args, STATS_KEY_ARGS))
-    sargs.update(window=int(call.stats_window or 0), KM=km, KWM=kwm, CM=cm, CWM=cwm, RM=rm, RWM=rwm)
+    _, key_blocks = stats_grid(B, Hkv, max(call.max_k_len, C, R, 1), cfg.block_n)
+    sargs.update(window=int(call.stats_window or 0), key_blocks=key_blocks, KM=km, KWM=kwm, CM=cm, CWM=cwm, RM=rm,
+                 RWM=rwm)
     sconsts = _pick(consts, STATS_CONSTS)
     sconsts["BLOCK_M"] = max(16, min(64, _next_pow2(call.group_size * max(call.max_q_len, 1))))
     return sargs, sconsts
@@ -358,16 +391,17 @@ def run(call: AttentionCall, *, path: Optional[str] = None, block_m: Optional[in
     B, Hq, Hkv = call.batch_size, call.num_heads, call.num_kv_heads
     out, stat = buffers["out"], buffers["stat"]
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if B > 0 and call.max_q_len > 0:
-        if cfg.path == "decode":
-            dargs, dconsts, margs, mconsts = decode_kernel_args(call, cfg, args, consts, buffers)
-            attention_forward_kernel[(B * Hkv, cfg.num_splits)](**dargs, **dconsts, **launch)
-            grid = (B, _cdiv(call.max_q_len * Hq, mconsts["BLOCK_R"]))
-            attention_merge_kernel[grid](**margs, **mconsts, num_warps=4)
-        else:
-            aargs, aconsts = append_kernel_args(call, cfg, args, consts, buffers)
-            grid = (_cdiv(call.group_size * call.max_q_len, cfg.block_m), B * Hkv)
-            attention_forward_kernel[grid](**aargs, **aconsts, **launch)
+    if B > 0 and call.max_q_len > 0 and Hkv > 0:
+        with device_guard(call.query):
+            if cfg.path == "decode":
+                dargs, dconsts, margs, mconsts = decode_kernel_args(call, cfg, args, consts, buffers)
+                attention_forward_kernel[decode_grid(B, Hkv, cfg.num_splits)](**dargs, **dconsts, **launch)
+                grid, _ = merge_grid(B, call.max_q_len * Hq, mconsts["BLOCK_R"])
+                attention_merge_kernel[grid](**margs, **mconsts, num_warps=4)
+            else:
+                aargs, aconsts = append_kernel_args(call, cfg, args, consts, buffers)
+                grid, _ = append_grid(B, Hkv, call.group_size * call.max_q_len, cfg.block_m)
+                attention_forward_kernel[grid](**aargs, **aconsts, **launch)
 
     lse = None
     if call.kind == "softmax" and call.return_lse:
@@ -377,10 +411,10 @@ def run(call: AttentionCall, *, path: Optional[str] = None, block_m: Optional[in
     stats = None
     if call.return_stats:
         sargs, sconsts = stats_kernel_args(call, cfg, args, consts, buffers)
-        seg_max = max(call.max_k_len, args["C"], args["R"], 1)
-        if B > 0:
-            grid = (_cdiv(seg_max, cfg.block_n), B * Hkv, 3)
-            attention_stats_kernel[grid](**sargs, **sconsts, **launch)
+        if B > 0 and Hkv > 0:
+            grid, _ = stats_grid(B, Hkv, max(call.max_k_len, args["C"], args["R"], 1), cfg.block_n)
+            with device_guard(call.query):
+                attention_stats_kernel[grid](**sargs, **sconsts, **launch)
         stats = _stats_result(call, sargs, buffers)
     return AttentionResult(out, lse, stats)
 

@@ -34,7 +34,7 @@ def _key_mass(b, hkv, n, n_ok, window, scale,
         q, i, h, row_ok, flat, qlen_, p_i, t_i = _rows(b, hkv, r, Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB,
                                                        QPOS, QTS, G, HQ, HEAD_DIM, BLOCK_D, HAS_POS, HAS_TIME,
                                                        DOT_F16, DOT_BF16)
-        m_row = b * sm_b + h * sm_h + i * sm_i
+        m_row = b.to(tl.int64) * sm_b + h.to(tl.int64) * sm_h + i.to(tl.int64) * sm_i
         s, vis, c = _block_scores(q, row_ok, i, h, p_i, t_i, n, n_ok, scale, KP, KS, KZ, k_rs, k_cs, POSP, TSP,
                                   CNTP, MASK, m_row, sm_j, nt_start, PB, P, TB, T, TH, HEAD_DIM, BLOCK_D, K_FMT,
                                   CHANNEL, GS, HAS_COUNT, IS_REQ, CAUSAL, HAS_TARGETS, HAS_MASK, MASK_BOOL,
@@ -60,7 +60,7 @@ def attention_stats_kernel(
         MASK, sm_b, sm_h, sm_i, sm_j, NT,
         CK, CKS, CKZ, C, CLEN, CPOS, CTS, CCNT,
         RK, R, RLEN, RPOS, RTS, RCNT,
-        PB, P, TB, T, TH, scale, window,
+        PB, P, TB, T, TH, scale, window, key_blocks,
         KM, KWM, CM, CWM, RM, RWM,
         G: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KIND: tl.constexpr,
@@ -68,11 +68,13 @@ def attention_stats_kernel(
         HAS_CCOUNT: tl.constexpr, HAS_RES: tl.constexpr, HAS_RCOUNT: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
         HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_F16: tl.constexpr, DOT_BF16: tl.constexpr):
-    """Grid ``(cdiv(max segment length, BLOCK_N), B * Hkv, 3)``; axis 2 picks the segment (0 cache, 1 residual,
-    2 request). Writes ``CM/CWM [B, Hkv, C]``, ``RM/RWM [B, Hkv, R]`` and ``KM/KWM [TK, Hkv]`` (flat key rows)."""
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    seg = tl.program_id(2)
+    """Grid ``(key_blocks * B * Hkv, 3)``, ``key_blocks = cdiv(max segment length, BLOCK_N)`` (the big axis on
+    axis 0, whose limit is 2^31 - 1); axis 1 picks the segment (0 cache, 1 residual, 2 request). Writes
+    ``CM/CWM [B, Hkv, C]``, ``RM/RWM [B, Hkv, R]`` and ``KM/KWM [TK, Hkv]`` (flat key rows)."""
+    pid = tl.program_id(0)
+    blk = pid % key_blocks
+    bh = pid // key_blocks
+    seg = tl.program_id(1)
     b = bh // HKV
     hkv = bh % HKV
     n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,7 +115,7 @@ def attention_stats_kernel(
             n_ok = n < klen
             mass, wmass = _key_mass(
                 b, hkv, n, n_ok, window, scale, Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS,
-                STAT, K + b * sk_b + koff * sk_l + hkv * sk_h, K, K, sk_l, sk_d,
+                STAT, K + b.to(tl.int64) * sk_b + koff * sk_l + hkv * sk_h, K, K, sk_l, sk_d,
                 QPOS + b * KROWB + koff, QTS + b * KROWB + koff, K,
                 MASK, sm_b, sm_h, sm_i, sm_j, klen - tl.load(NT + b), PB, P, TB, T, TH,
                 G, HQ, HEAD_DIM, BLOCK_D, BLOCK_M, KIND, 0, False, 1, False, True, CAUSAL,
