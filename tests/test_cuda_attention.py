@@ -249,3 +249,14 @@ def test_cuda_packer_bit_exact_with_cpu(fmt, axis):
         if a is not None:
             assert torch.equal(a.view(torch.uint8) if a.dtype != torch.uint8 else a,
                                b.cpu().view(torch.uint8) if b.dtype != torch.uint8 else b.cpu())
+
+
+def test_auto_prefers_triton_for_cache_decode(monkeypatch):
+    """Until the CUDA decode uses tensor cores and register-resident queries, ``auto`` sends cache decode to Triton
+    (the CUDA kernel's per-key instruction mix is in benchmarks/results/cuda_ptxas.md)."""
+    monkeypatch.setattr(cuda_backend, "supports", lambda call: (True, ""))
+    for L, Hq in ((1, 8), (4, 8), (1, 64)):
+        args, kw = _case(FORMATS[3], "softmax", "cpu", Hq=Hq, L=L)
+        from malloc_kernels.ops.validate import validate_call
+
+        assert not cuda_backend.preferred(validate_call(*args, **kw))
