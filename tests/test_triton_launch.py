@@ -152,3 +152,62 @@ def test_hstu_fp16_large_merge_counts_stay_finite(path):
     assert bool(torch.isfinite(got).all())
     scale = ref.abs().max()
     torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=float(2e-2 * scale))
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` kernel: records each launch (grid, arguments) without running it."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def launch(**kw):
+            self.launches.append((grid, kw))
+        return launch
+
+
+_HOST_SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "lift_fresh", "lift_fresh_copy"}
+
+
+@pytest.mark.parametrize("kind,Lq", [("softmax", 1), ("hstu", 1), ("softmax", 40), ("hstu", 40)])
+def test_launcher_has_no_host_sync_and_no_host_data(monkeypatch, kind, Lq):
+    """What CUDA-graph capture of the serving step needs from the launcher (``run`` after validation): no
+    ``.item()``/``bool()``/``.tolist()`` on device tensors (``_local_scalar_dense``), no tensor built from host data
+    (a host-to-device copy), for the decode and the append path, with a quantized cache and HSTU's bias."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from malloc_kernels.cache.quant import quantize_cache
+    from malloc_kernels.triton import attention_common, attention_decode
+
+    class Watch(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    fwd, merge = _Recorder(), _Recorder()
+    monkeypatch.setattr(attention_common, "attention_forward_kernel", fwd)
+    monkeypatch.setattr(attention_decode, "attention_merge_kernel", merge)
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, C, D = 2, 4, 2, 40, 32
+    k, v = torch.randn(B, Hkv, C, D, generator=g), torch.randn(B, Hkv, C, D, generator=g)
+    length = torch.full((B, Hkv), C, dtype=torch.int32)
+    pos = torch.arange(C, dtype=torch.int32).expand(B, Hkv, C).contiguous()
+    cache = KVCache(k, v, length, pos, length[:, 0].clone(), D, timestamp=pos.to(torch.int64) * 10)
+    cache = quantize_cache(cache, "int4", "int4", 16, "channel")
+    q = torch.randn(B, Hq, Lq, D, generator=g)
+    kr = torch.randn(B, Hkv, Lq, D, generator=g)
+    kw = dict(cache=cache, kind=kind, enable_gqa=True, is_causal=True)
+    if kind == "hstu":
+        kw.update(pos_bias=torch.randn(Hq, 64, generator=g), time_bias=torch.randn(Hq, 8, generator=g),
+                  query_timestamps=torch.full((B, Lq), 10 ** 4, dtype=torch.int64))
+    call = validate_call(q, kr, kr, **kw)
+    TA.run(call)                      # first call: one-time caches (placeholders, thresholds) fill here
+    with Watch() as w:
+        TA.run(call)
+    bad = sorted(set(w.seen) & _HOST_SYNC_OPS)
+    assert not bad, bad
+    assert fwd.launches and all(launch.grid_ok(grid) for grid, _ in fwd.launches + merge.launches)

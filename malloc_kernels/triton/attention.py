@@ -93,8 +93,19 @@ class LaunchConfig:
     num_stages: int
 
 
+def device_arch(device) -> int:
+    """Compute capability ``10 * major + minor`` of a CUDA device; 90 (H100) for CPU tensors (the interpreter runs
+    whatever tiles it is given; 90 keeps its tiles those of the GPU this code is tuned for)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def choose_config(call: AttentionCall, *, path: Optional[str] = None, block_m: Optional[int] = None,
-                  block_n: Optional[int] = None, split_size: Optional[int] = None) -> LaunchConfig:
+                  block_n: Optional[int] = None, split_size: Optional[int] = None,
+                  arch: Optional[int] = None) -> LaunchConfig:
     """Tiles: BLOCK_D = next power of two >= max(D, 16); BLOCK_N 64 (32 for D > 128) keeps K/V tiles within the
     register file; decode packs ``G * Lq`` rows into one M tile of at least 16 (the MMA minimum) and splits the key
     axis so that about ``TARGET_PROGRAMS`` programs run; append uses 64-row query tiles."""
@@ -134,11 +145,24 @@ def choose_config(call: AttentionCall, *, path: Optional[str] = None, block_m: O
         num_splits = _cdiv(total, split_size)
         num_warps = 4
     else:
-        if block_m is None:
-            # dequantized tiles and the bias gathers add registers: 32-row tiles keep sm_80 spill-free there
-            heavy = call.has_bias or (call.cache is not None and call.cache.is_quantized)
-            block_m = 32 if (call.dtype == torch.float32 or heavy) else 64
+        # FlashAttention-2 tiles where they fit the register file (checked per arch by the AOT report: 0 spills):
+        # each warp owns 16 whole query rows (row max/sum stay within the warp, P stays in registers), 128 rows /
+        # 8 warps, or 64 rows / 4 warps -- one warpgroup of 64 rows, the smallest M of sm_90's wgmma --, 3 stages
+        # of K/V loads in flight. The dequantizing and bias paths need the registers of 32-row tiles on sm_80
+        # (and with the bias on sm_90 too); fp32 inputs have no tensor-core product and keep 32-row tiles.
+        arch = device_arch(call.device) if arch is None else arch
+        quantized = call.cache is not None and call.cache.is_quantized
+        if call.dtype == torch.float32 or call.has_bias or (quantized and arch < 90):
+            fa2 = None
+        elif quantized or block_d > 128 or (call.attn_mask is not None and arch < 90):
+            fa2 = (64, 4)
+        else:
+            fa2 = (128, 8)
         split_size, num_splits = total, 1
+        if fa2 is not None and block_m in (None, fa2[0]):
+            return LaunchConfig(path, fa2[0], block_n, block_d, split_size, num_splits, fa2[1], 3)
+        if block_m is None:
+            block_m = 32
         num_warps = 4 if block_d <= 64 else 8
     return LaunchConfig(path, block_m, block_n, block_d, split_size, num_splits, num_warps, 2)
 
@@ -166,8 +190,27 @@ def stats_grid(batch: int, num_kv_heads: int, longest_segment: int, block_n: int
     return (blocks * batch * num_kv_heads, 3), blocks
 
 
+_DUMMIES = {}
+_THRESHOLDS = {}
+
+
 def _dummy(device, dtype):
-    return torch.zeros(1, dtype=dtype, device=device)
+    """A placeholder pointer for an absent input, never dereferenced (constexpr flags turn its loads off): one
+    cached tensor per (device, dtype), so a call allocates none (and a captured CUDA graph sees no new buffer)."""
+    key = (torch.device(device), dtype)
+    t = _DUMMIES.get(key)
+    if t is None:
+        t = _DUMMIES[key] = torch.zeros(1, dtype=dtype, device=device)
+    return t
+
+
+def _thresholds(T: int, device):
+    """HSTU's time-bucket thresholds on ``device``, copied from the host once per (T, device), not per call."""
+    key = (T, torch.device(device))
+    t = _THRESHOLDS.get(key)
+    if t is None:
+        t = _THRESHOLDS[key] = time_bucket_thresholds(T).to(device)
+    return t
 
 
 def _nonempty(t, dtype=None):
@@ -258,7 +301,7 @@ def kernel_args(call: AttentionCall, cfg: LaunchConfig, *, dot_lowp: Optional[bo
         pb, P = _dummy(dev, f32), 1
     if call.time_bias is not None:
         tb, T = call.time_bias.to(f32).contiguous(), call.time_bias.shape[1]
-        th = time_bucket_thresholds(T).to(dev) if T > 1 else _dummy(dev, i64)
+        th = _thresholds(T, dev) if T > 1 else _dummy(dev, i64)
     else:
         tb, T, th = _dummy(dev, f32), 1, _dummy(dev, i64)
 
@@ -504,12 +547,22 @@ def aot_specs():
         "hstu_fp16_bias_counts": dict(kind="hstu", bias=True, counts=True, Lq=4),
         "hstu_bf16_int8_bias": dict(kind="hstu", dtype=torch.bfloat16, bias=True, k_format="int8",
                                     v_format="int8", group_size=32),
+        # the other tiles auto picks: D = 256 (BLOCK_N 32), 32- and 64-row decode tiles (G * Lq), quantized +
+        # bias at 64 rows (BLOCK_N 16)
+        "softmax_fp16_d256": dict(D=256),
+        "softmax_kivi2_d256": dict(D=256, **kivi2),
+        "softmax_fp16_m32": dict(Hq=16, Lq=4),
+        "softmax_kivi4_m64": dict(Hq=16, Lq=8, **kivi4),
+        "hstu_int8_bias_m64": dict(kind="hstu", Hq=16, Lq=8, bias=True, k_format="int8", v_format="int8",
+                                   group_size=32),
     }
     append = {
         "softmax_fp16_prefill": dict(C=0, Lq=128),
         "softmax_fp16_boolmask": dict(C=0, Lq=128, causal=False, mask="bool"),
         "softmax_fp16_addmask_d64": dict(C=0, Lq=128, causal=False, mask="float", D=64),
         "softmax_fp32": dict(C=0, Lq=128, dtype=torch.float32),
+        "softmax_fp16_d256": dict(C=0, Lq=128, D=256),
+        "softmax_bf16_int8": dict(Lq=64, dtype=torch.bfloat16, k_format="int8", v_format="int8", group_size=32),
         "softmax_kivi4": dict(Lq=64, **kivi4),
         "hstu_fp16_bias_targets": dict(kind="hstu", C=0, Lq=128, bias=True, targets=True),
         "hstu_bf16_int8_bias": dict(kind="hstu", Lq=64, dtype=torch.bfloat16, bias=True, k_format="int8",
@@ -538,13 +591,20 @@ def aot_specs():
                                            mma_expected=False, note="split-K merge"))
     for name, kw in append.items():
         call = _example_call(**kw)
-        cfg = choose_config(call, path="append")
-        args, consts, buffers = kernel_args(call, cfg, dot_lowp=True)
-        aargs, aconsts = append_kernel_args(call, cfg, args, consts, buffers)
-        specs.append(AotSpec.from_args(f"append/{name}", attention_forward_kernel, aargs, aconsts,
-                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                       mma_expected=call.dtype != torch.float32,
-                                       note=f"D={call.head_dim} BLOCK_M={cfg.block_m}"))
+        cfgs = {arch: choose_config(call, path="append", arch=arch) for arch in (80, 90)}
+        same = cfgs[80] == cfgs[90]
+        for arch, cfg in cfgs.items():
+            if same and arch == 90:
+                break
+            args, consts, buffers = kernel_args(call, cfg, dot_lowp=True)
+            aargs, aconsts = append_kernel_args(call, cfg, args, consts, buffers)
+            spec = AotSpec.from_args(f"append/{name}", attention_forward_kernel, aargs, aconsts,
+                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                     mma_expected=call.dtype != torch.float32,
+                                     note=f"D={call.head_dim} BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} "
+                                          f"stages={cfg.num_stages}")
+            spec.archs = None if same else (arch,)
+            specs.append(spec)
     for name, kw in stats.items():
         call = _example_call(**kw)
         call = call.replace(return_stats=True, stats_window=4)

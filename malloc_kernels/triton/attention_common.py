@@ -97,19 +97,70 @@ def _load_tile(P, S, Z, n, n_ok, row_stride, col_stride,
             x = x.to(tl.float32)
     else:
         codes = _load_codes(P, n, n_ok, row_stride, HEAD_DIM, BLOCK_D, FMT)
-        if CHANNEL:
-            sidx = (n // GS)[:, None] * HEAD_DIM + d[None, :]
-        else:
-            NG: tl.constexpr = HEAD_DIM // GS
-            sidx = n[:, None] * NG + (d // GS)[None, :]
-        s = tl.load(S + sidx, mask=ok, other=0.0).to(tl.float32)
+        s, z = _group_params(S, Z, n, n_ok, d, ok, HEAD_DIM, BLOCK_D, FMT, CHANNEL, GS)
         if FMT == 4:
             x = _fp8_e4m3_to_f32(codes) * s
         else:
-            z = tl.load(Z + sidx, mask=ok, other=0.0).to(tl.float32)
             x = codes.to(tl.float32) * s + z
         x = tl.where(ok, x, 0.0)
     return x
+
+
+@triton.jit
+def _group_params(S, Z, n, n_ok, d, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr,
+                  CHANNEL: tl.constexpr, GS: tl.constexpr):
+    """Scale and zero of every element of a ``[BLOCK_N, BLOCK_D]`` tile, loaded once per group, not per element.
+
+    Channel axis (KIVI keys) with ``GS >= BLOCK_N``: the tile spans at most two entry groups, so two ``[BLOCK_D]``
+    rows are loaded and selected per entry. Token axis with power-of-two ``GS`` and ``HEAD_DIM``: one
+    ``[BLOCK_N, D / GS]`` tile, broadcast over each group's channels. Other shapes gather per element."""
+    BLOCK_N: tl.constexpr = n.shape[0]
+    dok = d < HEAD_DIM
+    if CHANNEL and GS >= BLOCK_N:
+        g = n // GS
+        g0 = tl.min(g)
+        second = tl.max(tl.where(n_ok & (g != g0), 1, 0)) > 0
+        first = g == g0
+        s0 = tl.load(S + g0.to(tl.int64) * HEAD_DIM + d, mask=dok, other=0.0).to(tl.float32)
+        s1 = tl.load(S + (g0 + 1).to(tl.int64) * HEAD_DIM + d, mask=dok & second, other=0.0).to(tl.float32)
+        s = tl.where(first[:, None], s0[None, :], s1[None, :])
+        if FMT == 4:
+            z = s * 0.0
+        else:
+            z0 = tl.load(Z + g0.to(tl.int64) * HEAD_DIM + d, mask=dok, other=0.0).to(tl.float32)
+            z1 = tl.load(Z + (g0 + 1).to(tl.int64) * HEAD_DIM + d, mask=dok & second, other=0.0).to(tl.float32)
+            z = tl.where(first[:, None], z0[None, :], z1[None, :])
+    elif (not CHANNEL) and _is_pow2_split(GS, HEAD_DIM, BLOCK_D):
+        NG: tl.constexpr = HEAD_DIM // GS
+        gi = tl.arange(0, NG)
+        gidx = n[:, None] * NG + gi[None, :]
+        gok = n_ok[:, None] & (gi[None, :] < NG)
+        sg = tl.load(S + gidx, mask=gok, other=0.0).to(tl.float32)
+        s = tl.reshape(tl.broadcast_to(sg[:, :, None], (BLOCK_N, NG, GS)), (BLOCK_N, BLOCK_D))
+        if FMT == 4:
+            z = s * 0.0
+        else:
+            zg = tl.load(Z + gidx, mask=gok, other=0.0).to(tl.float32)
+            z = tl.reshape(tl.broadcast_to(zg[:, :, None], (BLOCK_N, NG, GS)), (BLOCK_N, BLOCK_D))
+    else:
+        if CHANNEL:
+            sidx = (n // GS)[:, None] * HEAD_DIM + d[None, :]
+        else:
+            NG2: tl.constexpr = HEAD_DIM // GS
+            sidx = n[:, None] * NG2 + (d // GS)[None, :]
+        s = tl.load(S + sidx, mask=ok, other=0.0).to(tl.float32)
+        if FMT == 4:
+            z = s * 0.0
+        else:
+            z = tl.load(Z + sidx, mask=ok, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.constexpr_function
+def _is_pow2_split(GS, HEAD_DIM, BLOCK_D):
+    """Token-axis groups a reshape can broadcast: power-of-two group size, ``HEAD_DIM == BLOCK_D``, >= 2 groups
+    (tl.arange needs a power-of-two length)."""
+    return HEAD_DIM == BLOCK_D and GS > 0 and (GS & (GS - 1)) == 0 and HEAD_DIM // GS >= 2
 
 
 @triton.jit
@@ -268,7 +319,7 @@ def _rows(b, hkv, r, Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS, 
     of one kv head share every K/V tile load (GQA without repeating K/V). Returns the Q tile in the dot dtype and
     the per-row index vectors."""
     qoff = tl.load(Q_OFF + b)
-    qlen = tl.load(Q_LEN + b)
+    qlen = tl.load(Q_LEN + b).to(tl.int32)  # lengths < 2^31: int32 loop and index arithmetic
     i = r // G
     h = hkv * G + r % G
     row_ok = i < qlen
@@ -376,13 +427,13 @@ def _attend(b, hkv, r, vlo, vhi, scale, inv_bound,
             False, MASK_BOOL, HAS_POS, HAS_TIME, KIND, DOT_F16, DOT_BF16)
         vs += rlen
     koff = tl.load(K_OFF + b)
-    klen = tl.load(K_LEN + b)
+    klen = tl.load(K_LEN + b).to(tl.int32)
     lo = tl.maximum(vlo - vs, 0)
     hi = tl.minimum(vhi - vs, klen)
     if CAUSAL:
         # keys past the last query row of this tile are masked for every row: do not visit them
         hi = tl.minimum(hi, tl.max(tl.where(row_ok, i, -1)) + 1)
-    nt_start = klen - tl.load(NT + b)
+    nt_start = klen - tl.load(NT + b).to(tl.int32)
     m_row = b.to(tl.int64) * sm_b + h.to(tl.int64) * sm_h + i.to(tl.int64) * sm_i
     acc, m_i, l_i, nh, nr = _segment(
         acc, m_i, l_i, nh, nr, q, row_ok, i, h, p_i, t_i, lo, hi, scale, inv_bound,
@@ -436,8 +487,14 @@ def _finalize(acc, m_i, l_i, nh, nr, orig, norm_const, bound, KIND: tl.constexpr
 # Virtual key range end used when a program covers the whole key axis.
 WHOLE = tl.constexpr(1 << 30)
 
+# Runtime ints that change from call to call while serving (request lengths, cache capacities, split and tile
+# counts): never specialised, or every new value equal to 1 or divisible by 16 would compile a new kernel
+# mid-serving. They only scale row indices whose alignment the constexpr row widths already give; strides stay
+# specialised (their divisibility is what lets the K/V tile loads vectorise).
+FORWARD_RUNTIME_INTS = ("QROWB", "KROWB", "C", "R", "P", "T", "TQ", "split_size", "num_tiles")
 
-@triton.jit
+
+@triton.jit(do_not_specialize=FORWARD_RUNTIME_INTS)
 def attention_forward_kernel(
         Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS,
         K, sk_b, sk_l, sk_h, sk_d, V, sv_b, sv_l, sv_h, sv_d, K_OFF, K_LEN, KROWB,
@@ -485,7 +542,7 @@ def attention_forward_kernel(
         active = True
     else:
         # one tile of query rows over the whole key axis; tiles past the user's last row have nothing to do
-        qlen = tl.load(Q_LEN + b)
+        qlen = tl.load(Q_LEN + b).to(tl.int32)  # lengths < 2^31: int32 loop and index arithmetic
         first_row = tile * BLOCK_M
         vlo = 0
         vhi = WHOLE

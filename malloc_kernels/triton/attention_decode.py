@@ -18,7 +18,7 @@ import triton.language as tl
 from .attention_common import _finalize, _hstu_bound
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("TQ", "num_splits", "num_row_blocks", "QROWB"))
 def attention_merge_kernel(
         ACC, MP, LP, TQ, num_splits, num_row_blocks, Q_OFF, Q_LEN, QROWB, ORIG, norm_const, hstu_hb,
         O, so_b, so_l, so_h, so_d, STAT,
@@ -31,7 +31,7 @@ def attention_merge_kernel(
     b = pid // num_row_blocks
     blk = pid % num_row_blocks
     qoff = tl.load(Q_OFF + b)
-    qlen = tl.load(Q_LEN + b)
+    qlen = tl.load(Q_LEN + b).to(tl.int32)  # lengths < 2^31: int32 loop and index arithmetic
     rr = blk * BLOCK_R + tl.arange(0, BLOCK_R)
     i = rr // HQ
     h = rr % HQ

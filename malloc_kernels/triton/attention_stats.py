@@ -26,7 +26,7 @@ def _key_mass(b, hkv, n, n_ok, window, scale,
               GS: tl.constexpr, HAS_COUNT: tl.constexpr, IS_REQ: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_TARGETS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
               HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_F16: tl.constexpr, DOT_BF16: tl.constexpr):
-    qlen = tl.load(Q_LEN + b)
+    qlen = tl.load(Q_LEN + b).to(tl.int32)  # lengths < 2^31: int32 loop and index arithmetic
     mass = tl.zeros((n.shape[0],), tl.float32)
     wmass = tl.zeros((n.shape[0],), tl.float32)
     for start in range(0, qlen * G, BLOCK_M):
@@ -53,7 +53,7 @@ def _key_mass(b, hkv, n, n_ok, window, scale,
     return mass, wmass
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("QROWB", "KROWB", "C", "R", "P", "T", "window", "key_blocks"))
 def attention_stats_kernel(
         Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS, STAT,
         K, sk_b, sk_l, sk_h, sk_d, K_OFF, K_LEN, KROWB,
@@ -109,7 +109,7 @@ def attention_stats_kernel(
                 tl.store(RM + row0 + n, mass, mask=n_ok)
                 tl.store(RWM + row0 + n, wmass, mask=n_ok)
     else:
-        klen = tl.load(K_LEN + b)
+        klen = tl.load(K_LEN + b).to(tl.int32)
         if blk * BLOCK_N < klen:
             koff = tl.load(K_OFF + b)
             n_ok = n < klen
@@ -117,7 +117,7 @@ def attention_stats_kernel(
                 b, hkv, n, n_ok, window, scale, Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS,
                 STAT, K + b.to(tl.int64) * sk_b + koff * sk_l + hkv * sk_h, K, K, sk_l, sk_d,
                 QPOS + b * KROWB + koff, QTS + b * KROWB + koff, K,
-                MASK, sm_b, sm_h, sm_i, sm_j, klen - tl.load(NT + b), PB, P, TB, T, TH,
+                MASK, sm_b, sm_h, sm_i, sm_j, klen - tl.load(NT + b).to(tl.int32), PB, P, TB, T, TH,
                 G, HQ, HEAD_DIM, BLOCK_D, BLOCK_M, KIND, 0, False, 1, False, True, CAUSAL,
                 HAS_TARGETS, HAS_MASK, MASK_BOOL, HAS_POS, HAS_TIME, DOT_F16, DOT_BF16)
             kr = (b * KROWB + koff + n) * HKV + hkv

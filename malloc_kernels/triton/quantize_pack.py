@@ -111,7 +111,7 @@ def _store_packed(OUT, n, n_ok, codes, W: tl.constexpr, BLOCK_D: tl.constexpr, F
     tl.store(OUT + n[:, None] * W + c[None, :], by.to(tl.uint8), mask=n_ok[:, None] & (c[None, :] < W))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("C", "num_blocks"))
 def quantize_pack_token_kernel(X, sx_b, sx_h, sx_c, sx_d, LEN, C, num_blocks, OUT, SCALE, ZERO,
                                H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_N: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr, QMAX: tl.constexpr,
@@ -167,7 +167,7 @@ def quantize_pack_token_kernel(X, sx_b, sx_h, sx_c, sx_d, LEN, C, num_blocks, OU
     _store_packed(OUT + bh.to(tl.int64) * C * W, n, in_c, codes, W, BLOCK_D, FMT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("C", "num_blocks"))
 def quantize_pack_channel_kernel(X, sx_b, sx_h, sx_c, sx_d, LEN, C, num_blocks, OUT, SCALE, ZERO,
                                  H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                  BLOCK_G: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr,
