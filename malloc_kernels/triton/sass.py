@@ -81,6 +81,11 @@ class LoopMix:
 
 def main_loop_mix(sass: str) -> Optional[LoopMix]:
     """The mix of the main loop of one function's SASS (see module docstring); None when it has no loop."""
+    return _loops(sass, key=lambda c, size: (c["mma"], size))
+
+
+def _loops(sass: str, key) -> Optional[LoopMix]:
+    """The loop maximising ``key(counts, size)`` among the backward branches of ``sass``."""
     insns: List[str] = []
     labels: Dict[str, int] = {}
     branches: List[Tuple[int, str]] = []
@@ -111,8 +116,17 @@ def main_loop_mix(sass: str) -> Optional[LoopMix]:
                     break
         return c
 
-    best = max(loops, key=lambda lp: (count(*lp)["mma"], lp[1] - lp[0]))
+    best = max(loops, key=lambda lp: key(count(*lp), lp[1] - lp[0]))
     return LoopMix(count(*best), best[1] - best[0] + 1, len(loops))
+
+
+def hottest_loop_mix(sass: str) -> Optional[LoopMix]:
+    """For kernels without tensor cores: the loop with the most FP32 + shared-load instructions (the inner
+    product loops of a scalar kernel), whose LDS : FFMA ratio is what bounds it."""
+    mix = main_loop_mix(sass)
+    if mix is None or mix.counts["mma"]:
+        return mix
+    return _loops(sass, key=lambda c, size: (c["fp32"] + c["lds"], -size))
 
 
 def split_functions(cuobjdump_sass: str) -> Dict[Tuple[str, str], str]:
