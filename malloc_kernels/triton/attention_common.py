@@ -212,6 +212,17 @@ def _block_scores(q, row_ok, i, h, p_i, t_i, n, n_ok, scale,
     ``attn_mask`` (bool: may attend; float: added to the score) is read at ``m_row + j * m_j``. Cache/residual
     entries are visible to every valid row."""
     k = _load_tile(KP, KS, KZ, n, n_ok, k_rs, k_cs, HEAD_DIM, BLOCK_D, FMT, CHANNEL, GS, DOT_F16 or DOT_BF16)
+    return _scores(q, k, row_ok, i, h, p_i, t_i, n, n_ok, scale, POSP, TSP, CNTP, MASKP, m_row, m_j, nt_start,
+                   PB, P, TB, T, TH, HAS_COUNT, IS_REQ, CAUSAL, HAS_TARGETS, HAS_MASK, MASK_BOOL, HAS_POS,
+                   HAS_TIME, DOT_F16, DOT_BF16)
+
+
+@triton.jit
+def _scores(q, k, row_ok, i, h, p_i, t_i, n, n_ok, scale, POSP, TSP, CNTP, MASKP, m_row, m_j, nt_start,
+            PB, P, TB, T, TH, HAS_COUNT: tl.constexpr, IS_REQ: tl.constexpr, CAUSAL: tl.constexpr,
+            HAS_TARGETS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_POS: tl.constexpr,
+            HAS_TIME: tl.constexpr, DOT_F16: tl.constexpr, DOT_BF16: tl.constexpr):
+    """``_block_scores`` for an already loaded (dequantized) key tile ``k [BLOCK_N, BLOCK_D]``."""
     if DOT_F16:
         s = tl.dot(q, tl.trans(k.to(tl.float16)))
     elif DOT_BF16:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_common import _block_scores, _cache_row_width, _rows, _scale_offset
+from .attention_common import _cache_row_width, _load_tile, _rows, _scale_offset, _scores
 
 
 @triton.jit
@@ -27,6 +27,8 @@ def _key_mass(b, hkv, n, n_ok, window, scale,
               HAS_TARGETS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
               HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_F16: tl.constexpr, DOT_BF16: tl.constexpr):
     qlen = tl.load(Q_LEN + b).to(tl.int32)  # lengths < 2^31: int32 loop and index arithmetic
+    # the key block is loaded and dequantized once, then scored against every query tile of the user
+    k = _load_tile(KP, KS, KZ, n, n_ok, k_rs, k_cs, HEAD_DIM, BLOCK_D, K_FMT, CHANNEL, GS, DOT_F16 or DOT_BF16)
     mass = tl.zeros((n.shape[0],), tl.float32)
     wmass = tl.zeros((n.shape[0],), tl.float32)
     for start in range(0, qlen * G, BLOCK_M):
@@ -35,10 +37,9 @@ def _key_mass(b, hkv, n, n_ok, window, scale,
                                                        QPOS, QTS, G, HQ, HEAD_DIM, BLOCK_D, HAS_POS, HAS_TIME,
                                                        DOT_F16, DOT_BF16)
         m_row = b.to(tl.int64) * sm_b + h.to(tl.int64) * sm_h + i.to(tl.int64) * sm_i
-        s, vis, c = _block_scores(q, row_ok, i, h, p_i, t_i, n, n_ok, scale, KP, KS, KZ, k_rs, k_cs, POSP, TSP,
-                                  CNTP, MASK, m_row, sm_j, nt_start, PB, P, TB, T, TH, HEAD_DIM, BLOCK_D, K_FMT,
-                                  CHANNEL, GS, HAS_COUNT, IS_REQ, CAUSAL, HAS_TARGETS, HAS_MASK, MASK_BOOL,
-                                  HAS_POS, HAS_TIME, DOT_F16, DOT_BF16)
+        s, vis, c = _scores(q, k, row_ok, i, h, p_i, t_i, n, n_ok, scale, POSP, TSP, CNTP, MASK, m_row, sm_j,
+                            nt_start, PB, P, TB, T, TH, HAS_COUNT, IS_REQ, CAUSAL, HAS_TARGETS, HAS_MASK, MASK_BOOL,
+                            HAS_POS, HAS_TIME, DOT_F16, DOT_BF16)
         stat = tl.load(STAT + flat * HQ + h, mask=row_ok, other=0.0)
         if KIND == 0:
             st = tl.where(stat == float("-inf"), 0.0, stat)
