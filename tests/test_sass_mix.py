@@ -51,3 +51,15 @@ def test_occupancy_rules():
 def test_bounds():
     mem, issue = sass.bounds(90, 3.35e12, 132 * 4 * 1.98e9, 1, 1)
     assert abs(mem - 1.0) < 1e-9 and abs(issue - 1.0) < 1e-9
+
+
+def test_cuobjdump_absolute_branch_targets():
+    text = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                 /* 0x00000a0000017a02 */
+        /*0010*/                   LDS R6, [R3] ;                         /* 0x0000000003067984 */
+        /*0020*/                   FFMA R7, R6, R6, R7 ;                  /* 0x0000000606077223 */
+        /*0030*/               @P0 BRA 0x10 ;                             /* 0xffffffd000000947 */
+        /*0040*/                   EXIT ;                                 /* 0x000000000000794d */
+"""
+    mix = sass.hottest_loop_mix(text)
+    assert mix.total == 3 and mix.counts["lds"] == 1 and mix.counts["fp32"] == 1

@@ -33,9 +33,9 @@ CATEGORIES = {
     "ldg": re.compile(r"^(LDG|LDGSTS|UTMALDG)"),
     "mufu": re.compile(r"^MUFU"),
 }
-_INSN = re.compile(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+_INSN = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+|\.L_\w+):")
-_TARGET = re.compile(r"BRA\s+`?\(?(\.L_\w+)\)?")
+_TARGET = re.compile(r"BRA\s+(?:`?\(?(\.L_\w+)\)?|(0x[0-9a-f]+))")  # nvdisasm labels / cuobjdump addresses
 
 # (name, SMs, boost clock GHz, HBM bytes/s, usable shared memory per SM in bytes)
 GPUS = {80: ("A100 SXM", 108, 1.41, 2.039e12, 167936), 90: ("H100 SXM", 132, 1.98, 3.35e12, 233472)}
@@ -97,11 +97,12 @@ def _loops(sass: str, key) -> Optional[LoopMix]:
         m = _INSN.search(line)
         if not m:
             continue
-        op = m.group(1)
+        labels[hex(int(m.group(1), 16))] = len(insns)
+        op = m.group(2)
         if op.startswith("BRA"):
             t = _TARGET.search(line)
             if t:
-                branches.append((len(insns), t.group(1)))
+                branches.append((len(insns), t.group(1) or hex(int(t.group(2), 16))))
         insns.append(op)
     loops = [(labels[t], pos) for pos, t in branches if t in labels and labels[t] <= pos]
     if not loops:
