@@ -122,12 +122,12 @@ def _loops(sass: str, key) -> Optional[LoopMix]:
 
 
 def hottest_loop_mix(sass: str) -> Optional[LoopMix]:
-    """For kernels without tensor cores: the loop with the most FP32 + shared-load instructions (the inner
-    product loops of a scalar kernel), whose LDS : FFMA ratio is what bounds it."""
+    """For kernels without tensor cores: the loop densest in FP32 FMAs + shared loads among those with an FP32
+    instruction (the inner product loops of a scalar kernel, whose LDS : FFMA ratio is what bounds it)."""
     mix = main_loop_mix(sass)
     if mix is None or mix.counts["mma"]:
         return mix
-    return _loops(sass, key=lambda c, size: (c["fp32"] + c["lds"], -size))
+    return _loops(sass, key=lambda c, size: (c["fp32"] > 0, (c["fp32"] + c["lds"]) / (size + 1), size))
 
 
 def split_functions(cuobjdump_sass: str) -> Dict[Tuple[str, str], str]:
