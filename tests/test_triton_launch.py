@@ -14,7 +14,7 @@ import malloc_kernels
 from malloc_kernels.cache import KVCache
 from malloc_kernels.triton import attention as TA
 from malloc_kernels.triton import launch
-from malloc_kernels.ops.validate import validate_call
+from malloc_kernels.core.validate import validate_call
 from malloc_kernels.triton import quantize_pack as TQ
 
 ROOT = Path(__file__).resolve().parents[1]
