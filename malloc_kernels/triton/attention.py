@@ -149,20 +149,22 @@ def choose_config(call: AttentionCall, *, path: Optional[str] = None, block_m: O
         # each warp owns 16 whole query rows (row max/sum stay within the warp, P stays in registers), 128 rows /
         # 8 warps, or 64 rows / 4 warps -- one warpgroup of 64 rows, the smallest M of sm_90's wgmma --, 3 stages
         # of K/V loads in flight. The dequantizing and bias paths need the registers of 32-row tiles on sm_80
-        # (and with the bias on sm_90 too); fp32 inputs have no tensor-core product and keep 32-row tiles.
+        # (and with the bias on sm_90 too), D = 256 everywhere; fp32 inputs have no tensor-core product and keep
+        # 32-row tiles; masked 16-bit tiles on sm_80 keep 64 rows / 2 stages.
         arch = device_arch(call.device) if arch is None else arch
         quantized = call.cache is not None and call.cache.is_quantized
-        if call.dtype == torch.float32 or call.has_bias or (quantized and arch < 90):
+        masked_sm80 = call.attn_mask is not None and arch < 90
+        if call.dtype == torch.float32 or call.has_bias or (quantized and arch < 90) or block_d > 128 or masked_sm80:
             fa2 = None
-        elif quantized or block_d > 128 or (call.attn_mask is not None and arch < 90):
-            fa2 = (64, 4)
+        elif quantized:
+            fa2 = (64, 4, 3)
         else:
-            fa2 = (128, 8)
+            fa2 = (128, 8, 3)
         split_size, num_splits = total, 1
         if fa2 is not None and block_m in (None, fa2[0]):
-            return LaunchConfig(path, fa2[0], block_n, block_d, split_size, num_splits, fa2[1], 3)
+            return LaunchConfig(path, fa2[0], block_n, block_d, split_size, num_splits, fa2[1], fa2[2])
         if block_m is None:
-            block_m = 32
+            block_m = 64 if (masked_sm80 and block_d <= 128) else 32
         num_warps = 4 if block_d <= 64 else 8
     return LaunchConfig(path, block_m, block_n, block_d, split_size, num_splits, num_warps, 2)
 
