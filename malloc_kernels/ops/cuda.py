@@ -82,9 +82,15 @@ def supports(call) -> Tuple[bool, str]:
 
 
 def preferred(call) -> bool:
-    """``backend="auto"`` picks this kernel over Triton for decode / short appends over a cache: few query rows
-    per kv head (GQA heads x request tokens <= 64), where split-K over the cache is what bounds the time."""
-    return call.cache is not None and call.group_size * call.max_q_len <= 64 and supports(call)[0]
+    """Whether ``backend="auto"`` picks this kernel over Triton: never, for now. Read as an A100/H100 runs it, the
+    kernel is bound by shared-memory traffic rather than by the cache bytes it streams -- two shared loads per FMA
+    in the score loop (q and k both from shared memory), P.V over all 16 rows of a tile however few are valid,
+    scalar fp32 FMAs where Triton's kernel issues tensor-core MMAs, per-element scale/zero loads, and K/V re-read
+    and re-dequantized for every 16-row tile -- so Triton's split-K decode, with its MMAs and register tiles, is
+    the faster choice at every shape (``python -m malloc_kernels.triton.report`` and ``tools/cuda_report.py``
+    give the per-key instruction mix). ``backend="cuda"`` still runs it on request; auto falls back to it only
+    when Triton cannot run the call."""
+    return False
 
 
 def _i32(t):
