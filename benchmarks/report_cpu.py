@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import malloc_kernels as mk  # noqa: E402
 from machine import machine_label  # noqa: E402
 from malloc_kernels.ops import cpp_quant, cpu  # noqa: E402
-from malloc_kernels.ops.validate import validate_call  # noqa: E402
+from malloc_kernels.core.validate import validate_call  # noqa: E402
 from roofline import interleaved_best_seconds, roofline  # noqa: E402
 from torch_baselines import hstu_masked_matmul  # noqa: E402
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import malloc_kernels as mk
 from malloc_kernels.ops import cpu
-from malloc_kernels.ops.validate import validate_call
+from malloc_kernels.core.validate import validate_call
 
 from machine import machine_label  # benchmarks/ is on sys.path under pytest
 from roofline import interleaved_best_seconds

@@ -20,7 +20,7 @@ import torch
 from attention_cases import CASES, FORMATS, Case, build
 from malloc_kernels.ops import cpu as cpu_backend
 from malloc_kernels.ops import cuda as cuda_backend
-from malloc_kernels.ops.validate import validate_call
+from malloc_kernels.core.validate import validate_call
 from malloc_kernels.reference import run as ref_run
 from tolerance import torch_in_dtype, within_twice_torch_error
 

@@ -13,7 +13,7 @@ import torch
 import malloc_kernels as mk
 from attention_cases import to_float64 as _to64
 from malloc_kernels.ops import cpu
-from malloc_kernels.ops.validate import validate_call
+from malloc_kernels.core.validate import validate_call
 from malloc_kernels.reference import attention as ref_attention
 from tolerance import torch_in_dtype, within_twice_torch_error
 
@@ -133,7 +133,7 @@ def test_relative_bias_exact_buckets():
                               query_timestamps=qts)
         _close(got, want, yard)
     # a shared [T] table and dt exactly on bucket thresholds
-    from malloc_kernels.reference.bias import time_bucket_thresholds
+    from malloc_kernels.core.time_buckets import time_bucket_thresholds
     th = time_bucket_thresholds(20)
     qts2 = torch.zeros(B, L, dtype=torch.int64)
     ts2 = -th[torch.arange(N) % th.numel()][None].expand(B, N).contiguous()

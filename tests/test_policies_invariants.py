@@ -10,7 +10,7 @@ import torch
 import malloc_kernels as mk
 from malloc_kernels.policies import get_policy
 from malloc_kernels.policies.budget import Budget
-from malloc_kernels.policies.hybrid import policy_level
+from malloc_kernels.policies.registry import policy_level
 
 B, HKV, HQ, N, D = 3, 2, 4, 19, 8
 LENGTHS = [19, 11, 1]
@@ -228,7 +228,7 @@ def test_ragged_batch_matches_single_user(method):
 
 def test_jagged_input_matches_padded():
     k, v, q, L, ts = _history()
-    from malloc_kernels.ops.layout import padded_to_jagged
+    from malloc_kernels.core.layout import padded_to_jagged
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), L.long().cumsum(0)])
     kj, vj = padded_to_jagged(k, L), padded_to_jagged(v, L)
     tj = padded_to_jagged(ts, L)

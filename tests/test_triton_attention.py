@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attention_cases import Case, build
-from malloc_kernels.ops.validate import validate_call
+from malloc_kernels.core.validate import validate_call
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "conftest must set TRITON_INTERPRET=1 before kernels import"
 from malloc_kernels.triton import attention as TA  # noqa: E402
