@@ -20,10 +20,18 @@ FORMATS = ["float16", "int8", "fp8", "int4", "int2"]
 def test_bandwidth_model_table():
     print("\nshape (B, Hq, Hkv, C, D, residual) | format | MB read | H100 model (us)")
     for shape in SHAPES:
+        B, Hq, Hkv, C, D, residual = shape
+        # what every format moves besides the cache payload and its scales: lengths, the fp32 residual K/V, the
+        # fp32 request K/V per kv head, and the fp32 queries and outputs
+        fixed = B * Hkv * (4 + 2 * 4 * D * (residual + 1)) + B * Hq * D * 4 * 2
+        sizes = []
         for fmt in FORMATS:
             nbytes = cuda_backend.decode_bytes(*shape, fmt=fmt)
             print(f"{shape} | {fmt:8s} | {nbytes / 1e6:9.2f} | {nbytes / cuda_backend.H100_BANDWIDTH * 1e6:8.2f}")
-            assert nbytes > 0
+            sizes.append(nbytes)
+        assert sizes[0] == fixed + B * Hkv * 2 * 2 * D * C                  # fp16 K and V, no scales
+        # 16 > 8 = 8 > 4 > 2 bits per value; int8 stores a zero per group next to its scale, fp8 only the scale
+        assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes), sizes
 
 
 @pytest.mark.gpu

@@ -2,6 +2,16 @@
 
 TRITON_INTERPRET must be decided before any module with ``@triton.jit`` is imported: no machine of this project has
 a GPU, so Triton kernels run in the interpreter (the real-GPU tests are marked ``gpu`` and skip with a reason).
+
+Two rules live here so that no test file can weaken them:
+
+* ``@pytest.mark.needs_ext("op", ...)``: the test needs these ``torch.ops.malloc_kernels`` ops from the compiled
+  extension. A missing op FAILS the test (CI builds the extension, so a broken build must not turn into skips);
+  only ``MALLOC_KERNELS_ALLOW_NO_EXT=1`` (for a machine without a compiler, never set by ``.ci/run``) skips instead.
+* the ``cpu_isa`` fixture: a test that requests it runs once per CPU ISA variant this machine can execute
+  (``torch.ops.malloc_kernels.cpu_isa_supported()``), with ``MALLOC_KERNELS_ISA`` set to the variant, so the
+  portable and every SIMD branch of the C++ kernels are executed; the terminal summary lists the variants that
+  ran and the ones left out, with the reason.
 """
 import os
 from pathlib import Path
@@ -11,6 +21,99 @@ import pytest
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DATA_DIR = Path(os.environ.get("MALLOC_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+ALLOW_NO_EXT = os.environ.get("MALLOC_KERNELS_ALLOW_NO_EXT") == "1"
+
+# Every CPU ISA variant the C++ kernels may be built with, in dispatch order ("auto" picks the last one supported).
+CPU_ISA_VARIANTS = ("portable", "avx2", "avx512")
+# Used when the extension has no per-call ISA selection: the build's own run-time choice, one variant.
+BUILD_DISPATCH = "build"
+
+
+def missing_ops(names):
+    """The names in ``names`` that ``torch.ops.malloc_kernels`` does not have, and why (import error or absent)."""
+    import torch
+    try:
+        import malloc_kernels._C  # noqa: F401  (registers the ops)
+    except ImportError as e:
+        return list(names), f"the C++ extension malloc_kernels._C does not load ({e})"
+    absent = [n for n in names if not hasattr(torch.ops.malloc_kernels, n)]
+    return absent, "not registered by malloc_kernels._C (rebuild the extension)"
+
+
+def cpu_isa_plan():
+    """(variants to run, {left-out variant: reason}) for this machine and build."""
+    import torch
+    absent, why = missing_ops(["cpu_isa_supported"])
+    if absent:
+        return [BUILD_DISPATCH], {v: f"torch.ops.malloc_kernels.cpu_isa_supported {why}: only the build's own "
+                                     "dispatch ran" for v in CPU_ISA_VARIANTS}
+    supported = list(torch.ops.malloc_kernels.cpu_isa_supported())
+    unknown = [v for v in supported if v not in CPU_ISA_VARIANTS]
+    if unknown:
+        raise RuntimeError(f"cpu_isa_supported() names variants the tests do not know: {unknown}")
+    return supported, {v: "this CPU cannot run it" for v in CPU_ISA_VARIANTS if v not in supported}
+
+
+_ISA_PLAN = None
+
+
+def _isa_plan():
+    global _ISA_PLAN
+    if _ISA_PLAN is None:
+        _ISA_PLAN = cpu_isa_plan()
+    return _ISA_PLAN
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_ext(*ops): needs these torch.ops.malloc_kernels ops (missing -> "
+                                       "failure unless MALLOC_KERNELS_ALLOW_NO_EXT=1)")
+
+
+def pytest_generate_tests(metafunc):
+    if "cpu_isa" in metafunc.fixturenames:
+        variants, _ = _isa_plan()
+        metafunc.parametrize("cpu_isa", variants, indirect=True)
+
+
+@pytest.fixture
+def cpu_isa(request, monkeypatch):
+    """The CPU ISA variant this test runs under; ``MALLOC_KERNELS_ISA`` is set to it for the test's duration."""
+    variant = request.param
+    if variant == BUILD_DISPATCH:
+        monkeypatch.delenv("MALLOC_KERNELS_ISA", raising=False)
+    else:
+        monkeypatch.setenv("MALLOC_KERNELS_ISA", variant)
+    return variant
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _ISA_PLAN is None:
+        return
+    ran, left_out = _ISA_PLAN
+    terminalreporter.write_line(f"CPU ISA variants run by the cpu_isa tests: {', '.join(ran)}")
+    for v, why in left_out.items():
+        terminalreporter.write_line(f"CPU ISA variant {v} not run: {why}")
+
+
+@pytest.fixture(autouse=True)
+def _require_extension_ops(request):
+    marker = request.node.get_closest_marker("needs_ext")
+    if marker is None:
+        return
+    absent, why = missing_ops(marker.args)
+    if not absent:
+        return
+    msg = f"{', '.join(absent)}: {why}"
+    if ALLOW_NO_EXT:
+        pytest.skip(f"{msg} (MALLOC_KERNELS_ALLOW_NO_EXT=1)")
+    pytest.fail(f"{msg}; set MALLOC_KERNELS_ALLOW_NO_EXT=1 only on a machine that cannot build it", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def emu(tmp_path_factory):
+    """The CUDA kernels built for the CPU through the emulation (tests/cuda_emulation.py), once per session."""
+    from cuda_emulation import build
+    return build(tmp_path_factory.mktemp("cuda_emu"))
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from malloc_kernels.cache import KVCache
 from malloc_kernels.cache.quant import (dequantize_tensor, f16_round_down, f16_round_up, pack_codes, quantize_cache,
-                                        quantize_tensor, unpack_codes, _expand)
+                                        quantize_tensor, unpack_codes)
+from numpy_dequant import dequantize as np_dequantize, e4m3fn_value
 
 INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
 
@@ -234,6 +235,18 @@ def test_bit_exact_vs_scalar_reference(fmt, axis, G, D):
 
 
 # ---- error bounds ----------------------------------------------------------------------------------------------------
+def _expand(scale, axis, G, C):
+    """Per-element scale ``[B, H, C, D]`` by the contract's indexing (token: ``[.., j, d // G]``, channel:
+    ``[.., j // G, d]``), written with explicit index arithmetic rather than the library's helper."""
+    B, H = scale.shape[:2]
+    D = scale.shape[3] * G if axis == "token" else scale.shape[3]
+    j = torch.arange(C)[:, None].expand(C, D)
+    d = torch.arange(D)[None, :].expand(C, D)
+    if axis == "token":
+        return scale[:, :, j, d // G]
+    return scale[:, :, j // G, d]
+
+
 def _err_bound(fmt, x, scale_e):
     if fmt == "fp8":
         # e4m3: half an ulp is 2^-4 of |x| for normal codes, 2^-10 * scale in the subnormal range
@@ -475,3 +488,25 @@ def test_hypothesis_bit_exact_and_bounded(problem):
     err = (x.double() - xh).abs()
     assert bool((err[valid] <= _err_bound(fmt, x.double(), se)[valid]).all())
     assert bool((xh[~valid] == 0).all())
+
+
+# ---- an independent scalar dequantizer -------------------------------------------------------------------------
+def test_e4m3fn_decoder_matches_torch_on_every_byte():
+    for byte in range(256):
+        want = torch.tensor([byte], dtype=torch.uint8).view(torch.float8_e4m3fn).double().item()
+        got = e4m3fn_value(byte)
+        assert (math.isnan(got) and math.isnan(want)) or got == want, (byte, got, want)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "int2", "fp8"])
+@pytest.mark.parametrize("axis,G,D", [("token", 3, 9), ("token", 9, 9), ("channel", 4, 7), ("channel", 1, 5)])
+def test_dequantize_equals_an_independent_scalar_numpy_dequantizer(fmt, axis, G, D):
+    c = make_cache(B=2, H=2, C=11, D=D, seed=31)
+    packed, s, z = quantize_tensor(c.k, c.length, fmt, G, axis)
+    got = dequantize_tensor(packed, s, z, c.length, fmt, G, axis, D, torch.float64)
+    want = np_dequantize(packed.numpy(), s.float().numpy(), None if z is None else z.float().numpy(),
+                         c.length.numpy(), fmt, G, axis, D)
+    assert torch.equal(got, torch.from_numpy(want))
+    valid = (torch.arange(11) < c.length[..., None].long())[..., None].expand_as(got)
+    x = c.k.double()
+    assert bool(((x - got).abs()[valid] <= _err_bound(fmt, x, _expand(s.double(), axis, G, 11))[valid]).all())

@@ -67,6 +67,11 @@ def test_aligned_files(tmp_path):
     ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n1,2,3,4.5\n", 3, "timestamp"),
     ("seq.txt", "1 2 3\n2 4 five\n", 2, "item id"),
     ("seq.txt", "1 2 3\n2 4\n1 5\n", 3, "appears again"),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,2,3,4\n1,2,good,4\n", 3, "rating must be a number"),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n", 2, "no ratings found"),            # header only
+    ("ratings.csv", "", 1, "header must contain"),                                          # empty csv
+    ("ratings.dat", "", 1, "no users found"),       # no '::' to detect: read as (empty) sequences
+    ("seq.txt", "", 1, "no users found"),
 ])
 def test_malformed_files_name_file_and_line(tmp_path, name, text, line, needle):
     p = _write(tmp_path / name, text)
@@ -74,6 +79,41 @@ def test_malformed_files_name_file_and_line(tmp_path, name, text, line, needle):
         load_dataset(p)
     msg = str(e.value)
     assert msg.startswith(f"{p}:{line}: ") and needle in msg
+
+
+@pytest.mark.parametrize("name,head", [("ratings.csv", b"userId,movieId,rating,timestamp\n1,2,3,4\n"),
+                                       ("seq.txt", b"1 2 3\n")])
+def test_non_utf8_bytes_raise_file_line_value_error(tmp_path, name, head):
+    p = tmp_path / name
+    p.write_bytes(head + b"2,\xff\xfe,3,4\n" if name.endswith(".csv") else head + b"2 4 \xe9\n")
+    line = head.count(b"\n") + 1
+    with pytest.raises(ValueError) as e:
+        load_dataset(p)
+    assert str(e.value).startswith(f"{p}:{line}: not UTF-8 text")
+
+
+def test_csv_with_a_byte_order_mark_reads_its_header(tmp_path):
+    p = tmp_path / "ratings.csv"
+    p.write_bytes(b"\xef\xbb\xbfuserId,movieId,rating,timestamp\n7,5,4.0,20\n7,3,4.0,10\n")
+    ds = load_ratings_csv(p)
+    assert ds.user_ids == [7] and ds.sequences[0].tolist() == [1, 2] and ds.timestamps[0].tolist() == [10, 20]
+
+
+def test_empty_ratings_files_name_file_and_line(tmp_path):
+    p = _write(tmp_path / "ratings.dat", "\n\n")
+    with pytest.raises(ValueError, match=rf"{p}:1: no ratings found"):
+        load_ratings_dat(p)
+    p = _write(tmp_path / "ratings.csv", "\ufeffuserId,movieId,rating,timestamp\n\n")   # BOM, header only
+    with pytest.raises(ValueError, match=rf"{p}:2: no ratings found"):
+        load_ratings_csv(p)
+
+
+def test_ratings_dat_reads_latin1_bytes(tmp_path):
+    # ratings.dat is latin-1 (MovieLens 1M): any byte decodes, and a number field with one is a file:line error
+    p = tmp_path / "ratings.dat"
+    p.write_bytes(b"1::2::3::4\n1::\xe92::3::4\n")
+    with pytest.raises(ValueError, match=rf"{p}:2: MovieID"):
+        load_dataset(p)
 
 
 def test_aligned_mismatch_errors(tmp_path):

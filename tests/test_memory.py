@@ -6,7 +6,8 @@ from hypothesis import given, settings, strategies as st
 
 from malloc_kernels.memory import ops, reference as R
 
-CPU = pytest.mark.skipif(not ops.cpu_available(), reason="C++ extension not built")
+# a missing extension fails (tests/conftest.py)
+CPU = pytest.mark.needs_ext("pkm_topk", "pkm_topk_backward", "pkm_gather", "pkm_gather_backward")
 BACKENDS = ["reference", pytest.param("cpu", marks=CPU)]
 
 
@@ -90,7 +91,7 @@ def test_rounding_ties_keep_two_stage_exact():
 @CPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,h,dk,s,k", [(1, 1, 2, 1, 1), (17, 3, 14, 17, 5), (5, 2, 16, 70, 70), (97, 1, 130, 9, 4)])
-def test_cpu_topk_matches_bruteforce(dtype, n, h, dk, s, k):
+def test_cpu_topk_matches_bruteforce(dtype, n, h, dk, s, k, cpu_isa):
     q, keys = _search_inputs(n, h, dk, s, dtype, seed=3 * n + s)
     sc, ic = torch.ops.malloc_kernels.pkm_topk(q, keys, k)
     sb, ib = R.pkm_topk_bruteforce(q, keys, k)
@@ -101,7 +102,7 @@ def test_cpu_topk_matches_bruteforce(dtype, n, h, dk, s, k):
 
 @CPU
 @pytest.mark.parametrize("seed", range(3))
-def test_cpu_topk_ties_exact(seed):
+def test_cpu_topk_ties_exact(seed, cpu_isa):
     q, keys = _search_inputs(60, 3, 6, 11, torch.float32, seed=seed, integer=True)
     for k in (1, 6, 11):
         sc, ic = torch.ops.malloc_kernels.pkm_topk(q, keys, k)
@@ -128,7 +129,7 @@ def test_cpu_topk_noncontiguous_inputs():
 
 @CPU
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_topk_backward_matches_reference(dtype):
+def test_cpu_topk_backward_matches_reference(dtype, cpu_isa):
     q, keys = _search_inputs(19, 3, 10, 9, dtype, seed=7)
     qr, kr = q.clone().requires_grad_(), keys.clone().requires_grad_()
     scores, idx = R.pkm_topk(qr, kr, 4)
@@ -153,7 +154,7 @@ def _gather_inputs(m, dv, n, e, dtype, seed=0, idx_dtype=torch.int64):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("m,dv,n,e", [(1, 1, 1, 1), (50, 37, 17, 9), (300, 64, 33, 128), (97, 100, 5, 3)])
 @pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
-def test_cpu_gather_forward_backward(dtype, m, dv, n, e, idx_dtype):
+def test_cpu_gather_forward_backward(dtype, m, dv, n, e, idx_dtype, cpu_isa):
     values, idx, w, go = _gather_inputs(m, dv, n, e, dtype, seed=m + e, idx_dtype=idx_dtype)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     out = torch.ops.malloc_kernels.pkm_gather(values, idx, w)

@@ -163,8 +163,13 @@ def test_bytes_budget_too_small_raises():
 
 # ---- budget >= history: everything kept, full attention reproduced exactly ----------------------------------------
 
+# hybrids whose precision stage is a plain quantizer are lossy by design (their token stage is checked on its own),
+# so only those ending in a residual-keeping quantizer (KIVI / IntactKV) can reproduce full attention
+LOSSLESS_HYBRIDS = [m for m in HYBRIDS if m.split("+")[1].startswith(("kivi", "intactkv"))]
+
+
 @pytest.mark.parametrize("kind", ["softmax", "hstu"])
-@pytest.mark.parametrize("method", TOKEN_METHODS + RESIDUAL_PRECISION + HYBRIDS)
+@pytest.mark.parametrize("method", TOKEN_METHODS + RESIDUAL_PRECISION + LOSSLESS_HYBRIDS)
 def test_full_budget_reproduces_full_attention(method, kind):
     k, v, q, L, ts = _history()
     kw = _kwargs(method, q)
@@ -176,8 +181,6 @@ def test_full_budget_reproduces_full_attention(method, kind):
         budget = N
     else:
         budget = N + 5
-    if "+" in method and not method.split("+")[1].startswith(("kivi", "intactkv")):
-        pytest.skip("plain quantizers are lossy by design; the token stage is checked on its own")
     cache = mk.compress(k, v, method, budget=budget, lengths=L, timestamps=ts, **kw)
     full = mk.compress(k, v, "none", lengths=L, timestamps=ts)
     for b in range(B):
@@ -336,10 +339,8 @@ def test_budget_type_validation():
 
 def test_stats_window_mismatch_raises():
     k, v, q, L, ts = _history(lengths=[N, N, N])
-    from malloc_kernels.core.layout import padded_to_jagged
     stats = mk.attention(q, k, v, is_causal=True, return_stats=True, stats_window=5, backend="reference").stats
     with pytest.raises(ValueError, match="stats_window=5"):
         mk.compress(k, v, "snapkv", budget=4, stats=stats, window=3)
     with pytest.raises(ValueError, match="stats_window=5"):
         mk.compress(k, v, "tova", budget=4, stats=stats)
-    assert padded_to_jagged is not None

@@ -542,15 +542,22 @@ def test_stats_equal_mass_of_explicit_probability_matrix_plain():
     close(res.stats.key_mass.sum(), torch.tensor(float(B * Hq * L), dtype=F64))
 
 
-def test_quantized_cache_equals_float_cache_of_its_dequantized_values():
+@pytest.mark.parametrize("k_fmt,v_fmt,G,axis", [("int4", "int2", 3, "channel"), ("int8", "fp8", 2, "token"),
+                                                ("int2", "int8", 2, "channel"), ("fp8", "int4", 6, "token")])
+def test_quantized_cache_equals_float_cache_of_independently_dequantized_values(k_fmt, v_fmt, G, axis):
+    """The reference over a quantized cache == over a float cache holding the values an independent scalar NumPy
+    dequantizer (tests/numpy_dequant.py) reads from the same codes; the library's own dequantize agrees exactly."""
     from malloc_kernels.cache.quant import quantize_cache
+    from numpy_dequant import dequantize_cache
     gen = torch.Generator().manual_seed(14)
-    q, k, v, kw = random_call(gen, counts=True, D=8, bias=False)
+    q, k, v, kw = random_call(gen, counts=True, D=6, bias=False)
     c = kw["cache"]
     clean = c.replace(k=torch.nan_to_num(c.k), v=torch.nan_to_num(c.v))
-    qc = quantize_cache(clean, "int4", "int2", group_size=4, k_axis="channel")
-    dk, dv = qc.dequantize(F64)
-    deq = qc.replace(k=dk, v=dv, k_format="float", v_format="float", k_scale=None, k_zero=None, v_scale=None,
+    qc = quantize_cache(clean, k_fmt, v_fmt, group_size=G, k_axis=axis)
+    nk, nv = (torch.from_numpy(a) for a in dequantize_cache(qc))
+    lk, lv = qc.dequantize(F64)
+    assert torch.equal(lk, nk) and torch.equal(lv, nv)
+    deq = qc.replace(k=nk, v=nv, k_format="float", v_format="float", k_scale=None, k_zero=None, v_scale=None,
                      v_zero=None, group_size=0)
     close(reference.attention(q, k, v, **dict(kw, cache=qc)), reference.attention(q, k, v, **dict(kw, cache=deq)),
           0)

@@ -33,6 +33,20 @@ def _err(path, lineno, msg) -> ValueError:
     return ValueError(f"{path}:{lineno}: {msg}")
 
 
+def _utf8_lines(path: Path):
+    """(lineno, text) of a UTF-8 file (a leading byte-order mark is dropped); bytes that are not UTF-8 raise the
+    loaders' ``file:line`` ValueError instead of a UnicodeDecodeError with no line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _err(path, lineno, f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") \
+                    from None
+
+
 def _int(tok: str, path, lineno, what: str) -> int:
     try:
         return int(tok)
@@ -94,28 +108,28 @@ def load_ratings_csv(path: PathLike, name: Optional[str] = None) -> SequenceData
     """MovieLens ``userId,movieId,rating,timestamp`` CSV (header required, any column order, extra columns ok)."""
     path = Path(path)
     per_user: Dict[int, list] = {}
-    with open(path, "r", encoding="utf-8") as f:
-        header = f.readline().strip().split(",")
-        missing = [c for c in _CSV_COLUMNS if c not in header]
-        if missing:
-            raise _err(path, 1, f"header must contain {','.join(_CSV_COLUMNS)}; missing {missing}, got {header}")
-        iu, ii, ir, it_ = (header.index(c) for c in _CSV_COLUMNS)
-        ncol = len(header)
-        for lineno, line in enumerate(f, 2):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split(",")
-            if len(parts) != ncol:
-                raise _err(path, lineno, f"expected {ncol} comma-separated fields, got {len(parts)}: {line!r}")
-            u = _int(parts[iu], path, lineno, "userId")
-            it = _int(parts[ii], path, lineno, "movieId")
-            try:
-                float(parts[ir])
-            except ValueError:
-                raise _err(path, lineno, f"rating must be a number, got {parts[ir]!r}") from None
-            t = _int(parts[it_], path, lineno, "timestamp")
-            per_user.setdefault(u, []).append((t, it))
+    lines = _utf8_lines(path)
+    header = next(lines, (1, ""))[1].strip().split(",")
+    missing = [c for c in _CSV_COLUMNS if c not in header]
+    if missing:
+        raise _err(path, 1, f"header must contain {','.join(_CSV_COLUMNS)}; missing {missing}, got {header}")
+    iu, ii, ir, it_ = (header.index(c) for c in _CSV_COLUMNS)
+    ncol = len(header)
+    for lineno, line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.split(",")
+        if len(parts) != ncol:
+            raise _err(path, lineno, f"expected {ncol} comma-separated fields, got {len(parts)}: {line!r}")
+        u = _int(parts[iu], path, lineno, "userId")
+        it = _int(parts[ii], path, lineno, "movieId")
+        try:
+            float(parts[ir])
+        except ValueError:
+            raise _err(path, lineno, f"rating must be a number, got {parts[ir]!r}") from None
+        t = _int(parts[it_], path, lineno, "timestamp")
+        per_user.setdefault(u, []).append((t, it))
     if not per_user:
         raise _err(path, 2, "no ratings found")
     return _build(name or path.parent.name, path, per_user, True, 0)
@@ -124,18 +138,17 @@ def load_ratings_csv(path: PathLike, name: Optional[str] = None) -> SequenceData
 def _read_lines(path: Path, what: str) -> List[tuple]:
     """[(lineno, user_token, [int tokens])] of a ``user tok tok ...`` file; blank lines are skipped."""
     rows, seen = [], {}
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            toks = line.split()
-            if not toks:
-                continue
-            user = toks[0]
-            if user in seen:
-                raise _err(path, lineno, f"user {user!r} appears again (first on line {seen[user]}); "
-                                         f"one line per user is required")
-            seen[user] = lineno
-            vals = [_int(t, path, lineno, what) for t in toks[1:]]
-            rows.append((lineno, user, vals))
+    for lineno, line in _utf8_lines(path):
+        toks = line.split()
+        if not toks:
+            continue
+        user = toks[0]
+        if user in seen:
+            raise _err(path, lineno, f"user {user!r} appears again (first on line {seen[user]}); "
+                                     f"one line per user is required")
+        seen[user] = lineno
+        vals = [_int(t, path, lineno, what) for t in toks[1:]]
+        rows.append((lineno, user, vals))
     if not rows:
         raise _err(path, 1, "no users found")
     return rows

@@ -1,0 +1,34 @@
+"""What ran a benchmark: the CPU model and the C++ kernels' ISA variant, written next to every result."""
+import os
+import platform
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def isa_variant() -> str:
+    """``MALLOC_KERNELS_ISA`` when set, else the build's automatic choice (the best variant this CPU runs, when the
+    extension lists them)."""
+    import torch
+    chosen = os.environ.get("MALLOC_KERNELS_ISA", "auto")
+    try:
+        import malloc_kernels._C  # noqa: F401
+        supported = list(torch.ops.malloc_kernels.cpu_isa_supported())
+    except (ImportError, AttributeError, RuntimeError):
+        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+        return f"{chosen} (build dispatch; CPU has {'avx2' if ' avx2' in flags else 'no avx2'}" \
+               f"{', avx512f' if ' avx512f' in flags else ''})"
+    return f"{chosen} -> {supported[-1]}" if chosen == "auto" and supported else chosen
+
+
+def machine_label() -> str:
+    import torch
+    return f"{cpu_model()}, ISA {isa_variant()}, {torch.get_num_threads()} torch threads"
