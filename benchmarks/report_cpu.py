@@ -7,7 +7,9 @@ ONE process with 2 threads, the roofline ceilings (benchmarks/roofline.py) measu
 Columns: ms (best of ``--rounds``), GB/s of the bytes the provider actually reads (compressed payload + scales +
 zeros + queries/request tokens; SDPA: its fp32/bf16 K/V), GFLOP/s (4 * B * Hq * Lq * (N + Lq) * D), fraction of the
 read-bandwidth ceiling, and speedup vs SDPA on the fp32 cache. Providers of one shape are timed interleaved
-round-robin, so outside load hits all of them alike. Writes benchmarks/results/cpu_attention.{csv,md}.
+round-robin, so outside load hits all of them alike. Writes benchmarks/results/cpu_attention.{csv,md}; both
+name the CPU and the ISA variant of the kernels (MALLOC_KERNELS_ISA=auto|portable|avx2|avx512; e.g.
+MALLOC_KERNELS_ISA=avx2 measures the AVX2 build on an AVX-512 machine).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import malloc_kernels as mk  # noqa: E402
 from malloc_kernels.ops import cpu  # noqa: E402
 from malloc_kernels.ops.validate import validate_call  # noqa: E402
-from roofline import interleaved_best_seconds, roofline  # noqa: E402
+from roofline import cpu_isa_label, interleaved_best_seconds, isa_variants, roofline  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -106,6 +108,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     before = roofline(args.threads)
+    label = cpu_isa_label("attention")
+    print(label)
     print(f"roofline: {before['read_gbs']:.1f} GB/s read, {before['bandwidth_gbs']:.1f} GB/s copy, "
           f"{before['gflops']:.1f} GFLOP/s fp32 matmul ({args.threads} threads)")
     base = ["sdpa_fp32", "sdpa_bf16", "cpu_fp32", "cpu_int8", "cpu_int4", "cpu_int2", "dequant_sdpa_int4"]
@@ -122,6 +126,7 @@ def main(argv=None):
         rs = run_config(32, 8, Hkv, 64, N, Lq, kind, args.rounds, prov)
         rows += rs
         for r in rs:
+            r["isa"] = isa_variants().get("attention", "none")
             print(f"Hkv={Hkv} N={N} Lq={Lq} {kind:7s} {r['provider']:20s} {r['ms']:9.2f} ms {r['gbs']:7.2f} GB/s "
                   f"{r['gflops']:7.2f} GFLOP/s", flush=True)
     # ceilings: the better of the measurements before and after the kernels (outside load only ever lowers them)
@@ -140,7 +145,7 @@ def main(argv=None):
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    lines = [f"# CPU attention (B=32, Hq=8, D=64, {args.threads} threads, best of {args.rounds})", "",
+    lines = [f"# CPU attention (B=32, Hq=8, D=64, {args.threads} threads, best of {args.rounds})", "", label, "",
              f"Ceilings measured in the same run (best of before and after the kernels): {roof['read_gbs']:.1f} GB/s "
              f"read-only stream (the `% BW roof` column), {roof['bandwidth_gbs']:.1f} GB/s copy, {roof['gflops']:.1f} "
              "GFLOP/s fp32 matmul. Providers of one shape are timed interleaved round-robin (best of each). Speedup "

@@ -80,3 +80,38 @@ if __name__ == "__main__":
     r = roofline()
     print(f"threads={r['threads']}  copy bandwidth {r['bandwidth_gbs']:.1f} GB/s  read bandwidth {r['read_gbs']:.1f} GB/s  "
           f"fp32 matmul {r['gflops']:.1f} GFLOP/s")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
+def isa_variants() -> dict:
+    """{kernel family: the ISA variant of the C++ CPU kernels that runs now} (MALLOC_KERNELS_ISA, read per call, capped
+    by each family's best build), plus "supported": the variants this CPU can run. Empty when the extension is
+    missing."""
+    try:
+        import malloc_kernels._C  # noqa: F401  (registers the ops)
+        ops = torch.ops.malloc_kernels
+        out = {fam: ops.cpu_isa_variant(fam) for fam in ("attention", "train_attention", "cross_entropy", "pkm")}
+        out["supported"] = ",".join(ops.cpu_isa_supported())
+        return out
+    except (ImportError, AttributeError, RuntimeError):
+        return {}
+
+
+def cpu_isa_label(family: str = "attention") -> str:
+    """One line naming the CPU and the ISA variant the C++ kernels of ``family`` run, for benchmark output."""
+    v = isa_variants()
+    if not v:
+        return f"{cpu_model()}; C++ extension not loaded"
+    return f"{cpu_model()}; {family} ISA variant {v[family]} (this CPU runs: {v['supported']})"
