@@ -18,6 +18,9 @@
 #if MALLOC_KERNELS_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+// GCC 12's own AVX-512 intrinsics headers (the self-initialised __Y of _mm*_undefined_*) trip these under -Wall
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #define MK_ISA_AVX512 1
 #define MK_ISA_AVX2 1
 #define MK_IMPL_NS impl_avx512
