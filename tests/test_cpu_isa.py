@@ -11,17 +11,17 @@ import torch
 import malloc_kernels as mk
 from malloc_kernels.loss import cross_entropy_rows_, reference as loss_ref
 from malloc_kernels.memory import reference as pkm_ref
-from malloc_kernels.ops import cpu, train_attention
+from malloc_kernels.core import extension
 from malloc_kernels.reference import attention as ref_attention
 
-pytestmark = pytest.mark.skipif(not cpu.is_available()[0], reason="C++ extension not built")
+pytestmark = pytest.mark.skipif(not extension.has_op("cpu_isa_supported")[0], reason="C++ extension not built")
 
 ALL = ["portable", "avx2", "avx512"]
 FAMILIES = {"attention": "avx512", "train_attention": "avx512", "cross_entropy": "avx2", "pkm": "avx2"}
 
 
 def _supported():
-    return list(torch.ops.malloc_kernels.cpu_isa_supported()) if cpu.is_available()[0] else []
+    return list(torch.ops.malloc_kernels.cpu_isa_supported()) if extension.has_op("cpu_isa_supported")[0] else []
 
 
 def _variant_params():
@@ -144,7 +144,6 @@ def test_attention_gqa_decode_from_codes_every_variant(isa):
 
 # ---- training attention, cross-entropy rows, product-key memory -------------------------------------------------
 
-@pytest.mark.skipif(not train_attention._ops_loaded()[0], reason="C++ extension not built")
 @pytest.mark.parametrize("isa", VARIANTS, indirect=True)
 @pytest.mark.parametrize("kind", ["hstu", "softmax"])
 @pytest.mark.parametrize("lens,Hq,Hkv,D", [([5, 0, 1, 17, 9], 2, 2, 32), ([4, 8, 3, 16, 33, 2], 4, 1, 16),
