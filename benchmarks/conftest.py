@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from machine import machine_label
+from machine import cpu_model, isa_variants, machine_label
 
 _spec = importlib.util.spec_from_file_location("malloc_tests_conftest",
                                                Path(__file__).resolve().parents[1] / "tests" / "conftest.py")
@@ -47,3 +47,13 @@ def _restore_threads():
 
 def pytest_report_header(config):
     return f"benchmarks on {machine_label()}"
+
+
+@pytest.fixture(autouse=True)
+def _record_isa(request):
+    """Stores the CPU and the ISA variants in each pytest-benchmark record (``--benchmark-json`` keeps extra_info)."""
+    if "benchmark" in request.fixturenames:
+        bench = request.getfixturevalue("benchmark")
+        bench.extra_info["cpu"] = cpu_model()
+        bench.extra_info.update({f"isa_{k}": x for k, x in isa_variants().items()})
+    yield

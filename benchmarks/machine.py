@@ -29,6 +29,21 @@ def isa_variant() -> str:
     return f"{chosen} -> {supported[-1]}" if chosen == "auto" and supported else chosen
 
 
+def isa_variants() -> dict:
+    """{kernel family: the ISA variant of the C++ CPU kernels that runs now} (MALLOC_KERNELS_ISA, read per call, capped
+    by each family's best build), plus "supported": the variants this CPU can run. Empty when the extension is
+    missing."""
+    import torch
+    try:
+        import malloc_kernels._C  # noqa: F401  (registers the ops)
+        ops = torch.ops.malloc_kernels
+        out = {fam: ops.cpu_isa_variant(fam) for fam in ("attention", "train_attention", "cross_entropy", "pkm")}
+        out["supported"] = ",".join(ops.cpu_isa_supported())
+        return out
+    except (ImportError, AttributeError, RuntimeError):
+        return {}
+
+
 def machine_label() -> str:
     import torch
     return f"{cpu_model()}, ISA {isa_variant()}, {torch.get_num_threads()} torch threads"

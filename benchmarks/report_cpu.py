@@ -15,7 +15,9 @@ interleaved round-robin, so outside load hits all of them alike.
 Columns: ms (best of ``--rounds``), GB/s of the bytes the provider actually reads (compressed payload + scales +
 zeros + queries/request tokens; SDPA: its fp32/bf16 K/V), GFLOP/s (4 * B * Hq * Lq * (N + Lq) * D), fraction of the
 read-bandwidth ceiling, and speedup vs SDPA on the fp32 cache (softmax) / the torch masked matmul (hstu). Prints
-the table; ``--save`` writes benchmarks/results/cpu_attention.{csv,md}.
+the table; ``--save`` writes benchmarks/results/cpu_attention.{csv,md}, naming the CPU and the ISA variant of the
+kernels (MALLOC_KERNELS_ISA=auto|portable|avx2|avx512; e.g. MALLOC_KERNELS_ISA=avx2 measures the AVX2 build on an
+AVX-512 machine).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import malloc_kernels as mk  # noqa: E402
-from machine import machine_label  # noqa: E402
+from machine import isa_variants, machine_label  # noqa: E402
 from malloc_kernels.ops import cpp_quant, cpu  # noqa: E402
 from malloc_kernels.core.validate import validate_call  # noqa: E402
 from roofline import interleaved_best_seconds, roofline  # noqa: E402
@@ -191,6 +193,7 @@ def report(args):
         rs = run_config(B, 8, Hkv, 64, N, Lq, kind, args.rounds, prov)
         rows += rs
         for r in rs:
+            r["isa"] = isa_variants().get("attention", "none")
             print(f"Hkv={Hkv} N={N} Lq={Lq} {kind:7s} {r['provider']:20s} {r['ms']:9.2f} ms {r['gbs']:7.2f} GB/s "
                   f"{r['gflops']:7.2f} GFLOP/s", flush=True)
     # ceilings: the better of the measurements before and after the kernels (outside load only ever lowers them)

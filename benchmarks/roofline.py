@@ -80,3 +80,4 @@ if __name__ == "__main__":
     r = roofline()
     print(f"threads={r['threads']}  copy bandwidth {r['bandwidth_gbs']:.1f} GB/s  read bandwidth {r['read_gbs']:.1f} GB/s  "
           f"fp32 matmul {r['gflops']:.1f} GFLOP/s")
+

@@ -15,6 +15,7 @@
 #include "malloc_kernels/bias.h"
 #include "malloc_kernels/quant.h"
 
+#if MALLOC_KERNELS_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define MK_ISA_AVX2 1
@@ -29,3 +30,4 @@ void attention_forward_avx2(const AttnParams& p) { impl_avx2::Kernel(p).run(); }
 }  // namespace cpu
 }  // namespace malloc_kernels
 #pragma GCC pop_options
+#endif  // MALLOC_KERNELS_X86

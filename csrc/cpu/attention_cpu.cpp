@@ -4,17 +4,20 @@
 #include <omp.h>
 
 #include "malloc_kernels/attention_cpu.h"
-#include "malloc_kernels/simd_avx2.h"
 
 namespace malloc_kernels {
 namespace cpu {
 
-bool cpu_has_avx2() { return simd_avx2::cpu_has_avx2_f16c(); }
+bool cpu_has_avx2() { return isa::cpu_supports(isa::Isa::Avx2); }
 
-void attention_forward(const AttnParams& p) {
-  static const bool avx2 = cpu_has_avx2();
-  if (avx2) attention_forward_avx2(p);
-  else attention_forward_portable(p);
+void attention_forward(const AttnParams& p, isa::Isa variant) {
+  switch (isa::isa_for_family(variant, isa::Isa::Avx512)) {
+#if MALLOC_KERNELS_X86
+    case isa::Isa::Avx512: attention_forward_avx512(p); break;
+    case isa::Isa::Avx2: attention_forward_avx2(p); break;
+#endif
+    default: attention_forward_portable(p); break;
+  }
 }
 
 void gather_rows(const uint8_t* src, uint8_t* dst, const int64_t* index, int64_t B, int64_t H, int64_t C, int64_t K,

@@ -1,6 +1,8 @@
 // CPU implementation of cross_entropy_rows (malloc_kernels/cross_entropy.h).
 #include "malloc_kernels/cross_entropy.h"
+#if MALLOC_KERNELS_X86
 #include "malloc_kernels/simd_avx2.h"
+#endif
 
 #include <omp.h>
 
@@ -30,6 +32,7 @@ T row_portable(T* z, int64_t t, int64_t C) {
   return m + std::log(sum) - zt;
 }
 
+#if MALLOC_KERNELS_X86
 // The float row with 8-wide AVX2: the same three passes; the row (C floats) stays in L1 across them.
 __attribute__((target("avx2,fma"))) float row_avx2(float* z, int64_t t, int64_t C) {
   using namespace simd_avx2;
@@ -51,11 +54,14 @@ __attribute__((target("avx2,fma"))) float row_avx2(float* z, int64_t t, int64_t 
   z[t] -= 1.0f;
   return m + std::log(sum) - zt;
 }
+#endif
 
 template <typename T>
-T row(T* z, int64_t t, int64_t C) {
+T row(bool avx2, T* z, int64_t t, int64_t C) {
   if constexpr (std::is_same_v<T, float>) {
-    if (simd_avx2::cpu_has_avx2()) return row_avx2(z, t, C);
+#if MALLOC_KERNELS_X86
+    if (avx2) return row_avx2(z, t, C);
+#endif
   }
   return row_portable(z, t, C);
 }
@@ -63,13 +69,15 @@ T row(T* z, int64_t t, int64_t C) {
 }  // namespace
 
 template <typename T>
-void cross_entropy_rows(T* logits, const int64_t* targets, int64_t R, int64_t C, int64_t ld, T* loss) {
+void cross_entropy_rows(T* logits, const int64_t* targets, int64_t R, int64_t C, int64_t ld, T* loss,
+                        isa::Isa variant) {
+  const bool avx2 = isa::isa_for_family(variant, isa::Isa::Avx2) == isa::Isa::Avx2;
 #pragma omp parallel for schedule(static) if (R * C > 32768)
-  for (int64_t i = 0; i < R; ++i) loss[i] = row(logits + i * ld, targets[i], C);
+  for (int64_t i = 0; i < R; ++i) loss[i] = row(avx2, logits + i * ld, targets[i], C);
 }
 
-template void cross_entropy_rows<float>(float*, const int64_t*, int64_t, int64_t, int64_t, float*);
-template void cross_entropy_rows<double>(double*, const int64_t*, int64_t, int64_t, int64_t, double*);
+template void cross_entropy_rows<float>(float*, const int64_t*, int64_t, int64_t, int64_t, float*, isa::Isa);
+template void cross_entropy_rows<double>(double*, const int64_t*, int64_t, int64_t, int64_t, double*, isa::Isa);
 
 }  // namespace loss
 }  // namespace malloc_kernels

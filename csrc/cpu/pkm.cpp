@@ -1,8 +1,10 @@
 // CPU (OpenMP + AVX2/FMA) implementation of the product-key memory kernels declared in malloc_kernels/pkm.h.
 #include "malloc_kernels/pkm.h"
-#include "malloc_kernels/simd_avx2.h"
-
+#if MALLOC_KERNELS_X86
 #include <immintrin.h>
+
+#include "malloc_kernels/simd_avx2.h"
+#endif
 #include <omp.h>
 
 #include <algorithm>
@@ -14,10 +16,12 @@ namespace malloc_kernels {
 namespace pkm {
 namespace {
 
-// The extension is compiled for baseline x86-64; AVX2/FMA code lives in target-attributed functions chosen at run
-// time (simd_avx2::cpu_has_avx2), so one binary runs everywhere and uses the wide units where they exist.
-using simd_avx2::cpu_has_avx2;
-using simd_avx2::hsum;
+// The extension is compiled for baseline x86-64; AVX2/FMA code lives in target-attributed functions chosen per call
+// (use_avx2: MALLOC_KERNELS_ISA capped by the CPU, isa.h), so one binary runs everywhere and uses the wide units
+// where they exist.
+
+// Whether this call runs the AVX2 variant (MALLOC_KERNELS_ISA, read per call by the caller; pkm has no avx512 build).
+inline bool use_avx2(isa::Isa requested) { return isa::isa_for_family(requested, isa::Isa::Avx2) == isa::Isa::Avx2; }
 
 // ---- scalar (any T) building blocks --------------------------------------------------------------------------
 
@@ -50,6 +54,13 @@ T dot_scalar(const T* a, const T* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
   return acc;
 }
+
+// Below this much work an OpenMP team costs more than it saves (and on a loaded machine waking idle threads can
+// take milliseconds), so small calls -- autograd checks, tiny layers -- run on the calling thread.
+constexpr int64_t kParallelWork = int64_t(1) << 16;
+
+#if MALLOC_KERNELS_X86
+using simd_avx2::hsum;
 
 // ---- AVX2 float building blocks -------------------------------------------------------------------------------
 
@@ -107,10 +118,6 @@ __attribute__((target("avx2,fma"))) void half_scores_avx2(const float* q, const 
   }
 }
 
-// Below this much work an OpenMP team costs more than it saves (and on a loaded machine waking idle threads can
-// take milliseconds), so small calls -- autograd checks, tiny layers -- run on the calling thread.
-constexpr int64_t kParallelWork = int64_t(1) << 16;
-
 // Prefetch distance for the random value-row reads: far enough to hide DRAM latency behind the FMAs of the rows
 // in flight, small enough that the lines are still in L1/L2 when used.
 constexpr int64_t kPrefetch = 8;
@@ -164,22 +171,26 @@ __attribute__((target("avx2,fma"))) void grad_weights_row_avx2(const float* g, c
     gw[e] = dot_avx2(g, values + idx[e] * Dv, Dv);
   }
 }
-
+#endif  // MALLOC_KERNELS_X86
 
 // ---- dispatchers over T ---------------------------------------------------------------------------------------
 
 template <typename T>
-void half_scores(const T* q, const T* kt, int64_t Dh, int64_t S, T* s) {
+void half_scores(bool avx2, const T* q, const T* kt, int64_t Dh, int64_t S, T* s) {
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx2()) return half_scores_avx2(q, kt, Dh, S, s);
+#if MALLOC_KERNELS_X86
+    if (avx2) return half_scores_avx2(q, kt, Dh, S, s);
+#endif
   }
   half_scores_scalar(q, kt, Dh, S, s);
 }
 
 template <bool kPrefetchRows, typename T, typename Weight, typename Row>
-void weighted_row_sum(int64_t Dv, int64_t count, Weight weight, Row row, T* out) {
+void weighted_row_sum(bool avx2, int64_t Dv, int64_t count, Weight weight, Row row, T* out) {
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx2()) return weighted_row_sum_avx2<kPrefetchRows>(Dv, count, weight, row, out);
+#if MALLOC_KERNELS_X86
+    if (avx2) return weighted_row_sum_avx2<kPrefetchRows>(Dv, count, weight, row, out);
+#endif
   }
   weighted_row_sum_scalar(Dv, count, weight, row, out);
 }
@@ -207,7 +218,8 @@ void select_half(const T* s, int64_t S, int64_t k, T* val, int64_t* pos) {
 
 template <typename T>
 void topk(const T* query, const T* subkeys, int64_t N, int64_t H, int64_t Dh, int64_t S, int64_t k, T* scores,
-          int64_t* indices) {
+          int64_t* indices, isa::Isa variant) {
+  const bool avx2 = use_avx2(variant);
   // Sub-keys transposed to [H, 2, Dh, S] once per call (O(parameters), tiny next to N * H * S * Dh) so the score
   // loop streams contiguous keys for a broadcast query element.
   std::vector<T> kt(static_cast<size_t>(H * 2 * Dh * S));
@@ -223,8 +235,8 @@ void topk(const T* query, const T* subkeys, int64_t N, int64_t H, int64_t Dh, in
     for (int64_t nh = 0; nh < N * H; ++nh) {
       const int64_t h = nh % H;
       const T* q = query + nh * 2 * Dh;
-      half_scores(q, kt.data() + (h * 2 + 0) * Dh * S, Dh, S, s1.data());
-      half_scores(q + Dh, kt.data() + (h * 2 + 1) * Dh * S, Dh, S, s2.data());
+      half_scores(avx2, q, kt.data() + (h * 2 + 0) * Dh * S, Dh, S, s1.data());
+      half_scores(avx2, q + Dh, kt.data() + (h * 2 + 1) * Dh * S, Dh, S, s2.data());
       select_half(s1.data(), S, k, v1.data(), c1.data());
       select_half(s2.data(), S, k, v2.data(), c2.data());
       // Stage 2 over the k x k candidates in (a, b) lexicographic order = the tie order, so again "strictly
@@ -299,12 +311,14 @@ void topk_backward(const T* grad_scores, const T* query, const T* subkeys, const
 }
 
 template <typename T>
-void gather_forward(const T* values, int64_t Dv, const int64_t* idx, const T* weights, int64_t N, int64_t E, T* out) {
+void gather_forward(const T* values, int64_t Dv, const int64_t* idx, const T* weights, int64_t N, int64_t E, T* out,
+                    isa::Isa variant) {
+  const bool avx2 = use_avx2(variant);
 #pragma omp parallel for schedule(static) if (N * E * Dv > kParallelWork)
   for (int64_t n = 0; n < N; ++n) {
     const int64_t* ix = idx + n * E;
     const T* w = weights + n * E;
-    weighted_row_sum<true>(Dv, E, [w](int64_t e) { return w[e]; },
+    weighted_row_sum<true>(avx2, Dv, E, [w](int64_t e) { return w[e]; },
                            [values, ix, Dv](int64_t e) { return values + ix[e] * Dv; }, out + n * Dv);
   }
 }
@@ -323,17 +337,20 @@ int64_t gather_backward_plan(const int64_t* idx, int64_t NE, int64_t M, int32_t*
 template <typename T>
 void gather_backward(const T* grad_out, const T* values, int64_t M, int64_t Dv, const int64_t* idx,
                      const T* weights, int64_t N, int64_t E, const int32_t* row_slot, int64_t U, int64_t* order_ws,
-                     int64_t* start_ws, T* grad_weights, int64_t* rows, T* grad_rows) {
+                     int64_t* start_ws, T* grad_weights, int64_t* rows, T* grad_rows, isa::Isa variant) {
+  const bool avx2 = use_avx2(variant);
   const int64_t NE = N * E;
   const bool par = NE * Dv > kParallelWork;
   // grad_weights: independent per query.
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t n = 0; n < N; ++n) {
     if constexpr (std::is_same_v<T, float>) {
-      if (cpu_has_avx2()) {
+#if MALLOC_KERNELS_X86
+      if (avx2) {
         grad_weights_row_avx2(grad_out + n * Dv, values, Dv, idx + n * E, E, grad_weights + n * E);
         continue;
       }
+#endif
     }
     for (int64_t e = 0; e < E; ++e)
       grad_weights[n * E + e] = dot_scalar(grad_out + n * Dv, values + idx[n * E + e] * Dv, Dv);
@@ -353,7 +370,7 @@ void gather_backward(const T* grad_out, const T* values, int64_t M, int64_t Dv, 
     const int64_t* entries = order_ws + start_ws[u];
     const int64_t count = start_ws[u + 1] - start_ws[u];
     // One touched row: sum of weights[e] * grad_out[e / E] over its entries (ascending e).
-    weighted_row_sum<false>(Dv, count, [weights, entries](int64_t t) { return weights[entries[t]]; },
+    weighted_row_sum<false>(avx2, Dv, count, [weights, entries](int64_t t) { return weights[entries[t]]; },
                             [grad_out, entries, E, Dv](int64_t t) { return grad_out + (entries[t] / E) * Dv; },
                             grad_rows + u * Dv);
   }
@@ -361,12 +378,12 @@ void gather_backward(const T* grad_out, const T* values, int64_t M, int64_t Dv, 
 }
 
 #define MK_PKM_INSTANTIATE(T)                                                                                     \
-  template void topk<T>(const T*, const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*, int64_t*);          \
+  template void topk<T>(const T*, const T*, int64_t, int64_t, int64_t, int64_t, int64_t, T*, int64_t*, isa::Isa);\
   template void topk_backward<T>(const T*, const T*, const T*, const int64_t*, int64_t, int64_t, int64_t,       \
                                  int64_t, int64_t, T*, T*);                                                      \
-  template void gather_forward<T>(const T*, int64_t, const int64_t*, const T*, int64_t, int64_t, T*);           \
+  template void gather_forward<T>(const T*, int64_t, const int64_t*, const T*, int64_t, int64_t, T*, isa::Isa);\
   template void gather_backward<T>(const T*, const T*, int64_t, int64_t, const int64_t*, const T*, int64_t,     \
-                                   int64_t, const int32_t*, int64_t, int64_t*, int64_t*, T*, int64_t*, T*);
+                                   int64_t, const int32_t*, int64_t, int64_t*, int64_t*, T*, int64_t*, T*, isa::Isa);
 
 MK_PKM_INSTANTIATE(float)
 MK_PKM_INSTANTIATE(double)

@@ -12,6 +12,7 @@
 #include "malloc_kernels/bias.h"
 #include "malloc_kernels/train_attention.h"
 
+#if MALLOC_KERNELS_X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define MK_ISA_AVX2 1
@@ -41,3 +42,4 @@ template void self_attention_backward_avx2<double>(const Params<double>&, const 
 }  // namespace train_attention
 }  // namespace malloc_kernels
 #pragma GCC pop_options
+#endif  // MALLOC_KERNELS_X86

@@ -11,6 +11,7 @@
 #include <torch/torch.h>
 
 #include "malloc_kernels/attention_cpu.h"
+#include "isa_glue.h"
 
 namespace {
 
@@ -366,7 +367,7 @@ std::vector<Tensor> attention_cpu(
     }
   }
   p.num_threads = at::get_num_threads();
-  malloc_kernels::cpu::attention_forward(p);
+  malloc_kernels::cpu::attention_forward(p, malloc_kernels::torch_glue::requested_isa());
   return {out, lse, km, kwm, cm, cwm, rm, rwm};
 }
 

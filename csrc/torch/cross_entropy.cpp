@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include "malloc_kernels/cross_entropy.h"
+#include "isa_glue.h"
 
 namespace {
 
@@ -31,9 +32,10 @@ Tensor cross_entropy_rows_cpu(Tensor& logits, const Tensor& targets) {
   const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
   TORCH_CHECK_VALUE(lo >= 0 && hi < C, "targets must lie in [0, ", C, "), got values in [", lo, ", ", hi, "]");
   const int64_t ld = R == 1 ? C : logits.stride(0);
+  const auto variant = malloc_kernels::torch_glue::requested_isa();
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "cross_entropy_rows_", [&] {
     malloc_kernels::loss::cross_entropy_rows<scalar_t>(logits.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), R, C,
-                                                       ld, loss.data_ptr<scalar_t>());
+                                                       ld, loss.data_ptr<scalar_t>(), variant);
   });
   return loss;
 }

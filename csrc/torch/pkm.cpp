@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "malloc_kernels/pkm.h"
+#include "isa_glue.h"
 
 namespace {
 
@@ -64,9 +65,10 @@ std::tuple<Tensor, Tensor> pkm_topk_cpu(const Tensor& query, const Tensor& subke
   Tensor scores = at::empty({N, H, k}, q.options());
   Tensor indices = at::empty({N, H, k}, q.options().dtype(at::kLong));
   if (N == 0) return {scores, indices};
+  const auto variant = malloc_kernels::torch_glue::requested_isa();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pkm_topk", [&] {
     malloc_kernels::pkm::topk<scalar_t>(q.data_ptr<scalar_t>(), kk.data_ptr<scalar_t>(), N, H, Dh, S, k,
-                                        scores.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
+                                        scores.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(), variant);
   });
   return {scores, indices};
 }
@@ -103,9 +105,10 @@ Tensor pkm_gather_cpu(const Tensor& values, const Tensor& indices, const Tensor&
   const int64_t N = idx.size(0), E = idx.size(1), Dv = v.size(1);
   Tensor out = at::empty({N, Dv}, v.options());
   if (N == 0) return out;
+  const auto variant = malloc_kernels::torch_glue::requested_isa();
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "pkm_gather", [&] {
     malloc_kernels::pkm::gather_forward<scalar_t>(v.data_ptr<scalar_t>(), Dv, idx.data_ptr<int64_t>(),
-                                                  w.data_ptr<scalar_t>(), N, E, out.data_ptr<scalar_t>());
+                                                  w.data_ptr<scalar_t>(), N, E, out.data_ptr<scalar_t>(), variant);
   });
   return out;
 }
@@ -129,11 +132,12 @@ std::tuple<Tensor, Tensor, Tensor> pkm_gather_backward_cpu(const Tensor& grad_ou
   Tensor grad_rows = at::empty({U, Dv}, v.options());
   Tensor order_ws = at::empty({NE}, v.options().dtype(at::kLong));
   Tensor start_ws = at::empty({U + 1}, v.options().dtype(at::kLong));
+  const auto variant = malloc_kernels::torch_glue::requested_isa();
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "pkm_gather_backward", [&] {
     malloc_kernels::pkm::gather_backward<scalar_t>(
         g.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), M, Dv, idx.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), N, E,
         row_slot.data_ptr<int32_t>(), U, order_ws.data_ptr<int64_t>(), start_ws.data_ptr<int64_t>(),
-        grad_weights.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), grad_rows.data_ptr<scalar_t>());
+        grad_weights.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), grad_rows.data_ptr<scalar_t>(), variant);
   });
   return {grad_weights, rows, grad_rows};
 }

@@ -16,6 +16,7 @@
 #include <tuple>
 
 #include "malloc_kernels/train_attention.h"
+#include "isa_glue.h"
 
 namespace {
 
@@ -154,10 +155,11 @@ std::tuple<Tensor, Tensor> self_attention_fwd_cpu(const Tensor& q, const Tensor&
   // offsets cover every token and every user's rows are written (softmax rows see at least themselves): no fill
   Tensor out = at::empty_like(r.q);
   Tensor lse = at::empty({kd == ta::Kind::SOFTMAX ? r.total : 0, r.Hq}, r.q.options());
+  const auto variant = malloc_kernels::torch_glue::requested_isa();
   AT_DISPATCH_FLOATING_TYPES(r.q.scalar_type(), "self_attention_fwd", [&] {
     ta::self_attention_forward<scalar_t>(params_of<scalar_t>(r, kd, scale, causal, norm_const),
                                          out.data_ptr<scalar_t>(),
-                                         kd == ta::Kind::SOFTMAX ? lse.data_ptr<scalar_t>() : nullptr);
+                                         kd == ta::Kind::SOFTMAX ? lse.data_ptr<scalar_t>() : nullptr, variant);
   });
   return {out, lse};
 }
@@ -188,13 +190,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> self_attention_bwd_cpu(
   Tensor dq = at::empty_like(r.q), dk = at::empty_like(r.k), dv = at::empty_like(r.v);
   Tensor dpb = r.pos_bias.defined() ? at::empty_like(r.pos_bias) : at::empty({0}, r.q.options());
   Tensor dtb = r.time_bias.defined() ? at::empty_like(r.time_bias) : at::empty({0}, r.q.options());
+  const auto variant = malloc_kernels::torch_glue::requested_isa();
   AT_DISPATCH_FLOATING_TYPES(r.q.scalar_type(), "self_attention_bwd", [&] {
     ta::self_attention_backward<scalar_t>(
         params_of<scalar_t>(r, kd, scale, causal, norm_const), go.data_ptr<scalar_t>(),
         o.defined() ? o.data_ptr<scalar_t>() : nullptr, l.defined() ? l.data_ptr<scalar_t>() : nullptr,
         dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
         r.pos_bias.defined() ? dpb.data_ptr<scalar_t>() : nullptr,
-        r.time_bias.defined() ? dtb.data_ptr<scalar_t>() : nullptr);
+        r.time_bias.defined() ? dtb.data_ptr<scalar_t>() : nullptr, variant);
   });
   return {dq, dk, dv, dpb, dtb};
 }

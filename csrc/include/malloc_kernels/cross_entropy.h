@@ -12,11 +12,15 @@
 
 #include <cstdint>
 
+#include "malloc_kernels/isa.h"
+
 namespace malloc_kernels {
 namespace loss {
 
+// Float rows run the AVX2 variant when isa::isa_for_family(variant, Avx2) says so (MALLOC_KERNELS_ISA via the glue).
 template <typename T>
-void cross_entropy_rows(T* logits, const int64_t* targets, int64_t R, int64_t C, int64_t ld, T* loss);
+void cross_entropy_rows(T* logits, const int64_t* targets, int64_t R, int64_t C, int64_t ld, T* loss,
+                        isa::Isa variant = isa::Isa::Auto);
 
 }  // namespace loss
 }  // namespace malloc_kernels

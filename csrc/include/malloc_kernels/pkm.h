@@ -13,13 +13,15 @@
 
 #include <cstdint>
 
+#include "malloc_kernels/isa.h"
+
 namespace malloc_kernels {
 namespace pkm {
 
 // Exact top-k (k <= S) per (n, h). scores/indices: [N, H, k], best first.
 template <typename T>
 void topk(const T* query, const T* subkeys, int64_t N, int64_t H, int64_t Dh, int64_t S, int64_t k, T* scores,
-          int64_t* indices);
+          int64_t* indices, isa::Isa variant = isa::Isa::Auto);
 
 // Gradient of the selected scores: grad_query [N, H, 2*Dh] (overwritten), grad_subkeys [H, 2, S, Dh] (overwritten).
 template <typename T>
@@ -28,7 +30,8 @@ void topk_backward(const T* grad_scores, const T* query, const T* subkeys, const
 
 // Sparse-Gather forward: out [N, Dv] (overwritten). idx in [0, M) (checked by the caller).
 template <typename T>
-void gather_forward(const T* values, int64_t Dv, const int64_t* idx, const T* weights, int64_t N, int64_t E, T* out);
+void gather_forward(const T* values, int64_t Dv, const int64_t* idx, const T* weights, int64_t N, int64_t E, T* out,
+                    isa::Isa variant = isa::Isa::Auto);
 
 // Backward, phase 1: marks the rows touched by idx [NE] and numbers them in ascending row order.
 // row_slot [M] (workspace, overwritten) receives the compact id of each touched row, -1 elsewhere. Returns U.
@@ -40,7 +43,8 @@ int64_t gather_backward_plan(const int64_t* idx, int64_t NE, int64_t M, int32_t*
 template <typename T>
 void gather_backward(const T* grad_out, const T* values, int64_t M, int64_t Dv, const int64_t* idx,
                      const T* weights, int64_t N, int64_t E, const int32_t* row_slot, int64_t U, int64_t* order_ws,
-                     int64_t* start_ws, T* grad_weights, int64_t* rows, T* grad_rows);
+                     int64_t* start_ws, T* grad_weights, int64_t* rows, T* grad_rows,
+                     isa::Isa variant = isa::Isa::Auto);
 
 }  // namespace pkm
 }  // namespace malloc_kernels

@@ -23,6 +23,7 @@
 // has it, else portable) or double.
 #pragma once
 
+#include "malloc_kernels/isa.h"
 #include <cstdint>
 
 namespace malloc_kernels {
@@ -52,16 +53,22 @@ struct Params {
 };
 
 // out [total, Hq, D]; lse [total, Hq] (SOFTMAX: written; HSTU: unused, may be null).
+// Both run the ISA variant isa::isa_for_family(variant, Avx512) (MALLOC_KERNELS_ISA via the glue, read per call).
 template <typename T>
-void self_attention_forward(const Params<T>& p, T* out, T* lse);
+void self_attention_forward(const Params<T>& p, T* out, T* lse, isa::Isa variant = isa::Isa::Auto);
 
 // grad_out [total, Hq, D] (+ the forward's out and lse for SOFTMAX; ignored for HSTU) -> dq, dk, dv (overwritten),
 // dpos_bias [pos_heads, P] / dtime_bias [time_heads, NT] (overwritten; null when the table is absent).
 template <typename T>
 void self_attention_backward(const Params<T>& p, const T* grad_out, const T* out, const T* lse, T* dq, T* dk, T* dv,
-                             T* dpos_bias, T* dtime_bias);
+                             T* dpos_bias, T* dtime_bias, isa::Isa variant = isa::Isa::Auto);
 
-// The two ISA builds behind the dispatchers above (train_attention_impl.h compiled twice).
+// The ISA builds behind the dispatchers above (train_attention_impl.h compiled three times).
+template <typename T>
+void self_attention_forward_avx512(const Params<T>& p, T* out, T* lse);
+template <typename T>
+void self_attention_backward_avx512(const Params<T>& p, const T* grad_out, const T* out, const T* lse, T* dq, T* dk,
+                                    T* dv, T* dpos_bias, T* dtime_bias);
 template <typename T>
 void self_attention_forward_avx2(const Params<T>& p, T* out, T* lse);
 template <typename T>

@@ -1,7 +1,8 @@
-// Implementation of train_attention.h, written once and compiled twice like the inference attention: portable
-// (csrc/cpu/train_attention_portable.cpp) and AVX2+FMA (csrc/cpu/train_attention_avx2.cpp, under
-// `#pragma GCC target`), chosen at run time by csrc/cpu/train_attention.cpp. Each translation unit defines
-// MK_IMPL_NS and, for the AVX2 copy, MK_ISA_AVX2.
+// Implementation of train_attention.h, written once and compiled three times like the inference attention: portable
+// (csrc/cpu/train_attention_portable.cpp), AVX2+FMA (csrc/cpu/train_attention_avx2.cpp) and AVX-512
+// (csrc/cpu/train_attention_avx512.cpp), the last two under `#pragma GCC target`, chosen per call by
+// csrc/cpu/train_attention.cpp (isa.h). Each translation unit defines MK_IMPL_NS and, for the AVX2 and AVX-512
+// copies, MK_ISA_AVX2; the AVX-512 copy also MK_ISA_AVX512 (512-bit steps in rowdots / tiledots / rank_update).
 //
 // Layout of the work (per user b and kv head g, all query heads of g in turn): the user's keys and values are
 // transposed once into zero-padded [D][Lp] tiles (Lp = L rounded up to 8), and query rows are taken R = 4 at a time,
@@ -83,6 +84,25 @@ inline void rowdots(const T* const* X, const T* tile, int64_t D, int64_t Lp, int
 #ifdef MK_ISA_AVX2
   if constexpr (std::is_same_v<T, float>) {
     int64_t jb = 0;
+#ifdef MK_ISA_AVX512
+    // 32 keys per step in two 512-bit tiles, four rows: 8 accumulators
+    for (; jb + 32 <= jp; jb += 32) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, e0 = a0, e1 = a0;
+      for (int64_t d = 0; d < D; ++d) {
+        const __m512 t0 = _mm512_loadu_ps(tile + d * Lp + jb), t1 = _mm512_loadu_ps(tile + d * Lp + jb + 16);
+        const __m512 x0 = _mm512_set1_ps(X[0][d]), x1 = _mm512_set1_ps(X[1][d]);
+        const __m512 x2 = _mm512_set1_ps(X[2][d]), x3 = _mm512_set1_ps(X[3][d]);
+        a0 = _mm512_fmadd_ps(x0, t0, a0); a1 = _mm512_fmadd_ps(x0, t1, a1);
+        b0 = _mm512_fmadd_ps(x1, t0, b0); b1 = _mm512_fmadd_ps(x1, t1, b1);
+        c0 = _mm512_fmadd_ps(x2, t0, c0); c1 = _mm512_fmadd_ps(x2, t1, c1);
+        e0 = _mm512_fmadd_ps(x3, t0, e0); e1 = _mm512_fmadd_ps(x3, t1, e1);
+      }
+      _mm512_storeu_ps(S + jb, a0); _mm512_storeu_ps(S + jb + 16, a1);
+      _mm512_storeu_ps(S + Lp + jb, b0); _mm512_storeu_ps(S + Lp + jb + 16, b1);
+      _mm512_storeu_ps(S + 2 * Lp + jb, c0); _mm512_storeu_ps(S + 2 * Lp + jb + 16, c1);
+      _mm512_storeu_ps(S + 3 * Lp + jb, e0); _mm512_storeu_ps(S + 3 * Lp + jb + 16, e1);
+    }
+#endif
     for (; jb + 16 <= jp; jb += 16) {
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, e0 = a0, e1 = a0;
       for (int64_t d = 0; d < D; ++d) {
@@ -135,7 +155,23 @@ inline void tiledots(const T* W, const T* tile, int64_t D, int64_t Lp, int64_t j
     for (int64_t d = 0; d < D; ++d) {
       const float* t = tile + d * Lp;
       __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t jb = 0; jb < jp; jb += 8) {
+      int64_t jb = 0;
+#ifdef MK_ISA_AVX512
+      // 16 keys per step, folded to 8 lanes once at the end
+      __m512 z0 = _mm512_setzero_ps(), z1 = z0, z2 = z0, z3 = z0;
+      for (; jb + 16 <= jp; jb += 16) {
+        const __m512 tv = _mm512_loadu_ps(t + jb);
+        z0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + jb), tv, z0);
+        z1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + jb), tv, z1);
+        z2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + jb), tv, z2);
+        z3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + jb), tv, z3);
+      }
+      a0 = _mm256_add_ps(_mm512_castps512_ps256(z0), _mm512_extractf32x8_ps(z0, 1));
+      a1 = _mm256_add_ps(_mm512_castps512_ps256(z1), _mm512_extractf32x8_ps(z1, 1));
+      a2 = _mm256_add_ps(_mm512_castps512_ps256(z2), _mm512_extractf32x8_ps(z2, 1));
+      a3 = _mm256_add_ps(_mm512_castps512_ps256(z3), _mm512_extractf32x8_ps(z3, 1));
+#endif
+      for (; jb < jp; jb += 8) {
         const __m256 tv = _mm256_loadu_ps(t + jb);
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + jb), tv, a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + jb), tv, a1);
@@ -172,7 +208,20 @@ inline void rank_update(T* tile, const T* const* X, T alpha, const T* W, int64_t
       float* t = tile + d * Lp;
       const __m256 x0 = _mm256_set1_ps(alpha * X[0][d]), x1 = _mm256_set1_ps(alpha * X[1][d]);
       const __m256 x2 = _mm256_set1_ps(alpha * X[2][d]), x3 = _mm256_set1_ps(alpha * X[3][d]);
-      for (int64_t jb = 0; jb < jp; jb += 8) {
+      int64_t jb = 0;
+#ifdef MK_ISA_AVX512
+      const __m512 y0 = _mm512_set1_ps(alpha * X[0][d]), y1 = _mm512_set1_ps(alpha * X[1][d]);
+      const __m512 y2 = _mm512_set1_ps(alpha * X[2][d]), y3 = _mm512_set1_ps(alpha * X[3][d]);
+      for (; jb + 16 <= jp; jb += 16) {
+        __m512 tv = _mm512_loadu_ps(t + jb);
+        tv = _mm512_fmadd_ps(y0, _mm512_loadu_ps(w0 + jb), tv);
+        tv = _mm512_fmadd_ps(y1, _mm512_loadu_ps(w1 + jb), tv);
+        tv = _mm512_fmadd_ps(y2, _mm512_loadu_ps(w2 + jb), tv);
+        tv = _mm512_fmadd_ps(y3, _mm512_loadu_ps(w3 + jb), tv);
+        _mm512_storeu_ps(t + jb, tv);
+      }
+#endif
+      for (; jb < jp; jb += 8) {
         __m256 tv = _mm256_loadu_ps(t + jb);
         tv = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w0 + jb), tv);
         tv = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w1 + jb), tv);

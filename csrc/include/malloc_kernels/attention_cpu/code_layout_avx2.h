@@ -1,31 +1,40 @@
-// The D = 64 "code layout" building blocks of the low-bit decode (int8 / int4 / int2), AVX2 build: a row of codes
-// expanded into 8 vectors by one and (or shift) + convert each, and the QK / PV loops over it. Used by
-// from_codes_avx2.h.
+// The "code layout" of the low-bit decode (int8 / int4 / int2 rows of D = 8 * L codes), written once over the lanes
+// type W (lanes_avx2.h: D = 32, 64, 128), AVX2 and AVX-512 builds. Used by from_codes_avx2.h.
+//
+// A stored row of D codes is read as packed 32-bit words and expanded into 8 vectors v_t (t = 0..7) of L lanes:
+// lane c of v_t holds the code of element code_elem<F, L>(c, t) times 2^code_exp<F>(t), obtained with ONE and (or
+// shift) of the words and an int -> float conversion: no per-element variable shifts and no shuffles in the inner
+// loop. The query is stored once per (row, key group) in the same order and pre-multiplied by 2^-code_exp (exact: a
+// power of two), so every product q_d * code_d is bit-identical to the natural computation and only the summation
+// order changes; value accumulators live in the same layout and are scaled back (exactly) once per work item.
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
+#include "malloc_kernels/attention_cpu/lanes_avx2.h"
 #include "malloc_kernels/attention_cpu/tiles_avx2.h"
 
 namespace malloc_kernels {
 namespace cpu {
 namespace MK_IMPL_NS {
 
-// ---- decode straight from the codes in the "code layout" (D == 64; int8 / int4 / int2) -------------------------
-// A stored row of 64 codes is read as packed 32-bit words and expanded into 8 vectors v_t (t = 0..7): lane c of v_t
-// holds the code of element code_elem<F>(c, t) times 2^code_exp<F>(t), obtained with ONE and (or shift) of the
-// words and an int -> float conversion: no per-element variable shifts and no shuffles in the inner loop. The query
-// is stored once per (row, key group) in the same order and pre-multiplied by 2^-code_exp (exact: a power of two),
-// so every product q_d * code_d is bit-identical to the natural computation and only the summation order changes;
-// value accumulators live in the same layout and are scaled back (exactly) once per work item.
-template <Fmt F>
-constexpr int code_elem(int c, int t) { return F == Fmt::INT8 ? 32 * (t >> 2) + 4 * c + (t & 3) : 8 * c + t; }
+// int8: word c of half h (h = t >> 2) holds elements 4L h + 4c .. 4L h + 4c + 3 (byte t & 3 of the word);
+// int4 / int2: word (half-word) c holds elements 8c .. 8c + 7 (nibble / crumb t).
+template <Fmt F, int L>
+constexpr int code_elem(int c, int t) { return F == Fmt::INT8 ? 4 * L * (t >> 2) + 4 * c + (t & 3) : 8 * c + t; }
 template <Fmt F>
 constexpr int code_exp(int t) {
   return F == Fmt::INT4 ? (t < 7 ? 4 * t : 0) : F == Fmt::INT2 ? 2 * t : ((t & 3) < 3 ? 8 * (t & 3) : 0);
+}
+// The and-mask of vector t (0 where the vector is made by a shift instead).
+template <Fmt F>
+constexpr uint32_t code_mask(int t) {
+  return F == Fmt::INT4 ? (t < 7 ? 0xFu << (4 * t) : 0u) : F == Fmt::INT2 ? 0x3u << (2 * t)
+                                                                          : ((t & 3) < 3 ? 0xFFu << (8 * (t & 3)) : 0u);
 }
 
 // The same pointer, opaque to the optimiser: loads through it cannot be hoisted out of the loop that launders it.
@@ -35,64 +44,56 @@ inline P* launder(P* p) {
   return p;
 }
 
-template <Fmt F>
-struct Codes64 {
-  __m256i lo, hi;
-  explicit Codes64(const uint8_t* row) {
+template <Fmt F, int L>
+struct MaskTable {
+  alignas(64) int32_t m[8][L];
+};
+template <Fmt F, int L>
+constexpr MaskTable<F, L> make_masks() {
+  MaskTable<F, L> t{};
+  for (int T = 0; T < 8; ++T)
+    for (int c = 0; c < L; ++c) t.m[T][c] = int32_t(code_mask<F>(T));
+  return t;
+}
+template <Fmt F, int L>
+inline constexpr MaskTable<F, L> kMasks = make_masks<F, L>();
+
+template <Fmt F, class W>
+struct Codes {
+  using V = typename W::F;
+  typename W::I lo, hi;
+  explicit Codes(const uint8_t* row) {
     if constexpr (F == Fmt::INT4) {
-      // 32 bytes = 8 words of 8 nibbles: word c holds elements 8c..8c+7, element 8c+t in nibble t.
-      lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+      lo = W::words(row);  // D / 2 bytes = L words of 8 nibbles
       hi = lo;
     } else if constexpr (F == Fmt::INT2) {
-      // 16 bytes = 8 half-words of 8 crumbs, widened to one half-word per 32-bit lane.
-      lo = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+      lo = W::halves(row);  // D / 4 bytes = L half-words of 8 crumbs, one per 32-bit lane
       hi = lo;
     } else {
-      // 64 bytes: word c of half h holds elements 32h + 4c .. 32h + 4c + 3.
-      lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
-      hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32));
+      lo = W::words(row);  // D bytes = two sets of L words
+      hi = W::words(row + 4 * W::L);
     }
   }
   // The and-masks of the 8 vectors. The inner loops read them through launder() so that they stay memory
   // operands of the and: held in registers they would push the accumulators out to the stack (GCC does that).
-  static const __m256i* masks() {
-    alignas(32) static const int32_t m[8][8] = {
-#define MK_M(T) {MK_V(T), MK_V(T), MK_V(T), MK_V(T), MK_V(T), MK_V(T), MK_V(T), MK_V(T)}
-#define MK_V(T) int32_t(F == Fmt::INT4 ? (T < 7 ? 0xFu << (4 * T) : 0u) : F == Fmt::INT2 ? 0x3u << (2 * T) \
-                        : ((T & 3) < 3 ? 0xFFu << (8 * (T & 3)) : 0u))
-        MK_M(0), MK_M(1), MK_M(2), MK_M(3), MK_M(4), MK_M(5), MK_M(6), MK_M(7)};
-#undef MK_V
-#undef MK_M
-    return reinterpret_cast<const __m256i*>(m);
-  }
+  static const int32_t* masks() { return &kMasks<F, W::L>.m[0][0]; }
   template <int T>
-  __m256 get(const __m256i* mk) const {
-    if constexpr (F == Fmt::INT4) {
-      if constexpr (T == 7) return _mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 28));
-      else return _mm256_cvtepi32_ps(_mm256_and_si256(lo, _mm256_load_si256(mk + T)));
-    } else if constexpr (F == Fmt::INT2) {
-      return _mm256_cvtepi32_ps(_mm256_and_si256(lo, _mm256_load_si256(mk + T)));
-    } else {
-      const __m256i x = T < 4 ? lo : hi;
-      if constexpr ((T & 3) == 3) return _mm256_cvtepi32_ps(_mm256_srli_epi32(x, 24));
-      else return _mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_load_si256(mk + T)));
-    }
-  }
-  template <int T>
-  __m256 get() const {
+  V get(const int32_t* mk) const {
     if constexpr (F == Fmt::INT4) {
       // nibbles 0..6 masked in place (c * 2^4t < 2^31: positive, 4 significant bits, converted exactly); the top
       // nibble by a shift, so its sign bit never reaches the conversion.
-      if constexpr (T == 7) return _mm256_cvtepi32_ps(_mm256_srli_epi32(lo, 28));
-      else return _mm256_cvtepi32_ps(_mm256_and_si256(lo, _mm256_set1_epi32(0xF << (4 * T))));
+      if constexpr (T == 7) return W::cvt(W::template srli<28>(lo));
+      else return W::cvt(W::andm(lo, mk + T * W::L));
     } else if constexpr (F == Fmt::INT2) {
-      return _mm256_cvtepi32_ps(_mm256_and_si256(lo, _mm256_set1_epi32(0x3 << (2 * T))));
+      return W::cvt(W::andm(lo, mk + T * W::L));
     } else {
-      const __m256i x = T < 4 ? lo : hi;
-      if constexpr ((T & 3) == 3) return _mm256_cvtepi32_ps(_mm256_srli_epi32(x, 24));
-      else return _mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_set1_epi32(0xFF << (8 * (T & 3)))));
+      const auto& x = T < 4 ? lo : hi;
+      if constexpr ((T & 3) == 3) return W::cvt(W::template srli<24>(x));
+      else return W::cvt(W::andm(x, mk + T * W::L));
     }
   }
+  template <int T>
+  V get() const { return get<T>(masks()); }
 };
 
 template <class Fn, int... T>
@@ -118,184 +119,196 @@ inline void transpose8(__m256* r) {
 }
 
 // One query row against n rows of codes: S[j] = <qp, code_j> + add (qp in code layout, 8 vectors). Four keys per
-// step, two accumulators per key (even / odd t) so that the FMA chains are short next to the step's work.
-template <Fmt F>
+// step, two accumulators per key (even / odd t) so that the FMA chains are short next to the step's work (one per
+// key when a vector is two registers: Lanes256x2 on AVX2's 16 registers).
+template <Fmt F, class W>
 inline void qk_code_layout_r1(const float* qp, const uint8_t* K, int64_t rb, int n, float* S, float add) {
+  using V = typename W::F;
+  constexpr int L = W::L;
+  constexpr bool kSplit = !std::is_same_v<W, Lanes256x2>;
   const __m128 addv = _mm_set1_ps(add);
   int j = 0;
   for (; j + 4 <= n; j += 4) {
-    const __m256i* mk = launder(Codes64<F>::masks());
+    const int32_t* mk = launder(Codes<F, W>::masks());
     const float* q = launder(qp);
     const uint8_t* k0 = K + j * rb;
-    const Codes64<F> c0(k0), c1(k0 + rb), c2(k0 + 2 * rb), c3(k0 + 3 * rb);
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-#define MK_QK_T(T, A0, A1, A2, A3)                                          \
-  {                                                                         \
-    const __m256 qv = _mm256_loadu_ps(q + 8 * T);                           \
-    A0 = _mm256_fmadd_ps(qv, c0.template get<T>(mk), A0);                   \
-    A1 = _mm256_fmadd_ps(qv, c1.template get<T>(mk), A1);                   \
-    A2 = _mm256_fmadd_ps(qv, c2.template get<T>(mk), A2);                   \
-    A3 = _mm256_fmadd_ps(qv, c3.template get<T>(mk), A3);                   \
+    const Codes<F, W> c0(k0), c1(k0 + rb), c2(k0 + 2 * rb), c3(k0 + 3 * rb);
+    V a0 = W::zero(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+#define MK_QK_T(T, A0, A1, A2, A3)                                  \
+  {                                                                 \
+    const V qv = W::load(q + L * T);                                \
+    A0 = W::fma(qv, c0.template get<T>(mk), A0);                    \
+    A1 = W::fma(qv, c1.template get<T>(mk), A1);                    \
+    A2 = W::fma(qv, c2.template get<T>(mk), A2);                    \
+    A3 = W::fma(qv, c3.template get<T>(mk), A3);                    \
   }
-    MK_QK_T(0, a0, a1, a2, a3) MK_QK_T(1, b0, b1, b2, b3) MK_QK_T(2, a0, a1, a2, a3) MK_QK_T(3, b0, b1, b2, b3)
-    MK_QK_T(4, a0, a1, a2, a3) MK_QK_T(5, b0, b1, b2, b3) MK_QK_T(6, a0, a1, a2, a3) MK_QK_T(7, b0, b1, b2, b3)
+    if constexpr (kSplit) {
+      MK_QK_T(0, a0, a1, a2, a3) MK_QK_T(1, b0, b1, b2, b3) MK_QK_T(2, a0, a1, a2, a3) MK_QK_T(3, b0, b1, b2, b3)
+      MK_QK_T(4, a0, a1, a2, a3) MK_QK_T(5, b0, b1, b2, b3) MK_QK_T(6, a0, a1, a2, a3) MK_QK_T(7, b0, b1, b2, b3)
+      a0 = W::add(a0, b0); a1 = W::add(a1, b1); a2 = W::add(a2, b2); a3 = W::add(a3, b3);
+    } else {
+      MK_QK_T(0, a0, a1, a2, a3) MK_QK_T(1, a0, a1, a2, a3) MK_QK_T(2, a0, a1, a2, a3) MK_QK_T(3, a0, a1, a2, a3)
+      MK_QK_T(4, a0, a1, a2, a3) MK_QK_T(5, a0, a1, a2, a3) MK_QK_T(6, a0, a1, a2, a3) MK_QK_T(7, a0, a1, a2, a3)
+    }
 #undef MK_QK_T
-    _mm_storeu_ps(S + j, _mm_add_ps(hsum4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2),
-                                          _mm256_add_ps(a3, b3)), addv));
+    _mm_storeu_ps(S + j, _mm_add_ps(W::hsum4(a0, a1, a2, a3), addv));
   }
   for (; j < n; ++j) {
-    const Codes64<F> c0(K + j * rb);
-    __m256 a0 = _mm256_setzero_ps();
-    for_t([&](auto T) { a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qp + 8 * T), c0.template get<T>(), a0); });
-    S[j] = hsum(a0) + add;
+    const Codes<F, W> c0(K + j * rb);
+    V a0 = W::zero();
+    for_t([&](auto T) { a0 = W::fma(W::load(qp + L * T), c0.template get<T>(), a0); });
+    S[j] = W::hsum(a0) + add;
   }
 }
 
-// n rows of codes expanded into a float tile in code layout (row stride 64): shared by several query rows.
-template <Fmt F>
+// n rows of codes expanded into a float tile in code layout (row stride D = 8L): shared by several query rows.
+template <Fmt F, class W>
 inline void expand_code_layout(const uint8_t* K, int64_t rb, int n, float* tile) {
   for (int j = 0; j < n; ++j) {
-    const Codes64<F> c(K + j * rb);
-    float* t = tile + int64_t(j) * 64;
-    for_t([&](auto T) { _mm256_storeu_ps(t + 8 * T, c.template get<T>()); });
+    const Codes<F, W> c(K + j * rb);
+    float* t = tile + int64_t(j) * 8 * W::L;
+    for_t([&](auto T) { W::store(t + W::L * T, c.template get<T>()); });
   }
 }
 
-// Value weights of key j in code layout: lane c of the vector used for v_t is pw[j * ngr + group of the element];
-// gidx[H] holds those group indices for the vectors t with t >> 2 == H (int4/int2: the same for every t).
-// WM: how the vector is formed from the key's ngr weights -- 0: one group (broadcast), 1: at most 4 groups (a
-// 128-bit broadcast and an in-lane permute, both cheap), 2: up to 8 groups (a cross-lane permute).
-template <int WM>
-inline __m256 code_weight_vec(const float* pwj, const __m256i& gi) {
-  if constexpr (WM == 0) return _mm256_broadcast_ss(pwj);
-  else if constexpr (WM == 1)
-    return _mm256_permutevar_ps(_mm256_broadcast_ps(reinterpret_cast<const __m128*>(pwj)), gi);
-  else return _mm256_permutevar8x32_ps(_mm256_loadu_ps(pwj), gi);
-}
-
-template <Fmt F, int T>
-inline __m256 code_weight(const __m256& w0, const __m256& w1) {
+template <Fmt F, int T, class V>
+inline V code_weight(const V& w0, const V& w1) {
   if constexpr (F == Fmt::INT8) return T < 4 ? w0 : w1;
   else return w0;
 }
 
-// Op (code layout, 8 vectors) += sum_j pw_j (x) v_t(code_j), from the codes (one query row). pw must be readable
-// 4 floats past the last key's weights (WM 1) / 8 floats (WM 2).
-template <Fmt F, int WM>
-inline void pv_code_layout_r1(const float* pw, int ngr, const __m256i* gidx, const uint8_t* V, int64_t rb, int n,
-                              float* Op) {
+// Op (code layout, 8 vectors) += sum_j pw_j (x) v_t(code_j), from the codes (one query row). gidx[H]: the weight
+// index of the vectors with t >> 2 == H (int4/int2: the same for every t).
+template <Fmt F, class W, int WM>
+inline void pv_code_layout_r1(const float* pw, int ngr, const typename W::GI* gidx, const uint8_t* V, int64_t rb,
+                              int n, float* Op) {
+  using X = typename W::F;
+  constexpr int L = W::L;
   // eight named accumulators: an array of vectors indexed from a lambda ends up on the stack (GCC)
-  __m256 a0 = _mm256_loadu_ps(Op), a1 = _mm256_loadu_ps(Op + 8), a2 = _mm256_loadu_ps(Op + 16),
-         a3 = _mm256_loadu_ps(Op + 24), a4 = _mm256_loadu_ps(Op + 32), a5 = _mm256_loadu_ps(Op + 40),
-         a6 = _mm256_loadu_ps(Op + 48), a7 = _mm256_loadu_ps(Op + 56);
+  X a0 = W::load(Op), a1 = W::load(Op + L), a2 = W::load(Op + 2 * L), a3 = W::load(Op + 3 * L),
+    a4 = W::load(Op + 4 * L), a5 = W::load(Op + 5 * L), a6 = W::load(Op + 6 * L), a7 = W::load(Op + 7 * L);
   for (int j = 0; j < n; ++j) {
-    const __m256i* mk = launder(Codes64<F>::masks());
-    const Codes64<F> c(V + j * rb);
-    const __m256 w0 = code_weight_vec<WM>(pw + j * ngr, gidx[0]);
-    const __m256 w1 = F == Fmt::INT8 && WM != 0 ? code_weight_vec<WM>(pw + j * ngr, gidx[1]) : w0;
-    a0 = _mm256_fmadd_ps(w0, c.template get<0>(mk), a0);
-    a1 = _mm256_fmadd_ps(w0, c.template get<1>(mk), a1);
-    a2 = _mm256_fmadd_ps(w0, c.template get<2>(mk), a2);
-    a3 = _mm256_fmadd_ps(w0, c.template get<3>(mk), a3);
-    a4 = _mm256_fmadd_ps(w1, c.template get<4>(mk), a4);
-    a5 = _mm256_fmadd_ps(w1, c.template get<5>(mk), a5);
-    a6 = _mm256_fmadd_ps(w1, c.template get<6>(mk), a6);
-    a7 = _mm256_fmadd_ps(w1, c.template get<7>(mk), a7);
+    const int32_t* mk = launder(Codes<F, W>::masks());
+    const Codes<F, W> c(V + j * rb);
+    const X w0 = W::template wvec<WM>(pw + j * ngr, gidx[0]);
+    const X w1 = F == Fmt::INT8 && WM != 0 ? W::template wvec<WM>(pw + j * ngr, gidx[1]) : w0;
+    a0 = W::fma(w0, c.template get<0>(mk), a0);
+    a1 = W::fma(w0, c.template get<1>(mk), a1);
+    a2 = W::fma(w0, c.template get<2>(mk), a2);
+    a3 = W::fma(w0, c.template get<3>(mk), a3);
+    a4 = W::fma(w1, c.template get<4>(mk), a4);
+    a5 = W::fma(w1, c.template get<5>(mk), a5);
+    a6 = W::fma(w1, c.template get<6>(mk), a6);
+    a7 = W::fma(w1, c.template get<7>(mk), a7);
   }
-  _mm256_storeu_ps(Op, a0); _mm256_storeu_ps(Op + 8, a1); _mm256_storeu_ps(Op + 16, a2);
-  _mm256_storeu_ps(Op + 24, a3); _mm256_storeu_ps(Op + 32, a4); _mm256_storeu_ps(Op + 40, a5);
-  _mm256_storeu_ps(Op + 48, a6); _mm256_storeu_ps(Op + 56, a7);
+  W::store(Op, a0); W::store(Op + L, a1); W::store(Op + 2 * L, a2); W::store(Op + 3 * L, a3);
+  W::store(Op + 4 * L, a4); W::store(Op + 5 * L, a5); W::store(Op + 6 * L, a6); W::store(Op + 7 * L, a7);
 }
 
 // Several query rows (NR <= 4 of them, a "quad") straight from the codes: every code vector is expanded once and
 // feeds NR FMAs, so no float tile is written and re-read. S[r * lds + j] = <qp_r, code_j> + add[r] (qp: NR rows of
-// 64 floats in code layout; add: NR floats). One key per step, two accumulators per row (even / odd t) so that the
-// FMA chains stay short next to the step's work.
-template <Fmt F, int NR>
+// D floats in code layout; add: NR floats). One key per step, two accumulators per row (even / odd t).
+template <Fmt F, class W, int NR>
 inline void qk_code_rows(const float* qp, const float* add, const uint8_t* K, int64_t rb, int n, float* S, int lds) {
+  using V = typename W::F;
+  constexpr int L = W::L, D = 8 * L;
   alignas(16) float av[4] = {0.f, 0.f, 0.f, 0.f};
   for (int r = 0; r < NR; ++r) av[r] = add[r];
   const __m128 addv = _mm_load_ps(av);
   for (int j = 0; j < n; ++j) {
-    const __m256i* mk = launder(Codes64<F>::masks());
+    const int32_t* mk = launder(Codes<F, W>::masks());
     const float* q = launder(qp);
-    const Codes64<F> c0(K + j * rb);
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-#define MK_QR_T(T, A0, A1, A2, A3)                                                                       \
-  {                                                                                                      \
-    const __m256 x = c0.template get<T>(mk);                                                             \
-    A0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * T), x, A0);                                             \
-    if constexpr (NR > 1) A1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 64 + 8 * T), x, A1);                  \
-    if constexpr (NR > 2) A2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 128 + 8 * T), x, A2);                 \
-    if constexpr (NR > 3) A3 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 192 + 8 * T), x, A3);                 \
+    const Codes<F, W> c0(K + j * rb);
+    V a0 = W::zero(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+#define MK_QR_T(T, A0, A1, A2, A3)                                                     \
+  {                                                                                    \
+    const V x = c0.template get<T>(mk);                                                \
+    A0 = W::fma(W::load(q + L * T), x, A0);                                            \
+    if constexpr (NR > 1) A1 = W::fma(W::load(q + D + L * T), x, A1);                  \
+    if constexpr (NR > 2) A2 = W::fma(W::load(q + 2 * D + L * T), x, A2);              \
+    if constexpr (NR > 3) A3 = W::fma(W::load(q + 3 * D + L * T), x, A3);              \
   }
     MK_QR_T(0, a0, a1, a2, a3) MK_QR_T(1, b0, b1, b2, b3) MK_QR_T(2, a0, a1, a2, a3) MK_QR_T(3, b0, b1, b2, b3)
     MK_QR_T(4, a0, a1, a2, a3) MK_QR_T(5, b0, b1, b2, b3) MK_QR_T(6, a0, a1, a2, a3) MK_QR_T(7, b0, b1, b2, b3)
 #undef MK_QR_T
     alignas(16) float sv[4];
-    _mm_store_ps(sv, _mm_add_ps(hsum4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1), _mm256_add_ps(a2, b2),
-                                      _mm256_add_ps(a3, b3)), addv));
+    _mm_store_ps(sv, _mm_add_ps(W::hsum4(W::add(a0, b0), W::add(a1, b1), W::add(a2, b2), W::add(a3, b3)), addv));
     for (int r = 0; r < NR; ++r) S[r * lds + j] = sv[r];
   }
 }
 
 // Runtime row count (1..4) -> the templates above.
-template <Fmt F>
+template <Fmt F, class W>
 inline void qk_code_quad(int nr, const float* qp, const float* add, const uint8_t* K, int64_t rb, int n, float* S,
                          int lds) {
   switch (nr) {
-    case 1: qk_code_rows<F, 1>(qp, add, K, rb, n, S, lds); break;
-    case 2: qk_code_rows<F, 2>(qp, add, K, rb, n, S, lds); break;
-    case 3: qk_code_rows<F, 3>(qp, add, K, rb, n, S, lds); break;
-    default: qk_code_rows<F, 4>(qp, add, K, rb, n, S, lds); break;
+    case 1: qk_code_rows<F, W, 1>(qp, add, K, rb, n, S, lds); break;
+    case 2: qk_code_rows<F, W, 2>(qp, add, K, rb, n, S, lds); break;
+    case 3: qk_code_rows<F, W, 3>(qp, add, K, rb, n, S, lds); break;
+    default: qk_code_rows<F, W, 4>(qp, add, K, rb, n, S, lds); break;
   }
 }
 
 // Two query rows from an expanded tile, half of the code layout (vectors 4H..4H+3) at a time: each tile load feeds
 // two FMAs and the 8 accumulators stay in registers.
-template <Fmt F, int WM>
-inline void pv_code_tile2(const float* pwa, const float* pwb, int ngr, const __m256i* gidx, const float* tile, int n,
-                          float* Opa, float* Opb) {
+template <Fmt F, class W, int WM>
+inline void pv_code_tile2(const float* pwa, const float* pwb, int ngr, const typename W::GI* gidx, const float* tile,
+                          int n, float* Opa, float* Opb) {
+  using V = typename W::F;
+  constexpr int L = W::L, D = 8 * L;
   for (int H = 0; H < 2; ++H) {
-    const __m256i gi = gidx[F == Fmt::INT8 ? H : 0];
-    __m256 a[4], b[4];
+    const typename W::GI& gi = gidx[F == Fmt::INT8 ? H : 0];
+    V a[4], b[4];
     for (int t = 0; t < 4; ++t) {
-      a[t] = _mm256_loadu_ps(Opa + 32 * H + 8 * t);
-      b[t] = _mm256_loadu_ps(Opb + 32 * H + 8 * t);
+      a[t] = W::load(Opa + 4 * L * H + L * t);
+      b[t] = W::load(Opb + 4 * L * H + L * t);
     }
     for (int j = 0; j < n; ++j) {
-      const float* v = tile + int64_t(j) * 64 + 32 * H;
-      const __m256 wa = code_weight_vec<WM>(pwa + j * ngr, gi);
-      const __m256 wb = code_weight_vec<WM>(pwb + j * ngr, gi);
+      const float* v = tile + int64_t(j) * D + 4 * L * H;
+      const V wa = W::template wvec<WM>(pwa + j * ngr, gi);
+      const V wb = W::template wvec<WM>(pwb + j * ngr, gi);
       for (int t = 0; t < 4; ++t) {
-        const __m256 x = _mm256_loadu_ps(v + 8 * t);
-        a[t] = _mm256_fmadd_ps(wa, x, a[t]);
-        b[t] = _mm256_fmadd_ps(wb, x, b[t]);
+        const V x = W::load(v + L * t);
+        a[t] = W::fma(wa, x, a[t]);
+        b[t] = W::fma(wb, x, b[t]);
       }
     }
     for (int t = 0; t < 4; ++t) {
-      _mm256_storeu_ps(Opa + 32 * H + 8 * t, a[t]);
-      _mm256_storeu_ps(Opb + 32 * H + 8 * t, b[t]);
+      W::store(Opa + 4 * L * H + L * t, a[t]);
+      W::store(Opb + 4 * L * H + L * t, b[t]);
     }
   }
 }
 
-// Same from an expanded tile (several query rows share one expansion).
-template <Fmt F>
-inline void pv_code_tile(const float* pw, int ngr, const __m256i* gidx, const float* tile, int n, float* Op) {
-  __m256 acc[8];
-  for (int t = 0; t < 8; ++t) acc[t] = _mm256_loadu_ps(Op + 8 * t);
+// Same from an expanded tile, one row (several query rows share one expansion).
+template <Fmt F, class W, int WM>
+inline void pv_code_tile(const float* pw, int ngr, const typename W::GI* gidx, const float* tile, int n, float* Op) {
+  using V = typename W::F;
+  constexpr int L = W::L, D = 8 * L;
+  V acc[8];
+  for (int t = 0; t < 8; ++t) acc[t] = W::load(Op + L * t);
   for (int j = 0; j < n; ++j) {
-    const float* v = tile + int64_t(j) * 64;
-    const __m256 pj = _mm256_loadu_ps(pw + j * ngr);
-    const __m256 w0 = _mm256_permutevar8x32_ps(pj, gidx[0]);
-    const __m256 w1 = F == Fmt::INT8 ? _mm256_permutevar8x32_ps(pj, gidx[1]) : w0;
-    for_t([&](auto T) {
-      acc[T] = _mm256_fmadd_ps(code_weight<F, T>(w0, w1), _mm256_loadu_ps(v + 8 * T), acc[T]);
-    });
+    const float* v = tile + int64_t(j) * D;
+    const V w0 = W::template wvec<WM>(pw + j * ngr, gidx[0]);
+    const V w1 = F == Fmt::INT8 ? W::template wvec<WM>(pw + j * ngr, gidx[1]) : w0;
+    for_t([&](auto T) { acc[T] = W::fma(code_weight<F, T>(w0, w1), W::load(v + L * T), acc[T]); });
   }
-  for (int t = 0; t < 8; ++t) _mm256_storeu_ps(Op + 8 * t, acc[t]);
+  for (int t = 0; t < 8; ++t) W::store(Op + L * t, acc[t]);
 }
+
+// The one-query-row loops of the decode (R == 1) for lanes W; the AVX-512 build specialises D = 64
+// (code_pairs_avx512.h: two keys per register).
+template <Fmt F, class W>
+struct RowLoops {
+  static void qk(const float* qp, const uint8_t* K, int64_t rb, int n, float* S, float add) {
+    qk_code_layout_r1<F, W>(qp, K, rb, n, S, add);
+  }
+  template <int WM>
+  static void pv(const float* pw, int ngr, const typename W::GI* gidx, const uint8_t* V, int64_t rb, int n,
+                 float* Op) {
+    pv_code_layout_r1<F, W, WM>(pw, ngr, gidx, V, rb, n, Op);
+  }
+};
 
 }  // namespace MK_IMPL_NS
 }  // namespace cpu

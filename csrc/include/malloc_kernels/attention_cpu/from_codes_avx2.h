@@ -1,6 +1,6 @@
-// The cache segment of a softmax chunk decoded straight from the int8 / int4 / int2 codes in the D = 64 code layout
-// (code_layout_avx2.h), AVX2 build. The kernel asks CacheFromCodes::run first for every chunk; false means "not this
-// call's shape", and the kernel takes its general path (tiles_portable.h has a CacheFromCodes that always says so).
+// The cache segment of a chunk decoded straight from the int8 / int4 / int2 codes in the code layout
+// (code_layout_avx2.h) of head dims 32, 64 and 128 (one template over the lanes type), AVX2 and AVX-512 builds.
+// The kernel asks CacheFromCodes::run first for every chunk; false means "not this call's shape", and the kernel takes its general path (tiles_portable.h has a CacheFromCodes that always says so).
 #pragma once
 
 #include <immintrin.h>
@@ -10,6 +10,8 @@
 #include <cstdint>
 
 #include "malloc_kernels/attention_cpu/code_layout_avx2.h"
+#include "malloc_kernels/attention_cpu/lanes_avx2.h"
+#include "malloc_kernels/attention_cpu/bias_rows.h"
 #include "malloc_kernels/attention_cpu/scratch.h"
 #include "malloc_kernels/attention_cpu/tiles_avx2.h"
 
@@ -19,30 +21,32 @@ namespace MK_IMPL_NS {
 
 class CacheFromCodes {
  public:
-  CacheFromCodes(const AttnParams& p, int Dp, bool has_bias) : p_(p), Dp_(Dp), has_bias_(has_bias) {}
+  // tb: the kernel's time bucketer (initialised before any run()).
+  CacheFromCodes(const AttnParams& p, int Dp, const bias::TimeBucketer* tb) : p_(p), Dp_(Dp), tb_(tb) {}
 
-  // The cache segment of a softmax chunk decoded straight from the codes in code layout (see Codes64): int8/int4/int2
-  // keys and values of the same format, D == 64, channel-axis keys (any token group) or token-axis keys with one
-  // group per row, token-axis value groups the layout can address, no counts, no bias. Must run first in a chunk
-  // (it starts from m = -inf, l = 0, O = 0, which is the state before the cache segment).
+  // The cache segment of a chunk (softmax or hstu) decoded straight from the codes in code layout (see Codes):
+  // int8/int4/int2 keys and values of the same format, D in {32, 64, 128}, channel-axis keys (token groups dividing
+  // 64, so that key blocks hold whole groups) or token-axis keys with one group per row, token-axis value groups the
+  // layout can address (at least 8 channels, a number of groups per row dividing 8), no merge counts. Must run first
+  // in a chunk (it starts from m = -inf, l = 0, O = 0, which is the state before the cache segment).
   bool ok() const {
     const Segment& sg = p_.cache;
-    if (!p_.has_cache || p_.D != 64 || p_.kind != Kind::Softmax || has_bias_ || sg.count) return false;
+    const int D = p_.D;
+    if (!p_.has_cache || (D != 32 && D != 64 && D != 128) || sg.count) return false;
     if (sg.k_fmt != sg.v_fmt) return false;
     if (sg.k_fmt != Fmt::INT8 && sg.k_fmt != Fmt::INT4 && sg.k_fmt != Fmt::INT2) return false;
     const int gs = sg.group_size;
-    // value groups: at most 8 per row (one weight vector per key), each a whole number of code-layout lanes
-    if (gs < 8 || 64 % gs != 0) return false;
-    return sg.k_channel || gs == 64;
+    if (gs < 8 || D % gs != 0 || 8 % (D / gs) != 0) return false;
+    return sg.k_channel ? 64 % gs == 0 : gs == D;
   }
 
   // Runs the cache segment of kv head h of user b for the chunk's R rows when ok(); returns whether it did.
   bool run(Scratch& sc, int64_t b, int64_t h, int R) const {
     if (!ok()) return false;
-    switch (p_.cache.k_fmt) {
-      case Fmt::INT4: decode_cache<Fmt::INT4>(sc, b, h, R); break;
-      case Fmt::INT2: decode_cache<Fmt::INT2>(sc, b, h, R); break;
-      default: decode_cache<Fmt::INT8>(sc, b, h, R); break;
+    switch (p_.D) {
+      case 32: run_d<Lanes128>(sc, b, h, R); break;
+      case 64: run_d<Lanes256>(sc, b, h, R); break;
+      default: run_d<LanesD128>(sc, b, h, R); break;
     }
     return true;
   }
@@ -50,12 +54,22 @@ class CacheFromCodes {
  private:
   const AttnParams& p_;
   int Dp_;
-  bool has_bias_;
+  const bias::TimeBucketer* tb_;
+
+  template <class W>
+  void run_d(Scratch& sc, int64_t b, int64_t h, int R) const {
+    switch (p_.cache.k_fmt) {
+      case Fmt::INT4: decode_cache<Fmt::INT4, W>(sc, b, h, R); break;
+      case Fmt::INT2: decode_cache<Fmt::INT2, W>(sc, b, h, R); break;
+      default: decode_cache<Fmt::INT8, W>(sc, b, h, R); break;
+    }
+  }
 
   // Keys [j0, j0 + n) of the code-layout path: S[r][0..n) = scores (kch: per-channel scales already folded into
   // the rows' queries for each key group; token-axis keys: scale/zero applied here), rows of stride DKB.
-  template <Fmt F>
+  template <Fmt F, class W>
   void decode_scores(Scratch& sc, int64_t bh, int R, int64_t j0, int n, const uint8_t* kb0, int64_t rb) const {
+    constexpr int L = W::L, D = 8 * L;
     const Segment& sg = p_.cache;
     const int gs = sg.group_size;
     float* S = sc.Sd.data();
@@ -65,15 +79,15 @@ class CacheFromCodes {
       for (int s0 = 0; s0 < n; s0 += gs) {
         const int ns = std::min(gs, n - s0);
         const int64_t g = (j0 + s0) / gs;
-        const uint16_t* s16 = sg.k_scale + (bh * nkg + g) * 64;
-        const uint16_t* z16 = sg.k_zero ? sg.k_zero + (bh * nkg + g) * 64 : nullptr;
+        const uint16_t* s16 = sg.k_scale + (bh * nkg + g) * D;
+        const uint16_t* z16 = sg.k_zero ? sg.k_zero + (bh * nkg + g) * D : nullptr;
         for (int r = 0; r < R; ++r) {
           // per-channel key scale of this token group folded into the query, zero point into one offset per row
           const float* q = sc.Q.data() + int64_t(r) * Dp_;
-          float* qpr = sc.qp.data() + r * 64;
-          __m256 v[8];
+          float* qpr = sc.qp.data() + r * D;
+          __m256 v[D / 8];
           __m256 za = _mm256_setzero_ps();
-          for (int c = 0; c < 8; ++c) {
+          for (int c = 0; c < D / 8; ++c) {
             const __m256 qv = _mm256_loadu_ps(q + 8 * c);
             v[c] = _mm256_mul_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + 8 * c))));
             if (z16)
@@ -81,11 +95,11 @@ class CacheFromCodes {
                                    za);
           }
           sc.zb[r] = hsum(za);
-          if constexpr (F == Fmt::INT8) {
-            alignas(32) float nat[64];
-            for (int c = 0; c < 8; ++c) _mm256_store_ps(nat + 8 * c, v[c]);
+          if constexpr (F == Fmt::INT8 || L != 8) {
+            alignas(32) float nat[D];
+            for (int c = 0; c < D / 8; ++c) _mm256_store_ps(nat + 8 * c, v[c]);
             for (int t = 0; t < 8; ++t)
-              for (int c = 0; c < 8; ++c) qpr[t * 8 + c] = nat[code_elem<F>(c, t)] * sc.cexp[t];
+              for (int c = 0; c < L; ++c) qpr[t * L + c] = nat[code_elem<F, L>(c, t)] * sc.cexp[t];
           } else {
             transpose8(v);  // element 8c + t -> vector t, lane c
             for (int t = 0; t < 8; ++t) _mm256_storeu_ps(qpr + 8 * t, _mm256_mul_ps(v[t], _mm256_set1_ps(sc.cexp[t])));
@@ -93,10 +107,10 @@ class CacheFromCodes {
         }
         const uint8_t* k = kb0 + s0 * rb;
         if (R == 1) {
-          qk_code_layout_r1<F>(sc.qp.data(), k, rb, ns, S + s0, sc.zb[0]);
+          RowLoops<F, W>::qk(sc.qp.data(), k, rb, ns, S + s0, sc.zb[0]);
         } else {
           for (int r0 = 0; r0 < R; r0 += 4)
-            qk_code_quad<F>(std::min(4, R - r0), sc.qp.data() + r0 * 64, sc.zb.data() + r0, k, rb, ns,
+            qk_code_quad<F, W>(std::min(4, R - r0), sc.qp.data() + r0 * D, sc.zb.data() + r0, k, rb, ns,
                             S + r0 * DKB + s0, DKB);
         }
       }
@@ -104,11 +118,11 @@ class CacheFromCodes {
     }
     // token-axis keys, one group per row: s_j * <q, code_j> + z_j * sum(q)
     if (R == 1) {
-      qk_code_layout_r1<F>(sc.qperm.data(), kb0, rb, n, S, 0.f);
+      RowLoops<F, W>::qk(sc.qperm.data(), kb0, rb, n, S, 0.f);
     } else {
       const float zero4[4] = {0.f, 0.f, 0.f, 0.f};
       for (int r0 = 0; r0 < R; r0 += 4)
-        qk_code_quad<F>(std::min(4, R - r0), sc.qperm.data() + r0 * 64, zero4, kb0, rb, n, S + r0 * DKB, DKB);
+        qk_code_quad<F, W>(std::min(4, R - r0), sc.qperm.data() + r0 * D, zero4, kb0, rb, n, S + r0 * DKB, DKB);
     }
     float* ksf = sc.ksf.data();
     float* kzf = sc.kzf.data();
@@ -127,29 +141,31 @@ class CacheFromCodes {
     }
   }
 
-  // The cache segment of a softmax chunk straight from the codes (see Codes64), blocks of bk keys (below):
-  //   scores (decode_scores) -> online softmax per row -> value weights p_j * s_jg (the value scale folded into the
+  // The cache segment of a chunk straight from the codes (see Codes), blocks of bk keys (below):
+  //   scores (decode_scores, + bias) -> online softmax (or SiLU weights) per row -> value weights p_j * s_jg (the value scale folded into the
   //   weight, zero points summed per group) -> O += weights x codes in code layout.
-  template <Fmt F>
+  template <Fmt F, class W>
   void decode_cache(Scratch& sc, int64_t b, int64_t h, int R) const {
     const Segment& sg = p_.cache;
-    const int gs = sg.group_size, vng = 64 / gs;
-    if (vng == 1) decode_cache_w<F, 0>(sc, b, h, R);
-    else if (vng <= 4) decode_cache_w<F, 1>(sc, b, h, R);
-    else decode_cache_w<F, 2>(sc, b, h, R);
+    const int gs = sg.group_size, vng = 8 * W::L / gs;
+    if (vng == 1) decode_cache_w<F, W, 0>(sc, b, h, R);
+    else if (vng <= 4) decode_cache_w<F, W, 1>(sc, b, h, R);
+    else decode_cache_w<F, W, 2>(sc, b, h, R);
   }
 
-  template <Fmt F, int WM>
+  template <Fmt F, class W, int WM>
   void decode_cache_w(Scratch& sc, int64_t b, int64_t h, int R) const {
+    constexpr int L = W::L, D = 8 * L;
     const Segment& sg = p_.cache;
     const int64_t bh = b * p_.Hkv + h;
     const int64_t len = p_.cache.length[bh];
-    const int64_t rb = row_bytes(F, 64);
+    const int64_t rb = row_bytes(F, D);
     const uint8_t* kbase = static_cast<const uint8_t*>(sg.k) + bh * sg.capacity * rb;
     const uint8_t* vbase = static_cast<const uint8_t*>(sg.v) + bh * sg.capacity * rb;
-    const int gs = sg.group_size, vng = 64 / gs;
+    const int gs = sg.group_size, vng = D / gs;
     float* Op = sc.Op.data();
     float* Zv = sc.Zv.data();
+    const bool softmax = p_.kind == Kind::Softmax;
     for (int t = 0; t < 8; ++t) sc.cexp[t] = std::ldexp(1.f, -code_exp<F>(t));
     // queries in code layout, pre-scaled by 2^-code_exp (exact)
     for (int r = 0; r < R; ++r) {
@@ -157,19 +173,19 @@ class CacheFromCodes {
       if (!sg.k_channel) {
         float qs = 0.f;
         for (int t = 0; t < 8; ++t)
-          for (int c = 0; c < 8; ++c) sc.qperm[r * 64 + t * 8 + c] = q[code_elem<F>(c, t)] * sc.cexp[t];
-        for (int d = 0; d < 64; ++d) qs += q[d];
+          for (int c = 0; c < L; ++c) sc.qperm[r * D + t * L + c] = q[code_elem<F, L>(c, t)] * sc.cexp[t];
+        for (int d = 0; d < D; ++d) qs += q[d];
         sc.qsum[r] = qs;
       }
-      std::fill(Op + r * 64, Op + (r + 1) * 64, 0.f);
+      std::fill(Op + r * D, Op + (r + 1) * D, 0.f);
       std::fill(Zv + r * 8, Zv + (r + 1) * 8, 0.f);
     }
     // group index of each lane of the value weight vectors (vectors t with t >> 2 == H; gs >= 8 keeps it per lane)
-    __m256i gidx[2];
+    typename W::GI gidx[2];
     for (int H = 0; H < 2; ++H) {
-      alignas(32) int32_t gi[8];
-      for (int c = 0; c < 8; ++c) gi[c] = code_elem<F>(c, F == Fmt::INT8 ? 4 * H : 0) / gs;
-      gidx[H] = _mm256_load_si256(reinterpret_cast<const __m256i*>(gi));
+      int32_t gi[L];
+      for (int c = 0; c < L; ++c) gi[c] = code_elem<F, L>(c, F == Fmt::INT8 ? 4 * H : 0) / gs;
+      gidx[H] = W::make_gi(gi);
     }
     // p index of lane i of the k-th vector of (key, group) pairs: pairs 8k..8k+7 within the 8-key chunk k / vng
     __m256i pidx[8];
@@ -187,9 +203,27 @@ class CacheFromCodes {
     for (int64_t j0 = 0; j0 < len; j0 += bk) {
       const int n = int(std::min<int64_t>(bk, len - j0));
       const int n8 = (n + 7) / 8 * 8;
-      decode_scores<F>(sc, bh, R, j0, n, kbase + j0 * rb, rb);
-      // online softmax, vectorised over the block (entries past n are -inf, so their weights are exactly 0)
-      for (int r = 0; r < R; ++r) {
+      decode_scores<F, W>(sc, bh, R, j0, n, kbase + j0 * rb, rb);
+      if (p_.pos_bias || p_.time_bias) {
+        int64_t kp[DKB], kt[DKB];
+        for (int j = 0; j < n; ++j) {
+          kp[j] = sg.position[bh * sg.capacity + j0 + j];
+          kt[j] = sg.timestamp ? sg.timestamp[bh * sg.capacity + j0 + j] : 0;
+        }
+        add_bias_rows(p_, *tb_, sc, R, kp, kt, n, S, DKB);
+      }
+      // hstu: SiLU weights s / (1 + e^{-s}) (no counts on this path; entries past n are 0, so their weights are 0)
+      for (int r = 0; r < R && !softmax; ++r) {
+        float* s = S + r * DKB;
+        for (int j = n; j < n8; ++j) s[j] = 0.f;
+        const __m256 one = _mm256_set1_ps(1.f);
+        for (int j = 0; j < n8; j += 8) {
+          const __m256 x = _mm256_loadu_ps(s + j);
+          _mm256_storeu_ps(s + j, _mm256_div_ps(x, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x)))));
+        }
+      }
+      // softmax: online, vectorised over the block (entries past n are -inf, so their weights are exactly 0)
+      for (int r = 0; r < R && softmax; ++r) {
         float* s = S + r * DKB;
         for (int j = n; j < n8; ++j) s[j] = NEG_INF;
         __m256 mx = _mm256_loadu_ps(s);
@@ -200,7 +234,8 @@ class CacheFromCodes {
         if (sc.m[r] != mnew) {
           const float alpha = sc.m[r] == NEG_INF ? 0.f : std::exp(sc.m[r] - mnew);
           const __m256 av = _mm256_set1_ps(alpha);
-          for (int t = 0; t < 8; ++t) _mm256_storeu_ps(Op + r * 64 + 8 * t, _mm256_mul_ps(av, _mm256_loadu_ps(Op + r * 64 + 8 * t)));
+          for (int d = 0; d < D; d += 8)
+            _mm256_storeu_ps(Op + r * D + d, _mm256_mul_ps(av, _mm256_loadu_ps(Op + r * D + d)));
           _mm256_storeu_ps(Zv + r * 8, _mm256_mul_ps(av, _mm256_loadu_ps(Zv + r * 8)));
           sc.l[r] *= alpha;
           sc.m[r] = mnew;
@@ -248,18 +283,18 @@ class CacheFromCodes {
       }
       const uint8_t* vb0 = vbase + j0 * rb;
       if (R == 1) {
-        pv_code_layout_r1<F, WM>(sc.pwr.data(), vng, gidx, vb0, rb, n, Op);
+        RowLoops<F, W>::template pv<WM>(sc.pwr.data(), vng, gidx, vb0, rb, n, Op);
       } else {
         // value tiles of KB keys (expanded once, shared by all rows) so that tile + weights stay in L1
         for (int v0 = 0; v0 < n; v0 += KB) {
           const int nv = std::min(KB, n - v0);
-          expand_code_layout<F>(vb0 + v0 * rb, rb, nv, sc.dV.data());
+          expand_code_layout<F, W>(vb0 + v0 * rb, rb, nv, sc.dV.data());
           const float* pw0 = sc.pwr.data() + v0 * vng;
           int r = 0;
           for (; r + 2 <= R; r += 2)
-            pv_code_tile2<F, WM>(pw0 + int64_t(r) * pwld, pw0 + int64_t(r + 1) * pwld, vng, gidx, sc.dV.data(), nv,
-                             Op + r * 64, Op + (r + 1) * 64);
-          for (; r < R; ++r) pv_code_tile<F>(pw0 + int64_t(r) * pwld, vng, gidx, sc.dV.data(), nv, Op + r * 64);
+            pv_code_tile2<F, W, WM>(pw0 + int64_t(r) * pwld, pw0 + int64_t(r + 1) * pwld, vng, gidx, sc.dV.data(),
+                                    nv, Op + r * D, Op + (r + 1) * D);
+          for (; r < R; ++r) pv_code_tile<F, W, WM>(pw0 + int64_t(r) * pwld, vng, gidx, sc.dV.data(), nv, Op + r * D);
         }
       }
     }
@@ -272,9 +307,9 @@ class CacheFromCodes {
         for (int i = g; i < 8; i += vng) zg[g] += Zv[r * 8 + i];
       }
       for (int t = 0; t < 8; ++t) {
-        for (int c = 0; c < 8; ++c) {
-          const int e = code_elem<F>(c, t);
-          o[e] += Op[r * 64 + t * 8 + c] * sc.cexp[t] + zg[e / gs];
+        for (int c = 0; c < L; ++c) {
+          const int e = code_elem<F, L>(c, t);
+          o[e] += Op[r * D + t * L + c] * sc.cexp[t] + zg[e / gs];
         }
       }
     }

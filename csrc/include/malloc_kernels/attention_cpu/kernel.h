@@ -11,6 +11,7 @@
 
 #include "malloc_kernels/attention_cpu.h"
 #include "malloc_kernels/attention_cpu/scalar.h"
+#include "malloc_kernels/attention_cpu/bias_rows.h"
 #include "malloc_kernels/attention_cpu/scratch.h"
 #include "malloc_kernels/bias.h"
 
@@ -35,8 +36,7 @@ inline void decode_rows_rt(Fmt f, const uint8_t* base, int64_t stride, int n, in
 
 class Kernel {
  public:
-  explicit Kernel(const AttnParams& p) : p_(p), from_codes_(p, (p.D + kLanes - 1) / kLanes * kLanes,
-                                                             p.pos_bias || p.time_bias) {
+  explicit Kernel(const AttnParams& p) : p_(p), from_codes_(p, (p.D + kLanes - 1) / kLanes * kLanes, &tb_) {
     D_ = p.D;
     Dp_ = (D_ + kLanes - 1) / kLanes * kLanes;
     G_ = p.Hq / p.Hkv;
@@ -158,18 +158,7 @@ class Kernel {
           kt[j] = sg.timestamp ? sg.timestamp[bh * sg.capacity + j0 + j] : 0;
         }
       }
-      for (int r = 0; r < R; ++r) {
-        const int64_t hq = sc.qh[r];
-        float* s = S + r * KB;
-        if (p_.pos_bias) {
-          const float* pb = p_.pos_bias + hq * p_.pos_bias_sH;
-          for (int j = 0; j < n; ++j) s[j] += pb[bias::pos_index(sc.qpos[r], kp[j], p_.P)];
-        }
-        if (p_.time_bias) {
-          const float* tbias = p_.time_bias + hq * p_.time_bias_sH;
-          for (int j = 0; j < n; ++j) s[j] += tbias[tb_(sc.qts[r] - kt[j])];
-        }
-      }
+      add_bias_rows(p_, tb_, sc, R, kp, kt, n, S, KB);
     }
     // masks (request segment only; cache/residual entries precede every request token)
     if (seg == SEG_REQ) {

@@ -10,18 +10,22 @@ namespace malloc_kernels {
 namespace cpu {
 namespace MK_IMPL_NS {
 
+constexpr int kMaxCodeD = 128;  // largest head dim of the code-layout path (from_codes_avx2.h)
+
 struct Scratch {
   std::vector<float> Q, Qs, O, S, Kt, Vt, m, l, zb, cs, cz, nrm;
   std::vector<float> lse, inw, vs, vz, pw;
-  // decode-from-codes path (code layout, D == 64): queries, value accumulators, zero-point sums, weights.
+  // decode-from-codes path (code layout, D <= kMaxCodeD): queries, value accumulators, zero-point sums, weights.
   std::vector<float> qperm, qp, Op, Zv, pwr, qsum, ksf, kzf, Sd, dvs, dvz, dV;
   std::vector<int64_t> qi, qh, qpos, qts;
   float cexp[8];  // 2^-code_exp(t) of the format being decoded
   void init(int Dp, int Rcap) {
-    qperm.assign(size_t(Rcap) * 64, 0.f); qp.assign(size_t(Rcap) * 64, 0.f); Op.assign(size_t(Rcap) * 64, 0.f);
-    Zv.assign(size_t(Rcap) * 8, 0.f); pwr.assign(size_t(Rcap) * (DKB * 8 + 8), 0.f); qsum.assign(Rcap, 0.f);
+    // code layout: head dims up to kMaxCodeD
+    qperm.assign(size_t(Rcap) * kMaxCodeD, 0.f); qp.assign(size_t(Rcap) * kMaxCodeD, 0.f);
+    Op.assign(size_t(Rcap) * kMaxCodeD, 0.f);
+    Zv.assign(size_t(Rcap) * 8, 0.f); pwr.assign(size_t(Rcap) * (DKB * 8 + 16), 0.f); qsum.assign(Rcap, 0.f);
     ksf.assign(DKB + 8, 0.f); kzf.assign(DKB + 8, 0.f); Sd.assign(size_t(Rcap) * DKB, 0.f);
-    dvs.assign(DKB * 8 + 8, 0.f); dvz.assign(DKB * 8 + 8, 0.f); dV.assign(KB * 64, 0.f);
+    dvs.assign(DKB * 8 + 8, 0.f); dvz.assign(DKB * 8 + 8, 0.f); dV.assign(KB * kMaxCodeD, 0.f);
     Q.assign(size_t(Rcap) * Dp, 0.f); Qs.assign(size_t(Rcap) * Dp, 0.f); O.assign(size_t(Rcap) * Dp, 0.f);
     S.assign(size_t(Rcap) * KB, 0.f); Kt.assign(size_t(KB) * Dp, 0.f); Vt.assign(size_t(KB) * Dp, 0.f);
     m.assign(Rcap, 0.f); l.assign(Rcap, 0.f); zb.assign(Rcap, 0.f); nrm.assign(Rcap, 0.f);

@@ -95,6 +95,7 @@ void decode_rows(const uint8_t* base, int64_t stride, int n, int D, int ld, floa
   }
 }
 
+#ifndef MK_ISA_AVX512  // the AVX-512 build has its own (tiles_avx512.h)
 // S[r][j] = <Q[r], K[j]> (+ add[r] if add), r < R, j < n, over Dp (a multiple of 8) elements.
 inline void qk_dots(const float* Q, int ldq, int R, const float* K, int64_t ldk, int n, int Dp, float* S, int lds,
                     const float* add) {
@@ -182,6 +183,7 @@ inline void pv_accum(const float* P, int ldp, int R, int n, const float* V, int6
     }
   }
 }
+#endif
 
 inline void halves_to_floats(const uint16_t* h, int n, float* out) {
   int i = 0;

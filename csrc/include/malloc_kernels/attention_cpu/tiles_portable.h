@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "malloc_kernels/attention_cpu/scalar.h"
+#include "malloc_kernels/bias.h"
 
 namespace malloc_kernels {
 namespace cpu {
@@ -84,7 +85,7 @@ struct Scratch;
 // The cache segment straight from the codes in code layout (from_codes_avx2.h): never, in this build.
 class CacheFromCodes {
  public:
-  CacheFromCodes(const AttnParams&, int, bool) {}
+  CacheFromCodes(const AttnParams&, int, const bias::TimeBucketer*) {}
   bool run(Scratch&, int64_t, int64_t, int) const { return false; }
 };
 

@@ -1,0 +1,86 @@
+// Run-time ISA variant choice (isa.h): CPUID once, the environment variable at every call.
+#include "malloc_kernels/isa.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+namespace malloc_kernels {
+namespace isa {
+
+namespace {
+
+struct Cpu {
+  bool avx2 = false, avx512 = false;
+  Cpu() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512vnni");
+#endif
+  }
+};
+
+const Cpu& cpu() {
+  static const Cpu c;
+  return c;
+}
+
+}  // namespace
+
+const char* name(Isa v) {
+  switch (v) {
+    case Isa::Portable: return "portable";
+    case Isa::Avx2: return "avx2";
+    case Isa::Avx512: return "avx512";
+    default: return "auto";
+  }
+}
+
+bool cpu_supports(Isa v) {
+  switch (v) {
+    case Isa::Portable: case Isa::Auto: return true;
+    case Isa::Avx2: return cpu().avx2;
+    case Isa::Avx512: return cpu().avx512;
+  }
+  return false;
+}
+
+std::vector<std::string> supported_names() {
+  std::vector<std::string> out;
+  for (Isa v : {Isa::Portable, Isa::Avx2, Isa::Avx512})
+    if (cpu_supports(v)) out.emplace_back(name(v));
+  return out;
+}
+
+Isa best_supported() { return cpu().avx512 ? Isa::Avx512 : cpu().avx2 ? Isa::Avx2 : Isa::Portable; }
+
+Isa parse(const char* value) {
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return Isa::Auto;
+  for (Isa v : {Isa::Portable, Isa::Avx2, Isa::Avx512}) {
+    if (std::strcmp(value, name(v)) != 0) continue;
+    if (!cpu_supports(v)) {
+      std::string have;
+      for (const auto& s : supported_names()) have += (have.empty() ? "" : ", ") + s;
+      throw std::invalid_argument(std::string("MALLOC_KERNELS_ISA=") + value +
+                                  ": this CPU cannot run that variant (it supports: " + have + ")");
+    }
+    return v;
+  }
+  throw std::invalid_argument(std::string("MALLOC_KERNELS_ISA=") + value +
+                              ": unknown value (expected auto, portable, avx2 or avx512)");
+}
+
+Isa isa_from_env() { return parse(std::getenv("MALLOC_KERNELS_ISA")); }
+
+Isa isa_for_family(Isa requested, Isa family_best) {
+  if (!cpu_supports(requested))
+    throw std::invalid_argument(std::string("ISA variant ") + name(requested) + " requested but this CPU cannot run it");
+  const Isa r = requested == Isa::Auto ? best_supported() : requested;
+  return static_cast<int>(r) < static_cast<int>(family_best) ? r : family_best;
+}
+
+}  // namespace isa
+}  // namespace malloc_kernels

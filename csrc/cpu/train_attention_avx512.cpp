@@ -1,0 +1,50 @@
+// AVX-512 build of the training self-attention (train_attention_impl.h: the AVX2 source plus 512-bit rowdots,
+// tiledots and rank_update), selected per call by
+// train_attention.cpp. Standard headers come before the target pragma so that only this file's own code is
+// compiled for AVX-512.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include <omp.h>
+
+#include "malloc_kernels/bias.h"
+#include "malloc_kernels/train_attention.h"
+
+#if MALLOC_KERNELS_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
+// GCC 12's own AVX-512 intrinsics headers (the self-initialised __Y of _mm*_undefined_*) trip these under -Wall
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#define MK_ISA_AVX512 1
+#define MK_ISA_AVX2 1
+#define MK_IMPL_NS impl_avx512
+#include "malloc_kernels/train_attention_impl.h"
+
+namespace malloc_kernels {
+namespace train_attention {
+
+template <typename T>
+void self_attention_forward_avx512(const Params<T>& p, T* out, T* lse) {
+  impl_avx512::forward(p, out, lse);
+}
+template <typename T>
+void self_attention_backward_avx512(const Params<T>& p, const T* grad_out, const T* out, const T* lse, T* dq, T* dk,
+                                  T* dv, T* dpos_bias, T* dtime_bias) {
+  impl_avx512::backward(p, grad_out, out, lse, dq, dk, dv, dpos_bias, dtime_bias);
+}
+
+template void self_attention_forward_avx512<float>(const Params<float>&, float*, float*);
+template void self_attention_forward_avx512<double>(const Params<double>&, double*, double*);
+template void self_attention_backward_avx512<float>(const Params<float>&, const float*, const float*, const float*,
+                                                  float*, float*, float*, float*, float*);
+template void self_attention_backward_avx512<double>(const Params<double>&, const double*, const double*,
+                                                   const double*, double*, double*, double*, double*, double*);
+
+}  // namespace train_attention
+}  // namespace malloc_kernels
+#pragma GCC pop_options
+#endif  // MALLOC_KERNELS_X86

@@ -1,0 +1,53 @@
+// Run-time choice of the CPU kernels' instruction-set variant (framework-free).
+//
+// Every CPU kernel family (attention, training attention, fused cross-entropy, product-key memory) is compiled in
+// several variants of the same source -- portable (the build flags' baseline), avx2 (AVX2 + FMA + F16C) and, for the
+// attention kernels, avx512 (AVX-512 F/BW/VL/DQ/VNNI) -- and picks one per call:
+//   requested  = the environment variable MALLOC_KERNELS_ISA (auto | portable | avx2 | avx512), read on EVERY call
+//                (isa_from_env), so a process can switch variants between calls (tests run each one);
+//   runs       = the requested variant, capped by the family's best variant (isa_for_family): a family without an
+//                avx512 build runs its avx2 one. `auto` = the best variant this CPU supports.
+// Only the CPUID answer is cached (cpu_supports). A request this CPU cannot run is an error, never a silent fallback.
+#pragma once
+
+#include <string>
+#include <vector>
+
+// x86 builds compile the avx2 / avx512 variants; any other target (aarch64: portable, vectorised for NEON by the
+// compiler) builds the portable one only.
+#if defined(__x86_64__) || defined(__i386__)
+#define MALLOC_KERNELS_X86 1
+#else
+#define MALLOC_KERNELS_X86 0
+#endif
+
+namespace malloc_kernels {
+namespace isa {
+
+enum class Isa : int { Auto = -1, Portable = 0, Avx2 = 1, Avx512 = 2 };
+
+// "portable", "avx2", "avx512" ("auto" for Isa::Auto).
+const char* name(Isa v);
+
+// Whether this CPU (and OS) can run variant v (CPUID, checked once per process).
+bool cpu_supports(Isa v);
+
+// The variants this CPU can run, in increasing order ("portable" first).
+std::vector<std::string> supported_names();
+
+// The best variant this CPU supports.
+Isa best_supported();
+
+// Parses a MALLOC_KERNELS_ISA value (nullptr or "" = auto). Throws std::invalid_argument naming the variable for an
+// unknown value or a variant this CPU cannot run.
+Isa parse(const char* value);
+
+// parse(getenv("MALLOC_KERNELS_ISA")): read at every call.
+Isa isa_from_env();
+
+// The variant a family whose best build is `family_best` runs for `requested` (Auto = best supported). Throws
+// std::invalid_argument when `requested` is a variant this CPU cannot run.
+Isa isa_for_family(Isa requested, Isa family_best);
+
+}  // namespace isa
+}  // namespace malloc_kernels

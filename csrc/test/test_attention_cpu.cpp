@@ -1,0 +1,183 @@
+// Standalone test of the fused CPU attention (attention_cpu.h) and the ISA selection (isa.h), no torch: built by
+// CMakeLists.txt and run by ctest -- natively, and for aarch64 under qemu-user by .ci/run. Every ISA variant this CPU
+// supports runs the same cases against a float64 loop over the dequantized cache:
+//   float32 and per-token int8 / int4 caches (fp16 scale and zero per row), head dims 32, 64, 128 and 24, a request
+//   of Lq tokens (causal), 2 kv heads under 2 or 4 query heads (one-row decode and GQA), softmax and HSTU (SiLU,
+//   1/n);
+// plus MALLOC_KERNELS_ISA parsing: unknown values and variants this CPU lacks are rejected by name.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "malloc_kernels/attention_cpu.h"
+#include "malloc_kernels/isa.h"
+#include "malloc_kernels/quant.h"
+
+namespace mk = malloc_kernels;
+using mk::cpu::AttnParams;
+using mk::cpu::Fmt;
+
+static int failures = 0;
+#define EXPECT(cond, ...)                                           \
+  do {                                                              \
+    if (!(cond) && ++failures <= 20) {                              \
+      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);     \
+      std::fprintf(stderr, __VA_ARGS__);                            \
+      std::fprintf(stderr, "\n");                                   \
+    }                                                               \
+  } while (0)
+
+struct Case {
+  int B = 2, Hq = 4, Hkv = 2, D = 32, C = 45, Lq = 3;
+  Fmt fmt = Fmt::F32;
+  mk::cpu::Kind kind = mk::cpu::Kind::Softmax;
+};
+
+// Runs one case with variant v; returns the max abs error against the float64 loop relative to max(1, max |ref|)
+// (HSTU outputs are unnormalised sums: their float32 rounding grows with their size).
+static double run_case(const Case& c, mk::isa::Isa v, std::mt19937& rng) {
+  std::normal_distribution<float> nd;
+  const int B = c.B, Hq = c.Hq, Hkv = c.Hkv, D = c.D, C = c.C, Lq = c.Lq, G = Hq / Hkv;
+  std::vector<float> q(size_t(B) * Hq * Lq * D), k(size_t(B) * Hkv * Lq * D), v2(k.size());
+  for (auto* t : {&q, &k, &v2})
+    for (auto& x : *t) x = nd(rng);
+  // cache: float rows, or codes + fp16 scale/zero per (token, row) -- the decoded values are what the reference sees
+  const int bits = c.fmt == Fmt::INT8 ? 8 : c.fmt == Fmt::INT4 ? 4 : 0;
+  const int64_t rb = c.fmt == Fmt::F32 ? int64_t(D) * 4 : int64_t(D) * bits / 8;
+  std::vector<uint8_t> kc(size_t(B) * Hkv * C * rb), vc(kc.size());
+  std::vector<uint16_t> ks(size_t(B) * Hkv * C), kz(ks.size()), vs(ks.size()), vz(ks.size());
+  std::vector<double> kd(size_t(B) * Hkv * C * D), vd(kd.size());
+  std::vector<int32_t> len(size_t(B) * Hkv), pos(size_t(B) * Hkv * C);
+  for (int i = 0; i < B * Hkv; ++i) len[i] = i % 2 ? C : C - 7 * (i + 1) % C;
+  for (size_t i = 0; i < pos.size(); ++i) pos[i] = int32_t(i % C);
+  for (int which = 0; which < 2; ++which) {
+    auto& codes = which ? vc : kc;
+    auto& sc = which ? vs : ks;
+    auto& zc = which ? vz : kz;
+    auto& dec = which ? vd : kd;
+    for (int64_t row = 0; row < int64_t(B) * Hkv * C; ++row) {
+      if (bits == 0) {
+        for (int d = 0; d < D; ++d) {
+          const float x = nd(rng);
+          std::memcpy(&codes[row * rb + 4 * d], &x, 4);
+          dec[row * D + d] = x;
+        }
+        continue;
+      }
+      sc[row] = mk::quant::f32_to_f16_bits(0.05f + 0.01f * float(row % 7));
+      zc[row] = mk::quant::f32_to_f16_bits(-1.5f + 0.1f * float(row % 5));
+      const double s = mk::quant::f16_bits_to_f32(sc[row]), z = mk::quant::f16_bits_to_f32(zc[row]);
+      for (int d = 0; d < D; ++d) {
+        const int code = int(rng() % (1u << bits));
+        if (bits == 8) codes[row * rb + d] = uint8_t(code);
+        else codes[row * rb + d / 2] |= uint8_t(code << (4 * (d & 1)));
+        dec[row * D + d] = code * s + z;
+      }
+    }
+  }
+  std::vector<float> out(q.size(), 0.f);
+  std::vector<int64_t> ql(B, Lq), kl(B, Lq);
+  AttnParams p;
+  p.B = B; p.Hq = Hq; p.Hkv = Hkv; p.D = D; p.kind = c.kind; p.scale = 1.f / std::sqrt(float(D)); p.causal = true;
+  p.q = {q.data(), int64_t(Hq) * Lq * D, int64_t(Lq) * D, D, nullptr};
+  p.k = {k.data(), int64_t(Hkv) * Lq * D, int64_t(Lq) * D, D, nullptr};
+  p.v = {v2.data(), int64_t(Hkv) * Lq * D, int64_t(Lq) * D, D, nullptr};
+  p.out = {out.data(), int64_t(Hq) * Lq * D, int64_t(Lq) * D, D, nullptr};
+  p.q_len = ql.data(); p.k_len = kl.data();
+  p.has_cache = true;
+  p.cache.k = kc.data(); p.cache.v = vc.data(); p.cache.k_fmt = p.cache.v_fmt = c.fmt;
+  p.cache.group_size = bits ? D : 0; p.cache.capacity = C;
+  if (bits) {
+    p.cache.k_scale = ks.data(); p.cache.k_zero = kz.data();
+    p.cache.v_scale = vs.data(); p.cache.v_zero = vz.data();
+  }
+  p.cache.length = len.data(); p.cache.position = pos.data();
+  p.num_threads = 2;
+  mk::cpu::attention_forward(p, v);
+  // float64 loop: keys = cache[0, len) then request [0, i] (causal, top-left aligned)
+  double err = 0, big = 1;
+  std::vector<double> s;
+  for (int b = 0; b < B; ++b)
+    for (int hq = 0; hq < Hq; ++hq) {
+      const int h = hq / G;
+      const int n = len[b * Hkv + h];
+      for (int i = 0; i < Lq; ++i) {
+        const float* qi = &q[((size_t(b) * Hq + hq) * Lq + i) * D];
+        s.assign(size_t(n) + i + 1, 0.0);
+        for (int j = 0; j < n + i + 1; ++j) {
+          double acc = 0;
+          for (int d = 0; d < D; ++d) {
+            const double kv = j < n ? kd[((size_t(b) * Hkv + h) * C + j) * D + d]
+                                    : k[((size_t(b) * Hkv + h) * Lq + (j - n)) * D + d];
+            acc += double(qi[d]) * kv;
+          }
+          s[j] = acc * p.scale;
+        }
+        std::vector<double> o(D, 0.0);
+        double norm = 0, mx = -INFINITY;
+        for (double x : s) mx = std::max(mx, x);
+        for (int j = 0; j < n + i + 1; ++j) {
+          const double w = c.kind == mk::cpu::Kind::Softmax ? std::exp(s[j] - mx) : s[j] / (1 + std::exp(-s[j]));
+          norm += w;
+          for (int d = 0; d < D; ++d)
+            o[d] += w * (j < n ? vd[((size_t(b) * Hkv + h) * C + j) * D + d]
+                               : v2[((size_t(b) * Hkv + h) * Lq + (j - n)) * D + d]);
+        }
+        // hstu (original norm, no original_length): 1 / (visible request keys) = 1 / (i + 1)
+        const double div = c.kind == mk::cpu::Kind::Softmax ? norm : double(i + 1);
+        for (int d = 0; d < D; ++d) {
+          err = std::max(err, std::fabs(o[d] / div - out[((size_t(b) * Hq + hq) * Lq + i) * D + d]));
+          big = std::max(big, std::fabs(o[d] / div));
+        }
+      }
+    }
+  return err / big;
+}
+
+int main() {
+  std::mt19937 rng(7);
+  std::vector<mk::isa::Isa> variants;
+  for (const auto& name : mk::isa::supported_names()) variants.push_back(mk::isa::parse(name.c_str()));
+  std::printf("ISA variants run:");
+  for (const auto& name : mk::isa::supported_names()) std::printf(" %s", name.c_str());
+  std::printf("\n");
+  int cases = 0;
+  for (auto v : variants)
+    for (Fmt f : {Fmt::F32, Fmt::INT8, Fmt::INT4})
+      for (int D : {32, 64, 128, 24})
+        for (auto kind : {mk::cpu::Kind::Softmax, mk::cpu::Kind::Hstu})
+          for (int Lq : {1, 2, 9})
+            for (int Hq : {2, 4}) {
+            if (f == Fmt::INT4 && D % 2) continue;
+            Case c;
+            c.D = D; c.fmt = f; c.kind = kind; c.Lq = Lq; c.Hq = Hq;
+            const double err = run_case(c, v, rng);
+            ++cases;
+            EXPECT(err < 1e-5, "%s fmt=%d D=%d kind=%d Lq=%d Hq=%d: max error %g", mk::isa::name(v), int(f), D,
+                   int(kind), Lq, Hq, err);
+          }
+  // MALLOC_KERNELS_ISA values
+  bool threw = false;
+  try { mk::isa::parse("sse9"); } catch (const std::invalid_argument& e) {
+    threw = std::string(e.what()).find("MALLOC_KERNELS_ISA=sse9") != std::string::npos;
+  }
+  EXPECT(threw, "unknown MALLOC_KERNELS_ISA value accepted");
+  EXPECT(mk::isa::parse(nullptr) == mk::isa::Isa::Auto && mk::isa::parse("auto") == mk::isa::Isa::Auto, "auto");
+  for (const char* n : {"avx2", "avx512"}) {
+    const mk::isa::Isa v = n[3] == '2' ? mk::isa::Isa::Avx2 : mk::isa::Isa::Avx512;
+    if (mk::isa::cpu_supports(v)) continue;
+    threw = false;
+    try { mk::isa::parse(n); } catch (const std::invalid_argument&) { threw = true; }
+    EXPECT(threw, "unsupported variant %s accepted", n);
+  }
+#if !MALLOC_KERNELS_X86
+  EXPECT(mk::isa::supported_names().size() == 1, "non-x86 build lists more than the portable variant");
+#endif
+  std::printf("%d attention cases, %d failures\n", cases, failures);
+  return failures ? 1 : 0;
+}
