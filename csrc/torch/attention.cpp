@@ -27,15 +27,14 @@ DType dtype_of(const Tensor& t, const char* name) {
   return DType::F32;
 }
 
-Fmt fmt_of(const std::string& f, const Tensor& payload, const char* name) {
-  if (f == "float") return Fmt(int(dtype_of(payload, name)));
-  TORCH_CHECK(payload.scalar_type() == at::kByte, name, " must be uint8 codes for format ", f);
-  if (f == "int8") return Fmt::INT8;
-  if (f == "int4") return Fmt::INT4;
-  if (f == "int2") return Fmt::INT2;
-  if (f == "fp8") return Fmt::FP8;
-  TORCH_CHECK(false, "unknown cache format ", f);
-  return Fmt::F32;
+// `code`: the format table's code (malloc_kernels/core/formats.py); quantized codes are Fmt members as they are.
+Fmt fmt_of(int64_t code, const Tensor& payload, const char* name) {
+  namespace fm = malloc_kernels::formats;
+  TORCH_CHECK_VALUE(code >= 0 && code < fm::kNumFormats, name, " format code must be in [0, ", fm::kNumFormats,
+                    "), got ", code);
+  if (code == fm::kFLOAT) return malloc_kernels::cpu::float_fmt(dtype_of(payload, name));
+  TORCH_CHECK(payload.scalar_type() == at::kByte, name, " must be uint8 codes for format ", fm::kName[code]);
+  return Fmt(int(code));
 }
 
 // Last dim unit stride (any other strides are fine); other tensors are made contiguous.
@@ -71,7 +70,7 @@ Strided view_heads(const Tensor& t, const optional<Tensor>& offsets) {  // [B, H
   return s;
 }
 
-Segment segment(const Tensor& k, const Tensor& v, const std::string& kf, const std::string& vf, bool k_channel,
+Segment segment(const Tensor& k, const Tensor& v, int64_t kf, int64_t vf, bool k_channel,
                 int64_t group_size, const Tensor& length, const Tensor& position, const optional<Tensor>& timestamp,
                 const optional<Tensor>& count, const optional<Tensor>& ks, const optional<Tensor>& kz,
                 const optional<Tensor>& vs, const optional<Tensor>& vz, const char* name) {
@@ -90,7 +89,14 @@ Segment segment(const Tensor& k, const Tensor& v, const std::string& kf, const s
     TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous(), "scales/zeros must be contiguous float16");
     return reinterpret_cast<const uint16_t*>(t->data_ptr<at::Half>());
   };
-  s.k_scale = half(ks); s.k_zero = half(kz); s.v_scale = half(vs); s.v_zero = half(vz);
+  // scale dtype per the format table: one e4m3 byte (NVFP4) or float16 bits
+  auto byte = [](const optional<Tensor>& t) -> const uint8_t* {
+    TORCH_CHECK(t.has_value() && t->scalar_type() == at::kByte && t->is_contiguous(),
+                "NVFP4 scales must be contiguous uint8 (e4m3fn bits)");
+    return t->data_ptr<uint8_t>();
+  };
+  if (s.k_fmt == Fmt::NVFP4) s.k_scale8 = byte(ks); else { s.k_scale = half(ks); s.k_zero = half(kz); }
+  if (s.v_fmt == Fmt::NVFP4) s.v_scale8 = byte(vs); else { s.v_scale = half(vs); s.v_zero = half(vz); }
   return s;
 }
 
@@ -103,7 +109,7 @@ std::vector<Tensor> attention_cpu(
     const optional<Tensor>& v_scale, const optional<Tensor>& v_zero,
     const optional<Tensor>& res_k, const optional<Tensor>& res_v, const optional<Tensor>& res_length,
     const optional<Tensor>& res_position, const optional<Tensor>& res_timestamp, const optional<Tensor>& res_count,
-    const optional<Tensor>& original_length, const std::string& k_format, const std::string& v_format,
+    const optional<Tensor>& original_length, int64_t k_format, int64_t v_format,
     bool k_channel, int64_t group_size, const std::string& kind, bool is_causal,
     const optional<Tensor>& num_targets, double scale, const optional<Tensor>& query_positions,
     const optional<Tensor>& key_positions, const optional<Tensor>& query_timestamps,
@@ -158,8 +164,8 @@ std::vector<Tensor> attention_cpu(
   }
   p.has_residual = res_k.has_value();
   if (p.has_residual)
-    p.residual = segment(*res_k, *res_v, "float", "float", false, 0, *res_length, *res_position, res_timestamp,
-                         res_count, {}, {}, {}, {}, "residual");
+    p.residual = segment(*res_k, *res_v, malloc_kernels::formats::kFLOAT, malloc_kernels::formats::kFLOAT, false, 0,
+                         *res_length, *res_position, res_timestamp, res_count, {}, {}, {}, {}, "residual");
   TORCH_CHECK(p.Hkv > 0 && p.Hq % p.Hkv == 0, "Hq must be a multiple of Hkv");
   p.kind = kind == "hstu" ? malloc_kernels::cpu::Kind::Hstu : malloc_kernels::cpu::Kind::Softmax;
   p.scale = float(scale);
@@ -253,7 +259,7 @@ TORCH_LIBRARY_FRAGMENT(malloc_kernels, m) {
       "Tensor? cache_k, Tensor? cache_v, Tensor? cache_length, Tensor? cache_position, Tensor? cache_timestamp, "
       "Tensor? cache_count, Tensor? k_scale, Tensor? k_zero, Tensor? v_scale, Tensor? v_zero, "
       "Tensor? res_k, Tensor? res_v, Tensor? res_length, Tensor? res_position, Tensor? res_timestamp, "
-      "Tensor? res_count, Tensor? original_length, str k_format, str v_format, bool k_channel, int group_size, "
+      "Tensor? res_count, Tensor? original_length, int k_format, int v_format, bool k_channel, int group_size, "
       "str kind, bool is_causal, Tensor? num_targets, float scale, Tensor? query_positions, Tensor? key_positions, "
       "Tensor? query_timestamps, Tensor? key_timestamps, Tensor? pos_bias, Tensor? time_bias, "
       "Tensor? time_thresholds, str hstu_norm, int hstu_norm_const, bool return_lse, bool return_stats, "
