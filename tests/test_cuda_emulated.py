@@ -21,6 +21,8 @@ from malloc_kernels.ops.validate import validate_call
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cuda_attention import FORMATS, _case, _reference  # noqa: E402
 
+from malloc_kernels.core import formats  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 
@@ -132,7 +134,7 @@ def test_emulated_packer_bit_exact_with_cpu(emu, fmt, axis):
     pad = (torch.arange(21)[None, None, :] >= length[..., None])[..., None]
     x = x.masked_fill(pad, float("nan"))
     cpu = cpp_quant.quantize_pack(x, length, fmt, 4, axis)
-    got = emu.cuda_quantize_pack(x, length, fmt, 4, axis)
+    got = emu.cuda_quantize_pack(x, length, formats.code(fmt), 4, axis)
     assert torch.equal(cpu[0], got[0])
     assert torch.equal(cpu[1].view(torch.int16), got[1].view(torch.int16))
     if fmt != "fp8":

@@ -51,6 +51,8 @@ FORMS = {
     "int4_token": dict(k_format="int4", v_format="int4", k_axis="token", gs=2),
     "kivi2": dict(k_format="int2", v_format="int2", k_axis="channel", gs=6, residual=True),
     "int2_token_mixed": dict(k_format="int2", v_format="int8", k_axis="token", gs=12),
+    # D = 12 by default: one partial 12-value group per row
+    "nvfp4": dict(k_format="nvfp4", v_format="nvfp4", gs=16),
 }
 
 

@@ -21,6 +21,7 @@
 
 #include "decode_attention.h"
 #include "malloc_kernels/decode.h"
+#include "malloc_kernels/nvfp4.h"
 #include "malloc_kernels/quant.h"
 
 namespace malloc_kernels {
@@ -116,7 +117,8 @@ __device__ void load_tile(const DecodeSegment& s, bool is_k, int64_t bh, int j0,
   const bool channel = is_k && s.k_channel;
   const int64_t row_base_groups = channel ? bh * ((s.capacity + s.group_size - 1) / s.group_size) : bh * s.capacity;
   const int jrel0 = j0;  // scale indices use the absolute entry index
-  const bool vec = (W % 16 == 0) && ((reinterpret_cast<uintptr_t>(base) & 15u) == 0);
+  // NVFP4 (one e4m3 scale byte per 16 values) takes the element path below.
+  const bool vec = fmt != kFmtNVFP4 && (W % 16 == 0) && ((reinterpret_cast<uintptr_t>(base) & 15u) == 0);
   if (vec) {
     // The chunk is one contiguous byte range: 16-byte loads (LDG.E.128), consecutive threads on consecutive words.
     const int64_t words = n * W / 16;
@@ -140,6 +142,10 @@ __device__ void load_tile(const DecodeSegment& s, bool is_k, int64_t bh, int j0,
         x = __ldg(reinterpret_cast<const float*>(row) + d);
       } else if (fmt == kFmtF16 || fmt == kFmtBF16) {
         x = to_float_bits16(__ldg(reinterpret_cast<const uint16_t*>(row) + d), fmt);
+      } else if (fmt == kFmtNVFP4) {
+        const uint8_t* s8 = is_k ? s.k_scale8 : s.v_scale8;
+        const float sc = q::e4m3fn_to_f32(__ldg(s8 + (row_base_groups + jrel0 + j) * nvfp4::groups(D) + d / 16));
+        x = nvfp4::e2m1_to_f32(q::get_code(row, d, 4)) * sc;
       } else {
         const int bits = fmt == kFmtI4 ? 4 : (fmt == kFmtI2 ? 2 : 8);
         float sc, z;

@@ -16,7 +16,7 @@ MERGING = ("chunk", "tome", "d2o")
 HYBRIDS = ("h2o+kivi4", "snapkv+kivi2", "tome+int8")
 # precision methods per bit width: (method name, extra compress parameters)
 PRECISION = {8: (("int8", {}), ("fp8", {})),
-             4: (("int4", {}), ("kivi4", {}), ("intactkv4", {})),
+             4: (("int4", {}), ("nvfp4", {}), ("kivi4", {}), ("intactkv4", {})),
              2: (("int2", {}), ("kivi2", {}), ("intactkv2", {}))}
 # trained head/sequence-level variants: label -> (level, model-config overrides)
 VARIANTS = {

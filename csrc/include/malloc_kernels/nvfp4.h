@@ -6,6 +6,7 @@
 
 #include <stdint.h>
 
+#include "malloc_kernels/common.h"
 #include "malloc_kernels/formats.h"
 #include "malloc_kernels/quant.h"
 
@@ -15,11 +16,56 @@ namespace nvfp4 {
 constexpr int kGroup = formats::kFixedGroupSize[formats::kNVFP4];
 static_assert(kGroup == 16, "NVFP4 groups 16 values per scale");
 
-// e2m1 code (bits 0-2 magnitude, bit 3 sign) -> value.
-inline float e2m1_to_f32(uint32_t code) {
-  static constexpr float kMag[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
-  const float m = kMag[code & 7u];
-  return (code & 8u) ? -m : m;
+// e2m1 code (bit 0 mantissa, bits 1-2 exponent, bit 3 sign) -> value: m * 0.5 for exponent 0 (subnormal),
+// (1 + m / 2) * 2^(e - 1) otherwise; host and device.
+MK_HOST_DEVICE float e2m1_to_f32(uint32_t code) {
+  const uint32_t e = (code >> 1) & 3u;
+  const float m = float(code & 1u);
+  const float mag = e == 0 ? 0.5f * m : (1.0f + 0.5f * m) * float(1u << (e - 1));
+  return (code & 8u) ? -mag : mag;
+}
+
+// Largest e2m1 magnitude; a group's scale is e4m3(amax / 6), which must not exceed the e4m3 maximum 448.
+constexpr float kE2M1Max = 6.0f;
+// Status of a group whose amax / 6 exceeds 448 (continues quant::Status).
+constexpr int kScaleOverflow = 3;
+
+// e2m1 code of fp32 q: the nearest of +-{0, .5, 1, 1.5, 2, 3, 4, 6}, ties to the even code, saturating at 6; the
+// sign bit only on a nonzero magnitude (cache/quant.py's rule: count of the thresholds passed).
+inline uint32_t e2m1_encode(float q) {
+  const float a = q < 0.f ? -q : q;
+  const uint32_t mag = uint32_t(a > 0.25f) + uint32_t(a >= 0.75f) + uint32_t(a > 1.25f) + uint32_t(a >= 1.75f) +
+                       uint32_t(a > 2.5f) + uint32_t(a >= 3.5f) + uint32_t(a > 5.0f);
+  return mag | ((q < 0.f && mag) ? 8u : 0u);
+}
+
+// Quantize one row of D fp32 values (element stride xs) into packed codes (ceil(D / 2) bytes, zero-initialised by
+// the caller) and ceil(D / 16) e4m3 scale bytes. Returns quant::kOk, quant::kNonFinite or kScaleOverflow (that
+// group then stores scale 0 and codes 0).
+inline int encode_row(const float* x, int64_t xs, int D, uint8_t* codes, uint8_t* scales) {
+  int status = quant::kOk;
+  for (int g = 0; g * kGroup < D; ++g) {
+    const int end = D < (g + 1) * kGroup ? D : (g + 1) * kGroup;
+    float amax = 0.f;
+    bool bad = false;
+    for (int d = g * kGroup; d < end; ++d) {
+      const float v = x[d * xs];
+      bad |= !quant::is_finite(v);
+      const float a = v < 0.f ? -v : v;
+      amax = a > amax ? a : amax;
+    }
+    const float raw = amax / kE2M1Max;
+    if (bad || raw > quant::kFp8Max) {
+      status = status ? status : (bad ? int(quant::kNonFinite) : kScaleOverflow);
+      scales[g] = 0;
+      continue;
+    }
+    scales[g] = quant::f32_to_e4m3fn(raw);
+    const float s = quant::e4m3fn_to_f32(scales[g]);
+    if (s == 0.f) continue;
+    for (int d = g * kGroup; d < end; ++d) codes[d >> 1] |= uint8_t(e2m1_encode(x[d * xs] / s) << ((d & 1) * 4));
+  }
+  return status;
 }
 
 // Scales per row of d values: ceil(d / 16).
