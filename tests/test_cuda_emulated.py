@@ -95,9 +95,11 @@ def test_emulated_decode_matches_reference(emu, fmt, kind):
 
 
 @pytest.mark.parametrize("D,fmt", [(17, ("int8", "int8", "token", 17)), (160, ("int4", "int4", "channel", 32)),
-                                   (40, ("int2", "int2", "token", 20)), (24, ("float", "float", "token", 0))])
+                                   (40, ("int2", "int2", "token", 20)), (24, ("float", "float", "token", 0)),
+                                   (24, ("nvfp4", "nvfp4", "token", 16))])
 def test_emulated_odd_shapes_and_splits(emu, D, fmt):
-    # D=17: byte-wise loads; D=160: two channels per thread; C=300 > one split; GQA 3:1; non-causal request.
+    # D=17: byte-wise loads; D=160: two channels per thread; C=300 > one split; GQA 3:1; non-causal request;
+    # nvfp4 D=24: element-wise loads with a partial 8-value scale group.
     args, kw = _case(fmt, "softmax", "cpu", B=2, Hq=3, Hkv=1, C=300 if D == 160 else 70, D=D, L=2, causal=False)
     ref = _reference(args, kw)
     got = _run(emu, args, kw)
