@@ -3,7 +3,7 @@
 //   malloc_kernels::unpack_dequantize(codes, scale, zero, length, fmt, group_size, axis, head_dim) -> x_hat
 // `fmt` is the format table's numeric code (malloc_kernels/core/formats.py -> formats.h), never a name.
 //   malloc_kernels::quant_numerics(x, fn) -> y     (elementwise quant.h primitives, for the shared-numerics tests)
-// The layout is the cache storage contract (malloc_kernels/cache/types.py); fp8 and nvfp4 return an empty `zero`
+// The layout is the cache storage contract (malloc_kernels/core/kvcache.py); fp8 and nvfp4 return an empty `zero`
 // (nvfp4's `scale` is uint8 e4m3fn bits).
 #include <torch/library.h>
 #include <ATen/ATen.h>

@@ -101,6 +101,26 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 
 
+# Names every layer uses, derived from the table.
+FLOAT_FORMAT = "float"
+FP8_FORMAT = "fp8"
+NVFP4_FORMAT = "nvfp4"
+INT_FORMATS = {f.name: f.bits for f in TABLE if f.code_dtype == "uint"}
+FORMATS = NAMES
+K_AXES = ("token", "channel")
+SCALE_DTYPE = torch.float16          # scales/zeros of the integer and fp8 formats (NVFP4: e4m3 bytes, see the table)
+
+
+def format_bits(fmt: str) -> int:
+    """Bits per stored element of a payload format (float formats: 0, meaning 'the tensor's own dtype')."""
+    return get(fmt).bits
+
+
+def packed_width(head_dim: int, fmt: str) -> int:
+    """Bytes per stored row of ``head_dim`` elements in a quantized format."""
+    return math.ceil(head_dim * format_bits(fmt) / 8)
+
+
 def get(fmt: Union[str, int, CacheFormat], arg: str = "format") -> CacheFormat:
     """The table row of a format given by name, code or row; ValueError naming ``arg`` if there is none."""
     if isinstance(fmt, CacheFormat):

@@ -56,7 +56,7 @@ struct Strided {
 
 struct Segment {
   // A cache segment: contiguous [B, Hkv, C, row] payload. For the quantized formats `k`/`v` are uint8 codes and
-  // scale/zero are float16 bit patterns (uint16) laid out per cache/types.py; NVFP4's one-byte e4m3 scales come
+  // scale/zero are float16 bit patterns (uint16) laid out per core/kvcache.py; NVFP4's one-byte e4m3 scales come
   // through k_scale8/v_scale8 instead (format table column scale_dtype).
   const void* k = nullptr;
   const void* v = nullptr;
