@@ -23,20 +23,16 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core import formats
+from ..core import extension, formats
 from ..core.formats import K_AXES, SCALE_DTYPE
 
-_LOADED = False
 
 
 def load() -> None:
     """Load ``malloc_kernels._C`` (registers the C++ ops); raises ImportError with the reason if it is missing."""
-    global _LOADED
-    if not _LOADED:
-        import importlib
-
-        importlib.import_module("malloc_kernels._C")
-        _LOADED = True
+    ok, why = extension.load()
+    if not ok:
+        raise ImportError(why)
 
 
 _QUANTIZED = tuple(f.name for f in formats.TABLE if f.quantized)
