@@ -17,6 +17,7 @@ DEMO_METHODS = (
     ("int8", {}),
     ("fp8", {}),
     ("int4", {}),
+    ("nvfp4", {}),
     ("int2", {}),
     ("kivi", {"bits": 4, "residual": 32}),
     ("recent", {"budget": 0.25}),

@@ -31,6 +31,7 @@ FORMATS = {
     "int4_token": ("int4", "int4", "token", 8),
     "int2_channel": ("int2", "int2", "channel", 32),
     "int2_token_int8v": ("int2", "int8", "token", 16),
+    "nvfp4": ("nvfp4", "nvfp4", "token", 16),
 }
 KINDS = ("softmax", "hstu")
 MASKS = ("causal", "full", "targets", "bool", "additive")

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from malloc_kernels.cache import quant as pyq
+from malloc_kernels.core import formats
 from malloc_kernels.ops import cpp_quant
 
 FORMATS = ("int8", "int4", "int2", "fp8")
@@ -137,7 +138,8 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="length"):
         cpp_quant.quantize_pack(x, torch.full((1, 2), 6, dtype=torch.int32), "int4", 4)
     with pytest.raises(ValueError, match="length"):
-        torch.ops.malloc_kernels.quantize_pack(x, torch.full((2, 1), 5, dtype=torch.int32), "int4", 4, "token")
+        torch.ops.malloc_kernels.quantize_pack(x, torch.full((2, 1), 5, dtype=torch.int32), formats.code("int4"), 4,
+                                               "token")
     bad = x.clone()
     bad[0, 1, 2, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
@@ -248,12 +250,14 @@ def test_bit_exact_hypothesis(B, H, N, D, G, fmt, axis, seed, spread):
 
 
 # ---- torch.library.opcheck --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fmt,axis", [("int4", "channel"), ("int2", "token"), ("fp8", "token"), ("int8", "channel")])
-def test_opcheck(fmt, axis):
+@pytest.mark.parametrize("fmt,axis,G", [("int4", "channel", 4), ("int2", "token", 4), ("fp8", "token", 4),
+                                        ("int8", "channel", 4), ("nvfp4", "token", 16)])
+def test_opcheck(fmt, axis, G):
     x, length = _make(2, 2, 9, 8, torch.float32, seed=11, garbage=False)
-    torch.library.opcheck(torch.ops.malloc_kernels.quantize_pack.default, (x, length, fmt, 4, axis))
-    codes, scale, zero = torch.ops.malloc_kernels.quantize_pack(x, length, fmt, 4, axis)
+    code = formats.code(fmt)                    # the ops take the format table's code, never the name
+    torch.library.opcheck(torch.ops.malloc_kernels.quantize_pack.default, (x, length, code, G, axis))
+    codes, scale, zero = torch.ops.malloc_kernels.quantize_pack(x, length, code, G, axis)
     torch.library.opcheck(torch.ops.malloc_kernels.unpack_dequantize.default,
-                          (codes, scale, zero, length, fmt, 4, axis, 8))
+                          (codes, scale, zero, length, code, G, axis, 8))
     torch.library.opcheck(torch.ops.malloc_kernels.quant_numerics.default, (x.flatten(), "f16_round_up"))
     torch.library.opcheck(torch.ops.malloc_kernels.quant_numerics.default, (x.flatten(), "e4m3fn"))

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (k_format, v_format, k_axis, group_size); "float" payloads use the dtype in the case.
 FORMATS = [("float", "float", "token", 0), ("int8", "int8", "token", 16), ("fp8", "fp8", "token", 16),
-           ("int4", "int4", "channel", 32), ("int2", "int2", "channel", 32), ("int4", "int4", "token", 8)]
+           ("int4", "int4", "channel", 32), ("int2", "int2", "channel", 32), ("int4", "int4", "token", 8),
+           ("nvfp4", "nvfp4", "token", 16)]
 
 
 def _cache(B, Hkv, C, D, fmt, device, seed, residual=4, counts=True, timestamps=True, payload_dtype=torch.float16):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import malloc_kernels
+from malloc_kernels.core import formats
 from malloc_kernels.core.validate import validate_call
 from malloc_kernels.ops import cuda as cuda_backend
 
@@ -31,7 +32,7 @@ def test_emulated_packer_bit_exact_with_cpu(emu, fmt, axis):
     pad = (torch.arange(21)[None, None, :] >= length[..., None])[..., None]
     x = x.masked_fill(pad, float("nan"))
     cpu = cpp_quant.quantize_pack(x, length, fmt, 4, axis)
-    got = emu.cuda_quantize_pack(x, length, fmt, 4, axis)
+    got = emu.cuda_quantize_pack(x, length, formats.code(fmt), 4, axis)
     assert torch.equal(cpu[0], got[0])
     assert torch.equal(cpu[1].view(torch.int16), got[1].view(torch.int16))
     if fmt != "fp8":

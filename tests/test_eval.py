@@ -26,8 +26,8 @@ def tiny_run(tmp_path_factory):
     data = out / "sequences.txt"
     data.write_text("\n".join(lines) + "\n")
     cfg = EvalConfig(data=str(data), models=("hstu", "sasrec"),
-                     methods=("int8", "kivi4", "kivi2", "int4", "int2", "h2o", "tova", "recent", "chunk", "h2o+kivi4", "mqa",
-                              "msn"),
+                     methods=("int8", "kivi4", "kivi2", "int4", "nvfp4", "int2", "h2o", "tova", "recent", "chunk",
+                              "h2o+kivi4", "mqa", "msn"),
                      budgets=(1.0, 0.5, 0.25), bits=(8, 4, 2), variants=("mqa", "msn"), max_len=100, request_size=4,
                      users=40, batch_size=20, d_model=16, n_layers=2, n_heads=2, epochs=1, out=str(out),
                      cache=str(out / "ckpt"), progress=False)
@@ -83,6 +83,17 @@ def test_bytes_decrease_with_budget_and_bits(tiny_run):
             "bytes_per_user"]
         native = _row(rows, model, "native", "100%")
         assert _row(rows, model, "int8", "8-bit")["ratio"] < 1.0 == native["ratio"]
+
+
+def test_nvfp4_row(tiny_run):
+    # the harness row of the NVFP4 format: 4.5 bits per value when 16 divides the head dim, keys and values alike
+    _, _, rows = tiny_run
+    for model in ("hstu", "sasrec"):
+        row = _row(rows, model, "nvfp4", "4-bit")
+        assert row["level"] == "precision" and 0 < row["NDCG@10"] <= 1
+        assert row["bytes_per_user"] < _row(rows, model, "int8", "8-bit")["bytes_per_user"]
+        # head dim 8 here: one partial 8-value group per row (4 code bytes + 1 scale byte) vs int4's fp16 scale+zero
+        assert row["bytes_per_user"] < _row(rows, model, "int4", "4-bit")["bytes_per_user"]
 
 
 def test_hybrid_is_cheaper_than_its_parts(tiny_run):

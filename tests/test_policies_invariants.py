@@ -20,7 +20,7 @@ METHODS = mk.available_methods()
 TOKEN_METHODS = [m for m in METHODS if policy_level(get_policy(m)) in ("pruning", "merging")]
 PRECISION = [m for m in METHODS if policy_level(get_policy(m)) == "precision"]
 # quantize.py's plain quantizers and "none" keep the input entry order (the cache contract allows any order)
-UNSORTED = {"none", "int8", "fp8", "int4", "int2"}
+UNSORTED = {"none", "int8", "fp8", "int4", "int2", "nvfp4"}
 RESIDUAL_PRECISION = [m for m in PRECISION if m.startswith(("kivi", "intactkv"))]
 
 

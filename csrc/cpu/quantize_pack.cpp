@@ -6,6 +6,7 @@
 #include <cstring>
 #include <vector>
 
+#include "malloc_kernels/nvfp4.h"
 #include "malloc_kernels/quant.h"
 
 namespace malloc_kernels {
@@ -172,6 +173,40 @@ void unpack_dequantize_cpu(const uint8_t* codes, const uint16_t* scale, const ui
         o[j * D + d] = spec.fp8 ? dequant_fp8(c, s) : dequant_int(c, s, f16_bits_to_f32(zr[p]));
       }
     }
+  }
+}
+
+int quantize_pack_nvfp4_cpu(const float* x, const int64_t* xs, const int32_t* length, const int64_t* ls, int64_t B,
+                            int64_t H, int64_t N, int64_t D, uint8_t* codes, uint8_t* scale) {
+  const int64_t W = (D + 1) / 2, NG = nvfp4::groups(D), rows = B * H;
+  std::memset(codes, 0, size_t(rows * N * W));
+  std::memset(scale, 0, size_t(rows * N * NG));
+  std::vector<int> status(size_t(rows), 0);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = r / H, h = r % H;
+    const int64_t n = row_length(length, ls, b, h, N);
+    for (int64_t j = 0; j < n; ++j) {
+      const int st = nvfp4::encode_row(x + b * xs[0] + h * xs[1] + j * xs[2], xs[3], int(D),
+                                       codes + (r * N + j) * W, scale + (r * N + j) * NG);
+      if (st && !status[size_t(r)]) status[size_t(r)] = st;
+    }
+  }
+  for (int s : status)
+    if (s) return s;
+  return kOk;
+}
+
+void unpack_dequantize_nvfp4_cpu(const uint8_t* codes, const uint8_t* scale, const int32_t* length,
+                                 const int64_t* ls, int64_t B, int64_t H, int64_t N, int64_t D, float* out) {
+  const int64_t W = (D + 1) / 2, NG = nvfp4::groups(D);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t r = 0; r < B * H; ++r) {
+    const int64_t b = r / H, h = r % H;
+    const int64_t n = row_length(length, ls, b, h, N);
+    float* o = out + r * N * D;
+    std::memset(o, 0, size_t(N * D) * sizeof(float));
+    nvfp4::decode_rows(codes + r * N * W, W, int(n), int(D), int(D), o, scale + r * N * NG, NG);
   }
 }
 

@@ -21,6 +21,7 @@
 
 #include "decode_attention.h"
 #include "malloc_kernels/decode.h"
+#include "malloc_kernels/nvfp4.h"
 #include "malloc_kernels/quant.h"
 
 namespace malloc_kernels {
@@ -54,9 +55,23 @@ __device__ __forceinline__ void for_each_owned_channel(int D, F&& f) {
   }
 }
 
-// Scale/zero of element (row j, channel d) of a quantized segment.
+// Bits per code of a quantized format, and one code's value (the format table's decode rules).
+__device__ __forceinline__ int code_bits(int fmt) { return fmt == kFmtI4 || fmt == kFmtNVFP4 ? 4 : fmt == kFmtI2 ? 2 : 8; }
+__device__ __forceinline__ float dequant(int fmt, uint32_t code, float sc, float z) {
+  if (fmt == kFmtFP8) return q::dequant_fp8(code, sc);
+  if (fmt == kFmtNVFP4) return nvfp4::e2m1_to_f32(code) * sc;
+  return q::dequant_int(code, sc, z);
+}
+
+// Scale/zero of element (row j, channel d) of a quantized segment (NVFP4: its e4m3 scale, zero 0).
 __device__ __forceinline__ void scale_zero(const DecodeSegment& s, bool is_k, int64_t row_base_groups, int j, int d,
                                            float* sc, float* z) {
+  if ((is_k ? s.k_fmt : s.v_fmt) == kFmtNVFP4) {  // one e4m3 byte per 16 values along D, no zero
+    *sc = q::e4m3fn_to_f32(__ldg((is_k ? s.k_scale8 : s.v_scale8) + (row_base_groups + j) * nvfp4::groups(s.head_dim) +
+                                 d / nvfp4::kGroup));
+    *z = 0.0f;
+    return;
+  }
   const uint16_t* sp = is_k ? s.k_scale : s.v_scale;
   const uint16_t* zp = is_k ? s.k_zero : s.v_zero;
   const bool channel = is_k && s.k_channel;
@@ -91,7 +106,7 @@ __device__ __forceinline__ void dequant_word(const DecodeSegment& s, bool is_k, 
       if (d0 + e < D) tile_row[d0 + e] = to_float_bits16((words[e >> 1] >> ((e & 1) * 16)) & 0xffffu, fmt);
     return;
   }
-  const int bits = fmt == kFmtI4 ? 4 : (fmt == kFmtI2 ? 2 : 8);
+  const int bits = code_bits(fmt);
   const int per_word = 32 / bits;
   const uint32_t mask = (1u << bits) - 1u;
   float sc = 0.0f, z = 0.0f;
@@ -108,7 +123,7 @@ __device__ __forceinline__ void dequant_word(const DecodeSegment& s, bool is_k, 
         cur_group = grp;
       }
       const uint32_t code = (words[wi] >> (e * bits)) & mask;
-      tile_row[d] = fmt == kFmtFP8 ? q::dequant_fp8(code, sc) : q::dequant_int(code, sc, z);
+      tile_row[d] = dequant(fmt, code, sc, z);
     }
   }
 }
@@ -128,7 +143,7 @@ __device__ void load_tile(const DecodeSegment& s, bool is_k, int64_t bh, int j0,
     // The chunk is one contiguous byte range: 16-byte loads (LDG.E.128), consecutive threads on consecutive words.
     const int64_t words = n * W / 16;
     const int elems_per_word = fmt == kFmtF32 ? 4 : (fmt == kFmtF16 || fmt == kFmtBF16) ? 8
-                             : fmt == kFmtI4 ? 32 : fmt == kFmtI2 ? 64 : 16;
+                             : 128 / code_bits(fmt);
     const int words_per_row = static_cast<int>(W / 16);
     const uint4* src = reinterpret_cast<const uint4*>(base);
     for (int64_t i = threadIdx.x; i < words; i += kThreads) {
@@ -148,11 +163,11 @@ __device__ void load_tile(const DecodeSegment& s, bool is_k, int64_t bh, int j0,
       } else if (fmt == kFmtF16 || fmt == kFmtBF16) {
         x = to_float_bits16(__ldg(reinterpret_cast<const uint16_t*>(row) + d), fmt);
       } else {
-        const int bits = fmt == kFmtI4 ? 4 : (fmt == kFmtI2 ? 2 : 8);
+        const int bits = code_bits(fmt);
         float sc, z;
         scale_zero(s, is_k, row_base_groups, jrel0 + j, d, &sc, &z);
         const uint32_t code = q::get_code(row, d, bits);
-        x = fmt == kFmtFP8 ? q::dequant_fp8(code, sc) : q::dequant_int(code, sc, z);
+        x = dequant(fmt, code, sc, z);
       }
       tile[j * (D + 1) + d] = x;
     }

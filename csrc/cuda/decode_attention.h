@@ -8,12 +8,18 @@
 #include <stdint.h>
 
 #include "malloc_kernels/common.h"
+#include "malloc_kernels/formats.h"
 
 namespace malloc_kernels {
 namespace cuda {
 
-// Storage formats of a segment's payload (core/kvcache.py). Floats are read in their own dtype.
-enum DecodeFormat : int { kFmtF32 = 0, kFmtF16 = 1, kFmtBF16 = 2, kFmtI8 = 3, kFmtI4 = 4, kFmtI2 = 5, kFmtFP8 = 6 };
+// Storage formats of a segment's payload: the quantized ones ARE the format table's codes (core/formats.py ->
+// formats.h); the table's "float" format is split by dtype (F32 keeps code 0, F16/BF16 sit outside the table).
+enum DecodeFormat : int {
+  kFmtF32 = formats::kFLOAT, kFmtI8 = formats::kINT8, kFmtI4 = formats::kINT4, kFmtI2 = formats::kINT2,
+  kFmtFP8 = formats::kFP8, kFmtNVFP4 = formats::kNVFP4, kFmtF16 = 64 + 1, kFmtBF16 = 64 + 2
+};
+static_assert(formats::kNumFormats == 6, "a new cache format needs its DecodeFormat member and a decode");
 
 constexpr int kDecodeRowTile = 16;      // query rows (GQA heads x queries) per block
 constexpr int kDecodeMaxHeadDim = 256;  // largest supported head dim
@@ -34,6 +40,8 @@ struct DecodeSegment {
   const uint16_t* k_zero = nullptr;
   const uint16_t* v_scale = nullptr;
   const uint16_t* v_zero = nullptr;
+  const uint8_t* k_scale8 = nullptr;  // NVFP4: e4m3fn scale bytes [B, Hkv, C, ceil(D / 16)]
+  const uint8_t* v_scale8 = nullptr;
   const int32_t* length = nullptr;  // [B, Hkv] valid entries (request: k_lengths [B] with stride_h 0)
   int64_t length_stride_b = 0, length_stride_h = 0;
   const int32_t* pos32 = nullptr;   // cache positions (int32) ...

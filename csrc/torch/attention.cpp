@@ -33,15 +33,15 @@ DType dtype_of(const Tensor& t, const char* name) {
   return DType::F32;
 }
 
-Fmt fmt_of(const std::string& f, const Tensor& payload, const char* name) {
-  if (f == "float") return Fmt(int(dtype_of(payload, name)));
-  TORCH_CHECK(payload.scalar_type() == at::kByte, name, " must be uint8 codes for format ", f);
-  if (f == "int8") return Fmt::INT8;
-  if (f == "int4") return Fmt::INT4;
-  if (f == "int2") return Fmt::INT2;
-  if (f == "fp8") return Fmt::FP8;
-  TORCH_CHECK(false, "unknown cache format ", f);
-  return Fmt::F32;
+namespace fm = malloc_kernels::formats;
+
+// `code`: the format table's code (malloc_kernels/core/formats.py); quantized codes are Fmt members as they are.
+Fmt fmt_of(int64_t code, const Tensor& payload, const char* name) {
+  TORCH_CHECK_VALUE(code >= 0 && code < fm::kNumFormats, name, " format code must be in [0, ", fm::kNumFormats,
+                    "), got ", code);
+  if (code == fm::kFLOAT) return malloc_kernels::cpu::float_fmt(dtype_of(payload, name));
+  TORCH_CHECK(payload.scalar_type() == at::kByte, name, " must be uint8 codes for format ", fm::kName[code]);
+  return Fmt(int(code));
 }
 
 // Bytes of one stored row of D elements in a payload format.
@@ -50,13 +50,15 @@ int64_t row_bytes(Fmt f, int64_t D) {
     case Fmt::F32: return 4 * D;
     case Fmt::F16: case Fmt::BF16: return 2 * D;
     case Fmt::INT8: case Fmt::FP8: return D;
-    case Fmt::INT4: return (D + 1) / 2;
+    case Fmt::INT4: case Fmt::NVFP4: return (D + 1) / 2;
     case Fmt::INT2: return (D + 3) / 4;
   }
   return 0;
 }
 
-bool is_quantized(Fmt f) { return f == Fmt::INT8 || f == Fmt::INT4 || f == Fmt::INT2 || f == Fmt::FP8; }
+bool is_quantized(Fmt f) {
+  return f == Fmt::INT8 || f == Fmt::INT4 || f == Fmt::INT2 || f == Fmt::FP8 || f == Fmt::NVFP4;
+}
 
 void check_shape(const Tensor& t, at::IntArrayRef want, const char* seg, const char* field) {
   TORCH_CHECK_VALUE(t.sizes() == want, seg, ".", field, " must have shape ", want, ", got ", t.sizes());
@@ -121,7 +123,7 @@ Strided view_heads(const Tensor& t, const optional<Tensor>& offsets) {  // [B, H
   return s;
 }
 
-Segment segment(const Tensor& k, const Tensor& v, const std::string& kf, const std::string& vf, bool k_channel,
+Segment segment(const Tensor& k, const Tensor& v, int64_t kf, int64_t vf, bool k_channel,
                 int64_t group_size, int64_t D, const Tensor& length, const Tensor& position, const optional<Tensor>& timestamp,
                 const optional<Tensor>& count, const optional<Tensor>& ks, const optional<Tensor>& kz,
                 const optional<Tensor>& vs, const optional<Tensor>& vz, const char* name) {
@@ -162,16 +164,22 @@ Segment segment(const Tensor& k, const Tensor& v, const std::string& kf, const s
   auto check_groups = [&](const optional<Tensor>& sc, const optional<Tensor>& zp, Fmt f, bool channel,
                           const char* which) {
     if (!is_quantized(f)) return;
+    // grouping, fixed group size, partial groups and zero points per the format table
+    const int code = int(f);
     std::vector<int64_t> want;
+    TORCH_CHECK_VALUE(fm::kFixedGroupSize[code] == 0 || group_size == fm::kFixedGroupSize[code], name,
+                      ".group_size must be ", fm::kFixedGroupSize[code], " for format ", fm::kName[code]);
     if (channel) {
+      TORCH_CHECK_VALUE(fm::kChannelKeys[code], name, ": format ", fm::kName[code], " has no per-channel keys");
       want = {B, H, (C + group_size - 1) / group_size, D};
     } else {
-      TORCH_CHECK_VALUE(D % group_size == 0, name, ".group_size ", group_size, " must divide head_dim ", D);
-      want = {B, H, C, D / group_size};
+      TORCH_CHECK_VALUE(fm::kPartialGroup[code] || D % group_size == 0, name, ".group_size ", group_size,
+                        " must divide head_dim ", D);
+      want = {B, H, C, fm::token_groups(code, D, group_size)};
     }
     TORCH_CHECK_VALUE(sc.has_value(), name, ".", which, "_scale is required for a quantized payload");
     check_shape(*sc, want, name, which);
-    if (f != Fmt::FP8) {
+    if (fm::kHasZero[code]) {
       TORCH_CHECK_VALUE(zp.has_value(), name, ".", which, "_zero is required for an integer payload");
       check_shape(*zp, want, name, which);
     }
@@ -186,7 +194,14 @@ Segment segment(const Tensor& k, const Tensor& v, const std::string& kf, const s
                       "scales/zeros must be contiguous float16");
     return reinterpret_cast<const uint16_t*>(t->data_ptr<at::Half>());
   };
-  s.k_scale = half(ks); s.k_zero = half(kz); s.v_scale = half(vs); s.v_zero = half(vz);
+  // scale dtype per the format table: one e4m3 byte (NVFP4) or float16 bits
+  auto byte = [](const optional<Tensor>& t) -> const uint8_t* {
+    TORCH_CHECK_VALUE(t.has_value() && t->scalar_type() == at::kByte && t->is_contiguous(),
+                      "NVFP4 scales must be contiguous uint8 (e4m3fn bits)");
+    return t->data_ptr<uint8_t>();
+  };
+  if (s.k_fmt == Fmt::NVFP4) s.k_scale8 = byte(ks); else { s.k_scale = half(ks); s.k_zero = half(kz); }
+  if (s.v_fmt == Fmt::NVFP4) s.v_scale8 = byte(vs); else { s.v_scale = half(vs); s.v_zero = half(vz); }
   return s;
 }
 
@@ -199,7 +214,7 @@ std::vector<Tensor> attention_cpu(
     const optional<Tensor>& v_scale, const optional<Tensor>& v_zero,
     const optional<Tensor>& res_k, const optional<Tensor>& res_v, const optional<Tensor>& res_length,
     const optional<Tensor>& res_position, const optional<Tensor>& res_timestamp, const optional<Tensor>& res_count,
-    const optional<Tensor>& original_length, const std::string& k_format, const std::string& v_format,
+    const optional<Tensor>& original_length, int64_t k_format, int64_t v_format,
     bool k_channel, int64_t group_size, const std::string& kind, bool is_causal,
     const optional<Tensor>& num_targets, double scale, const optional<Tensor>& query_positions,
     const optional<Tensor>& key_positions, const optional<Tensor>& query_timestamps,
@@ -274,7 +289,7 @@ std::vector<Tensor> attention_cpu(
                       "res_v, res_length and res_position are required with res_k");
     TORCH_CHECK_VALUE(res_k->dim() == 4 && res_k->size(0) == p.B && res_k->size(1) == p.Hkv,
                       "residual must be [B, Hkv, R, D] like the cache");
-    p.residual = segment(*res_k, *res_v, "float", "float", false, 0, p.D, *res_length, *res_position,
+    p.residual = segment(*res_k, *res_v, fm::kFLOAT, fm::kFLOAT, false, 0, p.D, *res_length, *res_position,
                          res_timestamp, res_count, {}, {}, {}, {}, "residual");
   }
   TORCH_CHECK_VALUE(key.has_value() || p.has_cache, "attention needs key/value or a cache");
@@ -399,7 +414,7 @@ TORCH_LIBRARY_FRAGMENT(malloc_kernels, m) {
       "Tensor? cache_k, Tensor? cache_v, Tensor? cache_length, Tensor? cache_position, Tensor? cache_timestamp, "
       "Tensor? cache_count, Tensor? k_scale, Tensor? k_zero, Tensor? v_scale, Tensor? v_zero, "
       "Tensor? res_k, Tensor? res_v, Tensor? res_length, Tensor? res_position, Tensor? res_timestamp, "
-      "Tensor? res_count, Tensor? original_length, str k_format, str v_format, bool k_channel, int group_size, "
+      "Tensor? res_count, Tensor? original_length, int k_format, int v_format, bool k_channel, int group_size, "
       "str kind, bool is_causal, Tensor? num_targets, float scale, Tensor? query_positions, Tensor? key_positions, "
       "Tensor? query_timestamps, Tensor? key_timestamps, Tensor? pos_bias, Tensor? time_bias, "
       "Tensor? time_thresholds, str hstu_norm, int hstu_norm_const, bool return_lse, bool return_stats, "

@@ -1,13 +1,17 @@
 // Torch glue for the C++ quantize/pack ops (kernels in csrc/cpu/quantize_pack.cpp, numerics in quant.h):
 //   malloc_kernels::quantize_pack(x, length, fmt, group_size, axis) -> (codes, scale, zero)
 //   malloc_kernels::unpack_dequantize(codes, scale, zero, length, fmt, group_size, axis, head_dim) -> x_hat
+// `fmt` is the format table's numeric code (malloc_kernels/core/formats.py -> formats.h), never a name.
 //   malloc_kernels::quant_numerics(x, fn) -> y     (elementwise quant.h primitives, for the shared-numerics tests)
-// The layout is the cache storage contract (malloc_kernels/core/kvcache.py); fp8 returns an empty `zero`.
+// The layout is the cache storage contract (malloc_kernels/core/kvcache.py); fp8 and nvfp4 return an empty `zero`
+// (nvfp4's `scale` is uint8 e4m3fn bits).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
 #include <string>
 
+#include "malloc_kernels/formats.h"
+#include "malloc_kernels/nvfp4.h"
 #include "malloc_kernels/quant.h"
 #include "malloc_kernels/quantize_pack.h"
 
@@ -15,20 +19,15 @@ namespace {
 
 using malloc_kernels::QuantSpec;
 
-QuantSpec make_spec(const std::string& fmt, int64_t group_size, const std::string& axis) {
+namespace fm = malloc_kernels::formats;
+
+// `fmt`: the format table's code of an integer or fp8 format (NVFP4 has its own entry points below).
+QuantSpec make_spec(int64_t fmt, int64_t group_size, const std::string& axis) {
   QuantSpec s{};
-  if (fmt == "int8") {
-    s.bits = 8;
-  } else if (fmt == "int4") {
-    s.bits = 4;
-  } else if (fmt == "int2") {
-    s.bits = 2;
-  } else if (fmt == "fp8") {
-    s.bits = 8;
-    s.fp8 = true;
-  } else {
-    TORCH_CHECK_VALUE(false, "fmt must be one of 'int8', 'int4', 'int2', 'fp8', got '", fmt, "'");
-  }
+  TORCH_CHECK_VALUE(fmt > fm::kFLOAT && fmt < fm::kNumFormats && fmt != fm::kNVFP4,
+                    "fmt must be the code of int8, int4, int2 or fp8 in the format table, got ", fmt);
+  s.bits = fm::kBits[fmt];
+  s.fp8 = fmt == fm::kFP8;
   TORCH_CHECK_VALUE(axis == "token" || axis == "channel", "axis must be 'token' or 'channel', got '", axis, "'");
   TORCH_CHECK_VALUE(group_size > 0, "group_size must be positive, got ", group_size);
   s.group_size = static_cast<int>(group_size);
@@ -53,11 +52,37 @@ at::Tensor check_length(const at::Tensor& length, int64_t B, int64_t H, int64_t 
   return length;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack_nvfp4(const at::Tensor& x, const at::Tensor& length,
+                                                                    int64_t group_size, const std::string& axis) {
+  TORCH_CHECK_VALUE(axis == "token", "nvfp4 groups along D only: axis must be 'token', got '", axis, "'");
+  TORCH_CHECK_VALUE(group_size == malloc_kernels::nvfp4::kGroup, "group_size must be 16 for nvfp4, got ", group_size);
+  TORCH_CHECK_TYPE(x.is_floating_point(), "x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be [B, H, N, D], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.device() == at::kCPU, "x must be on the CPU for the C++ packer");
+  const int64_t B = x.size(0), H = x.size(1), N = x.size(2), D = x.size(3);
+  check_length(length, B, H, N);
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  auto codes = at::empty({B, H, N, (D + 1) / 2}, x.options().dtype(at::kByte));
+  auto scale = at::empty({B, H, N, malloc_kernels::nvfp4::groups(D)}, x.options().dtype(at::kByte));
+  auto zero = at::empty({0}, x.options().dtype(at::kHalf));
+  if (codes.numel() == 0 && scale.numel() == 0) return std::make_tuple(codes, scale, zero);
+  const int64_t xs[4] = {xf.stride(0), xf.stride(1), xf.stride(2), xf.stride(3)};
+  const int64_t ls[2] = {length.stride(0), length.stride(1)};
+  const int st = malloc_kernels::quantize_pack_nvfp4_cpu(xf.data_ptr<float>(), xs, length.data_ptr<int32_t>(), ls,
+                                                         B, H, N, D, codes.data_ptr<uint8_t>(),
+                                                         scale.data_ptr<uint8_t>());
+  TORCH_CHECK_VALUE(st != malloc_kernels::quant::kNonFinite, "x has NaN or infinite values in a valid entry");
+  TORCH_CHECK_VALUE(st != malloc_kernels::nvfp4::kScaleOverflow,
+                    "x has a 16-value group whose absmax exceeds 2688 (its e4m3 scale would pass 448)");
+  return std::make_tuple(codes, scale, zero);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack(const at::Tensor& x,
                                                                       const at::Tensor& length,
-                                                                      c10::string_view fmt, int64_t group_size,
+                                                                      int64_t fmt, int64_t group_size,
                                                                       c10::string_view axis) {
-  const QuantSpec spec = make_spec(std::string(fmt), group_size, std::string(axis));
+  if (fmt == fm::kNVFP4) return quantize_pack_nvfp4(x, length, group_size, std::string(axis));
+  const QuantSpec spec = make_spec(fmt, group_size, std::string(axis));
   TORCH_CHECK_TYPE(x.is_floating_point(), "x must be floating point, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 4, "x must be [B, H, N, D], got ", x.sizes());
   TORCH_CHECK_VALUE(x.device() == at::kCPU, "x must be on the CPU for the C++ packer");
@@ -87,16 +112,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_pack(const at::Tensor& x
   return std::make_tuple(codes, scale, zero);
 }
 
+at::Tensor unpack_dequantize_nvfp4(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& length,
+                                  int64_t head_dim) {
+  const int64_t B = codes.size(0), H = codes.size(1), N = codes.size(2), D = head_dim;
+  TORCH_CHECK_VALUE(D > 0 && codes.size(3) == (D + 1) / 2, "codes last dim ", codes.size(3),
+                    " does not match head_dim ", D, " for nvfp4");
+  const std::vector<int64_t> sshape{B, H, N, malloc_kernels::nvfp4::groups(D)};
+  TORCH_CHECK_TYPE(scale.scalar_type() == at::kByte, "scale must be uint8 (e4m3fn bits), got ", scale.scalar_type());
+  TORCH_CHECK_VALUE(scale.sizes() == c10::IntArrayRef(sshape), "scale must be ", c10::IntArrayRef(sshape), ", got ",
+                    scale.sizes());
+  check_length(length, B, H, N);
+  auto out = at::empty({B, H, N, D}, codes.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  const auto c = codes.contiguous();
+  const auto s = scale.contiguous();
+  const int64_t ls[2] = {length.stride(0), length.stride(1)};
+  malloc_kernels::unpack_dequantize_nvfp4_cpu(c.data_ptr<uint8_t>(), s.data_ptr<uint8_t>(), length.data_ptr<int32_t>(),
+                                              ls, B, H, N, D, out.data_ptr<float>());
+  return out;
+}
+
 at::Tensor unpack_dequantize(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& zero,
-                                const at::Tensor& length, c10::string_view fmt, int64_t group_size,
+                                const at::Tensor& length, int64_t fmt, int64_t group_size,
                                 c10::string_view axis, int64_t head_dim) {
-  const QuantSpec spec = make_spec(std::string(fmt), group_size, std::string(axis));
   TORCH_CHECK_TYPE(codes.scalar_type() == at::kByte, "codes must be uint8, got ", codes.scalar_type());
   TORCH_CHECK_VALUE(codes.dim() == 4, "codes must be [B, H, N, W], got ", codes.sizes());
   TORCH_CHECK_VALUE(codes.device() == at::kCPU, "codes must be on the CPU");
+  if (fmt == fm::kNVFP4) {
+    TORCH_CHECK_VALUE(std::string(axis) == "token" && group_size == malloc_kernels::nvfp4::kGroup,
+                      "nvfp4 needs axis 'token' and group_size 16");
+    return unpack_dequantize_nvfp4(codes, scale, length, head_dim);
+  }
+  const QuantSpec spec = make_spec(fmt, group_size, std::string(axis));
   const int64_t B = codes.size(0), H = codes.size(1), N = codes.size(2), D = head_dim;
   TORCH_CHECK_VALUE(D > 0 && codes.size(3) == malloc_kernels::quant::packed_width(static_cast<int>(D), spec.bits),
-                    "codes last dim ", codes.size(3), " does not match head_dim ", D, " for ", fmt);
+                    "codes last dim ", codes.size(3), " does not match head_dim ", D, " for ", fm::kName[fmt]);
   TORCH_CHECK_VALUE(spec.channel || D % group_size == 0, "group_size ", group_size, " must divide head_dim ", D);
   const int64_t NG = num_scale_groups(spec, N, D);
   const std::vector<int64_t> sshape = spec.channel ? std::vector<int64_t>{B, H, NG, D}
@@ -178,8 +228,8 @@ at::Tensor quant_numerics(const at::Tensor& x, c10::string_view fn_view) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(malloc_kernels, m) {
-  m.def("quantize_pack(Tensor x, Tensor length, str fmt, int group_size, str axis) -> (Tensor, Tensor, Tensor)");
-  m.def("unpack_dequantize(Tensor codes, Tensor scale, Tensor zero, Tensor length, str fmt, int group_size, "
+  m.def("quantize_pack(Tensor x, Tensor length, int fmt, int group_size, str axis) -> (Tensor, Tensor, Tensor)");
+  m.def("unpack_dequantize(Tensor codes, Tensor scale, Tensor zero, Tensor length, int fmt, int group_size, "
         "str axis, int head_dim) -> Tensor");
   m.def("quant_numerics(Tensor x, str fn) -> Tensor");
 }

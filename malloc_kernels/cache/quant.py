@@ -19,6 +19,21 @@ FP8 (``fp8``: e4m3fn codes, no zero)::
     code  = 0 if scale == 0 else e4m3fn(clamp(x / scale, -448, 448))   # fp32 division, e4m3fn round-to-nearest-even
     x_hat = float(code) * scale
 
+NVFP4 (``nvfp4``: e2m1 codes, one e4m3fn scale per 16 consecutive values along D, keys and values alike, no zero;
+the last group of a row holds the ``D % 16`` remaining values when 16 does not divide D)::
+
+    scale = e4m3fn(amax / 6)                    # fp32 division, round to nearest even (torch's cast)
+    code  = 0 if scale == 0 else e2m1(x / float(scale))   # fp32 division, then the rule below
+    x_hat = e2m1_value(code) * float(scale)
+
+``e2m1`` rounds ``|x / scale|`` to the nearest of ``{0, 0.5, 1, 1.5, 2, 3, 4, 6}``, ties to the even code (the
+magnitude code is ``#`` of the thresholds passed: ``> 0.25, >= 0.75, > 1.25, >= 1.75, > 2.5, >= 3.5, > 5``; so
+0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4), saturating at 6 (a scale rounded down can
+put ``|x / scale|`` slightly above 6); bit 3 is the sign, set only for a negative value with a nonzero magnitude (so
+no -0 code is ever written). Groups whose ``amax / 6`` exceeds 448 (the e4m3 maximum; ``amax > 2688``) raise
+``ValueError``; a group whose ``amax / 6`` rounds to 0 in e4m3 (``amax <= 6 * 2**-10``) stores scale 0 and codes 0.
+Error bound: ``|x - x_hat| <= scale`` (half the widest e2m1 step, 4 -> 6) plus the scale's own rounding.
+
 (The clamp only matters when fp32 rounding makes ``|x / scale|`` exceed 448 by an ulp; torch's cast saturates
 there too, so the result equals the plain ``e4m3fn(x / scale)`` cast.) Groups with no valid entry, and every
 padding entry, store scale = zero = code = 0, so padding never depends on what the padding held. A group whose
@@ -45,7 +60,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core.formats import FLOAT_FORMAT, FP8_FORMAT, FORMATS, INT_FORMATS, K_AXES, format_bits
+from ..core import formats
+from ..core.formats import FLOAT_FORMAT, FP8_FORMAT, FORMATS, INT_FORMATS, K_AXES, NVFP4_FORMAT, format_bits
 from ..core.kvcache import KVCacheBase
 
 FP8_MAX = 448.0
@@ -161,12 +177,17 @@ def _expand(stat: torch.Tensor, axis: str, group_size: int, capacity: int) -> to
     return stat.repeat_interleave(group_size, dim=2)[:, :, :capacity]
 
 
-def _check_group_size(group_size, head_dim: int, axis: str, name: str = "group_size") -> int:
+def _check_group_size(group_size, head_dim: int, axis: str, name: str = "group_size", fmt: str = "int8") -> int:
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise TypeError(f"{name} must be a positive int, got {group_size!r}")
     if group_size <= 0:
         raise ValueError(f"{name} must be positive, got {group_size}")
-    if axis == "token" and head_dim % group_size:
+    f = formats.get(fmt)
+    if f.group_size is not None and group_size != f.group_size:
+        raise ValueError(f"{name} must be {f.group_size} for format {fmt!r}, got {group_size}")
+    if axis not in f.k_axes:
+        raise ValueError(f"axis {axis!r} is not allowed for format {fmt!r} (allowed: {f.k_axes})")
+    if axis == "token" and not f.partial_group and head_dim % group_size:
         raise ValueError(f"{name}={group_size} must divide the head dim {head_dim} for token-axis groups")
     return group_size
 
@@ -175,15 +196,16 @@ def _check_group_size(group_size, head_dim: int, axis: str, name: str = "group_s
 def check_quantize_args(x, fmt: str, group_size, axis: str, name: str = "x") -> None:
     """The argument checks every packer shares (the data checks -- finiteness, float16 range -- are each
     packer's own): ``x`` floating ``[B, H, C, D]``, a quantized format, a grouping axis, a valid group size."""
-    if fmt not in INT_FORMATS and fmt != FP8_FORMAT:
-        raise ValueError(f"format for {name} must be one of {tuple(INT_FORMATS) + (FP8_FORMAT,)}, got {fmt!r}")
+    quantized = tuple(f.name for f in formats.TABLE if f.quantized)
+    if fmt not in quantized:
+        raise ValueError(f"format for {name} must be one of {quantized}, got {fmt!r}")
     if axis not in K_AXES:
         raise ValueError(f"axis for {name} must be one of {K_AXES}, got {axis!r}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
         raise TypeError(f"{name} must be a floating tensor [B, H, C, D]")
-    _check_group_size(group_size, x.shape[-1], axis)
-    if fmt == FP8_FORMAT and not fp8_available():
-        raise ValueError("format 'fp8' needs torch.float8_e4m3fn, which this torch build lacks")
+    _check_group_size(group_size, x.shape[-1], axis, fmt=fmt)
+    if fmt in (FP8_FORMAT, NVFP4_FORMAT) and not fp8_available():
+        raise ValueError(f"format {fmt!r} needs torch.float8_e4m3fn, which this torch build lacks")
 
 
 def quantize_tensor(x: torch.Tensor, length: torch.Tensor, fmt: str, group_size: int, axis: str = "token",
@@ -200,6 +222,8 @@ def quantize_tensor(x: torch.Tensor, length: torch.Tensor, fmt: str, group_size:
     valid = _valid_entries(length, C)                                           # [B, H, C]
     if not bool(torch.isfinite(x32[valid]).all()):
         raise ValueError(f"{name} has NaN or infinite values among its valid entries; they cannot be quantized")
+    if fmt == NVFP4_FORMAT:
+        return _quantize_nvfp4(x32, valid, name)
     gvalid = _group_valid(length, C, axis, group_size)
     xg = _grouped(x32, axis, group_size)
     vg = _grouped(valid[..., None].expand(B, H, C, D), axis, group_size)
@@ -234,6 +258,53 @@ def quantize_tensor(x: torch.Tensor, length: torch.Tensor, fmt: str, group_size:
     return pack_codes(q.to(torch.uint8), bits), scale, zero
 
 
+# ---- NVFP4 -----------------------------------------------------------------------------------------------------
+_E2M1 = torch.tensor(formats.E2M1_VALUES + tuple(-v for v in formats.E2M1_VALUES), dtype=torch.float64)
+
+
+def e2m1_encode(q: torch.Tensor) -> torch.Tensor:
+    """fp32 ``q`` -> e2m1 codes ``uint8`` (nearest of +-{0, .5, 1, 1.5, 2, 3, 4, 6}, ties to the even code,
+    saturating at 6, sign bit 3 only on a nonzero magnitude); see the module docstring."""
+    a = q.abs()
+    mag = ((a > 0.25).to(torch.uint8) + (a >= 0.75).to(torch.uint8) + (a > 1.25).to(torch.uint8)
+           + (a >= 1.75).to(torch.uint8) + (a > 2.5).to(torch.uint8) + (a >= 3.5).to(torch.uint8)
+           + (a > 5.0).to(torch.uint8))
+    sign = ((q < 0) & (mag > 0)).to(torch.uint8) << 3
+    return mag | sign
+
+
+def e2m1_decode(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """e2m1 codes (any integer tensor, values 0..15) -> their values in ``dtype`` (exact in every float dtype)."""
+    return _E2M1.to(device=codes.device, dtype=dtype)[codes.to(torch.int64)]
+
+
+def _nvfp4_scale_floats(scale: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """e4m3fn scale bytes ``[..., ceil(D / 16)]`` -> per-element scales ``[..., D]`` in ``dtype`` (exact)."""
+    G = formats.NVFP4.group_size
+    s = scale.contiguous().view(_FP8_DTYPE).float().to(dtype)
+    return s.repeat_interleave(G, dim=-1)[..., :head_dim]
+
+
+def _quantize_nvfp4(x32: torch.Tensor, valid: torch.Tensor, name: str):
+    """NVFP4 codes and e4m3 scales of fp32 ``x [B, H, C, D]`` (module docstring); padding entries store 0."""
+    B, H, C, D = x32.shape
+    G = formats.NVFP4.group_size
+    ng = -(-D // G)
+    xg = torch.nn.functional.pad(x32, (0, ng * G - D)).reshape(B, H, C, ng, G)   # zero padding: amax unchanged
+    amax = torch.where(valid[..., None], xg.abs().amax(dim=-1), torch.zeros((), device=x32.device)) + 0.0
+    raw = amax / formats.E2M1_MAX
+    if bool((raw > formats.E4M3_MAX).any()):
+        raise ValueError(f"{name}: a 16-value group's absmax exceeds {formats.E2M1_MAX * formats.E4M3_MAX:g}, "
+                         f"beyond what an e4m3 scale (max 448) covers for nvfp4; rescale the input or use "
+                         f"another format")
+    scale = raw.to(_FP8_DTYPE).view(torch.uint8)
+    s = _nvfp4_scale_floats(scale, D, torch.float32)
+    q = x32 / torch.where(s > 0, s, torch.ones((), device=x32.device))
+    codes = torch.where((s > 0) & valid[..., None], e2m1_encode(q), torch.zeros((), dtype=torch.uint8,
+                                                                                 device=x32.device))
+    return pack_codes(codes, 4), scale.contiguous(), None
+
+
 def _check_fits(scale, zero, gvalid, name):
     bad = ~torch.isfinite(scale.float())
     if zero is not None:
@@ -252,14 +323,19 @@ def dequantize_tensor(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[
     evaluated in ``dtype``; padding entries (``j >= length``) are exactly 0."""
     B, H, C = packed.shape[:3]
     ev = _valid_entries(length, C)[..., None]
-    s = _expand(scale, axis, group_size, C).to(dtype)
-    if fmt == FP8_FORMAT:
+    if fmt == NVFP4_FORMAT:
+        if not fp8_available():
+            raise ValueError("format 'nvfp4' needs torch.float8_e4m3fn, which this torch build lacks")
+        out = e2m1_decode(unpack_codes(packed, 4, head_dim), dtype) * _nvfp4_scale_floats(scale, head_dim, dtype)
+    elif fmt == FP8_FORMAT:
         if not fp8_available():
             raise ValueError("format 'fp8' needs torch.float8_e4m3fn, which this torch build lacks")
+        s = _expand(scale, axis, group_size, C).to(dtype)
         # e4m3 values are exact in fp32 (and in fp16/bf16/fp64), so the detour through fp32 is lossless
         codes = packed.contiguous().view(_FP8_DTYPE).float().to(dtype)
         out = codes * s
     else:
+        s = _expand(scale, axis, group_size, C).to(dtype)
         codes = unpack_codes(packed, INT_FORMATS[fmt], head_dim).to(dtype)
         out = codes * s + _expand(zero, axis, group_size, C).to(dtype)
     return torch.where(ev, out, torch.zeros((), dtype=dtype, device=out.device))
@@ -310,9 +386,9 @@ def quantize_cache(cache: KVCacheBase, k_format: str, v_format: str, group_size:
     check_quantize_cache_args(cache, k_format, v_format, k_axis)
     D = cache.head_dim
     if k_format != FLOAT_FORMAT:
-        _check_group_size(group_size, D, k_axis)
+        _check_group_size(group_size, D, k_axis, fmt=k_format)
     if v_format != FLOAT_FORMAT:
-        _check_group_size(group_size, D, "token")
+        _check_group_size(group_size, D, "token", fmt=v_format)
     if k_format == FLOAT_FORMAT and v_format == FLOAT_FORMAT:
         return cache.replace(k_axis=k_axis, group_size=group_size).validate()
     return quantize_cache_sides(cache, k_format, v_format, group_size, k_axis, quantize_tensor)
@@ -355,11 +431,12 @@ def _scale_bytes(cache: KVCacheBase, which: str, L: torch.Tensor) -> torch.Tenso
     fmt = getattr(cache, f"{which}_format")
     if fmt == FLOAT_FORMAT:
         return torch.zeros_like(L)
-    per_group = 2 if fmt == FP8_FORMAT else 4                                   # fp16 scale (+ fp16 zero)
+    f = formats.get(fmt)
+    per_group = f.scale_bytes                                                   # scale (+ zero), table's dtype
     D, G = cache.head_dim, cache.group_size
     if which == "k" and cache.k_axis == "channel":
         return (L + G - 1) // G * D * per_group
-    return L * (D // G) * per_group
+    return L * f.token_groups(D, G) * per_group
 
 
 def _segment_bytes(cache: KVCacheBase) -> torch.Tensor:

@@ -7,7 +7,8 @@ import zlib
 
 import torch
 
-from ..core.formats import FLOAT_FORMAT, FP8_FORMAT, packed_width
+from ..core import formats
+from ..core.formats import FLOAT_FORMAT, packed_width
 from .types import KVCache
 from .wire import (_AXIS_NAMES, _DTYPE_NAMES, _FLAG_COUNT, _FLAG_RESIDUAL, _FLAG_RESIDUAL_COUNT, _FLAG_TIMESTAMP,  # noqa: F401
                    _FORMAT_NAMES, _HEADER, CRC_BYTES, FRAMING_BYTES, HEADER_BYTES, MAGIC, VERSION, _check_host,
@@ -56,11 +57,12 @@ def _read_segment(rd: _Reader, H: int, D: int, G: int, k_fmt: str, v_fmt: str, k
                 mask = torch.arange(ng) * G < L[:, None]
                 tail = (D,)
             else:
-                mask, tail = valid, (D // G,)
+                mask, tail = valid, (formats.get(fmt).token_groups(D, G),)
             m = int(mask.sum()) * tail[0]
-            fields[f"{which}_scale"] = _scatter(rd.take(m, torch.float16, f"{name} {which}_scale"), mask, tail)
-            if fmt != FP8_FORMAT:
-                fields[f"{which}_zero"] = _scatter(rd.take(m, torch.float16, f"{name} {which}_zero"), mask, tail)
+            sd = formats.get(fmt).scale_dtype                  # float16, or e4m3 bytes (nvfp4)
+            fields[f"{which}_scale"] = _scatter(rd.take(m, sd, f"{name} {which}_scale"), mask, tail)
+            if formats.get(fmt).has_zero:
+                fields[f"{which}_zero"] = _scatter(rd.take(m, sd, f"{name} {which}_zero"), mask, tail)
     fields["position"] = _scatter(rd.take(n, torch.int32, f"{name} position"), valid, ())
     if has_ts:
         fields["timestamp"] = _scatter(rd.take(n, torch.int64, f"{name} timestamp"), valid, ())

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 import torch.utils._pytree as pytree
 
-from ..core.formats import FLOAT_FORMAT, FORMATS, FP8_FORMAT, INT_FORMATS, K_AXES, format_bits, packed_width  # noqa: F401
+from ..core.formats import (FLOAT_FORMAT, FORMATS, FP8_FORMAT, INT_FORMATS, K_AXES, NVFP4_FORMAT,  # noqa: F401
+                            format_bits, packed_width)
 from ..core.kvcache import KVCacheBase
 from . import quant, wire
 
@@ -45,7 +46,8 @@ class KVCache(KVCacheBase):
 
         ``row`` = ``D * element_size`` (float) or ``ceil(D * bits / 8)`` (int8/int4/int2/fp8);
         ``groups(L)`` = ``L * D / G`` (token axis) or ``ceil(L / G) * D`` (channel axis, keys);
-        ``s`` = 4 bytes for integer formats (fp16 scale + fp16 zero), 2 for fp8 (scale only).
+        ``s`` = 4 bytes for integer formats (fp16 scale + fp16 zero), 2 for fp8 (scale only), 1 for nvfp4 (an
+        e4m3 scale; its token groups are ``L * ceil(D / 16)``): ``CacheFormat.scale_bytes`` of the format table.
         ``len(to_bytes(b)) == nbytes_per_user()[b] + wire.FRAMING_BYTES``.
         """
         return quant.nbytes_per_user(self)

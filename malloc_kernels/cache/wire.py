@@ -7,7 +7,7 @@ Wire format, version 1, all integers little-endian::
         magic        b"MKKV"
         version      uint16 (= 1)
         flags        uint16  bit0 timestamp, bit1 count, bit2 residual, bit3 residual count
-        k_format, v_format, k_axis            uint8 codes (_FORMAT_CODES, _AXIS_CODES)
+        k_format, v_format, k_axis            uint8 codes (the format table's codes, _AXIS_CODES)
         k_dtype, v_dtype, rk_dtype, rv_dtype  uint8 codes (_DTYPE_CODES; 0 = absent)
         reserved     uint8 (= 0)
         num_kv_heads, head_dim, group_size    uint32
@@ -33,7 +33,8 @@ from typing import List, Optional
 
 import torch
 
-from ..core.formats import FLOAT_FORMAT, FP8_FORMAT
+from ..core import formats
+from ..core.formats import FLOAT_FORMAT
 from ..core.kvcache import KVCacheBase
 
 MAGIC = b"MKKV"
@@ -44,8 +45,9 @@ CRC_BYTES = 4
 FRAMING_BYTES = HEADER_BYTES + CRC_BYTES
 
 _FLAG_TIMESTAMP, _FLAG_COUNT, _FLAG_RESIDUAL, _FLAG_RESIDUAL_COUNT = 1, 2, 4, 8
-# Explicit wire codes (never derived from tuple order elsewhere, so the format cannot drift silently).
-_FORMAT_CODES = {"float": 0, "int8": 1, "int4": 2, "int2": 3, "fp8": 4}
+# Wire codes of the payload formats: the format table's codes (core/formats.py), which are append-only, so blobs
+# written before a format was added read back unchanged (tests/fixtures holds blobs from before the table).
+_FORMAT_CODES = {f.name: f.code for f in formats.TABLE}
 _AXIS_CODES = {"token": 0, "channel": 1}
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4, torch.uint8: 5}
 _FORMAT_NAMES = {v: k for k, v in _FORMAT_CODES.items()}
@@ -97,7 +99,7 @@ def _segment_parts(seg: KVCacheBase, u: int, quant: bool) -> List[bytes]:
             else:
                 sel = rows
             parts.append(sel(getattr(seg, f"{name}_scale")))
-            if fmt != FP8_FORMAT:
+            if formats.get(fmt).has_zero:
                 parts.append(sel(getattr(seg, f"{name}_zero")))
     parts.append(rows(seg.position))
     if seg.timestamp is not None:

@@ -7,7 +7,8 @@ dispatcher, the cache package and the policies. It imports nothing else of ``mal
 - ``layout.py``: padded <-> jagged conversion and offsets checks;
 - ``masks.py``: the visibility rules (causal, targets, padding, stats windows) in padded dense form;
 - ``time_buckets.py``: HSTU's exact integer time-bucket thresholds;
-- ``formats.py``: cache payload formats;
+- ``formats.py``: the cache-format table (name, code, bits, grouping, zero point, scale dtype) and the C++ header
+  generated from it;
 - ``kvcache.py``: ``KVCacheBase``, the cache's stored tensors, their invariants and ``check_contents``.
 """
 from .kvcache import KVCacheBase  # noqa: F401

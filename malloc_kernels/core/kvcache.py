@@ -15,6 +15,10 @@ Payload formats (``k_format`` / ``v_format``):
   ``4i+1`` in bits 2-3 and so on (unused high bits of a partial last byte are zero).
 * ``"fp8"`` -- e4m3fn codes (bit pattern stored as ``uint8 [B, Hkv, C, D]``), ``x_hat = float(code) * scale``,
   no zero.
+* ``"nvfp4"`` -- e2m1 codes, two per byte (element ``2i`` in the low nibble; ``uint8 [B, Hkv, C, ceil(D / 2)]``),
+  ``x_hat = e2m1(code) * e4m3(scale)``, no zero; ``group_size`` is 16 and both keys and values use the token axis;
+  scales are e4m3fn bit patterns, ``uint8 [B, Hkv, C, ceil(D / 16)]`` (a partial last group when 16 does not
+  divide D). Names, codes, bits and grouping of every format: the table in ``core/formats.py``.
 
 Quantisation groups (``k_axis`` for keys, values are always ``"token"``):
 
@@ -50,7 +54,8 @@ from typing import Optional
 
 import torch
 
-from .formats import FLOAT_FORMAT, FP8_FORMAT, K_AXES, SCALE_DTYPE, format_bits, packed_width
+from . import formats
+from .formats import FLOAT_FORMAT, K_AXES, format_bits, packed_width
 
 
 @dataclass
@@ -108,7 +113,7 @@ class KVCacheBase:
         """Number of (scale, zero) groups along the grouped axis for keys (``"k"``) or values (``"v"``)."""
         if which == "k" and self.k_axis == "channel":
             return math.ceil(self.capacity / self.group_size)
-        return self.head_dim // self.group_size
+        return formats.get(getattr(self, f"{which}_format")).token_groups(self.head_dim, self.group_size)
 
     def replace(self, **changes) -> "KVCacheBase":
         return dataclasses.replace(self, **changes)
@@ -195,23 +200,29 @@ class KVCacheBase:
             raise ValueError(f"cache.{name} must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
 
     def _validate_scales(self, name, fmt):
+        f = formats.get(fmt)
         if self.group_size <= 0:
             raise ValueError(f"cache.group_size must be positive for quantized formats, got {self.group_size}")
+        if f.group_size is not None and self.group_size != f.group_size:
+            raise ValueError(f"cache.group_size must be {f.group_size} for format {fmt!r}, got {self.group_size}")
         axis = self.k_axis if name == "k" else "token"
-        if axis == "token" and self.head_dim % self.group_size:
+        if axis not in f.k_axes:
+            raise ValueError(f"cache.k_axis {axis!r} is not allowed for format {fmt!r} (allowed: {f.k_axes})")
+        if axis == "token" and not f.partial_group and self.head_dim % self.group_size:
             raise ValueError(f"cache.group_size {self.group_size} must divide head_dim {self.head_dim}")
         B, H, C = self.k.shape[:3]
         want = (B, H, self.num_groups(name), self.head_dim) if axis == "channel" else \
-            (B, H, C, self.head_dim // self.group_size)
+            (B, H, C, f.token_groups(self.head_dim, self.group_size))
+        sd = f.scale_dtype
         scale, zero = getattr(self, f"{name}_scale"), getattr(self, f"{name}_zero")
-        if scale is None or tuple(scale.shape) != want or scale.dtype != SCALE_DTYPE:
-            raise ValueError(f"cache.{name}_scale must be float16 {list(want)}, got "
+        if scale is None or tuple(scale.shape) != want or scale.dtype != sd:
+            raise ValueError(f"cache.{name}_scale must be {sd} {list(want)}, got "
                              f"{None if scale is None else (scale.dtype, list(scale.shape))}")
-        if fmt == FP8_FORMAT:
+        if not f.has_zero:
             if zero is not None:
-                raise ValueError(f"cache.{name}_zero must be None for fp8")
-        elif zero is None or tuple(zero.shape) != want or zero.dtype != SCALE_DTYPE:
-            raise ValueError(f"cache.{name}_zero must be float16 {list(want)}, got "
+                raise ValueError(f"cache.{name}_zero must be None for {fmt}")
+        elif zero is None or tuple(zero.shape) != want or zero.dtype != sd:
+            raise ValueError(f"cache.{name}_zero must be {sd} {list(want)}, got "
                              f"{None if zero is None else (zero.dtype, list(zero.shape))}")
 
     # ---- pytree registration helpers ------------------------------------------------------------------------

@@ -8,6 +8,9 @@ exactly the storage contract of ``malloc_kernels/core/kvcache.py`` and are bit-e
     int:  zero = f16_round_down(min + 0), scale = f16_round_up((max - zero) / qmax),
           code = clamp(round_half_even((x - zero) / scale), 0, qmax)          (fp32; code 0 where scale == 0)
     fp8:  scale = f16_round_up(absmax / 448), code = e4m3fn(x / scale)         (RNE, saturating at 448)
+    nvfp4: scale = e4m3fn(amax / 6) per 16 values along D, code = e2m1(x / scale)   (ties to even; cache/quant.py)
+
+The ops take the format table's numeric code (``core/formats.py``); these wrappers take the name.
 
 with groups over the valid entries only (KIVI's layout, Liu et al. 2024, arXiv 2402.02750). Import this module
 (or ``malloc_kernels._C``) before calling the ops; it registers the fake (meta) kernels so the ops trace under
@@ -20,8 +23,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core import extension
-from ..core.formats import FP8_FORMAT, INT_FORMATS, K_AXES, SCALE_DTYPE
+from ..core import extension, formats
+from ..core.formats import K_AXES, SCALE_DTYPE
 
 
 
@@ -32,30 +35,37 @@ def load() -> None:
         raise ImportError(why)
 
 
-def _bits(fmt: str) -> int:
-    if fmt == FP8_FORMAT:
-        return 8
-    if fmt in INT_FORMATS:
-        return INT_FORMATS[fmt]
-    raise ValueError(f"fmt must be one of {tuple(INT_FORMATS) + (FP8_FORMAT,)}, got {fmt!r}")
+_QUANTIZED = tuple(f.name for f in formats.TABLE if f.quantized)
 
 
-def _scale_shape(B: int, H: int, N: int, D: int, group_size: int, axis: str):
+def _format(fmt: str) -> formats.CacheFormat:
+    """The table row of a quantized format name (ValueError otherwise)."""
+    if fmt not in _QUANTIZED:
+        raise ValueError(f"fmt must be one of {_QUANTIZED}, got {fmt!r}")
+    return formats.get(fmt)
+
+
+def _scale_shape(B: int, H: int, N: int, D: int, group_size: int, axis: str, f: formats.CacheFormat):
     if axis == "channel":
         return (B, H, -(-N // group_size), D)
-    return (B, H, N, D // group_size)
+    return (B, H, N, f.token_groups(D, group_size))
 
 
-def _check_args(fmt: str, group_size: int, axis: str, head_dim: int) -> None:
-    _bits(fmt)
+def _check_args(fmt: str, group_size: int, axis: str, head_dim: int) -> formats.CacheFormat:
+    f = _format(fmt)
     if axis not in K_AXES:
         raise ValueError(f"axis must be one of {K_AXES}, got {axis!r}")
+    if axis not in f.k_axes:
+        raise ValueError(f"axis {axis!r} is not allowed for {fmt!r} (allowed: {f.k_axes})")
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise TypeError(f"group_size must be a positive int, got {group_size!r}")
     if group_size <= 0:
         raise ValueError(f"group_size must be positive, got {group_size}")
-    if axis == "token" and head_dim % group_size:
+    if f.group_size is not None and group_size != f.group_size:
+        raise ValueError(f"group_size must be {f.group_size} for {fmt!r}, got {group_size}")
+    if axis == "token" and not f.partial_group and head_dim % group_size:
         raise ValueError(f"group_size={group_size} must divide head_dim {head_dim} on the token axis")
+    return f
 
 
 def quantize_pack(x: torch.Tensor, length: torch.Tensor, fmt: str, group_size: int,
@@ -71,23 +81,23 @@ def quantize_pack(x: torch.Tensor, length: torch.Tensor, fmt: str, group_size: i
         raise TypeError("x must be a floating tensor [B, H, N, D]")
     if not isinstance(length, torch.Tensor) or length.is_floating_point():
         raise TypeError("length must be an integer tensor [B, H]")
-    _check_args(fmt, group_size, axis, x.shape[-1])
+    f = _check_args(fmt, group_size, axis, x.shape[-1])
     load()
-    codes, scale, zero = torch.ops.malloc_kernels.quantize_pack(x, length.to(torch.int32), fmt, group_size, axis)
-    return codes, scale, (None if fmt == FP8_FORMAT else zero)
+    codes, scale, zero = torch.ops.malloc_kernels.quantize_pack(x, length.to(torch.int32), f.code, group_size, axis)
+    return codes, scale, (zero if f.has_zero else None)
 
 
 def unpack_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], length: torch.Tensor,
                       fmt: str, group_size: int, axis: str, head_dim: int) -> torch.Tensor:
     """Inverse of ``quantize_pack``: float32 ``[B, H, N, head_dim]``, ``code * scale + zero`` (fp8:
     ``e4m3fn(code) * scale``), exactly 0 on padding entries."""
-    _check_args(fmt, group_size, axis, head_dim)
-    if fmt == FP8_FORMAT:
+    f = _check_args(fmt, group_size, axis, head_dim)
+    if not f.has_zero:
         zero = torch.empty(0, dtype=SCALE_DTYPE, device=codes.device)
     elif zero is None:
         raise ValueError(f"zero is required for format {fmt!r}")
     load()
-    return torch.ops.malloc_kernels.unpack_dequantize(codes, scale, zero, length.to(torch.int32), fmt, group_size,
+    return torch.ops.malloc_kernels.unpack_dequantize(codes, scale, zero, length.to(torch.int32), f.code, group_size,
                                                       axis, head_dim)
 
 
@@ -116,11 +126,12 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("malloc_kernels::quantize_pack")
     def _quantize_pack_fake(x, length, fmt, group_size, axis):
+        f = formats.get(fmt, "fmt")
         B, H, N, D = x.shape
-        W = math.ceil(D * _bits(fmt) / 8)
+        W = math.ceil(D * f.bits / 8)
         codes = x.new_empty((B, H, N, W), dtype=torch.uint8)
-        scale = x.new_empty(_scale_shape(B, H, N, D, group_size, axis), dtype=SCALE_DTYPE)
-        zero = x.new_empty((0,) if fmt == FP8_FORMAT else scale.shape, dtype=SCALE_DTYPE)
+        scale = x.new_empty(_scale_shape(B, H, N, D, group_size, axis, f), dtype=f.scale_dtype)
+        zero = x.new_empty(scale.shape if f.has_zero else (0,), dtype=SCALE_DTYPE)
         return codes, scale, zero
 
     @torch.library.register_fake("malloc_kernels::unpack_dequantize")

@@ -2,7 +2,7 @@
 
 The kernel (``csrc/cpu/attention*.cpp``, op ``torch.ops.malloc_kernels.attention_cpu``) computes the attention contract
 (ARCHITECTURE.md, "Attention semantics") in one fused pass per (user, kv head, query block): every cache form (float
-fp32/fp16/bf16 payloads; int8, fp8, int4, int2 codes with token- or channel-axis groups, dequantized block by block in
+fp32/fp16/bf16 payloads; int8, fp8, int4, int2 codes with token- or channel-axis groups, nvfp4, dequantized block by block in
 L1 and never written back), per-head lengths, merge counts, the residual segment and the request's own tokens, with
 online softmax (FlashAttention-2, arXiv 2307.08691) or HSTU's pointwise SiLU (arXiv 2402.17152) and the relative
 position/time bias computed from ORIGINAL positions/timestamps. All query heads of a kv head share each K/V block
@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..core import extension
+from ..core import extension, formats
 from ..core.formats import FLOAT_FORMAT
 from ..core.kvcache import KVCacheBase
 from ..core.time_buckets import kernel_thresholds
@@ -86,7 +86,8 @@ def run(call) -> AttentionResult:
         _c(r.length) if r is not None else None, _c(r.position) if r is not None else None,
         _c(r.timestamp) if (r is not None and need_ts) else None, _c(r.count) if r is not None else None,
         _c(c.original_length) if c is not None else None,
-        c.k_format if c is not None else FLOAT_FORMAT, c.v_format if c is not None else FLOAT_FORMAT,
+        formats.code(c.k_format if c is not None else FLOAT_FORMAT),
+        formats.code(c.v_format if c is not None else FLOAT_FORMAT),
         bool(c is not None and c.k_axis == "channel"), int(c.group_size) if c is not None else 0,
         call.kind, bool(call.is_causal), call.num_targets.contiguous() if call.targets_given else None,
         float(call.scale), qpos, qpos, qts, qts, _c(call.pos_bias), _c(time_bias), th, norm, norm_const,

@@ -21,7 +21,7 @@ from typing import Tuple
 
 import torch
 
-from ..core import extension
+from ..core import extension, formats
 from ..core.formats import FLOAT_FORMAT, FP8_FORMAT, INT_FORMATS
 from ..core.masks import request_visibility
 from ..core.time_buckets import kernel_thresholds
@@ -159,12 +159,14 @@ def _launch(call, ops) -> AttentionResult:
     if dense.time_bias is not None:
         time_th = kernel_thresholds(dense.time_bias.shape[1]).to(q.device)
     c = dense.cache
-    kw = dict(cache_k=None, cache_v=None, k_fmt=FLOAT_FORMAT, v_fmt=FLOAT_FORMAT, k_axis="token", group_size=1,
+    kw = dict(cache_k=None, cache_v=None, k_fmt=formats.FLOAT.code, v_fmt=formats.FLOAT.code, k_axis="token",
+              group_size=1,
               k_scale=None, k_zero=None, v_scale=None, v_zero=None, cache_length=None, cache_pos=None,
               cache_ts=None, cache_count=None, res_k=None, res_v=None, res_length=None, res_pos=None, res_ts=None,
               res_count=None)
     if c is not None:
-        kw.update(cache_k=c.k.contiguous(), cache_v=c.v.contiguous(), k_fmt=c.k_format, v_fmt=c.v_format,
+        kw.update(cache_k=c.k.contiguous(), cache_v=c.v.contiguous(), k_fmt=formats.code(c.k_format),
+                  v_fmt=formats.code(c.v_format),
                   k_axis=c.k_axis, group_size=max(int(c.group_size), 1),
                   k_scale=None if c.k_scale is None else c.k_scale.contiguous(),
                   k_zero=None if c.k_zero is None else c.k_zero.contiguous(),
@@ -198,8 +200,9 @@ def quantize_pack(x: torch.Tensor, length: torch.Tensor, fmt: str, group_size: i
     ops = _ops()
     if ops is None:
         raise ValueError(is_available()[1])
-    codes, scale, zero = ops.cuda_quantize_pack(x, length.to(torch.int32), fmt, group_size, axis)
-    return codes, scale, (None if fmt == FP8_FORMAT else zero)
+    f = formats.get(fmt, "fmt")
+    codes, scale, zero = ops.cuda_quantize_pack(x, length.to(torch.int32), f.code, group_size, axis)
+    return codes, scale, (zero if f.has_zero else None)
 
 
 def decode_bytes(batch: int, num_heads: int, num_kv_heads: int, capacity: int, head_dim: int, residual: int = 0,

@@ -1,7 +1,7 @@
 """Hybrid policies (MALLOC's "hybrid" level): a token stage followed by a precision stage, e.g. ``"h2o+kivi4"``.
 
 ``"a+b"``: ``a`` is a pruning or merging method, ``b`` a precision method (``int8``, ``fp8``, ``int4``,
-``int2``, ``kivi``/``kivi4``/``kivi2``, ``intactkv``...). ``a`` runs at the budget; ``b`` then re-encodes exactly
+``int2``, ``nvfp4``, ``kivi``/``kivi4``/``kivi2``, ``intactkv``...). ``a`` runs at the budget; ``b`` then re-encodes exactly
 the entries ``a`` kept (per-head lengths, original positions/timestamps/counts and the pre-compression
 ``original_length`` carried through), so the result is identical to running ``b`` on a history made of ``a``'s
 output, and its bytes are the sum of its parts: ``a``'s kept entries' metadata (positions, timestamps, counts,

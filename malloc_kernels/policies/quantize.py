@@ -1,4 +1,4 @@
-"""Precision level, plain quantizers: ``"int8"``, ``"fp8"``, ``"int4"``, ``"int2"`` (MALLOC arXiv 2601.20234, sec.
+"""Precision level, plain quantizers: ``"int8"``, ``"fp8"``, ``"int4"``, ``"int2"``, ``"nvfp4"`` (MALLOC arXiv 2601.20234, sec.
 precision-level compression).
 
 Every entry is kept (the token budget is ``None`` or ``1.0``); only the number of bits per stored number changes.
@@ -12,6 +12,8 @@ The storage rule (fp16 scale/zero rounded outward, round-half-even codes) is ``c
   channels. The default ``group_size`` is 32, clipped to the largest divisor of ``head_dim`` that is <= 32
   because value groups must tile the head dim (one ``group_size`` serves both, as in the cache contract).
   KIVI's full-precision recent window is the ``"kivi"`` method of ``precision.py``, built on the same quantizer.
+* ``nvfp4``: e2m1 codes, one e4m3 scale per 16 values along D for keys and values (group size fixed by the format
+  table, ``core/formats.py``).
 
 Parameters: ``group_size`` (int; on the token axis it must divide ``head_dim``) and ``k_axis``
 (``"token"`` or ``"channel"``).
@@ -19,6 +21,7 @@ Parameters: ``group_size`` (int; on the token axis it must divide ``head_dim``) 
 from __future__ import annotations
 
 from ..cache.quant import fp8_available
+from ..core import formats
 from ..core.formats import FP8_FORMAT, K_AXES, format_bits
 from ..ops.quantize import quantize_cache
 from .base import Policy, PolicyInput
@@ -65,14 +68,24 @@ class _PlainQuantizer(Policy):
             raise ValueError(f"group_size must be positive, got {group_size}")
         if k_axis is not None and k_axis not in K_AXES:
             raise ValueError(f"k_axis must be one of {K_AXES}, got {k_axis!r}")
-        if self.FORMAT == FP8_FORMAT and not fp8_available():
-            raise ValueError("method 'fp8' needs torch.float8_e4m3fn, which this torch build lacks")
+        if k_axis is not None and k_axis not in formats.get(self.FORMAT).k_axes:
+            raise ValueError(f"k_axis {k_axis!r} is not allowed for {self.FORMAT!r} (allowed: "
+                             f"{formats.get(self.FORMAT).k_axes})")
+        if self.FORMAT in (FP8_FORMAT, "nvfp4") and not fp8_available():
+            raise ValueError(f"method {self.FORMAT!r} needs torch.float8_e4m3fn, which this torch build lacks")
         self.group_size = group_size
         self.k_axis = self.DEFAULT_K_AXIS if k_axis is None else k_axis
         self.extra = {}
 
     def resolve_group_size(self, head_dim: int) -> int:
-        """The group size used for a head dim: the explicit one, else the method's default."""
+        """The group size used for a head dim: the format's fixed one, else the explicit one, else the method's
+        default."""
+        fixed = formats.get(self.FORMAT).group_size
+        if fixed is not None:
+            if self.group_size is not None and self.group_size != fixed:
+                raise ValueError(f"group_size for {self.FORMAT!r} is fixed to {fixed} by the format, got "
+                                 f"{self.group_size}")
+            return fixed
         if self.group_size is not None:
             if head_dim % self.group_size:
                 raise ValueError(f"group_size={self.group_size} must divide head_dim {head_dim} (value groups "
@@ -118,3 +131,12 @@ class Int2Quantizer(_PlainQuantizer):
     FORMAT = "int2"
     DEFAULT_K_AXIS = "channel"
     DEFAULT_GROUP = 32
+
+
+@register_policy("nvfp4")
+class Nvfp4Quantizer(_PlainQuantizer):
+    """NVFP4: e2m1 codes with one e4m3 scale per 16 consecutive values along D, keys and values alike, no zero
+    point (the KV format FlashInfer serves on Blackwell; rounding in ``cache/quant.py``). ``group_size`` is fixed
+    to 16 by the format; head dims that are not a multiple of 16 get a partial last group."""
+
+    FORMAT = "nvfp4"

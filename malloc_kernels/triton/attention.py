@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..core import formats
 from ..core.types import AttentionResult, AttentionStats
 from ..core.validate import AttentionCall
 from ..core.time_buckets import time_bucket_thresholds
@@ -32,7 +33,6 @@ MAX_HEAD_DIM = 256
 DECODE_MAX_ROWS = 64
 # Programs a decode launch aims for: about two waves of an H100's 132 SMs.
 TARGET_PROGRAMS = 264
-_FMT = {"float": 0, "int8": 1, "int4": 2, "int2": 3, "fp8": 4}
 
 
 def interpreting() -> bool:
@@ -274,7 +274,7 @@ def kernel_args(call: AttentionCall, cfg: LaunchConfig, *, dot_lowp: Optional[bo
         clen, cpos, orig = _nonempty(c.length, i32), _nonempty(c.position, i32), _nonempty(c.original_length, i32)
         cts = _nonempty(c.timestamp, i64) if c.timestamp is not None else _dummy(dev, i64)
         ccnt = _nonempty(c.count, f32) if c.count is not None else _dummy(dev, f32)
-        k_fmt, v_fmt = _FMT[c.k_format], _FMT[c.v_format]
+        k_fmt, v_fmt = formats.code(c.k_format), formats.code(c.v_format)
         k_channel = c.k_axis == "channel" and k_fmt != 0
         gs = c.group_size if c.is_quantized else 1
         r = c.residual
@@ -542,6 +542,7 @@ def aot_specs():
         "softmax_fp32": dict(dtype=torch.float32),
         "softmax_int8": dict(k_format="int8", v_format="int8", group_size=128),
         "softmax_fp8": dict(k_format="fp8", v_format="fp8", group_size=128),
+        "softmax_nvfp4": dict(k_format="nvfp4", v_format="nvfp4", group_size=16),
         "softmax_kivi4_counts": dict(counts=True, **kivi4),
         "softmax_kivi2": dict(**kivi2),
         "softmax_int4_token_d64": dict(k_format="int4", v_format="int4", D=64),

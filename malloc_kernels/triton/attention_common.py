@@ -16,13 +16,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Payload format codes (constexpr ``*_FMT``): the launcher maps ``KVCache.k_format``/``v_format`` onto these.
-FMT_FLOAT = 0
-FMT_INT8 = 1
-FMT_INT4 = 2
-FMT_INT2 = 3
-FMT_FP8 = 4
-FORMAT_CODES = {"float": FMT_FLOAT, "int8": FMT_INT8, "int4": FMT_INT4, "int2": FMT_INT2, "fp8": FMT_FP8}
+from ..core import formats
+
+# Payload format codes (constexpr ``*_FMT``): the format table's codes (core/formats.py); the launcher passes
+# ``formats.code(KVCache.k_format)``.
+FMT_FLOAT = tl.constexpr(formats.code("float"))
+FMT_INT8 = tl.constexpr(formats.code("int8"))
+FMT_INT4 = tl.constexpr(formats.code("int4"))
+FMT_INT2 = tl.constexpr(formats.code("int2"))
+FMT_FP8 = tl.constexpr(formats.code("fp8"))
+FMT_NVFP4 = tl.constexpr(formats.code("nvfp4"))
+NVFP4_GROUP = tl.constexpr(formats.NVFP4.group_size)
 
 # HSTU normaliser modes (constexpr ``NORM``).
 NORM_ORIGINAL = 0
@@ -51,19 +55,38 @@ def _fp8_e4m3_to_f32(code):
 
 
 @triton.jit
+def _e2m1_to_f32(code):
+    """NVFP4's e2m1 codes (int32 in [0, 15]: bits 0-2 the magnitude, bit 3 the sign) -> fp32 values
+    ``+-{0, 0.5, 1, 1.5, 2, 3, 4, 6}``: exponent field e = bits 1-2, mantissa m = bit 0; ``m * 0.5`` for e = 0
+    (subnormal), ``(1 + m / 2) * 2^(e - 1)`` otherwise. Integer ops and one exp2, exact."""
+    e = (code >> 1) & 3
+    m = (code & 1).to(tl.float32)
+    mag = tl.where(e == 0, m * 0.5, (1.0 + 0.5 * m) * tl.exp2((e - 1).to(tl.float32)))
+    return tl.where((code & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def _token_groups(FMT: tl.constexpr, HEAD_DIM: tl.constexpr, GS: tl.constexpr):
+    """Token-axis scales per row: ``ceil(D / GS)`` for NVFP4 (a partial last group), ``D / GS`` otherwise."""
+    if FMT == FMT_NVFP4:
+        return (HEAD_DIM + GS - 1) // GS
+    return HEAD_DIM // GS
+
+
+@triton.jit
 def _load_codes(P, n, n_ok, row_stride, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr):
     """Unpacked integer codes ``int32 [BLOCK_N, BLOCK_D]`` of rows ``n`` of a packed uint8 payload.
 
     4-bit: element 2i is the low nibble of byte i; 2-bit: element 4i+r sits in bits 2r..2r+1 of byte i. The packed
     bytes are loaded once as a contiguous ``[BLOCK_N, BLOCK_D / per]`` tile (vectorisable) and interleaved back with
     ``join`` + ``reshape`` instead of gathering each byte ``per`` times."""
-    if FMT == 2:
+    if FMT == FMT_INT4 or FMT == FMT_NVFP4:
         W: tl.constexpr = (HEAD_DIM + 1) // 2
         c = tl.arange(0, BLOCK_D // 2)
         by = tl.load(P + n[:, None] * row_stride + c[None, :], mask=n_ok[:, None] & (c[None, :] < W), other=0)
         by = by.to(tl.int32)
         codes = tl.reshape(tl.join(by & 0xF, (by >> 4) & 0xF), (n.shape[0], BLOCK_D))
-    elif FMT == 3:
+    elif FMT == FMT_INT2:
         W: tl.constexpr = (HEAD_DIM + 3) // 4
         c = tl.arange(0, BLOCK_D // 4)
         by = tl.load(P + n[:, None] * row_stride + c[None, :], mask=n_ok[:, None] & (c[None, :] < W), other=0)
@@ -84,24 +107,32 @@ def _load_tile(P, S, Z, n, n_ok, row_stride, col_stride,
                GS: tl.constexpr, RAW: tl.constexpr):
     """Rows ``n`` of one segment's K or V payload, dequantized to fp32 ``[BLOCK_N, BLOCK_D]`` (0 where masked).
 
-    ``P`` points at the (user, kv head) row 0; ``S``/``Z`` at that row's scales/zeros (float16). Token-axis groups:
-    scale index ``n * (D / GS) + d / GS``; channel-axis groups (KIVI keys): ``(n / GS) * D + d``. Integer formats
-    dequantize as ``code * scale + zero``, fp8 as ``e4m3(code) * scale``, both in fp32. ``RAW``: a float payload
+    ``P`` points at the (user, kv head) row 0; ``S``/``Z`` at that row's scales/zeros (float16; NVFP4: e4m3 bytes, no
+    zeros). Token-axis groups: scale index ``n * NG + d / GS`` with ``NG = D / GS`` (NVFP4: ``ceil(D / 16)``);
+    channel-axis groups (KIVI keys): ``(n / GS) * D + d``. Integer formats dequantize as ``code * scale + zero``, fp8
+    as ``e4m3(code) * scale``, NVFP4 as ``e2m1(code) * e4m3(scale)``, all in fp32. ``RAW``: a float payload
     only feeds a 16-bit tensor-core product, so it stays in its storage dtype (no arithmetic happens on it, and an
     fp32 copy of a K/V tile would double its registers)."""
     d = tl.arange(0, BLOCK_D)
     ok = n_ok[:, None] & (d[None, :] < HEAD_DIM)
-    if FMT == 0:
+    if FMT == FMT_FLOAT:
         x = tl.load(P + n[:, None] * row_stride + d[None, :] * col_stride, mask=ok, other=0.0)
         if not RAW:
             x = x.to(tl.float32)
     else:
         codes = _load_codes(P, n, n_ok, row_stride, HEAD_DIM, BLOCK_D, FMT)
-        s, z = _group_params(S, Z, n, n_ok, d, ok, HEAD_DIM, BLOCK_D, FMT, CHANNEL, GS)
-        if FMT == 4:
-            x = _fp8_e4m3_to_f32(codes) * s
+        if FMT == FMT_NVFP4:
+            # one e4m3fn scale byte per 16 values (a partial last group when 16 does not divide D), no zero
+            NG: tl.constexpr = _token_groups(FMT, HEAD_DIM, GS)
+            sidx = n[:, None] * NG + (d // GS)[None, :]
+            s = _fp8_e4m3_to_f32(tl.load(S + sidx, mask=ok, other=0).to(tl.int32))
+            x = _e2m1_to_f32(codes) * s
         else:
-            x = codes.to(tl.float32) * s + z
+            s, z = _group_params(S, Z, n, n_ok, d, ok, HEAD_DIM, BLOCK_D, FMT, CHANNEL, GS)
+            if FMT == FMT_FP8:
+                x = _fp8_e4m3_to_f32(codes) * s
+            else:
+                x = codes.to(tl.float32) * s + z
         x = tl.where(ok, x, 0.0)
     return x
 
@@ -124,7 +155,7 @@ def _group_params(S, Z, n, n_ok, d, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.cons
         s0 = tl.load(S + g0.to(tl.int64) * HEAD_DIM + d, mask=dok, other=0.0).to(tl.float32)
         s1 = tl.load(S + (g0 + 1).to(tl.int64) * HEAD_DIM + d, mask=dok & second, other=0.0).to(tl.float32)
         s = tl.where(first[:, None], s0[None, :], s1[None, :])
-        if FMT == 4:
+        if FMT == FMT_FP8:
             z = s * 0.0
         else:
             z0 = tl.load(Z + g0.to(tl.int64) * HEAD_DIM + d, mask=dok, other=0.0).to(tl.float32)
@@ -137,7 +168,7 @@ def _group_params(S, Z, n, n_ok, d, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.cons
         gok = n_ok[:, None] & (gi[None, :] < NG)
         sg = tl.load(S + gidx, mask=gok, other=0.0).to(tl.float32)
         s = tl.reshape(tl.broadcast_to(sg[:, :, None], (BLOCK_N, NG, GS)), (BLOCK_N, BLOCK_D))
-        if FMT == 4:
+        if FMT == FMT_FP8:
             z = s * 0.0
         else:
             zg = tl.load(Z + gidx, mask=gok, other=0.0).to(tl.float32)
@@ -149,7 +180,7 @@ def _group_params(S, Z, n, n_ok, d, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.cons
             NG2: tl.constexpr = HEAD_DIM // GS
             sidx = n[:, None] * NG2 + (d // GS)[None, :]
         s = tl.load(S + sidx, mask=ok, other=0.0).to(tl.float32)
-        if FMT == 4:
+        if FMT == FMT_FP8:
             z = s * 0.0
         else:
             z = tl.load(Z + sidx, mask=ok, other=0.0).to(tl.float32)
@@ -357,10 +388,10 @@ def _rows(b, hkv, r, Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS, 
 @triton.constexpr_function
 def _cache_row_width(FMT, HEAD_DIM):
     """Stored elements per cache entry (the row stride of the payload): ``HEAD_DIM`` values or 8-bit codes, or
-    bytes holding two 4-bit (``FMT == 2``) or four 2-bit (``FMT == 3``) codes each."""
-    if FMT == 2:
+    bytes holding two 4-bit (int4, nvfp4) or four 2-bit (int2) codes each."""
+    if FMT == FMT_INT4 or FMT == FMT_NVFP4:
         return (HEAD_DIM + 1) // 2
-    if FMT == 3:
+    if FMT == FMT_INT2:
         return (HEAD_DIM + 3) // 4
     return HEAD_DIM
 
@@ -370,11 +401,11 @@ def _scale_offset(bh, C, HEAD_DIM: tl.constexpr, FMT: tl.constexpr, CHANNEL: tl.
     """Offset of the first scale/zero of (user, kv head) ``bh`` in a ``[B, Hkv, ...]`` scale tensor of a cache with
     capacity ``C``: ``ceil(C / GS) * HEAD_DIM`` per head on the channel axis, ``C * (HEAD_DIM / GS)`` on the token
     axis; 0 for a float payload, which has no scales (the pointers are placeholders)."""
-    if FMT != 0:
+    if FMT != FMT_FLOAT:
         if CHANNEL:
             off = bh.to(tl.int64) * ((C + GS - 1) // GS) * HEAD_DIM
         else:
-            off = bh.to(tl.int64) * C * (HEAD_DIM // GS)
+            off = bh.to(tl.int64) * C * _token_groups(FMT, HEAD_DIM, GS)
     else:
         off = 0
     return off

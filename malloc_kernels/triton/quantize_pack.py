@@ -28,9 +28,12 @@ import triton.language as tl
 
 from ..cache.quant import check_quantize_cache_args, quantize_cache_sides
 from ..cache.types import FP8_FORMAT, INT_FORMATS, K_AXES, KVCache
+from ..core import formats
+from .attention_common import FMT_FP8, FMT_INT2, FMT_INT4
 from .launch import device_guard
 
-_FMT = {"int8": 1, "int4": 2, "int2": 3, "fp8": 4}
+# The formats this packer writes, by the format table's code (NVFP4 is packed by the PyTorch and C++ packers).
+_FMT = {f.name: f.code for f in formats.TABLE if f.code_dtype in ("uint", "e4m3")}
 
 
 @triton.jit
@@ -82,7 +85,7 @@ def _e4m3_encode(y):
 
 @triton.jit
 def _codes(x, s, z, FMT: tl.constexpr, QMAX: tl.constexpr):
-    if FMT == 4:
+    if FMT == FMT_FP8:
         y = tl.div_rn(x, tl.where(s > 0, s, 1.0))
         y = tl.minimum(tl.maximum(y, -448.0), 448.0)
         c = _e4m3_encode(y)
@@ -95,11 +98,11 @@ def _codes(x, s, z, FMT: tl.constexpr, QMAX: tl.constexpr):
 @triton.jit
 def _store_packed(OUT, n, n_ok, codes, W: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr):
     """Pack int32 codes ``[BLOCK_N, BLOCK_D]`` (0 past the head dim) into bytes and store columns ``< W``."""
-    if FMT == 2:
+    if FMT == FMT_INT4:
         lo, hi = tl.split(tl.reshape(codes, (n.shape[0], BLOCK_D // 2, 2)))
         by = lo | (hi << 4)
         c = tl.arange(0, BLOCK_D // 2)
-    elif FMT == 3:
+    elif FMT == FMT_INT2:
         a, b = tl.split(tl.reshape(codes, (n.shape[0], BLOCK_D // 4, 2, 2)))
         a0, a1 = tl.split(a)
         b0, b1 = tl.split(b)
@@ -142,7 +145,7 @@ def quantize_pack_token_kernel(X, sx_b, sx_h, sx_c, sx_d, LEN, C, num_blocks, OU
     for g in tl.static_range(NG):
         gm = (d >= g * GS) & (d < (g + 1) * GS)
         sel = ok & gm[None, :]
-        if FMT == 4:
+        if FMT == FMT_FP8:
             amax = tl.max(tl.where(sel, tl.abs(x), 0.0), 1)
             s = _f16_round(tl.div_rn(amax, 448.0), True)
             s = tl.where(valid, s, 0.0)
@@ -193,7 +196,7 @@ def quantize_pack_channel_kernel(X, sx_b, sx_h, sx_c, sx_d, LEN, C, num_blocks, 
     x = x.to(tl.float32)
     NGR = (C + GS - 1) // GS
     srow = (bh.to(tl.int64) * NGR + g) * HEAD_DIM + d
-    if FMT == 4:
+    if FMT == FMT_FP8:
         amax = tl.max(tl.where(ok, tl.abs(x), 0.0), 0)
         s = _f16_round(tl.div_rn(amax, 448.0), True)
         s = tl.where(gvalid, s, 0.0)

@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "malloc_kernels/isa.h"
+#include "malloc_kernels/formats.h"
 
 namespace malloc_kernels {
 namespace cpu {
@@ -25,8 +26,23 @@ namespace cpu {
 // Element type of a floating tensor (queries, request keys/values, outputs, float caches, residual).
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
-// Payload format of a cache tensor (core/kvcache.py): floats, or uint8 codes.
-enum class Fmt : int { F32 = 0, F16 = 1, BF16 = 2, INT8 = 3, INT4 = 4, INT2 = 5, FP8 = 6 };
+// Payload format of a stored key/value tensor as the kernel decodes it: the quantized formats ARE the format table's
+// codes (malloc_kernels/core/formats.py -> formats.h); the table's "float" format is split by the payload's dtype
+// (F32 keeps the table's float code 0; F16/BF16 take codes outside the table's range).
+enum class Fmt : int {
+  F32 = formats::kFLOAT,
+  INT8 = formats::kINT8,
+  INT4 = formats::kINT4,
+  INT2 = formats::kINT2,
+  FP8 = formats::kFP8,
+  NVFP4 = formats::kNVFP4,
+  F16 = 64 + int(DType::F16),
+  BF16 = 64 + int(DType::BF16),
+};
+static_assert(formats::kNumFormats == 6, "a new cache format needs its Fmt member and a decode in the kernel");
+
+// The Fmt of a floating payload of dtype `dt`.
+constexpr Fmt float_fmt(DType dt) { return dt == DType::F32 ? Fmt::F32 : dt == DType::F16 ? Fmt::F16 : Fmt::BF16; }
 
 // A [B, H, L, ...] view addressed as p + b*sB + h*sH + (start[b] + i)*sL (element units). Dense tensors use
 // start == nullptr; jagged [total, H, ...] tensors use sB = 0 and start = offsets.
@@ -41,7 +57,8 @@ struct Strided {
 
 struct Segment {
   // A cache segment: contiguous [B, Hkv, C, row] payload. For the quantized formats `k`/`v` are uint8 codes and
-  // scale/zero are float16 bit patterns (uint16) laid out per core/kvcache.py.
+  // scale/zero are float16 bit patterns (uint16) laid out per core/kvcache.py; NVFP4's one-byte e4m3 scales come
+  // through k_scale8/v_scale8 instead (format table column scale_dtype).
   const void* k = nullptr;
   const void* v = nullptr;
   Fmt k_fmt = Fmt::F32, v_fmt = Fmt::F32;
@@ -52,6 +69,8 @@ struct Segment {
   const uint16_t* k_zero = nullptr;
   const uint16_t* v_scale = nullptr;
   const uint16_t* v_zero = nullptr;
+  const uint8_t* k_scale8 = nullptr;    // [B, Hkv, C, ceil(D / 16)] e4m3fn (NVFP4)
+  const uint8_t* v_scale8 = nullptr;
   const int32_t* length = nullptr;      // [B, Hkv]
   const int32_t* position = nullptr;    // [B, Hkv, C]
   const int64_t* timestamp = nullptr;   // [B, Hkv, C] or null

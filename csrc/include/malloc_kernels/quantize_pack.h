@@ -30,4 +30,12 @@ void unpack_dequantize_cpu(const uint8_t* codes, const uint16_t* scale, const ui
                            const int32_t* length, const int64_t* ls, int64_t B, int64_t H, int64_t N, int64_t D,
                            const QuantSpec& spec, float* out);
 
+// NVFP4 (format table row "nvfp4", nvfp4.h): codes uint8 [B, H, N, ceil(D / 2)], scales e4m3fn bytes
+// [B, H, N, ceil(D / 16)], token axis only, no zero; padding entries store 0. Returns 0 or the status of the first
+// bad group (quant::kNonFinite, nvfp4::kScaleOverflow).
+int quantize_pack_nvfp4_cpu(const float* x, const int64_t* xs, const int32_t* length, const int64_t* ls, int64_t B,
+                            int64_t H, int64_t N, int64_t D, uint8_t* codes, uint8_t* scale);
+void unpack_dequantize_nvfp4_cpu(const uint8_t* codes, const uint8_t* scale, const int32_t* length,
+                                 const int64_t* ls, int64_t B, int64_t H, int64_t N, int64_t D, float* out);
+
 }  // namespace malloc_kernels

@@ -1,6 +1,7 @@
 // Torch glue of the CUDA kernels (built only when torch is a CUDA build and nvcc exists; see setup.py):
 //   malloc_kernels::cuda_quantize_pack(x, length, fmt, group_size, axis) -> (codes, scale, zero)
 //   malloc_kernels::cuda_decode_attention(...) -> (out, lse)
+// Formats are the format table's numeric codes (malloc_kernels/core/formats.py -> formats.h), never names.
 // Tensors are validated/normalised by malloc_kernels/ops/cuda.py (fp32 contiguous queries and request tokens,
 // contiguous cache payloads); this file checks every device, dtype, contiguity and shape the kernel relies on
 // (TORCH_CHECK_VALUE / _TYPE), so a direct call cannot make the kernel index past a buffer. Segment lengths live
@@ -26,12 +27,15 @@ void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
-QuantSpec make_spec(const std::string& fmt, int64_t group_size, const std::string& axis) {
+namespace fm = malloc_kernels::formats;
+
+// `fmt`: the format table's code (core/formats.py -> formats.h). The CUDA packer writes int8/int4/int2/fp8.
+QuantSpec make_spec(int64_t fmt, int64_t group_size, const std::string& axis) {
   QuantSpec s{};
-  s.bits = fmt == "int4" ? 4 : fmt == "int2" ? 2 : 8;
-  s.fp8 = fmt == "fp8";
-  TORCH_CHECK_VALUE(fmt == "int8" || fmt == "int4" || fmt == "int2" || fmt == "fp8",
-                    "fmt must be one of 'int8', 'int4', 'int2', 'fp8', got '", fmt, "'");
+  TORCH_CHECK_VALUE(fmt > fm::kFLOAT && fmt < fm::kNumFormats && fmt != fm::kNVFP4,
+                    "fmt must be the code of int8, int4, int2 or fp8 (the CUDA packer has no nvfp4), got ", fmt);
+  s.bits = fm::kBits[fmt];
+  s.fp8 = fmt == fm::kFP8;
   TORCH_CHECK_VALUE(axis == "token" || axis == "channel", "axis must be 'token' or 'channel', got '", axis, "'");
   TORCH_CHECK_VALUE(group_size > 0, "group_size must be positive, got ", group_size);
   s.group_size = static_cast<int>(group_size);
@@ -40,9 +44,9 @@ QuantSpec make_spec(const std::string& fmt, int64_t group_size, const std::strin
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_quantize_pack(const at::Tensor& x, const at::Tensor& length,
-                                                                  c10::string_view fmt, int64_t group_size,
+                                                                  int64_t fmt, int64_t group_size,
                                                                   c10::string_view axis) {
-  const QuantSpec spec = make_spec(std::string(fmt), group_size, std::string(axis));
+  const QuantSpec spec = make_spec(fmt, group_size, std::string(axis));
   TORCH_CHECK_TYPE(x.is_floating_point(), "x must be floating point, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() == 4 && x.is_cuda(), "x must be a CUDA tensor [B, H, N, D]");
   TORCH_CHECK_TYPE(length.scalar_type() == at::kInt, "length must be int32");
@@ -73,19 +77,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_quantize_pack(const at::Tens
   return std::make_tuple(codes, scale, zero);
 }
 
-int format_code(const std::string& fmt, const at::Tensor& t) {
-  if (fmt == "float") {
+// `fmt`: the format table's code; quantized codes are DecodeFormat members as they are.
+int format_code(int64_t fmt, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(fmt >= 0 && fmt < fm::kNumFormats, "format code must be in [0, ", fm::kNumFormats, "), got ", fmt);
+  if (fmt == fm::kFLOAT) {
     if (t.scalar_type() == at::kFloat) return mc::kFmtF32;
     if (t.scalar_type() == at::kHalf) return mc::kFmtF16;
     if (t.scalar_type() == at::kBFloat16) return mc::kFmtBF16;
     TORCH_CHECK_TYPE(false, "float cache payloads must be float32, float16 or bfloat16, got ", t.scalar_type());
   }
-  if (fmt == "int8") return mc::kFmtI8;
-  if (fmt == "int4") return mc::kFmtI4;
-  if (fmt == "int2") return mc::kFmtI2;
-  if (fmt == "fp8") return mc::kFmtFP8;
-  TORCH_CHECK_VALUE(false, "unknown cache format '", fmt, "'");
-  return 0;
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kByte, "payloads of format ", fm::kName[fmt], " must be uint8 codes");
+  return static_cast<int>(fmt);
+}
+
+const uint8_t* byte_ptr(const c10::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined() || t->numel() == 0) return nullptr;
+  TORCH_CHECK_TYPE(t->scalar_type() == at::kByte, "nvfp4 scales must be uint8 (e4m3fn bits)");
+  TORCH_CHECK_VALUE(t->is_contiguous(), "scales must be contiguous");
+  return t->data_ptr<uint8_t>();
 }
 
 const uint16_t* half_ptr(const c10::optional<at::Tensor>& t) {
@@ -116,8 +125,7 @@ const T* opt_ptr(const c10::optional<at::Tensor>& t) {
 }
 
 // One segment: payloads [B, Hkv, C, *] contiguous, per-entry fields [B, Hkv, C].
-mc::DecodeSegment segment(const at::Tensor& k, const at::Tensor& v, const std::string& k_fmt,
-                          const std::string& v_fmt, bool k_channel, int64_t group_size, int64_t head_dim,
+mc::DecodeSegment segment(const at::Tensor& k, const at::Tensor& v, int64_t k_fmt, int64_t v_fmt, bool k_channel, int64_t group_size, int64_t head_dim,
                           const c10::optional<at::Tensor>& k_scale, const c10::optional<at::Tensor>& k_zero,
                           const c10::optional<at::Tensor>& v_scale, const c10::optional<at::Tensor>& v_zero,
                           const c10::optional<at::Tensor>& length, const c10::optional<at::Tensor>& pos,
@@ -167,10 +175,9 @@ mc::DecodeSegment segment(const at::Tensor& k, const at::Tensor& v, const std::s
   s.group_size = static_cast<int>(group_size > 0 ? group_size : 1);
   s.head_dim = static_cast<int>(head_dim);
   s.capacity = static_cast<int>(k.size(2));
-  s.k_scale = half_ptr(k_scale);
-  s.k_zero = half_ptr(k_zero);
-  s.v_scale = half_ptr(v_scale);
-  s.v_zero = half_ptr(v_zero);
+  // scale dtype per the format table: e4m3 bytes (nvfp4) or float16 bits
+  if (s.k_fmt == mc::kFmtNVFP4) s.k_scale8 = byte_ptr(k_scale); else { s.k_scale = half_ptr(k_scale); s.k_zero = half_ptr(k_zero); }
+  if (s.v_fmt == mc::kFmtNVFP4) s.v_scale8 = byte_ptr(v_scale); else { s.v_scale = half_ptr(v_scale); s.v_zero = half_ptr(v_zero); }
   if (length.has_value()) {
     TORCH_CHECK_TYPE(length->scalar_type() == at::kInt, "segment lengths must be int32");
     s.length = opt_ptr<int32_t>(length);
@@ -193,8 +200,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_decode_attention(
     const at::Tensor& v_req, const at::Tensor& k_lengths, const c10::optional<at::Tensor>& q_pos,
     const c10::optional<at::Tensor>& q_ts, const c10::optional<at::Tensor>& k_pos,
     const c10::optional<at::Tensor>& k_ts,
-    const c10::optional<at::Tensor>& cache_k, const c10::optional<at::Tensor>& cache_v, c10::string_view k_fmt,
-    c10::string_view v_fmt, c10::string_view k_axis, int64_t group_size, const c10::optional<at::Tensor>& k_scale,
+    const c10::optional<at::Tensor>& cache_k, const c10::optional<at::Tensor>& cache_v, int64_t k_fmt,
+    int64_t v_fmt, c10::string_view k_axis, int64_t group_size, const c10::optional<at::Tensor>& k_scale,
     const c10::optional<at::Tensor>& k_zero, const c10::optional<at::Tensor>& v_scale,
     const c10::optional<at::Tensor>& v_zero, const c10::optional<at::Tensor>& cache_length,
     const c10::optional<at::Tensor>& cache_pos, const c10::optional<at::Tensor>& cache_ts,
@@ -273,16 +280,15 @@ std::tuple<at::Tensor, at::Tensor> cuda_decode_attention(
   TORCH_CHECK_VALUE(!p.hstu || p.inv_n, "inv_n is required for kind='hstu'");
   TORCH_CHECK_VALUE(!p.time_bias || (p.time_th && p.q_ts), "time_bias needs time_th and q_ts");
 
-  const std::string kf(k_fmt), vf(v_fmt);
   if (cache_k.has_value()) {
-    p.seg[0] = segment(*cache_k, *cache_v, kf, vf, std::string(k_axis) == "channel", group_size, D, k_scale, k_zero,
+    p.seg[0] = segment(*cache_k, *cache_v, k_fmt, v_fmt, std::string(k_axis) == "channel", group_size, D, k_scale, k_zero,
                        v_scale, v_zero, cache_length, cache_pos, cache_ts, cache_count);
   }
   if (res_k.has_value()) {
-    p.seg[1] = segment(*res_k, *res_v, "float", "float", false, 1, D, c10::nullopt, c10::nullopt, c10::nullopt,
+    p.seg[1] = segment(*res_k, *res_v, fm::kFLOAT, fm::kFLOAT, false, 1, D, c10::nullopt, c10::nullopt, c10::nullopt,
                        c10::nullopt, res_length, res_pos, res_ts, res_count);
   }
-  p.seg[2] = segment(k_req, v_req, "float", "float", false, 1, D, c10::nullopt, c10::nullopt, c10::nullopt,
+  p.seg[2] = segment(k_req, v_req, fm::kFLOAT, fm::kFLOAT, false, 1, D, c10::nullopt, c10::nullopt, c10::nullopt,
                      c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt);
   p.seg[2].is_request = true;
   p.seg[2].length = opt_ptr<int32_t>(k_lengths);
@@ -316,10 +322,10 @@ std::tuple<at::Tensor, at::Tensor> cuda_decode_attention(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(malloc_kernels, m) {
-  m.def("cuda_quantize_pack(Tensor x, Tensor length, str fmt, int group_size, str axis) -> (Tensor, Tensor, Tensor)");
+  m.def("cuda_quantize_pack(Tensor x, Tensor length, int fmt, int group_size, str axis) -> (Tensor, Tensor, Tensor)");
   m.def("cuda_decode_attention(Tensor q, Tensor q_lengths, Tensor num_targets, Tensor k_req, Tensor v_req, "
         "Tensor k_lengths, Tensor? q_pos, Tensor? q_ts, Tensor? k_pos, Tensor? k_ts, Tensor? cache_k, "
-        "Tensor? cache_v, str k_fmt, str v_fmt, str k_axis, "
+        "Tensor? cache_v, int k_fmt, int v_fmt, str k_axis, "
         "int group_size, Tensor? k_scale, Tensor? k_zero, Tensor? v_scale, Tensor? v_zero, Tensor? cache_length, "
         "Tensor? cache_pos, Tensor? cache_ts, Tensor? cache_count, Tensor? res_k, Tensor? res_v, "
         "Tensor? res_length, Tensor? res_pos, Tensor? res_ts, Tensor? res_count, Tensor? pos_bias, "

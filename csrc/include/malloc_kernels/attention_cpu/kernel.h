@@ -14,6 +14,7 @@
 #include "malloc_kernels/attention_cpu/bias_rows.h"
 #include "malloc_kernels/attention_cpu/scratch.h"
 #include "malloc_kernels/bias.h"
+#include "malloc_kernels/nvfp4.h"
 
 namespace malloc_kernels {
 namespace cpu {
@@ -88,7 +89,7 @@ class Kernel {
       if (p_.kv_dtype == DType::F32 && Dp_ == D_) {
         K = reinterpret_cast<const float*>(row0); ldk = p_.k.sL;
       } else {
-        decode_rows_rt(Fmt(int(p_.kv_dtype)), reinterpret_cast<const uint8_t*>(row0), int64_t(eb) * p_.k.sL, n, D_,
+        decode_rows_rt(float_fmt(p_.kv_dtype), reinterpret_cast<const uint8_t*>(row0), int64_t(eb) * p_.k.sL, n, D_,
                        Dp_, sc.Kt.data(), 0, nullptr, nullptr, 0);
         K = sc.Kt.data(); ldk = Dp_;
       }
@@ -97,7 +98,11 @@ class Kernel {
       const uint8_t* row0 = static_cast<const uint8_t*>(sg.k) + (bh * sg.capacity + j0) * rb;
       const bool quant = sg.k_fmt == Fmt::INT8 || sg.k_fmt == Fmt::INT4 || sg.k_fmt == Fmt::INT2 ||
                          sg.k_fmt == Fmt::FP8;
-      if (!quant && sg.k_fmt == Fmt::F32 && Dp_ == D_) {
+      if (sg.k_fmt == Fmt::NVFP4) {
+        nvfp4::decode_rows(row0, rb, n, D_, Dp_, sc.Kt.data(), sg.k_scale8 + (bh * sg.capacity + j0) * nvfp4::groups(D_),
+                           nvfp4::groups(D_));
+        K = sc.Kt.data(); ldk = Dp_;
+      } else if (!quant && sg.k_fmt == Fmt::F32 && Dp_ == D_) {
         K = reinterpret_cast<const float*>(row0); ldk = D_;
       } else if (!quant) {
         decode_rows_rt(sg.k_fmt, row0, rb, n, D_, Dp_, sc.Kt.data(), 0, nullptr, nullptr, 0);
@@ -203,7 +208,7 @@ class Kernel {
       const size_t eb = p_.kv_dtype == DType::F32 ? 4 : 2;
       const char* row0 = base + eb * p_.v.offset(b, h, j0);
       if (p_.kv_dtype == DType::F32 && Dp_ == D_) { *V = reinterpret_cast<const float*>(row0); *ldv = p_.v.sL; return; }
-      decode_rows_rt(Fmt(int(p_.kv_dtype)), reinterpret_cast<const uint8_t*>(row0), int64_t(eb) * p_.v.sL, n, D_, Dp_,
+      decode_rows_rt(float_fmt(p_.kv_dtype), reinterpret_cast<const uint8_t*>(row0), int64_t(eb) * p_.v.sL, n, D_, Dp_,
                      sc.Vt.data(), 0, nullptr, nullptr, 0);
       *V = sc.Vt.data(); *ldv = Dp_;
       return;
@@ -212,6 +217,12 @@ class Kernel {
     const int64_t rb = row_bytes(sg.v_fmt, D_);
     const uint8_t* row0 = static_cast<const uint8_t*>(sg.v) + (bh * sg.capacity + j0) * rb;
     if (sg.v_fmt == Fmt::F32 && Dp_ == D_) { *V = reinterpret_cast<const float*>(row0); *ldv = D_; return; }
+    if (sg.v_fmt == Fmt::NVFP4) {
+      nvfp4::decode_rows(row0, rb, n, D_, Dp_, sc.Vt.data(), sg.v_scale8 + (bh * sg.capacity + j0) * nvfp4::groups(D_),
+                         nvfp4::groups(D_));
+      *V = sc.Vt.data(); *ldv = Dp_;
+      return;
+    }
     const bool quant = sg.v_fmt == Fmt::INT8 || sg.v_fmt == Fmt::INT4 || sg.v_fmt == Fmt::INT2 || sg.v_fmt == Fmt::FP8;
     if (quant) {
       const int64_t ngr = D_ / sg.group_size;

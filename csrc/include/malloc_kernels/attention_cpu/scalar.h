@@ -75,7 +75,7 @@ inline int64_t row_bytes(Fmt f, int D) {
     case Fmt::F32: return int64_t(D) * 4;
     case Fmt::F16: case Fmt::BF16: return int64_t(D) * 2;
     case Fmt::INT8: case Fmt::FP8: return D;
-    case Fmt::INT4: return (int64_t(D) * 4 + 7) / 8;
+    case Fmt::INT4: case Fmt::NVFP4: return (int64_t(D) * 4 + 7) / 8;
     default: return (int64_t(D) * 2 + 7) / 8;
   }
 }
