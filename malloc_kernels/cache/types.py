@@ -50,6 +50,8 @@ from typing import Optional
 
 import torch
 
+from .spec import PolicySpec
+
 FLOAT_FORMAT = "float"
 INT_FORMATS = {"int8": 8, "int4": 4, "int2": 2}
 FP8_FORMAT = "fp8"
@@ -100,6 +102,11 @@ class KVCache:
     v_zero: Optional[torch.Tensor] = None
     residual: Optional["KVCache"] = None
     meta: dict = field(default_factory=dict)
+    # the policy that built the cache (``compress`` sets it) and its per-entry online score state (float32
+    # ``[B, Hkv, C]``: accumulated attention mass for h2o/d2o, the latest window mass for tova/snapkv/pyramidkv;
+    # None for policies that do not score entries); ``append`` maintains both (see ``policies/online.py``)
+    policy: Optional[PolicySpec] = None
+    mass: Optional[torch.Tensor] = None
 
     # ---- shape helpers -------------------------------------------------------------------------------------
     @property
@@ -170,6 +177,24 @@ class KVCache:
         from .serialize import cache_to_bytes
         return cache_to_bytes(self, user_index)
 
+    # ---- online maintenance (implemented in policies/online.py) ---------------------------------------------
+    def append(self, key, value, positions=None, timestamps=None, *, lengths=None, offsets=None, counts=None,
+               stats=None) -> "KVCache":
+        """The cache with new entries appended after every existing one, kept within its policy's budget.
+
+        key, value: ``[B, Hkv, L, D]`` floating (``lengths [B]``: new entries per user, default ``L``) or jagged
+        ``[total, Hkv, D]`` with ``offsets [B+1]``; positions: int ``[L]``/``[B, L]``/``[B, Hkv, L]`` (default: each
+        user's ``original_length + arange``), strictly increasing and after every stored position; timestamps:
+        int64 likewise, required exactly when the cache carries timestamps; counts: optional merge counts (>= 0).
+        stats: the ``AttentionStats`` of the serving call that produced these keys (``attention(...,
+        cache=self, return_stats=True)``), required by the scoring policies. Returns a new validated cache;
+        ``original_length`` grows by the number of appended entries. ``policies/online.py`` says, per policy,
+        what equals ``compress`` of the whole history and what is an online invariant.
+        """
+        from ..policies.online import append_cache
+        return append_cache(self, key, value, positions=positions, timestamps=timestamps, lengths=lengths,
+                            offsets=offsets, counts=counts, stats=stats)
+
     # ---- validation -----------------------------------------------------------------------------------------
     def validate(self) -> "KVCache":
         """Raise ``ValueError``/``TypeError`` naming the offending field if the cache breaks the contract."""
@@ -206,11 +231,17 @@ class KVCache:
             if self.count.shape != (B, H, C) or self.count.dtype != torch.float32:
                 raise ValueError(f"cache.count must be float32 [B, Hkv, C]={(B, H, C)}, got "
                                  f"{self.count.dtype} {tuple(self.count.shape)}")
+        if self.mass is not None:
+            if self.mass.shape != (B, H, C) or self.mass.dtype != torch.float32:
+                raise ValueError(f"cache.mass must be float32 [B, Hkv, C]={(B, H, C)}, got "
+                                 f"{self.mass.dtype} {tuple(self.mass.shape)}")
+        if self.policy is not None and not isinstance(self.policy, PolicySpec):
+            raise TypeError(f"cache.policy must be a PolicySpec or None, got {type(self.policy).__name__}")
         if self.length.numel() and (int(self.length.min()) < 0 or int(self.length.max()) > C):
             raise ValueError(f"cache.length must be within [0, capacity={C}], got range "
                              f"[{int(self.length.min())}, {int(self.length.max())}]")
         for name in ("length", "position", "original_length", "timestamp", "count", "k_scale", "k_zero",
-                     "v_scale", "v_zero"):
+                     "v_scale", "v_zero", "mass"):
             t = getattr(self, name)
             if t is not None and t.device != self.k.device:
                 raise ValueError(f"cache.{name} is on {t.device} but cache.k is on {self.k.device}")
@@ -254,8 +285,8 @@ class KVCache:
 
     # ---- pytree registration helpers ------------------------------------------------------------------------
     _TENSOR_FIELDS = ("k", "v", "length", "position", "original_length", "timestamp", "count",
-                      "k_scale", "k_zero", "v_scale", "v_zero", "residual")
-    _STATIC_FIELDS = ("head_dim", "k_format", "v_format", "k_axis", "group_size")
+                      "k_scale", "k_zero", "v_scale", "v_zero", "residual", "mass")
+    _STATIC_FIELDS = ("head_dim", "k_format", "v_format", "k_axis", "group_size", "policy")
 
 
 def _flatten(cache: KVCache):
