@@ -119,16 +119,20 @@ def test_ttl_expires_entries(store_url):
         assert states == [None, None]
 
 
-def test_concurrent_appenders_lose_nothing(store_url):
-    info = run_concurrent_appends(store_url, users_of(4), writers=3, appends=25)
-    assert info["lost"] == 0 and info["acknowledged"] == 75
+def test_concurrent_appender_processes_lose_nothing(tmp_path, redis_server, redis_cluster):
+    urls = [str(tmp_path / "store"), redis_server.url, redis_cluster.url]
+    info = run_concurrent_appends(urls, users_of(4), writers=3, appends=20)
+    for url in urls:
+        assert info[url]["lost"] == 0 and info[url]["acknowledged"] == 60
 
 
 @pytest.mark.slow
-def test_concurrent_appenders_8x1000_on_10_users(store_url):
-    info = run_concurrent_appends(store_url, users_of(10), writers=8, appends=1000, timeout=1500)
+def test_concurrent_appenders_8x1000_on_10_users(tmp_path, redis_server, redis_cluster):
+    urls = [str(tmp_path / "store"), redis_server.url, redis_cluster.url]
+    info = run_concurrent_appends(urls, users_of(10), writers=8, appends=1000, timeout=2400)
     print(info)
-    assert info["lost"] == 0 and info["acknowledged"] == 8000
+    for url in urls:
+        assert info[url]["lost"] == 0 and info[url]["acknowledged"] == 8000
 
 
 @pytest.mark.slow

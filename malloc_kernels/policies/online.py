@@ -114,6 +114,14 @@ def stats_window_for(cache: KVCache) -> Optional[int]:
     return mass_window(make_policy(cache.policy))
 
 
+def serving_stats_request(cache: KVCache):
+    """``(return_stats, stats_window)`` for the serving attention call whose stats feed ``cache.append``."""
+    if cache.policy is None:
+        return False, None
+    policy = make_policy(cache.policy)
+    return mass_mode(policy) is not None, mass_window(policy)
+
+
 # ---- compress-time: record the policy and the initial score state ---------------------------------------------
 def attach_policy(cache: KVCache, method: str, budget, seed: int, params: dict, extra: dict, policy,
                   inp: PolicyInput) -> KVCache:

@@ -26,42 +26,58 @@ def seed_users(url: str, users: List[str]) -> None:
         st.put_many(users, empty)
 
 
-def _writer(url: str, users: List[str], writer: int, appends: int, out) -> None:
+def _writer(urls: List[str], users: List[str], writer: int, appends: int, out) -> None:
     torch.set_num_threads(1)
     from . import open_store
-    landed = []
-    with open_store(url, max_rounds=10000) as st:
-        for i in range(appends):
-            u = users[(writer + i) % len(users)]
-            k = torch.zeros(1, H, 1, D)
-            v = torch.tensor([float(writer), float(i), 0.0, 0.0]).view(1, H, 1, D)
-            st.append([u], k, v)
-            landed.append((u, writer, i))
-        out.put((writer, landed, st.stats["conflicts"]))
+    for url in urls:
+        landed = []
+        with open_store(url, max_rounds=10000) as st:
+            for i in range(appends):
+                u = users[(writer + i) % len(users)]
+                k = torch.zeros(1, H, 1, D)
+                v = torch.tensor([float(writer), float(i), 0.0, 0.0]).view(1, H, 1, D)
+                st.append([u], k, v)
+                landed.append((u, writer, i))
+            out.put((url, writer, landed, st.stats["conflicts"]))
 
 
-def run_concurrent_appends(url: str, users: List[str], writers: int = 8, appends: int = 1000,
-                           timeout: float = 600.0) -> Dict[str, object]:
-    """Run the writers (spawned processes), then verify the store; returns counts (raises AssertionError on loss)."""
-    from . import open_store
-    seed_users(url, users)
+def run_concurrent_appends(urls, users: List[str], writers: int = 8, appends: int = 1000,
+                           timeout: float = 600.0) -> Dict[str, Dict[str, object]]:
+    """Run the writers (spawned processes; each does its appends on every store of ``urls`` in turn), then verify
+    every store. Returns per-URL counts; raises AssertionError on any lost, duplicated or reordered append."""
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    for url in urls:
+        seed_users(url, users)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_writer, args=(url, users, w, appends, q)) for w in range(writers)]
+    procs = [ctx.Process(target=_writer, args=(urls, users, w, appends, q)) for w in range(writers)]
     t0 = time.perf_counter()
     for p in procs:
         p.start()
-    results, conflicts = [], 0
+    results = {u: [] for u in urls}
+    conflicts = {u: 0 for u in urls}
+    finished = {u: 0.0 for u in urls}
     deadline = time.monotonic() + timeout
-    for _ in procs:
-        w, landed, c = q.get(timeout=max(1.0, deadline - time.monotonic()))
-        results += landed
-        conflicts += c
+    for _ in range(len(procs) * len(urls)):
+        url, w, landed, c = q.get(timeout=max(1.0, deadline - time.monotonic()))
+        results[url] += landed
+        conflicts[url] += c
+        finished[url] = time.perf_counter() - t0
     for p in procs:
         p.join(timeout=max(1.0, deadline - time.monotonic()))
         if p.exitcode != 0:
             raise AssertionError(f"writer process exited with {p.exitcode}")
-    seconds = time.perf_counter() - t0
+    out = {}
+    for url in urls:
+        info = _verify(url, users, writers, results[url])
+        info.update(writers=writers, appends_per_writer=appends, cas_conflicts_retried=conflicts[url],
+                    finished_after_s=finished[url])
+        out[url] = info
+    return out
+
+
+def _verify(url, users, writers, results) -> Dict[str, object]:
+    from . import open_store
     with open_store(url) as st:
         state = st.get_many(users)
     expected: Dict[str, set] = {u: set() for u in users}
@@ -80,6 +96,4 @@ def run_concurrent_appends(url: str, users: List[str], writers: int = 8, appends
             seq = [i for (ww, i) in got if ww == w]
             assert seq == sorted(seq), f"user {u}: writer {w}'s appends out of order"
     assert lost == 0 and dup == 0, f"lost {lost}, duplicated {dup} acknowledged appends"
-    return {"writers": writers, "appends_per_writer": appends, "users": len(users), "acknowledged": len(results),
-            "lost": lost, "duplicated": dup, "cas_conflicts_retried": conflicts, "seconds": seconds,
-            "appends_per_s": len(results) / seconds}
+    return {"users": len(users), "acknowledged": len(results), "lost": lost, "duplicated": dup}
