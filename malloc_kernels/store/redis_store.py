@@ -51,7 +51,10 @@ class RedisStore(CacheStore):
             from redis.cluster import RedisCluster
             self.r = RedisCluster(host=host, port=port, **kw)
         else:
-            self.r = redis.Redis(host=host, port=port, **kw)
+            # no silent client-side retries: a failed call surfaces, so the caller retries it and reports it
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+            self.r = redis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **kw)
         self._cas_script = self.r.register_script(_CAS_LUA)
 
     def close(self) -> None:
