@@ -602,6 +602,14 @@ def _append_flush(cache, new, policy, G):
     res = cache.residual
     dtype = res.k.dtype if res is not None else new.k.dtype
     want_cnt = cache.count is not None or new.cnt is not None or (res is not None and res.count is not None)
+    if res is not None and not hasattr(policy, "sinks") and bool((full == L_main).all()):
+        # fast path (most appends): nothing reaches a whole group beyond the window, so only the residual grows
+        ncand = res.length.to(torch.int64) + new.n[:, None]
+        if not bool((ncand - R >= G).any()):
+            u = cat_segs([_entry_seg(res, res.k, res.v, None, want_cnt, False),
+                          _new_seg(new, want_cnt, False, None)])
+            rest = _seg_cache(u, cache.original_length)
+            return cache.replace(residual=rest.replace(k=rest.k.to(dtype), v=rest.v.to(dtype)))
     # entries of a partial last key group go back to full precision (their dequantized values)
     segs = []
     if bool((full < L_main).any()):
