@@ -85,5 +85,18 @@ def stack_states(states: Sequence) -> object:
     return [stack_users([s[li] for s in states]) for li in range(n)]
 
 
+def user_slice(cache: KVCache, u: int) -> KVCache:
+    """User ``u`` of a batched cache as a one-user cache of views (no copy); serialising a user from the slice
+    validates one user instead of the whole batch."""
+    ch = {}
+    for f in KVCache._TENSOR_FIELDS:
+        t = getattr(cache, f)
+        if isinstance(t, KVCache):
+            ch[f] = user_slice(t, u)
+        elif t is not None:
+            ch[f] = t[u:u + 1]
+    return cache.replace(**ch)
+
+
 def state_layers(state) -> List[KVCache]:
     return [state] if isinstance(state, KVCache) else list(state)

@@ -25,6 +25,7 @@ from typing import List, Sequence, Union
 
 import torch
 
+from .batch import user_slice
 from .serialize import cache_from_bytes
 from .spec import PolicySpec
 from .types import KVCache
@@ -62,17 +63,20 @@ def _mass_bytes(seg: KVCache, u: int) -> bytes:
 def state_to_bytes(state: State, user: int) -> bytes:
     """Serialise user ``user`` of a state (one KVCache or a list of per-layer KVCaches, B users each)."""
     layers, single = _layers(state)
+    if isinstance(user, bool) or not isinstance(user, int) or not 0 <= user < layers[0].batch_size:
+        raise ValueError(f"user must be an int in [0, {layers[0].batch_size}), got {user!r}")
     parts = []
     for c in layers:
+        c = user_slice(c, user)
         spec = b"" if c.policy is None else c.policy.to_json().encode()
-        blob = c.to_bytes(user)
+        blob = c.to_bytes(0)
         flags = (1 if c.mass is not None else 0) | (2 if c.residual is not None and c.residual.mass is not None
                                                     else 0)
         parts += [_U32.pack(len(spec)), spec, _U64.pack(len(blob)), blob, _U8.pack(flags)]
         if flags & 1:
-            parts.append(_mass_bytes(c, user))
+            parts.append(_mass_bytes(c, 0))
         if flags & 2:
-            parts.append(_mass_bytes(c.residual, user))
+            parts.append(_mass_bytes(c.residual, 0))
     body = b"".join(parts)
     total = _HEADER.size + len(body) + 4
     head = _HEADER.pack(MAGIC, VERSION, FLAG_SINGLE if single else 0, len(layers), 0, total)
