@@ -241,6 +241,8 @@ def test_append_validation_names_the_argument():
         c.append(kn.to(torch.int32), vn.to(torch.int32), timestamps=t)
     with pytest.raises(TypeError, match="integer"):
         c.append(kn, vn, timestamps=t.double())
+    with pytest.raises(ValueError, match="int64"):
+        c.append(kn, vn, timestamps=[[2 ** 70, 2 ** 70]] * B)
     with pytest.raises(ValueError, match="counts"):
         c.append(kn, vn, timestamps=t, counts=torch.full((B, 2), -1.0))
     with pytest.raises(ValueError, match="lengths"):

@@ -250,9 +250,14 @@ def _segments(cache: KVCache):
 def _per_entry(t, name, B, H, L, offsets, dev):
     from ..ops.layout import jagged_to_padded
     if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(t)
+        try:
+            t = torch.as_tensor(t)
+        except (RuntimeError, OverflowError, TypeError, ValueError) as e:
+            raise ValueError(f"{name} must be integers that fit int64: {e}") from None
     if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if hasattr(torch, "uint64") and t.dtype == torch.uint64:
+        raise TypeError(f"{name} must be a signed integer tensor (uint64 values may not fit int64)")
     t = t.to(device=dev, dtype=torch.int64)
     if offsets is not None:
         if t.dim() == 1:
