@@ -260,3 +260,25 @@ def test_policy_spec_round_trips_as_json():
     assert PolicySpec.from_json(spec.to_json()) == spec
     with pytest.raises(ValueError):
         PolicySpec.from_json('{"method": "h2o"}')
+
+
+def test_intactkv_keeps_every_token_and_its_pivots_full_precision():
+    k, v, ts = history(120)
+    c = mk.compress(k[:, :, :70], v[:, :, :70], "intactkv4", group_size=8, residual=8, sinks=1, pivots=3,
+                    stats=torch.rand(B, H, 70, generator=torch.Generator().manual_seed(5)), timestamps=ts[:, :70])
+    # the pivots compress chose among the entries older than its newest quantized one stay full precision for
+    # good (pivots in the unquantized tail are not told apart from the tail online: documented in online.py)
+    newest_q = c.position[..., :int(c.length.max())].amax(-1)
+    pivots0 = {(b, h): {p for p in c.residual.position[b, h, :int(c.residual.length[b, h])].tolist()
+                        if p < int(newest_q[b, h])} for b in range(B) for h in range(H)}
+    assert any(len(p) > 1 for p in pivots0.values())
+    a = 70
+    for m in (1, 9, 3, 20, 17):
+        c = c.append(k[:, :, a:a + m], v[:, :, a:a + m], timestamps=ts[:, a:a + m])
+        a += m
+        assert (c.length % 8 == 0).all() and torch.equal(total_stored(c), torch.full((B, H), a))
+        assert stored_positions(c) == [[list(range(a))] * H] * B          # keeps every token
+        for (b, h), piv in pivots0.items():
+            res = set(c.residual.position[b, h, :int(c.residual.length[b, h])].tolist())
+            assert 0 in res and piv <= res, "sinks and pivots stay full precision"
+        assert int((c.residual.length - 3 - 1).max()) < 8 + 8             # window + at most one partial group
