@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import malloc_kernels as mk
-from malloc_kernels.cache.spec import PolicySpec
+from malloc_kernels.core.policy_spec import PolicySpec
 from malloc_kernels.policies.online import stats_window_for
 
 B, H, HQ, D = 2, 2, 4, 16

@@ -27,7 +27,7 @@ import torch
 
 from .batch import user_slice
 from .serialize import cache_from_bytes
-from .spec import PolicySpec
+from ..core.policy_spec import PolicySpec
 from .types import KVCache
 
 MAGIC = b"MKUS"

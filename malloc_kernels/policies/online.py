@@ -42,17 +42,17 @@ that fit int32 and come strictly after every stored position, timestamps exactly
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 
 from ..cache.quant import quantize_tensor
-from ..cache.spec import PolicySpec
 from ..cache.types import FLOAT_FORMAT, KVCache
+from ..core.policy_spec import PolicySpec
 from .budget import Budget, largest_fitting, token_budgets
-from .registry import CONTEXT_KEYS, PolicyInput, get_policy
+from .base import CONTEXT_KEYS, PolicyInput
+from .registry import get_policy
 from .selection import canonical_rows, select_top
 
 INT32_MAX = 2 ** 31 - 1
@@ -248,7 +248,7 @@ def _segments(cache: KVCache):
 
 
 def _per_entry(t, name, B, H, L, offsets, dev):
-    from ..ops.layout import jagged_to_padded
+    from ..core.layout import jagged_to_padded
     if not isinstance(t, torch.Tensor):
         try:
             t = torch.as_tensor(t)
@@ -278,7 +278,7 @@ def _per_entry(t, name, B, H, L, offsets, dev):
 def check_new_entries(cache: KVCache, key, value, positions=None, timestamps=None, lengths=None, offsets=None,
                       counts=None) -> New:
     """Validate and normalise the entries to append (the data checks of ``KVCache.append``)."""
-    from ..ops.layout import jagged_to_padded
+    from ..core.layout import jagged_to_padded
     if not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor):
         raise TypeError("key and value must be tensors")
     if not key.is_floating_point() or not value.is_floating_point():
@@ -367,7 +367,7 @@ def check_new_entries(cache: KVCache, key, value, positions=None, timestamps=Non
 # ---- the serving call's statistics -> per-entry mass -------------------------------------------------------------
 def _stats_masses(cache: KVCache, new: New, stats, mode: str, window: Optional[int], method: str):
     """(main, residual, new) float64 masses after this request, for a scoring policy."""
-    from ..ops.layout import jagged_to_padded
+    from ..core.layout import jagged_to_padded
     if stats is None:
         raise ValueError(f"{method}: append needs stats= (the AttentionStats of the serving call, "
                          f"attention(..., cache=cache, return_stats=True"
@@ -422,9 +422,7 @@ def append_cache(cache: KVCache, key, value, positions=None, timestamps=None, le
     """``KVCache.append``: see the module docstring."""
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
-    cache.validate()
-    if hasattr(cache, "check_contents"):
-        cache.check_contents()
+    cache.check_contents()
     new = check_new_entries(cache, key, value, positions, timestamps, lengths, offsets, counts)
     spec = cache.policy
     if spec is None:
@@ -450,7 +448,7 @@ def append_cache(cache: KVCache, key, value, positions=None, timestamps=None, le
     out = out.replace(original_length=orig_new, policy=None if cache.policy is None else spec)
     if out.residual is not None:
         out = out.replace(residual=out.residual.replace(original_length=orig_new))
-    return out.validate()
+    return out.check_contents()
 
 
 def _float_seg(c: KVCache, mass, want_cnt, want_mass, dtype=None) -> Seg:

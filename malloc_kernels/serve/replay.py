@@ -115,7 +115,7 @@ def train_model(ds, ev: Events, cfg: ReplayConfig, log=print):
 def _method_kwargs(method: str, budget: float) -> dict:
     first = method.split("+")[0]
     from ..policies import get_policy
-    from ..policies.hybrid import policy_level
+    from ..policies.registry import policy_level
     if method == "none" or policy_level(get_policy(first)) == "precision":
         return {}
     return {"budget": budget}
