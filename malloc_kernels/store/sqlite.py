@@ -1,8 +1,9 @@
 """The embedded default store: SQLite from the standard library (no server, one file, durable).
 
-Chosen over LMDB by measurement (``benchmarks/store_embedded.py``, ``benchmarks/results/store_embedded.md``): both
-hold the 10,000-user round trip well inside a request budget, SQLite needs no extra package, and its write
-transactions give the compare-and-set directly.
+Chosen over LMDB by measurement (``benchmarks/store_roundtrip.py``, ``benchmarks/results/store_roundtrip.md``):
+LMDB's engine alone is several times faster, but a round trip is dominated by the envelope codec (the CRC-checked
+per-layer encoding), where the engine is a small fraction with either; SQLite needs no extra package and its
+write transactions give the compare-and-set directly.
 
 One table ``kv(key, gen, expires, blob)``. WAL journal (readers never block the writer), ``synchronous=NORMAL``
 (a committed write survives any crash of the process; ``sync="full"`` in the URL query also survives power loss),
