@@ -634,8 +634,8 @@ def _append_flush(cache, new, policy, G):
         newest_q = torch.where(okm, cache.position.to(torch.int64), torch.full_like(j.expand(B, H, -1), -1)
                                ).max(dim=-1).values if cache.capacity else torch.full((B, H), -1, device=dev)
         forced = valid & (rows.pos.to(torch.int64) < newest_q[..., None])
-        older_q = full                                            # sinks among the quantized entries
-        s_left = (policy.sinks - older_q).clamp(min=0)
+        # before any group is quantized the sinks are simply the earliest entries; later they are stored pivots
+        s_left = (policy.sinks - full).clamp(min=0)
         forced |= valid & (torch.arange(N, device=dev) < s_left[..., None])
     cand = valid & ~forced
     ncand = cand.sum(-1)
