@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--layers", type=int, default=2)
     r.add_argument("--fault", action="store_true",
                    help="also run the fault replay: redis-server killed mid-replay and restarted, entries corrupted")
+    r.add_argument("--fault-only", action="store_true", help="run only the fault replay (written to fault.md/json)")
     r.add_argument("--out", default="benchmarks/results/serve_replay")
     r.add_argument("--no-progress", action="store_true")
     return p
@@ -40,8 +41,11 @@ def main(argv=None) -> int:
                            stores=_csv(args.stores), workers=_csv(args.workers, int), events=args.events,
                            batch=args.batch, epochs=args.epochs, d_model=args.d_model, n_layers=args.layers,
                            progress=not args.no_progress)
-        from .run import run
-        run(cfg, args.out, fault={} if args.fault else None)
+        from .run import run, run_fault_only
+        if args.fault_only:
+            run_fault_only(cfg, args.out)
+        else:
+            run(cfg, args.out, fault={} if args.fault else None)
     except (ValueError, RuntimeError) as e:
         print(f"malloc-serve: error: {e}", file=sys.stderr)
         return 2

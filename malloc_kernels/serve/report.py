@@ -57,18 +57,25 @@ def write_report(result: dict, out: Path) -> None:
         v = r["verify"]
         lines.append(f"| {r['method']} | {r['store']} | {r['workers']} | {v['users']} | {v['corrupt']} | "
                      f"{v['missing']} | {v['wrong_length']} | {r['rebuilt_users']} |")
-    f = result.get("fault")
-    if f:
-        lines += ["", "## Fault run: redis-server SIGKILLed mid-replay and restarted; entries corrupted before it", "",
-                  f"- killed after {f['fault'].get('killed_after_events')} events, down "
-                  f"{f['fault'].get('down_seconds', 0):.1f} s; failed store calls retried: {f['failed_store_calls']} "
-                  f"(in {f['requests_with_retries']} requests); requests lost: {f['errors']}",
-                  f"- corrupted entries {f['corrupted']} -> rebuilt from history: {sorted(f['rebuilt'])} "
-                  f"({f['rebuilt_users']} users)",
-                  f"- afterwards: {f['verify']} (every entry passes its CRC and holds every acknowledged append)",
-                  f"- p50 / p99 latency {f['p50_ms']:.1f} / {f['p99_ms']:.1f} ms"]
+    if result.get("fault"):
+        lines += [""] + fault_lines(result["fault"], None)[2:]
     (out / "replay.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out / "replay.png")
+
+
+def fault_lines(f: dict, cfg) -> list:
+    """Markdown of the fault replay (redis-server SIGKILLed mid-replay and restarted; corrupted entries)."""
+    head = "# Fault replay" + (f": {cfg.data}, {cfg.events} most recent events, batch {cfg.batch}" if cfg else "")
+    return [head, "",
+            f"## Fault run ({f['method']}, {f['workers']} workers): redis-server SIGKILLed mid-replay and restarted; "
+            f"entries corrupted before it", "",
+            f"- killed after {f['fault'].get('killed_after_events')} of {f['events']} events, down "
+            f"{f['fault'].get('down_seconds', 0):.1f} s; failed store calls retried with backoff: "
+            f"{f['failed_store_calls']} (in {f['requests_with_retries']} requests); requests lost: {f['errors']}",
+            f"- corrupted entries {f['corrupted']} -> rebuilt from their history: {sorted(f['rebuilt'])} "
+            f"({f['rebuilt_users']} users; reasons: {sorted(set(f['rebuilt'].values()))})",
+            f"- store afterwards: {f['verify']} (every entry passes its CRC and holds every acknowledged append)",
+            f"- p50 / p99 request latency {f['p50_ms']:.1f} / {f['p99_ms']:.1f} ms (outage included)"]
 
 
 def _plot(rows, path: Path) -> None:

@@ -128,7 +128,6 @@ def run(cfg: ReplayConfig, out: str, log=print, fault: Optional[dict] = None) ->
     """The whole grid (see the package docstring); writes the report into ``out`` and returns the results."""
     from ..data import load_dataset
     from tqdm.auto import tqdm
-    from .report import write_report
     torch.set_num_threads(1)
     ds = load_dataset(cfg.data)
     ev = replay_events(ds, cfg.events)
@@ -160,22 +159,54 @@ def run(cfg: ReplayConfig, out: str, log=print, fault: Optional[dict] = None) ->
                         lstore.close()
                     store.close()
                     rows.append(row)
+                    _save(cfg, rows, None, train_report, out)       # a crash later keeps every finished row
                     log(f"  {method:>10} {store_name:>8} x{workers}: {row['events_per_s']:.1f} events/s, "
                         f"p99 {row['p99_ms']:.1f} ms, store {100 * row['store_share']:.0f}%, "
                         f"NDCG@10 {row.get('ndcg@10', float('nan')):.4f}, verify {row['verify']}")
         fault_row = None
-        if fault:
+        if fault is not None:
+            log("fault run: redis-server killed mid-replay and restarted, entries corrupted before it")
             fault_row = run_fault(model, ds, ev, farm, cfg, **fault)
             log(f"fault run: {fault_row}")
     finally:
         farm.close()
+    return _save(cfg, rows, fault_row, train_report, out)
+
+
+def _save(cfg, rows, fault_row, train_report, out) -> dict:
+    import os
+    from .report import write_report
     result = {"config": dataclasses.asdict(cfg), "rows": rows, "fault": fault_row,
               "train": {k: train_report.get(k) for k in ("test", "seconds", "epochs_done") if k in train_report},
               "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": 1,
-                          "python": platform.python_version()}}
+                          "python": platform.python_version(), "load_average": os.getloadavg()[0]}}
     add_native_ratios(rows)
     write_report(result, Path(out))
     return result
+
+
+def run_fault_only(cfg: ReplayConfig, out: str, log=print, **fault) -> dict:
+    """The fault replay alone (same data, events and model as ``run``); writes ``fault.json`` / ``fault.md``."""
+    import json
+    import os
+    from ..data import load_dataset
+    from .report import fault_lines
+    torch.set_num_threads(1)
+    ds = load_dataset(cfg.data)
+    ev = replay_events(ds, cfg.events)
+    model, _ = train_model(ds, ev, cfg, log=log)
+    farm = StoreFarm()
+    try:
+        row = run_fault(model, ds, ev, farm, cfg, **fault)
+    finally:
+        farm.close()
+    row["load_average"] = os.getloadavg()[0]
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "fault.json").write_text(json.dumps(row, indent=1, default=str))
+    (path / "fault.md").write_text("\n".join(fault_lines(row, cfg)) + "\n")
+    log("\n".join(fault_lines(row, cfg)))
+    return row
 
 
 def add_native_ratios(rows: List[dict]) -> None:
