@@ -17,6 +17,17 @@ from ..core.kvcache import KVCacheBase
 from . import quant, wire
 
 
+# The policy maintenance behind ``KVCache.append`` lives in the policies layer, above this one: it registers itself
+# here (``policies/online.py``, imported with ``malloc_kernels``), so the cache layer never imports upward.
+_APPEND_IMPL = None
+
+
+def register_append(fn) -> None:
+    """Install the implementation of ``KVCache.append`` (called once by ``policies/online.py``)."""
+    global _APPEND_IMPL
+    _APPEND_IMPL = (fn,)
+
+
 class KVCache(KVCacheBase):
     """One layer's (compressed) key/value cache for B users; see ``core/kvcache.py`` for the storage contract.
 
@@ -73,9 +84,11 @@ class KVCache(KVCacheBase):
         ``original_length`` grows by the number of appended entries. ``policies/online.py`` says, per policy,
         what equals ``compress`` of the whole history and what is an online invariant.
         """
-        from ..policies.online import append_cache
-        return append_cache(self, key, value, positions=positions, timestamps=timestamps, lengths=lengths,
-                            offsets=offsets, counts=counts, stats=stats)
+        if _APPEND_IMPL is None:
+            raise RuntimeError("KVCache.append needs the policies layer: import malloc_kernels (it registers "
+                               "policies.online.append_cache here)")
+        return _APPEND_IMPL[0](self, key, value, positions=positions, timestamps=timestamps, lengths=lengths,
+                               offsets=offsets, counts=counts, stats=stats)
 
 
 def _flatten(cache: KVCache):

@@ -9,7 +9,6 @@ log and correct it by +/-1 against these thresholds (ARCHITECTURE.md, "Attention
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -23,8 +22,14 @@ def _reaches(x: int, k: int) -> bool:
     return math.floor(math.log(x) / BUCKET_DIVISOR) >= k
 
 
-@functools.lru_cache(maxsize=None)
+# Caches are plain dicts rather than functools.lru_cache: torch.compile traces a dict lookup without a warning.
+_TUPLES: dict = {}
+_KERNEL_TABLES: dict = {}
+
+
 def _thresholds(T: int) -> tuple:
+    if T in _TUPLES:
+        return _TUPLES[T]
     out = []
     for k in range(1, T):
         # exp(0.301 k) lands within a few integers of the answer; walk to the exact float64 boundary.
@@ -39,7 +44,8 @@ def _thresholds(T: int) -> tuple:
         while not _reaches(x, k):
             x += 1
         out.append(min(x, _INT64_MAX))
-    return tuple(out)
+    _TUPLES[T] = tuple(out)
+    return _TUPLES[T]
 
 
 def time_bucket_thresholds(T: int) -> torch.Tensor:
@@ -63,3 +69,13 @@ def time_bucket(dt: torch.Tensor, T: int) -> torch.Tensor:
     th = time_bucket_thresholds(T).to(dt.device)
     mag = dt.to(torch.int64).abs().clamp_min(1)
     return torch.searchsorted(th, mag.contiguous(), right=True)
+
+
+def kernel_thresholds(T: int) -> torch.Tensor:
+    """int64 ``[T]``: the table the C++ kernels take, ``th[k]`` at index ``k`` (k = 1..T-1), index 0 unused
+    (so ``bucket = #{k >= 1 : th[k] <= max(|dt|, 1)}`` indexes it directly). Cached per ``T``; do not modify."""
+    table = _KERNEL_TABLES.get(T)
+    if table is None:
+        table = torch.cat([torch.zeros(1, dtype=torch.int64), time_bucket_thresholds(T)])
+        _KERNEL_TABLES[T] = table
+    return table

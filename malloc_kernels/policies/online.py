@@ -48,7 +48,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..cache.quant import quantize_tensor
-from ..cache.types import FLOAT_FORMAT, KVCache
+from ..cache.types import FLOAT_FORMAT, KVCache, register_append
 from ..core.policy_spec import PolicySpec
 from .budget import Budget, largest_fitting, token_budgets
 from .base import CONTEXT_KEYS, PolicyInput
@@ -449,6 +449,9 @@ def append_cache(cache: KVCache, key, value, positions=None, timestamps=None, le
     if out.residual is not None:
         out = out.replace(residual=out.residual.replace(original_length=orig_new))
     return out.check_contents()
+
+
+register_append(append_cache)
 
 
 def _float_seg(c: KVCache, mass, want_cnt, want_mass, dtype=None) -> Seg:
