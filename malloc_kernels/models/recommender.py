@@ -419,7 +419,7 @@ class SequentialRecommender(nn.Module):
             raise ValueError(f"caches hold {caches[0].batch_size} users but the request has {B}")
         if bool(((offsets[1:] - offsets[:-1]) < 1).any()):
             raise ValueError("request items: every user needs at least one request token")
-        uid, local = _user_index(offsets)
+        uid, local = _user_index(offsets, items.numel())
         positions = caches[0].original_length.to(torch.int64)[uid] + local
         x = self.embed(items, positions)
         grown = []
