@@ -156,8 +156,30 @@ def test_full_recipe_matches_the_acceptance_training_and_flags_override():
     assert (full.epochs, full.full_softmax, full.schedule, full.warmup_steps, full.uptrain_epochs) == \
         (24, True, "cosine", 100, 3)
     assert full.time_budget_min == 45.0 and full.users == 1000
-    quick = config_from_args(build_parser().parse_args(["--loss", "full", "--uptrain-epochs", "2"]))
-    assert quick.full_softmax and quick.uptrain_epochs == 2 and quick.schedule == "constant" and quick.epochs == 15
+    assert full.windows == "last"      # the 24-epoch ML-1M checkpoints keep their keys
+    quick = config_from_args(build_parser().parse_args([]))
+    assert (quick.epochs, quick.full_softmax, quick.schedule, quick.warmup_steps, quick.uptrain_epochs,
+            quick.windows, quick.max_len) == (15, True, "cosine", 50, 2, "all", 200)
+    over = config_from_args(build_parser().parse_args(["--loss", "sampled", "--uptrain-epochs", "0"]))
+    assert not over.full_softmax and over.uptrain_epochs == 0 and over.schedule == "cosine"
+
+
+def test_popularity_row_and_bootstrap_intervals(tiny_run):
+    _, out, rows = tiny_run
+    for model in ("hstu", "sasrec"):
+        pop = _row(rows, model, "popularity", "-")
+        native = _row(rows, model, "native", "100%")
+        assert pop["users"] == native["users"] and pop["level"] == "baseline"
+        assert pop["dNDCG@10_lo"] <= pop["dNDCG@10"] <= pop["dNDCG@10_hi"]
+        assert native["dNDCG@10_lo"] == native["dNDCG@10_hi"] == 0.0 and not native["significant"]
+        recompute = _row(rows, model, "no-cache", "100%")
+        assert not recompute["significant"]
+        for r in rows:
+            if r["model"] == model and "dNDCG@10_lo" in r:
+                assert r["dNDCG@10_lo"] <= r["dNDCG@10"] + 1e-12 and r["dNDCG@10"] <= r["dNDCG@10_hi"] + 1e-12
+                assert r["significant"] == (r["dNDCG@10_lo"] > 0 or r["dNDCG@10_hi"] < 0)
+    md = (out / "accuracy.md").read_text()
+    assert "popularity" in md and "dNDCG@10 95% CI" in md
 
 
 def test_uptrained_variant_starts_from_the_base(tiny_run, tmp_path):

@@ -12,7 +12,10 @@ from pathlib import Path
 
 ACCURACY_METRICS = ("HR@10", "NDCG@10", "MRR", "GAUC")
 KEY_COLUMNS = ("dataset", "model", "level", "method", "budget")
-ACCURACY_COLUMNS = KEY_COLUMNS + ACCURACY_METRICS + tuple(f"d{m}" for m in ACCURACY_METRICS)
+ACCURACY_COLUMNS = (KEY_COLUMNS + ACCURACY_METRICS + tuple(f"d{m}" for m in ACCURACY_METRICS)
+                    + ("dNDCG@10_lo", "dNDCG@10_hi", "significant"))
+# the markdown shows the NDCG@10 interval in one cell instead of the raw _lo/_hi/significant columns
+ACCURACY_MD_COLUMNS = KEY_COLUMNS + ACCURACY_METRICS + tuple(f"d{m}" for m in ACCURACY_METRICS) + ("dNDCG@10 95% CI",)
 RESOURCE_COLUMNS = KEY_COLUMNS + ("bytes_per_user", "ratio", "macs_per_request", "latency_ms",
                                   "requests_per_s", "params", "memory_table_bytes")
 
@@ -24,6 +27,9 @@ COLUMN_HELP = {
     "MRR": "mean reciprocal rank of the target among all items",
     "GAUC": "per-user AUC of the target against every other item, averaged over users",
     "dX": "change of metric X vs the native (uncompressed) cache of the same model, in absolute points",
+    "popularity": "method row ranking items by their training interaction counts (no model, no cache)",
+    "dNDCG@10 95% CI": "paired bootstrap 95% interval of dNDCG@10 over the same users (1000 resamples, seeded); "
+                       "* = significant (the interval excludes 0)",
     "bytes_per_user": "exact bytes of all layers' caches for one user (payload, scales, zeros, positions, counts)",
     "ratio": "bytes_per_user / the native cache's bytes_per_user",
     "macs_per_request": "analytic multiply-accumulates to serve one request over the cache (all layers)",
@@ -99,12 +105,17 @@ def plot_pareto(rows: list[dict], path: Path) -> None:
         pts = [r for r in rows if (r["dataset"], r["model"]) == (ds, model) and r.get("bytes_per_user")]
         xy = [(float(r["bytes_per_user"]), float(r["NDCG@10"])) for r in pts]
         for r, (x, y) in zip(pts, xy):
-            ax.scatter(x, y, color=colors.get(r["level"], "gray"), s=28, zorder=3)
+            ax.scatter(x, y, color=colors.get(r["level"], "gray"), s=28, zorder=3,
+                       edgecolors="black" if r.get("significant") else "none", linewidths=1.2)
             ax.annotate(f"{r['method']} {r['budget']}", (x, y), fontsize=6, xytext=(3, 2),
                         textcoords="offset points")
         native = next((r for r in pts if r["method"] == "native"), None)
         if native is not None:
             ax.axhline(float(native["NDCG@10"]), color="black", lw=0.8, ls=":", zorder=1, label="native NDCG@10")
+        pop = next((r for r in rows if (r["dataset"], r["model"], r["method"]) == (ds, model, "popularity")), None)
+        if pop is not None:
+            ax.axhline(float(pop["NDCG@10"]), color="tab:olive", lw=0.8, ls="--", zorder=1, label="popularity")
+        ax.scatter([], [], color="white", edgecolors="black", label="change vs native significant (95%)")
         front = pareto_front(xy)
         if front:
             ax.plot([xy[i][0] for i in front], [xy[i][1] for i in front], "--", color="gray", zorder=2,
@@ -128,8 +139,12 @@ def write_outputs(rows: list[dict], out_dir: Path, meta: dict) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = add_deltas(rows)
+    for r in rows:
+        if "dNDCG@10_lo" in r:
+            r["dNDCG@10 95% CI"] = (f"[{r['dNDCG@10_lo']:+.4f}, {r['dNDCG@10_hi']:+.4f}]"
+                                    f"{'*' if r.get('significant') else ''}")
     legend = "\n".join(f"- `{k}`: {v}" for k, v in COLUMN_HELP.items())
-    acc_md = "# Accuracy (MALLOC Table-2 style)\n\n" + markdown_table(rows, ACCURACY_COLUMNS) + "\n" + legend + "\n"
+    acc_md = "# Accuracy (MALLOC Table-2 style)\n\n" + markdown_table(rows, ACCURACY_MD_COLUMNS) + "\n" + legend + "\n"
     res_md = "# Resources (MALLOC Table-3 style)\n\n" + markdown_table(rows, RESOURCE_COLUMNS) + "\n" + legend + "\n"
     paths = {
         "accuracy_md": out_dir / "accuracy.md", "accuracy_csv": out_dir / "accuracy.csv",

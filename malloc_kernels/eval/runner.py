@@ -33,14 +33,16 @@ from ..models.metrics import rank_metrics, target_ranks
 from ..models.train import TrainConfig, train
 from .methods import VARIANTS, MethodSpec, build_grid
 from .report import write_outputs
+from .stats import item_popularity, paired_bootstrap, per_user_metrics, popularity_scores
 
 
 @dataclass
 class EvalConfig:
     """One harness run. ``users``: evaluate a seeded sample of this many test users (None = all).
-    ``epochs``/``time_budget_min``/``full_softmax``/``schedule``/``warmup_steps``: the training recipe of the base
-    models (``models.train.TrainConfig``). ``uptrain_epochs``: > 0 warm-starts the head- and sequence-level variants
-    from the trained base and fine-tunes them for this many epochs (``models.uptrain``, GQA-paper uptraining);
+    ``epochs``/``time_budget_min``/``full_softmax``/``schedule``/``warmup_steps``/``windows``: the training
+    recipe of the base models (``models.train.TrainConfig``). ``uptrain_epochs``: > 0 warm-starts the head- and
+    sequence-level variants from the trained base and fine-tunes them for this many epochs (``models.uptrain``,
+    GQA-paper uptraining);
     0 trains them from scratch with the base recipe. The memory (MSN) variant always trains from scratch with the
     base recipe and time budget (``memory_epochs``: its own epoch count, so a cosine schedule ends within the same
     budget although its epochs are slower; None = ``epochs``), so its row compares the two at equal training
@@ -66,6 +68,8 @@ class EvalConfig:
     warmup_steps: int = 0
     uptrain_epochs: int = 0
     memory_epochs: Optional[int] = None
+    windows: str = "last"
+    n_boot: int = 1000
     seed: int = 0
     out: str = "results"
     cache: Optional[str] = None
@@ -84,8 +88,10 @@ class EvalConfig:
 
     def run_key(self) -> str:
         d = dataclasses.asdict(self)
-        for f in ("methods", "budgets", "bits", "variants", "out", "progress", "cache"):
+        for f in ("methods", "budgets", "bits", "variants", "out", "progress", "cache", "n_boot"):
             d.pop(f)
+        if d["windows"] == "last":   # runs from before the option keep their key
+            d.pop("windows")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -172,7 +178,9 @@ def evaluate_specs(model, examples: EvalExamples, specs: Sequence[MethodSpec], c
     out = {}
     for spec in specs:
         a = acc[spec.key]
-        row = rank_metrics(torch.cat(a.ranks), model.cfg.n_items)
+        ranks = torch.cat(a.ranks)
+        row = rank_metrics(ranks, model.cfg.n_items)
+        row["ranks"] = ranks.tolist()   # per user (in example order): the paired bootstrap intervals' input
         mean_entries = float(torch.cat(a.entries).mean())
         if spec.recompute:  # recompute attends over the whole truncated history again
             mean_entries = float(np.mean([min(len(h), cfg.max_len) for h in examples.histories]))
@@ -210,6 +218,33 @@ def _train_base(ds, cfg: EvalConfig, arch: str, train_cfg: TrainConfig, bases: d
     return bases[arch]
 
 
+def popularity_ranks(train_sequences, n_items: int, examples: EvalExamples) -> torch.Tensor:
+    """Full-ranking 0-based ranks of the test targets under the popularity ranking (training counts)."""
+    pop = item_popularity(train_sequences, n_items)
+    return target_ranks(popularity_scores(pop, len(examples)), torch.as_tensor(examples.targets, dtype=torch.int64))
+
+
+def add_intervals(rows: list, n_boot: int = 1000, seed: int = 0) -> list:
+    """Give every row with per-user ``ranks`` the paired bootstrap 95% interval of its NDCG@10 / HR@10 change vs
+    the native row of the same (dataset, model): ``dNDCG@10_lo/_hi``, ``dHR@10_lo/_hi`` and ``significant``
+    (the NDCG@10 interval excludes 0); the ranks are then dropped from the row."""
+    per_user = {id(r): per_user_metrics(r.pop("ranks")) for r in rows if r.get("ranks") is not None}
+    native = {(r["dataset"], r["model"]): r for r in rows if r["method"] == "native"}
+    for r in rows:
+        base = native.get((r["dataset"], r["model"]))
+        if base is None or id(r) not in per_user or id(base) not in per_user:
+            continue
+        b, o = per_user[id(base)], per_user[id(r)]
+        if len(b["NDCG@10"]) != len(o["NDCG@10"]):
+            continue
+        for m in ("NDCG@10", "HR@10"):
+            ci = paired_bootstrap(b[m], o[m], n_boot=n_boot, seed=seed)
+            r[f"d{m}_lo"], r[f"d{m}_hi"] = ci["lo"], ci["hi"]
+            if m == "NDCG@10":
+                r["significant"] = ci["significant"]
+    return rows
+
+
 def _load_done(path: Path, run_key: str) -> dict:
     done = {}
     if path.is_file():
@@ -234,7 +269,8 @@ def run(cfg: EvalConfig, log=print) -> dict:
     partial = out / "rows.jsonl"
     done = _load_done(partial, run_key)
     train_cfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed, time_budget_min=cfg.time_budget_min,
-                            full_softmax=cfg.full_softmax, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps)
+                            full_softmax=cfg.full_softmax, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
+                            windows=cfg.windows)
     trained, bases = {}, {}
     log(f"{ds!r}: {len(examples)} test users, {len(grid)} rows per model, results in {out}")
 
@@ -275,8 +311,17 @@ def run(cfg: EvalConfig, log=print) -> dict:
         log(f"{arch}{'/' + variant if variant else ''}: {len(todo)} rows done")
 
     order = {(s.label, s.budget_label): i for i, s in enumerate(grid)}
+    order[("popularity", "-")] = 0.5   # right after native
+    pop_ranks = popularity_ranks(split.train_sequences, ds.n_items, examples)
+    for arch in cfg.models:
+        row = rank_metrics(pop_ranks, ds.n_items)
+        done[(arch, "popularity", "-")] = {
+            "run_key": run_key, "dataset": ds.name, "model": arch, "level": "baseline", "method": "popularity",
+            "budget": "-", **row, "ranks": pop_ranks.tolist(), "bytes_per_user": 0.0, "params": 0,
+            "memory_table_bytes": 0}
     rows = sorted((r for (arch, m, b), r in done.items() if arch in cfg.models and (m, b) in order),
                   key=lambda r: (cfg.models.index(r["model"]), order[(r["method"], r["budget"])]))
+    add_intervals(rows, n_boot=cfg.n_boot, seed=cfg.seed)
     meta = {"config": dataclasses.asdict(cfg), "run_key": run_key, "dataset": repr(ds),
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "processor": platform.processor(), "threads": torch.get_num_threads(),

@@ -10,6 +10,17 @@ tokens has positions ``n, n+1, ...`` (``cache.original_length``), exactly the po
 sequence. Timestamps (int64 seconds) feed HSTU's time bias when given; without timestamps the time bias is off
 (training and serving must agree on this).
 
+Histories longer than training (``max_len``): both models define every position at any length, by CLAMPED
+buckets, exactly as in training. SASRec's absolute position embedding has ``max_len`` rows; a position
+``p >= max_len - 1`` uses the last row (so every token beyond the training window shares one "far" position, and
+order among them comes from causality alone). HSTU's relative position bias clamps the distance ``p_i - p_j`` to
+``max_len - 1`` (every key farther than the training window shares one bias) and its time bias buckets
+``log |t_i - t_j|`` (defined for any gap); its ``1/n`` normaliser uses the original history length. The clamping
+keeps a history token's keys/values independent of the request, so cached serving still equals the full
+recompute at any length (tested beyond 2,000 tokens, 10x the training window). ``MAX_SERVE_LEN`` (32,768) is the
+longest sequence (history + request) ``encode_history``/``last_hidden``/``serve`` accept: twice the longest the
+harness serves (16,384-entry histories in the resource table), so a typo'd length fails fast.
+
 Serving (ARCHITECTURE.md, "Serving and evaluation"): ``encode_history`` runs the causal model over the history once and
 returns one full-precision ``KVCache`` per layer (positions/timestamps/original lengths filled; optionally compressed
 with any ``malloc_kernels.compress`` method); ``serve`` runs the request tokens over those caches and returns the last
@@ -97,6 +108,9 @@ class SequentialRecommender(nn.Module):
     ``ModelConfig.position_embedding``); SASRec input: ``sqrt(d) * e_item + e_pos``. Output: per-token hidden
     states ``[T, d]`` (SASRec: after a final LayerNorm).
     """
+
+    # Longest sequence served (module docstring: positions beyond max_len are clamped).
+    MAX_SERVE_LEN = 32768
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -335,9 +349,21 @@ class SequentialRecommender(nn.Module):
         items, ts, offsets = _as_jagged(items, timestamps, lengths)
         if bool(((offsets[1:] - offsets[:-1]) < 1).any()):
             raise ValueError("items: every user needs at least one token")
+        self._check_serve_len(offsets, "items")
         uid, local = _user_index(offsets, items.numel())
         h, _, _ = self._run_native(self.embed(items, local), offsets, local, ts)
         return h[offsets[1:] - 1]
+
+    def _check_serve_len(self, offsets, what: str, extra: Optional[torch.Tensor] = None):
+        # a data-dependent check: eager calls only, like the other input checks (torch.compile traces the hot path)
+        if not eager():
+            return
+        lens = offsets[1:] - offsets[:-1]
+        if extra is not None:
+            lens = lens + extra
+        if lens.numel() and int(lens.max()) > self.MAX_SERVE_LEN:
+            raise ValueError(f"{what}: a sequence of {int(lens.max())} tokens exceeds the longest this model "
+                             f"serves (MAX_SERVE_LEN = {self.MAX_SERVE_LEN})")
 
     def encode_history(self, items, timestamps=None, lengths=None, *, method: str = "none", budget=None,
                        seed: int = 0, return_stats: bool = False, stats_window: Optional[int] = None,
@@ -352,6 +378,7 @@ class SequentialRecommender(nn.Module):
         history's own causal attention (for attention-scored policies), as ``(caches, stats)``.
         """
         items, ts, offsets = _as_jagged(items, timestamps, lengths, what="history items")
+        self._check_serve_len(offsets, "history items")
         _, local = _user_index(offsets, items.numel())
         # the attention-scored policies (H2O, SnapKV, PyramidKV, ...) take their scores from these statistics
         need_stats = return_stats or method != "none"
@@ -393,6 +420,7 @@ class SequentialRecommender(nn.Module):
             raise ValueError("request items: every user needs at least one request token")
         if (ts is None) != (caches[0].timestamp is None) and self.cfg.arch == "hstu":
             raise ValueError("request timestamps must be given exactly when the caches carry timestamps")
+        self._check_serve_len(offsets, "history + request", caches[0].original_length.to(torch.int64))
         uid, local = _user_index(offsets, items.numel())
         positions = caches[0].original_length.to(torch.int64)[uid] + local
         x = self._run_cached(self.embed(items, positions), offsets, positions, ts, caches)

@@ -1,0 +1,77 @@
+"""``malloc-eval --long``: the long-history preset (``long.py``) on the MovieLens-1M long slice and amazon-1000.
+
+Preset (about 60 minutes on 2 cores): per dataset HSTU and SASRec (2 layers, d 64) trained on ALL users with the
+200-item window the short tables use (every window of long users, ``--windows all``; the learning rate decays to 0
+with the clock, ``cosine-time``); then the whole histories (up to ``--max-len``, 8,192) of the evaluated users are
+served over every method's cache and over their equal-bytes truncates.
+
+* ``long_ml1m``: MovieLens-1M, users with >= 500 interactions (399, up to 2,314), full ranking over 3,706 items;
+  full-softmax training, 12 minutes per model; resources at N = 1k/4k/16k with these models' layers.
+* ``long_amazon1000``: amazon-1000 (236 users, 1,004-8,514 interactions, 166k items), the sampled protocol of its
+  source paper (target vs 100 random unseen items); sampled-softmax training (a full softmax over 166k items does
+  not fit the budget), 5 minutes per model.
+
+``--data PATH`` runs one dataset with the given ``--min-history`` / ``--protocol`` instead of the preset pair.
+Flags override the preset: ``--time-budget-min`` (per model), ``--users``, ``--epochs``, ``--max-len``, ...
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..models.train import TrainConfig
+from .long import LONG_METHODS, LongConfig
+from .long_resources import RESOURCE_NS
+
+SHARED = Path("..") / "shared" / "data"
+LONG_PRESETS = {
+    "long_ml1m": dict(data=str(SHARED / "ml-1m"), min_history=500, protocol="full", resources=RESOURCE_NS,
+                      train=dict(full_softmax=True, windows="all", schedule="cosine-time", warmup_steps=100,
+                                 epochs=100, time_budget_min=12.0)),
+    "long_amazon1000": dict(data=str(SHARED / "amazon-1000"), min_history=0, protocol="sampled", resources=(),
+                            train=dict(full_softmax=False, windows="all", schedule="cosine-time", warmup_steps=50,
+                                       epochs=100, time_budget_min=5.0)),
+}
+DEFAULT_LONG_MAX_LEN = 8192
+
+
+def long_configs(args) -> list:
+    """``[(name, LongConfig)]`` of a ``--long`` invocation (``cli.build_parser``'s namespace)."""
+    if args.data:
+        name = "long_" + Path(args.data).name.replace("-", "")
+        presets = {name: dict(data=args.data, min_history=0, protocol="full", resources=(),
+                              train=dict(LONG_PRESETS["long_ml1m"]["train"]))}
+    else:
+        presets = LONG_PRESETS
+    out = []
+    for name, p in presets.items():
+        train = dict(p["train"])
+        if args.epochs is not None:
+            train["epochs"] = args.epochs
+        if args.time_budget_min is not None:
+            train["time_budget_min"] = args.time_budget_min
+            if not args.time_budget_min > 0:
+                train["schedule"] = "cosine"
+        if args.loss is not None:
+            train["full_softmax"] = args.loss == "full"
+        if args.warmup_steps is not None:
+            train["warmup_steps"] = args.warmup_steps
+        cfg = LongConfig(data=p["data"], models=args.model,
+                         methods=args.methods if args.methods else LONG_METHODS,
+                         budgets=args.budgets if args.budgets is not None else (0.25,), bits=args.bits,
+                         max_len=args.max_len if args.max_len is not None else DEFAULT_LONG_MAX_LEN,
+                         request_size=args.request_size,
+                         min_history=args.min_history if args.min_history is not None else p["min_history"],
+                         users=args.users, protocol=args.protocol or p["protocol"], negatives=args.negatives,
+                         n_boot=args.boot, train=TrainConfig(seed=args.seed, **train),
+                         resources=p["resources"] if args.resources is None else
+                         (RESOURCE_NS if args.resources else ()),
+                         seed=args.seed, out=str(Path(args.out) / name), cache=args.cache,
+                         progress=not args.no_progress)
+        out.append((name, cfg))
+    return out
+
+
+def describe(cfg: LongConfig) -> str:
+    d = dataclasses.asdict(cfg)
+    return ", ".join(f"{k}={d[k]}" for k in ("data", "min_history", "users", "protocol", "max_len"))
