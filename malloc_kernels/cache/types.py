@@ -18,6 +18,17 @@ from ..core.kvcache import KVCacheBase
 from . import quant, wire
 
 
+# The policy maintenance behind ``KVCache.append`` lives in the policies layer, above this one: it registers itself
+# here (``policies/online.py``, imported with ``malloc_kernels``), so the cache layer never imports upward.
+_APPEND_IMPL = None
+
+
+def register_append(fn) -> None:
+    """Install the implementation of ``KVCache.append`` (called once by ``policies/online.py``)."""
+    global _APPEND_IMPL
+    _APPEND_IMPL = (fn,)
+
+
 class KVCache(KVCacheBase):
     """One layer's (compressed) key/value cache for B users; see ``core/kvcache.py`` for the storage contract.
 
@@ -60,6 +71,26 @@ class KVCache(KVCacheBase):
     def to_bytes(self, user_index: int) -> bytes:
         """Serialise user ``user_index``'s valid entries losslessly (``malloc_kernels.cache_from_bytes`` reads it)."""
         return wire.cache_to_bytes(self, user_index)
+
+    # ---- online maintenance (implemented in policies/online.py) ---------------------------------------------
+    def append(self, key, value, positions=None, timestamps=None, *, lengths=None, offsets=None, counts=None,
+               stats=None) -> "KVCache":
+        """The cache with new entries appended after every existing one, kept within its policy's budget.
+
+        key, value: ``[B, Hkv, L, D]`` floating (``lengths [B]``: new entries per user, default ``L``) or jagged
+        ``[total, Hkv, D]`` with ``offsets [B+1]``; positions: int ``[L]``/``[B, L]``/``[B, Hkv, L]`` (default: each
+        user's ``original_length + arange``), strictly increasing and after every stored position; timestamps:
+        int64 likewise, required exactly when the cache carries timestamps; counts: optional merge counts (> 0).
+        stats: the ``AttentionStats`` of the serving call that produced these keys (``attention(...,
+        cache=self, return_stats=True)``), required by the scoring policies. Returns a new checked cache;
+        ``original_length`` grows by the number of appended entries. ``policies/online.py`` says, per policy,
+        what equals ``compress`` of the whole history and what is an online invariant.
+        """
+        if _APPEND_IMPL is None:
+            raise RuntimeError("KVCache.append needs the policies layer: import malloc_kernels (it registers "
+                               "policies.online.append_cache here)")
+        return _APPEND_IMPL[0](self, key, value, positions=positions, timestamps=timestamps, lengths=lengths,
+                               offsets=offsets, counts=counts, stats=stats)
 
 
 def _flatten(cache: KVCache):

@@ -64,7 +64,10 @@ def _to_bytes(t: torch.Tensor) -> bytes:
     # a uint8 view of the contiguous tensor is its exact bit pattern (works for bf16 and fp8 too)
     if t.numel() == 0:
         return b""
-    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+    # contiguous_format also normalises the stride of size-1 dims (a 1-element slice of a strided tensor keeps
+    # its stride through .contiguous(), and the uint8 view then refuses it)
+    flat = t.detach().cpu().reshape(-1).clone(memory_format=torch.contiguous_format)
+    return flat.view(torch.uint8).numpy().tobytes()
 
 
 def _dtype_code(t: Optional[torch.Tensor]) -> int:

@@ -56,6 +56,7 @@ import torch
 
 from . import formats
 from .formats import FLOAT_FORMAT, K_AXES, format_bits, packed_width
+from .policy_spec import PolicySpec
 
 
 @dataclass
@@ -87,6 +88,11 @@ class KVCacheBase:
     v_zero: Optional[torch.Tensor] = None
     residual: Optional["KVCacheBase"] = None
     meta: dict = field(default_factory=dict)
+    # the policy that built the cache (``compress`` sets it) and its per-entry online score state (float32
+    # ``[B, Hkv, C]``: accumulated attention mass for h2o/d2o, the latest window mass for tova/snapkv/pyramidkv;
+    # None for policies that do not score entries); ``KVCache.append`` maintains both (``policies/online.py``)
+    policy: Optional[PolicySpec] = None
+    mass: Optional[torch.Tensor] = None
 
     # ---- shape helpers -------------------------------------------------------------------------------------
     @property
@@ -154,8 +160,13 @@ class KVCacheBase:
             if self.count.shape != (B, H, C) or self.count.dtype != torch.float32:
                 raise ValueError(f"cache.count must be float32 [B, Hkv, C]={(B, H, C)}, got "
                                  f"{self.count.dtype} {tuple(self.count.shape)}")
+        if self.mass is not None and (self.mass.shape != (B, H, C) or self.mass.dtype != torch.float32):
+            raise ValueError(f"cache.mass must be float32 [B, Hkv, C]={(B, H, C)}, got "
+                             f"{self.mass.dtype} {tuple(self.mass.shape)}")
+        if self.policy is not None and not isinstance(self.policy, PolicySpec):
+            raise TypeError(f"cache.policy must be a PolicySpec or None, got {type(self.policy).__name__}")
         for name in ("length", "position", "original_length", "timestamp", "count", "k_scale", "k_zero",
-                     "v_scale", "v_zero"):
+                     "v_scale", "v_zero", "mass"):
             t = getattr(self, name)
             if t is not None and t.device != self.k.device:
                 raise ValueError(f"cache.{name} is on {t.device} but cache.k is on {self.k.device}")
@@ -189,6 +200,8 @@ class KVCacheBase:
                 if bool((seg.count[valid] <= 0).any()):
                     raise ValueError(f"{name}.count must be > 0 on valid entries (an entry stands for at least "
                                      "a part of one token)")
+            if seg.mass is not None and not bool(torch.isfinite(seg.mass).all()):
+                raise ValueError(f"{name}.mass must be finite")
         if self.original_length.numel() and int(self.original_length.min()) < 0:
             raise ValueError(f"cache.original_length must be >= 0, got {self.original_length.tolist()}")
         return self
@@ -227,5 +240,5 @@ class KVCacheBase:
 
     # ---- pytree registration helpers ------------------------------------------------------------------------
     _TENSOR_FIELDS = ("k", "v", "length", "position", "original_length", "timestamp", "count",
-                      "k_scale", "k_zero", "v_scale", "v_zero", "residual")
-    _STATIC_FIELDS = ("head_dim", "k_format", "v_format", "k_axis", "group_size")
+                      "k_scale", "k_zero", "v_scale", "v_zero", "residual", "mass")
+    _STATIC_FIELDS = ("head_dim", "k_format", "v_format", "k_axis", "group_size", "policy")

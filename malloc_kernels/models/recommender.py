@@ -427,6 +427,45 @@ class SequentialRecommender(nn.Module):
         h = self.final_norm(x)
         return h if return_all else h[offsets[1:] - 1]
 
+    def serve_step(self, request_items, request_timestamps=None, caches: Sequence[KVCache] = (), lengths=None):
+        """One online request: serve the request tokens over per-layer caches and grow the caches by them.
+
+        Returns ``(hidden [B, d], caches)``: each user's last hidden state (as ``serve``) and every layer's cache
+        with the request's own keys/values appended (``KVCache.append``: original positions continue
+        ``original_length``, the cache's policy keeps it within budget). Scoring policies get the statistics of
+        this very attention call (``return_stats``, with the window their policy needs), so no extra pass runs.
+        Models with learned sequence compression cache learned slots, not tokens, and cannot append.
+        """
+        from ..policies.online import serving_stats_request
+        if self.cfg.seq_compress is not None:
+            raise ValueError(f"serve_step: a {self.cfg.seq_compress} model caches learned slots; re-encode instead")
+        if len(caches) != self.cfg.n_layers:
+            raise ValueError(f"caches must hold one KVCache per layer ({self.cfg.n_layers}), got {len(caches)}")
+        items, ts, offsets = _as_jagged(request_items, request_timestamps, lengths, what="request items")
+        B = offsets.numel() - 1
+        if caches[0].batch_size != B:
+            raise ValueError(f"caches hold {caches[0].batch_size} users but the request has {B}")
+        if bool(((offsets[1:] - offsets[:-1]) < 1).any()):
+            raise ValueError("request items: every user needs at least one request token")
+        uid, local = _user_index(offsets, items.numel())
+        positions = caches[0].original_length.to(torch.int64)[uid] + local
+        x = self.embed(items, positions)
+        grown = []
+        for li, layer in enumerate(self.layers):
+            p = layer.project(x)
+            q, k, v = layer.cached(p)
+            need, window = serving_stats_request(caches[li])
+            a = self._attend(li, q, k, v, offsets, positions, ts, cache=caches[li], return_stats=need,
+                             stats_window=window)
+            stats = None
+            if need:
+                a, stats = a.output, a.stats
+            grown.append(caches[li].append(k, v, positions=positions, timestamps=ts, offsets=offsets,
+                                           stats=stats))
+            x = layer.finish(x, a, p, cached=True)
+        h = self.final_norm(x)
+        return h[offsets[1:] - 1], grown
+
     # ---- scoring and losses -----------------------------------------------------------------------------------
     def _normed(self, x):
         return F.normalize(x, dim=-1) if self.cfg.similarity == "cosine" else x

@@ -88,4 +88,7 @@ def compress(key, value, method: str = "none", *, budget=None, positions=None, t
         policy = get_policy(method)(budget=budget, seed=seed, **params)
     inp = PolicyInput(k=k, v=v, lengths=lengths, positions=positions, timestamps=timestamps, counts=counts,
                       stats=stats, extra=extra)
-    return policy.compress(inp).check_contents()
+    cache = policy.compress(inp).check_contents()
+    # the cache remembers its policy (and a scoring policy's per-entry mass) so that KVCache.append maintains it
+    from .online import attach_policy
+    return attach_policy(cache, method, budget, seed, params, extra, policy, inp).validate()
