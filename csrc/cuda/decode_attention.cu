@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) decode_split(DecodeParams p) {
         }
         if (p.time_bias) {
           const int64_t ti = p.q_ts[int64_t(b) * p.max_q_len + i];
-          s += p.time_bias[int64_t(hq) * p.num_time + dk::time_bucket(ti - tj, p.time_th, p.num_time)];
+          s += p.time_bias[int64_t(hq) * p.num_time + dk::time_bucket(ti, tj, p.time_th, p.num_time)];
         }
       }
       float w;

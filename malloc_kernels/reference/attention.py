@@ -12,7 +12,9 @@ Math (per user b, query head h, kv head h // G, query i, entry j over the cache,
     hstu:    o_i = (1 / n_i) sum_j c_j silu(s_ij) v_j            (HSTU, arXiv 2402.17152, eq. 2)
 
 over visible j only; ``c_j`` is the merge count (ToMe's proportional attention, arXiv 2210.09461). A row that sees
-nothing returns zeros (softmax lse = -inf). Arithmetic runs in float64 for float64 inputs and in float32 otherwise
+nothing returns zeros (softmax lse = -inf). Non-finite rule (every backend): a visible score (with ``log c_j``) that
+is NaN or +inf, or a non-finite element of a row's result, makes the whole row NaN (lse NaN); a -inf score is weight
+0, as a masked entry (``scaled_dot_product_attention``'s convention). Arithmetic runs in float64 for float64 inputs and in float32 otherwise
 (half inputs are upcast right after load, as the kernels do); the output is cast back to the query dtype.
 
 Details fixed here for every backend: a boolean ``attn_mask`` (dense calls, over the request keys) removes entries
@@ -138,14 +140,24 @@ def attention_padded(call: AttentionCall):
     if call.kind == "softmax":
         w, lse = _softmax_weights(s, vis, count, additive is not None, call.return_lse)
         row_scale = None
+        logits = s if count is None else s + torch.log(count)
     else:
         w, row_scale = _hstu_weights(call, s, vis, count, hist, req_vis, additive is not None, Lq)
+        logits = s
+    # non-finite rule: a visible NaN / +inf score poisons the row (a -inf one is weight 0, as a masked entry)
+    bad = (vis & ~(logits < float("inf"))).any(-1).expand(B, Hkv, G, Lq).reshape(B, Hkv, G * Lq, 1)
 
     w_out = F.dropout(w, call.dropout_p, training=True) if call.dropout_p > 0 else w
     out = torch.matmul(w_out.reshape(B, Hkv, G * Lq, N), vals)
     if row_scale is not None:
         # HSTU's 1/n_i is a per-row constant: applying it to the [.., D] output is cheaper than to [.., N].
         out = out * row_scale.expand(B, Hkv, G, Lq, 1).reshape(B, Hkv, G * Lq, 1)
+    # ... and so does a non-finite element of the row's result (a non-finite value, count or overflow)
+    bad = bad | ~torch.isfinite(out).all(-1, keepdim=True)
+    if bool(bad.any()):
+        out = torch.where(bad, torch.full((), float("nan"), dtype=out.dtype, device=dev), out)
+        if lse is not None:
+            lse = torch.where(bad.reshape(lse.shape), torch.full((), float("nan"), dtype=lse.dtype, device=dev), lse)
     out = out.reshape(B, Hq, Lq, D).to(call.dtype)
     if lse is not None:
         lse = lse.reshape(B, Hq, Lq)
@@ -192,9 +204,9 @@ def _softmax_weights(s, vis, count, has_additive, want_lse):
 
 def _hstu_weights(call, s, vis, count, hist, req_vis, has_additive, Lq):
     """Unnormalised pointwise weights ``c_j silu(s_ij)`` (0 where invisible) and the per-row ``1 / n_i``."""
-    # silu(0) == 0, so filling invisible scores with 0 zeroes their weight in one pass. An additive -inf mask
-    # entry would give silu(-inf) = -inf * 0 = NaN; its weight is 0 (silu -> 0 at -inf).
-    use = vis & (s > float("-inf")) if has_additive else vis
+    # silu(0) == 0, so filling invisible scores with 0 zeroes their weight in one pass. A -inf score (an additive
+    # -inf mask entry, or -inf data) would give silu(-inf) = -inf * 0 = NaN; its weight is 0 (silu -> 0 at -inf).
+    use = vis & (s > float("-inf"))
     w = F.silu(s.masked_fill(~use, 0.0))
     if count is not None:
         w = w * count.masked_fill(~use, 0.0)        # padding counts may be NaN; invisible weights stay exactly 0

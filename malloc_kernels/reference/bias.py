@@ -10,6 +10,11 @@ The bucket is defined by exact arithmetic on the float64 logarithm, so that ever
 ``time_bucket_thresholds(T)`` lists, for k = 1..T-1, the smallest integer x >= 1 with floor(ln(x) / 0.301) >= k
 (evaluated with float64 ``math.log``), and ``bucket(dt) = #{k : th[k] <= max(|dt|, 1)}``. Kernels evaluate a float
 log and correct it by +/-1 against these thresholds.
+
+Integer ranges: ``t_i - t_j`` and ``p_i - p_j`` are never formed in int64 arithmetic (they can overflow, e.g. a
+timestamp of -2**63): every backend takes ``|t_i - t_j|`` exactly and saturates it at 2**63 - 1 (no bucket
+threshold lies above), and ``clamp(p_i - p_j, 0, P - 1)`` from the operands' order, so buckets and position
+indices are identical everywhere for every int64 input.
 """
 from __future__ import annotations
 
@@ -66,8 +71,28 @@ def time_bucket(dt: torch.Tensor, T: int) -> torch.Tensor:
     if not isinstance(dt, torch.Tensor) or dt.is_floating_point():
         raise TypeError("dt must be an integer tensor (time differences)")
     th = time_bucket_thresholds(T).to(dt.device)
-    mag = dt.to(torch.int64).abs().clamp_min(1)
+    mag = abs_diff_sat(dt, torch.zeros((), dtype=torch.int64, device=dt.device)).clamp_min(1)
     return torch.searchsorted(th, mag.contiguous(), right=True)
+
+
+def abs_diff_sat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``min(|a - b|, 2**63 - 1)`` of int64 tensors (broadcast), exact: the int64 difference may wrap (torch
+    integer arithmetic is modular), so a wrapped result is detected from the operands' order and saturated.
+    Saturation never changes a time bucket (every threshold is <= 2**63 - 1)."""
+    a, b = a.to(torch.int64), b.to(torch.int64)
+    d = a - b
+    ge = a >= b
+    # a >= b: the true difference is >= 0, so a negative d means it wrapped past 2**63 - 1.
+    # a < b: the true difference is < 0; d >= 0 means it wrapped, d == -2**63 has no int64 magnitude.
+    big = torch.where(ge, d < 0, (d >= 0) | (d == -_INT64_MAX - 1))
+    return torch.where(big, torch.full_like(d, _INT64_MAX), torch.where(ge, d, -d))
+
+
+def pos_index(qp: torch.Tensor, kp: torch.Tensor, P: int) -> torch.Tensor:
+    """``clamp(p_i - p_j, 0, P - 1)`` of int64 tensors (broadcast) with the difference taken exactly."""
+    qp, kp = qp.to(torch.int64), kp.to(torch.int64)
+    return torch.where(qp <= kp, torch.zeros((), dtype=torch.int64, device=qp.device),
+                       abs_diff_sat(qp, kp).clamp_max(P - 1))
 
 
 def _per_head_gather(table: torch.Tensor, index: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -114,16 +139,16 @@ def relative_bias(query_positions: torch.Tensor, key_positions: torch.Tensor, po
     if pos_bias is not None:
         table = _as_bias_table(pos_bias, "pos_bias", num_heads)
         P = table.shape[-1]
-        rel = (query_positions.to(torch.int64)[:, None, :, None] - kp.to(torch.int64)[:, :, None, :])
-        out = _per_head_gather(table, rel.clamp(0, P - 1), num_heads)
+        rel = pos_index(query_positions[:, None, :, None], kp[:, :, None, :], P)
+        out = _per_head_gather(table, rel, num_heads)
         out = out if dtype is None else out.to(dtype)
     if time_bias is not None:
         if query_timestamps is None or key_timestamps is None:
             raise ValueError("time_bias needs query_timestamps and key_timestamps")
         table = _as_bias_table(time_bias, "time_bias", num_heads)
         kt = key_timestamps if key_timestamps.dim() == 3 else key_timestamps[:, None]
-        dt = query_timestamps.to(torch.int64)[:, None, :, None] - kt.to(torch.int64)[:, :, None, :]
-        tb = _per_head_gather(table, time_bucket(dt, table.shape[-1]), num_heads)
+        mag = abs_diff_sat(query_timestamps[:, None, :, None], kt[:, :, None, :])
+        tb = _per_head_gather(table, time_bucket(mag, table.shape[-1]), num_heads)
         tb = tb if dtype is None else tb.to(dtype)
         out = tb if out is None else out + tb.to(out.dtype)
     return out

@@ -113,13 +113,24 @@ def _load_tile(P, S, Z, n, n_ok, row_stride, col_stride,
 
 
 @triton.jit
+def _abs_diff_sat(a, b):
+    """``min(|a - b|, 2**63 - 1)`` of int64 tensors without overflow: the unsigned difference of the ordered pair
+    is exact (up to 2**64 - 1), then saturated (no bucket threshold lies above 2**63 - 1)."""
+    hi = tl.maximum(a, b).to(tl.uint64, bitcast=True)
+    lo = tl.minimum(a, b).to(tl.uint64, bitcast=True)
+    m = hi - lo
+    return tl.minimum(m, 0x7FFFFFFFFFFFFFFF).to(tl.int64, bitcast=True)
+
+
+@triton.jit
 def _time_bucket(dt, TH, T):
-    """Exact HSTU time bucket ``#{k : th[k] <= max(|dt|, 1)}`` of int64 time differences ``dt``.
+    """Exact HSTU time bucket ``#{k : th[k] <= max(dt, 1)}`` of int64 time-difference MAGNITUDES ``dt >= 0``
+    (``_abs_diff_sat``).
 
     A float log gives the bucket within +-1 (fp32 rounding near a boundary); one step up and one step down against
     the float64-exact integer thresholds ``TH[k-1] = th[k]`` (``reference.bias.time_bucket_thresholds``) make it
     exact. The estimate is clamped to [0, T-1] first, which is where ``min(., T-1)`` of the definition lives."""
-    x = tl.maximum(tl.abs(dt), 1)
+    x = tl.maximum(dt, 1)
     est = (tl.log(x.to(tl.float32)) / 0.301).to(tl.int32)
     est = tl.minimum(tl.maximum(est, 0), T - 1)
     up = tl.load(TH + est, mask=est < T - 1, other=0)          # th[est + 1]
@@ -136,10 +147,12 @@ def _rel_bias(p_i, p_j, t_i, t_j, h, PB, P, TB, T, TH, HAS_POS: tl.constexpr, HA
     Tables are float32 ``[Hq, P]`` / ``[Hq, T]`` (row stride P / T); gathered per element, never materialised."""
     bias = tl.zeros((p_i.shape[0], p_j.shape[0]), tl.float32)
     if HAS_POS:
-        dp = tl.minimum(tl.maximum(p_i[:, None] - p_j[None, :], 0), P - 1)
+        pi = p_i[:, None].to(tl.int64)
+        pj = p_j[None, :].to(tl.int64)
+        dp = tl.where(pi > pj, tl.minimum(_abs_diff_sat(pi, pj), P - 1), 0)
         bias += tl.load(PB + h[:, None] * P + dp)
     if HAS_TIME:
-        bk = _time_bucket(t_i[:, None] - t_j[None, :], TH, T)
+        bk = _time_bucket(_abs_diff_sat(t_i[:, None], t_j[None, :]), TH, T)
         bias += tl.load(TB + h[:, None] * T + bk)
     return bias
 

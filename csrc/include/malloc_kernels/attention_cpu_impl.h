@@ -42,6 +42,14 @@ constexpr int KB = 32;        // keys per block: K and V tiles of KB x D floats 
 constexpr int DKB = 128;
 constexpr int RMAX = 64;      // query rows (heads x queries) per work item chunk
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr float POS_INF = std::numeric_limits<float>::infinity();
+
+// Non-finite rule (every backend, README "Non-finite values and integer ranges"): a row with no visible entry returns
+// zeros (lse -inf); otherwise a visible score (scale * q.k + log count + bias) that is NaN or +inf, or a non-finite
+// element of the row's result, makes the WHOLE row NaN (lse NaN); a -inf score is weight 0, as a masked entry (SDPA's
+// convention). The max/exp helpers drop NaN (the vector min/max return an operand), so the kernels never rely on
+// propagation: each row keeps a sticky flag `bad` set by `!(s < +inf)` on its scores (one compare per score vector)
+// and finish_row() applies the rule once per row.
 
 // ---- scalar conversions (exact) -------------------------------------------------------------------------------
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -155,7 +163,10 @@ inline __m256 raw8(const uint8_t* row, int c) {
         _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23)));
     const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(0.001953125f));
     const __m256 is_sub = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag));
-    return _mm256_or_ps(_mm256_blendv_ps(normal, sub, is_sub), _mm256_castsi256_ps(sign));
+    // 0x7F / 0xFF are e4m3fn's NaN (it has no inf): OR-ing the quiet-NaN bits makes those lanes NaN
+    const __m256 nan_bits = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7F))),
+                                          _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)));
+    return _mm256_or_ps(_mm256_or_ps(_mm256_blendv_ps(normal, sub, is_sub), _mm256_castsi256_ps(sign)), nan_bits);
   }
 }
 #endif
@@ -694,6 +705,7 @@ struct Scratch {
   // decode-from-codes path (code layout, D == 64): queries, value accumulators, zero-point sums, weights.
   std::vector<float> qperm, qp, Op, Zv, pwr, qsum, ksf, kzf, Sd, dvs, dvz, dV;
   std::vector<int64_t> qi, qh, qpos, qts;
+  std::vector<uint8_t> bad;  // per row: a NaN / +inf score was seen (non-finite rule above)
   float cexp[8];  // 2^-code_exp(t) of the format being decoded
   void init(int Dp, int Rcap) {
     qperm.assign(size_t(Rcap) * 64, 0.f); qp.assign(size_t(Rcap) * 64, 0.f); Op.assign(size_t(Rcap) * 64, 0.f);
@@ -706,7 +718,7 @@ struct Scratch {
     lse.assign(Rcap, 0.f); inw.assign(Rcap, 0.f);
     cs.assign(Dp, 0.f); cz.assign(Dp, 0.f);
     vs.assign(size_t(KB) * Dp, 0.f); vz.assign(size_t(KB) * Dp, 0.f); pw.assign(size_t(KB) * Dp, 0.f);
-    qi.assign(Rcap, 0); qh.assign(Rcap, 0); qpos.assign(Rcap, 0); qts.assign(Rcap, 0);
+    qi.assign(Rcap, 0); qh.assign(Rcap, 0); qpos.assign(Rcap, 0); qts.assign(Rcap, 0); bad.assign(Rcap, 0);
   }
 };
 
@@ -844,7 +856,8 @@ class Kernel {
     for (int j = 0; j < n; ++j) cnt[j] = c ? c[j] : 1.f;
     if (p_.kind == Kind::Softmax && c) {
       for (int j = 0; j < n; ++j) {
-        const float lc = c[j] > 0.f ? std::log(c[j]) : NEG_INF;
+        // log c as the reference: log 0 = -inf (weight 0); a negative or NaN count gives NaN (non-finite rule)
+        const float lc = std::log(c[j]);
         for (int r = 0; r < R; ++r) S[r * KB + j] += lc;
       }
     }
@@ -869,7 +882,7 @@ class Kernel {
         }
         if (p_.time_bias) {
           const float* tbias = p_.time_bias + hq * p_.time_bias_sH;
-          for (int j = 0; j < n; ++j) s[j] += tbias[tb_(sc.qts[r] - kt[j])];
+          for (int j = 0; j < n; ++j) s[j] += tbias[tb_(sc.qts[r], kt[j])];
         }
       }
     }
@@ -1117,7 +1130,14 @@ class Kernel {
         float* s = S + r * DKB;
         for (int j = n; j < n8; ++j) s[j] = NEG_INF;
         __m256 mx = _mm256_loadu_ps(s);
-        for (int j = 8; j < n8; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + j));
+        // NaN / +inf scores (padding lanes are -inf): not (s < +inf), unordered compares true
+        __m256 nf = _mm256_cmp_ps(mx, _mm256_set1_ps(POS_INF), _CMP_NLT_UQ);
+        for (int j = 8; j < n8; j += 8) {
+          const __m256 sj = _mm256_loadu_ps(s + j);
+          nf = _mm256_or_ps(nf, _mm256_cmp_ps(sj, _mm256_set1_ps(POS_INF), _CMP_NLT_UQ));
+          mx = _mm256_max_ps(mx, sj);
+        }
+        sc.bad[r] |= _mm256_movemask_ps(nf) != 0;
         const float mnew = std::max(sc.m[r], hmax(mx));
         if (mnew == NEG_INF) { std::fill(s, s + n8, 0.f); continue; }
         const __m256 sum = exp_shift_inplace(s, n8, mnew);
@@ -1221,6 +1241,17 @@ class Kernel {
 #endif
   }
 
+  // o[0..D) *= nrm, then the non-finite rule: a flagged row or one with a non-finite result becomes all NaN.
+  // Returns whether it did. Once per row, outside every key loop.
+  bool finish_row(float* o, float nrm, bool bad) const {
+    for (int d = 0; d < D_; ++d) {
+      o[d] *= nrm;
+      bad |= !std::isfinite(o[d]);
+    }
+    if (bad) std::fill(o, o + D_, std::numeric_limits<float>::quiet_NaN());
+    return bad;
+  }
+
   // One chunk: kv head h of user b, queries [i0, i0 + nq), all G query heads.
   void run_chunk(Scratch& sc, int64_t b, int64_t h, int64_t i0, int nq) const {
     const int R = G_ * nq;
@@ -1238,7 +1269,7 @@ class Kernel {
         float* q = sc.Q.data() + int64_t(r) * Dp_;
         for (int d = 0; d < D_; ++d) q[d] = load_scalar(p_.q.p, p_.q_dtype, off + d) * p_.scale;
         for (int d = D_; d < Dp_; ++d) q[d] = 0.f;
-        sc.m[r] = NEG_INF; sc.l[r] = 0.f;
+        sc.m[r] = NEG_INF; sc.l[r] = 0.f; sc.bad[r] = 0;
         std::fill(sc.O.begin() + int64_t(r) * Dp_, sc.O.begin() + int64_t(r + 1) * Dp_, 0.f);
       }
     }
@@ -1256,7 +1287,12 @@ class Kernel {
           for (int r = 0; r < R; ++r) {
             float* s = S + r * KB;
             float mx = NEG_INF;
-            for (int j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+            bool nf = false;
+            for (int j = 0; j < n; ++j) {
+              mx = std::max(mx, s[j]);
+              nf |= !(s[j] < POS_INF);  // NaN or +inf (non-finite rule)
+            }
+            sc.bad[r] |= nf;
             const float mnew = std::max(sc.m[r], mx);
             if (mnew == NEG_INF) { for (int j = 0; j < n; ++j) s[j] = 0.f; continue; }
             for (int j = 0; j < n; ++j) s[j] -= mnew;
@@ -1277,7 +1313,12 @@ class Kernel {
           for (int r = 0; r < R; ++r) {
             float* s = S + r * KB;
             float e[KB];
-            for (int j = 0; j < n; ++j) e[j] = -s[j];
+            bool nf = false;
+            for (int j = 0; j < n; ++j) {
+              e[j] = -s[j];
+              nf |= !(s[j] < POS_INF);  // NaN or +inf (non-finite rule)
+            }
+            sc.bad[r] |= nf;
             exp_inplace(e, n);
             for (int j = 0; j < n; ++j) s[j] = s[j] == NEG_INF ? 0.f : cnt[j] * s[j] / (1.f + e[j]);
           }
@@ -1304,10 +1345,12 @@ class Kernel {
         sc.nrm[r] = nn > 0 ? 1.f / float(nn) : 0.f;
       }
       const int64_t off = p_.out.offset(b, sc.qh[r], sc.qi[r]);
-      const float* o = sc.O.data() + int64_t(r) * Dp_;
-      for (int d = 0; d < D_; ++d) store_scalar(const_cast<void*>(p_.out.p), p_.q_dtype, off + d, o[d] * sc.nrm[r]);
+      float* o = sc.O.data() + int64_t(r) * Dp_;
+      const bool nan_row = finish_row(o, sc.nrm[r], sc.bad[r]);
+      for (int d = 0; d < D_; ++d) store_scalar(const_cast<void*>(p_.out.p), p_.q_dtype, off + d, o[d]);
       if (p_.lse && softmax) {
-        const float v = sc.l[r] > 0.f ? sc.m[r] + std::log(sc.l[r]) : NEG_INF;
+        const float v = nan_row ? std::numeric_limits<float>::quiet_NaN()
+                                : sc.l[r] > 0.f ? sc.m[r] + std::log(sc.l[r]) : NEG_INF;
         p_.lse[p_.lse_view.offset(b, sc.qh[r], sc.qi[r])] = v;
       }
     }
