@@ -94,6 +94,92 @@ Segment segment(const Tensor& k, const Tensor& v, const std::string& kf, const s
   return s;
 }
 
+// ---- argument checks: the op is registered, so anything may call it; it must never read out of bounds ------------
+// (the Python glue validates too, but only this function stands between torch.ops.malloc_kernels.attention_cpu and
+// the kernel's raw pointers). Each check names the argument.
+
+void expect(const Tensor& t, const char* name, at::ScalarType dt, std::initializer_list<int64_t> shape) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == dt, name, " must be ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == c10::IntArrayRef(shape), name, " must have shape ", c10::IntArrayRef(shape),
+                    ", got ", t.sizes());
+}
+
+// int64 offsets [B + 1]: 0 = o[0] <= o[1] <= ... <= o[B] = total.
+void check_offsets(const Tensor& o, const char* name, int64_t total) {
+  TORCH_CHECK_VALUE(o.device().is_cpu() && o.scalar_type() == at::kLong && o.dim() == 1 && o.size(0) >= 1 &&
+                        o.is_contiguous(), name, " must be a contiguous int64 CPU tensor [B + 1]");
+  const int64_t* d = o.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(d[0] == 0 && d[o.size(0) - 1] == total, name, " must start at 0 and end at ", total, ", got ",
+                    d[0], " .. ", d[o.size(0) - 1]);
+  for (int64_t i = 1; i < o.size(0); ++i) TORCH_CHECK_VALUE(d[i] >= d[i - 1], name, " must be non-decreasing");
+}
+
+int64_t packed_row(const std::string& fmt, int64_t D) {
+  if (fmt == "int4") return (D + 1) / 2;
+  if (fmt == "int2") return (D + 3) / 4;
+  return D;  // float (elements), int8, fp8
+}
+
+// One cache segment against [B, Hkv] and head dim D: payload widths, per-entry fields, lengths within capacity,
+// scale/zero shapes of the format's groups.
+void check_segment(const Tensor& k, const Tensor& v, const std::string& kf, const std::string& vf, bool k_channel,
+                   int64_t G, const Tensor& length, const Tensor& position, const optional<Tensor>& timestamp,
+                   const optional<Tensor>& count, const optional<Tensor>& ks, const optional<Tensor>& kz,
+                   const optional<Tensor>& vs, const optional<Tensor>& vz, int64_t B, int64_t H, int64_t D,
+                   const std::string& name) {
+  TORCH_CHECK_VALUE(k.dim() == 4 && v.dim() == 4, name, ".k/.v must be [B, Hkv, C, W]");
+  const int64_t C = k.size(2);
+  for (auto [t, fmt, which] : {std::tuple<const Tensor&, const std::string&, const char*>{k, kf, "k"},
+                               std::tuple<const Tensor&, const std::string&, const char*>{v, vf, "v"}}) {
+    TORCH_CHECK_VALUE(t.device().is_cpu(), name, ".", which, " must be a CPU tensor");
+    TORCH_CHECK_VALUE(t.size(0) == B && t.size(1) == H && t.size(2) == C && t.size(3) == packed_row(fmt, D), name,
+                      ".", which, " must be [B=", B, ", Hkv=", H, ", C=", C, ", ", packed_row(fmt, D), "] for format ",
+                      fmt, " and head dim ", D, ", got ", t.sizes());
+  }
+  expect(length, (name + ".length").c_str(), at::kInt, {B, H});
+  expect(position, (name + ".position").c_str(), at::kInt, {B, H, C});
+  if (timestamp.has_value()) expect(*timestamp, (name + ".timestamp").c_str(), at::kLong, {B, H, C});
+  if (count.has_value()) expect(*count, (name + ".count").c_str(), at::kFloat, {B, H, C});
+  if (length.numel()) {
+    const auto mm = at::aminmax(length);
+    const int64_t lo = std::get<0>(mm).item<int32_t>(), hi = std::get<1>(mm).item<int32_t>();
+    TORCH_CHECK_VALUE(lo >= 0 && hi <= C, name, ".length must lie in [0, capacity=", C, "], got values in [", lo,
+                      ", ", hi, "]");
+  }
+  for (auto [fmt, sc, zr, which] :
+       {std::tuple<const std::string&, const optional<Tensor>&, const optional<Tensor>&, const char*>{kf, ks, kz, "k"},
+        std::tuple<const std::string&, const optional<Tensor>&, const optional<Tensor>&, const char*>{vf, vs, vz,
+                                                                                                       "v"}}) {
+    if (fmt == "float") continue;
+    const bool chan = k_channel && std::string(which) == "k";
+    TORCH_CHECK_VALUE(G > 0 && (chan || D % G == 0), "group_size ", G, " must be positive",
+                      chan ? "" : " and divide the head dim");
+    const int64_t rows = chan ? (C + G - 1) / G : C, cols = chan ? D : D / G;
+    TORCH_CHECK_VALUE(sc.has_value(), name, ".", which, "_scale is required for format ", fmt);
+    expect(*sc, (name + "." + which + "_scale").c_str(), at::kHalf, {B, H, rows, cols});
+    if (fmt != "fp8") TORCH_CHECK_VALUE(zr.has_value(), name, ".", which, "_zero is required for format ", fmt);
+    if (zr.has_value()) expect(*zr, (name + "." + which + "_zero").c_str(), at::kHalf, {B, H, rows, cols});
+  }
+}
+
+// Per-token int64 positions/timestamps: dense [B, L>=need] or jagged [total].
+void check_tokens(const optional<Tensor>& t, const char* name, bool jagged, int64_t B, int64_t need) {
+  if (!t.has_value()) return;
+  TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kLong && t->is_contiguous(), name,
+                    " must be a contiguous int64 CPU tensor");
+  if (jagged) TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) >= need, name, " must be [total >= ", need, "]");
+  else TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == B && t->size(1) >= need, name, " must be [B=", B,
+                         ", L >= ", need, "], got ", t->sizes());
+}
+
+void check_table(const Tensor& t, const char* name, int64_t Hq) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
+                    " must be a contiguous float32 CPU tensor");
+  TORCH_CHECK_VALUE((t.dim() == 1 || (t.dim() == 2 && t.size(0) == Hq)) && t.size(-1) >= 1, name,
+                    " must be [P] or [Hq=", Hq, ", P] with P >= 1, got ", t.sizes());
+}
+
 std::vector<Tensor> attention_cpu(
     const Tensor& query, const optional<Tensor>& key, const optional<Tensor>& value,
     const optional<Tensor>& q_offsets, const optional<Tensor>& k_offsets,
@@ -112,6 +198,75 @@ std::vector<Tensor> attention_cpu(
     bool return_lse, bool return_stats, int64_t stats_window) {
   const bool jagged = q_offsets.has_value();
   TORCH_CHECK(query.dim() == (jagged ? 3 : 4), "query must be [B, Hq, Lq, D] or jagged [total, Hq, D]");
+  TORCH_CHECK_VALUE(query.device().is_cpu() && query.size(-1) >= 1, "query must be a CPU tensor with D >= 1");
+  if (jagged) check_offsets(*q_offsets, "q_offsets", query.size(0));
+  {
+    // every shape, dtype and bound the kernel relies on (see the helpers above)
+    const int64_t B = jagged ? q_offsets->size(0) - 1 : query.size(0), Hq = query.size(1), D = query.size(-1);
+    int64_t Hkv = -1, Lk = 0;
+    TORCH_CHECK_VALUE(key.has_value() == value.has_value(), "key and value must be given together");
+    if (key.has_value()) {
+      TORCH_CHECK_VALUE(key->device().is_cpu() && value->device().is_cpu(), "key/value must be CPU tensors");
+      TORCH_CHECK_VALUE(key->dim() == query.dim() && key->sizes() == value->sizes() && key->size(-1) == D,
+                        "key and value must share a shape [B, Hkv, Lk, D] (jagged [total, Hkv, D]) with the "
+                        "query's D, got ", key->sizes(), " and ", value->sizes());
+      Hkv = key->size(1);
+      if (jagged) {
+        TORCH_CHECK_VALUE(k_offsets.has_value(), "k_offsets are required with jagged keys");
+        check_offsets(*k_offsets, "k_offsets", key->size(0));
+        TORCH_CHECK_VALUE(k_offsets->size(0) == B + 1, "k_offsets must be [B + 1 = ", B + 1, "]");
+      } else {
+        TORCH_CHECK_VALUE(key->size(0) == B, "key batch ", key->size(0), " != query batch ", B);
+        Lk = key->size(2);
+      }
+    }
+    TORCH_CHECK_VALUE(cache_k.has_value() == cache_v.has_value() && cache_k.has_value() == cache_length.has_value() &&
+                          cache_k.has_value() == cache_position.has_value(),
+                      "cache_k, cache_v, cache_length and cache_position must be given together");
+    if (cache_k.has_value()) {
+      TORCH_CHECK_VALUE(cache_k->dim() == 4, "cache_k must be [B, Hkv, C, W]");
+      TORCH_CHECK_VALUE(Hkv < 0 || cache_k->size(1) == Hkv, "cache_k has ", cache_k->size(1), " kv heads, key ", Hkv);
+      Hkv = cache_k->size(1);
+      check_segment(*cache_k, *cache_v, k_format, v_format, k_channel, group_size, *cache_length, *cache_position,
+                    cache_timestamp, cache_count, k_scale, k_zero, v_scale, v_zero, B, Hkv, D, "cache");
+      TORCH_CHECK_VALUE(original_length.has_value(), "original_length is required with a cache");
+      expect(*original_length, "original_length", at::kInt, {B});
+    }
+    TORCH_CHECK_VALUE(res_k.has_value() == res_v.has_value() && res_k.has_value() == res_length.has_value() &&
+                          res_k.has_value() == res_position.has_value(),
+                      "res_k, res_v, res_length and res_position must be given together");
+    if (res_k.has_value()) {
+      TORCH_CHECK_VALUE(cache_k.has_value(), "a residual segment needs a cache");
+      check_segment(*res_k, *res_v, "float", "float", false, 0, *res_length, *res_position, res_timestamp, res_count,
+                    {}, {}, {}, {}, B, Hkv, D, "residual");
+    }
+    TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, "Hq (", Hq, ") must be a positive multiple of Hkv (", Hkv, ")");
+    TORCH_CHECK_VALUE(kind == "softmax" || kind == "hstu", "kind must be 'softmax' or 'hstu', got '", kind, "'");
+    TORCH_CHECK_VALUE(hstu_norm == "original" || hstu_norm == "kept" || hstu_norm == "const",
+                      "hstu_norm must be 'original', 'kept' or 'const', got '", hstu_norm, "'");
+    TORCH_CHECK_VALUE(stats_window >= 0, "stats_window must be >= 0, got ", stats_window);
+    if (num_targets.has_value()) expect(*num_targets, "num_targets", at::kLong, {B});
+    const int64_t q_need = jagged ? query.size(0) : query.size(2);
+    const int64_t k_need = jagged ? (key.has_value() ? key->size(0) : 0) : Lk;
+    check_tokens(query_positions, "query_positions", jagged, B, q_need);
+    check_tokens(query_timestamps, "query_timestamps", jagged, B, q_need);
+    check_tokens(key_positions, "key_positions", jagged, B, k_need);
+    check_tokens(key_timestamps, "key_timestamps", jagged, B, k_need);
+    if (pos_bias.has_value()) {
+      check_table(*pos_bias, "pos_bias", Hq);
+      TORCH_CHECK_VALUE(query_positions.has_value() && (!key.has_value() || key_positions.has_value()),
+                        "pos_bias needs query_positions (and key_positions with keys)");
+    }
+    if (time_bias.has_value()) {
+      check_table(*time_bias, "time_bias", Hq);
+      TORCH_CHECK_VALUE(query_timestamps.has_value() && (!key.has_value() || key_timestamps.has_value()),
+                        "time_bias needs query_timestamps (and key_timestamps with keys)");
+      TORCH_CHECK_VALUE(!cache_k.has_value() || cache_timestamp.has_value(), "time_bias needs cache_timestamp");
+      TORCH_CHECK_VALUE(!res_k.has_value() || res_timestamp.has_value(), "time_bias needs res_timestamp");
+      TORCH_CHECK_VALUE(time_thresholds.has_value(), "time_thresholds are required with time_bias");
+      expect(*time_thresholds, "time_thresholds", at::kLong, {time_bias->size(-1)});
+    }
+  }
   const Tensor q = rowmajor(query);
   AttnParams p;
   p.q_dtype = dtype_of(q, "query");

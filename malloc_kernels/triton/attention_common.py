@@ -221,7 +221,14 @@ def _update(acc, m_i, l_i, nh, nr, s, vis, c, v, KIND: tl.constexpr, IS_REQ: tl.
     softmax (``KIND == 0``, FlashAttention's online softmax, count folded in as ``+ log c_j``): running max
     ``m_i``, running denominator ``l_i``, ``acc = sum_j c_j e^{s_ij - m_i} v_j``.
     hstu (``KIND == 1``): ``acc += sum_j c_j silu(s_ij) v_j``; ``nh``/``nr`` count the visible stored (cache +
-    residual) and request entries, for the ``kept``/``original`` normalisers."""
+    residual) and request entries, for the ``kept``/``original`` normalisers.
+
+    Non-finite rule (README): a visible NaN / +inf score (``log c`` included) or a non-finite element of a visible
+    entry's value poisons the row: its accumulator becomes NaN (sticky through every later step, the split-K merge
+    and ``_finalize``); an invisible entry's value is zeroed first, so it cannot reach the row through a 0 weight."""
+    v_ok = (v == v) & (tl.abs(v) < float("inf"))
+    v_bad = tl.max(tl.where(v_ok, 0, 1), 1)                                    # [BLOCK_N]
+    v = tl.where(v_ok, v, 0.0)
     if KIND == 0:
         s = tl.where(vis, s + tl.log(c)[None, :], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -233,6 +240,7 @@ def _update(acc, m_i, l_i, nh, nr, s, vis, c, v, KIND: tl.constexpr, IS_REQ: tl.
         acc = acc * alpha[:, None]
         m_i = m_new
     else:
+        s = tl.where(vis, s, float("-inf"))
         p = tl.where(vis & (s > float("-inf")), c[None, :] * (s / (1.0 + tl.exp(-s))), 0.0)
         cnt = tl.sum(vis.to(tl.float32), 1)
         if IS_REQ:
@@ -245,6 +253,11 @@ def _update(acc, m_i, l_i, nh, nr, s, vis, c, v, KIND: tl.constexpr, IS_REQ: tl.
         acc += tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
     else:
         acc += tl.dot(p, v, input_precision="ieee")
+    poison = (tl.max(tl.where(vis & ~(s < float("inf")), 1, 0), 1) > 0) | \
+        (tl.max(tl.where(vis & (v_bad[None, :] > 0), 1, 0), 1) > 0)
+    acc = tl.where(poison[:, None], float("nan"), acc)
+    if KIND == 0:
+        l_i = tl.where(poison, float("nan"), l_i)
     return acc, m_i, l_i, nh, nr
 
 
@@ -412,6 +425,7 @@ def _finalize(acc, m_i, l_i, nh, nr, orig, norm_const, KIND: tl.constexpr, NORM:
     if KIND == 0:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         stat = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        stat = tl.where(l_i == l_i, stat, float("nan"))                      # a poisoned row (l NaN)
     else:
         if NORM == 2:
             n = nr * 0.0 + norm_const
@@ -425,6 +439,11 @@ def _finalize(acc, m_i, l_i, nh, nr, orig, norm_const, KIND: tl.constexpr, NORM:
         out = acc / tl.where(n > 0, n, 1.0)[:, None]
         out = tl.where((n > 0)[:, None], out, 0.0)
         stat = n
+    # non-finite rule: a row with any non-finite element is NaN as a whole
+    row_bad = tl.max(tl.where((out == out) & (tl.abs(out) < float("inf")), 0, 1), 1) > 0
+    out = tl.where(row_bad[:, None], float("nan"), out)
+    if KIND == 0:
+        stat = tl.where(row_bad, float("nan"), stat)
     return out, stat
 
 

@@ -47,7 +47,8 @@ constexpr float POS_INF = std::numeric_limits<float>::infinity();
 // Non-finite rule (every backend, README "Non-finite values and integer ranges"): a row with no visible entry returns
 // zeros (lse -inf); otherwise a visible score (scale * q.k + log count + bias) that is NaN or +inf, or a non-finite
 // element of the row's result, makes the WHOLE row NaN (lse NaN); a -inf score is weight 0, as a masked entry (SDPA's
-// convention). The max/exp helpers drop NaN (the vector min/max return an operand), so the kernels never rely on
+// convention). Values: a non-finite value of a VISIBLE entry poisons the row (guard_request_values keeps causally
+// masked request values out). The max/exp helpers drop NaN (the vector min/max return an operand), so the kernels never rely on
 // propagation: each row keeps a sticky flag `bad` set by `!(s < +inf)` on its scores (one compare per score vector)
 // and finish_row() applies the rule once per row.
 
@@ -969,6 +970,32 @@ class Kernel {
     *V = sc.Vt.data(); *ldv = Dp_;
   }
 
+  // Non-finite rule for request values: only a VISIBLE entry's value may poison a row (a causally masked token's NaN
+  // must not reach earlier rows through its 0 weight; stored entries are visible to every row). Request blocks are
+  // short, so each is scanned; one holding a non-finite value is copied with those elements zeroed and the rows that
+  // see it are flagged (finish_row makes them NaN).
+  void guard_request_values(Scratch& sc, int64_t b, int64_t j0, int n, int R, const float** V, int64_t* ldv) const {
+    const float* src = *V;
+    const int64_t ld = *ldv;
+    bool any = false;
+    for (int j = 0; j < n && !any; ++j)
+      for (int d = 0; d < D_; ++d) any |= !std::isfinite(src[j * ld + d]);
+    if (!any) return;
+    float* dst = sc.Vt.data();  // may be src itself (a decoded tile, ld == Dp_): row by row in place is fine
+    const int64_t Lk = klen(b), nt = ntargets(b);
+    for (int j = 0; j < n; ++j) {
+      bool bad = false;
+      for (int d = 0; d < Dp_; ++d) {
+        float x = d < D_ ? src[j * ld + d] : 0.f;
+        if (!std::isfinite(x)) { bad = true; x = 0.f; }
+        dst[int64_t(j) * Dp_ + d] = x;
+      }
+      if (bad)
+        for (int r = 0; r < R; ++r) sc.bad[r] |= visible(sc.qi[r], j0 + j, Lk, nt);
+    }
+    *V = dst; *ldv = Dp_;
+  }
+
   // The cache segment of a softmax chunk decoded straight from the codes in code layout (see Codes64): int8/int4/int2
   // keys and values of the same format, D == 64, channel-axis keys (any token group) or token-axis keys with one
   // group per row, token-axis value groups the layout can address, no counts, no bias. Must run first in a chunk
@@ -1326,6 +1353,7 @@ class Kernel {
         if (values_fused(sc, seg, b, h, j0, n, R)) continue;
         const float* V; int64_t ldv;
         values(sc, seg, b, h, j0, n, &V, &ldv);
+        if (seg == SEG_REQ) guard_request_values(sc, b, j0, n, R, &V, &ldv);
         pv_accum(S, KB, R, n, V, ldv, Dp_, sc.O.data(), Dp_);
       }
     }

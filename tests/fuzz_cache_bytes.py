@@ -1,0 +1,44 @@
+"""Coverage-guided fuzzing of ``cache_from_bytes`` with atheris (libFuzzer for Python), bounded in time.
+
+    python tests/fuzz_cache_bytes.py -max_total_time=60      # .ci/run runs this (a fixed, short time)
+
+Inputs are raw blobs (the corpus starts from valid serialised caches of every form, ``blob_oracle.seed_blobs``);
+libFuzzer mutates them guided by the coverage of ``malloc_kernels.cache`` and the oracle of ``blob_oracle``
+decides: refused with ``ValueError``/``TypeError``, or accepted, bounded, byte-exact and served identically by
+every backend. Half of the inputs get their CRC recomputed first, so the fuzzer gets past the checksum into the
+structure checks. A violation raises, and atheris reports the crashing input and exits non-zero.
+"""
+import os
+import sys
+import tempfile
+
+import atheris
+
+with atheris.instrument_imports(include=["malloc_kernels.cache"]):
+    import malloc_kernels  # noqa: F401
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import blob_oracle as bo  # noqa: E402
+
+
+def one_input(data: bytes) -> None:
+    # first byte: bit 0 set = recompute the CRC of the rest; the rest is the blob
+    if not data or len(data) > 1 << 16:
+        return
+    blob = data[1:]
+    if data[0] & 1 and len(blob) >= 4:
+        blob = bo.with_crc(blob[:-4])
+    bo.check_blob(blob, seed=len(blob), serve=True)
+
+
+def main() -> None:
+    corpus = tempfile.mkdtemp(prefix="mk_fuzz_corpus_")
+    for i, b in enumerate(bo.seed_blobs()):
+        with open(os.path.join(corpus, f"seed{i}"), "wb") as f:
+            f.write(bytes([0]) + b)                     # first byte even: the blob as is
+    atheris.Setup(sys.argv + [corpus], one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
