@@ -46,6 +46,19 @@ def run_main(parser: argparse.ArgumentParser, body: Callable, argv: Optional[Seq
         return 2
 
 
+def guard(prog: str, main: Callable[[], object]) -> int:
+    """``sys.exit(guard(prog, main))`` for a program whose ``main()`` parses ``sys.argv`` itself (with ``Parser``):
+    an exception becomes one error line and exit code 2 (``--debug`` re-raises); a non-int result means 0."""
+    try:
+        rc = main()
+    except Exception as e:                                      # noqa: BLE001 -- the contract above
+        if "--debug" in sys.argv[1:]:
+            raise
+        print(f"{prog}: error: {describe(e)}", file=sys.stderr)
+        return 2
+    return rc if isinstance(rc, int) else 0
+
+
 def describe(e: BaseException) -> str:
     """One line for an exception: its message (ValueError/TypeError/OSError carry the argument or file), prefixed
     with the exception type when that type is not the usual 'bad input' kind."""

@@ -158,7 +158,9 @@ void check_segment(const Tensor& k, const Tensor& v, const std::string& kf, cons
     const int64_t rows = chan ? (C + G - 1) / G : C, cols = chan ? D : D / G;
     TORCH_CHECK_VALUE(sc.has_value(), name, ".", which, "_scale is required for format ", fmt);
     expect(*sc, (name + "." + which + "_scale").c_str(), at::kHalf, {B, H, rows, cols});
-    if (fmt != "fp8") TORCH_CHECK_VALUE(zr.has_value(), name, ".", which, "_zero is required for format ", fmt);
+    if (fmt != "fp8") {
+      TORCH_CHECK_VALUE(zr.has_value(), name, ".", which, "_zero is required for format ", fmt);
+    }
     if (zr.has_value()) expect(*zr, (name + "." + which + "_zero").c_str(), at::kHalf, {B, H, rows, cols});
   }
 }
@@ -168,9 +170,12 @@ void check_tokens(const optional<Tensor>& t, const char* name, bool jagged, int6
   if (!t.has_value()) return;
   TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kLong && t->is_contiguous(), name,
                     " must be a contiguous int64 CPU tensor");
-  if (jagged) TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) >= need, name, " must be [total >= ", need, "]");
-  else TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == B && t->size(1) >= need, name, " must be [B=", B,
-                         ", L >= ", need, "], got ", t->sizes());
+  if (jagged) {
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) >= need, name, " must be [total >= ", need, "]");
+  } else {
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == B && t->size(1) >= need, name, " must be [B=", B,
+                      ", L >= ", need, "], got ", t->sizes());
+  }
 }
 
 void check_table(const Tensor& t, const char* name, int64_t Hq) {

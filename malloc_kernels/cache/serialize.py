@@ -310,8 +310,8 @@ def cache_from_bytes(b, device=None) -> KVCache:
         raise _bad("total_size", f"leaves {end - pos} unread payload bytes")
     padded = main.padded_bytes + (res.padded_bytes if res is not None else 0)
     if padded > MAX_EXPANSION * len(b):
-        raise _bad("length", f"per-head lengths {main.length} would rebuild a {padded}-byte padded cache from a "
-                   f"{len(b)}-byte blob (more than {MAX_EXPANSION}x)")
+        raise _bad("length", f"per-head lengths (max {main.C}, total {main.n} over {H} heads) would rebuild a "
+                   f"{padded}-byte padded cache from a {len(b)}-byte blob (more than {MAX_EXPANSION}x)")
     cache = main.read(b, H, D, G, k_fmt, v_fmt, k_axis)
     if res is not None:
         cache = cache.replace(residual=res.read(b, H, D, 0, FLOAT_FORMAT, FLOAT_FORMAT, "token"))

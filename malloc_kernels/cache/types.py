@@ -226,7 +226,7 @@ class KVCache:
             r.validate()
         return self
 
-    def check_contents(self) -> "KVCache":
+    def check_contents(self, _name: str = "cache") -> "KVCache":
         """Data-dependent checks, run once where a cache is built (``compress``, ``cache_from_bytes``, ``append``).
 
         Over VALID entries only (padding may hold anything and is never read): float payloads are finite, fp8
@@ -237,17 +237,17 @@ class KVCache:
         reaches a row makes that row NaN (README, "Non-finite values and integer ranges").
         """
         if self.original_length.numel() and int(self.original_length.min()) < 0:
-            raise ValueError(f"cache.original_length must be >= 0, got {int(self.original_length.min())}")
+            raise ValueError(f"{_name}.original_length must be >= 0, got {int(self.original_length.min())}")
         C = self.capacity
         valid = torch.arange(C, device=self.length.device) < self.length[..., None].to(torch.int64)   # [B, H, C]
         for name, fmt in (("k", self.k_format), ("v", self.v_format)):
             t = getattr(self, name)
             if fmt == FLOAT_FORMAT:
                 if not bool(torch.isfinite(t[valid]).all()):
-                    raise ValueError(f"cache.{name} holds a non-finite value in a valid entry")
+                    raise ValueError(f"{_name}.{name} holds a non-finite value in a valid entry")
                 continue
             if fmt == FP8_FORMAT and bool(((t[valid] & 0x7F) == 0x7F).any()):
-                raise ValueError(f"cache.{name} holds an fp8 NaN code (0x7F/0xFF) in a valid entry")
+                raise ValueError(f"{_name}.{name} holds an fp8 NaN code (0x7F/0xFF) in a valid entry")
             gvalid = valid
             if name == "k" and self.k_axis == "channel":
                 gvalid = (torch.arange(self.num_groups("k"), device=valid.device) * self.group_size
@@ -258,15 +258,15 @@ class KVCache:
                     continue
                 s = s[gvalid]
                 if not bool(torch.isfinite(s).all()):
-                    raise ValueError(f"cache.{name}_{part} holds a non-finite value in a valid group")
+                    raise ValueError(f"{_name}.{name}_{part} holds a non-finite value in a valid group")
                 if part == "scale" and bool((s < 0).any()):
-                    raise ValueError(f"cache.{name}_scale holds a negative scale in a valid group")
+                    raise ValueError(f"{_name}.{name}_scale holds a negative scale in a valid group")
         if self.count is not None:
             c = self.count[valid]
             if not bool((torch.isfinite(c) & (c >= 1)).all()):
-                raise ValueError("cache.count must be finite and >= 1 on valid entries (a merge count)")
+                raise ValueError(f"{_name}.count must be finite and >= 1 on valid entries (a merge count)")
         if self.residual is not None:
-            self.residual.check_contents()
+            self.residual.check_contents(f"{_name}.residual")
         return self
 
     def _validate_int(self, name, t, shape, dtype):

@@ -13,8 +13,9 @@ Math (per user b, query head h, kv head h // G, query i, entry j over the cache,
 
 over visible j only; ``c_j`` is the merge count (ToMe's proportional attention, arXiv 2210.09461). A row that sees
 nothing returns zeros (softmax lse = -inf). Non-finite rule (every backend): a visible score (with ``log c_j``) that
-is NaN or +inf, or a non-finite element of a row's result, makes the whole row NaN (lse NaN); a -inf score is weight
-0, as a masked entry (``scaled_dot_product_attention``'s convention). Arithmetic runs in float64 for float64 inputs and in float32 otherwise
+is NaN or +inf, a non-finite value of a visible entry, or a non-finite element of a row's result makes the whole row
+NaN (lse NaN); a -inf score is weight 0, as a masked entry (``scaled_dot_product_attention``'s convention), and an
+invisible entry never reaches the row. Arithmetic runs in float64 for float64 inputs and in float32 otherwise
 (half inputs are upcast right after load, as the kernels do); the output is cast back to the query dtype.
 
 Details fixed here for every backend: a boolean ``attn_mask`` (dense calls, over the request keys) removes entries

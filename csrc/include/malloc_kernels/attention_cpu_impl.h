@@ -47,10 +47,10 @@ constexpr float POS_INF = std::numeric_limits<float>::infinity();
 // Non-finite rule (every backend, README "Non-finite values and integer ranges"): a row with no visible entry returns
 // zeros (lse -inf); otherwise a visible score (scale * q.k + log count + bias) that is NaN or +inf, or a non-finite
 // element of the row's result, makes the WHOLE row NaN (lse NaN); a -inf score is weight 0, as a masked entry (SDPA's
-// convention). Values: a non-finite value of a VISIBLE entry poisons the row (guard_request_values keeps causally
-// masked request values out). The max/exp helpers drop NaN (the vector min/max return an operand), so the kernels never rely on
-// propagation: each row keeps a sticky flag `bad` set by `!(s < +inf)` on its scores (one compare per score vector)
-// and finish_row() applies the rule once per row.
+// convention). Values: a non-finite value of a VISIBLE entry poisons the row (stored entries are visible to every row
+// and propagate through p * v; guard_request_values keeps causally masked request values out). The max/exp helpers
+// drop NaN (the vector min/max return an operand), so scores never rely on propagation: each row keeps a sticky flag
+// `bad` set by `!(s < +inf)` (one compare per score vector) and finish_row() applies the rule once per row.
 
 // ---- scalar conversions (exact) -------------------------------------------------------------------------------
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
