@@ -14,11 +14,18 @@ import tempfile
 
 import atheris
 
-with atheris.instrument_imports(include=["malloc_kernels.cache"]):
-    import malloc_kernels  # noqa: F401
+import malloc_kernels  # noqa: E402
+from malloc_kernels.cache import serialize, types  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import blob_oracle as bo  # noqa: E402
+
+# coverage feedback from the decoder and the cache checks only (instrumenting every import would also rewrite the
+# policies and torch glue, which the harness does not target)
+for fn in (serialize.cache_from_bytes, serialize._check_header, serialize._check_unused_bits,
+           serialize._Segment.__init__, serialize._Segment.read, types.KVCache.validate,
+           types.KVCache.check_contents, types.KVCache._validate_scales):
+    atheris.instrument_func(fn)
 
 # the compiled backends (the Triton interpreter is too slow for a coverage-guided loop; the suite covers it)
 COMPILED = tuple(b for b in malloc_kernels.available_backends() if b in ("cpu", "cuda"))
