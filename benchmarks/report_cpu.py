@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import malloc_kernels as mk  # noqa: E402
 from malloc_kernels.ops import cpu  # noqa: E402
-from malloc_kernels.ops.validate import validate_call  # noqa: E402
+from malloc_kernels.core.validate import validate_call  # noqa: E402
 from roofline import interleaved_best_seconds, roofline  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

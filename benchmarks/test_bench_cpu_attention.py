@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import malloc_kernels as mk
 from malloc_kernels.ops import cpu
-from malloc_kernels.ops.validate import validate_call
+from malloc_kernels.core.validate import validate_call
 
 pytestmark = pytest.mark.skipif(not cpu.is_available()[0], reason="C++ extension with attention_cpu not built")
 

@@ -10,7 +10,7 @@ from .cache import KVCache  # noqa: F401
 from .cache.serialize import cache_from_bytes  # noqa: F401
 from .ops.attention import attention  # noqa: F401
 from .ops.backends import available_backends  # noqa: F401
-from .ops.types import AttentionResult, AttentionStats  # noqa: F401
+from .core.types import AttentionResult, AttentionStats  # noqa: F401
 from .policies import available_methods, compress  # noqa: F401
 
 __version__ = "0.1.0"

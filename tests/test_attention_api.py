@@ -12,7 +12,7 @@ import malloc_kernels as mk
 from malloc_kernels import AttentionResult, reference
 from malloc_kernels.cache.types import KVCache
 from malloc_kernels.ops.backends import backend_status, select_backend
-from malloc_kernels.ops.validate import validate_call
+from malloc_kernels.core.validate import validate_call
 
 F64 = torch.float64
 # Absolute slack of FlashAttention's rule (error <= 2x PyTorch's own error in that dtype + slack).
@@ -234,8 +234,6 @@ BAD = [
     ("cache heads", dict(cache=_cache(H=1)), ValueError, "cache has 1 kv heads"),
     ("cache head_dim", dict(cache=_cache(D=4)), ValueError, "cache.head_dim"),
     ("cache dtype", dict(cache=_cache(dtype=F64)), TypeError, "cache.k dtype"),
-    ("cache length beyond capacity", dict(cache=_cache(length=torch.full((2, 2), 9, dtype=torch.int32))),
-     ValueError, "cache.length"),
     ("cache with Lk != Lq", dict(cache=_cache(), key=torch.zeros(2, 2, 6, 8), value=torch.zeros(2, 2, 6, 8)),
      ValueError, "key length"),
     ("time_bias with a cache without timestamps",
@@ -267,6 +265,19 @@ def test_bad_dense_input_raises_naming_the_argument(case):
     kw.update(over)
     with pytest.raises(exc, match=match):
         mk.attention(**kw)
+
+
+def test_cache_length_beyond_capacity_is_refused_where_the_cache_is_made_and_by_the_cpu_op():
+    """Data checks run once, where a cache is made (``check_contents``: compress, cache_from_bytes), not per
+    attention call; the C++ op checks the lengths it indexes by itself, so even a call that bypasses the entry
+    point's validation cannot read past the payload."""
+    bad = _cache(length=torch.full((2, 2), 9, dtype=torch.int32))
+    bad.validate()                                   # structurally fine: shapes and dtypes
+    with pytest.raises(ValueError, match="cache.length"):
+        bad.check_contents()
+    if "cpu" in mk.available_backends():
+        with pytest.raises(ValueError, match="length must be within"):
+            mk.attention(Q, K, K, cache=bad, backend="cpu")
 
 
 @pytest.mark.parametrize("case", BAD_JAGGED, ids=[c[0] for c in BAD_JAGGED])

@@ -5,7 +5,7 @@ import torch
 import malloc_kernels
 from malloc_kernels import cache_from_bytes, compress
 from malloc_kernels.cache.quant import _expand
-from malloc_kernels.ops.layout import padded_to_jagged
+from malloc_kernels.core.layout import padded_to_jagged
 
 METHODS = ["int8", "fp8", "int4", "int2"]
 

@@ -1,4 +1,4 @@
-"""Quantize/dequantize and pack/unpack of the cache storage contract (cache/types.py, cache/quant.py).
+"""Quantize/dequantize and pack/unpack of the cache storage contract (core/kvcache.py, cache/quant.py).
 
 The bit-exactness checks compare against an independent scalar NumPy re-derivation of the contract (fp16 rounding
 by NumPy, e4m3 by nearest-value search), so a bug shared by the vectorised code and its own helpers is caught.

@@ -12,7 +12,7 @@ import torch
 
 import malloc_kernels as mk
 from malloc_kernels.ops import cpu
-from malloc_kernels.ops.validate import validate_call
+from malloc_kernels.core.validate import validate_call
 from malloc_kernels.reference import attention as ref_attention
 
 pytestmark = pytest.mark.skipif(not cpu.is_available()[0], reason="C++ extension with attention_cpu not built")
@@ -158,7 +158,7 @@ def test_relative_bias_exact_buckets():
                               query_timestamps=qts)
         _close(got, want)
     # a shared [T] table and dt exactly on bucket thresholds
-    from malloc_kernels.reference.bias import time_bucket_thresholds
+    from malloc_kernels.core.time_buckets import time_bucket_thresholds
     th = time_bucket_thresholds(20)
     qts2 = torch.zeros(B, L, dtype=torch.int64)
     ts2 = -th[torch.arange(N) % th.numel()][None].expand(B, N).contiguous()

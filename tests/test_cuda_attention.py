@@ -108,7 +108,7 @@ def test_case_builders_run_on_the_reference(fmt, kind):
 
 def test_backend_refuses_cpu_tensors_with_a_reason():
     args, kw = _case(FORMATS[3], "softmax", "cpu")
-    from malloc_kernels.ops.validate import validate_call
+    from malloc_kernels.core.validate import validate_call
 
     call = validate_call(*args, **kw)
     ok, why = cuda_backend.supports(call)

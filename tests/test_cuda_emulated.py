@@ -16,7 +16,7 @@ import torch
 
 import malloc_kernels
 from malloc_kernels.ops import cuda as cuda_backend
-from malloc_kernels.ops.validate import validate_call
+from malloc_kernels.core.validate import validate_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cuda_attention import FORMATS, _case, _reference  # noqa: E402

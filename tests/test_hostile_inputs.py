@@ -396,8 +396,8 @@ def test_time_buckets_at_int64_edges_match_the_reference(backend):
 
 # ---- 5. the registered op checks its own arguments ----------------------------------------------------------------
 @pytest.mark.skipif(not CPU_OK, reason="cpu backend unavailable")
-@pytest.mark.parametrize("length, match", [(10 ** 8, "cache.length must lie in"), (-1, "cache.length must lie in"),
-                                           (41, "cache.length must lie in")])
+@pytest.mark.parametrize("length, match", [(10 ** 8, "cache.length must be within"),
+                                           (-1, "cache.length must be within"), (41, "cache.length must be within")])
 def test_attention_cpu_op_refuses_lengths_beyond_capacity(length, match):
     k = torch.randn(1, 1, 40, 16)
     c = mk.compress(k, k.clone(), "none")
@@ -415,11 +415,11 @@ def test_attention_cpu_op_refuses_lengths_beyond_capacity(length, match):
 @pytest.mark.skipif(not CPU_OK, reason="cpu backend unavailable")
 @pytest.mark.parametrize("change, match", [
     (dict(pos=torch.zeros(1, 1, 39, dtype=torch.int32)), "cache.position must have shape"),
-    (dict(orig=torch.zeros(2, dtype=torch.int32)), "original_length must have shape"),
-    (dict(kfmt="int4"), "cache.k must be"),
+    (dict(orig=torch.zeros(2, dtype=torch.int32)), "original_length must be contiguous int32"),
+    (dict(kfmt="int4"), "cache.k must have shape"),
     (dict(qpos=torch.zeros(1, 0, dtype=torch.int64)), "query_positions must be"),
     (dict(kind="bogus"), "kind must be"),
-    (dict(key_dim=8), "key and value must share a shape"),
+    (dict(key_dim=8), "key head dim 8 != query head dim 16"),
 ])
 def test_attention_cpu_op_checks_shapes(change, match):
     k = torch.randn(1, 1, 40, 16)

@@ -10,7 +10,7 @@ import torch
 import malloc_kernels as mk
 from malloc_kernels.policies import get_policy
 from malloc_kernels.policies.budget import Budget
-from malloc_kernels.policies.hybrid import policy_level
+from malloc_kernels.policies.registry import policy_level
 
 B, HKV, HQ, N, D = 3, 2, 4, 19, 8
 LENGTHS = [19, 11, 1]
@@ -225,7 +225,7 @@ def test_ragged_batch_matches_single_user(method):
 
 def test_jagged_input_matches_padded():
     k, v, q, L, ts = _history()
-    from malloc_kernels.ops.layout import padded_to_jagged
+    from malloc_kernels.core.layout import padded_to_jagged
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), L.long().cumsum(0)])
     kj, vj = padded_to_jagged(k, L), padded_to_jagged(v, L)
     tj = padded_to_jagged(ts, L)
@@ -336,7 +336,7 @@ def test_budget_type_validation():
 
 def test_stats_window_mismatch_raises():
     k, v, q, L, ts = _history(lengths=[N, N, N])
-    from malloc_kernels.ops.layout import padded_to_jagged
+    from malloc_kernels.core.layout import padded_to_jagged
     stats = mk.attention(q, k, v, is_causal=True, return_stats=True, stats_window=5, backend="reference").stats
     with pytest.raises(ValueError, match="stats_window=5"):
         mk.compress(k, v, "snapkv", budget=4, stats=stats, window=3)

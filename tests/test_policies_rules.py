@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import malloc_kernels as mk
-from malloc_kernels.ops.layout import padded_to_jagged
-from malloc_kernels.ops.types import AttentionStats
+from malloc_kernels.core.layout import padded_to_jagged
+from malloc_kernels.core.types import AttentionStats
 from malloc_kernels.policies.budget import Budget
 from malloc_kernels.policies.pruning import pyramid_budgets
 

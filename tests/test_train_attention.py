@@ -10,7 +10,7 @@ import torch
 import malloc_kernels as mk
 from malloc_kernels.ops import train_attention
 from malloc_kernels.ops.backends import select_backend
-from malloc_kernels.ops.validate import validate_call
+from malloc_kernels.core.validate import validate_call
 
 pytestmark = pytest.mark.skipif(not train_attention._ops_loaded()[0], reason="C++ extension not built")
 F64 = torch.float64
@@ -57,7 +57,7 @@ def test_float64_matches_reference(lens, Hq, Hkv, D, causal, kind):
     ours = _run("cpu", *args, causal=causal, kind=kind)
     ref = _run("reference", *args, causal=causal, kind=kind)
     for name, a, b in zip(["out", "dq", "dk", "dv", "dpos_bias", "dtime_bias"], ours, ref):
-        # the validated bias tables are float32 (ops/validate.py): their gradients pass through float32 on both paths
+        # the validated bias tables are float32 (core/validate.py): their gradients pass through float32 on both paths
         tol = 2e-6 if name.endswith("bias") else 1e-12
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * (1 + b.abs().max().item()), msg=name)
 

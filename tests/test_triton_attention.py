@@ -19,7 +19,7 @@ import torch
 
 from malloc_kernels import KVCache
 from malloc_kernels.cache.quant import quantize_cache
-from malloc_kernels.ops.validate import validate_call
+from malloc_kernels.core.validate import validate_call
 from malloc_kernels.reference import run as ref_run
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "conftest must set TRITON_INTERPRET=1 before kernels import"

@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(kThreads) decode_split(DecodeParams p) {
       bool vis = key_ok && rg < rows_total && i < q_len;
       if (vis && S.is_request) {
         // Request keys (j < k_length[b] already, via span_end): causal top-left aligned, targets never see
-        // other targets (reference/masks.py request_visibility).
+        // other targets (core/masks.py request_visibility).
         if (p.is_causal && j > i) vis = false;
         const int first_target = q_len - p.num_targets[b];
         if (j >= first_target && i >= first_target && j != i) vis = false;

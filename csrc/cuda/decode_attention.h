@@ -12,7 +12,7 @@
 namespace malloc_kernels {
 namespace cuda {
 
-// Storage formats of a segment's payload (cache/types.py). Floats are read in their own dtype.
+// Storage formats of a segment's payload (core/kvcache.py). Floats are read in their own dtype.
 enum DecodeFormat : int { kFmtF32 = 0, kFmtF16 = 1, kFmtBF16 = 2, kFmtI8 = 3, kFmtI4 = 4, kFmtI2 = 5, kFmtFP8 = 6 };
 
 constexpr int kDecodeRowTile = 16;      // query rows (GQA heads x queries) per block

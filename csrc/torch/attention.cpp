@@ -1,6 +1,11 @@
 // Torch glue for the fused CPU attention (csrc/cpu/attention*.cpp) and the row gather used by pruning policies.
 // Thin by design: checks, pointer/stride extraction into AttnParams, output allocation. Semantics and argument
 // normalisation (defaults, jagged offsets, positions, thresholds) live in malloc_kernels/ops/cpu.py.
+//
+// Bounds: the Python entry point validates shapes and dtypes, and KVCache.check_contents() validates a cache's
+// data once where the cache is made; neither runs when the op is called directly (torch.ops, a compiled graph,
+// another host). So the glue checks every shape, dtype and index the kernel dereferences (TORCH_CHECK_VALUE ->
+// ValueError in Python): no call, however it arrives, reads or writes past a buffer.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/torch.h>
@@ -38,6 +43,50 @@ Fmt fmt_of(const std::string& f, const Tensor& payload, const char* name) {
   return Fmt::F32;
 }
 
+// Bytes of one stored row of D elements in a payload format.
+int64_t row_bytes(Fmt f, int64_t D) {
+  switch (f) {
+    case Fmt::F32: return 4 * D;
+    case Fmt::F16: case Fmt::BF16: return 2 * D;
+    case Fmt::INT8: case Fmt::FP8: return D;
+    case Fmt::INT4: return (D + 1) / 2;
+    case Fmt::INT2: return (D + 3) / 4;
+  }
+  return 0;
+}
+
+bool is_quantized(Fmt f) { return f == Fmt::INT8 || f == Fmt::INT4 || f == Fmt::INT2 || f == Fmt::FP8; }
+
+void check_shape(const Tensor& t, at::IntArrayRef want, const char* seg, const char* field) {
+  TORCH_CHECK_VALUE(t.sizes() == want, seg, ".", field, " must have shape ", want, ", got ", t.sizes());
+}
+
+// Jagged offsets [B+1]: int64, contiguous, 0 = o[0] <= o[1] <= ... <= o[B] = total.
+void check_offsets(const Tensor& o, int64_t B, int64_t total, const char* name) {
+  TORCH_CHECK_VALUE(o.scalar_type() == at::kLong && o.dim() == 1 && o.is_contiguous() && o.size(0) == B + 1,
+                    name, " must be contiguous int64 [B+1]");
+  const int64_t* p = o.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(p[0] == 0 && p[B] == total, name, " must run from 0 to ", total, ", got ", p[0], "..", p[B]);
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK_VALUE(p[b + 1] >= p[b], name, " must be non-decreasing");
+}
+
+// Per-token int64 tensor (positions, timestamps): dense [B, Lq] or jagged [total], contiguous.
+void check_tokens(const Tensor& t, bool jagged, int64_t B, int64_t L, int64_t total, const char* name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong && t.is_contiguous(), name, " must be contiguous int64");
+  if (jagged) {
+    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == total, name, " must be [", total, "]");
+  } else {
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == B && t.size(1) == L, name, " must be [", B, ", ", L, "]");
+  }
+}
+
+// A bias table [N] or [Hq, N], contiguous float32, N >= 1.
+void check_bias(const Tensor& t, int64_t Hq, const char* name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.is_contiguous(), name, " must be contiguous float32");
+  TORCH_CHECK_VALUE((t.dim() == 1 || (t.dim() == 2 && t.size(0) == Hq)) && t.size(-1) >= 1, name,
+                    " must be [N] or [Hq=", Hq, ", N] with N >= 1, got ", t.sizes());
+}
+
 // Last dim unit stride (any other strides are fine); other tensors are made contiguous.
 Tensor rowmajor(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
@@ -72,117 +121,72 @@ Strided view_heads(const Tensor& t, const optional<Tensor>& offsets) {  // [B, H
 }
 
 Segment segment(const Tensor& k, const Tensor& v, const std::string& kf, const std::string& vf, bool k_channel,
-                int64_t group_size, const Tensor& length, const Tensor& position, const optional<Tensor>& timestamp,
+                int64_t group_size, int64_t D, const Tensor& length, const Tensor& position, const optional<Tensor>& timestamp,
                 const optional<Tensor>& count, const optional<Tensor>& ks, const optional<Tensor>& kz,
                 const optional<Tensor>& vs, const optional<Tensor>& vz, const char* name) {
   Segment s;
-  TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && length.is_contiguous() && position.is_contiguous(),
-              name, " tensors must be contiguous");
+  TORCH_CHECK_VALUE(k.is_contiguous() && v.is_contiguous() && length.is_contiguous() && position.is_contiguous(),
+                    name, " tensors must be contiguous");
   s.k = k.data_ptr(); s.v = v.data_ptr();
   s.k_fmt = fmt_of(kf, k, name); s.v_fmt = fmt_of(vf, v, name);
   s.k_channel = k_channel; s.group_size = int(group_size); s.capacity = k.size(2);
-  TORCH_CHECK(length.scalar_type() == at::kInt && position.scalar_type() == at::kInt, name,
-              ".length/position must be int32");
+  TORCH_CHECK_VALUE(length.scalar_type() == at::kInt && position.scalar_type() == at::kInt, name,
+                    ".length/position must be int32");
+  // Every extent the kernel walks: [B, Hkv, C, row] payloads, per-entry fields, scale groups, and the lengths
+  // themselves (the kernel reads entries j < length[b, h] of a row of capacity C).
+  TORCH_CHECK_VALUE(k.dim() == 4, name, ".k must be [B, Hkv, C, row], got ", k.sizes());
+  const int64_t B = k.size(0), H = k.size(1), C = k.size(2);
+  check_shape(v, {B, H, C, row_bytes(s.v_fmt, D) / v.element_size()}, name, "v");
+  check_shape(k, {B, H, C, row_bytes(s.k_fmt, D) / k.element_size()}, name, "k");
+  check_shape(length, {B, H}, name, "length");
+  check_shape(position, {B, H, C}, name, "position");
+  const int32_t* len = length.data_ptr<int32_t>();
+  for (int64_t i = 0; i < B * H; ++i)
+    TORCH_CHECK_VALUE(len[i] >= 0 && len[i] <= C, name, ".length must be within [0, capacity=", C, "], got ",
+                      len[i]);
+  if (timestamp.has_value()) {
+    TORCH_CHECK_VALUE(timestamp->scalar_type() == at::kLong && timestamp->is_contiguous(), name,
+                      ".timestamp must be contiguous int64");
+    check_shape(*timestamp, {B, H, C}, name, "timestamp");
+  }
+  if (count.has_value()) {
+    TORCH_CHECK_VALUE(count->scalar_type() == at::kFloat && count->is_contiguous(), name,
+                      ".count must be contiguous float32");
+    check_shape(*count, {B, H, C}, name, "count");
+  }
+  const bool quant = is_quantized(s.k_fmt) || is_quantized(s.v_fmt);
+  if (quant) {
+    TORCH_CHECK_VALUE(group_size > 0, name, ".group_size must be positive for quantized formats");
+  }
+  auto check_groups = [&](const optional<Tensor>& sc, const optional<Tensor>& zp, Fmt f, bool channel,
+                          const char* which) {
+    if (!is_quantized(f)) return;
+    std::vector<int64_t> want;
+    if (channel) {
+      want = {B, H, (C + group_size - 1) / group_size, D};
+    } else {
+      TORCH_CHECK_VALUE(D % group_size == 0, name, ".group_size ", group_size, " must divide head_dim ", D);
+      want = {B, H, C, D / group_size};
+    }
+    TORCH_CHECK_VALUE(sc.has_value(), name, ".", which, "_scale is required for a quantized payload");
+    check_shape(*sc, want, name, which);
+    if (f != Fmt::FP8) {
+      TORCH_CHECK_VALUE(zp.has_value(), name, ".", which, "_zero is required for an integer payload");
+      check_shape(*zp, want, name, which);
+    }
+  };
+  check_groups(ks, kz, s.k_fmt, k_channel, "k");
+  check_groups(vs, vz, s.v_fmt, false, "v");
   s.length = length.data_ptr<int32_t>(); s.position = position.data_ptr<int32_t>();
   s.timestamp = ptr_or_null<int64_t>(timestamp); s.count = ptr_or_null<float>(count);
   auto half = [](const optional<Tensor>& t) -> const uint16_t* {
     if (!t.has_value()) return nullptr;
-    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous(), "scales/zeros must be contiguous float16");
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kHalf && t->is_contiguous(),
+                      "scales/zeros must be contiguous float16");
     return reinterpret_cast<const uint16_t*>(t->data_ptr<at::Half>());
   };
   s.k_scale = half(ks); s.k_zero = half(kz); s.v_scale = half(vs); s.v_zero = half(vz);
   return s;
-}
-
-// ---- argument checks: the op is registered, so anything may call it; it must never read out of bounds ------------
-// (the Python glue validates too, but only this function stands between torch.ops.malloc_kernels.attention_cpu and
-// the kernel's raw pointers). Each check names the argument.
-
-void expect(const Tensor& t, const char* name, at::ScalarType dt, std::initializer_list<int64_t> shape) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == dt, name, " must be ", dt, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == c10::IntArrayRef(shape), name, " must have shape ", c10::IntArrayRef(shape),
-                    ", got ", t.sizes());
-}
-
-// int64 offsets [B + 1]: 0 = o[0] <= o[1] <= ... <= o[B] = total.
-void check_offsets(const Tensor& o, const char* name, int64_t total) {
-  TORCH_CHECK_VALUE(o.device().is_cpu() && o.scalar_type() == at::kLong && o.dim() == 1 && o.size(0) >= 1 &&
-                        o.is_contiguous(), name, " must be a contiguous int64 CPU tensor [B + 1]");
-  const int64_t* d = o.data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(d[0] == 0 && d[o.size(0) - 1] == total, name, " must start at 0 and end at ", total, ", got ",
-                    d[0], " .. ", d[o.size(0) - 1]);
-  for (int64_t i = 1; i < o.size(0); ++i) TORCH_CHECK_VALUE(d[i] >= d[i - 1], name, " must be non-decreasing");
-}
-
-int64_t packed_row(const std::string& fmt, int64_t D) {
-  if (fmt == "int4") return (D + 1) / 2;
-  if (fmt == "int2") return (D + 3) / 4;
-  return D;  // float (elements), int8, fp8
-}
-
-// One cache segment against [B, Hkv] and head dim D: payload widths, per-entry fields, lengths within capacity,
-// scale/zero shapes of the format's groups.
-void check_segment(const Tensor& k, const Tensor& v, const std::string& kf, const std::string& vf, bool k_channel,
-                   int64_t G, const Tensor& length, const Tensor& position, const optional<Tensor>& timestamp,
-                   const optional<Tensor>& count, const optional<Tensor>& ks, const optional<Tensor>& kz,
-                   const optional<Tensor>& vs, const optional<Tensor>& vz, int64_t B, int64_t H, int64_t D,
-                   const std::string& name) {
-  TORCH_CHECK_VALUE(k.dim() == 4 && v.dim() == 4, name, ".k/.v must be [B, Hkv, C, W]");
-  const int64_t C = k.size(2);
-  for (auto [t, fmt, which] : {std::tuple<const Tensor&, const std::string&, const char*>{k, kf, "k"},
-                               std::tuple<const Tensor&, const std::string&, const char*>{v, vf, "v"}}) {
-    TORCH_CHECK_VALUE(t.device().is_cpu(), name, ".", which, " must be a CPU tensor");
-    TORCH_CHECK_VALUE(t.size(0) == B && t.size(1) == H && t.size(2) == C && t.size(3) == packed_row(fmt, D), name,
-                      ".", which, " must be [B=", B, ", Hkv=", H, ", C=", C, ", ", packed_row(fmt, D), "] for format ",
-                      fmt, " and head dim ", D, ", got ", t.sizes());
-  }
-  expect(length, (name + ".length").c_str(), at::kInt, {B, H});
-  expect(position, (name + ".position").c_str(), at::kInt, {B, H, C});
-  if (timestamp.has_value()) expect(*timestamp, (name + ".timestamp").c_str(), at::kLong, {B, H, C});
-  if (count.has_value()) expect(*count, (name + ".count").c_str(), at::kFloat, {B, H, C});
-  if (length.numel()) {
-    const auto mm = at::aminmax(length);
-    const int64_t lo = std::get<0>(mm).item<int32_t>(), hi = std::get<1>(mm).item<int32_t>();
-    TORCH_CHECK_VALUE(lo >= 0 && hi <= C, name, ".length must lie in [0, capacity=", C, "], got values in [", lo,
-                      ", ", hi, "]");
-  }
-  for (auto [fmt, sc, zr, which] :
-       {std::tuple<const std::string&, const optional<Tensor>&, const optional<Tensor>&, const char*>{kf, ks, kz, "k"},
-        std::tuple<const std::string&, const optional<Tensor>&, const optional<Tensor>&, const char*>{vf, vs, vz,
-                                                                                                       "v"}}) {
-    if (fmt == "float") continue;
-    const bool chan = k_channel && std::string(which) == "k";
-    TORCH_CHECK_VALUE(G > 0 && (chan || D % G == 0), "group_size ", G, " must be positive",
-                      chan ? "" : " and divide the head dim");
-    const int64_t rows = chan ? (C + G - 1) / G : C, cols = chan ? D : D / G;
-    TORCH_CHECK_VALUE(sc.has_value(), name, ".", which, "_scale is required for format ", fmt);
-    expect(*sc, (name + "." + which + "_scale").c_str(), at::kHalf, {B, H, rows, cols});
-    if (fmt != "fp8") {
-      TORCH_CHECK_VALUE(zr.has_value(), name, ".", which, "_zero is required for format ", fmt);
-    }
-    if (zr.has_value()) expect(*zr, (name + "." + which + "_zero").c_str(), at::kHalf, {B, H, rows, cols});
-  }
-}
-
-// Per-token int64 positions/timestamps: dense [B, L>=need] or jagged [total].
-void check_tokens(const optional<Tensor>& t, const char* name, bool jagged, int64_t B, int64_t need) {
-  if (!t.has_value()) return;
-  TORCH_CHECK_VALUE(t->device().is_cpu() && t->scalar_type() == at::kLong && t->is_contiguous(), name,
-                    " must be a contiguous int64 CPU tensor");
-  if (jagged) {
-    TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) >= need, name, " must be [total >= ", need, "]");
-  } else {
-    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == B && t->size(1) >= need, name, " must be [B=", B,
-                      ", L >= ", need, "], got ", t->sizes());
-  }
-}
-
-void check_table(const Tensor& t, const char* name, int64_t Hq) {
-  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
-                    " must be a contiguous float32 CPU tensor");
-  TORCH_CHECK_VALUE((t.dim() == 1 || (t.dim() == 2 && t.size(0) == Hq)) && t.size(-1) >= 1, name,
-                    " must be [P] or [Hq=", Hq, ", P] with P >= 1, got ", t.sizes());
 }
 
 std::vector<Tensor> attention_cpu(
@@ -202,86 +206,19 @@ std::vector<Tensor> attention_cpu(
     const optional<Tensor>& time_thresholds, const std::string& hstu_norm, int64_t hstu_norm_const,
     bool return_lse, bool return_stats, int64_t stats_window) {
   const bool jagged = q_offsets.has_value();
-  TORCH_CHECK(query.dim() == (jagged ? 3 : 4), "query must be [B, Hq, Lq, D] or jagged [total, Hq, D]");
-  TORCH_CHECK_VALUE(query.device().is_cpu() && query.size(-1) >= 1, "query must be a CPU tensor with D >= 1");
-  if (jagged) check_offsets(*q_offsets, "q_offsets", query.size(0));
-  {
-    // every shape, dtype and bound the kernel relies on (see the helpers above)
-    const int64_t B = jagged ? q_offsets->size(0) - 1 : query.size(0), Hq = query.size(1), D = query.size(-1);
-    int64_t Hkv = -1, Lk = 0;
-    TORCH_CHECK_VALUE(key.has_value() == value.has_value(), "key and value must be given together");
-    if (key.has_value()) {
-      TORCH_CHECK_VALUE(key->device().is_cpu() && value->device().is_cpu(), "key/value must be CPU tensors");
-      TORCH_CHECK_VALUE(key->dim() == query.dim() && key->sizes() == value->sizes() && key->size(-1) == D,
-                        "key and value must share a shape [B, Hkv, Lk, D] (jagged [total, Hkv, D]) with the "
-                        "query's D, got ", key->sizes(), " and ", value->sizes());
-      Hkv = key->size(1);
-      if (jagged) {
-        TORCH_CHECK_VALUE(k_offsets.has_value(), "k_offsets are required with jagged keys");
-        check_offsets(*k_offsets, "k_offsets", key->size(0));
-        TORCH_CHECK_VALUE(k_offsets->size(0) == B + 1, "k_offsets must be [B + 1 = ", B + 1, "]");
-      } else {
-        TORCH_CHECK_VALUE(key->size(0) == B, "key batch ", key->size(0), " != query batch ", B);
-        Lk = key->size(2);
-      }
-    }
-    TORCH_CHECK_VALUE(cache_k.has_value() == cache_v.has_value() && cache_k.has_value() == cache_length.has_value() &&
-                          cache_k.has_value() == cache_position.has_value(),
-                      "cache_k, cache_v, cache_length and cache_position must be given together");
-    if (cache_k.has_value()) {
-      TORCH_CHECK_VALUE(cache_k->dim() == 4, "cache_k must be [B, Hkv, C, W]");
-      TORCH_CHECK_VALUE(Hkv < 0 || cache_k->size(1) == Hkv, "cache_k has ", cache_k->size(1), " kv heads, key ", Hkv);
-      Hkv = cache_k->size(1);
-      check_segment(*cache_k, *cache_v, k_format, v_format, k_channel, group_size, *cache_length, *cache_position,
-                    cache_timestamp, cache_count, k_scale, k_zero, v_scale, v_zero, B, Hkv, D, "cache");
-      TORCH_CHECK_VALUE(original_length.has_value(), "original_length is required with a cache");
-      expect(*original_length, "original_length", at::kInt, {B});
-    }
-    TORCH_CHECK_VALUE(res_k.has_value() == res_v.has_value() && res_k.has_value() == res_length.has_value() &&
-                          res_k.has_value() == res_position.has_value(),
-                      "res_k, res_v, res_length and res_position must be given together");
-    if (res_k.has_value()) {
-      TORCH_CHECK_VALUE(cache_k.has_value(), "a residual segment needs a cache");
-      check_segment(*res_k, *res_v, "float", "float", false, 0, *res_length, *res_position, res_timestamp, res_count,
-                    {}, {}, {}, {}, B, Hkv, D, "residual");
-    }
-    TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, "Hq (", Hq, ") must be a positive multiple of Hkv (", Hkv, ")");
-    TORCH_CHECK_VALUE(kind == "softmax" || kind == "hstu", "kind must be 'softmax' or 'hstu', got '", kind, "'");
-    TORCH_CHECK_VALUE(hstu_norm == "original" || hstu_norm == "kept" || hstu_norm == "const",
-                      "hstu_norm must be 'original', 'kept' or 'const', got '", hstu_norm, "'");
-    TORCH_CHECK_VALUE(stats_window >= 0, "stats_window must be >= 0, got ", stats_window);
-    if (num_targets.has_value()) expect(*num_targets, "num_targets", at::kLong, {B});
-    const int64_t q_need = jagged ? query.size(0) : query.size(2);
-    const int64_t k_need = jagged ? (key.has_value() ? key->size(0) : 0) : Lk;
-    check_tokens(query_positions, "query_positions", jagged, B, q_need);
-    check_tokens(query_timestamps, "query_timestamps", jagged, B, q_need);
-    check_tokens(key_positions, "key_positions", jagged, B, k_need);
-    check_tokens(key_timestamps, "key_timestamps", jagged, B, k_need);
-    if (pos_bias.has_value()) {
-      check_table(*pos_bias, "pos_bias", Hq);
-      TORCH_CHECK_VALUE(query_positions.has_value() && (!key.has_value() || key_positions.has_value()),
-                        "pos_bias needs query_positions (and key_positions with keys)");
-    }
-    if (time_bias.has_value()) {
-      check_table(*time_bias, "time_bias", Hq);
-      TORCH_CHECK_VALUE(query_timestamps.has_value() && (!key.has_value() || key_timestamps.has_value()),
-                        "time_bias needs query_timestamps (and key_timestamps with keys)");
-      TORCH_CHECK_VALUE(!cache_k.has_value() || cache_timestamp.has_value(), "time_bias needs cache_timestamp");
-      TORCH_CHECK_VALUE(!res_k.has_value() || res_timestamp.has_value(), "time_bias needs res_timestamp");
-      TORCH_CHECK_VALUE(time_thresholds.has_value(), "time_thresholds are required with time_bias");
-      expect(*time_thresholds, "time_thresholds", at::kLong, {time_bias->size(-1)});
-    }
-  }
+  TORCH_CHECK_VALUE(query.dim() == (jagged ? 3 : 4), "query must be [B, Hq, Lq, D] or jagged [total, Hq, D]");
   const Tensor q = rowmajor(query);
   AttnParams p;
   p.q_dtype = dtype_of(q, "query");
-  p.Hq = int(q.size(jagged ? 1 : 1));
+  p.Hq = int(q.size(1));
   p.D = int(q.size(-1));
+  TORCH_CHECK_VALUE(p.Hq >= 1 && p.D >= 1, "query needs at least one head and head_dim >= 1");
+  TORCH_CHECK_VALUE(!jagged || q_offsets->dim() == 1, "offsets must be int64 [B+1]");
   p.B = int(jagged ? q_offsets->size(0) - 1 : q.size(0));
   const int64_t Lq = jagged ? 0 : q.size(2);
+  if (jagged) check_offsets(*q_offsets, p.B, q.size(0), "offsets");
   std::vector<int64_t> qlen(p.B), klen(p.B);
   if (jagged) {
-    TORCH_CHECK(q_offsets->scalar_type() == at::kLong && q_offsets->is_contiguous(), "offsets must be int64");
     const int64_t* o = q_offsets->data_ptr<int64_t>();
     for (int b = 0; b < p.B; ++b) qlen[b] = o[b + 1] - o[b];
   } else {
@@ -292,15 +229,20 @@ std::vector<Tensor> attention_cpu(
 
   Tensor k, v;
   if (key.has_value()) {
-    TORCH_CHECK(value.has_value(), "value is required with key");
+    TORCH_CHECK_VALUE(value.has_value(), "value is required with key");
     k = rowmajor(*key); v = rowmajor(*value);
     p.kv_dtype = dtype_of(k, "key");
-    TORCH_CHECK(v.scalar_type() == k.scalar_type(), "key and value must have the same dtype");
+    TORCH_CHECK_VALUE(v.scalar_type() == k.scalar_type(), "key and value must have the same dtype");
+    TORCH_CHECK_VALUE(k.dim() == q.dim() && v.sizes() == k.sizes(), "key and value must have the same shape, ",
+                      jagged ? "[total_k, Hkv, D]" : "[B, Hkv, Lk, D]", ", got ", k.sizes(), " and ", v.sizes());
+    TORCH_CHECK_VALUE(k.size(-1) == p.D, "key head dim ", k.size(-1), " != query head dim ", p.D);
+    TORCH_CHECK_VALUE(jagged || k.size(0) == p.B, "key batch ", k.size(0), " != query batch ", p.B);
     p.Hkv = int(k.size(1));
     const optional<Tensor>& ko = jagged ? k_offsets : optional<Tensor>();
     p.k = view4(k, ko); p.v = view4(v, ko);
     if (jagged) {
-      TORCH_CHECK(k_offsets.has_value() && k_offsets->scalar_type() == at::kLong, "key_offsets must be int64");
+      TORCH_CHECK_VALUE(k_offsets.has_value(), "key_offsets are required with jagged keys");
+      check_offsets(*k_offsets, p.B, k.size(0), "key_offsets");
       const int64_t* o = k_offsets->data_ptr<int64_t>();
       for (int b = 0; b < p.B; ++b) klen[b] = o[b + 1] - o[b];
     } else {
@@ -310,17 +252,62 @@ std::vector<Tensor> attention_cpu(
   }
   p.has_cache = cache_k.has_value();
   if (p.has_cache) {
+    TORCH_CHECK_VALUE(cache_v.has_value() && cache_length.has_value() && cache_position.has_value(),
+                      "cache_v, cache_length and cache_position are required with cache_k");
+    TORCH_CHECK_VALUE(cache_k->dim() == 4 && cache_k->size(0) == p.B, "cache must hold B=", p.B, " users");
+    TORCH_CHECK_VALUE(!key.has_value() || cache_k->size(1) == p.Hkv, "cache has ", cache_k->size(1),
+                      " kv heads but key has ", p.Hkv);
     p.Hkv = int(cache_k->size(1));
-    p.cache = segment(*cache_k, *cache_v, k_format, v_format, k_channel, group_size, *cache_length, *cache_position,
-                      cache_timestamp, cache_count, k_scale, k_zero, v_scale, v_zero, "cache");
-    TORCH_CHECK(original_length.has_value(), "original_length is required with a cache");
+    p.cache = segment(*cache_k, *cache_v, k_format, v_format, k_channel, group_size, p.D, *cache_length,
+                      *cache_position, cache_timestamp, cache_count, k_scale, k_zero, v_scale, v_zero, "cache");
+    TORCH_CHECK_VALUE(original_length.has_value(), "original_length is required with a cache");
+    TORCH_CHECK_VALUE(original_length->scalar_type() == at::kInt && original_length->is_contiguous() &&
+                      original_length->dim() == 1 && original_length->size(0) == p.B,
+                      "original_length must be contiguous int32 [B]");
     p.original_length = original_length->data_ptr<int32_t>();
   }
   p.has_residual = res_k.has_value();
-  if (p.has_residual)
-    p.residual = segment(*res_k, *res_v, "float", "float", false, 0, *res_length, *res_position, res_timestamp,
-                         res_count, {}, {}, {}, {}, "residual");
-  TORCH_CHECK(p.Hkv > 0 && p.Hq % p.Hkv == 0, "Hq must be a multiple of Hkv");
+  if (p.has_residual) {
+    TORCH_CHECK_VALUE(p.has_cache, "a residual segment needs a cache");
+    TORCH_CHECK_VALUE(res_v.has_value() && res_length.has_value() && res_position.has_value(),
+                      "res_v, res_length and res_position are required with res_k");
+    TORCH_CHECK_VALUE(res_k->dim() == 4 && res_k->size(0) == p.B && res_k->size(1) == p.Hkv,
+                      "residual must be [B, Hkv, R, D] like the cache");
+    p.residual = segment(*res_k, *res_v, "float", "float", false, 0, p.D, *res_length, *res_position,
+                         res_timestamp, res_count, {}, {}, {}, {}, "residual");
+  }
+  TORCH_CHECK_VALUE(key.has_value() || p.has_cache, "attention needs key/value or a cache");
+  TORCH_CHECK_VALUE(p.Hkv > 0 && p.Hq % p.Hkv == 0, "Hq must be a multiple of Hkv");
+  if (num_targets.has_value()) {
+    TORCH_CHECK_VALUE(num_targets->scalar_type() == at::kLong && num_targets->is_contiguous() &&
+                      num_targets->dim() == 1 && num_targets->size(0) == p.B,
+                      "num_targets must be contiguous int64 [B]");
+    const int64_t* nt = num_targets->data_ptr<int64_t>();
+    for (int b = 0; b < p.B; ++b)
+      TORCH_CHECK_VALUE(nt[b] >= 0 && nt[b] <= qlen[b], "num_targets must be within [0, query length]");
+  }
+  const int64_t total_q = jagged ? q.size(0) : 0, total_k = (jagged && k.defined()) ? k.size(0) : 0;
+  const int64_t Lk = (!jagged && k.defined()) ? k.size(2) : 0;
+  if (query_positions.has_value()) check_tokens(*query_positions, jagged, p.B, Lq, total_q, "query_positions");
+  if (query_timestamps.has_value()) check_tokens(*query_timestamps, jagged, p.B, Lq, total_q, "query_timestamps");
+  if (key_positions.has_value()) check_tokens(*key_positions, jagged, p.B, Lk, total_k, "key_positions");
+  if (key_timestamps.has_value()) check_tokens(*key_timestamps, jagged, p.B, Lk, total_k, "key_timestamps");
+  if (pos_bias.has_value()) {
+    check_bias(*pos_bias, p.Hq, "pos_bias");
+    TORCH_CHECK_VALUE(query_positions.has_value() && (!key.has_value() || key_positions.has_value()),
+                      "pos_bias needs query_positions and key_positions");
+  }
+  if (time_bias.has_value()) {
+    check_bias(*time_bias, p.Hq, "time_bias");
+    TORCH_CHECK_VALUE(query_timestamps.has_value() && (!key.has_value() || key_timestamps.has_value()),
+                      "time_bias needs query_timestamps and key_timestamps");
+    TORCH_CHECK_VALUE(!p.has_cache || cache_timestamp.has_value(), "time_bias needs cache_timestamp");
+    TORCH_CHECK_VALUE(!p.has_residual || res_timestamp.has_value(), "time_bias needs res_timestamp");
+  }
+  TORCH_CHECK_VALUE(kind == "softmax" || kind == "hstu", "kind must be 'softmax' or 'hstu', got '", kind, "'");
+  TORCH_CHECK_VALUE(hstu_norm == "original" || hstu_norm == "kept" || hstu_norm == "const",
+                    "hstu_norm must be 'original', 'kept' or 'const', got '", hstu_norm, "'");
+  TORCH_CHECK_VALUE(stats_window >= 0, "stats_window must be >= 0, got ", stats_window);
   p.kind = kind == "hstu" ? malloc_kernels::cpu::Kind::Hstu : malloc_kernels::cpu::Kind::Softmax;
   p.scale = float(scale);
   p.causal = is_causal;
@@ -335,7 +322,9 @@ std::vector<Tensor> attention_cpu(
     p.pos_bias_sH = pos_bias->dim() == 2 ? p.P : 0;
   }
   if (time_bias.has_value()) {
-    TORCH_CHECK(time_thresholds.has_value(), "time_thresholds are required with time_bias");
+    TORCH_CHECK_VALUE(time_thresholds.has_value() && time_thresholds->scalar_type() == at::kLong &&
+                      time_thresholds->is_contiguous() && time_thresholds->numel() == time_bias->size(-1),
+                      "time_thresholds must be contiguous int64 [T] (index 0 unused) with time_bias");
     p.time_bias = time_bias->data_ptr<float>();
     p.T = time_bias->size(-1);
     p.time_bias_sH = time_bias->dim() == 2 ? p.T : 0;

@@ -2,7 +2,7 @@
 //   malloc_kernels::quantize_pack(x, length, fmt, group_size, axis) -> (codes, scale, zero)
 //   malloc_kernels::unpack_dequantize(codes, scale, zero, length, fmt, group_size, axis, head_dim) -> x_hat
 //   malloc_kernels::quant_numerics(x, fn) -> y     (elementwise quant.h primitives, for the shared-numerics tests)
-// The layout is the cache storage contract (malloc_kernels/cache/types.py); fp8 returns an empty `zero`.
+// The layout is the cache storage contract (malloc_kernels/core/kvcache.py); fp8 returns an empty `zero`.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 

@@ -1,2 +1,3 @@
-"""Compressed KV cache types, quantize/pack (PyTorch reference), byte accounting and serialisation."""
-from .types import KVCache, FORMATS, format_bits, packed_width  # noqa: F401
+"""Compressed KV cache: the public ``KVCache``, quantize/pack (PyTorch reference), byte accounting, serialisation."""
+from ..core.formats import FORMATS, format_bits, packed_width  # noqa: F401
+from .types import KVCache  # noqa: F401

@@ -1,6 +1,6 @@
-"""PyTorch reference quantizers and packers for the compressed KV cache (DESIGN.md section 3).
+"""PyTorch reference quantizers and packers for the compressed KV cache (ARCHITECTURE.md, "Cache storage").
 
-This module writes and reads exactly the storage contract documented in ``cache/types.py``; the C++ packer
+This module writes and reads exactly the storage contract documented in ``core/kvcache.py``; the C++ packer
 (``csrc/cpu/quantize_pack.cpp``) must be bit-exact with it, so every rounding step is spelled out here.
 
 Asymmetric integer formats (``int8``/``int4``/``int2``, ``qmax = 2**bits - 1``), per quantisation group over the
@@ -45,7 +45,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .types import FLOAT_FORMAT, FP8_FORMAT, FORMATS, INT_FORMATS, K_AXES, KVCache, format_bits
+from ..core.formats import FLOAT_FORMAT, FP8_FORMAT, FORMATS, INT_FORMATS, K_AXES, format_bits
+from ..core.kvcache import KVCacheBase
 
 FP8_MAX = 448.0
 _FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
@@ -259,11 +260,11 @@ def dequantize_tensor(packed: torch.Tensor, scale: torch.Tensor, zero: Optional[
 
 
 # ---- whole caches ---------------------------------------------------------------------------------------------
-def check_quantize_cache_args(cache: KVCache, k_format: str, v_format: str, k_axis: str) -> None:
+def check_quantize_cache_args(cache: KVCacheBase, k_format: str, v_format: str, k_axis: str) -> None:
     """Argument checks shared by every ``quantize_cache`` backend: ``cache`` is a valid full-precision
-    ``KVCache``, both formats are known and ``k_axis`` is a grouping axis (TypeError/ValueError naming the
+    cache (``KVCache``), both formats are known and ``k_axis`` is a grouping axis (TypeError/ValueError naming the
     argument otherwise)."""
-    if not isinstance(cache, KVCache):
+    if not isinstance(cache, KVCacheBase):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
     if cache.is_quantized:
         raise ValueError(f"cache must be a full-precision cache, got formats k={cache.k_format!r}, "
@@ -273,14 +274,14 @@ def check_quantize_cache_args(cache: KVCache, k_format: str, v_format: str, k_ax
             raise ValueError(f"{arg} must be one of {FORMATS}, got {fmt!r}")
     if k_axis not in K_AXES:
         raise ValueError(f"k_axis must be one of {K_AXES}, got {k_axis!r}")
-    cache.validate()
+    cache.check_contents()
 
 
-def quantize_cache_sides(cache: KVCache, k_format: str, v_format: str, group_size: int, k_axis: str,
-                         quantize) -> KVCache:
+def quantize_cache_sides(cache: KVCacheBase, k_format: str, v_format: str, group_size: int, k_axis: str,
+                         quantize) -> KVCacheBase:
     """The cache with keys and values quantized by ``quantize`` (``quantize_tensor`` or a bit-exact twin with
     its signature) unless their format is ``"float"``; values always use the token axis. Returns a validated
-    ``KVCache``; arguments must already have passed ``check_quantize_cache_args``."""
+    cache; arguments must already have passed ``check_quantize_cache_args``."""
     changes = dict(k_format=k_format, v_format=v_format, k_axis=k_axis, group_size=group_size)
     if k_format != FLOAT_FORMAT:
         k, ks, kz = quantize(cache.k, cache.length, k_format, group_size, k_axis, name="cache.k")
@@ -291,13 +292,14 @@ def quantize_cache_sides(cache: KVCache, k_format: str, v_format: str, group_siz
     return cache.replace(**changes).validate()
 
 
-def quantize_cache(cache: KVCache, k_format: str, v_format: str, group_size: int, k_axis: str = "token") -> KVCache:
+def quantize_cache(cache: KVCacheBase, k_format: str, v_format: str, group_size: int,
+                   k_axis: str = "token") -> KVCacheBase:
     """Quantize a full-precision cache into ``k_format`` / ``v_format`` (``"float"`` keeps that side as is).
 
     ``group_size``: channels per group on the token axis (must divide ``head_dim``), entries per group on the
     channel axis (KIVI keys). ``k_axis``: ``"token"`` or ``"channel"`` for keys; values always use the token axis.
     Lengths, positions, timestamps, counts, ``original_length``, the residual segment and ``meta`` are carried
-    unchanged. Returns a validated ``KVCache``.
+    unchanged. Returns a validated cache of the input's class.
     """
     check_quantize_cache_args(cache, k_format, v_format, k_axis)
     D = cache.head_dim
@@ -310,7 +312,7 @@ def quantize_cache(cache: KVCache, k_format: str, v_format: str, group_size: int
     return quantize_cache_sides(cache, k_format, v_format, group_size, k_axis, quantize_tensor)
 
 
-def dequantize_cache(cache: KVCache, dtype: Optional[torch.dtype] = None):
+def dequantize_cache(cache: KVCacheBase, dtype: Optional[torch.dtype] = None):
     """``(k, v)`` floating ``[B, Hkv, C, D]`` of the main segment (not the residual), zeros on padding.
 
     ``dtype=None``: float payloads keep their own dtype, quantized payloads come back as float32. Quantized
@@ -342,7 +344,7 @@ def _row_bytes(fmt: str, t: torch.Tensor, head_dim: int) -> int:
     return math.ceil(head_dim * format_bits(fmt) / 8)
 
 
-def _scale_bytes(cache: KVCache, which: str, L: torch.Tensor) -> torch.Tensor:
+def _scale_bytes(cache: KVCacheBase, which: str, L: torch.Tensor) -> torch.Tensor:
     """Bytes of the scales/zeros covering the first ``L [B, H]`` entries of each row for ``which`` in k/v."""
     fmt = getattr(cache, f"{which}_format")
     if fmt == FLOAT_FORMAT:
@@ -354,7 +356,7 @@ def _scale_bytes(cache: KVCache, which: str, L: torch.Tensor) -> torch.Tensor:
     return L * (D // G) * per_group
 
 
-def _segment_bytes(cache: KVCache) -> torch.Tensor:
+def _segment_bytes(cache: KVCacheBase) -> torch.Tensor:
     """int64 ``[B]``: header fields (lengths, original_length) plus every per-entry byte of one segment."""
     L = cache.length.to(torch.int64)                                            # [B, H]
     H = cache.num_kv_heads
@@ -368,7 +370,7 @@ def _segment_bytes(cache: KVCache) -> torch.Tensor:
     return total.sum(dim=1) + 4 * H + 4
 
 
-def nbytes_per_user(cache: KVCache) -> torch.Tensor:
+def nbytes_per_user(cache: KVCacheBase) -> torch.Tensor:
     """Exact stored bytes per user, int64 ``[B]`` (see ``KVCache.nbytes_per_user`` for the formula)."""
     total = _segment_bytes(cache)
     if cache.residual is not None:
@@ -376,7 +378,7 @@ def nbytes_per_user(cache: KVCache) -> torch.Tensor:
     return total
 
 
-def nbytes_full_precision_per_user(cache: KVCache, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+def nbytes_full_precision_per_user(cache: KVCacheBase, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """int64 ``[B]``: bytes of the same users' NATIVE cache (method "none") in ``dtype``.
 
     That cache keeps all ``original_length[b]`` history entries in every kv head, K and V at ``dtype``'s size,

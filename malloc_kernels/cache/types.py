@@ -1,137 +1,30 @@
-"""The compressed KV cache: one layer, a batch of B users (DESIGN.md section 3).
+"""``KVCache``: the public compressed cache of one layer (the storage contract is ``core/kvcache.py``'s).
 
-Storage contract (every backend reads exactly this; the packers in ``quant.py`` and ``csrc/`` write it)
--------------------------------------------------------------------------------------------------------
-Entries ``j < length[b, h]`` of row ``(b, h)`` are valid; entries at ``j >= length[b, h]`` are padding that no
-computation may read into a result. Entry order is arbitrary: time lives in ``position`` / ``timestamp``.
-Every cache entry precedes every request token in time.
-
-Payload formats (``k_format`` / ``v_format``):
-
-* ``"float"`` -- ``k``/``v`` are floating ``[B, Hkv, C, D]`` (fp32, fp16, bf16 or fp64), no scales.
-* ``"int8"``, ``"int4"``, ``"int2"`` -- asymmetric integer codes, ``x_hat = code * scale + zero``, codes in
-  ``[0, 2**bits - 1]``. Stored as ``uint8 [B, Hkv, C, ceil(D * bits / 8)]``: 8-bit one code per byte; 4-bit two
-  codes per byte, element ``2i`` in the low nibble; 2-bit four codes per byte, element ``4i`` in bits 0-1,
-  ``4i+1`` in bits 2-3 and so on (unused high bits of a partial last byte are zero).
-* ``"fp8"`` -- e4m3fn codes (bit pattern stored as ``uint8 [B, Hkv, C, D]``), ``x_hat = float(code) * scale``,
-  no zero.
-
-Quantisation groups (``k_axis`` for keys, values are always ``"token"``):
-
-* ``"token"``: one (scale, zero) per (entry, group of ``group_size`` consecutive channels): scale/zero shape
-  ``[B, Hkv, C, D // group_size]``; ``group_size`` divides ``D``. (INT8/FP8 "per-token" is ``group_size == D``.)
-* ``"channel"`` (KIVI keys): one (scale, zero) per (group of ``group_size`` consecutive entries, channel):
-  shape ``[B, Hkv, ceil(C / group_size), D]``. Entry ``j`` uses group ``j // group_size``. Statistics are taken
-  over VALID entries only, so a partial last group is fine and padding never changes a code.
-
-Scale/zero are stored as float16 (as in KIVI) and chosen so that the stored (rounded) values still cover the
-group's range, which keeps the round-trip error within half a step:
-``zero = f16_round_down(min)``, ``scale = f16_round_up((max - zero) / (2**bits - 1))`` (fp32 arithmetic);
-``code = clamp(round_half_even((x - zero) / scale), 0, 2**bits - 1)`` in fp32, ``code = 0`` where ``scale == 0``.
-FP8: ``scale = f16_round_up(absmax / 448)``, ``code = e4m3fn(x / scale)`` (round to nearest even), 0 where
-``scale == 0``. Values whose range does not fit float16 raise ``ValueError``.
-Edge cases (``quant.py`` is the bit-exact reference): ``min`` and ``max`` are canonicalised with ``+ 0.0``
-(fp32) so -0.0/+0.0 ties never give a -0 zero or scale; FP8 clamps ``x / scale`` to ``[-448, 448]`` before the
-cast (torch's cast saturates identically; a negative ``x`` that rounds to 0 keeps the -0 code 0x80, as the cast
-does); groups with no valid entry and all padding entries store scale = zero = code = 0.
-
-Other per-entry fields: ``position int32 [B, Hkv, C]`` (ORIGINAL positions, for the relative bias),
-``timestamp int64 [B, Hkv, C]`` (optional), ``count float32 [B, Hkv, C]`` (optional merge counts; 1 when absent).
-``original_length int32 [B]`` is the user's history length before compression (HSTU's 1/n normaliser).
-``residual`` is an optional full-precision ``KVCache`` (KIVI's recent window, IntactKV's pivots) with its own
-lengths/positions/timestamps/counts; it has no residual of its own.
+``KVCacheBase`` (``core/``) holds the tensors and their invariants, which is all the attention backends read;
+this class adds what one does with a cache: dequantise it (``quant.py``), count its bytes exactly (``quant.py``)
+and serialise one user (``wire.py``; ``serialize.cache_from_bytes`` reads it back). It is a pytree, so caches
+pass through ``torch.compile`` and ``torch.utils._pytree`` utilities as containers of tensors.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.utils._pytree as pytree
 
-FLOAT_FORMAT = "float"
-INT_FORMATS = {"int8": 8, "int4": 4, "int2": 2}
-FP8_FORMAT = "fp8"
-FORMATS = (FLOAT_FORMAT, FP8_FORMAT, *INT_FORMATS)
-K_AXES = ("token", "channel")
-SCALE_DTYPE = torch.float16
+from ..core.formats import FLOAT_FORMAT, FORMATS, FP8_FORMAT, INT_FORMATS, K_AXES, format_bits, packed_width  # noqa: F401
+from ..core.kvcache import KVCacheBase
+from . import quant, wire
 
 
-def format_bits(fmt: str) -> int:
-    """Bits per stored element of a payload format (float formats: 0, meaning 'the tensor's own dtype')."""
-    if fmt == FLOAT_FORMAT:
-        return 0
-    if fmt == FP8_FORMAT:
-        return 8
-    if fmt in INT_FORMATS:
-        return INT_FORMATS[fmt]
-    raise ValueError(f"unknown cache format {fmt!r}; expected one of {FORMATS}")
-
-
-def packed_width(head_dim: int, fmt: str) -> int:
-    """Bytes per stored row of ``head_dim`` elements in a quantized format."""
-    return math.ceil(head_dim * format_bits(fmt) / 8)
-
-
-@dataclass
-class KVCache:
-    """One layer's (compressed) key/value cache for B users; see the module docstring for the storage contract.
+class KVCache(KVCacheBase):
+    """One layer's (compressed) key/value cache for B users; see ``core/kvcache.py`` for the storage contract.
 
     Construct quantized caches with ``malloc_kernels.compress`` rather than by hand; ``validate()`` checks every
-    shape/dtype rule and is called by the attention entry point.
+    shape/dtype rule (the attention entry point calls it), ``check_contents()`` the rules that read the data.
     """
 
-    k: torch.Tensor
-    v: torch.Tensor
-    length: torch.Tensor
-    position: torch.Tensor
-    original_length: torch.Tensor
-    head_dim: int
-    timestamp: Optional[torch.Tensor] = None
-    count: Optional[torch.Tensor] = None
-    k_format: str = FLOAT_FORMAT
-    v_format: str = FLOAT_FORMAT
-    k_axis: str = "token"
-    group_size: int = 0
-    k_scale: Optional[torch.Tensor] = None
-    k_zero: Optional[torch.Tensor] = None
-    v_scale: Optional[torch.Tensor] = None
-    v_zero: Optional[torch.Tensor] = None
-    residual: Optional["KVCache"] = None
-    meta: dict = field(default_factory=dict)
-
-    # ---- shape helpers -------------------------------------------------------------------------------------
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[0]
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-    @property
-    def device(self) -> torch.device:
-        return self.k.device
-
-    @property
-    def is_quantized(self) -> bool:
-        return self.k_format != FLOAT_FORMAT or self.v_format != FLOAT_FORMAT
-
-    def num_groups(self, which: str) -> int:
-        """Number of (scale, zero) groups along the grouped axis for keys (``"k"``) or values (``"v"``)."""
-        if which == "k" and self.k_axis == "channel":
-            return math.ceil(self.capacity / self.group_size)
-        return self.head_dim // self.group_size
-
-    def replace(self, **changes) -> "KVCache":
-        return dataclasses.replace(self, **changes)
-
-    # ---- dequantisation, byte accounting, serialisation (implemented in quant.py / serialize.py) ------------
+    # ---- dequantisation, byte accounting, serialisation (implemented in quant.py / wire.py) ------------
     def dequantize(self, dtype: Optional[torch.dtype] = None):
         """``(k, v)`` floating ``[B, Hkv, C, D]`` of the main segment (residual excluded), exactly 0 on padding.
 
@@ -139,8 +32,7 @@ class KVCache:
         evaluated in ``dtype``; ``dtype=None`` keeps a float payload's own dtype and gives float32 for
         quantized ones.
         """
-        from .quant import dequantize_cache
-        return dequantize_cache(self, dtype)
+        return quant.dequantize_cache(self, dtype)
 
     def nbytes_per_user(self) -> torch.Tensor:
         """Exact bytes stored per user, int64 ``[B]``: what ``to_bytes(b)`` writes minus its fixed framing.
@@ -154,151 +46,18 @@ class KVCache:
         ``row`` = ``D * element_size`` (float) or ``ceil(D * bits / 8)`` (int8/int4/int2/fp8);
         ``groups(L)`` = ``L * D / G`` (token axis) or ``ceil(L / G) * D`` (channel axis, keys);
         ``s`` = 4 bytes for integer formats (fp16 scale + fp16 zero), 2 for fp8 (scale only).
-        ``len(to_bytes(b)) == nbytes_per_user()[b] + serialize.FRAMING_BYTES``.
+        ``len(to_bytes(b)) == nbytes_per_user()[b] + wire.FRAMING_BYTES``.
         """
-        from .quant import nbytes_per_user
-        return nbytes_per_user(self)
+        return quant.nbytes_per_user(self)
 
     def nbytes_full_precision_per_user(self, dtype: torch.dtype = torch.float16) -> torch.Tensor:
         """int64 ``[B]``: bytes of the same users' native (uncompressed) cache at ``dtype``; the denominator of
         the "ratio to the full-precision cache" (see ``quant.nbytes_full_precision_per_user``)."""
-        from .quant import nbytes_full_precision_per_user
-        return nbytes_full_precision_per_user(self, dtype)
+        return quant.nbytes_full_precision_per_user(self, dtype)
 
     def to_bytes(self, user_index: int) -> bytes:
         """Serialise user ``user_index``'s valid entries losslessly (``malloc_kernels.cache_from_bytes`` reads it)."""
-        from .serialize import cache_to_bytes
-        return cache_to_bytes(self, user_index)
-
-    # ---- validation -----------------------------------------------------------------------------------------
-    def validate(self) -> "KVCache":
-        """Raise ``ValueError``/``TypeError`` naming the offending field if the cache breaks the contract."""
-        if not isinstance(self.k, torch.Tensor) or not isinstance(self.v, torch.Tensor):
-            raise TypeError("cache.k and cache.v must be tensors")
-        if self.k.dim() != 4 or self.v.dim() != 4:
-            raise ValueError(f"cache.k and cache.v must be 4-D [B, Hkv, C, *], got {tuple(self.k.shape)} "
-                             f"and {tuple(self.v.shape)}")
-        B, H, C = self.k.shape[:3]
-        if self.v.shape[:3] != self.k.shape[:3]:
-            raise ValueError(f"cache.v leading dims {tuple(self.v.shape[:3])} != cache.k's {tuple(self.k.shape[:3])}")
-        if self.k_axis not in K_AXES:
-            raise ValueError(f"cache.k_axis must be one of {K_AXES}, got {self.k_axis!r}")
-        for name, fmt, t in (("k", self.k_format, self.k), ("v", self.v_format, self.v)):
-            format_bits(fmt)
-            if fmt == FLOAT_FORMAT:
-                if not t.is_floating_point():
-                    raise TypeError(f"cache.{name} must be floating point for format 'float', got {t.dtype}")
-                if t.shape[3] != self.head_dim:
-                    raise ValueError(f"cache.{name} last dim {t.shape[3]} != head_dim {self.head_dim}")
-            else:
-                if t.dtype != torch.uint8:
-                    raise TypeError(f"cache.{name} must be uint8 codes for format {fmt!r}, got {t.dtype}")
-                if t.shape[3] != packed_width(self.head_dim, fmt):
-                    raise ValueError(f"cache.{name} last dim {t.shape[3]} != packed width "
-                                     f"{packed_width(self.head_dim, fmt)} for head_dim {self.head_dim}, {fmt}")
-                self._validate_scales(name, fmt)
-        self._validate_int("length", self.length, (B, H), torch.int32)
-        self._validate_int("position", self.position, (B, H, C), torch.int32)
-        self._validate_int("original_length", self.original_length, (B,), torch.int32)
-        if self.timestamp is not None:
-            self._validate_int("timestamp", self.timestamp, (B, H, C), torch.int64)
-        if self.count is not None:
-            if self.count.shape != (B, H, C) or self.count.dtype != torch.float32:
-                raise ValueError(f"cache.count must be float32 [B, Hkv, C]={(B, H, C)}, got "
-                                 f"{self.count.dtype} {tuple(self.count.shape)}")
-        if self.length.numel() and (int(self.length.min()) < 0 or int(self.length.max()) > C):
-            raise ValueError(f"cache.length must be within [0, capacity={C}], got range "
-                             f"[{int(self.length.min())}, {int(self.length.max())}]")
-        for name in ("length", "position", "original_length", "timestamp", "count", "k_scale", "k_zero",
-                     "v_scale", "v_zero"):
-            t = getattr(self, name)
-            if t is not None and t.device != self.k.device:
-                raise ValueError(f"cache.{name} is on {t.device} but cache.k is on {self.k.device}")
-        if self.residual is not None:
-            r = self.residual
-            if r.is_quantized or r.residual is not None:
-                raise ValueError("cache.residual must be a full-precision cache without a residual of its own")
-            if r.k.shape[:2] != self.k.shape[:2] or r.head_dim != self.head_dim:
-                raise ValueError(f"cache.residual shape {tuple(r.k.shape)} does not match the cache's "
-                                 f"[B, Hkv]={(B, H)} / head_dim {self.head_dim}")
-            if (self.timestamp is None) != (r.timestamp is None):
-                raise ValueError("cache.timestamp and cache.residual.timestamp must be both present or both absent")
-            r.validate()
-        return self
-
-    def check_contents(self, _name: str = "cache") -> "KVCache":
-        """Data-dependent checks, run once where a cache is built (``compress``, ``cache_from_bytes``, ``append``).
-
-        Over VALID entries only (padding may hold anything and is never read): float payloads are finite, fp8
-        codes are not e4m3fn NaN (0x7F / 0xFF), scales and zeros are finite (scales >= 0, as the quantizers write
-        them), counts are finite and >= 1 (a merged entry stands for at least one original token) and
-        ``original_length`` is non-negative. Raises ``ValueError`` naming the field; returns ``self``. Shapes and
-        dtypes are ``validate()``'s job (call it first). Attention itself never refuses data: a non-finite value that
-        reaches a row makes that row NaN (README, "Non-finite values and integer ranges").
-        """
-        if self.original_length.numel() and int(self.original_length.min()) < 0:
-            raise ValueError(f"{_name}.original_length must be >= 0, got {int(self.original_length.min())}")
-        C = self.capacity
-        valid = torch.arange(C, device=self.length.device) < self.length[..., None].to(torch.int64)   # [B, H, C]
-        for name, fmt in (("k", self.k_format), ("v", self.v_format)):
-            t = getattr(self, name)
-            if fmt == FLOAT_FORMAT:
-                if not bool(torch.isfinite(t[valid]).all()):
-                    raise ValueError(f"{_name}.{name} holds a non-finite value in a valid entry")
-                continue
-            if fmt == FP8_FORMAT and bool(((t[valid] & 0x7F) == 0x7F).any()):
-                raise ValueError(f"{_name}.{name} holds an fp8 NaN code (0x7F/0xFF) in a valid entry")
-            gvalid = valid
-            if name == "k" and self.k_axis == "channel":
-                gvalid = (torch.arange(self.num_groups("k"), device=valid.device) * self.group_size
-                          < self.length[..., None].to(torch.int64))
-            for part in ("scale", "zero"):
-                s = getattr(self, f"{name}_{part}")
-                if s is None:
-                    continue
-                s = s[gvalid]
-                if not bool(torch.isfinite(s).all()):
-                    raise ValueError(f"{_name}.{name}_{part} holds a non-finite value in a valid group")
-                if part == "scale" and bool((s < 0).any()):
-                    raise ValueError(f"{_name}.{name}_scale holds a negative scale in a valid group")
-        if self.count is not None:
-            c = self.count[valid]
-            if not bool((torch.isfinite(c) & (c >= 1)).all()):
-                raise ValueError(f"{_name}.count must be finite and >= 1 on valid entries (a merge count)")
-        if self.residual is not None:
-            self.residual.check_contents(f"{_name}.residual")
-        return self
-
-    def _validate_int(self, name, t, shape, dtype):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"cache.{name} must be a tensor, got {type(t).__name__}")
-        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-            raise ValueError(f"cache.{name} must be {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
-
-    def _validate_scales(self, name, fmt):
-        if self.group_size <= 0:
-            raise ValueError(f"cache.group_size must be positive for quantized formats, got {self.group_size}")
-        axis = self.k_axis if name == "k" else "token"
-        if axis == "token" and self.head_dim % self.group_size:
-            raise ValueError(f"cache.group_size {self.group_size} must divide head_dim {self.head_dim}")
-        B, H, C = self.k.shape[:3]
-        want = (B, H, self.num_groups(name), self.head_dim) if axis == "channel" else \
-            (B, H, C, self.head_dim // self.group_size)
-        scale, zero = getattr(self, f"{name}_scale"), getattr(self, f"{name}_zero")
-        if scale is None or tuple(scale.shape) != want or scale.dtype != SCALE_DTYPE:
-            raise ValueError(f"cache.{name}_scale must be float16 {list(want)}, got "
-                             f"{None if scale is None else (scale.dtype, list(scale.shape))}")
-        if fmt == FP8_FORMAT:
-            if zero is not None:
-                raise ValueError(f"cache.{name}_zero must be None for fp8")
-        elif zero is None or tuple(zero.shape) != want or zero.dtype != SCALE_DTYPE:
-            raise ValueError(f"cache.{name}_zero must be float16 {list(want)}, got "
-                             f"{None if zero is None else (zero.dtype, list(zero.shape))}")
-
-    # ---- pytree registration helpers ------------------------------------------------------------------------
-    _TENSOR_FIELDS = ("k", "v", "length", "position", "original_length", "timestamp", "count",
-                      "k_scale", "k_zero", "v_scale", "v_zero", "residual")
-    _STATIC_FIELDS = ("head_dim", "k_format", "v_format", "k_axis", "group_size")
+        return wire.cache_to_bytes(self, user_index)
 
 
 def _flatten(cache: KVCache):
@@ -316,12 +75,10 @@ def _unflatten(children, static):
 
 def _flatten_with_keys(cache: KVCache):
     children, static = _flatten(cache)
-    import torch.utils._pytree as pytree
     return [(pytree.GetAttrKey(f), c) for f, c in zip(KVCache._TENSOR_FIELDS, children)], static
 
 
 def _register_pytree():
-    import torch.utils._pytree as pytree
     pytree.register_pytree_node(KVCache, _flatten, _unflatten, serialized_type_name="malloc_kernels.KVCache",
                                 flatten_with_keys_fn=_flatten_with_keys)
 

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cache.types import KVCache
-from ..ops.layout import jagged_to_padded
+from ..core.layout import jagged_to_padded
 from ..loss import linear_cross_entropy
 from ..memory import ProductKeyMemory
 from .config import ModelConfig

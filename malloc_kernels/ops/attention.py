@@ -1,12 +1,12 @@
 """``malloc_kernels.attention``: the drop-in replacement for ``torch.nn.functional.scaled_dot_product_attention``
 that also attends over compressed KV caches (DESIGN.md section 2, the TEAM.md contract).
 
-Validates once (``ops/validate.py``), picks a backend (``ops/backends.py``) and runs it.
+Validates once (``core/validate.py``), picks a backend (``ops/backends.py``) and runs it.
 """
 from __future__ import annotations
 
 from .backends import select_backend
-from .validate import validate_call
+from ..core.validate import validate_call
 
 
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,

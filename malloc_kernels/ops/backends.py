@@ -2,7 +2,7 @@
 
 Backend launcher protocol (``malloc_kernels.ops.cpu``, ``malloc_kernels.triton.attention``,
 ``malloc_kernels.ops.cuda``): a module exposing ``supports(call) -> (bool, reason)`` and
-``run(call) -> AttentionResult`` for a validated ``AttentionCall`` (``ops/validate.py``); optionally
+``run(call) -> AttentionResult`` for a validated ``AttentionCall`` (``core/validate.py``); optionally
 ``is_available() -> (bool, reason)`` (machine-level availability, e.g. the compiled op is registered),
 ``supports_autograd = True`` (otherwise the backend is inference-only) and, for CUDA C++,
 ``preferred(call) -> bool`` (decode shapes where it beats Triton). Modules are imported lazily, on first use, and
@@ -14,7 +14,7 @@ import importlib
 import os
 from typing import List, Optional, Tuple
 
-from .validate import AttentionCall
+from ..core.validate import AttentionCall
 
 KERNEL_MODULES = {
     "cpu": "malloc_kernels.ops.cpu",

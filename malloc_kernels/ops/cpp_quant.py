@@ -2,7 +2,7 @@
 
 The kernels live in ``csrc/cpu/quantize_pack.cpp`` (OpenMP over (user, kv head) rows) with the numerics in
 ``csrc/include/malloc_kernels/quant.h``, the header the CUDA packer and the attention kernels share. They write
-exactly the storage contract of ``malloc_kernels/cache/types.py`` and are bit-exact with the PyTorch packer
+exactly the storage contract of ``malloc_kernels/core/kvcache.py`` and are bit-exact with the PyTorch packer
 ``malloc_kernels.cache.quant.quantize_tensor`` (codes, scales and zeros):
 
     int:  zero = f16_round_down(min + 0), scale = f16_round_up((max - zero) / qmax),
@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..cache.types import FP8_FORMAT, INT_FORMATS, K_AXES, SCALE_DTYPE
+from ..core.formats import FP8_FORMAT, INT_FORMATS, K_AXES, SCALE_DTYPE
 
 _LOADED = False
 

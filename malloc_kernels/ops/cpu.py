@@ -8,7 +8,7 @@ arXiv 2307.08691) or HSTU's pointwise SiLU (arXiv 2402.17152) and the relative p
 ORIGINAL positions/timestamps. All query heads of a kv head share each K/V block (GQA/MQA without repeating K/V).
 
 Protocol (``ops/backends.py``): ``is_available()``, ``supports(call) -> (bool, reason)``, ``run(call) ->
-AttentionResult`` for a validated ``AttentionCall`` (``ops/validate.py``). This kernel is inference only; under
+AttentionResult`` for a validated ``AttentionCall`` (``core/validate.py``). This kernel is inference only; under
 autograd the backend selection sends jagged self-attention to the training kernels of ``ops/train_attention.py``.
 
 Also exported for the pruning policies: ``gather_cache_entries(cache, index, length=None)`` (compaction of the
@@ -21,8 +21,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..cache.types import FLOAT_FORMAT, KVCache
-from .types import AttentionResult, AttentionStats
+from ..core.formats import FLOAT_FORMAT
+from ..core.kvcache import KVCacheBase
+from ..core.types import AttentionResult, AttentionStats
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -71,7 +72,7 @@ def supports(call) -> Tuple[bool, str]:
 @functools.lru_cache(maxsize=64)
 def _thresholds(T: int) -> torch.Tensor:
     """int64 [T]: th[k] at index k (k = 1..T-1), index 0 unused -- the kernel's exact time-bucket table."""
-    from ..reference.bias import time_bucket_thresholds
+    from ..core.time_buckets import time_bucket_thresholds
     return torch.cat([torch.zeros(1, dtype=torch.int64), time_bucket_thresholds(T)])
 
 
@@ -81,7 +82,7 @@ def _c(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def run(call) -> AttentionResult:
     """Execute a validated ``AttentionCall`` with the C++ kernel; returns an ``AttentionResult``."""
-    c: Optional[KVCache] = call.cache
+    c: Optional[KVCacheBase] = call.cache
     r = c.residual if c is not None else None
     jag = call.jagged
     q_off = call.offsets if jag else None
@@ -194,7 +195,8 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.ops.malloc_kernels.gather_rows(src, index.to(torch.int64))
 
 
-def gather_cache_entries(cache: KVCache, index: torch.Tensor, length: Optional[torch.Tensor] = None) -> KVCache:
+def gather_cache_entries(cache: KVCacheBase, index: torch.Tensor,
+                         length: Optional[torch.Tensor] = None) -> KVCacheBase:
     """Compact a cache to the entries a pruning policy keeps.
 
     index: int64 ``[B, Hkv, K]``, entry ids in ``[0, C)`` of each (user, kv head) row; only the first
@@ -207,7 +209,7 @@ def gather_cache_entries(cache: KVCache, index: torch.Tensor, length: Optional[t
 
     Returns a new ``KVCache`` of capacity ``K`` (the input is not modified).
     """
-    if not isinstance(cache, KVCache):
+    if not isinstance(cache, KVCacheBase):
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
     if not isinstance(index, torch.Tensor) or index.is_floating_point() or index.dim() != 3:
         raise ValueError(f"index must be an integer tensor [B, Hkv, K], got {getattr(index, 'shape', index)!r}")

@@ -10,7 +10,7 @@ with the residual segment and the request's own tokens; splits are merged by the
 the entries' original positions/timestamps).
 
 ``supports(call) -> (bool, reason)`` and ``run(call) -> AttentionResult`` follow the backend contract of
-``malloc_kernels.ops.validate.AttentionCall``. Inference only: no autograd, no attention statistics, no dropout,
+``malloc_kernels.core.validate.AttentionCall``. Inference only: no autograd, no attention statistics, no dropout,
 no ``attn_mask``, head dims up to 256. Query, request keys/values and the residual are read as fp32; outputs are
 returned in the query dtype.
 """
@@ -21,8 +21,8 @@ from typing import Tuple
 
 import torch
 
-from ..cache.types import FLOAT_FORMAT, FP8_FORMAT, INT_FORMATS
-from .types import AttentionResult
+from ..core.formats import FLOAT_FORMAT, FP8_FORMAT, INT_FORMATS
+from ..core.types import AttentionResult
 
 MAX_HEAD_DIM = 256
 H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3 (NVIDIA datasheet)
@@ -101,7 +101,7 @@ def _f32(t):
 
 def _inv_norm(call, k_lengths) -> torch.Tensor:
     """HSTU's ``1 / n_i`` as float32 ``[B, Hkv, Lq]`` (1 where n_i == 0: those rows have no weight anyway)."""
-    from ..reference.masks import request_visibility
+    from ..core.masks import request_visibility
 
     B, Hkv, Lq, dev = call.batch_size, call.num_kv_heads, call.max_q_len, call.device
     req = request_visibility(call.q_lengths, k_lengths, Lq, call.max_k_len, call.is_causal,
@@ -157,7 +157,7 @@ def _launch(call, ops) -> AttentionResult:
         q_ts = k_ts = dense.query_timestamps.to(torch.int64).contiguous()
     time_th = None
     if dense.time_bias is not None:
-        from ..reference.bias import time_bucket_thresholds
+        from ..core.time_buckets import time_bucket_thresholds
 
         # The reference lists th[1..T-1]; the kernel indexes th[k] directly, so slot 0 is a placeholder.
         th = time_bucket_thresholds(dense.time_bias.shape[1])

@@ -18,7 +18,7 @@ from typing import Tuple
 
 import torch
 
-from .types import AttentionResult
+from ..core.types import AttentionResult
 
 _DTYPES = (torch.float32, torch.float64)
 

@@ -1,8 +1,9 @@
-"""Compression policies by MALLOC level: precision, pruning, merging, hybrid (DESIGN.md section 1)."""
-from .registry import PolicyInput, available_methods, compress, get_policy, register_policy  # noqa: F401
-from . import quantize  # noqa: F401,E402
-from . import pruning  # noqa: F401,E402
-from . import merging  # noqa: F401,E402
-from . import precision  # noqa: F401,E402
-from . import hybrid  # noqa: F401,E402
-from .budget import Budget  # noqa: F401,E402
+"""Compression policies by MALLOC level: precision, pruning, merging, hybrid (ARCHITECTURE.md, "Add a policy").
+
+Importing the package registers every policy module; ``compress`` (``api.py``) is the entry point.
+"""
+from . import baseline, merging, precision, pruning, quantize  # noqa: F401  (each module registers its policies)
+from .api import compress  # noqa: F401
+from .base import LEVELS, Policy, PolicyInput  # noqa: F401
+from .budget import Budget  # noqa: F401
+from .registry import available_methods, get_policy, methods_by_level, policy_level, register_policy  # noqa: F401

@@ -23,18 +23,9 @@ import inspect
 import torch
 
 from .budget import Budget, largest_fitting, parse_budget
-from .registry import PolicyInput, get_policy
+from .base import Policy, PolicyInput
+from .registry import get_policy, policy_level
 from .selection import EXTRA_KEYS, attention_mass, canonical_rows
-
-
-def policy_level(cls) -> str:
-    """"pruning" | "merging" | "precision" | "" of a registered policy class."""
-    level = getattr(cls, "level", None)
-    if level:
-        return level
-    if hasattr(cls, "FORMAT"):       # the plain quantizers of quantize.py
-        return "precision"
-    return ""
 
 
 def _init_params(cls):
@@ -42,7 +33,7 @@ def _init_params(cls):
         {"extra", "params"}
 
 
-class HybridPolicy:
+class HybridPolicy(Policy):
     """``"a+b"``: token stage ``a`` at the budget, then precision stage ``b`` on what ``a`` kept."""
 
     level = "hybrid"

@@ -2,7 +2,7 @@
 precision-level compression).
 
 Every entry is kept (the token budget is ``None`` or ``1.0``); only the number of bits per stored number changes.
-The storage rule (fp16 scale/zero rounded outward, round-half-even codes) is ``cache/types.py``'s and the work is
+The storage rule (fp16 scale/zero rounded outward, round-half-even codes) is ``core/kvcache.py``'s and the work is
 ``cache.quant.quantize_cache``.
 
 * ``int8`` / ``fp8`` (e4m3fn): per-token by default -- keys and values both grouped over channels with
@@ -19,8 +19,9 @@ Parameters: ``group_size`` (int; on the token axis it must divide ``head_dim``) 
 from __future__ import annotations
 
 from ..cache.quant import fp8_available, quantize_cache
-from ..cache.types import FP8_FORMAT, K_AXES
-from .registry import PolicyInput, register_policy
+from ..core.formats import FP8_FORMAT, K_AXES
+from .base import Policy, PolicyInput
+from .registry import register_policy
 
 
 def _largest_divisor_at_most(n: int, cap: int) -> int:
@@ -39,8 +40,10 @@ def check_full_budget(budget, method: str):
                          f"token); compose with a pruning method, e.g. 'h2o+{method}', to drop tokens; got {budget!r}")
 
 
-class _PlainQuantizer:
+class _PlainQuantizer(Policy):
     """Shared constructor/validation of the plain quantizers; subclasses set the format and default layout."""
+
+    level = "precision"
 
     FORMAT = ""
     DEFAULT_K_AXIS = "token"

@@ -17,6 +17,9 @@ from typing import Optional
 import torch
 
 from ..cache.types import KVCache
+from ..core.layout import jagged_to_padded, padded_to_jagged
+from ..ops.attention import attention
+from .base import Policy
 from .budget import Budget, parse_budget, token_budgets
 
 # keyword arguments that describe the history rather than configure a method. ``compress`` routes its
@@ -26,11 +29,10 @@ EXTRA_KEYS = ("queries", "kind", "scale", "causal", "layer", "num_layers", "pos_
               "query_timestamps", "backend")
 
 
-class BasePolicy:
-    """Common constructor logic: budget parsing, seed and extras validation (ValueError naming the argument)."""
+class BasePolicy(Policy):
+    """Common constructor logic of the scoring policies: budget parsing, seed and extras validation (ValueError
+    naming the argument). Subclasses declare ``level`` ("pruning" | "merging" | "precision")."""
 
-    name = "?"
-    level = "?"           # "pruning" | "merging" | "precision"
     needs_budget = True
 
     def __init__(self, budget=None, seed=0, **extra):
@@ -242,7 +244,6 @@ def build_cache(rows: Rows, idx: torch.Tensor, length: torch.Tensor, k=None, v=N
 def _padded_mass(m: torch.Tensor, inp, name: str, method: str) -> torch.Tensor:
     B, H, N, _ = inp.k.shape
     if m.dim() == 2:                       # jagged [total_k, Hkv] in the history's own (input) order
-        from ..ops.layout import jagged_to_padded
         lens = inp.lengths.to(torch.int64)
         if m.shape[0] != int(lens.sum()) or m.shape[1] != H:
             raise ValueError(f"{method}: jagged {name} must be [sum(lengths)={int(lens.sum())}, Hkv={H}], "
@@ -304,11 +305,6 @@ def context(policy, inp) -> dict:
 
 def history_stats(policy, inp, window: Optional[int]):
     """Run the attention kernel over the history (queries from ``extra``) to get ``AttentionStats``."""
-    from ..ops.layout import padded_to_jagged
-    try:
-        from .. import attention
-    except ImportError as e:  # the attention entry point is another helper's module
-        raise RuntimeError(f"{policy.name}: malloc_kernels.attention is unavailable ({e})") from None
     method = policy.name
     extra = context(policy, inp)
     B, H, N, D = inp.k.shape

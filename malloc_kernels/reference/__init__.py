@@ -6,4 +6,4 @@ and ``relative_bias`` define HSTU's relative bias exactly (``bias.py``); ``run(c
 """
 from .attention import attention, attention_padded, compute_dtype, run  # noqa: F401
 from .bias import relative_bias, time_bucket, time_bucket_thresholds  # noqa: F401
-from .masks import request_visibility  # noqa: F401
+from ..core.masks import request_visibility  # noqa: F401

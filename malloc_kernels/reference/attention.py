@@ -31,11 +31,12 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..cache.types import KVCache
-from ..ops.types import AttentionResult, AttentionStats
-from ..ops.validate import AttentionCall, validate_call
+from ..cache.quant import dequantize_cache
+from ..core.kvcache import KVCacheBase
+from ..core.types import AttentionResult, AttentionStats
+from ..core.validate import AttentionCall, validate_call
 from .bias import relative_bias
-from .masks import entry_valid, request_visibility, valid_rows, window_rows
+from ..core.masks import entry_valid, request_visibility, valid_rows, window_rows
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -43,12 +44,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _dequantized(cache: KVCache, cd: torch.dtype):
+def _dequantized(cache: KVCacheBase, cd: torch.dtype):
     """(k, v) of a cache segment as ``cd`` tensors ``[B, Hkv, C, D]`` (quantized payloads by the cache's rule)."""
     if cache.is_quantized:
-        if not hasattr(cache, "dequantize"):
-            raise ValueError("cache is quantized but KVCache.dequantize is unavailable (cache/quant.py missing)")
-        k, v = cache.dequantize(cd)
+        k, v = dequantize_cache(cache, cd)
         return k.to(cd), v.to(cd)
     return cache.k.to(cd), cache.v.to(cd)
 
@@ -56,7 +55,7 @@ def _dequantized(cache: KVCache, cd: torch.dtype):
 class _History:
     """The cache segments (main + residual) concatenated along the entry axis."""
 
-    def __init__(self, cache: KVCache, cd: torch.dtype, need_time: bool):
+    def __init__(self, cache: KVCacheBase, cd: torch.dtype, need_time: bool):
         segs = [cache] + ([cache.residual] if cache.residual is not None else [])
         ks, vs, valid, pos, ts, cnt = [], [], [], [], [], []
         for seg in segs:

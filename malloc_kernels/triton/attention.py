@@ -1,7 +1,7 @@
 """Triton attention backend launcher: ``supports(call)`` / ``run(call)`` for ``malloc_kernels.attention``.
 
-Receives the validated ``AttentionCall`` (``ops/validate.py``) and runs the fused kernels over the compressed cache
-(every format of ``cache/types.py``: float, int8, fp8, KIVI int4/int2 with keys on the "token" or "channel" axis,
+Receives the validated ``AttentionCall`` (``core/validate.py``) and runs the fused kernels over the compressed cache
+(every format of ``core/kvcache.py``: float, int8, fp8, KIVI int4/int2 with keys on the "token" or "channel" axis,
 per-head lengths, merge counts, residual segment), the request's own tokens, both kinds (softmax with lse, hstu
 with in-kernel relative bias), causal / target / attn_mask masks, dense and jagged layouts:
 
@@ -21,9 +21,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..ops.types import AttentionResult, AttentionStats
-from ..ops.validate import AttentionCall
-from ..reference.bias import time_bucket_thresholds
+from ..core.types import AttentionResult, AttentionStats
+from ..core.validate import AttentionCall
+from ..core.time_buckets import time_bucket_thresholds
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -415,7 +415,7 @@ def _example_call(*, dtype=torch.float16, kind="softmax", Hq=8, Hkv=2, D=128, Lq
                   causal=True, targets=False, mask=None):
     """A tiny CPU call with the dtypes/flags of a real launch (only shapes' constexpr parts matter for codegen)."""
     from ..cache.types import KVCache
-    from ..ops.validate import validate_call
+    from ..core.validate import validate_call
     B = 1
     q = torch.zeros(B, Hq, Lq, D, dtype=dtype)
     k = torch.zeros(B, Hkv, Lq, D, dtype=dtype)

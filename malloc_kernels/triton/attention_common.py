@@ -1,7 +1,7 @@
 """Triton device code shared by the attention kernels (decode, append, stats), and the forward kernel itself.
 
 Device helpers: tile loads that dequantize every cache format in registers right after the load (the storage
-contract of ``cache/types.py``), HSTU's relative bias evaluated exactly in-kernel, the mask rules of the request
+contract of ``core/kvcache.py``), HSTU's relative bias evaluated exactly in-kernel, the mask rules of the request
 segment, and the per-key-block scoring step that every kernel shares. ``attention_forward_kernel`` is the one
 forward program both launch paths use: split-K over the key axis for decode (its partials are combined by
 ``attention_decode.attention_merge_kernel``) or query tiles over the whole key axis for append / prefill.

@@ -1,6 +1,6 @@
 """Triton quantize-and-pack: builds quantized KV caches on the GPU, bit-exact with ``cache/quant.py``.
 
-Implements the storage rule of ``cache/types.py`` (see ``cache/quant.py`` for the reference and its rationale):
+Implements the storage rule of ``core/kvcache.py`` (see ``cache/quant.py`` for the reference and its rationale):
 integer formats (``int8``/``int4``/``int2``, ``qmax = 2**bits - 1``) per group over the group's VALID entries::
 
     zero  = f16_round_down(min + 0.0)

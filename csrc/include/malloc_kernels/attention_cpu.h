@@ -23,7 +23,7 @@ namespace cpu {
 // Element type of a floating tensor (queries, request keys/values, outputs, float caches, residual).
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
-// Payload format of a cache tensor (cache/types.py): floats, or uint8 codes.
+// Payload format of a cache tensor (core/kvcache.py): floats, or uint8 codes.
 enum class Fmt : int { F32 = 0, F16 = 1, BF16 = 2, INT8 = 3, INT4 = 4, INT2 = 5, FP8 = 6 };
 
 // A [B, H, L, ...] view addressed as p + b*sB + h*sH + (start[b] + i)*sL (element units). Dense tensors use
@@ -39,7 +39,7 @@ struct Strided {
 
 struct Segment {
   // A cache segment: contiguous [B, Hkv, C, row] payload. For the quantized formats `k`/`v` are uint8 codes and
-  // scale/zero are float16 bit patterns (uint16) laid out per cache/types.py.
+  // scale/zero are float16 bit patterns (uint16) laid out per core/kvcache.py.
   const void* k = nullptr;
   const void* v = nullptr;
   Fmt k_fmt = Fmt::F32, v_fmt = Fmt::F32;

@@ -1,4 +1,4 @@
-// Quantisation numerics of the cache storage contract (malloc_kernels/cache/types.py), framework-free and shared
+// Quantisation numerics of the cache storage contract (malloc_kernels/core/kvcache.py), framework-free and shared
 // by host and device: the C++ CPU packer, the CUDA packer and the attention kernels' in-register dequantisation
 // all call these functions, so the CPU tests of the packer also check the arithmetic the GPU kernels run.
 //

@@ -1,5 +1,5 @@
 // Framework-free quantize-and-pack / unpack-and-dequantize of one cache payload (keys or values) in the library's
-// storage layout (malloc_kernels/cache/types.py). Raw pointers and element strides; implemented with OpenMP in
+// storage layout (malloc_kernels/core/kvcache.py). Raw pointers and element strides; implemented with OpenMP in
 // csrc/cpu/quantize_pack.cpp and by the CUDA kernel in csrc/cuda/quantize_pack.cu (same quant.h numerics).
 #pragma once
 

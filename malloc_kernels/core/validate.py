@@ -31,7 +31,8 @@ from typing import Optional, Union
 
 import torch
 
-from ..cache.types import FLOAT_FORMAT, KVCache
+from .formats import FLOAT_FORMAT
+from .kvcache import KVCacheBase
 from .layout import check_offsets, jagged_lengths, jagged_to_padded, padded_to_jagged
 from .types import AttentionResult, AttentionStats
 
@@ -62,7 +63,7 @@ class AttentionCall:
     head_dim: int
     max_q_len: int
     max_k_len: int
-    cache: Optional[KVCache]
+    cache: Optional[KVCacheBase]
     kind: str
     scale: float
     is_causal: bool
@@ -243,7 +244,7 @@ def _normalise_per_query(t, name, jagged, B, Lq, total_q, device):
 
 
 def _check_cache(cache, B, Hkv, D, dtype, device):
-    if not isinstance(cache, KVCache):
+    if not isinstance(cache, KVCacheBase):
         raise TypeError(f"cache must be a malloc_kernels.KVCache, got {type(cache).__name__}")
     try:
         cache.validate()

@@ -1,0 +1,293 @@
+// The cache segment of a softmax chunk decoded straight from the int8 / int4 / int2 codes in the D = 64 code layout
+// (code_layout_avx2.h), AVX2 build. The kernel asks CacheFromCodes::run first for every chunk; false means "not this
+// call's shape", and the kernel takes its general path (tiles_portable.h has a CacheFromCodes that always says so).
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "malloc_kernels/attention_cpu/code_layout_avx2.h"
+#include "malloc_kernels/attention_cpu/scratch.h"
+#include "malloc_kernels/attention_cpu/tiles_avx2.h"
+
+namespace malloc_kernels {
+namespace cpu {
+namespace MK_IMPL_NS {
+
+class CacheFromCodes {
+ public:
+  CacheFromCodes(const AttnParams& p, int Dp, bool has_bias) : p_(p), Dp_(Dp), has_bias_(has_bias) {}
+
+  // The cache segment of a softmax chunk decoded straight from the codes in code layout (see Codes64): int8/int4/int2
+  // keys and values of the same format, D == 64, channel-axis keys (any token group) or token-axis keys with one
+  // group per row, token-axis value groups the layout can address, no counts, no bias. Must run first in a chunk
+  // (it starts from m = -inf, l = 0, O = 0, which is the state before the cache segment).
+  bool ok() const {
+    const Segment& sg = p_.cache;
+    if (!p_.has_cache || p_.D != 64 || p_.kind != Kind::Softmax || has_bias_ || sg.count) return false;
+    if (sg.k_fmt != sg.v_fmt) return false;
+    if (sg.k_fmt != Fmt::INT8 && sg.k_fmt != Fmt::INT4 && sg.k_fmt != Fmt::INT2) return false;
+    const int gs = sg.group_size;
+    // value groups: at most 8 per row (one weight vector per key), each a whole number of code-layout lanes
+    if (gs < 8 || 64 % gs != 0) return false;
+    return sg.k_channel || gs == 64;
+  }
+
+  // Runs the cache segment of kv head h of user b for the chunk's R rows when ok(); returns whether it did.
+  bool run(Scratch& sc, int64_t b, int64_t h, int R) const {
+    if (!ok()) return false;
+    switch (p_.cache.k_fmt) {
+      case Fmt::INT4: decode_cache<Fmt::INT4>(sc, b, h, R); break;
+      case Fmt::INT2: decode_cache<Fmt::INT2>(sc, b, h, R); break;
+      default: decode_cache<Fmt::INT8>(sc, b, h, R); break;
+    }
+    return true;
+  }
+
+ private:
+  const AttnParams& p_;
+  int Dp_;
+  bool has_bias_;
+
+  // Keys [j0, j0 + n) of the code-layout path: S[r][0..n) = scores (kch: per-channel scales already folded into
+  // the rows' queries for each key group; token-axis keys: scale/zero applied here), rows of stride DKB.
+  template <Fmt F>
+  void decode_scores(Scratch& sc, int64_t bh, int R, int64_t j0, int n, const uint8_t* kb0, int64_t rb) const {
+    const Segment& sg = p_.cache;
+    const int gs = sg.group_size;
+    float* S = sc.Sd.data();
+    if (sg.k_channel) {
+      const int64_t nkg = (sg.capacity + gs - 1) / gs;
+      // j0 is a multiple of 64 and gs divides 64: sub-blocks of gs keys are whole key groups
+      for (int s0 = 0; s0 < n; s0 += gs) {
+        const int ns = std::min(gs, n - s0);
+        const int64_t g = (j0 + s0) / gs;
+        const uint16_t* s16 = sg.k_scale + (bh * nkg + g) * 64;
+        const uint16_t* z16 = sg.k_zero ? sg.k_zero + (bh * nkg + g) * 64 : nullptr;
+        for (int r = 0; r < R; ++r) {
+          // per-channel key scale of this token group folded into the query, zero point into one offset per row
+          const float* q = sc.Q.data() + int64_t(r) * Dp_;
+          float* qpr = sc.qp.data() + r * 64;
+          __m256 v[8];
+          __m256 za = _mm256_setzero_ps();
+          for (int c = 0; c < 8; ++c) {
+            const __m256 qv = _mm256_loadu_ps(q + 8 * c);
+            v[c] = _mm256_mul_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s16 + 8 * c))));
+            if (z16)
+              za = _mm256_fmadd_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z16 + 8 * c))),
+                                   za);
+          }
+          sc.zb[r] = hsum(za);
+          if constexpr (F == Fmt::INT8) {
+            alignas(32) float nat[64];
+            for (int c = 0; c < 8; ++c) _mm256_store_ps(nat + 8 * c, v[c]);
+            for (int t = 0; t < 8; ++t)
+              for (int c = 0; c < 8; ++c) qpr[t * 8 + c] = nat[code_elem<F>(c, t)] * sc.cexp[t];
+          } else {
+            transpose8(v);  // element 8c + t -> vector t, lane c
+            for (int t = 0; t < 8; ++t) _mm256_storeu_ps(qpr + 8 * t, _mm256_mul_ps(v[t], _mm256_set1_ps(sc.cexp[t])));
+          }
+        }
+        const uint8_t* k = kb0 + s0 * rb;
+        if (R == 1) {
+          qk_code_layout_r1<F>(sc.qp.data(), k, rb, ns, S + s0, sc.zb[0]);
+        } else {
+          for (int r0 = 0; r0 < R; r0 += 4)
+            qk_code_quad<F>(std::min(4, R - r0), sc.qp.data() + r0 * 64, sc.zb.data() + r0, k, rb, ns,
+                            S + r0 * DKB + s0, DKB);
+        }
+      }
+      return;
+    }
+    // token-axis keys, one group per row: s_j * <q, code_j> + z_j * sum(q)
+    if (R == 1) {
+      qk_code_layout_r1<F>(sc.qperm.data(), kb0, rb, n, S, 0.f);
+    } else {
+      const float zero4[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int r0 = 0; r0 < R; r0 += 4)
+        qk_code_quad<F>(std::min(4, R - r0), sc.qperm.data() + r0 * 64, zero4, kb0, rb, n, S + r0 * DKB, DKB);
+    }
+    float* ksf = sc.ksf.data();
+    float* kzf = sc.kzf.data();
+    halves_to_floats(sg.k_scale + bh * sg.capacity + j0, n, ksf);
+    if (sg.k_zero) halves_to_floats(sg.k_zero + bh * sg.capacity + j0, n, kzf);
+    else std::fill(kzf, kzf + n, 0.f);
+    const int n8 = (n + 7) / 8 * 8;
+    std::fill(ksf + n, ksf + n8, 0.f);
+    std::fill(kzf + n, kzf + n8, 0.f);
+    for (int r = 0; r < R; ++r) {
+      float* s = S + r * DKB;
+      const __m256 qs = _mm256_set1_ps(sc.qsum[r]);
+      for (int j = 0; j < n8; j += 8)
+        _mm256_storeu_ps(s + j, _mm256_fmadd_ps(_mm256_loadu_ps(s + j), _mm256_loadu_ps(ksf + j),
+                                                _mm256_mul_ps(_mm256_loadu_ps(kzf + j), qs)));
+    }
+  }
+
+  // The cache segment of a softmax chunk straight from the codes (see Codes64), blocks of bk keys (below):
+  //   scores (decode_scores) -> online softmax per row -> value weights p_j * s_jg (the value scale folded into the
+  //   weight, zero points summed per group) -> O += weights x codes in code layout.
+  template <Fmt F>
+  void decode_cache(Scratch& sc, int64_t b, int64_t h, int R) const {
+    const Segment& sg = p_.cache;
+    const int gs = sg.group_size, vng = 64 / gs;
+    if (vng == 1) decode_cache_w<F, 0>(sc, b, h, R);
+    else if (vng <= 4) decode_cache_w<F, 1>(sc, b, h, R);
+    else decode_cache_w<F, 2>(sc, b, h, R);
+  }
+
+  template <Fmt F, int WM>
+  void decode_cache_w(Scratch& sc, int64_t b, int64_t h, int R) const {
+    const Segment& sg = p_.cache;
+    const int64_t bh = b * p_.Hkv + h;
+    const int64_t len = p_.cache.length[bh];
+    const int64_t rb = row_bytes(F, 64);
+    const uint8_t* kbase = static_cast<const uint8_t*>(sg.k) + bh * sg.capacity * rb;
+    const uint8_t* vbase = static_cast<const uint8_t*>(sg.v) + bh * sg.capacity * rb;
+    const int gs = sg.group_size, vng = 64 / gs;
+    float* Op = sc.Op.data();
+    float* Zv = sc.Zv.data();
+    for (int t = 0; t < 8; ++t) sc.cexp[t] = std::ldexp(1.f, -code_exp<F>(t));
+    // queries in code layout, pre-scaled by 2^-code_exp (exact)
+    for (int r = 0; r < R; ++r) {
+      const float* q = sc.Q.data() + int64_t(r) * Dp_;
+      if (!sg.k_channel) {
+        float qs = 0.f;
+        for (int t = 0; t < 8; ++t)
+          for (int c = 0; c < 8; ++c) sc.qperm[r * 64 + t * 8 + c] = q[code_elem<F>(c, t)] * sc.cexp[t];
+        for (int d = 0; d < 64; ++d) qs += q[d];
+        sc.qsum[r] = qs;
+      }
+      std::fill(Op + r * 64, Op + (r + 1) * 64, 0.f);
+      std::fill(Zv + r * 8, Zv + (r + 1) * 8, 0.f);
+    }
+    // group index of each lane of the value weight vectors (vectors t with t >> 2 == H; gs >= 8 keeps it per lane)
+    __m256i gidx[2];
+    for (int H = 0; H < 2; ++H) {
+      alignas(32) int32_t gi[8];
+      for (int c = 0; c < 8; ++c) gi[c] = code_elem<F>(c, F == Fmt::INT8 ? 4 * H : 0) / gs;
+      gidx[H] = _mm256_load_si256(reinterpret_cast<const __m256i*>(gi));
+    }
+    // p index of lane i of the k-th vector of (key, group) pairs: pairs 8k..8k+7 within the 8-key chunk k / vng
+    __m256i pidx[8];
+    for (int k = 0; k < vng; ++k) {
+      alignas(32) int32_t pi[8];
+      for (int i = 0; i < 8; ++i) pi[i] = (8 * k + i) / vng;
+      pidx[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(pi));
+    }
+    const int pwld = DKB * 8 + 8;
+    float* S = sc.Sd.data();
+    float* vsf = sc.dvs.data();
+    float* vzf = sc.dvz.data();
+    // token-axis keys (int8's per-token layout) are memory-bound: short blocks keep both code streams in flight
+    const int bk = !sg.k_channel ? KB : R == 1 ? DKB : DKB / 2;
+    for (int64_t j0 = 0; j0 < len; j0 += bk) {
+      const int n = int(std::min<int64_t>(bk, len - j0));
+      const int n8 = (n + 7) / 8 * 8;
+      decode_scores<F>(sc, bh, R, j0, n, kbase + j0 * rb, rb);
+      // online softmax, vectorised over the block (entries past n are -inf, so their weights are exactly 0)
+      for (int r = 0; r < R; ++r) {
+        float* s = S + r * DKB;
+        for (int j = n; j < n8; ++j) s[j] = NEG_INF;
+        __m256 mx = _mm256_loadu_ps(s);
+        // NaN / +inf scores (padding lanes are -inf): not (s < +inf), unordered compares true (scalar.h's rule)
+        __m256 nf = _mm256_cmp_ps(mx, _mm256_set1_ps(POS_INF), _CMP_NLT_UQ);
+        for (int j = 8; j < n8; j += 8) {
+          const __m256 sj = _mm256_loadu_ps(s + j);
+          nf = _mm256_or_ps(nf, _mm256_cmp_ps(sj, _mm256_set1_ps(POS_INF), _CMP_NLT_UQ));
+          mx = _mm256_max_ps(mx, sj);
+        }
+        sc.bad[r] |= _mm256_movemask_ps(nf) != 0;
+        const float mnew = std::max(sc.m[r], hmax(mx));
+        if (mnew == NEG_INF) { std::fill(s, s + n8, 0.f); continue; }
+        const __m256 sum = exp_shift_inplace(s, n8, mnew);
+        if (sc.m[r] != mnew) {
+          const float alpha = sc.m[r] == NEG_INF ? 0.f : std::exp(sc.m[r] - mnew);
+          const __m256 av = _mm256_set1_ps(alpha);
+          for (int t = 0; t < 8; ++t) _mm256_storeu_ps(Op + r * 64 + 8 * t, _mm256_mul_ps(av, _mm256_loadu_ps(Op + r * 64 + 8 * t)));
+          _mm256_storeu_ps(Zv + r * 8, _mm256_mul_ps(av, _mm256_loadu_ps(Zv + r * 8)));
+          sc.l[r] *= alpha;
+          sc.m[r] = mnew;
+        }
+        sc.l[r] += hsum(sum);
+      }
+      // values: weights p_j * s_jg (value scale folded into the weight), zero points summed per group. Whole
+      // 8-key chunks convert their fp16 scales/zeros straight from the cache; a partial last chunk goes through
+      // zero-padded copies (keys past n have p = 0), so nothing past the segment is read.
+      const uint16_t* vs16 = sg.v_scale + (bh * sg.capacity + j0) * vng;
+      const uint16_t* vz16 = sg.v_zero ? sg.v_zero + (bh * sg.capacity + j0) * vng : nullptr;
+      const int nfull = n / 8;
+      if (nfull * 8 < n) {
+        const int p0 = nfull * 8 * vng, np = n * vng, npe = n8 * vng;
+        halves_to_floats(vs16 + p0, np - p0, vsf);
+        std::fill(vsf + np - p0, vsf + npe - p0, 0.f);
+        if (vz16) halves_to_floats(vz16 + p0, np - p0, vzf);
+        else std::fill(vzf, vzf + np - p0, 0.f);
+        std::fill(vzf + np - p0, vzf + npe - p0, 0.f);
+      }
+      for (int r = 0; r < R; ++r) {
+        const float* pr = S + r * DKB;
+        float* pw = sc.pwr.data() + int64_t(r) * pwld;
+        __m256 za = _mm256_loadu_ps(Zv + r * 8);
+        for (int kc = 0; kc < n8 / 8; ++kc) {
+          const __m256 p8 = _mm256_loadu_ps(pr + 8 * kc);
+          const bool full = kc < nfull;
+          for (int i = 0; i < vng; ++i) {
+            const int k = kc * vng + i;
+            const __m256 pk = vng == 1 ? p8 : _mm256_permutevar8x32_ps(p8, pidx[i]);
+            __m256 sv, zv;
+            if (full) {
+              sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vs16 + 8 * k)));
+              zv = vz16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vz16 + 8 * k)))
+                        : _mm256_setzero_ps();
+            } else {
+              sv = _mm256_loadu_ps(vsf + 8 * i);
+              zv = _mm256_loadu_ps(vzf + 8 * i);
+            }
+            _mm256_storeu_ps(pw + 8 * k, _mm256_mul_ps(pk, sv));
+            za = _mm256_fmadd_ps(pk, zv, za);
+          }
+        }
+        _mm256_storeu_ps(Zv + r * 8, za);
+      }
+      const uint8_t* vb0 = vbase + j0 * rb;
+      if (R == 1) {
+        pv_code_layout_r1<F, WM>(sc.pwr.data(), vng, gidx, vb0, rb, n, Op);
+      } else {
+        // value tiles of KB keys (expanded once, shared by all rows) so that tile + weights stay in L1
+        for (int v0 = 0; v0 < n; v0 += KB) {
+          const int nv = std::min(KB, n - v0);
+          expand_code_layout<F>(vb0 + v0 * rb, rb, nv, sc.dV.data());
+          const float* pw0 = sc.pwr.data() + v0 * vng;
+          int r = 0;
+          for (; r + 2 <= R; r += 2)
+            pv_code_tile2<F, WM>(pw0 + int64_t(r) * pwld, pw0 + int64_t(r + 1) * pwld, vng, gidx, sc.dV.data(), nv,
+                             Op + r * 64, Op + (r + 1) * 64);
+          for (; r < R; ++r) pv_code_tile<F>(pw0 + int64_t(r) * pwld, vng, gidx, sc.dV.data(), nv, Op + r * 64);
+        }
+      }
+    }
+    // back to natural order: O_d = 2^-code_exp * Op + (sum_j p_j z_jg) of the element's group
+    for (int r = 0; r < R; ++r) {
+      float* o = sc.O.data() + int64_t(r) * Dp_;
+      float zg[8];
+      for (int g = 0; g < vng; ++g) {
+        zg[g] = 0.f;
+        for (int i = g; i < 8; i += vng) zg[g] += Zv[r * 8 + i];
+      }
+      for (int t = 0; t < 8; ++t) {
+        for (int c = 0; c < 8; ++c) {
+          const int e = code_elem<F>(c, t);
+          o[e] += Op[r * 64 + t * 8 + c] * sc.cexp[t] + zg[e / gs];
+        }
+      }
+    }
+  }
+};
+
+}  // namespace MK_IMPL_NS
+}  // namespace cpu
+}  // namespace malloc_kernels

@@ -1,0 +1,220 @@
+// Tile primitives of the fused CPU attention, AVX2 + FMA + F16C build (compiled under `#pragma GCC target` in
+// csrc/cpu/attention_avx2.cpp). Same names and results as tiles_portable.h, 8 floats per vector; scalar tails for
+// head dims that are not a multiple of 8 (the kernel pads its float tiles to kLanes).
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "malloc_kernels/attention_cpu/scalar.h"
+#include "malloc_kernels/simd_avx2.h"
+
+namespace malloc_kernels {
+namespace cpu {
+namespace MK_IMPL_NS {
+
+// Padding of the head dim in float tiles (the vector width).
+constexpr int kLanes = 8;
+
+inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+// hsum / hmax / exp256 / exp_shift_inplace: malloc_kernels/simd_avx2.h
+using simd_avx2::exp256;
+using simd_avx2::exp_shift_inplace;
+using simd_avx2::hmax;
+using simd_avx2::hsum;
+
+// 8 consecutive raw elements (chunk c = elements 8c..8c+7) of a stored row as floats.
+template <Fmt F>
+inline __m256 raw8(const uint8_t* row, int c) {
+  if constexpr (F == Fmt::F32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + 8 * c);
+  } else if constexpr (F == Fmt::F16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c)));
+  } else if constexpr (F == Fmt::BF16) {
+    const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+  } else if constexpr (F == Fmt::INT8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * c))));
+  } else if constexpr (F == Fmt::INT4) {
+    // 4 bytes hold 8 nibbles, element 2i in the low nibble of byte i: broadcast the word, shift lane k by 4k.
+    uint32_t w; std::memcpy(&w, row + 4 * c, 4);
+    const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i x = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), sh), _mm256_set1_epi32(0xF));
+    return _mm256_cvtepi32_ps(x);
+  } else if constexpr (F == Fmt::INT2) {
+    uint16_t w; std::memcpy(&w, row + 2 * c, 2);
+    const __m256i sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i x = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(w)), sh), _mm256_set1_epi32(0x3));
+    return _mm256_cvtepi32_ps(x);
+  } else {  // FP8 e4m3fn: rebias the exponent for normals, m * 2^-9 for subnormals, then the sign.
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * c)));
+    const __m256i mag = _mm256_and_si256(v, _mm256_set1_epi32(0x7F));
+    const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24);
+    const __m256 normal = _mm256_castsi256_ps(
+        _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23)));
+    const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(0.001953125f));
+    const __m256 is_sub = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag));
+    // 0x7F / 0xFF are e4m3fn's NaN (it has no inf): OR-ing the quiet-NaN bits makes those lanes NaN
+    const __m256 nan_bits = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7F))),
+                                          _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)));
+    return _mm256_or_ps(_mm256_or_ps(_mm256_blendv_ps(normal, sub, is_sub), _mm256_castsi256_ps(sign)), nan_bits);
+  }
+}
+
+// Decode n stored rows (row stride `stride` bytes) into dst[n][ld] floats (elements D..ld-1 zero). With `gs > 0`
+// the token-axis affine map x = raw * s_g + z_g (group g = d / gs) is applied, s/z float16 [n][D/gs] with row
+// stride `sz_stride` elements (z may be null: fp8).
+template <Fmt F>
+void decode_rows(const uint8_t* base, int64_t stride, int n, int D, int ld, float* dst, int gs,
+                 const uint16_t* s16, const uint16_t* z16, int64_t sz_stride) {
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* row = base + j * stride;
+    float* out = dst + int64_t(j) * ld;
+    int d0 = 0;
+    const int nc = D / 8;
+    if (gs > 0 && gs % 8 == 0) {
+      const uint16_t* sr = s16 + j * sz_stride;
+      const uint16_t* zr = z16 ? z16 + j * sz_stride : nullptr;
+      const int cpg = gs / 8;
+      for (int g = 0; g * cpg < nc; ++g) {
+        const __m256 s = _mm256_set1_ps(half_to_float(sr[g]));
+        const __m256 z = _mm256_set1_ps(zr ? half_to_float(zr[g]) : 0.f);
+        for (int c = g * cpg; c < std::min(nc, (g + 1) * cpg); ++c)
+          _mm256_storeu_ps(out + 8 * c, _mm256_fmadd_ps(raw8<F>(row, c), s, z));
+      }
+      d0 = nc * 8;
+    } else if (gs == 0) {
+      for (int c = 0; c < nc; ++c) _mm256_storeu_ps(out + 8 * c, raw8<F>(row, c));
+      d0 = nc * 8;
+    }
+    decode_row_scalar<F>(row, d0, D, ld, out, gs, gs > 0 ? s16 + j * sz_stride : nullptr,
+                         gs > 0 && z16 ? z16 + j * sz_stride : nullptr);
+  }
+}
+
+// S[r][j] = <Q[r], K[j]> (+ add[r] if add), r < R, j < n, over Dp (a multiple of 8) elements.
+inline void qk_dots(const float* Q, int ldq, int R, const float* K, int64_t ldk, int n, int Dp, float* S, int lds,
+                    const float* add) {
+  int r0 = 0;
+  // Rows in pairs over blocks of 4 keys: every K vector load feeds two FMAs (the loop is load-bound otherwise).
+  // Each score accumulates in the same order as the single-row loop below, so results are bit-identical.
+  for (; r0 + 2 <= R && n >= 4; r0 += 2) {
+    const float* qa = Q + int64_t(r0) * ldq;
+    const float* qb = qa + ldq;
+    float* sa = S + int64_t(r0) * lds;
+    float* sb = sa + lds;
+    const float aa = add ? add[r0] : 0.f, ab = add ? add[r0 + 1] : 0.f;
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const float* k0 = K + j * ldk;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+      for (int d = 0; d < Dp; d += 8) {
+        const __m256 x = _mm256_loadu_ps(qa + d), y = _mm256_loadu_ps(qb + d);
+        const __m256 k0v = _mm256_loadu_ps(k0 + d), k1v = _mm256_loadu_ps(k0 + ldk + d);
+        const __m256 k2v = _mm256_loadu_ps(k0 + 2 * ldk + d), k3v = _mm256_loadu_ps(k0 + 3 * ldk + d);
+        a0 = _mm256_fmadd_ps(x, k0v, a0); b0 = _mm256_fmadd_ps(y, k0v, b0);
+        a1 = _mm256_fmadd_ps(x, k1v, a1); b1 = _mm256_fmadd_ps(y, k1v, b1);
+        a2 = _mm256_fmadd_ps(x, k2v, a2); b2 = _mm256_fmadd_ps(y, k2v, b2);
+        a3 = _mm256_fmadd_ps(x, k3v, a3); b3 = _mm256_fmadd_ps(y, k3v, b3);
+      }
+      _mm_storeu_ps(sa + j, _mm_add_ps(hsum4(a0, a1, a2, a3), _mm_set1_ps(aa)));
+      _mm_storeu_ps(sb + j, _mm_add_ps(hsum4(b0, b1, b2, b3), _mm_set1_ps(ab)));
+    }
+    for (; j < n; ++j) {
+      __m256 a0 = _mm256_setzero_ps(), b0 = a0;
+      for (int d = 0; d < Dp; d += 8) {
+        const __m256 kv = _mm256_loadu_ps(K + j * ldk + d);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qa + d), kv, a0);
+        b0 = _mm256_fmadd_ps(_mm256_loadu_ps(qb + d), kv, b0);
+      }
+      sa[j] = hsum(a0) + aa;
+      sb[j] = hsum(b0) + ab;
+    }
+  }
+  for (int r = r0; r < R; ++r) {
+    const float* q = Q + int64_t(r) * ldq;
+    float* s = S + int64_t(r) * lds;
+    const float a = add ? add[r] : 0.f;
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+      const float* k0 = K + j * ldk;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int d = 0; d < Dp; d += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + d);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + ldk + d), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * ldk + d), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * ldk + d), a3);
+      }
+      _mm_storeu_ps(s + j, _mm_add_ps(hsum4(a0, a1, a2, a3), _mm_set1_ps(a)));
+    }
+    for (; j < n; ++j) {
+      __m256 a0 = _mm256_setzero_ps();
+      for (int d = 0; d < Dp; d += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(K + j * ldk + d), a0);
+      s[j] = hsum(a0) + a;
+    }
+  }
+}
+
+// O[r][:] += sum_j P[r][j] * V[j][:]
+inline void pv_accum(const float* P, int ldp, int R, int n, const float* V, int64_t ldv, int Dp, float* O, int ldo) {
+  for (int r = 0; r < R; ++r) {
+    const float* p = P + int64_t(r) * ldp;
+    float* o = O + int64_t(r) * ldo;
+    int d = 0;
+    for (; d + 64 <= Dp; d += 64) {
+      __m256 acc[8];
+      for (int c = 0; c < 8; ++c) acc[c] = _mm256_loadu_ps(o + d + 8 * c);
+      for (int j = 0; j < n; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        const float* v = V + j * ldv + d;
+        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * c), acc[c]);
+      }
+      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(o + d + 8 * c, acc[c]);
+    }
+    for (; d < Dp; d += 8) {
+      __m256 acc = _mm256_loadu_ps(o + d);
+      for (int j = 0; j < n; ++j) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(V + j * ldv + d), acc);
+      _mm256_storeu_ps(o + d, acc);
+    }
+  }
+}
+
+inline void halves_to_floats(const uint16_t* h, int n, float* out) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) out[i] = half_to_float(h[i]);
+}
+
+// x[i] = exp(x[i]) in place.
+inline void exp_inplace(float* x, int n) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp256(_mm256_loadu_ps(x + i)));
+  for (; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
+// Per-channel key scales folded into one query row: qs[d] = q[d] * cs[d] for d < D; returns <q, cz> (the row's
+// zero-point offset).
+inline float fold_channel_scale(const float* q, const float* cs, const float* cz, int D, float* qs) {
+  int d0 = 0;
+  __m256 za = _mm256_setzero_ps();
+  for (; d0 + 8 <= D; d0 += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d0);
+    _mm256_storeu_ps(qs + d0, _mm256_mul_ps(qv, _mm256_loadu_ps(cs + d0)));
+    za = _mm256_fmadd_ps(qv, _mm256_loadu_ps(cz + d0), za);
+  }
+  float zacc = hsum(za);
+  for (int d = d0; d < D; ++d) { qs[d] = q[d] * cs[d]; zacc += q[d] * cz[d]; }
+  return zacc;
+}
+
+}  // namespace MK_IMPL_NS
+}  // namespace cpu
+}  // namespace malloc_kernels

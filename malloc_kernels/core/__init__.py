@@ -1,0 +1,15 @@
+"""The contract layer: what an attention call and a cache ARE, shared by the reference, every backend, the
+dispatcher, the cache package and the policies. It imports nothing else of ``malloc_kernels`` (ARCHITECTURE.md,
+"Layers"; enforced by import-linter in ``.ci/run``).
+
+- ``validate.py``: ``validate_call`` -> ``AttentionCall``, the checked, normalised arguments of one attention call;
+- ``types.py``: ``AttentionResult``, ``AttentionStats``;
+- ``layout.py``: padded <-> jagged conversion and offsets checks;
+- ``masks.py``: the visibility rules (causal, targets, padding, stats windows) in padded dense form;
+- ``time_buckets.py``: HSTU's exact integer time-bucket thresholds;
+- ``formats.py``: cache payload formats;
+- ``kvcache.py``: ``KVCacheBase``, the cache's stored tensors, their invariants and ``check_contents``.
+"""
+from .kvcache import KVCacheBase  # noqa: F401
+from .types import AttentionResult, AttentionStats  # noqa: F401
+from .validate import AttentionCall, validate_call  # noqa: F401
