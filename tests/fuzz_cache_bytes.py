@@ -24,7 +24,7 @@ import blob_oracle as bo  # noqa: E402
 # policies and torch glue, which the harness does not target)
 for fn in (serialize.cache_from_bytes, serialize._check_header, serialize._check_unused_bits,
            serialize._Segment.__init__, serialize._Segment.read, types.KVCache.validate,
-           types.KVCache.check_contents, types.KVCache._validate_scales):
+           types.KVCache.check_contents, types.KVCache._check_values, types.KVCache._validate_scales):
     atheris.instrument_func(fn)
 
 # the compiled backends (the Triton interpreter is too slow for a coverage-guided loop; the suite covers it)

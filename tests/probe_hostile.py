@@ -66,7 +66,7 @@ class Tally:
             tracemalloc.stop()
         # the oracle allocates the serving tensors itself; only rejections are pure decoding
         if verdict == "rejected":
-            self.max_ratio = max(self.max_ratio, peak / len(blob))
+            self.max_ratio = max(self.max_ratio, peak / max(len(blob), 1))
             if peak > 64 * len(blob) + 64 * 1024:
                 self.failures.append((family, f"peak {peak} bytes for a {len(blob)}-byte blob"))
         c = self.counts.setdefault(family, {})

@@ -144,7 +144,7 @@ def test_fp8_nan_codes_are_refused(code):
         mk.cache_from_bytes(bo.set_body_byte(blob, _payload_offset(blob), code))
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 0.5])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 0.0])
 def test_bad_merge_counts_are_refused(bad):
     k = torch.randn(1, 1, 6, 4)
     c = mk.compress(k, k.clone(), "tome", budget=3)
@@ -416,7 +416,7 @@ def test_attention_cpu_op_refuses_lengths_beyond_capacity(length, match):
 @pytest.mark.parametrize("change, match", [
     (dict(pos=torch.zeros(1, 1, 39, dtype=torch.int32)), "cache.position must have shape"),
     (dict(orig=torch.zeros(2, dtype=torch.int32)), "original_length must be contiguous int32"),
-    (dict(kfmt="int4"), "cache.k must have shape"),
+    (dict(kfmt="int4"), "must be uint8 codes for format int4"),
     (dict(qpos=torch.zeros(1, 0, dtype=torch.int64)), "query_positions must be"),
     (dict(kind="bogus"), "kind must be"),
     (dict(key_dim=8), "key head dim 8 != query head dim 16"),
@@ -434,3 +434,20 @@ def test_attention_cpu_op_checks_shapes(change, match):
             0]
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         torch.ops.malloc_kernels.attention_cpu(*args)
+
+
+@pytest.mark.skipif(not CPU_OK, reason="cpu backend unavailable")
+def test_float_keys_with_channel_axis_are_served():
+    """Found by the probe's bit flips: a float cache whose k_axis says "channel" (group_size 0) made the CPU kernel
+    divide by the group size (SIGFPE). A float payload has no key groups, whatever k_axis says."""
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(1, 2, 7, 8, generator=g)
+    c = mk.compress(k, k.clone(), "none").replace(k_axis="channel")
+    assert mk.cache_from_bytes(c.to_bytes(0)).k_axis == "channel"
+    q = torch.randn(1, 2, 2, 8, generator=g)
+    ref = mk.attention(q, q, q, cache=c, is_causal=True, backend="reference")
+    torch.testing.assert_close(mk.attention(q, q, q, cache=c, is_causal=True, backend="cpu"), ref)
+    args = [q, q, q, None, None, c.k, c.v, c.length, c.position, None, None, None, None, None, None,
+            None, None, None, None, None, None, c.original_length, "float", "float", True, 0, "softmax", True,
+            None, 8 ** -0.5, None, None, None, None, None, None, None, "original", 0, False, False, 0]
+    torch.testing.assert_close(torch.ops.malloc_kernels.attention_cpu(*args)[0], ref)

@@ -129,7 +129,8 @@ Segment segment(const Tensor& k, const Tensor& v, const std::string& kf, const s
                     name, " tensors must be contiguous");
   s.k = k.data_ptr(); s.v = v.data_ptr();
   s.k_fmt = fmt_of(kf, k, name); s.v_fmt = fmt_of(vf, v, name);
-  s.k_channel = k_channel; s.group_size = int(group_size); s.capacity = k.size(2);
+  // key groups along entries exist only for quantized keys: a float payload has none (and group_size may be 0)
+  s.k_channel = k_channel && is_quantized(s.k_fmt); s.group_size = int(group_size); s.capacity = k.size(2);
   TORCH_CHECK_VALUE(length.scalar_type() == at::kInt && position.scalar_type() == at::kInt, name,
                     ".length/position must be int32");
   // Every extent the kernel walks: [B, Hkv, C, row] payloads, per-entry fields, scale groups, and the lengths

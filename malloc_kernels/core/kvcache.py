@@ -170,8 +170,8 @@ class KVCacheBase:
         """``validate()`` plus the rules that read the data, over VALID entries only (padding may hold anything and
         is never read): ``0 <= length <= capacity`` and ``original_length >= 0`` (the kernels index the payload by
         ``length``); float payloads finite; no fp8 NaN code (0x7F / 0xFF); scales and zeros finite, scales
-        ``>= 0`` (as the quantizers write them); merge counts finite and ``>= 1`` (a merged entry stands for at
-        least one original token). Raises ``ValueError`` naming the field. Run once where a cache is made
+        ``>= 0`` (as the quantizers write them); merge counts finite and ``> 0`` (an entry stands for at least a
+        part of one token). Raises ``ValueError`` naming the field. Run once where a cache is made
         (``compress``, ``cache_from_bytes``, ``append``), never per attention call: it synchronises with the
         device and cannot be traced by ``torch.compile``. Attention itself never refuses data: a non-finite value
         that reaches a row makes that row NaN (README, "Non-finite values and integer ranges")."""
@@ -195,7 +195,7 @@ class KVCacheBase:
             t = getattr(self, which)
             if fmt == FLOAT_FORMAT:
                 if not bool(torch.isfinite(t[valid]).all()):
-                    raise ValueError(f"{name}.{which} holds a non-finite value in a valid entry")
+                    raise ValueError(f"{name}.{which} holds a non-finite value (NaN or inf) in a valid entry")
                 continue
             if fmt == FP8_FORMAT and bool(((t[valid] & 0x7F) == 0x7F).any()):
                 raise ValueError(f"{name}.{which} holds an fp8 NaN code (0x7F/0xFF) in a valid entry")
@@ -214,9 +214,9 @@ class KVCacheBase:
                     raise ValueError(f"{name}.{which}_scale holds a negative scale in a valid group")
         if self.count is not None:
             c = self.count[valid]
-            if not bool((torch.isfinite(c) & (c >= 1)).all()):
-                raise ValueError(f"{name}.count must be finite and >= 1 on valid entries (a merge count: at least "
-                                 "one original token)")
+            if not bool((torch.isfinite(c) & (c > 0)).all()):
+                raise ValueError(f"{name}.count must be finite and > 0 on valid entries (an entry stands for at "
+                                 "least a part of one token)")
 
     def _validate_int(self, name, t, shape, dtype):
         if not isinstance(t, torch.Tensor):
