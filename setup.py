@@ -28,6 +28,11 @@ def _want_cuda():
     return torch.version.cuda is not None and has_nvcc
 
 
+# SASS for A100 (sm_80) and H100 (sm_90), plus compute_90 PTX that the driver JIT-compiles on any newer GPU
+# (without it, a Blackwell or later device finds no kernel image at all).
+NVCC_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                   "-gencode=arch=compute_90,code=compute_90"]
+
 cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
 sources = _sources("csrc/cpu/*.cpp") + _sources("csrc/torch/*.cpp")
@@ -38,9 +43,7 @@ if _want_cuda():
         "malloc_kernels._C", sources, include_dirs=include_dirs,
         define_macros=[("MALLOC_KERNELS_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags,
-                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
-                                     "-gencode=arch=compute_80,code=sm_80",
-                                     "-gencode=arch=compute_90,code=sm_90"]},
+                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"] + NVCC_ARCH_FLAGS},
         extra_link_args=["-fopenmp"])
 else:
     ext = CppExtension("malloc_kernels._C", sources, include_dirs=include_dirs,

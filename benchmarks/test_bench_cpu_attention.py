@@ -8,7 +8,8 @@ import malloc_kernels as mk
 from malloc_kernels.ops import cpu
 from malloc_kernels.core.validate import validate_call
 
-pytestmark = pytest.mark.skipif(not cpu.is_available()[0], reason="C++ extension with attention_cpu not built")
+pytestmark = pytest.mark.skipif("cpu" not in mk.available_backends(),
+                                reason="C++ extension with attention_cpu not built")
 
 B, HQ, D, N = 8, 8, 64, 1024     # small enough for CI; report_cpu.py runs B=32, N up to 16384
 

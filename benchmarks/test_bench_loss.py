@@ -25,7 +25,7 @@ SHAPES = [(6400, 64, 3706), (2048, 64, 50000)]
 ROUNDS = 5
 RESULTS = Path(__file__).resolve().parent / "results"
 
-pytestmark = pytest.mark.skipif(not ops._HAVE_C, reason="C++ extension not built")
+pytestmark = pytest.mark.skipif(not ops.cpu_available(), reason="C++ extension not built")
 
 
 def _step(loss_fn, h, w, t):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import malloc_kernels as mk
-from malloc_kernels.ops import train_attention
+from malloc_kernels.core import extension
 
 from roofline import interleaved_best_seconds, measure_flops  # benchmarks/ is on sys.path under pytest
 
@@ -31,7 +31,7 @@ SHAPES = [("hstu", "ML-1M batch", 32, 20, 200, 2, 2, 32), ("softmax", "ML-1M bat
 ROUNDS = 5
 RESULTS = Path(__file__).resolve().parent / "results"
 
-pytestmark = pytest.mark.skipif(not train_attention._ops_loaded()[0], reason="C++ extension not built")
+pytestmark = pytest.mark.skipif(not extension.has_op("self_attention_fwd")[0], reason="C++ extension not built")
 
 
 def _problem(users, lo, hi, Hq, Hkv, D, seed):

@@ -1,6 +1,6 @@
 """malloc_kernels: fused attention over compressed (quantized, evicted, merged) KV caches for generative recommenders.
 
-Public API (DESIGN.md):
+Public API (ARCHITECTURE.md, "The path of one call"):
     attention(query, key, value, ..., cache=None, kind="softmax", backend="auto")
     compress(key, value, method, budget=..., ...) -> KVCache
     KVCache, cache_from_bytes(b), available_backends(), available_methods(), reference (module)

@@ -293,10 +293,10 @@ def test_bad_jagged_input_raises_naming_the_argument(case):
 @pytest.fixture
 def fake_cpu(monkeypatch):
     """Replace the cpu launcher by a recording stand-in (the compiled extension check is bypassed too)."""
-    import sys
+    import dataclasses
     import types
 
-    from malloc_kernels.ops import backends
+    from malloc_kernels.core import registry
 
     mod = types.ModuleType("fake_cpu_launcher")
     mod.ok, mod.why, mod.calls, mod.available = True, "", [], (True, "")
@@ -308,9 +308,10 @@ def fake_cpu(monkeypatch):
         return AttentionResult(torch.full_like(call.query, 7.0), torch.zeros(call.query.shape[:-1]), None)
 
     mod.run = run
-    monkeypatch.setitem(sys.modules, "fake_cpu_launcher", mod)
-    monkeypatch.setitem(backends.KERNEL_MODULES, "cpu", "fake_cpu_launcher")
-    monkeypatch.setattr(backends, "_has_compiled_ext", lambda: (True, ""))
+    row = dataclasses.replace(registry._ROWS["attention"]["cpu"], load=lambda: mod, ops=())
+    monkeypatch.setitem(registry._ROWS["attention"], "cpu", row)
+    monkeypatch.setattr(registry, "_STATUS", {})        # availability and launchers are cached per process
+    monkeypatch.setattr(registry, "_LAUNCHERS", {})
     return mod
 
 
@@ -354,8 +355,15 @@ def test_machine_level_unavailability_is_reported(fake_cpu):
 
 
 def test_a_missing_launcher_module_is_tolerated_by_auto(monkeypatch):
-    from malloc_kernels.ops import backends
-    monkeypatch.setitem(backends.KERNEL_MODULES, "cpu", "malloc_kernels.ops.no_such_launcher")
+    import dataclasses
+    import importlib
+
+    from malloc_kernels.core import registry
+    row = dataclasses.replace(registry._ROWS["attention"]["cpu"],
+                              load=lambda: importlib.import_module("malloc_kernels.ops.no_such_launcher"))
+    monkeypatch.setitem(registry._ROWS["attention"], "cpu", row)
+    monkeypatch.setattr(registry, "_STATUS", {})
+    monkeypatch.setattr(registry, "_LAUNCHERS", {})
     assert "cpu" not in mk.available_backends()
     q = rand(1, 2, 3, 4)
     torch.testing.assert_close(mk.attention(q, q, q), reference.attention(q, q, q), rtol=0, atol=0)

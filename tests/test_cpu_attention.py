@@ -15,7 +15,8 @@ from malloc_kernels.ops import cpu
 from malloc_kernels.core.validate import validate_call
 from malloc_kernels.reference import attention as ref_attention
 
-pytestmark = pytest.mark.skipif(not cpu.is_available()[0], reason="C++ extension with attention_cpu not built")
+pytestmark = pytest.mark.skipif("cpu" not in mk.available_backends(),
+                                reason="C++ extension with attention_cpu not built")
 
 FORMATS = ["none", "int8", "fp8", "int4", "int2"]
 

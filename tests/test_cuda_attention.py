@@ -249,3 +249,56 @@ def test_cuda_packer_bit_exact_with_cpu(fmt, axis):
         if a is not None:
             assert torch.equal(a.view(torch.uint8) if a.dtype != torch.uint8 else a,
                                b.cpu().view(torch.uint8) if b.dtype != torch.uint8 else b.cpu())
+
+
+def test_auto_prefers_triton_for_cache_decode(monkeypatch):
+    """Until the CUDA decode uses tensor cores and register-resident queries, ``auto`` sends cache decode to Triton
+    (the CUDA kernel's per-key instruction mix is in benchmarks/results/cuda_ptxas.md)."""
+    monkeypatch.setattr(cuda_backend, "supports", lambda call: (True, ""))
+    for L, Hq in ((1, 8), (4, 8), (1, 64)):
+        args, kw = _case(FORMATS[3], "softmax", "cpu", Hq=Hq, L=L)
+        from malloc_kernels.core.validate import validate_call
+
+        assert not cuda_backend.preferred(validate_call(*args, **kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", [("float", "float", "token", 0), ("int8", "int8", "token", -1),
+                                 ("fp8", "fp8", "token", -1), ("int4", "int4", "token", -1),
+                                 ("int2", "int2", "token", -1), ("int4", "int4", "channel", 32),
+                                 ("int2", "int2", "channel", 32)], ids=lambda f: f"{f[0]}-{f[2]}")
+def test_decode_every_head_dim(fmt):
+    """Every head dim 1..256 (the 16-byte dequant path's padding codes: int2 D = 61, 62, 125, ...)."""
+    bad = []
+    for D in range(1, 257):
+        g = torch.Generator().manual_seed(D)
+        full = torch.full((1, 1), 64, dtype=torch.int32)
+        cache = KVCache(torch.randn(1, 1, 64, D, generator=g), torch.randn(1, 1, 64, D, generator=g), full,
+                        torch.arange(64, dtype=torch.int32).view(1, 1, 64), full[:, 0].clone(), D)
+        if fmt[0] != "float":
+            gs = D if fmt[3] == -1 else max(x for x in range(1, 33) if D % x == 0)
+            cache = pyq.quantize_cache(cache, fmt[0], fmt[1], gs, fmt[2])
+        cache = _to(cache, "cuda")
+        q, k, v = _request(1, 2, 1, 1, D, torch.float32, "cuda", seed=D)
+        kw = dict(cache=cache, enable_gqa=True)
+        got = malloc_kernels.attention(q, k, v, backend="cuda", **kw)
+        ref = _reference((q, k, v), kw)
+        if not torch.allclose(got.double(), ref, rtol=2e-4, atol=2e-5):
+            bad.append(D)
+    assert not bad, bad
+
+
+@pytest.mark.gpu
+def test_decode_batch_times_heads_past_grid_limits():
+    """B * Hkv = 70,000 > 65,535 (the split grid is one x axis with a grid-stride loop)."""
+    args, kw = _case(FORMATS[3], "softmax", "cuda", B=35000, Hq=4, Hkv=2, C=40, D=32)
+    got = malloc_kernels.attention(*args, backend="cuda", **kw)
+    torch.testing.assert_close(got.output.double(), _reference(args, kw).output, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.gpu
+def test_decode_no_keys_at_all():
+    q = torch.randn(2, 4, 1, 16, device="cuda")
+    k = torch.zeros(2, 2, 0, 16, device="cuda")
+    got = malloc_kernels.attention(q, k, k, backend="cuda", enable_gqa=True, return_lse=True)
+    assert bool((got.output == 0).all()) and bool(torch.isneginf(got.lse).all())

@@ -1,6 +1,6 @@
 """The CUDA kernels' exact source, run on the CPU through a small emulation of the CUDA programming model
-(csrc/cuda/emu/cuda_emu.h: one std::thread per CUDA thread, std::barrier for __syncthreads and for each warp's
-__shfl_xor_sync), compared with the float64 reference and with the C++ CPU packer.
+(csrc/cuda/emu/cuda_emu.h: one cooperative fiber per CUDA thread, barriers for __syncthreads and for each warp's
+__shfl_xor_sync; launch shapes a GPU would reject raise), compared with the float64 reference and with the C++ CPU packer.
 
 This machine has no GPU; the emulation checks the kernels' indexing, masks, split-K merge, barriers and shuffle
 partners -- everything but timing and the hardware's own float intrinsics (__expf runs as expf here). The source
@@ -56,6 +56,30 @@ def _emulate_source(src: str) -> str:
     return src
 
 
+# Test-only op: the decode launcher's grid shapes for a given problem size, computed by the kernel file's own
+# decode_plan / decode_launch_config (no launch, no memory: the segment pointers are never dereferenced).
+_LAUNCH_DIMS_OP = r"""
+#include <torch/library.h>
+#include "decode_attention.h"
+namespace mc = malloc_kernels::cuda;
+static std::vector<int64_t> decode_launch_dims(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t C,
+                                               int64_t Lk, int64_t span) {
+  static const char dummy = 0;
+  mc::DecodeParams p;
+  p.batch = int(B); p.num_heads = int(Hq); p.num_kv_heads = int(Hkv); p.max_q_len = int(Lq); p.head_dim = 64;
+  p.span = int(span);
+  if (C > 0) { p.seg[0].k = &dummy; p.seg[0].capacity = int(C); }
+  p.seg[2].k = &dummy; p.seg[2].capacity = int(Lk);
+  int64_t acc = 0, st = 0;
+  mc::decode_plan(p, &acc, &st);
+  const mc::DecodeLaunch l = mc::decode_launch_config(p);
+  return {l.num_splits, l.num_tiles, l.split_blocks, l.combine_rows, int64_t(l.split_grid_x),
+          int64_t(l.combine_grid_x)};
+}
+TORCH_LIBRARY(mk_emu_grid, m) { m.def("decode_launch_dims", &decode_launch_dims); }
+"""
+
+
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
     from torch.utils.cpp_extension import load
@@ -66,8 +90,10 @@ def emu(tmp_path_factory):
         out = build / (src.stem + "_emu.cpp")
         out.write_text(_emulate_source(src.read_text()))
         sources.append(str(out))
+    (build / "launch_dims_emu.cpp").write_text(_LAUNCH_DIMS_OP)
+    sources.append(str(build / "launch_dims_emu.cpp"))
     load(name="mk_emu", sources=sources, build_directory=str(build), is_python_module=False,
-         extra_cflags=["-std=c++20", "-O1", "-pthread", "-Wno-unused-function"], extra_ldflags=["-pthread"],
+         extra_cflags=["-std=c++20", "-O1", "-Wno-unused-function", "-Wno-deprecated-declarations"],
          extra_include_paths=[str(CUDA_DIR / "emu"), str(CUDA_DIR), str(ROOT / "csrc" / "include")])
     return torch.ops.mk_emu
 
@@ -137,3 +163,78 @@ def test_emulated_packer_bit_exact_with_cpu(emu, fmt, axis):
     assert torch.equal(cpu[1].view(torch.int16), got[1].view(torch.int16))
     if fmt != "fp8":
         assert torch.equal(cpu[2].view(torch.int16), got[2].view(torch.int16))
+
+
+# Every head dim for every payload format: one full 32-key chunk (so a write past a row of the chunk's last key
+# would land in the weights that follow the tile), GQA 2:1, one query. Token-axis groups span the whole row (any D
+# is valid), channel-axis key groups the largest divisor of D up to 32 entries (KIVI keys; the values' token-axis
+# groups use the same size, which must divide D).
+EVERY_D_FORMATS = [("float", "float", "token", 0), ("int8", "int8", "token", -1), ("fp8", "fp8", "token", -1),
+                   ("int4", "int4", "token", -1), ("int2", "int2", "token", -1), ("int4", "int4", "channel", 32),
+                   ("int2", "int2", "channel", 32)]
+
+
+def _full_cache(D, fmt, seed):
+    from malloc_kernels.cache import KVCache
+    from malloc_kernels.cache import quant as pyq
+
+    g = torch.Generator().manual_seed(seed)
+    C = 32
+    k, v = torch.randn(1, 1, C, D, generator=g), torch.randn(1, 1, C, D, generator=g)
+    length = torch.full((1, 1), C, dtype=torch.int32)
+    pos = torch.arange(C, dtype=torch.int32).view(1, 1, C)
+    k_fmt, v_fmt, axis, gs = fmt
+    if k_fmt == "float":
+        dt = (torch.float32, torch.float16, torch.bfloat16)[D % 3]
+        return KVCache(k.to(dt), v.to(dt), length, pos, length[:, 0].clone(), D)
+    cache = KVCache(k, v, length, pos, length[:, 0].clone(), D)
+    if gs == -1:
+        gs = D
+    else:
+        gs = max(x for x in range(1, gs + 1) if D % x == 0)
+    return pyq.quantize_cache(cache, k_fmt, v_fmt, gs, axis)
+
+
+@pytest.mark.parametrize("fmt", EVERY_D_FORMATS, ids=lambda f: f"{f[0]}-{f[2]}")
+def test_emulated_every_head_dim(emu, fmt):
+    from test_cuda_attention import _to
+
+    bad = []
+    for D in range(1, 257):
+        cache = _full_cache(D, fmt, seed=D)
+        g = torch.Generator().manual_seed(1000 + D)
+        dt = cache.k.dtype if fmt[0] == "float" else torch.float32
+        q = torch.randn(1, 2, 1, D, generator=g).to(dt)
+        k, v = torch.randn(1, 1, 1, D, generator=g).to(dt), torch.randn(1, 1, 1, D, generator=g).to(dt)
+        kw = dict(cache=cache, enable_gqa=True)
+        ref = malloc_kernels.attention(q.double(), k.double(), v.double(), backend="reference",
+                                       **dict(kw, cache=_to(cache, "cpu", torch.float64)))
+        got = _run(emu, (q, k, v), kw)
+        tol = {torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dt]  # + the output's rounding
+        if not torch.allclose(got.double(), ref, rtol=tol, atol=tol / 10):
+            bad.append(D)
+    assert not bad, f"head dims with wrong outputs: {bad}"
+
+
+def test_emulated_no_keys_at_all(emu):
+    # No cache and Lk = 0: no split block has anything to do; the rows are empty (output 0, lse -inf), and the
+    # launch must not be a zero-block grid (cudaErrorInvalidConfiguration on a GPU, an exception here).
+    q = torch.randn(2, 4, 1, 16)
+    k = v = torch.zeros(2, 2, 0, 16)
+    got = _run(emu, (q, k, v), dict(enable_gqa=True, return_lse=True))
+    ref = malloc_kernels.attention(q.double(), k.double(), v.double(), backend="reference", enable_gqa=True,
+                                   return_lse=True)
+    torch.testing.assert_close(got.output.double(), ref.output)
+    torch.testing.assert_close(got.lse.double(), ref.lse)
+
+
+@pytest.mark.parametrize("B,Hkv", [(1, 1), (65535, 1), (65536, 1), (1000, 1000), (1, 10**6), (10**6, 1)])
+@pytest.mark.parametrize("Hq_per,Lq,C,Lk", [(1, 1, 4096, 1), (8, 16, 300, 16), (4, 1, 0, 0)])
+def test_decode_launch_shapes_within_grid_limits(emu, B, Hkv, Hq_per, Lq, C, Lk):
+    splits, tiles, blocks, rows, gx, cx = torch.ops.mk_emu_grid.decode_launch_dims(B, Hkv * Hq_per, Hkv, Lq, C, Lk, 256)
+    assert tiles == -(-Hq_per * Lq // 16)
+    assert splits == -(-C // 256) + -(-Lk // 256)
+    assert blocks == splits * tiles * B * Hkv and rows == B * Hkv * Hq_per * Lq
+    # one grid axis (x) only, within its 2^31 - 1 limit; every block index is covered by the grid-stride loops
+    assert 0 <= gx <= 2**31 - 1 and 1 <= cx <= 2**31 - 1
+    assert (gx == 0) == (blocks == 0) and gx == min(blocks, 2**31 - 1) and cx == min(rows, 2**31 - 1)

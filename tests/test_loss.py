@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from malloc_kernels.loss import cross_entropy_rows_, linear_cross_entropy, ops, reference as R
 
-CPU = pytest.mark.skipif(not ops._HAVE_C, reason="C++ extension not built")
+CPU = pytest.mark.skipif(not ops.cpu_available(), reason="C++ extension not built")
 BACKENDS = [pytest.param("cpu", marks=CPU), "torch"]
 
 

@@ -1,4 +1,5 @@
-"""HSTU relative bias of the reference: exact time buckets and per-head gathers (DESIGN.md section 2)."""
+"""HSTU relative bias of the reference: exact time buckets and per-head gathers (ARCHITECTURE.md, "Attention
+semantics")."""
 import math
 
 import pytest

@@ -1,4 +1,5 @@
-"""The reference attention (``malloc_kernels.reference``) against the DESIGN.md section 2 semantics, in float64.
+"""The reference attention (``malloc_kernels.reference``) against the attention contract (ARCHITECTURE.md,
+"Attention semantics"), in float64.
 
 Every expectation here comes from an independent computation: a per-row loop oracle (``naive``) that walks the
 contract literally, SDPA over an explicitly built full sequence, or an explicitly materialised dense bias/mask.

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import malloc_kernels as mk
+from malloc_kernels.core import extension
 from malloc_kernels.ops import train_attention
 from malloc_kernels.ops.backends import select_backend
 from malloc_kernels.core.validate import validate_call
 
-pytestmark = pytest.mark.skipif(not train_attention._ops_loaded()[0], reason="C++ extension not built")
+pytestmark = pytest.mark.skipif(not extension.has_op("self_attention_fwd")[0], reason="C++ extension not built")
 F64 = torch.float64
 
 
@@ -114,8 +115,8 @@ def test_direct_op_float64_tables_and_gradcheck(kind):
 @pytest.mark.parametrize("kind", ["hstu", "softmax"])
 def test_opcheck(kind):
     q, k, v, off, pos, pb, ts, tb = _batch([4, 1, 7], 2, 1, 8, torch.float32, seed=2)
-    from malloc_kernels.ops.cpu import _thresholds
-    th = _thresholds(tb.numel())
+    from malloc_kernels.core.time_buckets import kernel_thresholds
+    th = kernel_thresholds(tb.numel())
     pbf, tbf = pb.float(), tb.float()
     ops = torch.ops.malloc_kernels
     out, lse = ops.self_attention_fwd(q, k, v, off, kind, 0.3, True, 0, pos, pbf, ts, tbf, th)

@@ -54,3 +54,111 @@ def test_triton_quantize_pack_cuda_bit_exact():
         got = quantize_pack(x, length, fmt, 32, axis)
         assert torch.equal(got[0], want[0])
         assert torch.equal(got[1].view(torch.int16), want[1].view(torch.int16))
+
+
+# ---- the shape classes a GPU runs differently from the interpreter (issue: grid limits, int64 offsets, devices,
+# fp16 ranges, every head dim and tile configuration auto picks) ----------------------------------------------------
+def _flash_check(q, k, v, kw, *, dev="cuda"):
+    """Triton on ``dev`` vs the float64 reference: FlashAttention's rule (at most 2x PyTorch's own error in the
+    input dtype, + slack), exact to 1e-5 for fp32."""
+    got = malloc_kernels.attention(q, k, v, backend="triton", **kw)
+    cache = kw.get("cache")
+    c64 = None
+    if cache is not None:
+        c64 = cache if cache.is_quantized else cache.replace(k=cache.k.double(), v=cache.v.double())
+    want = malloc_kernels.attention(q.double(), k.double(), v.double(), backend="reference", **dict(kw, cache=c64))
+    got_o = got.output if isinstance(got, tuple) else got
+    want_o = want.output if isinstance(want, tuple) else want
+    if q.dtype == torch.float32:
+        torch.testing.assert_close(got_o.double(), want_o, rtol=1e-5, atol=1e-5)
+        return
+    lowp = malloc_kernels.attention(q, k, v, backend="reference", **kw)
+    lowp_o = lowp.output if isinstance(lowp, tuple) else lowp
+    err = (got_o.double() - want_o).abs().max().item()
+    pt_err = (lowp_o.double() - want_o).abs().max().item()
+    assert err <= 2 * pt_err + 2e-3, (err, pt_err)
+
+
+FORMS = [("float", "token", 0), ("int8", "token", 0), ("fp8", "token", 0), ("int4", "channel", 16),
+         ("int2", "channel", 16), ("int4", "token", 0), ("int2", "token", 0)]
+
+
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: f"{f[0]}-{f[1]}")
+@pytest.mark.parametrize("D", [16, 17, 61, 64, 128, 200, 256])
+@pytest.mark.parametrize("kind,Lq,dtype", [("softmax", 1, torch.float16), ("softmax", 4, torch.bfloat16),
+                                           ("hstu", 1, torch.float16), ("softmax", 130, torch.float16),
+                                           ("hstu", 70, torch.bfloat16), ("softmax", 70, torch.float32)])
+def test_every_form_head_dim_and_tile_class(form, D, kind, Lq, dtype, dev="cuda"):
+    """Every cache format x head dims (odd, the int2 padding case 61, 256) x decode (G*Lq <= 64: 16/32/64-row
+    tiles) and append (FlashAttention-2 tiles) x dtypes."""
+    fmt, axis, gs = form
+    gen = torch.Generator().manual_seed(D)
+    B, Hq, Hkv, C = 2, 8, 2, 97
+    cache = _cache(B, Hkv, C, D, dtype, dev, gen)
+    if fmt != "float":
+        # channel-axis keys: groups of up to `gs` entries; the values' token-axis groups must divide D
+        group = max(x for x in range(1, gs + 1) if D % x == 0) if gs else D
+        cache = quantize_cache(cache, fmt, fmt, group, axis)
+    q = torch.randn(B, Hq, Lq, D, generator=gen).to(dev, dtype)
+    k = torch.randn(B, Hkv, Lq, D, generator=gen).to(dev, dtype)
+    _flash_check(q, k, k, dict(cache=cache, kind=kind, is_causal=True, enable_gqa=True), dev=dev)
+
+
+@pytest.mark.parametrize("Lq", [1, 80])
+def test_batch_times_heads_past_the_grid_y_limit(Lq, dev="cuda"):
+    """B * Hkv = 70,000 > 65,535: the launchers keep the batch axis on grid axis 0."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, C, D = 70000, 1, 4, 16
+    cache = _cache(B, H, C, D, torch.float16, dev, gen)
+    q = torch.randn(B, H, Lq, D, generator=gen).to(dev, torch.float16)
+    _flash_check(q, q, q, dict(cache=cache, is_causal=True), dev=dev)
+    from malloc_kernels.triton.quantize_pack import quantize_pack
+    x = torch.randn(B, H, 8, D, generator=gen).to(dev, torch.float16)
+    length = torch.full((B, H), 8, dtype=torch.int32, device=dev)
+    from malloc_kernels.cache.quant import quantize_tensor
+    assert torch.equal(quantize_pack(x, length, "int4", 16, "channel")[0],
+                       quantize_tensor(x, length, "int4", 16, "channel")[0])
+
+
+def test_batch_offsets_past_2_31_elements():
+    """A query view whose batch stride times the batch index passes 2^31 elements (needs ~4.3 GB)."""
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2 ** 30:
+        pytest.skip("needs a GPU with >= 24 GB")
+    B, H, L, D = 3, 1, 1, 64
+    big = torch.zeros(B * 2 ** 30 // 64 + 1, 64, dtype=torch.float16, device="cuda")  # 2^31 + elements
+    q = big.view(-1)[: (B - 1) * 2 ** 30 + D].as_strided((B, H, L, D), (2 ** 30, D, D, 1))
+    q.copy_(torch.randn(B, H, L, D, device="cuda").half())
+    k = torch.randn(B, H, 5, D, device="cuda").half()
+    _flash_check(q, k, k, dict(is_causal=False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launch_on_the_tensors_device():
+    """Tensors on cuda:1 while cuda:0 is current: the launch follows the tensors."""
+    gen = torch.Generator().manual_seed(4)
+    torch.cuda.set_device(0)
+    cache = _cache(2, 2, 33, 64, torch.float16, "cuda:1", gen)
+    q = torch.randn(2, 4, 1, 64, generator=gen).to("cuda:1", torch.float16)
+    _flash_check(q, q[:, :2], q[:, :2], dict(cache=cache, enable_gqa=True), dev="cuda:1")
+
+
+def test_hstu_fp16_large_merge_counts():
+    """Merge counts in the thousands: c * silu(s) passes fp16's range before the 1/n normalisation."""
+    gen = torch.Generator().manual_seed(5)
+    B, H, C, D = 2, 2, 64, 64
+    cache = _cache(B, H, C, D, torch.float16, "cuda", gen)
+    cache = cache.replace(count=torch.full((B, H, C), 5000.0, device="cuda"),
+                          original_length=torch.full((B,), 5000 * C, dtype=torch.int32, device="cuda"))
+    q = (cache.k[:, :, :1] * 3).contiguous()
+    for Lq in (1, 80):
+        qq = q.expand(B, H, Lq, D).contiguous()
+        got = malloc_kernels.attention(qq, qq, qq, backend="triton", cache=cache, kind="hstu")
+        assert bool(torch.isfinite(got).all())
+        _flash_check(qq, qq, qq, dict(cache=cache, kind="hstu"))
+
+
+def test_no_keys_at_all():
+    q = torch.randn(2, 4, 1, 32, device="cuda").half()
+    k = torch.zeros(2, 2, 0, 32, device="cuda").half()
+    got = malloc_kernels.attention(q, k, k, backend="triton", enable_gqa=True, return_lse=True)
+    assert bool((got.output == 0).all()) and bool(torch.isneginf(got.lse).all())

@@ -5,7 +5,8 @@ Runs the CMake configure + build of the repository (``CMakeLists.txt``: the fram
 and every ``.cu`` compiled for sm_80 and sm_90 with ``-Xptxas -v``) in the build directory given as argument, then
 
 * parses ptxas' output per kernel and architecture: registers, spill stores/loads, stack frame, static shared
-  memory, barriers; exits 1 if any kernel spills (DESIGN.md section 4: zero spills) or if the build fails;
+  memory, barriers; exits 1 if any kernel spills (zero spills: ARCHITECTURE.md, "Backends and the registry") or if
+  the build fails;
 * with ``--sass``, disassembles the objects with ``cuobjdump -sass`` and counts 128-bit global loads
   (``LDG.E.128``) per kernel -- the cache-streaming loops of the decode kernels must use them;
 * with ``--markdown PATH``, writes the table (and the bandwidth model of ``--bandwidth``) as markdown.
@@ -48,6 +49,7 @@ class Kernel:
     spill_loads: int = 0
     ldg128: int = -1          # -1: not inspected
     ldg_other: dict = field(default_factory=dict)
+    loop: object = None       # sass.LoopMix of the hottest loop (with --sass)
 
 
 def run(cmd, cwd=None):
@@ -126,6 +128,8 @@ def inspect_sass(build_dir: str, kernels):
     if tool is None:
         print("cuobjdump not found: skipping the SASS inspection")
         return False
+    sys.path.insert(0, ROOT)
+    from malloc_kernels.triton import sass as sass_mix  # noqa: E402  (pure Python, no Triton needed)
     objs = sorted(glob.glob(os.path.join(build_dir, "**", "mk_cuda.dir", "**", "*.o"), recursive=True))
     by_key = {(k.mangled, k.arch): k for k in kernels}
     for obj in objs:
@@ -133,6 +137,9 @@ def inspect_sass(build_dir: str, kernels):
         if rc:
             print(out)
             continue
+        for key, text in sass_mix.split_functions(out).items():
+            if key in by_key:
+                by_key[key].loop = sass_mix.hottest_loop_mix(text)
         arch, func = None, None
         for line in out.splitlines():
             m = re.search(r"arch = (sm_\d+a?)", line)
@@ -160,17 +167,50 @@ def table(kernels, sass: bool) -> str:
     head = "| kernel | arch | registers | spill stores / loads (B) | stack (B) | static smem (B) | barriers |"
     sep = "|---|---|---:|---:|---:|---:|---:|"
     if sass:
-        head += " LDG.E.128 | other global loads |"
-        sep += "---:|---|"
+        head += " LDG.E.128 | other global loads | hottest loop: MMA / FP32 / LDS / LDG / STS / total |"
+        sep += "---:|---|---|"
     rows = [head, sep]
     for k in sorted(kernels, key=lambda k: (k.name, k.arch)):
         row = (f"| `{k.name}` | {k.arch} | {k.registers} | {k.spill_stores} / {k.spill_loads} | {k.stack} | "
                f"{k.smem} | {k.barriers} |")
         if sass:
             other = ", ".join(f"{op} x{n}" for op, n in sorted(k.ldg_other.items())) or "-"
-            row += f" {k.ldg128 if k.ldg128 >= 0 else 'n/a'} | {other} |"
+            mix = "-" if k.loop is None else " / ".join(str(k.loop.counts[c]) for c in
+                                                         ("mma", "fp32", "lds", "ldg", "sts")) + f" / {k.loop.total}"
+            row += f" {k.ldg128 if k.ldg128 >= 0 else 'n/a'} | {other} | {mix} |"
         rows.append(row)
     return "\n".join(rows)
+
+
+def decode_cost_model() -> str:
+    """What bounds decode_split, from its code structure (the SASS loop mix above confirms the ratios), against
+    the bytes it must stream -- and why ``backend="auto"`` sends cache decode to Triton instead."""
+    sys.path.insert(0, ROOT)
+    from malloc_kernels.ops.cuda import decode_bytes  # noqa: E402
+    from malloc_kernels.triton import sass as sass_mix  # noqa: E402
+    lines = ["| shape (B, Hq, Hkv, C, D) | format | arch | blocks/SM (D smem) | memory floor (us) | "
+             "shared-load floor (us) | FP32 floor (us) | bound |", "|---|---|---|---|---:|---:|---:|---|"]
+    for B, Hq, Hkv, C, D in ((32, 8, 8, 4096, 64), (32, 32, 8, 8192, 128)):
+        rows = 16 * -(-(Hq // Hkv) // 16)           # the kernel always computes whole 16-row tiles
+        keys = B * Hkv * C
+        # per key and row: score loop D FFMA + 2 D LDS (q and k from shared memory); P.V loop D FFMA + D LDS (v)
+        # + D LDS (the weight); the dequantising store writes D floats to shared memory once per key
+        ffma = keys * rows * 2 * D
+        lds = keys * rows * 4 * D + keys * D
+        smem = 4 * (16 * D + 32 * (D + 1) + 16 * 32 + 16)
+        for fmt in ("float16", "int4", "int2"):
+            nbytes = decode_bytes(B, Hq, Hkv, C, D, fmt=fmt)
+            for arch in (80, 90):
+                _, sms, ghz, bw, _ = sass_mix.GPUS[arch]
+                mem = nbytes / bw
+                # 32 lanes x 4 B per LDS wavefront: 128 B/clk/SM shared bandwidth; FFMA: 64 (sm_80) / 128 (sm_90)
+                lds_t = lds * 4 / (sms * 128 * ghz * 1e9)
+                ffma_t = ffma / (sms * (64 if arch == 80 else 128) * ghz * 1e9)
+                blocks = sass_mix.occupancy(arch, 123, 128, smem)
+                bound = max((mem, "memory"), (lds_t, "shared loads"), (ffma_t, "FP32"))[1]
+                lines.append(f"| ({B}, {Hq}, {Hkv}, {C}, {D}) | {fmt} | sm_{arch} | {blocks} ({smem} B) | "
+                             f"{mem * 1e6:.1f} | {lds_t * 1e6:.1f} | {ffma_t * 1e6:.1f} | {bound} |")
+    return "\n".join(lines)
 
 
 def bandwidth_model() -> str:
@@ -243,6 +283,18 @@ def main(argv=None) -> int:
         text = ["# CUDA kernels: ptxas resources (sm_80, sm_90)", "",
                 "Generated by `python tools/cuda_report.py <build dir> --sass --bandwidth --markdown <this file>` "
                 "(nvcc " + nvcc_version() + ", `-O3 -Xptxas -v`, no GPU needed).", "", report, ""]
+        if sass:
+            text += ["## What bounds the CUDA decode (and why `auto` picks Triton for cache decode)", "",
+                     "`decode_split` computes every score and every P.V product with scalar FP32 FMAs whose "
+                     "operands come from shared memory (the hottest-loop column above: LDS per FFMA), over whole "
+                     "16-row tiles however few rows are valid, and re-dequantizes K/V for each row tile. Per key "
+                     "and row that is 2D FFMA and about 4D shared loads; the floors below (shared memory at "
+                     "128 B/clk/SM, FP32 at 64/128 FMA/clk/SM on sm_80/sm_90, HBM at 2.04/3.35 TB/s) show the "
+                     "shared-load floor above the bytes the cache holds at every compressed format -- the kernel "
+                     "cannot reach the bandwidth the compression buys. `ops/cuda.py: preferred` therefore returns "
+                     "False: `backend=\"auto\"` runs Triton's split-K decode (tensor-core MMAs, register tiles; "
+                     "`benchmarks/results/triton_report.md`), and `backend=\"cuda\"` stays available.", "",
+                     decode_cost_model(), ""]
         if args.bandwidth:
             text += ["## Decode bandwidth model", "",
                      "Bytes each decode call must read (cache payload + fp16 scales/zeros + lengths + fp32 residual, "

@@ -70,19 +70,25 @@ __device__ __forceinline__ void scale_zero(const DecodeSegment& s, bool is_k, in
   *z = zp ? q::f16_bits_to_f32(__ldg(zp + p)) : 0.0f;
 }
 
-// Dequantize the 16-byte word `w` (starting at element d0 of row j) into tile[j][d0 ...].
+// Dequantize the 16-byte word `w` (starting at element d0 of row j) into tile[j][d0 ...], channels below D only: a
+// row of 4-bit (2-bit) codes is padded to whole bytes, so for D = 29..31, 61..63, ... (int4) or 61, 62, 125, ...
+// (int2) a 16-byte multiple row holds up to 3 padding codes past D whose stores would land in the next key's
+// first columns or, for the chunk's last row, in the weights that follow the tile.
 __device__ __forceinline__ void dequant_word(const DecodeSegment& s, bool is_k, int fmt, int64_t row_base_groups,
                                              int j, int d0, uint4 w, float* tile_row) {
   const uint32_t words[4] = {w.x, w.y, w.z, w.w};
   const bool per_channel_scale = is_k && s.k_channel;
+  const int D = s.head_dim;
   if (fmt == kFmtF32) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) tile_row[d0 + e] = __uint_as_float(words[e]);
+    for (int e = 0; e < 4; ++e)
+      if (d0 + e < D) tile_row[d0 + e] = __uint_as_float(words[e]);
     return;
   }
   if (fmt == kFmtF16 || fmt == kFmtBF16) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) tile_row[d0 + e] = to_float_bits16((words[e >> 1] >> ((e & 1) * 16)) & 0xffffu, fmt);
+    for (int e = 0; e < 8; ++e)
+      if (d0 + e < D) tile_row[d0 + e] = to_float_bits16((words[e >> 1] >> ((e & 1) * 16)) & 0xffffu, fmt);
     return;
   }
   const int bits = fmt == kFmtI4 ? 4 : (fmt == kFmtI2 ? 2 : 8);
@@ -94,6 +100,7 @@ __device__ __forceinline__ void dequant_word(const DecodeSegment& s, bool is_k, 
   for (int wi = 0; wi < 4; ++wi) {
     for (int e = 0; e < per_word; ++e) {
       const int d = d0 + wi * per_word + e;
+      if (d >= D) return;  // padding codes of the row's last bytes
       // Groups change at most every group_size channels (token axis) or every channel (channel axis).
       const int grp = per_channel_scale ? d : d / s.group_size;
       if (grp != cur_group) {
@@ -152,17 +159,16 @@ __device__ void load_tile(const DecodeSegment& s, bool is_k, int64_t bh, int j0,
   }
 }
 
-__global__ void __launch_bounds__(kThreads) decode_split(DecodeParams p) {
-  extern __shared__ float smem[];
+// One block's work: (user, kv head) bh, row tile tile_idx, key span `split` of the grid (num_splits, num_tiles).
+__device__ void decode_block(const DecodeParams& p, float* smem, int bh, int tile_idx, int split, int num_splits,
+                             int num_tiles) {
   const int D = p.head_dim;
   float* qs = smem;                              // [kRowTile][D], pre-multiplied by the softmax scale
   float* tile = qs + kRowTile * D;               // [kChunk][D + 1]
   float* ps = tile + kChunk * (D + 1);           // [kRowTile][kChunk] weights of the chunk
   float* alpha = ps + kRowTile * kChunk;         // [kRowTile] rescale factors of the chunk
 
-  const int bh = blockIdx.y;
   const int b = bh / p.num_kv_heads, hk = bh % p.num_kv_heads;
-  const int tile_idx = blockIdx.z;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int G = p.num_heads / p.num_kv_heads;
   const int q_len = p.q_lengths[b];
@@ -170,10 +176,13 @@ __global__ void __launch_bounds__(kThreads) decode_split(DecodeParams p) {
 
   // Which segment and key span this block streams.
   int seg = 0;
-  while (seg < 2 && blockIdx.x >= p.seg_first_block[seg + 1]) ++seg;
+  while (seg < 2 && split >= p.seg_first_block[seg + 1]) ++seg;
   const DecodeSegment& S = p.seg[seg];
-  const int seg_len = S.length ? S.length[b * S.length_stride_b + hk * S.length_stride_h] : q_len;
-  const int span_start = (blockIdx.x - p.seg_first_block[seg]) * p.span;
+  // Lengths are clamped to the segment's capacity: the glue cannot check device-resident lengths without a sync,
+  // and no value of them may make this block read past the payload.
+  const int raw_len = S.length ? S.length[b * S.length_stride_b + hk * S.length_stride_h] : q_len;
+  const int seg_len = max(0, min(raw_len, S.capacity));
+  const int span_start = (split - p.seg_first_block[seg]) * p.span;
   const int span_end = min(seg_len, span_start + p.span);
 
   // Query rows of this tile: row r -> (head g within the group, query index i).
@@ -292,7 +301,7 @@ __global__ void __launch_bounds__(kThreads) decode_split(DecodeParams p) {
   }
 
   // Partials: acc [bh][tile][split][r][d], state [bh][tile][split][r] (m, l).
-  const int64_t part = (int64_t(bh) * gridDim.z + tile_idx) * gridDim.x + blockIdx.x;
+  const int64_t part = (int64_t(bh) * num_tiles + tile_idx) * num_splits + split;
   if (pv_active) {
     for_each_owned_channel(D, [&](int c, int d) {
 #pragma unroll
@@ -310,52 +319,71 @@ __global__ void __launch_bounds__(kThreads) decode_split(DecodeParams p) {
   }
 }
 
+// Grid-stride over the linear block index (bh, tile, split), split fastest: the grid is one x axis (up to 2^31 - 1
+// blocks), so B * Hkv is not bound by the 65,535 limit of grid y/z; extra work loops within the launched blocks.
+__global__ void __launch_bounds__(kThreads) decode_split(DecodeParams p, int num_splits, int num_tiles,
+                                                         int64_t num_blocks) {
+  extern __shared__ float smem[];
+  for (int64_t blk = blockIdx.x; blk < num_blocks; blk += gridDim.x) {
+    __syncthreads();  // the previous block's last reads of shared memory are done
+    const int split = static_cast<int>(blk % num_splits);
+    const int64_t rest = blk / num_splits;
+    decode_block(p, smem, static_cast<int>(rest / num_tiles), static_cast<int>(rest % num_tiles), split,
+                 num_splits, num_tiles);
+  }
+}
+
 // One block per (b, hk, row): merges the splits of that row (LSE merge for softmax, sum for HSTU), normalises and
 // writes out [B, Hq, Lq, D] (fp32) and lse [B, Hq, Lq]. The merged (max, sum) is reduced once by warp 0 and
 // shared; each split's weight exp(m_s - M) / L is recomputed per channel loop from it.
-__global__ void __launch_bounds__(kThreads) combine_partials(DecodeParams p, int num_splits, int num_tiles) {
+__global__ void __launch_bounds__(kThreads) combine_partials(DecodeParams p, int num_splits, int num_tiles,
+                                                             int64_t num_rows) {
   __shared__ float merged[2];
   const int G = p.num_heads / p.num_kv_heads;
   const int rows_total = G * p.max_q_len;
-  const int64_t row = blockIdx.x;  // over B * Hkv * rows_total
-  const int rg = static_cast<int>(row % rows_total);
-  const int64_t bh = row / rows_total;
-  const int b = static_cast<int>(bh / p.num_kv_heads), hk = static_cast<int>(bh % p.num_kv_heads);
-  const int g = rg / p.max_q_len, i = rg % p.max_q_len;
-  const int r = rg % kRowTile;
   const int D = p.head_dim;
-  const int64_t out_row = (int64_t(b) * p.num_heads + hk * G + g) * p.max_q_len + i;
-  const int64_t base = (bh * num_tiles + rg / kRowTile) * num_splits;
-  const float* pm = p.part_m + base * kRowTile + r;  // split s at pm[s * kRowTile]
-  const float* pl = p.part_l + base * kRowTile + r;
-  if (threadIdx.x < 32) {
-    // Lane-strided partial merges, then a shuffle tree of dk::merge.
-    dk::SoftmaxState st{-INFINITY, 0.0f};
-    float wa, wb;
-    for (int s = threadIdx.x; s < num_splits; s += 32) st = dk::merge(st, {pm[s * kRowTile], pl[s * kRowTile]}, &wa, &wb);
+  // Grid-stride over rows (B * Hkv * rows_total may exceed the grid's x limit).
+  for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
+    const int rg = static_cast<int>(row % rows_total);
+    const int64_t bh = row / rows_total;
+    const int b = static_cast<int>(bh / p.num_kv_heads), hk = static_cast<int>(bh % p.num_kv_heads);
+    const int g = rg / p.max_q_len, i = rg % p.max_q_len;
+    const int r = rg % kRowTile;
+    const int64_t out_row = (int64_t(b) * p.num_heads + hk * G + g) * p.max_q_len + i;
+    const int64_t base = (bh * num_tiles + rg / kRowTile) * num_splits;
+    const float* pm = p.part_m + base * kRowTile + r;  // split s at pm[s * kRowTile]
+    const float* pl = p.part_l + base * kRowTile + r;
+    __syncthreads();  // every thread has read the previous row's merged state
+    if (threadIdx.x < 32) {
+      // Lane-strided partial merges, then a shuffle tree of dk::merge.
+      dk::SoftmaxState st{-INFINITY, 0.0f};
+      float wa, wb;
+      for (int s = threadIdx.x; s < num_splits; s += 32)
+        st = dk::merge(st, {pm[s * kRowTile], pl[s * kRowTile]}, &wa, &wb);
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const dk::SoftmaxState other{__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.l, o)};
-      st = dk::merge(st, other, &wa, &wb);
+      for (int o = 16; o > 0; o >>= 1) {
+        const dk::SoftmaxState other{__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.l, o)};
+        st = dk::merge(st, other, &wa, &wb);
+      }
+      if (threadIdx.x == 0) {
+        merged[0] = st.m;
+        merged[1] = st.l;
+      }
     }
-    if (threadIdx.x == 0) {
-      merged[0] = st.m;
-      merged[1] = st.l;
+    __syncthreads();
+    const float M = merged[0], L = merged[1];
+    const bool row_ok = i < p.q_lengths[b];
+    for (int d = threadIdx.x; d < D; d += kThreads) {
+      float o = 0.0f;
+      for (int s = 0; s < num_splits; ++s) {
+        const float a = p.part_acc[((base + s) * kRowTile + r) * D + d];
+        o += p.hstu ? a : (L > 0.0f ? a * __expf(pm[s * kRowTile] - M) : 0.0f);
+      }
+      if (!p.hstu) o = L > 0.0f ? o / L : 0.0f;
+      p.out[out_row * D + d] = row_ok ? o : 0.0f;
     }
+    if (threadIdx.x == 0 && p.lse) p.lse[out_row] = (!p.hstu && row_ok) ? dk::lse({M, L}) : -INFINITY;
   }
-  __syncthreads();
-  const float M = merged[0], L = merged[1];
-  const bool row_ok = i < p.q_lengths[b];
-  for (int d = threadIdx.x; d < D; d += kThreads) {
-    float o = 0.0f;
-    for (int s = 0; s < num_splits; ++s) {
-      const float a = p.part_acc[((base + s) * kRowTile + r) * D + d];
-      o += p.hstu ? a : (L > 0.0f ? a * __expf(pm[s * kRowTile] - M) : 0.0f);
-    }
-    if (!p.hstu) o = L > 0.0f ? o / L : 0.0f;
-    p.out[out_row * D + d] = row_ok ? o : 0.0f;
-  }
-  if (threadIdx.x == 0 && p.lse) p.lse[out_row] = (!p.hstu && row_ok) ? dk::lse({M, L}) : -INFINITY;
 }
 
 }  // namespace
@@ -364,25 +392,33 @@ size_t decode_smem_bytes(int head_dim) {
   return sizeof(float) * (size_t(kRowTile) * head_dim + size_t(kChunk) * (head_dim + 1) + kRowTile * kChunk + kRowTile);
 }
 
-static void decode_grid(const DecodeParams& p, int* num_splits, int* num_tiles) {
-  *num_splits = p.seg_first_block[3];
-  *num_tiles = (p.num_heads / p.num_kv_heads * p.max_q_len + kRowTile - 1) / kRowTile;
+DecodeLaunch decode_launch_config(const DecodeParams& p) {
+  DecodeLaunch l;
+  // Empty batches first: the row and tile counts below divide by num_kv_heads.
+  if (p.batch <= 0 || p.num_kv_heads <= 0 || p.num_heads <= 0 || p.max_q_len <= 0) return l;
+  l.num_splits = p.seg_first_block[3];
+  l.num_tiles = static_cast<int>((int64_t(p.num_heads / p.num_kv_heads) * p.max_q_len + kRowTile - 1) / kRowTile);
+  l.split_blocks = int64_t(l.num_splits) * l.num_tiles * p.batch * p.num_kv_heads;
+  l.combine_rows = int64_t(p.batch) * p.num_heads * p.max_q_len;
+  // No keys at all (no cache, Lk = 0): no split block; combine still writes the empty rows (0, lse -inf).
+  l.split_grid_x = static_cast<unsigned>(l.split_blocks < kMaxGridX ? l.split_blocks : kMaxGridX);
+  l.combine_grid_x = static_cast<unsigned>(l.combine_rows < kMaxGridX ? l.combine_rows : kMaxGridX);
+  return l;
 }
 
 cudaError_t decode_attention(const DecodeParams& p, cudaStream_t stream) {
-  int splits, tiles;
-  decode_grid(p, &splits, &tiles);
-  if (p.batch == 0 || p.num_kv_heads == 0 || p.max_q_len == 0) return cudaSuccess;
-  const size_t smem = decode_smem_bytes(p.head_dim);
-  cudaError_t err = cudaFuncSetAttribute(decode_split, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  const dim3 grid(splits, p.batch * p.num_kv_heads, tiles);
-  decode_split<<<grid, kThreads, smem, stream>>>(p);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  const int64_t rows = int64_t(p.batch) * p.num_heads * p.max_q_len;
-  combine_partials<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(p, splits, tiles);
+  const DecodeLaunch l = decode_launch_config(p);
+  if (l.combine_grid_x == 0) return cudaSuccess;
+  if (l.split_grid_x > 0) {
+    const size_t smem = decode_smem_bytes(p.head_dim);
+    cudaError_t err = cudaFuncSetAttribute(decode_split, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    decode_split<<<dim3(l.split_grid_x), kThreads, smem, stream>>>(p, l.num_splits, l.num_tiles, l.split_blocks);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  combine_partials<<<dim3(l.combine_grid_x), kThreads, 0, stream>>>(p, l.num_splits, l.num_tiles, l.combine_rows);
   return cudaGetLastError();
 }
 

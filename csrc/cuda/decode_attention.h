@@ -88,6 +88,19 @@ inline void decode_plan(DecodeParams& p, int64_t* acc_floats, int64_t* state_flo
 
 size_t decode_smem_bytes(int head_dim);
 
+// Largest grid x dimension (2^31 - 1); y and z are limited to 65,535, so the launches use x only.
+constexpr int64_t kMaxGridX = 2147483647;
+
+// The launch shapes of decode_attention: the split kernel strides over split_blocks = splits x row tiles x B x Hkv
+// linear blocks with split_grid_x blocks, the combine kernel over combine_rows = B x Hq x Lq rows with
+// combine_grid_x blocks (both 0 for an empty batch; split_grid_x 0 when there are no keys at all).
+struct DecodeLaunch {
+  int num_splits = 0, num_tiles = 0;
+  int64_t split_blocks = 0, combine_rows = 0;
+  unsigned split_grid_x = 0, combine_grid_x = 0;
+};
+DecodeLaunch decode_launch_config(const DecodeParams& p);
+
 // Launch the split kernel and the combine kernel on `stream`.
 cudaError_t decode_attention(const DecodeParams& p, cudaStream_t stream);
 

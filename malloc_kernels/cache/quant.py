@@ -172,6 +172,20 @@ def _check_group_size(group_size, head_dim: int, axis: str, name: str = "group_s
 
 
 # ---- one tensor -----------------------------------------------------------------------------------------------
+def check_quantize_args(x, fmt: str, group_size, axis: str, name: str = "x") -> None:
+    """The argument checks every packer shares (the data checks -- finiteness, float16 range -- are each
+    packer's own): ``x`` floating ``[B, H, C, D]``, a quantized format, a grouping axis, a valid group size."""
+    if fmt not in INT_FORMATS and fmt != FP8_FORMAT:
+        raise ValueError(f"format for {name} must be one of {tuple(INT_FORMATS) + (FP8_FORMAT,)}, got {fmt!r}")
+    if axis not in K_AXES:
+        raise ValueError(f"axis for {name} must be one of {K_AXES}, got {axis!r}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+        raise TypeError(f"{name} must be a floating tensor [B, H, C, D]")
+    _check_group_size(group_size, x.shape[-1], axis)
+    if fmt == FP8_FORMAT and not fp8_available():
+        raise ValueError("format 'fp8' needs torch.float8_e4m3fn, which this torch build lacks")
+
+
 def quantize_tensor(x: torch.Tensor, length: torch.Tensor, fmt: str, group_size: int, axis: str = "token",
                     name: str = "x") -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Quantize ``x [B, H, C, D]`` (any float dtype, computed in fp32) with per-row valid lengths ``length [B, H]``.
@@ -180,16 +194,8 @@ def quantize_tensor(x: torch.Tensor, length: torch.Tensor, fmt: str, group_size:
     ``[B, H, C, D // G]`` (token axis) or ``[B, H, ceil(C / G), D]`` (channel axis). ``name`` names the tensor in
     error messages.
     """
-    if fmt not in INT_FORMATS and fmt != FP8_FORMAT:
-        raise ValueError(f"format for {name} must be one of {tuple(INT_FORMATS) + (FP8_FORMAT,)}, got {fmt!r}")
-    if axis not in K_AXES:
-        raise ValueError(f"axis for {name} must be one of {K_AXES}, got {axis!r}")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
-        raise TypeError(f"{name} must be a floating tensor [B, H, C, D]")
+    check_quantize_args(x, fmt, group_size, axis, name)
     B, H, C, D = x.shape
-    _check_group_size(group_size, D, axis)
-    if fmt == FP8_FORMAT and not fp8_available():
-        raise ValueError("format 'fp8' needs torch.float8_e4m3fn, which this torch build lacks")
     x32 = x.float()
     valid = _valid_entries(length, C)                                           # [B, H, C]
     if not bool(torch.isfinite(x32[valid]).all()):

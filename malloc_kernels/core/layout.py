@@ -4,12 +4,21 @@ from __future__ import annotations
 import torch
 
 
+def eager() -> bool:
+    """Whether checks that read tensor data may run: not while ``torch.compile`` traces (a data-dependent branch
+    breaks the graph). Compiled calls rely on the compiled ops' own bounds checks (``csrc/torch/attention.cpp``)."""
+    return not torch.compiler.is_compiling()
+
+
 def check_offsets(offsets: torch.Tensor, total: int, name: str = "offsets") -> torch.Tensor:
-    """Validate jagged offsets: integer ``[B+1]``, starting at 0, non-decreasing, ending at ``total``."""
+    """Validate jagged offsets: integer ``[B+1]``, starting at 0, non-decreasing, ending at ``total`` (the values
+    are checked in eager mode only, see ``eager``)."""
     if not isinstance(offsets, torch.Tensor):
         raise TypeError(f"{name} must be an integer tensor [B+1], got {type(offsets).__name__}")
     if offsets.dim() != 1 or offsets.numel() < 1 or offsets.is_floating_point() or offsets.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor [B+1], got {offsets.dtype} {tuple(offsets.shape)}")
+    if not eager():
+        return offsets.to(torch.int64)
     if int(offsets[0]) != 0 or int(offsets[-1]) != total:
         raise ValueError(f"{name} must start at 0 and end at the jagged length {total}, got "
                          f"{int(offsets[0])}..{int(offsets[-1])}")

@@ -1,4 +1,4 @@
-"""Visibility masks of the attention contract (DESIGN.md section 2), in the padded dense form.
+"""Visibility masks of the attention contract (ARCHITECTURE.md, "Attention semantics"), in the padded dense form.
 
 All masks are boolean (True = query i may attend to entry j) and broadcast against scores laid out as
 ``[B, Hkv, G, Lq, N]`` (G = query heads per kv head). Padding rows/columns (past a user's length) are False, so

@@ -14,7 +14,6 @@ the same in unsigned arithmetic (``bias.h``, ``decode.h``, ``triton/attention_co
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -28,8 +27,14 @@ def _reaches(x: int, k: int) -> bool:
     return math.floor(math.log(x) / BUCKET_DIVISOR) >= k
 
 
-@functools.lru_cache(maxsize=None)
+# Caches are plain dicts rather than functools.lru_cache: torch.compile traces a dict lookup without a warning.
+_TUPLES: dict = {}
+_KERNEL_TABLES: dict = {}
+
+
 def _thresholds(T: int) -> tuple:
+    if T in _TUPLES:
+        return _TUPLES[T]
     out = []
     for k in range(1, T):
         # exp(0.301 k) lands within a few integers of the answer; walk to the exact float64 boundary.
@@ -44,7 +49,8 @@ def _thresholds(T: int) -> tuple:
         while not _reaches(x, k):
             x += 1
         out.append(min(x, _INT64_MAX))
-    return tuple(out)
+    _TUPLES[T] = tuple(out)
+    return _TUPLES[T]
 
 
 def time_bucket_thresholds(T: int) -> torch.Tensor:
@@ -88,3 +94,13 @@ def pos_index(qp: torch.Tensor, kp: torch.Tensor, P: int) -> torch.Tensor:
     qp, kp = qp.to(torch.int64), kp.to(torch.int64)
     return torch.where(qp <= kp, torch.zeros((), dtype=torch.int64, device=qp.device),
                        abs_diff_sat(qp, kp).clamp_max(P - 1))
+
+
+def kernel_thresholds(T: int) -> torch.Tensor:
+    """int64 ``[T]``: the table the C++ kernels take, ``th[k]`` at index ``k`` (k = 1..T-1), index 0 unused
+    (so ``bucket = #{k >= 1 : th[k] <= max(|dt|, 1)}`` indexes it directly). Cached per ``T``; do not modify."""
+    table = _KERNEL_TABLES.get(T)
+    if table is None:
+        table = torch.cat([torch.zeros(1, dtype=torch.int64), time_bucket_thresholds(T)])
+        _KERNEL_TABLES[T] = table
+    return table

@@ -1,4 +1,4 @@
-"""Validation and normalisation of one attention call (the contract in TEAM.md / DESIGN.md section 2).
+"""Validation and normalisation of one attention call (ARCHITECTURE.md, "Attention semantics").
 
 ``validate_call`` checks every argument of ``malloc_kernels.attention`` once and returns an ``AttentionCall``:
 the normalised arguments every backend launcher (``ops/cpu.py``, ``ops/cuda.py``, ``triton/attention.py``) and the
@@ -31,13 +31,13 @@ from typing import Optional, Union
 
 import torch
 
+from . import registry
 from .formats import FLOAT_FORMAT
 from .kvcache import KVCacheBase
-from .layout import check_offsets, jagged_lengths, jagged_to_padded, padded_to_jagged
+from .layout import check_offsets, eager, jagged_lengths, jagged_to_padded, padded_to_jagged
 from .types import AttentionResult, AttentionStats
 
 KINDS = ("softmax", "hstu")
-BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 HSTU_NORMS = ("original", "kept")
 
 
@@ -61,8 +61,8 @@ class AttentionCall:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    max_q_len: int
-    max_k_len: int
+    _max_q_len: Optional[int]          # None: a jagged call's longest user, computed on first use (max_q_len)
+    _max_k_len: Optional[int]
     cache: Optional[KVCacheBase]
     kind: str
     scale: float
@@ -84,6 +84,21 @@ class AttentionCall:
     padded_from_jagged: bool = False
 
     # ---- convenience -----------------------------------------------------------------------------------------
+    @property
+    def max_q_len(self) -> int:
+        """Longest request of the batch (dense: ``Lq``). For a jagged call this reads ``q_lengths`` once, on first
+        use: the launchers that need a padded extent ask for it, the compiled CPU path never does."""
+        if self._max_q_len is None:
+            self._max_q_len = int(self.q_lengths.max()) if self.batch_size else 0
+        return self._max_q_len
+
+    @property
+    def max_k_len(self) -> int:
+        """Longest key sequence of the batch (dense: ``Lk``); see ``max_q_len``."""
+        if self._max_k_len is None:
+            self._max_k_len = int(self.k_lengths.max()) if self.batch_size else 0
+        return self._max_k_len
+
     @property
     def dtype(self) -> torch.dtype:
         return self.query.dtype
@@ -149,7 +164,7 @@ class AttentionCall:
         if self.query_timestamps is not None:
             ts, _ = jagged_to_padded(self.query_timestamps, self.offsets, max_len=q.shape[2])
         return self.replace(query=q, key=k, value=v, jagged=False, query_positions=pos, query_timestamps=ts,
-                            max_q_len=q.shape[2], max_k_len=k.shape[2], padded_from_jagged=True)
+                            _max_q_len=q.shape[2], _max_k_len=k.shape[2], padded_from_jagged=True)
 
     def from_padded_result(self, output: torch.Tensor, lse: Optional[torch.Tensor],
                            stats: Optional[AttentionStats]):
@@ -296,8 +311,8 @@ def validate_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     # -- simple enums/flags first: they are cheap and their errors are the clearest.
     if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(backend, str) or (backend != "auto" and backend not in registry.names("attention")):
+        raise ValueError(f"backend must be one of {('auto',) + registry.names('attention')}, got {backend!r}")
     is_causal = _as_bool(is_causal, "is_causal")
     enable_gqa = _as_bool(enable_gqa, "enable_gqa")
     return_lse = _as_bool(return_lse, "return_lse")
@@ -369,8 +384,7 @@ def validate_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
         B = offsets.numel() - 1
         q_lengths = jagged_lengths(offsets)
         k_lengths = jagged_lengths(key_offsets)
-        Lq = int(q_lengths.max()) if B else 0
-        Lk = int(k_lengths.max()) if B else 0
+        Lq = Lk = None          # computed on demand (AttentionCall.max_q_len): they read the offsets
     else:
         if query.dim() != 4:
             raise ValueError(f"query must be dense [B, Hq, Lq, D] (or jagged with offsets=), got "
@@ -397,12 +411,25 @@ def validate_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
         raise ValueError(f"query heads Hq={Hq} must be a multiple of key heads Hkv={Hkv}")
     scale = _resolve_scale(scale, D)
 
+    def request_only(what):
+        """``what`` needs key/value to be the request's own tokens: Lk == Lq per user."""
+        if not jagged:
+            same = Lk == Lq
+        elif key_offsets is offsets:
+            same = True
+        elif not eager():
+            raise ValueError(f"{what}: under torch.compile pass key_offsets=None (the keys are the request's own "
+                             "tokens), the per-user lengths cannot be compared while tracing")
+        else:
+            same = torch.equal(k_lengths, q_lengths)
+        if not same:
+            raise ValueError(f"{what} needs key/value to be the request's own tokens: key length must equal query "
+                             f"length per user, got Lk={k_lengths.tolist()} vs Lq={q_lengths.tolist()}")
+
     # -- cache.
     if cache is not None:
         _check_cache(cache, B, Hkv, D, dtype, device)
-        if not torch.equal(k_lengths, q_lengths):
-            raise ValueError("with a cache, key/value are the request's own tokens: key length must equal query "
-                             f"length per user, got Lk={k_lengths.tolist()} vs Lq={q_lengths.tolist()}")
+        request_only("a cache")
 
     # -- targets.
     targets_given = num_targets is not None
@@ -421,19 +448,18 @@ def validate_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     else:
         raise TypeError(f"num_targets must be an int or an int tensor [B], got {type(num_targets).__name__}")
     if targets_given:
-        if nt.numel() and int(nt.min()) < 0:
+        if eager() and nt.numel() and int(nt.min()) < 0:
             raise ValueError(f"num_targets must be >= 0, got {nt.tolist()}")
-        if nt.numel() and bool((nt > q_lengths).any()):
+        if eager() and nt.numel() and bool((nt > q_lengths).any()):
             raise ValueError(f"num_targets {nt.tolist()} exceeds the request length {q_lengths.tolist()}")
-        if not torch.equal(k_lengths, q_lengths):
-            raise ValueError("num_targets needs key/value to be the request's own tokens (Lk == Lq per user)")
+        request_only("num_targets")
 
     # -- relative bias inputs.
     total_q = query.shape[0] if jagged else B * Lq
     pos_bias = _normalise_bias(pos_bias, "pos_bias", Hq, device)
     time_bias = _normalise_bias(time_bias, "time_bias", Hq, device)
-    if (pos_bias is not None or time_bias is not None) and not torch.equal(k_lengths, q_lengths):
-        raise ValueError("pos_bias/time_bias need key/value to be the request's own tokens (Lk == Lq per user)")
+    if pos_bias is not None or time_bias is not None:
+        request_only("pos_bias/time_bias")
     if query_positions is not None:
         query_positions = _normalise_per_query(query_positions, "query_positions", jagged, B, Lq, total_q, device)
     else:
@@ -465,7 +491,7 @@ def validate_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     return AttentionCall(
         query=query, key=key, value=value, jagged=jagged, offsets=offsets if jagged else None,
         key_offsets=key_offsets if jagged else None, q_lengths=q_lengths, k_lengths=k_lengths, batch_size=B,
-        num_heads=Hq, num_kv_heads=Hkv, head_dim=D, max_q_len=Lq, max_k_len=Lk, cache=cache, kind=kind,
+        num_heads=Hq, num_kv_heads=Hkv, head_dim=D, _max_q_len=Lq, _max_k_len=Lk, cache=cache, kind=kind,
         scale=scale, is_causal=is_causal, num_targets=nt, targets_given=targets_given,
         query_positions=query_positions, query_timestamps=query_timestamps, pos_bias=pos_bias,
         time_bias=time_bias, hstu_norm=hstu_norm, return_lse=return_lse, return_stats=return_stats,

@@ -1,6 +1,6 @@
 """Time-ordered per-user item sequences, leave-one-out splits and padding-free (jagged) batches.
 
-Conventions (DESIGN.md section 6)
+Conventions (ARCHITECTURE.md, "Serving and evaluation")
 ---------------------------------
 * Item ids are remapped to ``1..n_items`` (``0`` is padding) in increasing order of the original id, so a file whose
   ids are already compact (``1..n``) keeps them; ``SequenceDataset.item_ids[i]`` is the original id of item ``i``.

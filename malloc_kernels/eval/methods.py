@@ -1,4 +1,4 @@
-"""The method x budget grid the harness evaluates (MALLOC's levels, DESIGN.md section 1).
+"""The method x budget grid the harness evaluates (MALLOC's levels, ARCHITECTURE.md, "Compression policies").
 
 A ``MethodSpec`` is one row of the tables: a compression applied to every layer's cache of a trained model
 (``method``/``budget``/``params`` go to ``malloc_kernels.compress``), or a trained head/sequence-level model
@@ -9,15 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from ..policies import available_methods
+from ..policies import available_methods, methods_by_level
 
-PRUNING = ("recent", "streaming", "h2o", "snapkv", "tova", "pyramidkv", "random")
-MERGING = ("chunk", "tome", "d2o")
+# The method rows come from the policy registry when the grid is built: every registered pruning / merging
+# method, and per bit width every precision method whose name fixes it (a new policy shows up here by registering
+# with its level). Compositions are not registered: these are the hybrids we report.
 HYBRIDS = ("h2o+kivi4", "snapkv+kivi2", "tome+int8")
-# precision methods per bit width: (method name, extra compress parameters)
-PRECISION = {8: (("int8", {}), ("fp8", {})),
-             4: (("int4", {}), ("kivi4", {}), ("intactkv4", {})),
-             2: (("int2", {}), ("kivi2", {}), ("intactkv2", {}))}
+BITS = (8, 4, 2)
 # trained head/sequence-level variants: label -> (level, model-config overrides)
 VARIANTS = {
     "gqa": ("head", {"heads": "gqa", "n_kv_heads": 1}),   # with the default 2 query heads: groups of 2
@@ -62,15 +60,16 @@ def build_grid(methods: Optional[Sequence[str]] = None, budgets: Sequence[float]
     known = set(available_methods())
     grid = [NATIVE, RECOMPUTE]
     for b in bits:
-        if b not in PRECISION:
-            raise ValueError(f"bits must be among {sorted(PRECISION)}, got {b}")
-        for name, params in PRECISION[b]:
-            if name in known:
-                grid.append(MethodSpec(name, "precision", name, None, f"{b}-bit", tuple(sorted(params.items()))))
+        if b not in BITS:
+            raise ValueError(f"bits must be among {sorted(BITS)}, got {b}")
+        for name in methods_by_level("precision", bits=b):
+            grid.append(MethodSpec(name, "precision", name, None, f"{b}-bit"))
+    token_levels = (("pruning", methods_by_level("pruning")), ("merging", methods_by_level("merging")),
+                    ("hybrid", HYBRIDS))
     for budget in budgets:
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"budgets must be token ratios in (0, 1], got {budget}")
-        for level, names in (("pruning", PRUNING), ("merging", MERGING), ("hybrid", HYBRIDS)):
+        for level, names in token_levels:
             for name in names:
                 if all(part in known for part in name.split("+")):
                     grid.append(MethodSpec(name, level, name, budget, _pct(budget)))

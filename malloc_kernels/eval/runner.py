@@ -1,4 +1,5 @@
-"""The serving-simulation benchmark (DESIGN.md section 6): MALLOC's accuracy and resource tables on real data.
+"""The serving-simulation benchmark (ARCHITECTURE.md, "Serving and evaluation"): MALLOC's accuracy and resource
+tables on real data.
 
 For every test user (leave-one-out), the history before the held-out target is truncated to the most recent
 ``max_len`` items and split into a cached prefix and a request of the last ``request_size`` interactions. The
@@ -30,7 +31,6 @@ from ..data.dataset import EvalExamples, eval_batches, split_request
 from ..models.config import ModelConfig
 from ..models.metrics import rank_metrics, target_ranks
 from ..models.train import TrainConfig, train
-from ..policies import compress
 from .methods import VARIANTS, MethodSpec, build_grid
 from .report import write_outputs
 
@@ -117,17 +117,8 @@ class _Accumulator:
 
 
 def _compress_caches(model, native, stats, spec: MethodSpec, seed: int):
-    if spec.method == "none":
-        return native
-    out = []
-    kind = "hstu" if model.cfg.arch == "hstu" else "softmax"
-    for li, c in enumerate(native):
-        cc = compress(c.k, c.v, spec.method, budget=spec.budget, positions=c.position, timestamps=c.timestamp,
-                      lengths=c.length[:, 0], counts=c.count, stats=None if stats is None else stats[li],
-                      seed=seed, layer=li, num_layers=len(native), kind=kind, scale=model.scale,
-                      **dict(spec.params))
-        out.append(cc.replace(original_length=c.original_length))
-    return out
+    return model.compress_caches(native, spec.method, budget=spec.budget, stats=stats, seed=seed,
+                                 **dict(spec.params))
 
 
 def _scored_by_last_query(spec: MethodSpec) -> bool:

@@ -18,25 +18,17 @@ Not twice differentiable (the gradient is a saved tensor).
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
 
-__all__ = ["linear_cross_entropy", "cross_entropy_rows_", "BACKENDS"]
+from ..core import extension, registry
 
-BACKENDS = ("auto", "cpu", "torch")
+__all__ = ["linear_cross_entropy", "cross_entropy_rows_", "BACKENDS", "cpu_available"]
+
 _CHUNK_BYTES = 2 << 20  # logits bytes per chunk: stays in L2+L3 (measured on 2 cores: 128-256 rows of 3,706 best)
-
-try:  # the compiled extension registers torch.ops.malloc_kernels.cross_entropy_rows_
-    from .. import _C  # noqa: F401
-    _HAVE_C = hasattr(torch.ops.malloc_kernels, "cross_entropy_rows_")
-except ImportError:  # pragma: no cover - only when the extension was never built
-    _HAVE_C = False
-
-if _HAVE_C:
-    @torch.library.register_fake("malloc_kernels::cross_entropy_rows_")
-    def _cross_entropy_rows_fake(logits, targets):
-        return logits.new_empty((logits.shape[0],))
+_CPU_DTYPES = (torch.float32, torch.float64)
 
 
 def _rows_torch(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -47,23 +39,42 @@ def _rows_torch(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def _use_cpu_kernel(t: torch.Tensor, backend: str) -> bool:
-    ok = _HAVE_C and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
-    if backend == "cpu" and not ok:
-        why = "the C++ extension is not built" if not _HAVE_C else \
-            f"it takes CPU float32/float64 tensors, got {t.dtype} on {t.device}"
-        raise ValueError(f"backend='cpu' is unavailable: {why}")
-    return ok and backend != "torch"
+def _cpu_supports(logits: torch.Tensor):
+    if logits.device.type != "cpu" or logits.dtype not in _CPU_DTYPES:
+        return False, f"it takes CPU float32/float64 tensors, got {logits.dtype} on {logits.device}"
+    return True, ""
+
+
+# The loss family (core/registry.py): the C++ row kernel on CPU float32/float64, the same math in torch ops anywhere.
+_TORCH = SimpleNamespace(cross_entropy_rows_=_rows_torch, supports=lambda logits: (True, ""))
+_CPU = SimpleNamespace(cross_entropy_rows_=lambda logits, targets: torch.ops.malloc_kernels.cross_entropy_rows_(
+    logits, targets), supports=_cpu_supports)
+registry.register_backend("loss", "torch", devices=("*",), priority=0, load=lambda: _TORCH)
+registry.register_backend("loss", "cpu", devices=("cpu",), priority=10, load=lambda: _CPU,
+                          ops=("cross_entropy_rows_",))
+BACKENDS = ("auto",) + registry.names("loss")
+
+if extension.has_op("cross_entropy_rows_")[0]:
+    @torch.library.register_fake("malloc_kernels::cross_entropy_rows_")
+    def _cross_entropy_rows_fake(logits, targets):
+        return logits.new_empty((logits.shape[0],))
+
+
+def cpu_available() -> bool:
+    """True when the C++ row kernel is built."""
+    return registry.status("loss", "cpu")[0]
+
+
+def _select(logits: torch.Tensor, backend: str):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return registry.select("loss", backend, logits.device, check=lambda mod: mod.supports(logits))[1]
 
 
 def cross_entropy_rows_(logits: torch.Tensor, targets: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Per row ``i`` of ``logits [R, C]``: returns ``loss[i] = logsumexp(z_i) - z_i[t_i]`` and overwrites ``z_i``
     with ``softmax(z_i) - onehot(t_i)``. ``targets``: int64 ``[R]`` in ``[0, C)``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if _use_cpu_kernel(logits, backend):
-        return torch.ops.malloc_kernels.cross_entropy_rows_(logits, targets)
-    return _rows_torch(logits, targets)
+    return _select(logits, backend).cross_entropy_rows_(logits, targets)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -121,8 +132,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     logits, at least 128 rows). ``backend``: ``"auto"`` (C++ row kernel on CPU float32/float64, torch ops
     otherwise), ``"cpu"``, ``"torch"``."""
     _check(hidden, weight, targets, reduction)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _select(hidden, backend)      # refuse a bad or unusable backend before any work
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     keep = targets != ignore_index

@@ -22,30 +22,19 @@ Backends: ``"auto"`` (CPU float32/float64 tensors -> ``"cpu"`` when the extensio
 """
 from __future__ import annotations
 
-import os
+from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import torch
 
+from ..core import extension, registry
 from . import reference as _ref
 
-__all__ = ["pkm_topk", "pkm_gather", "pkm_gather_backward", "cpu_available", "resolve_backend", "BACKENDS"]
+__all__ = ["pkm_topk", "pkm_gather", "pkm_gather_backward", "cpu_available", "BACKENDS"]
 
-BACKENDS = ("auto", "reference", "cpu", "triton")
+_CPU_DTYPES = (torch.float32, torch.float64)
 
-try:  # the compiled extension registers torch.ops.malloc_kernels.pkm_*
-    from .. import _C  # noqa: F401
-    _HAVE_C = hasattr(torch.ops.malloc_kernels, "pkm_gather")
-except ImportError:  # pragma: no cover - only when the extension was never built
-    _HAVE_C = False
-
-
-def cpu_available() -> bool:
-    """True when the C++ kernels (``torch.ops.malloc_kernels.pkm_*``) are loaded."""
-    return _HAVE_C
-
-
-if _HAVE_C:
+if extension.has_op("pkm_gather")[0]:
     # Fake (meta) implementations so torch.compile / opcheck can trace the ops without running them.
     @torch.library.register_fake("malloc_kernels::pkm_topk")
     def _pkm_topk_fake(query, subkeys, k):
@@ -69,55 +58,7 @@ if _HAVE_C:
                 values.new_empty((u, values.shape[1])))
 
 
-def _triton_usable(t: torch.Tensor) -> Tuple[bool, str]:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False, "triton is not installed"
-    if t.is_cuda:
-        return True, ""
-    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return True, ""
-    return False, "triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before import)"
-
-
-def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
-    """Map ``backend`` (see module docstring) to a concrete one for these tensors; ValueError if unavailable."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    t = tensors[0]
-    cpu_ok = (_HAVE_C and all(x.device.type == "cpu" for x in tensors)
-              and all(x.dtype in (torch.float32, torch.float64) for x in tensors if x.is_floating_point()))
-    if backend == "auto":
-        if cpu_ok:
-            return "cpu"
-        if t.is_cuda and _triton_usable(t)[0]:
-            return "triton"
-        return "reference"
-    if backend == "cpu" and not cpu_ok:
-        why = ("the C++ extension is not built (run setup.py build_ext)" if not _HAVE_C
-               else "the cpu backend needs CPU float32/float64 tensors")
-        raise ValueError(f"backend='cpu' is unavailable: {why}")
-    if backend == "triton":
-        ok, why = _triton_usable(t)
-        if not ok:
-            raise ValueError(f"backend='triton' is unavailable: {why}")
-    return backend
-
-
-def _topk_forward(query, subkeys, k, backend):
-    if backend == "cpu":
-        return torch.ops.malloc_kernels.pkm_topk(query, subkeys, k)
-    if backend == "triton":
-        from ..triton import pkm as _tpkm
-        return _tpkm.pkm_topk(query, subkeys, k)
-    with torch.no_grad():
-        return _ref.pkm_topk(query, subkeys, k)
-
-
-def _topk_backward(grad_scores, query, subkeys, indices, backend):
-    if backend == "cpu":
-        return torch.ops.malloc_kernels.pkm_topk_backward(grad_scores.contiguous(), query, subkeys, indices)
+def _topk_backward_torch(grad_scores, query, subkeys, indices):
     # Reference / triton: the gradient of a gathered sum of half dot products, by index_add on the small sub-key
     # tables (the search is the costly part, not this).
     s = subkeys.shape[2]
@@ -137,10 +78,61 @@ def _topk_backward(grad_scores, query, subkeys, indices, backend):
     return grad_query, grad_subkeys.view(subkeys.shape)
 
 
+def _no_grad(fn):
+    def run(*args):
+        with torch.no_grad():
+            return fn(*args)
+    return run
+
+
+def _cpu_supports(*tensors):
+    if not all(x.device.type == "cpu" for x in tensors):
+        return False, "the cpu backend needs CPU tensors"
+    if not all(x.dtype in _CPU_DTYPES for x in tensors if x.is_floating_point()):
+        return False, "the cpu backend needs CPU float32/float64 tensors"
+    return True, ""
+
+
+def _triton_launcher():
+    # Imported on first use only (importing triton is slow and must follow TRITON_INTERPRET).
+    from ..triton import pkm as tpkm
+    return SimpleNamespace(topk=tpkm.pkm_topk, topk_backward=_topk_backward_torch, gather=tpkm.pkm_gather,
+                           gather_backward=tpkm.pkm_gather_backward, supports=lambda *t: (True, ""))
+
+
+# The pkm family (core/registry.py). Each launcher has the four ops; the autograd Functions below call them.
+_REFERENCE = SimpleNamespace(topk=_no_grad(_ref.pkm_topk), topk_backward=_topk_backward_torch,
+                             gather=_no_grad(_ref.pkm_gather), gather_backward=_ref.pkm_gather_backward,
+                             supports=lambda *t: (True, ""))
+_CPU = SimpleNamespace(
+    topk=lambda q, sk, k: torch.ops.malloc_kernels.pkm_topk(q, sk, k),
+    topk_backward=lambda g, q, sk, idx: torch.ops.malloc_kernels.pkm_topk_backward(g.contiguous(), q, sk, idx),
+    gather=lambda v, idx, w: torch.ops.malloc_kernels.pkm_gather(v, idx, w),
+    gather_backward=lambda g, v, idx, w: torch.ops.malloc_kernels.pkm_gather_backward(g.contiguous(), v, idx, w),
+    supports=_cpu_supports)
+registry.register_backend("pkm", "reference", devices=("*",), priority=0, load=lambda: _REFERENCE)
+registry.register_backend("pkm", "cpu", devices=("cpu",), priority=10, load=lambda: _CPU,
+                          ops=("pkm_topk", "pkm_topk_backward", "pkm_gather", "pkm_gather_backward"))
+registry.register_backend("pkm", "triton", devices=("cuda",), priority=20, load=_triton_launcher, needs_triton=True)
+BACKENDS = ("auto",) + registry.names("pkm")
+
+
+def cpu_available() -> bool:
+    """True when the C++ kernels (``torch.ops.malloc_kernels.pkm_*``) are loaded."""
+    return registry.status("pkm", "cpu")[0]
+
+
+def _select(backend: str, *tensors: torch.Tensor):
+    """The launcher of ``backend`` (see the module docstring) for these tensors; ValueError if it cannot run them."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return registry.select("pkm", backend, tensors[0].device, check=lambda mod: mod.supports(*tensors))[1]
+
+
 class _PKMTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, subkeys, k, backend):
-        scores, indices = _topk_forward(query, subkeys, k, backend)
+        scores, indices = backend.topk(query, subkeys, k)
         ctx.save_for_backward(query, subkeys, indices)
         ctx.backend = backend
         ctx.mark_non_differentiable(indices)
@@ -151,7 +143,7 @@ class _PKMTopK(torch.autograd.Function):
         query, subkeys, indices = ctx.saved_tensors
         if grad_scores is None:
             return None, None, None, None
-        gq, gk = _topk_backward(grad_scores, query, subkeys, indices, ctx.backend)
+        gq, gk = ctx.backend.topk_backward(grad_scores, query, subkeys, indices)
         return (gq if ctx.needs_input_grad[0] else None), (gk if ctx.needs_input_grad[1] else None), None, None
 
 
@@ -163,38 +155,20 @@ def pkm_topk(query: torch.Tensor, subkeys: torch.Tensor, k: int, *,
     ``scores = <q[:Dk/2], subkeys[h,0,i1]> + <q[Dk/2:], subkeys[h,1,i2]>``. Ties: see ``reference.py``.
     """
     _ref._check_search_args(query, subkeys, k)
-    b = resolve_backend(backend, query, subkeys)
-    return _PKMTopK.apply(query, subkeys, k, b)
-
-
-def _gather_backward_impl(grad_out, values, indices, weights, backend):
-    if backend == "cpu":
-        return torch.ops.malloc_kernels.pkm_gather_backward(grad_out.contiguous(), values, indices, weights)
-    if backend == "triton":
-        from ..triton import pkm as _tpkm
-        return _tpkm.pkm_gather_backward(grad_out, values, indices, weights)
-    return _ref.pkm_gather_backward(grad_out, values, indices, weights)
+    return _PKMTopK.apply(query, subkeys, k, _select(backend, query, subkeys))
 
 
 def pkm_gather_backward(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                         *, backend: str = "auto"):
     """Sparse-Gather backward: ``(grad_weights [N, E], rows [U] int64 sorted unique, grad_rows [U, Dv])``."""
     _ref._check_gather_args(values, indices, weights)
-    b = resolve_backend(backend, values, weights, grad_out)
-    return _gather_backward_impl(grad_out, values, indices, weights, b)
+    return _select(backend, values, weights, grad_out).gather_backward(grad_out, values, indices, weights)
 
 
 class _PKMGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, indices, weights, sparse_grad, backend):
-        if backend == "cpu":
-            out = torch.ops.malloc_kernels.pkm_gather(values, indices, weights)
-        elif backend == "triton":
-            from ..triton import pkm as _tpkm
-            out = _tpkm.pkm_gather(values, indices, weights)
-        else:
-            with torch.no_grad():
-                out = _ref.pkm_gather(values, indices, weights)
+        out = backend.gather(values, indices, weights)
         ctx.save_for_backward(values, indices, weights)
         ctx.sparse_grad, ctx.backend = sparse_grad, backend
         return out
@@ -202,7 +176,7 @@ class _PKMGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         values, indices, weights = ctx.saved_tensors
-        grad_weights, rows, grad_rows = _gather_backward_impl(grad_out, values, indices, weights, ctx.backend)
+        grad_weights, rows, grad_rows = ctx.backend.gather_backward(grad_out, values, indices, weights)
         grad_values = None
         if ctx.needs_input_grad[0]:
             if ctx.sparse_grad:
@@ -223,8 +197,7 @@ def pkm_gather(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tenso
     _ref._check_gather_args(values, indices, weights)
     if not isinstance(sparse_grad, bool):
         raise TypeError(f"sparse_grad must be a bool, got {type(sparse_grad).__name__}")
-    b = resolve_backend(backend, values, weights)
-    return _PKMGather.apply(values, indices, weights, sparse_grad, b)
+    return _PKMGather.apply(values, indices, weights, sparse_grad, _select(backend, values, weights))
 
 
 def pkm_lookup(query: torch.Tensor, subkeys: torch.Tensor, values: torch.Tensor, k: int, *,

@@ -1,4 +1,4 @@
-"""Full-ranking evaluation (DESIGN.md section 6).
+"""Full-ranking evaluation (ARCHITECTURE.md, "Serving and evaluation").
 
 Convention: every item ``1..n_items`` is a candidate, including items already in the user's history; only the
 padding id 0 is excluded. The target's 0-based rank is the number of OTHER items whose score is >= the target's

@@ -10,9 +10,9 @@ tokens has positions ``n, n+1, ...`` (``cache.original_length``), exactly the po
 sequence. Timestamps (int64 seconds) feed HSTU's time bias when given; without timestamps the time bias is off
 (training and serving must agree on this).
 
-Serving (DESIGN.md section 6): ``encode_history`` runs the causal model over the history once and returns one
-full-precision ``KVCache`` per layer (positions/timestamps/original lengths filled; optionally compressed with any
-``malloc_kernels.compress`` method); ``serve`` runs the request tokens over those caches and returns the last
+Serving (ARCHITECTURE.md, "Serving and evaluation"): ``encode_history`` runs the causal model over the history once and
+returns one full-precision ``KVCache`` per layer (positions/timestamps/original lengths filled; optionally compressed
+with any ``malloc_kernels.compress`` method); ``serve`` runs the request tokens over those caches and returns the last
 hidden state; ``score_all_items`` scores every item. With the uncompressed cache ``serve`` equals
 ``last_hidden`` on the concatenated sequence (full recompute) up to floating-point summation order.
 
@@ -38,24 +38,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cache.types import KVCache
-from ..core.layout import jagged_to_padded
+from ..core.layout import eager, jagged_to_padded
+from ..ops.attention import attention
+from ..policies import compress
 from ..loss import linear_cross_entropy
 from ..memory import ProductKeyMemory
 from .config import ModelConfig
 from .layers import HSTULayer, SASRecLayer
 
 
-def _attention(*args, **kwargs):
-    # Resolved at call time: the public entry point lives in malloc_kernels/__init__.py (ops.attention).
-    import malloc_kernels
-    return malloc_kernels.attention(*args, **kwargs)
-
-
-def _user_index(offsets: torch.Tensor):
-    """Per jagged token: its user and its 0-based position within the user."""
+def _user_index(offsets: torch.Tensor, total: int):
+    """Per jagged token (``total`` of them, the items' length): its user and its 0-based position within the user.
+    ``total`` comes from a shape, not from ``offsets[-1]``, so the serving step traces without reading data."""
     lens = offsets[1:] - offsets[:-1]
-    uid = torch.repeat_interleave(torch.arange(lens.numel(), device=offsets.device), lens)
-    local = torch.arange(int(offsets[-1]), device=offsets.device) - offsets[uid]
+    uid = torch.repeat_interleave(torch.arange(lens.numel(), device=offsets.device), lens, output_size=total)
+    local = torch.arange(total, device=offsets.device) - offsets[uid]
     return uid, local
 
 
@@ -157,7 +154,7 @@ class SequentialRecommender(nn.Module):
         return self.item_emb.weight.dtype
 
     def embed(self, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if items.numel() and (int(items.min()) < 1 or int(items.max()) > self.cfg.n_items):
+        if eager() and items.numel() and (int(items.min()) < 1 or int(items.max()) > self.cfg.n_items):
             raise ValueError(f"item ids must be in 1..{self.cfg.n_items}, got range "
                              f"[{int(items.min())}, {int(items.max())}]")
         x = self.item_emb(items) * math.sqrt(self.cfg.d_model)
@@ -176,7 +173,7 @@ class SequentialRecommender(nn.Module):
                 kw["query_timestamps"] = timestamps
         if return_stats:
             kw.update(return_stats=True, stats_window=stats_window)
-        return _attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1],
+        return attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1],
                           cache=cache, kind=layer.kind, offsets=offsets, query_positions=positions,
                           backend=self.backend, **kw)
 
@@ -312,7 +309,7 @@ class SequentialRecommender(nn.Module):
         them, and the earlier tokens by the full causal pass: training sees what serving will do.
         """
         items, ts, offsets = _as_jagged(items, timestamps, lengths)
-        uid, local = _user_index(offsets)
+        uid, local = _user_index(offsets, items.numel())
         if request_len is None or self.cfg.seq_compress is None:
             h, _, _ = self._run_native(self.embed(items, local), offsets, local, ts)
             return h
@@ -338,7 +335,7 @@ class SequentialRecommender(nn.Module):
         items, ts, offsets = _as_jagged(items, timestamps, lengths)
         if bool(((offsets[1:] - offsets[:-1]) < 1).any()):
             raise ValueError("items: every user needs at least one token")
-        uid, local = _user_index(offsets)
+        uid, local = _user_index(offsets, items.numel())
         h, _, _ = self._run_native(self.embed(items, local), offsets, local, ts)
         return h[offsets[1:] - 1]
 
@@ -355,20 +352,31 @@ class SequentialRecommender(nn.Module):
         history's own causal attention (for attention-scored policies), as ``(caches, stats)``.
         """
         items, ts, offsets = _as_jagged(items, timestamps, lengths, what="history items")
-        _, local = _user_index(offsets)
+        _, local = _user_index(offsets, items.numel())
+        # the attention-scored policies (H2O, SnapKV, PyramidKV, ...) take their scores from these statistics
+        need_stats = return_stats or method != "none"
         _, kvs, stats = self._run_native(self.embed(items, local), offsets, local, ts, collect=True,
-                                         return_stats=return_stats, stats_window=stats_window)
+                                         return_stats=need_stats, stats_window=stats_window)
         caches = self._history_caches(kvs, offsets, local, ts)
-        if method != "none":
-            from ..policies import compress
-            out = []
-            for li, c in enumerate(caches):
-                cc = compress(c.k, c.v, method, budget=budget, positions=c.position, timestamps=c.timestamp,
-                              lengths=c.length[:, 0], counts=c.count, stats=stats[li] if stats else None,
-                              seed=seed, **params)
-                out.append(cc.replace(original_length=c.original_length))
-            caches = out
+        caches = self.compress_caches(caches, method, budget=budget, stats=stats, seed=seed, **params)
         return (caches, stats) if return_stats else caches
+
+    def compress_caches(self, caches: Sequence[KVCache], method: str, *, budget=None, stats=None, seed: int = 0,
+                        **params) -> List[KVCache]:
+        """Compress each layer's cache with ``malloc_kernels.compress`` and the layer's context: ``layer``,
+        ``num_layers`` (PyramidKV's per-layer budgets), the attention ``kind`` and ``scale``, and the layer's
+        attention statistics ``stats[layer]`` when given. ``original_length`` (the history length) is kept.
+        The one per-layer loop of the models and the evaluation harness."""
+        if method == "none":
+            return list(caches)
+        kind = "hstu" if self.cfg.arch == "hstu" else "softmax"
+        out = []
+        for li, c in enumerate(caches):
+            cc = compress(c.k, c.v, method, budget=budget, positions=c.position, timestamps=c.timestamp,
+                          lengths=c.length[:, 0], counts=c.count, stats=stats[li] if stats else None, seed=seed,
+                          layer=li, num_layers=len(caches), kind=kind, scale=self.scale, **params)
+            out.append(cc.replace(original_length=c.original_length))
+        return out
 
     def serve(self, request_items, request_timestamps=None, caches: Sequence[KVCache] = (), lengths=None, *,
               return_all: bool = False) -> torch.Tensor:
@@ -381,11 +389,11 @@ class SequentialRecommender(nn.Module):
         B = offsets.numel() - 1
         if caches[0].batch_size != B:
             raise ValueError(f"caches hold {caches[0].batch_size} users but the request has {B}")
-        if bool(((offsets[1:] - offsets[:-1]) < 1).any()):
+        if eager() and bool(((offsets[1:] - offsets[:-1]) < 1).any()):
             raise ValueError("request items: every user needs at least one request token")
         if (ts is None) != (caches[0].timestamp is None) and self.cfg.arch == "hstu":
             raise ValueError("request timestamps must be given exactly when the caches carry timestamps")
-        uid, local = _user_index(offsets)
+        uid, local = _user_index(offsets, items.numel())
         positions = caches[0].original_length.to(torch.int64)[uid] + local
         x = self._run_cached(self.embed(items, positions), offsets, positions, ts, caches)
         h = self.final_norm(x)

@@ -1,12 +1,12 @@
 """``malloc_kernels.attention``: the drop-in replacement for ``torch.nn.functional.scaled_dot_product_attention``
-that also attends over compressed KV caches (DESIGN.md section 2, the TEAM.md contract).
+that also attends over compressed KV caches (ARCHITECTURE.md, "Attention semantics" and "The path of one call").
 
-Validates once (``core/validate.py``), picks a backend (``ops/backends.py``) and runs it.
+Validates once (``core/validate.py``), picks a backend (``ops/backends.py``, the registry's rule) and runs it.
 """
 from __future__ import annotations
 
-from .backends import select_backend
 from ..core.validate import validate_call
+from .backends import select_backend
 
 
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
@@ -45,10 +45,6 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                          query_positions=query_positions, query_timestamps=query_timestamps, pos_bias=pos_bias,
                          time_bias=time_bias, hstu_norm=hstu_norm, return_lse=return_lse,
                          return_stats=return_stats, stats_window=stats_window, backend=backend)
-    _, mod = select_backend(call)
-    if mod is None:
-        from .. import reference
-        result = reference.run(call)
-    else:
-        result = mod.run(call)
+    _, launcher = select_backend(call)
+    result = launcher.run(call)
     return call.make_result(result.output, result.lse, result.stats)

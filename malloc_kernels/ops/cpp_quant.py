@@ -20,19 +20,16 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..core import extension
 from ..core.formats import FP8_FORMAT, INT_FORMATS, K_AXES, SCALE_DTYPE
 
-_LOADED = False
 
 
 def load() -> None:
     """Load ``malloc_kernels._C`` (registers the C++ ops); raises ImportError with the reason if it is missing."""
-    global _LOADED
-    if not _LOADED:
-        import importlib
-
-        importlib.import_module("malloc_kernels._C")
-        _LOADED = True
+    ok, why = extension.load()
+    if not ok:
+        raise ImportError(why)
 
 
 def _bits(fmt: str) -> int:

@@ -1,13 +1,14 @@
 """Launcher of the C++ CPU backend (``backend="cpu"``, and ``auto`` for CPU tensors).
 
-The kernel (``csrc/cpu/attention*.cpp``, op ``torch.ops.malloc_kernels.attention_cpu``) computes DESIGN.md section 2
-in one fused pass per (user, kv head, query block): every cache form (float fp32/fp16/bf16 payloads; int8, fp8, int4,
-int2 codes with token- or channel-axis groups, dequantized block by block in L1 and never written back), per-head
-lengths, merge counts, the residual segment and the request's own tokens, with online softmax (FlashAttention-2,
-arXiv 2307.08691) or HSTU's pointwise SiLU (arXiv 2402.17152) and the relative position/time bias computed from
-ORIGINAL positions/timestamps. All query heads of a kv head share each K/V block (GQA/MQA without repeating K/V).
+The kernel (``csrc/cpu/attention*.cpp``, op ``torch.ops.malloc_kernels.attention_cpu``) computes the attention contract
+(ARCHITECTURE.md, "Attention semantics") in one fused pass per (user, kv head, query block): every cache form (float
+fp32/fp16/bf16 payloads; int8, fp8, int4, int2 codes with token- or channel-axis groups, dequantized block by block in
+L1 and never written back), per-head lengths, merge counts, the residual segment and the request's own tokens, with
+online softmax (FlashAttention-2, arXiv 2307.08691) or HSTU's pointwise SiLU (arXiv 2402.17152) and the relative
+position/time bias computed from ORIGINAL positions/timestamps. All query heads of a kv head share each K/V block
+(GQA/MQA without repeating K/V).
 
-Protocol (``ops/backends.py``): ``is_available()``, ``supports(call) -> (bool, reason)``, ``run(call) ->
+Protocol (``ops/backends.py``): ``supports(call) -> (bool, reason)``, ``run(call) ->
 AttentionResult`` for a validated ``AttentionCall`` (``core/validate.py``). This kernel is inference only; under
 autograd the backend selection sends jagged self-attention to the training kernels of ``ops/train_attention.py``.
 
@@ -16,38 +17,22 @@ kept entries, see its docstring) and ``gather_rows(src, index)``.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
 
+from ..core import extension
 from ..core.formats import FLOAT_FORMAT
 from ..core.kvcache import KVCacheBase
+from ..core.time_buckets import kernel_thresholds
 from ..core.types import AttentionResult, AttentionStats
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _load_ext() -> Tuple[bool, str]:
-    try:
-        import malloc_kernels._C  # noqa: F401  (registers the ops)
-    except ImportError as e:
-        return False, f"the C++ extension malloc_kernels._C does not load ({e})"
-    if not hasattr(torch.ops.malloc_kernels, "attention_cpu"):
-        return False, "malloc_kernels._C was built without the attention_cpu op (rebuild the extension)"
-    return True, ""
-
-
-def is_available() -> Tuple[bool, str]:
-    """(True, "") when the compiled ``attention_cpu`` op is registered."""
-    return _load_ext()
-
-
 def supports(call) -> Tuple[bool, str]:
-    """Whether the CPU kernel can run this validated call, and why not."""
-    ok, why = _load_ext()
-    if not ok:
-        return False, why
+    """Whether the CPU kernel can run this validated call, and why not (the registry has checked that the
+    ``attention_cpu`` op is built)."""
     if call.device.type != "cpu":
         return False, f"the cpu backend needs CPU tensors, got {call.device}"
     if call.dtype not in _KERNEL_DTYPES:
@@ -67,13 +52,6 @@ def supports(call) -> Tuple[bool, str]:
         if c.residual is not None and c.residual.k.dtype not in _KERNEL_DTYPES:
             return False, f"cache.residual dtype {c.residual.k.dtype} is not supported by the cpu kernel"
     return True, ""
-
-
-@functools.lru_cache(maxsize=64)
-def _thresholds(T: int) -> torch.Tensor:
-    """int64 [T]: th[k] at index k (k = 1..T-1), index 0 unused -- the kernel's exact time-bucket table."""
-    from ..core.time_buckets import time_bucket_thresholds
-    return torch.cat([torch.zeros(1, dtype=torch.int64), time_bucket_thresholds(T)])
 
 
 def _c(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -96,7 +74,7 @@ def run(call) -> AttentionResult:
     else:
         norm, norm_const = call.hstu_norm, 0
     time_bias = call.time_bias
-    th = _thresholds(int(time_bias.shape[-1])) if time_bias is not None else None
+    th = kernel_thresholds(int(time_bias.shape[-1])) if time_bias is not None else None
     outs = torch.ops.malloc_kernels.attention_cpu(
         call.query, call.key, call.value, _c(q_off), _c(k_off),
         _c(c.k) if c is not None else None, _c(c.v) if c is not None else None,
@@ -130,8 +108,7 @@ def run(call) -> AttentionResult:
 
 # ---- fake (meta) implementations so torch.compile / opcheck can trace the ops ----------------------------------
 def _register_fakes():
-    ok, _ = _load_ext()
-    if not ok:
+    if not extension.has_op("attention_cpu")[0]:
         return
 
     @torch.library.register_fake("malloc_kernels::attention_cpu")
@@ -191,7 +168,7 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"index [B, H]={tuple(index.shape[:2])} must match src's {tuple(src.shape[:2])}")
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= src.shape[2]):
         raise ValueError(f"index entries must be in [0, {src.shape[2]})")
-    ok, why = _load_ext()
+    ok, why = extension.has_op("gather_rows")
     if not ok:
         raise ValueError(f"gather_rows needs the C++ extension: {why}")
     return torch.ops.malloc_kernels.gather_rows(src, index.to(torch.int64))

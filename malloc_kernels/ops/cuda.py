@@ -21,7 +21,10 @@ from typing import Tuple
 
 import torch
 
+from ..core import extension
 from ..core.formats import FLOAT_FORMAT, FP8_FORMAT, INT_FORMATS
+from ..core.masks import request_visibility
+from ..core.time_buckets import kernel_thresholds
 from ..core.types import AttentionResult
 
 MAX_HEAD_DIM = 256
@@ -31,14 +34,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _ops():
     """The CUDA ops namespace, or None when ``malloc_kernels._C`` lacks them (CPU build / not built)."""
-    try:
-        import importlib
-
-        importlib.import_module("malloc_kernels._C")
-    except ImportError:
-        return None
-    ns = torch.ops.malloc_kernels
-    return ns if hasattr(ns, "cuda_decode_attention") else None
+    return torch.ops.malloc_kernels if extension.has_op("cuda_decode_attention")[0] else None
 
 
 def is_available() -> Tuple[bool, str]:
@@ -86,9 +82,15 @@ def supports(call) -> Tuple[bool, str]:
 
 
 def preferred(call) -> bool:
-    """``backend="auto"`` picks this kernel over Triton for decode / short appends over a cache: few query rows
-    per kv head (GQA heads x request tokens <= 64), where split-K over the cache is what bounds the time."""
-    return call.cache is not None and call.group_size * call.max_q_len <= 64 and supports(call)[0]
+    """Whether ``backend="auto"`` picks this kernel over Triton: never, for now. Read as an A100/H100 runs it, the
+    kernel is bound by shared-memory traffic rather than by the cache bytes it streams -- two shared loads per FMA
+    in the score loop (q and k both from shared memory), P.V over all 16 rows of a tile however few are valid,
+    scalar fp32 FMAs where Triton's kernel issues tensor-core MMAs, per-element scale/zero loads, and K/V re-read
+    and re-dequantized for every 16-row tile -- so Triton's split-K decode, with its MMAs and register tiles, is
+    the faster choice at every shape (``python -m malloc_kernels.triton.report`` and ``tools/cuda_report.py``
+    give the per-key instruction mix). ``backend="cuda"`` still runs it on request; auto falls back to it only
+    when Triton cannot run the call."""
+    return False
 
 
 def _i32(t):
@@ -101,8 +103,6 @@ def _f32(t):
 
 def _inv_norm(call, k_lengths) -> torch.Tensor:
     """HSTU's ``1 / n_i`` as float32 ``[B, Hkv, Lq]`` (1 where n_i == 0: those rows have no weight anyway)."""
-    from ..core.masks import request_visibility
-
     B, Hkv, Lq, dev = call.batch_size, call.num_kv_heads, call.max_q_len, call.device
     req = request_visibility(call.q_lengths, k_lengths, Lq, call.max_k_len, call.is_causal,
                              call.num_targets if call.targets_given else None).sum(-1).to(torch.float32)  # [B, Lq]
@@ -157,11 +157,7 @@ def _launch(call, ops) -> AttentionResult:
         q_ts = k_ts = dense.query_timestamps.to(torch.int64).contiguous()
     time_th = None
     if dense.time_bias is not None:
-        from ..core.time_buckets import time_bucket_thresholds
-
-        # The reference lists th[1..T-1]; the kernel indexes th[k] directly, so slot 0 is a placeholder.
-        th = time_bucket_thresholds(dense.time_bias.shape[1])
-        time_th = torch.cat([th.new_zeros(1), th]).to(q.device)
+        time_th = kernel_thresholds(dense.time_bias.shape[1]).to(q.device)
     c = dense.cache
     kw = dict(cache_k=None, cache_v=None, k_fmt=FLOAT_FORMAT, v_fmt=FLOAT_FORMAT, k_axis="token", group_size=1,
               k_scale=None, k_zero=None, v_scale=None, v_zero=None, cache_length=None, cache_pos=None,

@@ -1,8 +1,9 @@
 """Trainable C++ CPU kernels for jagged self-attention (``backend="cpu"`` / ``"auto"`` with autograd).
 
-Every training step of the recommenders attends each user's tokens to themselves, without a cache (DESIGN.md
-section 2 with all counts 1): HSTU's pointwise ``o_i = (1/n_i) sum_j silu(s_ij) v_j`` (Zhai et al., arXiv 2402.17152)
-or SASRec's softmax ``o_i = sum_j softmax_j(s_ij) v_j``, with ``s_ij = scale <q_i, k_j> + rab_ij`` over the visible j.
+Every training step of the recommenders attends each user's tokens to themselves, without a cache (the attention
+contract of ARCHITECTURE.md, "Attention semantics", with all counts 1): HSTU's pointwise ``o_i = (1/n_i) sum_j
+silu(s_ij) v_j`` (Zhai et al., arXiv 2402.17152) or SASRec's softmax ``o_i = sum_j softmax_j(s_ij) v_j``, with ``s_ij =
+scale <q_i, k_j> + rab_ij`` over the visible j.
 The reference runs this on padded ``[B, H, L, L]`` tensors through autograd; the ops
 ``malloc_kernels::self_attention_fwd`` / ``_bwd`` (``csrc/cpu/train_attention*.cpp``, math in
 ``csrc/include/malloc_kernels/train_attention.h``) compute the output (and the softmax lse) and all gradients (q, k,
@@ -18,24 +19,16 @@ from typing import Tuple
 
 import torch
 
+from ..core import extension
+from ..core.time_buckets import kernel_thresholds
 from ..core.types import AttentionResult
 
 _DTYPES = (torch.float32, torch.float64)
 
 
-def _ops_loaded() -> Tuple[bool, str]:
-    try:
-        import malloc_kernels._C  # noqa: F401  (registers the ops)
-    except ImportError as e:
-        return False, f"the C++ extension malloc_kernels._C does not load ({e})"
-    if not hasattr(torch.ops.malloc_kernels, "self_attention_fwd"):
-        return False, "malloc_kernels._C was built without self_attention_fwd (rebuild the extension)"
-    return True, ""
-
-
 def supports(call) -> Tuple[bool, str]:
     """Whether the training kernel computes this validated call (forward and backward), and why not."""
-    ok, why = _ops_loaded()
+    ok, why = extension.has_op("self_attention_fwd")
     if not ok:
         return False, why
     checks = (
@@ -95,8 +88,7 @@ def self_attention(q, k, v, offsets, *, kind, scale, causal=True, norm_const=0, 
     ``norm_const`` (hstu) 0: n_i = visible keys."""
     thresholds = None
     if time_bias is not None:
-        from .cpu import _thresholds
-        thresholds = _thresholds(int(time_bias.shape[-1]))
+        thresholds = kernel_thresholds(int(time_bias.shape[-1]))
     return SelfAttention.apply(q, k, v, pos_bias, time_bias, offsets, positions, timestamps, thresholds, kind, scale,
                                causal, norm_const)
 
@@ -116,7 +108,7 @@ def run(call) -> AttentionResult:
 
 
 def _register_fakes():
-    if not _ops_loaded()[0]:
+    if not extension.has_op("self_attention_fwd")[0]:
         return
 
     @torch.library.register_fake("malloc_kernels::self_attention_fwd")

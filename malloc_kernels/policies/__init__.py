@@ -2,7 +2,8 @@
 
 Importing the package registers every policy module; ``compress`` (``api.py``) is the entry point.
 """
-from . import baseline, merging, precision, pruning, quantize  # noqa: F401  (each module registers its policies)
+# Each module registers its policies; this order is the order of the harness' rows within a level.
+from . import baseline, quantize, pruning, merging, precision  # noqa: F401
 from .api import compress  # noqa: F401
 from .base import LEVELS, Policy, PolicyInput  # noqa: F401
 from .budget import Budget  # noqa: F401

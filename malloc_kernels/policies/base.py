@@ -36,6 +36,7 @@ class Policy:
 
     level = ""
     name = "?"
+    fixed_bits: Optional[int] = None    # precision methods whose name fixes the bits per stored number ("int4": 4)
 
     def compress(self, inp: "PolicyInput") -> KVCache:
         raise NotImplementedError(f"{type(self).__name__} must implement compress(inp) -> KVCache")

@@ -2,7 +2,7 @@
 
 Both keep EVERY history entry. The main segment holds the quantized entries (keys per-channel over groups of
 ``group_size`` consecutive entries, values per-token over groups of ``group_size`` channels, asymmetric integer
-codes with fp16 scale/zero, by ``cache.quant.quantize_cache``); the residual segment holds the entries kept in
+codes with fp16 scale/zero, by ``ops.quantize.quantize_cache``: the C++ packer on CPU tensors); the residual segment holds the entries kept in
 full precision. Both segments are sorted by original position and carry original positions/timestamps/counts.
 
 Budgets: a token budget must keep everything (``None``, ratio 1.0 or tokens >= the history); to drop tokens
@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ..ops.quantize import quantize_cache
 from .budget import largest_fitting
 from .registry import register_policy
 from .selection import (BasePolicy, Rows, attention_mass, build_cache, canonical_rows, check_int, first_tier,
@@ -96,7 +97,6 @@ class ResidualQuantPolicy(BasePolicy):
         return None
 
     def split(self, rows: Rows, R: torch.Tensor, G: int, ctx) -> "KVCache":  # noqa: F821
-        from ..cache.quant import quantize_cache
         N = rows.pos.shape[-1]
         valid = rows.valid()
         forced = self.forced_mask(rows, R, ctx)

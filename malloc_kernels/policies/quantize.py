@@ -2,8 +2,8 @@
 precision-level compression).
 
 Every entry is kept (the token budget is ``None`` or ``1.0``); only the number of bits per stored number changes.
-The storage rule (fp16 scale/zero rounded outward, round-half-even codes) is ``core/kvcache.py``'s and the work is
-``cache.quant.quantize_cache``.
+The storage rule (fp16 scale/zero rounded outward, round-half-even codes) is ``core/kvcache.py``'s; the work is
+``ops.quantize.quantize_cache`` (the packer the registry picks: C++ on CPU tensors, bit-exact with the reference).
 
 * ``int8`` / ``fp8`` (e4m3fn): per-token by default -- keys and values both grouped over channels with
   ``group_size = head_dim`` (one scale per entry; LLM.int8-style / FP8 KV caches of vLLM/TensorRT-LLM).
@@ -18,8 +18,9 @@ Parameters: ``group_size`` (int; on the token axis it must divide ``head_dim``) 
 """
 from __future__ import annotations
 
-from ..cache.quant import fp8_available, quantize_cache
-from ..core.formats import FP8_FORMAT, K_AXES
+from ..cache.quant import fp8_available
+from ..core.formats import FP8_FORMAT, K_AXES, format_bits
+from ..ops.quantize import quantize_cache
 from .base import Policy, PolicyInput
 from .registry import register_policy
 
@@ -44,6 +45,10 @@ class _PlainQuantizer(Policy):
     """Shared constructor/validation of the plain quantizers; subclasses set the format and default layout."""
 
     level = "precision"
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.fixed_bits = format_bits(cls.FORMAT)
 
     FORMAT = ""
     DEFAULT_K_AXIS = "token"

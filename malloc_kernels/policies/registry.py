@@ -6,7 +6,7 @@ registered names.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .base import LEVELS, Policy
 
@@ -32,11 +32,13 @@ def available_methods() -> List[str]:
     return sorted(_POLICIES)
 
 
-def methods_by_level(level: str) -> List[str]:
-    """Registered method names whose policy declares ``level`` (sorted)."""
+def methods_by_level(level: str, bits: Optional[int] = None) -> List[str]:
+    """Registered method names whose policy declares ``level``, in registration order (the order of the policy
+    modules); ``bits``: only precision methods whose name fixes that bit width (``Policy.fixed_bits``)."""
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-    return sorted(name for name, cls in _POLICIES.items() if cls.level == level)
+    return [name for name, cls in _POLICIES.items()
+            if cls.level == level and (bits is None or cls.fixed_bits == bits)]
 
 
 def get_policy(method: str) -> type:

@@ -17,7 +17,9 @@ from typing import Optional
 import torch
 
 from ..cache.types import KVCache
+from ..core import extension
 from ..core.layout import jagged_to_padded, padded_to_jagged
+from ..ops import cpu
 from ..ops.attention import attention
 from .base import Policy
 from .budget import Budget, parse_budget, token_budgets
@@ -105,34 +107,16 @@ class Rows:
 def gather_entries(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``x[b, h, idx[b, h, c], ...]`` for ``x`` ``[B, H, N, *]`` and ``idx`` int64 ``[B, H, C]``.
 
-    Uses the C++ kernel ``malloc_kernels.ops.cpu.gather_cache_entries`` when it is built and supports the call
-    (CPU, payload ``[B, H, N, D]``), else ``torch.gather``.
+    CPU tensors go through the C++ row gather ``ops.cpu.gather_rows`` (one memcpy per kept row, any dtype) when the
+    extension has it, other devices (and tensors autograd must flow through) through ``torch.gather``; both give
+    the same bits. Errors are not caught: an index out of range is a bug of the caller.
     """
-    if x.dim() == 4 and x.device.type == "cpu":
-        fn = _cpp_gather()
-        if fn is not None:
-            try:
-                return fn(x, idx)
-            except (RuntimeError, TypeError, ValueError):
-                pass
+    if x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()) and \
+            extension.has_op("gather_rows")[0]:
+        return cpu.gather_rows(x, idx)
     if x.dim() == 3:
         return torch.gather(x, 2, idx)
     return torch.gather(x, 2, idx[..., None].expand(*idx.shape, *x.shape[3:]))
-
-
-_CPP_GATHER = []
-
-
-def _cpp_gather():
-    if not _CPP_GATHER:
-        fn = None
-        try:
-            from ..ops import cpu as _cpu
-            fn = getattr(_cpu, "gather_cache_entries", None)
-        except Exception:  # the C++ backend is optional: any import failure means "use torch.gather"
-            fn = None
-        _CPP_GATHER.append(fn)
-    return _CPP_GATHER[0]
 
 
 def canonical_rows(inp) -> Rows:

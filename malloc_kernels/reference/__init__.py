@@ -1,9 +1,10 @@
-"""The PyTorch reference: DESIGN.md section 2 semantics in plain PyTorch, any dtype including float64. The oracle.
+"""The PyTorch reference: the attention contract (ARCHITECTURE.md, "Attention semantics") in plain PyTorch, any dtype
+including float64. The oracle, and the ``reference`` backend of the attention family.
 
-``attention(...)`` implements the full contract (see ``attention.py``); ``time_bucket_thresholds``, ``time_bucket``
-and ``relative_bias`` define HSTU's relative bias exactly (``bias.py``); ``run(call)`` executes a validated
-``AttentionCall`` (the dispatcher's entry point).
+``attention(...)`` implements the full contract (see ``attention.py``); ``relative_bias`` builds HSTU's relative
+bias from the exact time buckets of ``core/time_buckets.py`` (``bias.py``); ``supports(call)`` / ``run(call)``
+execute a validated ``AttentionCall`` (the dispatcher's launcher protocol).
 """
-from .attention import attention, attention_padded, compute_dtype, run  # noqa: F401
-from .bias import relative_bias, time_bucket, time_bucket_thresholds  # noqa: F401
 from ..core.masks import request_visibility  # noqa: F401
+from .attention import attention, attention_padded, compute_dtype, run, supports, supports_autograd  # noqa: F401
+from .bias import relative_bias, time_bucket, time_bucket_thresholds  # noqa: F401

@@ -1,4 +1,4 @@
-"""The reference attention: the full contract of DESIGN.md section 2 / TEAM.md in plain PyTorch.
+"""The reference attention: the full contract (ARCHITECTURE.md, "Attention semantics") in plain PyTorch.
 
 It is the oracle every backend is tested against, and the autograd path the models train through, so it is written
 for clarity first and for batched speed second: users are padded to a common length and everything is a masked
@@ -26,7 +26,7 @@ normalised weights (softmax) or the pointwise weights (hstu) by a Bernoulli(1-p)
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -257,6 +257,14 @@ def _stats(call: AttentionCall, w: torch.Tensor, hist: Optional[_History], Nh: i
                           residual_window_mass=res_w, window=call.stats_window)
 
 
+# The backend-launcher protocol (ops/backends.py): the reference runs every validated call, with autograd.
+supports_autograd = True
+
+
+def supports(call: AttentionCall) -> Tuple[bool, str]:
+    return True, ""
+
+
 def run(call: AttentionCall) -> AttentionResult:
     """Execute a validated call with the reference (the backend-launcher protocol: always an AttentionResult;
     lse is None for ``kind="hstu"``, stats None unless ``call.return_stats``)."""
@@ -275,11 +283,11 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
               return_stats=False, stats_window=None):
     """Reference attention over (compressed cache +) request tokens; the oracle for every backend.
 
-    Arguments and shapes are those of ``malloc_kernels.attention`` (TEAM.md contract): dense query ``[B, Hq, Lq, D]``,
-    key/value ``[B, Hkv, Lk, D]``, or jagged ``[total, H, D]`` with ``offsets [B+1]``; ``cache`` a ``KVCache`` whose
-    entries precede the request; ``kind`` "softmax" or "hstu"; relative bias from ``pos_bias [P] | [Hq, P]`` and
-    ``time_bias [T] | [Hq, T]`` with ORIGINAL positions/timestamps. Supports autograd and ``dropout_p`` (applied to
-    the normalised weights, as SDPA does). Returns the output (query layout and dtype) or
+    Arguments and shapes are those of ``malloc_kernels.attention`` (ARCHITECTURE.md, "Attention semantics"): dense query
+    ``[B, Hq, Lq, D]``, key/value ``[B, Hkv, Lk, D]``, or jagged ``[total, H, D]`` with ``offsets [B+1]``; ``cache`` a
+    ``KVCache`` whose entries precede the request; ``kind`` "softmax" or "hstu"; relative bias from ``pos_bias [P] |
+    [Hq, P]`` and ``time_bias [T] | [Hq, T]`` with ORIGINAL positions/timestamps. Supports autograd and ``dropout_p``
+    (applied to the normalised weights, as SDPA does). Returns the output (query layout and dtype) or
     ``AttentionResult(output, lse, stats)`` when ``return_lse``/``return_stats``.
     """
     call = validate_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, cache=cache,

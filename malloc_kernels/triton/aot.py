@@ -76,6 +76,7 @@ class AotSpec:
     note: str = ""
     mma_expected: bool = True
     attrs: Dict = field(default_factory=dict)
+    archs: Optional[tuple] = None   # the archs this spec is launched on (None: all); tiles may differ per arch
 
     @classmethod
     def from_args(cls, name, fn, args: Dict[str, object], constexprs: Dict[str, object], *, num_warps=4,
@@ -89,13 +90,19 @@ class AotSpec:
         # Mirror the JIT's runtime specialisation (triton.runtime.jit / BaseBackend): an int argument equal to 1
         # becomes the constant 1 (unit strides then vectorise), ints divisible by 16 and 16-byte aligned pointers
         # get the ``tt.divisibility = 16`` hint. So the AOT binary is the one a launch with these values builds.
+        # Parameters declared ``do_not_specialize`` get neither (the JIT compiles them as plain i32/i64).
         sig, attrs = {}, {}
         consts = {n: (int(v) if isinstance(v, bool) else v) for n, v in constexprs.items()}
+        params = getattr(fn, "params", None) or []
+        plain = {p.name for p in params if getattr(p, "do_not_specialize", False)}
         for idx, n in enumerate(names):
             if n in constexprs:
                 sig[n] = "constexpr"
                 continue
             v = args[n]
+            if n in plain:
+                sig[n] = type_code(v)
+                continue
             if isinstance(v, int) and not isinstance(v, bool) and v == 1:
                 sig[n] = "constexpr"
                 consts[n] = 1
@@ -124,6 +131,8 @@ class AotResult:
     mma_expected: bool = True
     note: str = ""
     error: str = ""
+    mix: Optional[object] = None        # sass.LoopMix of the main loop (None: no loop / not disassembled)
+    keys_per_iteration: Optional[int] = None
 
     @property
     def spills(self) -> int:
@@ -173,9 +182,44 @@ def compile_spec(spec: AotSpec, arch: int) -> AotResult:
         res.mma_kind = "+".join(k.split(".")[0] if k.startswith("wgmma") else k for k in kinds) or "-"
         res.__dict__.update(ptxas_resources(ptx, arch))
         res.ok = True
+        from . import sass
+        try:
+            res.mix = sass.main_loop_mix(sass.disassemble_cubin(compiled.asm["cubin"]))
+        except RuntimeError as e:  # no nvdisasm: resources only
+            res.error = f"SASS not inspected: {e}"[:200]
+        res.keys_per_iteration = spec.constexprs.get("BLOCK_N")
     except Exception as e:  # the report prints every failure and exits non-zero
         res.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
     return res
+
+
+def ttir(spec: AotSpec, arch: int = 90, optimize: bool = True) -> str:
+    """The Triton IR of one spec for ``sm_<arch>``, as text: straight from the AST (``optimize=False``: one
+    function per ``@triton.jit`` helper, nothing removed) or after Triton's TTIR passes (helpers inlined,
+    canonicalised). Takes a fraction of a full compile; tests read address arithmetic and loads off it."""
+    import triton
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    src = triton.compiler.ASTSource(spec.fn, spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
+    options = backend.parse_options({"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                         context)
+    if optimize:
+        stages = {}
+        backend.add_stages(stages, options, src.language)
+        module = stages["ttir"](module, {})
+    return str(module)
+
+
+def runtime_arg_names(spec: AotSpec) -> List[str]:
+    """The spec's runtime (non-constexpr) parameters in order: the kernel's ``%argN`` in its IR."""
+    return [n for n, t in spec.signature.items() if t != "constexpr"]
 
 
 def collect_specs(modules=SPEC_MODULES, only: Optional[List[str]] = None):

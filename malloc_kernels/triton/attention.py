@@ -24,6 +24,7 @@ import torch
 from ..core.types import AttentionResult, AttentionStats
 from ..core.validate import AttentionCall
 from ..core.time_buckets import time_bucket_thresholds
+from .launch import device_guard
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -92,8 +93,19 @@ class LaunchConfig:
     num_stages: int
 
 
+def device_arch(device) -> int:
+    """Compute capability ``10 * major + minor`` of a CUDA device; 90 (H100) for CPU tensors (the interpreter runs
+    whatever tiles it is given; 90 keeps its tiles those of the GPU this code is tuned for)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def choose_config(call: AttentionCall, *, path: Optional[str] = None, block_m: Optional[int] = None,
-                  block_n: Optional[int] = None, split_size: Optional[int] = None) -> LaunchConfig:
+                  block_n: Optional[int] = None, split_size: Optional[int] = None,
+                  arch: Optional[int] = None) -> LaunchConfig:
     """Tiles: BLOCK_D = next power of two >= max(D, 16); BLOCK_N 64 (32 for D > 128) keeps K/V tiles within the
     register file; decode packs ``G * Lq`` rows into one M tile of at least 16 (the MMA minimum) and splits the key
     axis so that about ``TARGET_PROGRAMS`` programs run; append uses 64-row query tiles."""
@@ -133,17 +145,74 @@ def choose_config(call: AttentionCall, *, path: Optional[str] = None, block_m: O
         num_splits = _cdiv(total, split_size)
         num_warps = 4
     else:
-        if block_m is None:
-            # dequantized tiles and the bias gathers add registers: 32-row tiles keep sm_80 spill-free there
-            heavy = call.has_bias or (call.cache is not None and call.cache.is_quantized)
-            block_m = 32 if (call.dtype == torch.float32 or heavy) else 64
+        # FlashAttention-2 tiles where they fit the register file (checked per arch by the AOT report: 0 spills):
+        # each warp owns 16 whole query rows (row max/sum stay within the warp, P stays in registers), 128 rows /
+        # 8 warps, or 64 rows / 4 warps -- one warpgroup of 64 rows, the smallest M of sm_90's wgmma --, 3 stages
+        # of K/V loads in flight. The dequantizing and bias paths need the registers of 32-row tiles on sm_80
+        # (and with the bias on sm_90 too), D = 256 everywhere; fp32 inputs have no tensor-core product and keep
+        # 32-row tiles; masked 16-bit tiles on sm_80 keep 64 rows / 2 stages.
+        arch = device_arch(call.device) if arch is None else arch
+        quantized = call.cache is not None and call.cache.is_quantized
+        masked_sm80 = call.attn_mask is not None and arch < 90
+        if call.dtype == torch.float32 or call.has_bias or (quantized and arch < 90) or block_d > 128 or masked_sm80:
+            fa2 = None
+        elif quantized:
+            fa2 = (64, 4, 3)
+        else:
+            fa2 = (128, 8, 3)
         split_size, num_splits = total, 1
+        if fa2 is not None and block_m in (None, fa2[0]):
+            return LaunchConfig(path, fa2[0], block_n, block_d, split_size, num_splits, fa2[1], fa2[2])
+        if block_m is None:
+            block_m = 64 if (masked_sm80 and block_d <= 128) else 32
         num_warps = 4 if block_d <= 64 else 8
     return LaunchConfig(path, block_m, block_n, block_d, split_size, num_splits, num_warps, 2)
 
 
+def decode_grid(batch: int, num_kv_heads: int, num_splits: int):
+    """Split-K forward grid ``(B * Hkv, num_splits)`` (the split count stays far below axis 1's limit)."""
+    return (batch * num_kv_heads, num_splits)
+
+
+def merge_grid(batch: int, rows_per_user: int, block_r: int):
+    """Merge grid ``(B * cdiv(Lq * Hq, BLOCK_R),)`` and its row blocks per user (one axis: no 65,535 limit)."""
+    blocks = _cdiv(rows_per_user, block_r)
+    return (batch * blocks,), blocks
+
+
+def append_grid(batch: int, num_kv_heads: int, rows_per_head: int, block_m: int):
+    """Append grid ``(num_tiles * B * Hkv,)`` and ``num_tiles = cdiv(G * Lq, BLOCK_M)`` (one axis)."""
+    tiles = _cdiv(rows_per_head, block_m)
+    return (tiles * batch * num_kv_heads,), tiles
+
+
+def stats_grid(batch: int, num_kv_heads: int, longest_segment: int, block_n: int):
+    """Stats grid ``(key blocks * B * Hkv, 3)`` (axis 1: cache, residual, request) and the key blocks per head."""
+    blocks = _cdiv(max(longest_segment, 1), block_n)
+    return (blocks * batch * num_kv_heads, 3), blocks
+
+
+_DUMMIES = {}
+_THRESHOLDS = {}
+
+
 def _dummy(device, dtype):
-    return torch.zeros(1, dtype=dtype, device=device)
+    """A placeholder pointer for an absent input, never dereferenced (constexpr flags turn its loads off): one
+    cached tensor per (device, dtype), so a call allocates none (and a captured CUDA graph sees no new buffer)."""
+    key = (torch.device(device), dtype)
+    t = _DUMMIES.get(key)
+    if t is None:
+        t = _DUMMIES[key] = torch.zeros(1, dtype=dtype, device=device)
+    return t
+
+
+def _thresholds(T: int, device):
+    """HSTU's time-bucket thresholds on ``device``, copied from the host once per (T, device), not per call."""
+    key = (T, torch.device(device))
+    t = _THRESHOLDS.get(key)
+    if t is None:
+        t = _THRESHOLDS[key] = time_bucket_thresholds(T).to(device)
+    return t
 
 
 def _nonempty(t, dtype=None):
@@ -234,7 +303,7 @@ def kernel_args(call: AttentionCall, cfg: LaunchConfig, *, dot_lowp: Optional[bo
         pb, P = _dummy(dev, f32), 1
     if call.time_bias is not None:
         tb, T = call.time_bias.to(f32).contiguous(), call.time_bias.shape[1]
-        th = time_bucket_thresholds(T).to(dev) if T > 1 else _dummy(dev, i64)
+        th = _thresholds(T, dev) if T > 1 else _dummy(dev, i64)
     else:
         tb, T, th = _dummy(dev, f32), 1, _dummy(dev, i64)
 
@@ -242,6 +311,9 @@ def kernel_args(call: AttentionCall, cfg: LaunchConfig, *, dot_lowp: Optional[bo
         norm, norm_const = 2, float(call.hstu_norm)
     else:
         norm, norm_const = (0 if call.hstu_norm == "original" else 1), 0.0
+    # host part of the HSTU normaliser bound (attention_common._hstu_bound): every stored entry plus the longest
+    # request for "kept", the longest request (plus the user's original length, in-kernel) for "original"
+    hstu_hb = float(call.max_k_len + (C + R if norm == 1 else 0))
     if dot_lowp is None:
         dot_lowp = call.dtype == torch.float16 or (call.dtype == torch.bfloat16 and not interpreting())
 
@@ -259,7 +331,7 @@ def kernel_args(call: AttentionCall, cfg: LaunchConfig, *, dot_lowp: Optional[bo
         MASK=mask, sm_b=sm[0], sm_h=sm[1], sm_i=sm[2], sm_j=sm[3], NT=_nonempty(call.num_targets.to(i64), i64),
         CK=ck, CV=cv, CKS=cks, CKZ=ckz, CVS=cvs, CVZ=cvz, C=C, CLEN=clen, CPOS=cpos, CTS=cts, CCNT=ccnt, ORIG=orig,
         RK=rk, RV=rv, R=R, RLEN=rlen, RPOS=rpos, RTS=rts, RCNT=rcnt,
-        PB=pb, P=P, TB=tb, T=T, TH=th, scale=float(call.scale), norm_const=norm_const,
+        PB=pb, P=P, TB=tb, T=T, TH=th, scale=float(call.scale), norm_const=norm_const, hstu_hb=hstu_hb,
     )
     consts = dict(
         G=call.group_size, HQ=Hq, HKV=Hkv, HEAD_DIM=D, BLOCK_D=cfg.block_d, BLOCK_M=cfg.block_m,
@@ -294,11 +366,14 @@ def decode_kernel_args(call, cfg, args, consts, buffers):
     mp = torch.empty((S, tq, Hq), dtype=torch.float32, device=dev)
     lp = torch.empty((S, tq, Hq), dtype=torch.float32, device=dev)
     # The split kernel writes only the partials; O/STAT are passed because the forward kernel's signature is shared.
-    dargs = dict(args, **_output_args(buffers), ACC=acc, MP=mp, LP=lp, TQ=tq, split_size=cfg.split_size)
+    dargs = dict(args, **_output_args(buffers), ACC=acc, MP=mp, LP=lp, TQ=tq, split_size=cfg.split_size,
+                 num_tiles=1)
     dconsts = dict(consts, SPLIT_K=True)
     block_r = max(16, min(64, _next_pow2(Hq)))
-    margs = dict(ACC=acc, MP=mp, LP=lp, TQ=tq, num_splits=S, Q_OFF=args["Q_OFF"], Q_LEN=args["Q_LEN"],
-                 QROWB=args["QROWB"], ORIG=args["ORIG"], norm_const=args["norm_const"], **_output_args(buffers))
+    _, row_blocks = merge_grid(call.batch_size, call.max_q_len * Hq, block_r)
+    margs = dict(ACC=acc, MP=mp, LP=lp, TQ=tq, num_splits=S, num_row_blocks=row_blocks, Q_OFF=args["Q_OFF"],
+                 Q_LEN=args["Q_LEN"], QROWB=args["QROWB"], ORIG=args["ORIG"], norm_const=args["norm_const"],
+                 hstu_hb=args["hstu_hb"], **_output_args(buffers))
     mconsts = dict(HQ=Hq, HEAD_DIM=consts["HEAD_DIM"], BLOCK_D=cfg.block_d, BLOCK_R=block_r, KIND=consts["KIND"],
                    NORM=consts["NORM"], HAS_CACHE=consts["HAS_CACHE"])
     return dargs, dconsts, margs, mconsts
@@ -308,8 +383,9 @@ def append_kernel_args(call, cfg, args, consts, buffers):
     """Arguments of ``attention_forward_kernel`` over query tiles (no ``SPLIT_K``): the split partial buffers of its
     shared signature are placeholders it never touches."""
     unused = _dummy(call.device, torch.float32)
-    return dict(args, **_output_args(buffers), ACC=unused, MP=unused, LP=unused, TQ=1, split_size=1), \
-        dict(consts, SPLIT_K=False)
+    _, tiles = append_grid(call.batch_size, call.num_kv_heads, call.group_size * call.max_q_len, cfg.block_m)
+    return dict(args, **_output_args(buffers), ACC=unused, MP=unused, LP=unused, TQ=1, split_size=1,
+                num_tiles=tiles), dict(consts, SPLIT_K=False)
 
 
 STATS_ARG_NAMES = ("Q", "sq_b", "sq_l", "sq_h", "sq_d", "Q_OFF", "Q_LEN", "QROWB", "QPOS", "QTS")
@@ -335,7 +411,9 @@ def stats_kernel_args(call, cfg, args, consts, buffers):
     sargs = _pick(args, STATS_ARG_NAMES)
     sargs["STAT"] = buffers["stat"]
     sargs.update(_pick(args, STATS_KEY_ARGS))
-    sargs.update(window=int(call.stats_window or 0), KM=km, KWM=kwm, CM=cm, CWM=cwm, RM=rm, RWM=rwm)
+    _, key_blocks = stats_grid(B, Hkv, max(call.max_k_len, C, R, 1), cfg.block_n)
+    sargs.update(window=int(call.stats_window or 0), key_blocks=key_blocks, KM=km, KWM=kwm, CM=cm, CWM=cwm, RM=rm,
+                 RWM=rwm)
     sconsts = _pick(consts, STATS_CONSTS)
     sconsts["BLOCK_M"] = max(16, min(64, _next_pow2(call.group_size * max(call.max_q_len, 1))))
     return sargs, sconsts
@@ -358,16 +436,17 @@ def run(call: AttentionCall, *, path: Optional[str] = None, block_m: Optional[in
     B, Hq, Hkv = call.batch_size, call.num_heads, call.num_kv_heads
     out, stat = buffers["out"], buffers["stat"]
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if B > 0 and call.max_q_len > 0:
-        if cfg.path == "decode":
-            dargs, dconsts, margs, mconsts = decode_kernel_args(call, cfg, args, consts, buffers)
-            attention_forward_kernel[(B * Hkv, cfg.num_splits)](**dargs, **dconsts, **launch)
-            grid = (B, _cdiv(call.max_q_len * Hq, mconsts["BLOCK_R"]))
-            attention_merge_kernel[grid](**margs, **mconsts, num_warps=4)
-        else:
-            aargs, aconsts = append_kernel_args(call, cfg, args, consts, buffers)
-            grid = (_cdiv(call.group_size * call.max_q_len, cfg.block_m), B * Hkv)
-            attention_forward_kernel[grid](**aargs, **aconsts, **launch)
+    if B > 0 and call.max_q_len > 0 and Hkv > 0:
+        with device_guard(call.query):
+            if cfg.path == "decode":
+                dargs, dconsts, margs, mconsts = decode_kernel_args(call, cfg, args, consts, buffers)
+                attention_forward_kernel[decode_grid(B, Hkv, cfg.num_splits)](**dargs, **dconsts, **launch)
+                grid, _ = merge_grid(B, call.max_q_len * Hq, mconsts["BLOCK_R"])
+                attention_merge_kernel[grid](**margs, **mconsts, num_warps=4)
+            else:
+                aargs, aconsts = append_kernel_args(call, cfg, args, consts, buffers)
+                grid, _ = append_grid(B, Hkv, call.group_size * call.max_q_len, cfg.block_m)
+                attention_forward_kernel[grid](**aargs, **aconsts, **launch)
 
     lse = None
     if call.kind == "softmax" and call.return_lse:
@@ -377,10 +456,10 @@ def run(call: AttentionCall, *, path: Optional[str] = None, block_m: Optional[in
     stats = None
     if call.return_stats:
         sargs, sconsts = stats_kernel_args(call, cfg, args, consts, buffers)
-        seg_max = max(call.max_k_len, args["C"], args["R"], 1)
-        if B > 0:
-            grid = (_cdiv(seg_max, cfg.block_n), B * Hkv, 3)
-            attention_stats_kernel[grid](**sargs, **sconsts, **launch)
+        if B > 0 and Hkv > 0:
+            grid, _ = stats_grid(B, Hkv, max(call.max_k_len, args["C"], args["R"], 1), cfg.block_n)
+            with device_guard(call.query):
+                attention_stats_kernel[grid](**sargs, **sconsts, **launch)
         stats = _stats_result(call, sargs, buffers)
     return AttentionResult(out, lse, stats)
 
@@ -470,12 +549,22 @@ def aot_specs():
         "hstu_fp16_bias_counts": dict(kind="hstu", bias=True, counts=True, Lq=4),
         "hstu_bf16_int8_bias": dict(kind="hstu", dtype=torch.bfloat16, bias=True, k_format="int8",
                                     v_format="int8", group_size=32),
+        # the other tiles auto picks: D = 256 (BLOCK_N 32), 32- and 64-row decode tiles (G * Lq), quantized +
+        # bias at 64 rows (BLOCK_N 16)
+        "softmax_fp16_d256": dict(D=256),
+        "softmax_kivi2_d256": dict(D=256, **kivi2),
+        "softmax_fp16_m32": dict(Hq=16, Lq=4),
+        "softmax_kivi4_m64": dict(Hq=16, Lq=8, **kivi4),
+        "hstu_int8_bias_m64": dict(kind="hstu", Hq=16, Lq=8, bias=True, k_format="int8", v_format="int8",
+                                   group_size=32),
     }
     append = {
         "softmax_fp16_prefill": dict(C=0, Lq=128),
         "softmax_fp16_boolmask": dict(C=0, Lq=128, causal=False, mask="bool"),
         "softmax_fp16_addmask_d64": dict(C=0, Lq=128, causal=False, mask="float", D=64),
         "softmax_fp32": dict(C=0, Lq=128, dtype=torch.float32),
+        "softmax_fp16_d256": dict(C=0, Lq=128, D=256),
+        "softmax_bf16_int8": dict(Lq=64, dtype=torch.bfloat16, k_format="int8", v_format="int8", group_size=32),
         "softmax_kivi4": dict(Lq=64, **kivi4),
         "hstu_fp16_bias_targets": dict(kind="hstu", C=0, Lq=128, bias=True, targets=True),
         "hstu_bf16_int8_bias": dict(kind="hstu", Lq=64, dtype=torch.bfloat16, bias=True, k_format="int8",
@@ -504,13 +593,20 @@ def aot_specs():
                                            mma_expected=False, note="split-K merge"))
     for name, kw in append.items():
         call = _example_call(**kw)
-        cfg = choose_config(call, path="append")
-        args, consts, buffers = kernel_args(call, cfg, dot_lowp=True)
-        aargs, aconsts = append_kernel_args(call, cfg, args, consts, buffers)
-        specs.append(AotSpec.from_args(f"append/{name}", attention_forward_kernel, aargs, aconsts,
-                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                       mma_expected=call.dtype != torch.float32,
-                                       note=f"D={call.head_dim} BLOCK_M={cfg.block_m}"))
+        cfgs = {arch: choose_config(call, path="append", arch=arch) for arch in (80, 90)}
+        same = cfgs[80] == cfgs[90]
+        for arch, cfg in cfgs.items():
+            if same and arch == 90:
+                break
+            args, consts, buffers = kernel_args(call, cfg, dot_lowp=True)
+            aargs, aconsts = append_kernel_args(call, cfg, args, consts, buffers)
+            spec = AotSpec.from_args(f"append/{name}", attention_forward_kernel, aargs, aconsts,
+                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                     mma_expected=call.dtype != torch.float32,
+                                     note=f"D={call.head_dim} BLOCK_M={cfg.block_m} BLOCK_N={cfg.block_n} "
+                                          f"stages={cfg.num_stages}")
+            spec.archs = None if same else (arch,)
+            specs.append(spec)
     for name, kw in stats.items():
         call = _example_call(**kw)
         call = call.replace(return_stats=True, stats_window=4)

@@ -29,7 +29,7 @@ NORM_ORIGINAL = 0
 NORM_KEPT = 1
 NORM_CONST = 2
 
-# Bucket divisor of HSTU's time bias (DESIGN.md section 2).
+# Bucket divisor of HSTU's time bias (ARCHITECTURE.md, "Attention semantics").
 BUCKET_DIVISOR = 0.301
 
 
@@ -97,16 +97,10 @@ def _load_tile(P, S, Z, n, n_ok, row_stride, col_stride,
             x = x.to(tl.float32)
     else:
         codes = _load_codes(P, n, n_ok, row_stride, HEAD_DIM, BLOCK_D, FMT)
-        if CHANNEL:
-            sidx = (n // GS)[:, None] * HEAD_DIM + d[None, :]
-        else:
-            NG: tl.constexpr = HEAD_DIM // GS
-            sidx = n[:, None] * NG + (d // GS)[None, :]
-        s = tl.load(S + sidx, mask=ok, other=0.0).to(tl.float32)
+        s, z = _group_params(S, Z, n, n_ok, d, ok, HEAD_DIM, BLOCK_D, FMT, CHANNEL, GS)
         if FMT == 4:
             x = _fp8_e4m3_to_f32(codes) * s
         else:
-            z = tl.load(Z + sidx, mask=ok, other=0.0).to(tl.float32)
             x = codes.to(tl.float32) * s + z
         x = tl.where(ok, x, 0.0)
     return x
@@ -120,6 +114,63 @@ def _abs_diff_sat(a, b):
     lo = tl.minimum(a, b).to(tl.uint64, bitcast=True)
     m = hi - lo
     return tl.minimum(m, 0x7FFFFFFFFFFFFFFF).to(tl.int64, bitcast=True)
+
+
+@triton.jit
+def _group_params(S, Z, n, n_ok, d, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr,
+                  CHANNEL: tl.constexpr, GS: tl.constexpr):
+    """Scale and zero of every element of a ``[BLOCK_N, BLOCK_D]`` tile, loaded once per group, not per element.
+
+    Channel axis (KIVI keys) with ``GS >= BLOCK_N``: the tile spans at most two entry groups, so two ``[BLOCK_D]``
+    rows are loaded and selected per entry. Token axis with power-of-two ``GS`` and ``HEAD_DIM``: one
+    ``[BLOCK_N, D / GS]`` tile, broadcast over each group's channels. Other shapes gather per element."""
+    BLOCK_N: tl.constexpr = n.shape[0]
+    dok = d < HEAD_DIM
+    if CHANNEL and GS >= BLOCK_N:
+        g = n // GS
+        g0 = tl.min(g)
+        second = tl.max(tl.where(n_ok & (g != g0), 1, 0)) > 0
+        first = g == g0
+        s0 = tl.load(S + g0.to(tl.int64) * HEAD_DIM + d, mask=dok, other=0.0).to(tl.float32)
+        s1 = tl.load(S + (g0 + 1).to(tl.int64) * HEAD_DIM + d, mask=dok & second, other=0.0).to(tl.float32)
+        s = tl.where(first[:, None], s0[None, :], s1[None, :])
+        if FMT == 4:
+            z = s * 0.0
+        else:
+            z0 = tl.load(Z + g0.to(tl.int64) * HEAD_DIM + d, mask=dok, other=0.0).to(tl.float32)
+            z1 = tl.load(Z + (g0 + 1).to(tl.int64) * HEAD_DIM + d, mask=dok & second, other=0.0).to(tl.float32)
+            z = tl.where(first[:, None], z0[None, :], z1[None, :])
+    elif (not CHANNEL) and _is_pow2_split(GS, HEAD_DIM, BLOCK_D):
+        NG: tl.constexpr = HEAD_DIM // GS
+        gi = tl.arange(0, NG)
+        gidx = n[:, None] * NG + gi[None, :]
+        gok = n_ok[:, None] & (gi[None, :] < NG)
+        sg = tl.load(S + gidx, mask=gok, other=0.0).to(tl.float32)
+        s = tl.reshape(tl.broadcast_to(sg[:, :, None], (BLOCK_N, NG, GS)), (BLOCK_N, BLOCK_D))
+        if FMT == 4:
+            z = s * 0.0
+        else:
+            zg = tl.load(Z + gidx, mask=gok, other=0.0).to(tl.float32)
+            z = tl.reshape(tl.broadcast_to(zg[:, :, None], (BLOCK_N, NG, GS)), (BLOCK_N, BLOCK_D))
+    else:
+        if CHANNEL:
+            sidx = (n // GS)[:, None] * HEAD_DIM + d[None, :]
+        else:
+            NG2: tl.constexpr = HEAD_DIM // GS
+            sidx = n[:, None] * NG2 + (d // GS)[None, :]
+        s = tl.load(S + sidx, mask=ok, other=0.0).to(tl.float32)
+        if FMT == 4:
+            z = s * 0.0
+        else:
+            z = tl.load(Z + sidx, mask=ok, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.constexpr_function
+def _is_pow2_split(GS, HEAD_DIM, BLOCK_D):
+    """Token-axis groups a reshape can broadcast: power-of-two group size, ``HEAD_DIM == BLOCK_D``, >= 2 groups
+    (tl.arange needs a power-of-two length)."""
+    return HEAD_DIM == BLOCK_D and GS > 0 and (GS & (GS - 1)) == 0 and HEAD_DIM // GS >= 2
 
 
 @triton.jit
@@ -174,6 +225,17 @@ def _block_scores(q, row_ok, i, h, p_i, t_i, n, n_ok, scale,
     ``attn_mask`` (bool: may attend; float: added to the score) is read at ``m_row + j * m_j``. Cache/residual
     entries are visible to every valid row."""
     k = _load_tile(KP, KS, KZ, n, n_ok, k_rs, k_cs, HEAD_DIM, BLOCK_D, FMT, CHANNEL, GS, DOT_F16 or DOT_BF16)
+    return _scores(q, k, row_ok, i, h, p_i, t_i, n, n_ok, scale, POSP, TSP, CNTP, MASKP, m_row, m_j, nt_start,
+                   PB, P, TB, T, TH, HAS_COUNT, IS_REQ, CAUSAL, HAS_TARGETS, HAS_MASK, MASK_BOOL, HAS_POS,
+                   HAS_TIME, DOT_F16, DOT_BF16)
+
+
+@triton.jit
+def _scores(q, k, row_ok, i, h, p_i, t_i, n, n_ok, scale, POSP, TSP, CNTP, MASKP, m_row, m_j, nt_start,
+            PB, P, TB, T, TH, HAS_COUNT: tl.constexpr, IS_REQ: tl.constexpr, CAUSAL: tl.constexpr,
+            HAS_TARGETS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_POS: tl.constexpr,
+            HAS_TIME: tl.constexpr, DOT_F16: tl.constexpr, DOT_BF16: tl.constexpr):
+    """``_block_scores`` for an already loaded (dequantized) key tile ``k [BLOCK_N, BLOCK_D]``."""
     if DOT_F16:
         s = tl.dot(q, tl.trans(k.to(tl.float16)))
     elif DOT_BF16:
@@ -214,14 +276,16 @@ def _block_scores(q, row_ok, i, h, p_i, t_i, n, n_ok, scale,
 
 
 @triton.jit
-def _update(acc, m_i, l_i, nh, nr, s, vis, c, v, KIND: tl.constexpr, IS_REQ: tl.constexpr,
+def _update(acc, m_i, l_i, nh, nr, s, vis, c, v, inv_bound, KIND: tl.constexpr, IS_REQ: tl.constexpr,
             DOT_F16: tl.constexpr, DOT_BF16: tl.constexpr):
     """One online step over a key block.
 
     softmax (``KIND == 0``, FlashAttention's online softmax, count folded in as ``+ log c_j``): running max
     ``m_i``, running denominator ``l_i``, ``acc = sum_j c_j e^{s_ij - m_i} v_j``.
-    hstu (``KIND == 1``): ``acc += sum_j c_j silu(s_ij) v_j``; ``nh``/``nr`` count the visible stored (cache +
-    residual) and request entries, for the ``kept``/``original`` normalisers.
+    hstu (``KIND == 1``): ``acc += sum_j (c_j silu(s_ij) / bound) v_j``; ``nh``/``nr`` count the visible stored
+    (cache + residual) and request entries, for the ``kept``/``original`` normalisers. The weights are divided by
+    ``bound`` (``_hstu_bound``, at least the row's normaliser) in fp32 before the 16-bit cast of the tensor-core
+    product: ``c_j silu(s_ij)`` alone passes fp16's 65504 with large merge counts.
 
     Non-finite rule (README): a visible NaN / +inf score (``log c`` included) or a non-finite element of a visible
     entry's value poisons the row: its accumulator becomes NaN (sticky through every later step, the split-K merge
@@ -241,7 +305,7 @@ def _update(acc, m_i, l_i, nh, nr, s, vis, c, v, KIND: tl.constexpr, IS_REQ: tl.
         m_i = m_new
     else:
         s = tl.where(vis, s, float("-inf"))
-        p = tl.where(vis & (s > float("-inf")), c[None, :] * (s / (1.0 + tl.exp(-s))), 0.0)
+        p = tl.where(vis & (s > float("-inf")), (c * inv_bound)[None, :] * (s / (1.0 + tl.exp(-s))), 0.0)
         cnt = tl.sum(vis.to(tl.float32), 1)
         if IS_REQ:
             nr += cnt
@@ -262,7 +326,7 @@ def _update(acc, m_i, l_i, nh, nr, s, vis, c, v, KIND: tl.constexpr, IS_REQ: tl.
 
 
 @triton.jit
-def _segment(acc, m_i, l_i, nh, nr, q, row_ok, i, h, p_i, t_i, lo, hi, scale,
+def _segment(acc, m_i, l_i, nh, nr, q, row_ok, i, h, p_i, t_i, lo, hi, scale, inv_bound,
              KP, KS, KZ, k_rs, k_cs, VP, VS, VZ, v_rs, v_cs, POSP, TSP, CNTP,
              MASKP, m_row, m_j, nt_start, PB, P, TB, T, TH,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -279,7 +343,8 @@ def _segment(acc, m_i, l_i, nh, nr, q, row_ok, i, h, p_i, t_i, lo, hi, scale,
                                   CHANNEL, GS, HAS_COUNT, IS_REQ, CAUSAL, HAS_TARGETS, HAS_MASK, MASK_BOOL,
                                   HAS_POS, HAS_TIME, DOT_F16, DOT_BF16)
         v = _load_tile(VP, VS, VZ, n, n_ok, v_rs, v_cs, HEAD_DIM, BLOCK_D, V_FMT, False, GS, DOT_F16 or DOT_BF16)
-        acc, m_i, l_i, nh, nr = _update(acc, m_i, l_i, nh, nr, s, vis, c, v, KIND, IS_REQ, DOT_F16, DOT_BF16)
+        acc, m_i, l_i, nh, nr = _update(acc, m_i, l_i, nh, nr, s, vis, c, v, inv_bound, KIND, IS_REQ, DOT_F16,
+                                        DOT_BF16)
     return acc, m_i, l_i, nh, nr
 
 
@@ -291,12 +356,13 @@ def _rows(b, hkv, r, Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS, 
     of one kv head share every K/V tile load (GQA without repeating K/V). Returns the Q tile in the dot dtype and
     the per-row index vectors."""
     qoff = tl.load(Q_OFF + b)
-    qlen = tl.load(Q_LEN + b)
+    qlen = tl.load(Q_LEN + b).to(tl.int32)  # lengths < 2^31: int32 loop and index arithmetic
     i = r // G
     h = hkv * G + r % G
     row_ok = i < qlen
     d = tl.arange(0, BLOCK_D)
-    qp = Q + b * sq_b + (qoff + i)[:, None] * sq_l + h[:, None] * sq_h + d[None, :] * sq_d
+    # int64 offsets: b * sq_b alone passes 2^31 once the tensor does (int32 products would wrap)
+    qp = Q + b.to(tl.int64) * sq_b + (qoff + i)[:, None] * sq_l + h[:, None] * sq_h + d[None, :] * sq_d
     q = tl.load(qp, mask=row_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0).to(tl.float32)
     if DOT_F16:
         q = q.to(tl.float16)
@@ -341,7 +407,7 @@ def _scale_offset(bh, C, HEAD_DIM: tl.constexpr, FMT: tl.constexpr, CHANNEL: tl.
 
 
 @triton.jit
-def _attend(b, hkv, r, vlo, vhi, scale,
+def _attend(b, hkv, r, vlo, vhi, scale, inv_bound,
             Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS,
             K, sk_b, sk_l, sk_h, sk_d, V, sv_b, sv_l, sv_h, sv_d, K_OFF, K_LEN, KROWB,
             MASK, sm_b, sm_h, sm_i, sm_j, NT,
@@ -379,7 +445,7 @@ def _attend(b, hkv, r, vlo, vhi, scale,
         lo = tl.maximum(vlo, 0)
         hi = tl.minimum(vhi, clen)
         acc, m_i, l_i, nh, nr = _segment(
-            acc, m_i, l_i, nh, nr, q, row_ok, i, h, p_i, t_i, lo, hi, scale,
+            acc, m_i, l_i, nh, nr, q, row_ok, i, h, p_i, t_i, lo, hi, scale, inv_bound,
             CK + row0 * CKW, CKS + ks_off, CKZ + ks_off, CKW, 1, CV + row0 * CVW, CVS + vs_off, CVZ + vs_off, CVW, 1,
             CPOS + row0, CTS + row0, CCNT + row0, MASK, sm_b, sm_j, 0, PB, P, TB, T, TH,
             HEAD_DIM, BLOCK_D, BLOCK_N, K_FMT, V_FMT, K_CHANNEL, GS, HAS_CCOUNT, False, CAUSAL, HAS_TARGETS,
@@ -391,25 +457,25 @@ def _attend(b, hkv, r, vlo, vhi, scale,
         lo = tl.maximum(vlo - vs, 0)
         hi = tl.minimum(vhi - vs, rlen)
         acc, m_i, l_i, nh, nr = _segment(
-            acc, m_i, l_i, nh, nr, q, row_ok, i, h, p_i, t_i, lo, hi, scale,
+            acc, m_i, l_i, nh, nr, q, row_ok, i, h, p_i, t_i, lo, hi, scale, inv_bound,
             RK + row0 * HEAD_DIM, RK, RK, HEAD_DIM, 1, RV + row0 * HEAD_DIM, RV, RV, HEAD_DIM, 1,
             RPOS + row0, RTS + row0, RCNT + row0, MASK, sm_b, sm_j, 0, PB, P, TB, T, TH,
             HEAD_DIM, BLOCK_D, BLOCK_N, 0, 0, False, 1, HAS_RCOUNT, False, CAUSAL, HAS_TARGETS,
             False, MASK_BOOL, HAS_POS, HAS_TIME, KIND, DOT_F16, DOT_BF16)
         vs += rlen
     koff = tl.load(K_OFF + b)
-    klen = tl.load(K_LEN + b)
+    klen = tl.load(K_LEN + b).to(tl.int32)
     lo = tl.maximum(vlo - vs, 0)
     hi = tl.minimum(vhi - vs, klen)
     if CAUSAL:
         # keys past the last query row of this tile are masked for every row: do not visit them
         hi = tl.minimum(hi, tl.max(tl.where(row_ok, i, -1)) + 1)
-    nt_start = klen - tl.load(NT + b)
-    m_row = b * sm_b + h * sm_h + i * sm_i
+    nt_start = klen - tl.load(NT + b).to(tl.int32)
+    m_row = b.to(tl.int64) * sm_b + h.to(tl.int64) * sm_h + i.to(tl.int64) * sm_i
     acc, m_i, l_i, nh, nr = _segment(
-        acc, m_i, l_i, nh, nr, q, row_ok, i, h, p_i, t_i, lo, hi, scale,
-        K + b * sk_b + koff * sk_l + hkv * sk_h, K, K, sk_l, sk_d,
-        V + b * sv_b + koff * sv_l + hkv * sv_h, V, V, sv_l, sv_d,
+        acc, m_i, l_i, nh, nr, q, row_ok, i, h, p_i, t_i, lo, hi, scale, inv_bound,
+        K + b.to(tl.int64) * sk_b + koff * sk_l + hkv * sk_h, K, K, sk_l, sk_d,
+        V + b.to(tl.int64) * sv_b + koff * sv_l + hkv * sv_h, V, V, sv_l, sv_d,
         QPOS + b * KROWB + koff, QTS + b * KROWB + koff, K, MASK, m_row, sm_j, nt_start, PB, P, TB, T, TH,
         HEAD_DIM, BLOCK_D, BLOCK_N, 0, 0, False, 1, False, True, CAUSAL, HAS_TARGETS,
         HAS_MASK, MASK_BOOL, HAS_POS, HAS_TIME, KIND, DOT_F16, DOT_BF16)
@@ -417,11 +483,25 @@ def _attend(b, hkv, r, vlo, vhi, scale,
 
 
 @triton.jit
-def _finalize(acc, m_i, l_i, nh, nr, orig, norm_const, KIND: tl.constexpr, NORM: tl.constexpr,
+def _hstu_bound(orig, norm_const, hstu_hb, NORM: tl.constexpr, HAS_CACHE: tl.constexpr):
+    """An upper bound (>= 1) of every row's HSTU normaliser ``n``, the same in every program of a user: the
+    constant, or ``hstu_hb`` (launcher: cache + residual capacity + longest request for ``kept``, the longest
+    request for ``original``) plus the user's original length."""
+    if NORM == 2:
+        bound = norm_const + 0.0 * hstu_hb
+    elif NORM == 0 and HAS_CACHE:
+        bound = hstu_hb + orig.to(tl.float32)
+    else:
+        bound = hstu_hb + 0.0
+    return tl.maximum(bound, 1.0)
+
+
+@triton.jit
+def _finalize(acc, m_i, l_i, nh, nr, orig, norm_const, bound, KIND: tl.constexpr, NORM: tl.constexpr,
               HAS_CACHE: tl.constexpr):
     """Output rows and the per-row statistic: softmax ``acc / l`` and ``lse = m + log l`` (-inf, output 0 when
     nothing is visible); hstu ``acc / n`` with ``n`` the chosen normaliser (output 0 when ``n == 0``), statistic
-    ``n``."""
+    ``n``; the hstu ``acc`` holds weights divided by ``bound`` (``_update``), so it is scaled by ``bound / n``."""
     if KIND == 0:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         stat = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
@@ -436,7 +516,7 @@ def _finalize(acc, m_i, l_i, nh, nr, orig, norm_const, KIND: tl.constexpr, NORM:
                 n = nr + orig.to(tl.float32)
             else:
                 n = nr
-        out = acc / tl.where(n > 0, n, 1.0)[:, None]
+        out = acc * (bound / tl.where(n > 0, n, 1.0))[:, None]
         out = tl.where((n > 0)[:, None], out, 0.0)
         stat = n
     # non-finite rule: a row with any non-finite element is NaN as a whole
@@ -450,16 +530,22 @@ def _finalize(acc, m_i, l_i, nh, nr, orig, norm_const, KIND: tl.constexpr, NORM:
 # Virtual key range end used when a program covers the whole key axis.
 WHOLE = tl.constexpr(1 << 30)
 
+# Runtime ints that change from call to call while serving (request lengths, cache capacities, split and tile
+# counts): never specialised, or every new value equal to 1 or divisible by 16 would compile a new kernel
+# mid-serving. They only scale row indices whose alignment the constexpr row widths already give; strides stay
+# specialised (their divisibility is what lets the K/V tile loads vectorise).
+FORWARD_RUNTIME_INTS = ("QROWB", "KROWB", "C", "R", "P", "T", "TQ", "split_size", "num_tiles")
 
-@triton.jit
+
+@triton.jit(do_not_specialize=FORWARD_RUNTIME_INTS)
 def attention_forward_kernel(
         Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS,
         K, sk_b, sk_l, sk_h, sk_d, V, sv_b, sv_l, sv_h, sv_d, K_OFF, K_LEN, KROWB,
         MASK, sm_b, sm_h, sm_i, sm_j, NT,
         CK, CV, CKS, CKZ, CVS, CVZ, C, CLEN, CPOS, CTS, CCNT, ORIG,
         RK, RV, R, RLEN, RPOS, RTS, RCNT,
-        PB, P, TB, T, TH, scale, norm_const,
-        O, so_b, so_l, so_h, so_d, STAT, ACC, MP, LP, TQ, split_size,
+        PB, P, TB, T, TH, scale, norm_const, hstu_hb,
+        O, so_b, so_l, so_h, so_d, STAT, ACC, MP, LP, TQ, split_size, num_tiles,
         G: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KIND: tl.constexpr, NORM: tl.constexpr,
         HAS_CACHE: tl.constexpr, K_FMT: tl.constexpr, V_FMT: tl.constexpr, K_CHANNEL: tl.constexpr,
@@ -475,7 +561,8 @@ def attention_forward_kernel(
     and writes un-normalised partials to ``ACC [S, TQ, Hq, D]`` (fp32) and ``MP``/``LP [S, TQ, Hq]`` (softmax
     running max and denominator; hstu visible stored and request entry counts); ``O``/``STAT`` are not used.
 
-    Otherwise (append / prefill): grid ``(cdiv(G * max_Lq, BLOCK_M), B * Hkv)``. Program ``(tile, bh)`` takes
+    Otherwise (append / prefill): grid ``(num_tiles * B * Hkv,)``, ``num_tiles = cdiv(G * max_Lq, BLOCK_M)``.
+    Program ``bh * num_tiles + tile`` takes
     ``BLOCK_M`` rows over the whole key axis -- compressed cache, residual, then the request's own tokens, causal
     blocks past the tile's last query skipped -- with FlashAttention-2's online softmax (Dao, arXiv 2307.08691) or
     HSTU's pointwise SiLU sum (Zhai et al., arXiv 2402.17152), and writes the normalised output ``O`` and the
@@ -484,8 +571,10 @@ def attention_forward_kernel(
         bh = tl.program_id(0)
         split = tl.program_id(1)
     else:
-        tile = tl.program_id(0)
-        bh = tl.program_id(1)
+        # one grid axis (limit 2^31 - 1; axis 1 stops at 65,535): tiles of one (user, kv head) are consecutive
+        pid = tl.program_id(0)
+        tile = pid % num_tiles
+        bh = pid // num_tiles
     b = bh // HKV
     hkv = bh % HKV
     if SPLIT_K:
@@ -496,15 +585,21 @@ def attention_forward_kernel(
         active = True
     else:
         # one tile of query rows over the whole key axis; tiles past the user's last row have nothing to do
-        qlen = tl.load(Q_LEN + b)
+        qlen = tl.load(Q_LEN + b).to(tl.int32)  # lengths < 2^31: int32 loop and index arithmetic
         first_row = tile * BLOCK_M
         vlo = 0
         vhi = WHOLE
         active = first_row < qlen * G
     if active:
+        # the original length exists only with a cache (no placeholder is ever read)
+        if HAS_CACHE:
+            orig = tl.load(ORIG + b)
+        else:
+            orig = 0
+        bound = _hstu_bound(orig, norm_const, hstu_hb, NORM, HAS_CACHE)
         r = first_row + tl.arange(0, BLOCK_M)
         acc, m_i, l_i, nh, nr, i, h, row_ok, flat = _attend(
-            b, hkv, r, vlo, vhi, scale,
+            b, hkv, r, vlo, vhi, scale, 1.0 / bound,
             Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS,
             K, sk_b, sk_l, sk_h, sk_d, V, sv_b, sv_l, sv_h, sv_d, K_OFF, K_LEN, KROWB,
             MASK, sm_b, sm_h, sm_i, sm_j, NT,
@@ -525,9 +620,9 @@ def attention_forward_kernel(
                 tl.store(MP + base, nh, mask=row_ok)
                 tl.store(LP + base, nr, mask=row_ok)
         else:
-            out, stat = _finalize(acc, m_i, l_i, nh, nr, tl.load(ORIG + b), norm_const, KIND, NORM, HAS_CACHE)
+            out, stat = _finalize(acc, m_i, l_i, nh, nr, orig, norm_const, bound, KIND, NORM, HAS_CACHE)
             d = tl.arange(0, BLOCK_D)
             qoff = tl.load(Q_OFF + b)
-            op = O + b * so_b + (qoff + i)[:, None] * so_l + h[:, None] * so_h + d[None, :] * so_d
+            op = O + b.to(tl.int64) * so_b + (qoff + i)[:, None] * so_l + h[:, None] * so_h + d[None, :] * so_d
             tl.store(op, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < HEAD_DIM))
             tl.store(STAT + flat * HQ + h, stat, mask=row_ok)

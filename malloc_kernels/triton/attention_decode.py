@@ -8,28 +8,31 @@ is cut into ``num_splits`` slices of ``split_size`` entries; ``attention_common.
 group into its M tile (so every dequantized K/V tile is reused by all query heads that read it, GQA/MQA without
 replication) and writes an un-normalised partial result. The merge kernel here combines the partials: for softmax
 by the log-sum-exp merge ``o = sum_s e^{m_s - M} acc_s / sum_s e^{m_s - M} l_s``, for hstu by plain addition of the
-partial sums and visible-entry counts (pointwise attention has no normaliser to reconcile, DESIGN.md section 2).
+partial sums and visible-entry counts (pointwise attention has no normaliser to reconcile; ARCHITECTURE.md,
+"Attention semantics").
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .attention_common import _finalize
+from .attention_common import _finalize, _hstu_bound
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("TQ", "num_splits", "num_row_blocks", "QROWB"))
 def attention_merge_kernel(
-        ACC, MP, LP, TQ, num_splits, Q_OFF, Q_LEN, QROWB, ORIG, norm_const,
+        ACC, MP, LP, TQ, num_splits, num_row_blocks, Q_OFF, Q_LEN, QROWB, ORIG, norm_const, hstu_hb,
         O, so_b, so_l, so_h, so_d, STAT,
         HQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
         KIND: tl.constexpr, NORM: tl.constexpr, HAS_CACHE: tl.constexpr):
-    """Grid ``(B, cdiv(max_Lq * Hq, BLOCK_R))``: merges the split partials of ``BLOCK_R`` (query, head) rows of
-    one user and writes the normalised output (query layout) and the per-row statistic ``STAT [TQ, Hq]``."""
-    b = tl.program_id(0)
-    blk = tl.program_id(1)
+    """Grid ``(B * num_row_blocks,)``, ``num_row_blocks = cdiv(max_Lq * Hq, BLOCK_R)`` (one axis, no 65,535
+    limit): merges the split partials of ``BLOCK_R`` (query, head) rows of one user and writes the normalised
+    output (query layout) and the per-row statistic ``STAT [TQ, Hq]``."""
+    pid = tl.program_id(0)
+    b = pid // num_row_blocks
+    blk = pid % num_row_blocks
     qoff = tl.load(Q_OFF + b)
-    qlen = tl.load(Q_LEN + b)
+    qlen = tl.load(Q_LEN + b).to(tl.int32)  # lengths < 2^31: int32 loop and index arithmetic
     rr = blk * BLOCK_R + tl.arange(0, BLOCK_R)
     i = rr // HQ
     h = rr % HQ
@@ -58,7 +61,12 @@ def attention_merge_kernel(
             acc += a
             nh += ms
             nr += ls
-    out, stat = _finalize(acc, m_i, l_i, nh, nr, tl.load(ORIG + b), norm_const, KIND, NORM, HAS_CACHE)
-    op = O + b * so_b + (qoff + i)[:, None] * so_l + h[:, None] * so_h + d[None, :] * so_d
+    if HAS_CACHE:
+        orig = tl.load(ORIG + b)
+    else:
+        orig = 0
+    bound = _hstu_bound(orig, norm_const, hstu_hb, NORM, HAS_CACHE)
+    out, stat = _finalize(acc, m_i, l_i, nh, nr, orig, norm_const, bound, KIND, NORM, HAS_CACHE)
+    op = O + b.to(tl.int64) * so_b + (qoff + i)[:, None] * so_l + h[:, None] * so_h + d[None, :] * so_d
     tl.store(op, out.to(O.dtype.element_ty), mask=ok[:, None] & (d[None, :] < HEAD_DIM))
     tl.store(STAT + flat * HQ + h, stat, mask=ok)

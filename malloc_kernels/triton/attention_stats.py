@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_common import _block_scores, _cache_row_width, _rows, _scale_offset
+from .attention_common import _cache_row_width, _load_tile, _rows, _scale_offset, _scores
 
 
 @triton.jit
@@ -26,7 +26,9 @@ def _key_mass(b, hkv, n, n_ok, window, scale,
               GS: tl.constexpr, HAS_COUNT: tl.constexpr, IS_REQ: tl.constexpr, CAUSAL: tl.constexpr,
               HAS_TARGETS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
               HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_F16: tl.constexpr, DOT_BF16: tl.constexpr):
-    qlen = tl.load(Q_LEN + b)
+    qlen = tl.load(Q_LEN + b).to(tl.int32)  # lengths < 2^31: int32 loop and index arithmetic
+    # the key block is loaded and dequantized once, then scored against every query tile of the user
+    k = _load_tile(KP, KS, KZ, n, n_ok, k_rs, k_cs, HEAD_DIM, BLOCK_D, K_FMT, CHANNEL, GS, DOT_F16 or DOT_BF16)
     mass = tl.zeros((n.shape[0],), tl.float32)
     wmass = tl.zeros((n.shape[0],), tl.float32)
     for start in range(0, qlen * G, BLOCK_M):
@@ -34,11 +36,10 @@ def _key_mass(b, hkv, n, n_ok, window, scale,
         q, i, h, row_ok, flat, qlen_, p_i, t_i = _rows(b, hkv, r, Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB,
                                                        QPOS, QTS, G, HQ, HEAD_DIM, BLOCK_D, HAS_POS, HAS_TIME,
                                                        DOT_F16, DOT_BF16)
-        m_row = b * sm_b + h * sm_h + i * sm_i
-        s, vis, c = _block_scores(q, row_ok, i, h, p_i, t_i, n, n_ok, scale, KP, KS, KZ, k_rs, k_cs, POSP, TSP,
-                                  CNTP, MASK, m_row, sm_j, nt_start, PB, P, TB, T, TH, HEAD_DIM, BLOCK_D, K_FMT,
-                                  CHANNEL, GS, HAS_COUNT, IS_REQ, CAUSAL, HAS_TARGETS, HAS_MASK, MASK_BOOL,
-                                  HAS_POS, HAS_TIME, DOT_F16, DOT_BF16)
+        m_row = b.to(tl.int64) * sm_b + h.to(tl.int64) * sm_h + i.to(tl.int64) * sm_i
+        s, vis, c = _scores(q, k, row_ok, i, h, p_i, t_i, n, n_ok, scale, POSP, TSP, CNTP, MASK, m_row, sm_j,
+                            nt_start, PB, P, TB, T, TH, HAS_COUNT, IS_REQ, CAUSAL, HAS_TARGETS, HAS_MASK, MASK_BOOL,
+                            HAS_POS, HAS_TIME, DOT_F16, DOT_BF16)
         stat = tl.load(STAT + flat * HQ + h, mask=row_ok, other=0.0)
         if KIND == 0:
             st = tl.where(stat == float("-inf"), 0.0, stat)
@@ -53,14 +54,14 @@ def _key_mass(b, hkv, n, n_ok, window, scale,
     return mass, wmass
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("QROWB", "KROWB", "C", "R", "P", "T", "window", "key_blocks"))
 def attention_stats_kernel(
         Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS, STAT,
         K, sk_b, sk_l, sk_h, sk_d, K_OFF, K_LEN, KROWB,
         MASK, sm_b, sm_h, sm_i, sm_j, NT,
         CK, CKS, CKZ, C, CLEN, CPOS, CTS, CCNT,
         RK, R, RLEN, RPOS, RTS, RCNT,
-        PB, P, TB, T, TH, scale, window,
+        PB, P, TB, T, TH, scale, window, key_blocks,
         KM, KWM, CM, CWM, RM, RWM,
         G: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KIND: tl.constexpr,
@@ -68,11 +69,13 @@ def attention_stats_kernel(
         HAS_CCOUNT: tl.constexpr, HAS_RES: tl.constexpr, HAS_RCOUNT: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
         HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, DOT_F16: tl.constexpr, DOT_BF16: tl.constexpr):
-    """Grid ``(cdiv(max segment length, BLOCK_N), B * Hkv, 3)``; axis 2 picks the segment (0 cache, 1 residual,
-    2 request). Writes ``CM/CWM [B, Hkv, C]``, ``RM/RWM [B, Hkv, R]`` and ``KM/KWM [TK, Hkv]`` (flat key rows)."""
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    seg = tl.program_id(2)
+    """Grid ``(key_blocks * B * Hkv, 3)``, ``key_blocks = cdiv(max segment length, BLOCK_N)`` (the big axis on
+    axis 0, whose limit is 2^31 - 1); axis 1 picks the segment (0 cache, 1 residual, 2 request). Writes
+    ``CM/CWM [B, Hkv, C]``, ``RM/RWM [B, Hkv, R]`` and ``KM/KWM [TK, Hkv]`` (flat key rows)."""
+    pid = tl.program_id(0)
+    blk = pid % key_blocks
+    bh = pid // key_blocks
+    seg = tl.program_id(1)
     b = bh // HKV
     hkv = bh % HKV
     n = blk * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,15 +110,15 @@ def attention_stats_kernel(
                 tl.store(RM + row0 + n, mass, mask=n_ok)
                 tl.store(RWM + row0 + n, wmass, mask=n_ok)
     else:
-        klen = tl.load(K_LEN + b)
+        klen = tl.load(K_LEN + b).to(tl.int32)
         if blk * BLOCK_N < klen:
             koff = tl.load(K_OFF + b)
             n_ok = n < klen
             mass, wmass = _key_mass(
                 b, hkv, n, n_ok, window, scale, Q, sq_b, sq_l, sq_h, sq_d, Q_OFF, Q_LEN, QROWB, QPOS, QTS,
-                STAT, K + b * sk_b + koff * sk_l + hkv * sk_h, K, K, sk_l, sk_d,
+                STAT, K + b.to(tl.int64) * sk_b + koff * sk_l + hkv * sk_h, K, K, sk_l, sk_d,
                 QPOS + b * KROWB + koff, QTS + b * KROWB + koff, K,
-                MASK, sm_b, sm_h, sm_i, sm_j, klen - tl.load(NT + b), PB, P, TB, T, TH,
+                MASK, sm_b, sm_h, sm_i, sm_j, klen - tl.load(NT + b).to(tl.int32), PB, P, TB, T, TH,
                 G, HQ, HEAD_DIM, BLOCK_D, BLOCK_M, KIND, 0, False, 1, False, True, CAUSAL,
                 HAS_TARGETS, HAS_MASK, MASK_BOOL, HAS_POS, HAS_TIME, DOT_F16, DOT_BF16)
             kr = (b * KROWB + koff + n) * HKV + hkv

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import device_guard
+
 __all__ = ["pkm_topk", "pkm_gather", "pkm_gather_backward", "aot_specs"]
 
 
@@ -157,8 +159,9 @@ def pkm_topk(query: torch.Tensor, subkeys: torch.Tensor, k: int):
         return scores, indices
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scratch = torch.empty(n * h * 2, s, dtype=acc_dtype, device=q.device)
-    _pkm_topk_kernel[(n * h,)](q, keys, scratch, scores, indices, h, s, dh, K=k, BLOCK_S=min(64, _p2(s)),
-                               BLOCK_SF=_p2(s), BLOCK_D=_p2(dh), BLOCK_K=_p2(k), ACC=_acc(q.dtype))
+    with device_guard(q):
+        _pkm_topk_kernel[(n * h,)](q, keys, scratch, scores, indices, h, s, dh, K=k, BLOCK_S=min(64, _p2(s)),
+                                   BLOCK_SF=_p2(s), BLOCK_D=_p2(dh), BLOCK_K=_p2(k), ACC=_acc(q.dtype))
     return scores, indices
 
 
@@ -171,8 +174,9 @@ def pkm_gather(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tenso
     if n == 0:
         return out
     block_d = min(64, _p2(dv))
-    _pkm_gather_fwd_kernel[(n, triton.cdiv(dv, block_d))](v, idx, w, out, e, dv, BLOCK_E=min(32, _p2(e)),
-                                                           BLOCK_D=block_d, ACC=_acc(v.dtype))
+    with device_guard(v):
+        _pkm_gather_fwd_kernel[(n, triton.cdiv(dv, block_d))](v, idx, w, out, e, dv, BLOCK_E=min(32, _p2(e)),
+                                                               BLOCK_D=block_d, ACC=_acc(v.dtype))
     return out
 
 
@@ -193,10 +197,12 @@ def pkm_gather_backward(grad_out: torch.Tensor, values: torch.Tensor, indices: t
     torch.cumsum(counts, 0, out=start[1:])
     block_d = min(64, _p2(dv))
     block_e = min(32, _p2(e))
-    _pkm_gather_bwd_weights_kernel[(n, triton.cdiv(e, block_e))](g, v, idx, grad_weights, e, dv, BLOCK_E=block_e,
-                                                                 BLOCK_D=block_d, ACC=_acc(v.dtype))
-    _pkm_gather_bwd_rows_kernel[(u, triton.cdiv(dv, block_d))](g, w, order, start, grad_rows, e, dv, BLOCK_T=16,
-                                                               BLOCK_D=block_d, ACC=_acc(v.dtype))
+    with device_guard(v):
+        _pkm_gather_bwd_weights_kernel[(n, triton.cdiv(e, block_e))](g, v, idx, grad_weights, e, dv,
+                                                                     BLOCK_E=block_e, BLOCK_D=block_d,
+                                                                     ACC=_acc(v.dtype))
+        _pkm_gather_bwd_rows_kernel[(u, triton.cdiv(dv, block_d))](g, w, order, start, grad_rows, e, dv, BLOCK_T=16,
+                                                                   BLOCK_D=block_d, ACC=_acc(v.dtype))
     return grad_weights, rows, grad_rows
 
 

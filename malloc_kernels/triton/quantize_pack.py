@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ..cache.quant import check_quantize_cache_args, quantize_cache_sides
 from ..cache.types import FP8_FORMAT, INT_FORMATS, K_AXES, KVCache
+from .launch import device_guard
 
 _FMT = {"int8": 1, "int4": 2, "int2": 3, "fp8": 4}
 
@@ -110,15 +111,17 @@ def _store_packed(OUT, n, n_ok, codes, W: tl.constexpr, BLOCK_D: tl.constexpr, F
     tl.store(OUT + n[:, None] * W + c[None, :], by.to(tl.uint8), mask=n_ok[:, None] & (c[None, :] < W))
 
 
-@triton.jit
-def quantize_pack_token_kernel(X, sx_b, sx_h, sx_c, sx_d, LEN, C, OUT, SCALE, ZERO,
+@triton.jit(do_not_specialize=("C", "num_blocks"))
+def quantize_pack_token_kernel(X, sx_b, sx_h, sx_c, sx_d, LEN, C, num_blocks, OUT, SCALE, ZERO,
                                H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_N: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr, QMAX: tl.constexpr,
                                W: tl.constexpr):
-    """Token-axis groups. Grid ``(cdiv(C, BLOCK_N), B * H)``: BLOCK_N entries of one (user, head); each entry's
-    ``HEAD_DIM / GS`` channel groups are reduced with masked row reductions (GS need not be a power of two)."""
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Token-axis groups. Grid ``(num_blocks * B * H,)``, ``num_blocks = cdiv(C, BLOCK_N)`` (one axis: no 65,535
+    limit on B * H): BLOCK_N entries of one (user, head); each entry's ``HEAD_DIM / GS`` channel groups are reduced
+    with masked row reductions (GS need not be a power of two)."""
+    pid = tl.program_id(0)
+    blk = pid % num_blocks
+    bh = pid // num_blocks
     b = bh // H
     h = bh % H
     NG: tl.constexpr = HEAD_DIM // GS
@@ -129,7 +132,9 @@ def quantize_pack_token_kernel(X, sx_b, sx_h, sx_c, sx_d, LEN, C, OUT, SCALE, ZE
     d = tl.arange(0, BLOCK_D)
     dok = d < HEAD_DIM
     ok = valid[:, None] & dok[None, :]
-    x = tl.load(X + b * sx_b + h * sx_h + n[:, None] * sx_c + d[None, :] * sx_d, mask=ok, other=0.0)
+    # int64 offsets: the products pass 2^31 once the tensor does
+    x = tl.load(X + b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h + n.to(tl.int64)[:, None] * sx_c
+                + d[None, :] * sx_d, mask=ok, other=0.0)
     x = x.to(tl.float32)
     s_full = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     z_full = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -162,15 +167,16 @@ def quantize_pack_token_kernel(X, sx_b, sx_h, sx_c, sx_d, LEN, C, OUT, SCALE, ZE
     _store_packed(OUT + bh.to(tl.int64) * C * W, n, in_c, codes, W, BLOCK_D, FMT)
 
 
-@triton.jit
-def quantize_pack_channel_kernel(X, sx_b, sx_h, sx_c, sx_d, LEN, C, OUT, SCALE, ZERO,
+@triton.jit(do_not_specialize=("C", "num_blocks"))
+def quantize_pack_channel_kernel(X, sx_b, sx_h, sx_c, sx_d, LEN, C, num_blocks, OUT, SCALE, ZERO,
                                  H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                  BLOCK_G: tl.constexpr, GS: tl.constexpr, FMT: tl.constexpr,
                                  QMAX: tl.constexpr, W: tl.constexpr):
-    """Channel-axis groups (KIVI keys). Grid ``(cdiv(C, GS), B * H)``: one group of GS entries x all channels;
-    the statistics are column reductions over the group's valid entries."""
-    g = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Channel-axis groups (KIVI keys). Grid ``(num_blocks * B * H,)``, ``num_blocks = cdiv(C, GS)``: one group of
+    GS entries x all channels; the statistics are column reductions over the group's valid entries."""
+    pid = tl.program_id(0)
+    g = pid % num_blocks
+    bh = pid // num_blocks
     b = bh // H
     h = bh % H
     length = tl.load(LEN + bh)
@@ -181,7 +187,9 @@ def quantize_pack_channel_kernel(X, sx_b, sx_h, sx_c, sx_d, LEN, C, OUT, SCALE, 
     d = tl.arange(0, BLOCK_D)
     dok = d < HEAD_DIM
     ok = valid[:, None] & dok[None, :]
-    x = tl.load(X + b * sx_b + h * sx_h + n[:, None] * sx_c + d[None, :] * sx_d, mask=ok, other=0.0)
+    # int64 offsets: the products pass 2^31 once the tensor does
+    x = tl.load(X + b.to(tl.int64) * sx_b + h.to(tl.int64) * sx_h + n.to(tl.int64)[:, None] * sx_c
+                + d[None, :] * sx_d, mask=ok, other=0.0)
     x = x.to(tl.float32)
     NGR = (C + GS - 1) // GS
     srow = (bh.to(tl.int64) * NGR + g) * HEAD_DIM + d
@@ -242,11 +250,16 @@ def _plan(x: torch.Tensor, length: torch.Tensor, fmt: str, group_size: int, axis
                   QMAX=float(2 ** bits - 1), W=W)
     if axis == "token":
         consts["BLOCK_N"] = 16
-        grid = (triton.cdiv(C, 16), B * H)
     else:
         consts["BLOCK_G"] = max(16, _next_pow2(group_size))
-        grid = (triton.cdiv(C, group_size), B * H)
+    grid, args["num_blocks"] = pack_grid(B, H, C, 16 if axis == "token" else group_size)
     return args, consts, grid, (out, scale, zero)
+
+
+def pack_grid(batch: int, heads: int, capacity: int, entries_per_program: int):
+    """Packer grid ``(num_blocks * B * H,)`` and ``num_blocks``: one axis, whose limit is 2^31 - 1."""
+    blocks = max(1, triton.cdiv(capacity, entries_per_program))
+    return (blocks * batch * heads,), blocks
 
 
 def quantize_pack(x: torch.Tensor, length: torch.Tensor, fmt: str, group_size: int, axis: str = "token",
@@ -262,7 +275,8 @@ def quantize_pack(x: torch.Tensor, length: torch.Tensor, fmt: str, group_size: i
         if not bool(torch.isfinite(x[valid].float()).all()):
             raise ValueError(f"{name} has NaN or infinite values among its valid entries; they cannot be quantized")
         kernel = quantize_pack_token_kernel if axis == "token" else quantize_pack_channel_kernel
-        kernel[grid](**args, **consts, num_warps=4)
+        with device_guard(x):
+            kernel[grid](**args, **consts, num_warps=4)
         bad = ~torch.isfinite(scale.float())
         if zero is not None:
             bad |= ~torch.isfinite(zero.float())

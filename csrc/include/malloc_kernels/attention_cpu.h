@@ -1,4 +1,4 @@
-// Fused CPU attention over a compressed KV cache + the request's own tokens (DESIGN.md section 2).
+// Fused CPU attention over a compressed KV cache + the request's own tokens (ARCHITECTURE.md, "Attention semantics").
 //
 // Framework-free: raw pointers, sizes and element strides only, so the same parameter block can be filled by the
 // torch glue (csrc/torch/attention.cpp) or by any other host code.

@@ -1,4 +1,4 @@
-// HSTU relative attention bias helpers (DESIGN.md section 2), framework-free and exact.
+// HSTU relative attention bias helpers (ARCHITECTURE.md, "Attention semantics"), framework-free and exact.
 //
 // bucket(dt) = min(floor(ln(max(|dt|, 1)) / 0.301), T - 1) is evaluated WITHOUT a float log: with the int64
 // thresholds th[k] (smallest integer x >= 1 with floor(ln(x)/0.301) >= k, computed once in float64 by the caller,

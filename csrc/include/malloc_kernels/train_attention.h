@@ -1,5 +1,6 @@
 // Self-attention for TRAINING on jagged batches (framework-free): forward and backward on the CPU, for both kinds
-// of DESIGN.md section 2 with all counts 1 and no cache -- the form every training step of the recommenders runs.
+// of the attention contract (ARCHITECTURE.md, "Attention semantics") with all counts 1 and no cache -- the form
+// every training step of the recommenders runs.
 //
 //   s_ij = scale <q_i, k_j> + pos_bias[h, clamp(p_i - p_j, 0, P-1)] + time_bias[h, bucket(t_i - t_j)]
 //   (j visible to i: j <= i when causal, every j of the user otherwise; both bias terms optional)

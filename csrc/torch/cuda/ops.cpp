@@ -2,7 +2,10 @@
 //   malloc_kernels::cuda_quantize_pack(x, length, fmt, group_size, axis) -> (codes, scale, zero)
 //   malloc_kernels::cuda_decode_attention(...) -> (out, lse)
 // Tensors are validated/normalised by malloc_kernels/ops/cuda.py (fp32 contiguous queries and request tokens,
-// contiguous cache payloads); this file checks devices/dtypes/contiguity and passes raw pointers.
+// contiguous cache payloads); this file checks every device, dtype, contiguity and shape the kernel relies on
+// (TORCH_CHECK_VALUE / _TYPE), so a direct call cannot make the kernel index past a buffer. Segment lengths live
+// on the device: checking them here would synchronise every call, so the kernel clamps them to [0, capacity]
+// instead (decode_attention.cu); KVCache.check_contents() refuses such caches where they are made.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -92,6 +95,19 @@ const uint16_t* half_ptr(const c10::optional<at::Tensor>& t) {
   return reinterpret_cast<const uint16_t*>(t->data_ptr<at::Half>());
 }
 
+int64_t payload_width(int fmt, int64_t D) {
+  if (fmt == mc::kFmtI4) return (D + 1) / 2;
+  if (fmt == mc::kFmtI2) return (D + 3) / 4;
+  return D;  // float payloads (in elements), int8 and fp8 codes (in bytes)
+}
+
+bool quantized(int fmt) { return fmt == mc::kFmtI8 || fmt == mc::kFmtI4 || fmt == mc::kFmtI2 || fmt == mc::kFmtFP8; }
+
+void check_shape(const c10::optional<at::Tensor>& t, at::IntArrayRef want, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK_VALUE(t->sizes() == want, name, " must have shape ", want, ", got ", t->sizes());
+}
+
 template <typename T>
 const T* opt_ptr(const c10::optional<at::Tensor>& t) {
   if (!t.has_value() || !t->defined()) return nullptr;
@@ -108,11 +124,43 @@ mc::DecodeSegment segment(const at::Tensor& k, const at::Tensor& v, const std::s
                           const c10::optional<at::Tensor>& ts, const c10::optional<at::Tensor>& count) {
   TORCH_CHECK_VALUE(k.is_contiguous() && v.is_contiguous() && k.is_cuda() && v.is_cuda(),
                     "segment payloads must be contiguous CUDA tensors");
+  TORCH_CHECK_VALUE(k.dim() == 4 && v.dim() == 4 && k.sizes().slice(0, 3) == v.sizes().slice(0, 3),
+                    "segment payloads must be [B, Hkv, C, row] with the same [B, Hkv, C]");
+  const int64_t B = k.size(0), H = k.size(1), C = k.size(2);
+  const int kf = format_code(k_fmt, k), vf = format_code(v_fmt, v);
+  TORCH_CHECK_VALUE(k.size(3) == payload_width(kf, head_dim) && v.size(3) == payload_width(vf, head_dim),
+                    "segment row widths ", k.size(3), "/", v.size(3), " do not match head_dim ", head_dim,
+                    " in formats ", k_fmt, "/", v_fmt);
+  if (quantized(kf) || quantized(vf)) {
+    TORCH_CHECK_VALUE(group_size > 0, "group_size must be positive for quantized payloads");
+    if (quantized(kf)) {
+      const std::vector<int64_t> ks = k_channel ? std::vector<int64_t>{B, H, (C + group_size - 1) / group_size,
+                                                                       head_dim}
+                                                : std::vector<int64_t>{B, H, C, head_dim / group_size};
+      TORCH_CHECK_VALUE(k_channel || head_dim % group_size == 0, "group_size must divide head_dim");
+      TORCH_CHECK_VALUE(k_scale.has_value(), "k_scale is required for a quantized key payload");
+      check_shape(k_scale, ks, "k_scale");
+      check_shape(k_zero, ks, "k_zero");
+    }
+    if (quantized(vf)) {
+      TORCH_CHECK_VALUE(head_dim % group_size == 0, "group_size must divide head_dim");
+      const std::vector<int64_t> vs{B, H, C, head_dim / group_size};
+      TORCH_CHECK_VALUE(v_scale.has_value(), "v_scale is required for a quantized value payload");
+      check_shape(v_scale, vs, "v_scale");
+      check_shape(v_zero, vs, "v_zero");
+    }
+  }
+  check_shape(length, {B, H}, "segment length");
+  check_shape(pos, {B, H, C}, "segment position");
+  check_shape(ts, {B, H, C}, "segment timestamp");
+  check_shape(count, {B, H, C}, "segment count");
+  if (ts.has_value()) TORCH_CHECK_TYPE(ts->scalar_type() == at::kLong, "timestamps must be int64");
+  if (count.has_value()) TORCH_CHECK_TYPE(count->scalar_type() == at::kFloat, "counts must be float32");
   mc::DecodeSegment s;
   s.k = k.data_ptr();
   s.v = v.data_ptr();
-  s.k_fmt = format_code(k_fmt, k);
-  s.v_fmt = format_code(v_fmt, v);
+  s.k_fmt = kf;
+  s.v_fmt = vf;
   s.k_row_bytes = k.size(3) * k.element_size();
   s.v_row_bytes = v.size(3) * v.element_size();
   s.k_channel = k_channel;
@@ -168,6 +216,38 @@ std::tuple<at::Tensor, at::Tensor> cuda_decode_attention(
   const int64_t D = q.size(3);
   TORCH_CHECK_VALUE(D >= 1 && D <= mc::kDecodeMaxHeadDim, "head_dim must be in [1, ", mc::kDecodeMaxHeadDim, "]");
   TORCH_CHECK_VALUE(span > 0 && span % 32 == 0, "span must be a positive multiple of 32");
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Hkv = k_req.size(1);
+  TORCH_CHECK_VALUE(k_req.is_cuda() && k_req.is_contiguous() && v_req.is_cuda() && v_req.is_contiguous() &&
+                    v_req.sizes() == k_req.sizes() && k_req.size(0) == B && k_req.size(3) == D,
+                    "request keys/values must be contiguous CUDA tensors [B, Hkv, Lk, D] like q");
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "Hq must be a multiple of Hkv");
+  check_shape(q_lengths, {B}, "q_lengths");
+  check_shape(k_lengths, {B}, "k_lengths");
+  check_shape(num_targets, {B}, "num_targets");
+  check_shape(q_pos, {B, Lq}, "q_pos");
+  check_shape(q_ts, {B, Lq}, "q_ts");
+  check_shape(k_pos, {B, k_req.size(2)}, "k_pos");
+  check_shape(k_ts, {B, k_req.size(2)}, "k_ts");
+  check_shape(inv_n, {B, Hkv, Lq}, "inv_n");
+  if (pos_bias.has_value()) {
+    TORCH_CHECK_VALUE(pos_bias->scalar_type() == at::kFloat && pos_bias->dim() == 2 && pos_bias->size(0) == Hq &&
+                      pos_bias->size(1) >= 1, "pos_bias must be float32 [Hq, P]");
+  }
+  if (time_bias.has_value()) {
+    TORCH_CHECK_VALUE(time_bias->scalar_type() == at::kFloat && time_bias->dim() == 2 &&
+                      time_bias->size(0) == Hq && time_bias->size(1) >= 1, "time_bias must be float32 [Hq, T]");
+    TORCH_CHECK_VALUE(time_th.has_value() && time_th->scalar_type() == at::kLong &&
+                      time_th->numel() == time_bias->size(1), "time_th must be int64 [T] (index 0 unused)");
+  }
+  if (cache_k.has_value()) {
+    TORCH_CHECK_VALUE(cache_v.has_value() && cache_length.has_value() && cache_k->dim() == 4 &&
+                      cache_k->size(0) == B && cache_k->size(1) == Hkv,
+                      "the cache must be [B, Hkv, C, row] with cache_v and cache_length");
+  }
+  if (res_k.has_value()) {
+    TORCH_CHECK_VALUE(res_v.has_value() && res_length.has_value() && res_k->dim() == 4 && res_k->size(0) == B &&
+                      res_k->size(1) == Hkv, "the residual must be [B, Hkv, R, D] with res_v and res_length");
+  }
   const c10::cuda::CUDAGuard guard(q.device());
 
   mc::DecodeParams p;

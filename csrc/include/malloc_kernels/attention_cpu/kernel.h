@@ -57,8 +57,8 @@ class Kernel {
     return std::min<int64_t>(p_.num_targets[b], klen(b));
   }
 
-  // Request-key visibility (DESIGN.md section 2, core/masks.py): causal is top-left aligned (j <= i); a
-  // target query (one of the last num_targets tokens; Lq == Lk whenever targets exist) never sees another target.
+  // Request-key visibility (ARCHITECTURE.md, "Attention semantics"; core/masks.py): causal is top-left aligned (j <=
+  // i); a target query (one of the last num_targets tokens; Lq == Lk whenever targets exist) never sees another target.
   bool visible(int64_t i, int64_t j, int64_t Lk, int64_t nt) const {
     if (p_.causal && j > i) return false;
     if (nt > 0 && j >= Lk - nt && i >= Lk - nt && j != i) return false;
