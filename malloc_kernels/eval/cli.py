@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..cli_args import Parser, comma_list, float_at_least, int_at_least, one_of, ratio, run_main
-from .methods import PRECISION, VARIANTS, build_grid
+from .methods import BITS, VARIANTS, build_grid
 from .runner import EvalConfig, run
 
 FULL_DATA = Path("..") / "shared" / "data" / "ml-1m"
@@ -28,7 +28,7 @@ FULL_RECIPE = dict(epochs=24, time_budget_min=45.0, loss="full", schedule="cosin
 
 def _method_labels():
     """Every row label ``--methods`` may name (the full grid's)."""
-    return sorted({s.label for s in build_grid(None, (0.5,), tuple(PRECISION), tuple(VARIANTS))})
+    return sorted({s.label for s in build_grid(None, (0.5,), BITS, tuple(VARIANTS))})
 
 
 def _method_label(s):
@@ -45,7 +45,7 @@ def build_parser():
                    help="comma list of method labels (default: all)")
     p.add_argument("--budgets", type=comma_list(ratio, "token ratios in (0, 1]"), default=(0.5, 0.25, 0.125),
                    help="token ratios, e.g. 0.5,0.25")
-    p.add_argument("--bits", type=comma_list(one_of(tuple(PRECISION), int), f"bit widths ({sorted(PRECISION)})"),
+    p.add_argument("--bits", type=comma_list(one_of(BITS, int), f"bit widths ({sorted(BITS)})"),
                    default=(8, 4, 2), help="precision bit widths, e.g. 8,4,2")
     p.add_argument("--variants", type=comma_list(one_of(tuple(VARIANTS) + ("none",)), "variant names"),
                    default=None,
