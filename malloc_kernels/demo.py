@@ -5,12 +5,13 @@ uncompressed cache and the backend that ran. ``python -m malloc_kernels.demo``.
 """
 from __future__ import annotations
 
-import argparse
+import sys
 import time
 
 import torch
 
 import malloc_kernels as mk
+from ..cli_args import Parser, guard
 
 DEMO_METHODS = (
     ("none", {}),
@@ -67,7 +68,7 @@ def run_demo(users=8, history=1024, request=4, heads=4, kv_heads=2, head_dim=64,
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
+    p = Parser(description=__doc__)
     p.add_argument("--kind", choices=("softmax", "hstu"), default="softmax")
     p.add_argument("--history", type=int, default=1024)
     args = p.parse_args(argv)
@@ -75,4 +76,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(guard('python -m malloc_kernels.demo', main))

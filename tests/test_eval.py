@@ -1,5 +1,6 @@
 """The evaluation harness end to end on a tiny configuration: outputs, table shape and invariants."""
 import csv
+from pathlib import Path
 import json
 import math
 
@@ -144,18 +145,64 @@ def test_grid_covers_every_level():
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--budgets", "0"], "budgets"),
-    (["--methods", "nosuch"], "unknown methods"),
-    (["--model", "gpt"], "models"),
-    (["--request-size", "0"], "request_size"),
+    (["--budgets", "0"], "argument --budgets: '0' is not in"),
+    (["--budgets", "-0.5"], "argument --budgets"),
+    (["--budgets", "1.5"], "argument --budgets"),
+    (["--budgets", "nan"], "argument --budgets: 'nan' is not a finite number"),
+    (["--budgets", ""], "argument --budgets: empty list"),
+    (["--methods", ""], "argument --methods: empty list"),
+    (["--methods", "nosuch"], "argument --methods: 'nosuch' is not one of"),
+    (["--variants", ""], "argument --variants: empty list"),
+    (["--variants", "foo"], "argument --variants: 'foo' is not one of"),
+    (["--bits", "3"], "argument --bits: '3' is not one of"),
+    (["--epochs", "-1"], "argument --epochs: '-1' is not in"),
+    (["--model", "gpt"], "argument --model"),
+    (["--request-size", "0"], "argument --request-size"),
+    (["--seed", str(2 ** 70)], "argument --seed"),
+    (["--variants", "none,mqa"], "--variants: 'none' cannot be combined"),
+    (["--max-len", "8", "--request-size", "8"], "max_len"),
+    (["--data", "/nonexistent/ratings.dat"], "/nonexistent/ratings.dat"),
 ])
-def test_bad_configuration_is_rejected(argv, match, tmp_path):
-    args = build_parser().parse_args(argv + ["--out", str(tmp_path)])
-    with pytest.raises(ValueError, match=match):
-        cfg = config_from_args(args)
-        build_grid(cfg.methods, cfg.budgets, cfg.bits, cfg.variants)
-    if "--model" in argv or "--request-size" in argv:
-        assert main(argv + ["--out", str(tmp_path)]) == 2
+def test_bad_configuration_is_one_error_line(argv, match, tmp_path, capsys):
+    """Bad input: exit code 2 and ONE stderr line 'malloc-eval: error: ...' naming the option or file."""
+    try:
+        rc = main(argv + ["--out", str(tmp_path), "--no-progress"])
+    except SystemExit as e:                 # argparse's own exit (option types)
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("malloc-eval: error: "), err
+    assert match in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "no users found"),
+    (bytes(range(256)) * 4, "not a text dataset file"),
+    (b"1::2\n", "4 fields"),
+])
+def test_bad_data_file_names_the_file(content, match, tmp_path, capsys):
+    f = tmp_path / ("ratings.dat" if content.startswith(b"1::") else "data.txt")
+    f.write_bytes(content)
+    rc = main(["--data", str(f), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(f) in err[0] and match in err[0], err
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    with pytest.raises(ValueError, match="neither an embedded dataset"):
+        main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path), "--debug"])
+
+
+def test_cli_entry_point_has_no_traceback(tmp_path):
+    """The real entry point (``python -m malloc_kernels.eval``) in a fresh process."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "malloc_kernels.eval", "--budgets", "0.5,", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=str(Path(__file__).resolve().parents[1]))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == "malloc-eval: error: argument --budgets: '0.5,' has an empty element: give token " \
+                               "ratios in (0, 1], comma separated"
 
 
 def test_pareto_front():

@@ -10,10 +10,11 @@ each directory's ``accuracy.md`` / ``resources.md``.
 """
 from __future__ import annotations
 
-import argparse
+import sys
 import json
 import math
 from pathlib import Path
+from malloc_kernels.cli_args import Parser, guard
 
 LEVEL_ORDER = ("baseline", "precision", "pruning", "merging", "hybrid", "head", "sequence", "memory")
 
@@ -62,7 +63,7 @@ def summarise(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> str:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = Parser(description=__doc__.split("\n")[0])
     ap.add_argument("results", nargs="+", help="results.json files written by malloc-eval")
     args = ap.parse_args(argv)
     rows, seen = [], set()
@@ -81,4 +82,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(guard('tools/eval_summary.py', main))

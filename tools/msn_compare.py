@@ -15,12 +15,12 @@ the memory run only (e.g. ``--msn-arg=--msn-slots=65536``). A quick smoke run::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from malloc_kernels.models.train import main as train_main
+from malloc_kernels.cli_args import Parser, guard
 
 
 def _summary(rep: dict) -> dict:
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    ap = argparse.ArgumentParser(prog="tools/msn_compare.py", description=__doc__.split("\n")[0])
+    ap = Parser(prog="tools/msn_compare.py", description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="write both reports' summaries as JSON here")
     ap.add_argument("--msn-arg", action="append", default=[], help="extra train.py argument for the msn run only")
     args = ap.parse_args(own)
@@ -80,4 +80,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(guard('tools/msn_compare.py', main))

@@ -6,9 +6,10 @@ prints, per report, the recipe, the test metrics and the curve (train loss, minu
 """
 from __future__ import annotations
 
-import argparse
+import sys
 import json
 from pathlib import Path
+from malloc_kernels.cli_args import Parser, guard
 
 METRICS = ("HR@10", "NDCG@10", "MRR", "GAUC")
 
@@ -40,7 +41,7 @@ def render(report: dict, title: str) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = Parser(description=__doc__.split("\n")[0])
     ap.add_argument("reports", nargs="+")
     args = ap.parse_args(argv)
     for path in args.reports:
@@ -48,4 +49,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(guard('tools/training_report.py', main))

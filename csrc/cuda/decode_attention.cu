@@ -272,7 +272,7 @@ __device__ void decode_block(const DecodeParams& p, float* smem, int bh, int til
         }
         if (p.time_bias) {
           const int64_t ti = p.q_ts[int64_t(b) * p.max_q_len + i];
-          s += p.time_bias[int64_t(hq) * p.num_time + dk::time_bucket(ti - tj, p.time_th, p.num_time)];
+          s += p.time_bias[int64_t(hq) * p.num_time + dk::time_bucket(ti, tj, p.time_th, p.num_time)];
         }
       }
       float w;

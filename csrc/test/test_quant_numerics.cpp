@@ -175,8 +175,15 @@ static void test_decode() {
       for (int64_t d : {th[k] - 1, th[k], th[k] + 1})
         EXPECT(dk::time_bucket(d, th.data(), T) == brute(d), "bucket at threshold T=%d k=%d", T, k);
     EXPECT(dk::time_bucket(INT64_MIN, th.data(), T) == T - 1 || T == 1, "bucket INT64_MIN");
+    // differences beyond int64 are taken exactly (saturated): never wrapped into a small or negative dt
+    EXPECT(dk::time_bucket(INT64_MAX, INT64_MIN, th.data(), T) == brute(INT64_MAX), "bucket of max - min");
+    EXPECT(dk::time_bucket(INT64_MIN, INT64_MAX, th.data(), T) == brute(INT64_MAX), "bucket of min - max");
+    EXPECT(dk::time_bucket(int64_t(1) << 62, INT64_MIN, th.data(), T) == brute(INT64_MAX), "bucket 2^62 - min");
+    EXPECT(dk::time_bucket(-7, 993, th.data(), T) == brute(1000), "bucket -7 - 993");
   }
   EXPECT(dk::pos_index(5, 9, 4) == 0 && dk::pos_index(9, 5, 4) == 3 && dk::pos_index(7, 5, 4) == 2, "pos_index");
+  EXPECT(dk::pos_index(INT64_MAX, INT64_MIN, 4) == 3 && dk::pos_index(INT64_MIN, INT64_MAX, 4) == 0 &&
+             dk::pos_index(INT64_MAX, -1, 4) == 3 && dk::pos_index(INT64_MIN, 1, 4) == 0, "pos_index at int64 edges");
   EXPECT(std::fabs(dk::silu(2.0f) - 2.0f / (1.0f + std::exp(-2.0f))) < 1e-6f && dk::silu(-200.0f) == -0.0f,
          "silu");
   // Merging partial (max, sum) pairs in any order equals the one-pass log-sum-exp.

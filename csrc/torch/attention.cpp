@@ -132,7 +132,8 @@ Segment segment(const Tensor& k, const Tensor& v, int64_t kf, int64_t vf, bool k
                     name, " tensors must be contiguous");
   s.k = k.data_ptr(); s.v = v.data_ptr();
   s.k_fmt = fmt_of(kf, k, name); s.v_fmt = fmt_of(vf, v, name);
-  s.k_channel = k_channel; s.group_size = int(group_size); s.capacity = k.size(2);
+  // key groups along entries exist only for quantized keys: a float payload has none (and group_size may be 0)
+  s.k_channel = k_channel && is_quantized(s.k_fmt); s.group_size = int(group_size); s.capacity = k.size(2);
   TORCH_CHECK_VALUE(length.scalar_type() == at::kInt && position.scalar_type() == at::kInt, name,
                     ".length/position must be int32");
   // Every extent the kernel walks: [B, Hkv, C, row] payloads, per-entry fields, scale groups, and the lengths
@@ -320,6 +321,10 @@ std::vector<Tensor> attention_cpu(
     TORCH_CHECK_VALUE(!p.has_cache || cache_timestamp.has_value(), "time_bias needs cache_timestamp");
     TORCH_CHECK_VALUE(!p.has_residual || res_timestamp.has_value(), "time_bias needs res_timestamp");
   }
+  TORCH_CHECK_VALUE(kind == "softmax" || kind == "hstu", "kind must be 'softmax' or 'hstu', got '", kind, "'");
+  TORCH_CHECK_VALUE(hstu_norm == "original" || hstu_norm == "kept" || hstu_norm == "const",
+                    "hstu_norm must be 'original', 'kept' or 'const', got '", hstu_norm, "'");
+  TORCH_CHECK_VALUE(stats_window >= 0, "stats_window must be >= 0, got ", stats_window);
   p.kind = kind == "hstu" ? malloc_kernels::cpu::Kind::Hstu : malloc_kernels::cpu::Kind::Softmax;
   p.scale = float(scale);
   p.causal = is_causal;

@@ -55,7 +55,7 @@ from typing import Optional
 import torch
 
 from . import formats
-from .formats import FLOAT_FORMAT, K_AXES, format_bits, packed_width
+from .formats import FLOAT_FORMAT, FP8_FORMAT, K_AXES, format_bits, packed_width
 from .policy_spec import PolicySpec
 
 
@@ -183,11 +183,14 @@ class KVCacheBase:
         return self
 
     def check_contents(self) -> "KVCacheBase":
-        """``validate()`` plus the rules that read the data: ``0 <= length <= capacity`` and
-        ``original_length >= 0`` (the kernels index the payload by ``length``), merge counts of valid entries
-        ``> 0`` (softmax adds ``log c``). Raises ``ValueError`` naming the field. Run once where a cache is made
+        """``validate()`` plus the rules that read the data, over VALID entries only (padding may hold anything and
+        is never read): ``0 <= length <= capacity`` and ``original_length >= 0`` (the kernels index the payload by
+        ``length``); float payloads finite; no fp8 NaN code (0x7F / 0xFF); scales and zeros finite, scales
+        ``>= 0`` (as the quantizers write them); merge counts finite and ``> 0`` (an entry stands for at least a
+        part of one token). Raises ``ValueError`` naming the field. Run once where a cache is made
         (``compress``, ``cache_from_bytes``, ``append``), never per attention call: it synchronises with the
-        device and cannot be traced by ``torch.compile``."""
+        device and cannot be traced by ``torch.compile``. Attention itself never refuses data: a non-finite value
+        that reaches a row makes that row NaN (README, "Non-finite values and integer ranges")."""
         self.validate()
         segments = (("cache", self),) if self.residual is None else (("cache", self), ("cache.residual", self.residual))
         for name, seg in segments:
@@ -195,16 +198,49 @@ class KVCacheBase:
             if seg.length.numel() and (int(seg.length.min()) < 0 or int(seg.length.max()) > C):
                 raise ValueError(f"{name}.length must be within [0, capacity={C}], got range "
                                  f"[{int(seg.length.min())}, {int(seg.length.max())}]")
-            if seg.count is not None and C:
-                valid = torch.arange(C, device=seg.length.device) < seg.length.to(torch.int64)[..., None]
-                if bool((seg.count[valid] <= 0).any()):
-                    raise ValueError(f"{name}.count must be > 0 on valid entries (an entry stands for at least "
-                                     "a part of one token)")
+            seg._check_values(name)
             if seg.mass is not None and not bool(torch.isfinite(seg.mass).all()):
                 raise ValueError(f"{name}.mass must be finite")
         if self.original_length.numel() and int(self.original_length.min()) < 0:
             raise ValueError(f"cache.original_length must be >= 0, got {self.original_length.tolist()}")
         return self
+
+    def _check_values(self, name: str) -> None:
+        """check_contents' data rules for one segment (``name``: its name in messages)."""
+        C = self.capacity
+        valid = torch.arange(C, device=self.length.device) < self.length.to(torch.int64)[..., None]   # [B, H, C]
+        for which, fmt in (("k", self.k_format), ("v", self.v_format)):
+            t = getattr(self, which)
+            if fmt == FLOAT_FORMAT:
+                if not bool(torch.isfinite(t[valid]).all()):
+                    raise ValueError(f"{name}.{which} holds a non-finite value (NaN or inf) in a valid entry")
+                continue
+            if fmt == FP8_FORMAT and bool(((t[valid] & 0x7F) == 0x7F).any()):
+                raise ValueError(f"{name}.{which} holds an fp8 NaN code (0x7F/0xFF) in a valid entry")
+            gvalid = valid
+            if which == "k" and self.k_axis == "channel":
+                gvalid = (torch.arange(self.num_groups("k"), device=valid.device) * self.group_size
+                          < self.length.to(torch.int64)[..., None])
+            for part in ("scale", "zero"):
+                sz = getattr(self, f"{which}_{part}")
+                if sz is None:
+                    continue
+                sz = sz[gvalid]
+                if sz.dtype == torch.uint8:           # e4m3fn scale bytes (nvfp4): no NaN code, no sign bit
+                    if bool(((sz & 0x7F) == 0x7F).any()):
+                        raise ValueError(f"{name}.{which}_{part} holds an e4m3 NaN code (0x7F/0xFF) in a valid group")
+                    if bool((sz & 0x80).any()):
+                        raise ValueError(f"{name}.{which}_scale holds a negative scale in a valid group")
+                    continue
+                if not bool(torch.isfinite(sz).all()):
+                    raise ValueError(f"{name}.{which}_{part} holds a non-finite value in a valid group")
+                if part == "scale" and bool((sz < 0).any()):
+                    raise ValueError(f"{name}.{which}_scale holds a negative scale in a valid group")
+        if self.count is not None:
+            c = self.count[valid]
+            if not bool((torch.isfinite(c) & (c > 0)).all()):
+                raise ValueError(f"{name}.count must be finite and > 0 on valid entries (an entry stands for at "
+                                 "least a part of one token)")
 
     def _validate_int(self, name, t, shape, dtype):
         if not isinstance(t, torch.Tensor):

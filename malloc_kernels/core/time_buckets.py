@@ -6,6 +6,11 @@ which moves dt values near a boundary to the neighbouring bucket, so the contrac
 ``time_bucket_thresholds(T)`` lists, for k = 1..T-1, the smallest integer x >= 1 with floor(ln(x) / 0.301) >= k
 (evaluated with float64 ``math.log``), and ``bucket(dt) = #{k : th[k] <= max(|dt|, 1)}``. Kernels evaluate a float
 log and correct it by +/-1 against these thresholds (ARCHITECTURE.md, "Attention semantics").
+
+Integer ranges: ``t_i - t_j`` and ``p_i - p_j`` are never formed in int64 arithmetic (they overflow for e.g. a
+timestamp of -2**63): ``abs_diff_sat`` takes ``|t_i - t_j|`` exactly and saturates it at 2**63 - 1 (no threshold
+lies above, so the bucket is exact), ``pos_index`` clamps ``p_i - p_j`` from the operands' order; the kernels do
+the same in unsigned arithmetic (``bias.h``, ``decode.h``, ``triton/attention_common.py``).
 """
 from __future__ import annotations
 
@@ -67,8 +72,28 @@ def time_bucket(dt: torch.Tensor, T: int) -> torch.Tensor:
     if not isinstance(dt, torch.Tensor) or dt.is_floating_point():
         raise TypeError("dt must be an integer tensor (time differences)")
     th = time_bucket_thresholds(T).to(dt.device)
-    mag = dt.to(torch.int64).abs().clamp_min(1)
+    mag = abs_diff_sat(dt, torch.zeros((), dtype=torch.int64, device=dt.device)).clamp_min(1)   # |-2**63| fits
     return torch.searchsorted(th, mag.contiguous(), right=True)
+
+
+def abs_diff_sat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``min(|a - b|, 2**63 - 1)`` of int64 tensors (broadcast), exact: the int64 difference may wrap (torch
+    integer arithmetic is modular), so a wrapped result is detected from the operands' order and saturated.
+    Saturation never changes a time bucket (every threshold is <= 2**63 - 1)."""
+    a, b = a.to(torch.int64), b.to(torch.int64)
+    d = a - b
+    ge = a >= b
+    # a >= b: the true difference is >= 0, so a negative d means it wrapped past 2**63 - 1.
+    # a < b: the true difference is < 0; d >= 0 means it wrapped, d == -2**63 has no int64 magnitude.
+    big = torch.where(ge, d < 0, (d >= 0) | (d == -_INT64_MAX - 1))
+    return torch.where(big, torch.full_like(d, _INT64_MAX), torch.where(ge, d, -d))
+
+
+def pos_index(qp: torch.Tensor, kp: torch.Tensor, P: int) -> torch.Tensor:
+    """``clamp(p_i - p_j, 0, P - 1)`` of int64 tensors (broadcast) with the difference taken exactly."""
+    qp, kp = qp.to(torch.int64), kp.to(torch.int64)
+    return torch.where(qp <= kp, torch.zeros((), dtype=torch.int64, device=qp.device),
+                       abs_diff_sat(qp, kp).clamp_max(P - 1))
 
 
 def kernel_thresholds(T: int) -> torch.Tensor:

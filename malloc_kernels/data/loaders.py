@@ -201,6 +201,20 @@ def _aligned_partner(path: Path) -> Optional[Path]:
 
 def load_dataset(path_or_name: PathLike = DEFAULT_DATASET, *, time_path: Optional[PathLike] = None,
                  name: Optional[str] = None) -> SequenceDataset:
+    """Load a dataset, detecting its format (see ``_load_dataset``); a file that is not text (e.g. binary) raises
+    ``ValueError`` naming it."""
+    try:
+        return _load_dataset(path_or_name, time_path=time_path, name=name)
+    except UnicodeDecodeError as e:
+        where = path_or_name if time_path is None else f"{path_or_name} / {time_path}"
+        raise ValueError(f"{where}: not a text dataset file ({e.encoding} decoding failed at byte {e.start}: "
+                         f"{e.reason})") from None
+    except IsADirectoryError as e:
+        raise ValueError(f"{e.filename}: is a directory, expected a dataset file") from None
+
+
+def _load_dataset(path_or_name: PathLike = DEFAULT_DATASET, *, time_path: Optional[PathLike] = None,
+                  name: Optional[str] = None) -> SequenceDataset:
     """Load a dataset, detecting its format.
 
     ``path_or_name``: ``"ml-latest-small"`` (the embedded default), a file (``*.dat`` with ``::`` -> ratings.dat,

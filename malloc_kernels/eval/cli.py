@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .methods import VARIANTS
+from ..cli_args import Parser, comma_list, float_at_least, int_at_least, one_of, ratio, run_main
+from .methods import BITS, VARIANTS, build_grid
 from .runner import EvalConfig, run
 
 FULL_DATA = Path("..") / "shared" / "data" / "ml-1m"
@@ -30,51 +31,51 @@ FULL_RECIPE = dict(epochs=24, time_budget_min=45.0, loss="full", schedule="cosin
                    uptrain_epochs=3, memory_epochs=None, windows="last")
 
 
-def _floats(s):
-    return tuple(float(x) for x in s.split(",") if x)
+def _method_labels():
+    """Every row label ``--methods`` may name (the full grid's)."""
+    return sorted({s.label for s in build_grid(None, (0.5,), BITS, tuple(VARIANTS))})
 
 
-def _ints(s):
-    return tuple(int(x) for x in s.split(",") if x)
-
-
-def _names(s):
-    return tuple(x.strip() for x in s.split(",") if x.strip())
+def _method_label(s):
+    return one_of(_method_labels())(s)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="malloc-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="malloc-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="dataset name or path (ratings.dat/.csv, sequences, aligned "
                    "item/time files; default: embedded ml-latest-small, or ml-1m with --full)")
-    p.add_argument("--model", type=_names, default=("hstu", "sasrec"), help="comma list of hstu,sasrec")
-    p.add_argument("--methods", type=_names, default=None, help="comma list of method labels (default: all)")
-    p.add_argument("--budgets", type=_floats, default=None,
+    p.add_argument("--model", type=comma_list(one_of(("hstu", "sasrec")), "models (hstu, sasrec)"),
+                   default=("hstu", "sasrec"), help="comma list of hstu,sasrec")
+    p.add_argument("--methods", type=comma_list(_method_label, "method labels"), default=None,
+                   help="comma list of method labels (default: all)")
+    p.add_argument("--budgets", type=comma_list(ratio, "token ratios in (0, 1]"), default=None,
                    help="token ratios, e.g. 0.5,0.25 (default 0.5,0.25,0.125; 0.25 with --long)")
-    p.add_argument("--bits", type=_ints, default=(8, 4, 2), help="precision bit widths, e.g. 8,4,2")
-    p.add_argument("--variants", type=_names, default=None,
-                   help=f"trained head/sequence variants (comma list of {','.join(VARIANTS)}; '' for none; "
+    p.add_argument("--bits", type=comma_list(one_of(BITS, int), f"bit widths ({sorted(BITS)})"),
+                   default=(8, 4, 2), help="precision bit widths, e.g. 8,4,2")
+    p.add_argument("--variants", type=comma_list(one_of(tuple(VARIANTS) + ("none",)), "variant names"),
+                   default=None,
+                   help=f"trained head/sequence variants (comma list of {','.join(VARIANTS)}; 'none' for none; "
                         f"default: {','.join(QUICK_VARIANTS)}, all with --full)")
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--max-len", type=int_at_least(2), default=None,
                    help="training window (default 200); with --long the longest history served (default 8192)")
-    p.add_argument("--request-size", type=int, default=8)
-    p.add_argument("--users", type=int, default=None,
+    p.add_argument("--request-size", type=int_at_least(1), default=8)
+    p.add_argument("--users", type=int_at_least(1), default=None,
                    help="evaluate a seeded sample of N test users (default: all; 1000 with --full)")
-    p.add_argument("--epochs", type=int, default=None, help="base-model epochs (15; 24 with --full)")
-    p.add_argument("--time-budget-min", type=float, default=None,
+    p.add_argument("--epochs", type=int_at_least(0), default=None, help="base-model epochs (15; 24 with --full)")
+    p.add_argument("--time-budget-min", type=float_at_least(0.0), default=None,
                    help="training time cap per model in minutes (none; 45 with --full)")
     p.add_argument("--loss", choices=("sampled", "full"), default=None,
                    help="sampled softmax (128 negatives) or full softmax (default: sampled; full with --full)")
     p.add_argument("--schedule", choices=("constant", "cosine"), default=None,
                    help="learning-rate schedule (constant; cosine with --full)")
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--memory-epochs", type=int, default=None,
+    p.add_argument("--warmup-steps", type=int_at_least(0), default=None)
+    p.add_argument("--memory-epochs", type=int_at_least(0), default=None,
                    help="epochs of the MSN memory variant (default: --epochs)")
-    p.add_argument("--uptrain-epochs", type=int, default=None,
+    p.add_argument("--uptrain-epochs", type=int_at_least(0), default=None,
                    help="warm-start head/sequence variants from the base and fine-tune this many epochs "
                         "(0 = train from scratch; default 0, 3 with --full)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int_at_least(1), default=128)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--out", default="results")
     p.add_argument("--cache", default=None, help="checkpoint cache dir (default $MALLOC_CACHE or ~/.cache)")
     p.add_argument("--full", action="store_true", help="the whole grid on MovieLens-1M")
@@ -82,13 +83,13 @@ def build_parser():
     g = p.add_argument_group("long histories (--long)")
     g.add_argument("--long", action="store_true",
                    help="the long-history tables: ML-1M users with >= 500 interactions + amazon-1000 (or --data)")
-    g.add_argument("--min-history", type=int, default=None,
+    g.add_argument("--min-history", type=int_at_least(0), default=None,
                    help="evaluate users with at least this many interactions (preset: 500 on ML-1M)")
     g.add_argument("--protocol", choices=("full", "sampled"), default=None,
                    help="full ranking or the target among --negatives random unseen items (preset: sampled on "
                         "amazon-1000)")
-    g.add_argument("--negatives", type=int, default=100)
-    g.add_argument("--boot", type=int, default=1000, help="bootstrap resamples of the 95%% intervals")
+    g.add_argument("--negatives", type=int_at_least(1), default=100)
+    g.add_argument("--boot", type=int_at_least(1), default=1000, help="bootstrap resamples of the 95%% intervals")
     g.add_argument("--resources", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure bytes/latency at N = 1k, 4k, 16k (preset: on for ML-1M)")
     return p
@@ -118,6 +119,12 @@ def config_from_args(args) -> EvalConfig:
         if getattr(args, name, None) is not None:
             recipe[name] = getattr(args, name)
     variants = args.variants if args.variants is not None else (tuple(VARIANTS) if args.full else QUICK_VARIANTS)
+    if "none" in variants:
+        if len(variants) > 1:
+            raise ValueError("--variants: 'none' cannot be combined with variant names")
+        variants = ()
+    if args.methods is not None:
+        build_grid(args.methods, budgets, args.bits, variants)   # a label outside this grid: ValueError now
     return EvalConfig(data=data, models=args.model, methods=args.methods, budgets=budgets, bits=args.bits,
                       variants=variants, max_len=max_len, request_size=args.request_size,
                       users=args.users if args.users is not None else (1000 if args.full else None),
@@ -130,21 +137,21 @@ def config_from_args(args) -> EvalConfig:
                       progress=not args.no_progress)
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        _check_long_args(args)
-        if args.long:
-            return _main_long(args)
-        cfg = config_from_args(args)
-    except ValueError as e:
-        print(f"malloc-eval: {e}", file=sys.stderr)
-        return 2
+def _main(args) -> int:
+    _check_long_args(args)
+    if args.long:
+        return _main_long(args)
+    cfg = config_from_args(args)
     result = run(cfg)
     for name, path in result["paths"].items():
         print(f"{name}: {path}")
     print((Path(cfg.out) / "accuracy.md").read_text())
     return 0
+
+
+def main(argv=None):
+    """Entry point: bad input -> one line ``malloc-eval: error: ...`` and exit code 2 (``--debug``: traceback)."""
+    return run_main(build_parser(), _main, argv)
 
 
 def _main_long(args) -> int:

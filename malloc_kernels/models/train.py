@@ -52,6 +52,7 @@ from .config import ModelConfig
 from .metrics import evaluate
 from .recommender import SequentialRecommender
 from .uptrain import warm_start
+from ..cli_args import Parser, guard
 
 SCHEDULES = ("constant", "cosine", "cosine-time")
 
@@ -320,7 +321,7 @@ def _fmt_point(p) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m malloc_kernels.models.train", description=__doc__.split("\n")[0])
+    ap = Parser(prog="python -m malloc_kernels.models.train", description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="ml-latest-small",
                     help="dataset name ('ml-latest-small', embedded) or a file/folder in any supported format")
     ap.add_argument("--model", choices=("hstu", "sasrec"), default="hstu")
@@ -405,4 +406,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(guard('python -m malloc_kernels.models.train', main))

@@ -88,7 +88,9 @@ def run(call) -> AttentionResult:
         _c(c.original_length) if c is not None else None,
         formats.code(c.k_format if c is not None else FLOAT_FORMAT),
         formats.code(c.v_format if c is not None else FLOAT_FORMAT),
-        bool(c is not None and c.k_axis == "channel"), int(c.group_size) if c is not None else 0,
+        # key groups along entries exist only for quantized keys (a float payload has none, whatever k_axis says)
+        bool(c is not None and c.k_axis == "channel" and c.k_format != FLOAT_FORMAT),
+        int(c.group_size) if c is not None else 0,
         call.kind, bool(call.is_causal), call.num_targets.contiguous() if call.targets_given else None,
         float(call.scale), qpos, qpos, qts, qts, _c(call.pos_bias), _c(time_bias), th, norm, norm_const,
         bool(call.return_lse), bool(call.return_stats), int(call.stats_window or 0))

@@ -13,6 +13,15 @@ from .hybrid import HybridPolicy
 from .registry import get_policy
 
 
+def check_int_range(t: torch.Tensor, name: str, dtype: torch.dtype) -> None:
+    """Refuse integer values that ``dtype`` (the stored type) cannot hold: they would wrap, never saturate."""
+    info = torch.iinfo(dtype)
+    if t.numel() and (torch.iinfo(t.dtype).bits > info.bits or t.dtype == torch.uint64):
+        lo, hi = int(t.min()), int(t.max())
+        if lo < info.min or hi > info.max:
+            raise ValueError(f"{name} must fit {dtype} ([{info.min}, {info.max}]), got values in [{lo}, {hi}]")
+
+
 def _normalise(key, value, positions, timestamps, lengths, offsets, counts):
     if not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor):
         raise TypeError("key and value must be tensors")
@@ -58,6 +67,8 @@ def _normalise(key, value, positions, timestamps, lengths, offsets, counts):
             t = t[:, None].expand(B, H, N)
         elif t.shape != (B, H, N):
             raise ValueError(f"{name} must be [N], [B, N] or [B, Hkv, N] = {(B, H, N)}, got {tuple(t.shape)}")
+        if not dtype.is_floating_point:
+            check_int_range(t, name, dtype)
         return t.to(device=dev, dtype=dtype).contiguous()
 
     if positions is None:
@@ -79,6 +90,11 @@ def compress(key, value, method: str = "none", *, budget=None, positions=None, t
     policy's budget (token ratio in (0, 1], absolute token count >= 1, or a ``Budget``); seed: for randomised
     policies. Remaining keyword arguments are the method's parameters.
     """
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string naming a compression method (e.g. 'none', 'kivi4', 'h2o+int8'), "
+                        f"got {type(method).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     k, v, lengths, positions, timestamps, counts = _normalise(key, value, positions, timestamps, lengths, offsets,
                                                              counts)
     extra = {name: params.pop(name) for name in CONTEXT_KEYS if name in params}

@@ -12,7 +12,10 @@ Math (per user b, query head h, kv head h // G, query i, entry j over the cache,
     hstu:    o_i = (1 / n_i) sum_j c_j silu(s_ij) v_j            (HSTU, arXiv 2402.17152, eq. 2)
 
 over visible j only; ``c_j`` is the merge count (ToMe's proportional attention, arXiv 2210.09461). A row that sees
-nothing returns zeros (softmax lse = -inf). Arithmetic runs in float64 for float64 inputs and in float32 otherwise
+nothing returns zeros (softmax lse = -inf). Non-finite rule (every backend): a visible score (with ``log c_j``) that
+is NaN or +inf, a non-finite value of a visible entry, or a non-finite element of a row's result makes the whole row
+NaN (lse NaN); a -inf score is weight 0, as a masked entry (``scaled_dot_product_attention``'s convention), and an
+invisible entry never reaches the row. Arithmetic runs in float64 for float64 inputs and in float32 otherwise
 (half inputs are upcast right after load, as the kernels do); the output is cast back to the query dtype.
 
 Details fixed here for every backend: a boolean ``attn_mask`` (dense calls, over the request keys) removes entries
@@ -135,16 +138,32 @@ def attention_padded(call: AttentionCall):
 
     lse = None
     if call.kind == "softmax":
-        w, lse = _softmax_weights(s, vis, count, additive is not None, call.return_lse)
+        w, lse = _softmax_weights(s, vis, count, call.return_lse)
         row_scale = None
+        logits = s if count is None else s + torch.log(count)
     else:
-        w, row_scale = _hstu_weights(call, s, vis, count, hist, req_vis, additive is not None, Lq)
+        w, row_scale = _hstu_weights(call, s, vis, count, hist, req_vis, Lq)
+        logits = s
+    # non-finite rule: a visible NaN / +inf score poisons the row (a -inf one is weight 0, as a masked entry)
+    bad = (vis & ~(logits < float("inf"))).any(-1).expand(B, Hkv, G, Lq).reshape(B, Hkv, G * Lq, 1)
 
+    # ... and so does a non-finite value of a VISIBLE entry; an invisible one (a causally masked request token) must
+    # not reach the row through its 0 weight, so non-finite values are zeroed in the product and flagged here
+    v_bad = ~torch.isfinite(vals).all(-1)                                                  # [B, Hkv, N]
+    if bool(v_bad.any()):
+        bad = bad | (vis & v_bad[:, :, None, None, :]).any(-1).expand(B, Hkv, G, Lq).reshape(B, Hkv, G * Lq, 1)
+        vals = torch.where(torch.isfinite(vals), vals, torch.zeros((), dtype=vals.dtype, device=dev))
     w_out = F.dropout(w, call.dropout_p, training=True) if call.dropout_p > 0 else w
     out = torch.matmul(w_out.reshape(B, Hkv, G * Lq, N), vals)
     if row_scale is not None:
         # HSTU's 1/n_i is a per-row constant: applying it to the [.., D] output is cheaper than to [.., N].
         out = out * row_scale.expand(B, Hkv, G, Lq, 1).reshape(B, Hkv, G * Lq, 1)
+    # ... and so does a non-finite element of the row's result (a non-finite count or an overflow)
+    bad = bad | ~torch.isfinite(out).all(-1, keepdim=True)
+    if bool(bad.any()):
+        out = torch.where(bad, torch.full((), float("nan"), dtype=out.dtype, device=dev), out)
+        if lse is not None:
+            lse = torch.where(bad.reshape(lse.shape), torch.full((), float("nan"), dtype=lse.dtype, device=dev), lse)
     out = out.reshape(B, Hq, Lq, D).to(call.dtype)
     if lse is not None:
         lse = lse.reshape(B, Hq, Lq)
@@ -167,7 +186,7 @@ def _bias(call: AttentionCall, hist: Optional[_History], cd: torch.dtype) -> tor
     return relative_bias(qp, kp, call.pos_bias, call.time_bias, qt, kt, num_heads=call.num_heads, dtype=cd)
 
 
-def _softmax_weights(s, vis, count, has_additive, want_lse):
+def _softmax_weights(s, vis, count, want_lse):
     """Normalised probabilities ``c_j e^{s_ij} / sum_j c_j e^{s_ij}`` (0 where invisible) and lse (-inf if empty).
 
     ``torch.softmax`` is used for its fused forward/backward; rows with nothing visible (which softmax would turn
@@ -175,8 +194,9 @@ def _softmax_weights(s, vis, count, has_additive, want_lse):
     """
     logits = s if count is None else s + torch.log(count)
     logits = logits.masked_fill(~vis, float("-inf"))
-    # An additive -inf mask can empty a row that the boolean visibility keeps; only then inspect the logits.
-    row_has = (logits > float("-inf")).any(-1, keepdim=True) if has_additive else vis.any(-1, keepdim=True)
+    # A -inf logit is weight 0 like a masked entry (an additive -inf mask, a -inf score from -inf data, a zero count),
+    # so a row whose visible logits are all -inf is empty too: zeros, as every kernel gives (SDPA would give NaN).
+    row_has = (logits > float("-inf")).any(-1, keepdim=True)
     empty = None if bool(row_has.all()) else ~row_has
     if empty is not None:
         logits = logits.masked_fill(empty, 0.0)
@@ -189,11 +209,11 @@ def _softmax_weights(s, vis, count, has_additive, want_lse):
     return w, (None if lse is None else lse.squeeze(-1))
 
 
-def _hstu_weights(call, s, vis, count, hist, req_vis, has_additive, Lq):
+def _hstu_weights(call, s, vis, count, hist, req_vis, Lq):
     """Unnormalised pointwise weights ``c_j silu(s_ij)`` (0 where invisible) and the per-row ``1 / n_i``."""
-    # silu(0) == 0, so filling invisible scores with 0 zeroes their weight in one pass. An additive -inf mask
-    # entry would give silu(-inf) = -inf * 0 = NaN; its weight is 0 (silu -> 0 at -inf).
-    use = vis & (s > float("-inf")) if has_additive else vis
+    # silu(0) == 0, so filling invisible scores with 0 zeroes their weight in one pass. A -inf score (an additive
+    # -inf mask entry, or -inf data) would give silu(-inf) = -inf * 0 = NaN; its weight is 0 (silu -> 0 at -inf).
+    use = vis & (s > float("-inf"))
     w = F.silu(s.masked_fill(~use, 0.0))
     if count is not None:
         w = w * count.masked_fill(~use, 0.0)        # padding counts may be NaN; invisible weights stay exactly 0

@@ -8,6 +8,11 @@ position term and a learned time term::
 
 The bucket is defined exactly, by integer thresholds, in ``core/time_buckets.py`` (shared with every backend);
 this module builds the dense bias the reference adds to its scores.
+
+Integer ranges: ``t_i - t_j`` and ``p_i - p_j`` are never formed in int64 arithmetic (they can overflow, e.g. a
+timestamp of -2**63): every backend takes ``|t_i - t_j|`` exactly and saturates it at 2**63 - 1 (no bucket
+threshold lies above), and ``clamp(p_i - p_j, 0, P - 1)`` from the operands' order (``core/time_buckets.py``), so
+buckets and position indices are identical everywhere for every int64 input.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..core.time_buckets import time_bucket, time_bucket_thresholds  # noqa: F401
+from ..core.time_buckets import abs_diff_sat, pos_index, time_bucket, time_bucket_thresholds  # noqa: F401
 
 
 def _per_head_gather(table: torch.Tensor, index: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -62,16 +67,16 @@ def relative_bias(query_positions: torch.Tensor, key_positions: torch.Tensor, po
     if pos_bias is not None:
         table = _as_bias_table(pos_bias, "pos_bias", num_heads)
         P = table.shape[-1]
-        rel = (query_positions.to(torch.int64)[:, None, :, None] - kp.to(torch.int64)[:, :, None, :])
-        out = _per_head_gather(table, rel.clamp(0, P - 1), num_heads)
+        rel = pos_index(query_positions[:, None, :, None], kp[:, :, None, :], P)
+        out = _per_head_gather(table, rel, num_heads)
         out = out if dtype is None else out.to(dtype)
     if time_bias is not None:
         if query_timestamps is None or key_timestamps is None:
             raise ValueError("time_bias needs query_timestamps and key_timestamps")
         table = _as_bias_table(time_bias, "time_bias", num_heads)
         kt = key_timestamps if key_timestamps.dim() == 3 else key_timestamps[:, None]
-        dt = query_timestamps.to(torch.int64)[:, None, :, None] - kt.to(torch.int64)[:, :, None, :]
-        tb = _per_head_gather(table, time_bucket(dt, table.shape[-1]), num_heads)
+        mag = abs_diff_sat(query_timestamps[:, None, :, None], kt[:, :, None, :])
+        tb = _per_head_gather(table, time_bucket(mag, table.shape[-1]), num_heads)
         tb = tb if dtype is None else tb.to(dtype)
         out = tb if out is None else out + tb.to(out.dtype)
     return out

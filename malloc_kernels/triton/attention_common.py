@@ -138,6 +138,16 @@ def _load_tile(P, S, Z, n, n_ok, row_stride, col_stride,
 
 
 @triton.jit
+def _abs_diff_sat(a, b):
+    """``min(|a - b|, 2**63 - 1)`` of int64 tensors without overflow: the unsigned difference of the ordered pair
+    is exact (up to 2**64 - 1), then saturated (no bucket threshold lies above 2**63 - 1)."""
+    hi = tl.maximum(a, b).to(tl.uint64, bitcast=True)
+    lo = tl.minimum(a, b).to(tl.uint64, bitcast=True)
+    m = hi - lo
+    return tl.minimum(m, 0x7FFFFFFFFFFFFFFF).to(tl.int64, bitcast=True)
+
+
+@triton.jit
 def _group_params(S, Z, n, n_ok, d, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FMT: tl.constexpr,
                   CHANNEL: tl.constexpr, GS: tl.constexpr):
     """Scale and zero of every element of a ``[BLOCK_N, BLOCK_D]`` tile, loaded once per group, not per element.
@@ -196,12 +206,13 @@ def _is_pow2_split(GS, HEAD_DIM, BLOCK_D):
 
 @triton.jit
 def _time_bucket(dt, TH, T):
-    """Exact HSTU time bucket ``#{k : th[k] <= max(|dt|, 1)}`` of int64 time differences ``dt``.
+    """Exact HSTU time bucket ``#{k : th[k] <= max(dt, 1)}`` of int64 time-difference MAGNITUDES ``dt >= 0``
+    (``_abs_diff_sat``).
 
     A float log gives the bucket within +-1 (fp32 rounding near a boundary); one step up and one step down against
     the float64-exact integer thresholds ``TH[k-1] = th[k]`` (``reference.bias.time_bucket_thresholds``) make it
     exact. The estimate is clamped to [0, T-1] first, which is where ``min(., T-1)`` of the definition lives."""
-    x = tl.maximum(tl.abs(dt), 1)
+    x = tl.maximum(dt, 1)
     est = (tl.log(x.to(tl.float32)) / 0.301).to(tl.int32)
     est = tl.minimum(tl.maximum(est, 0), T - 1)
     up = tl.load(TH + est, mask=est < T - 1, other=0)          # th[est + 1]
@@ -218,10 +229,12 @@ def _rel_bias(p_i, p_j, t_i, t_j, h, PB, P, TB, T, TH, HAS_POS: tl.constexpr, HA
     Tables are float32 ``[Hq, P]`` / ``[Hq, T]`` (row stride P / T); gathered per element, never materialised."""
     bias = tl.zeros((p_i.shape[0], p_j.shape[0]), tl.float32)
     if HAS_POS:
-        dp = tl.minimum(tl.maximum(p_i[:, None] - p_j[None, :], 0), P - 1)
+        pi = p_i[:, None].to(tl.int64)
+        pj = p_j[None, :].to(tl.int64)
+        dp = tl.where(pi > pj, tl.minimum(_abs_diff_sat(pi, pj), P - 1), 0)
         bias += tl.load(PB + h[:, None] * P + dp)
     if HAS_TIME:
-        bk = _time_bucket(t_i[:, None] - t_j[None, :], TH, T)
+        bk = _time_bucket(_abs_diff_sat(t_i[:, None], t_j[None, :]), TH, T)
         bias += tl.load(TB + h[:, None] * T + bk)
     return bias
 
@@ -303,7 +316,14 @@ def _update(acc, m_i, l_i, nh, nr, s, vis, c, v, inv_bound, KIND: tl.constexpr, 
     hstu (``KIND == 1``): ``acc += sum_j (c_j silu(s_ij) / bound) v_j``; ``nh``/``nr`` count the visible stored
     (cache + residual) and request entries, for the ``kept``/``original`` normalisers. The weights are divided by
     ``bound`` (``_hstu_bound``, at least the row's normaliser) in fp32 before the 16-bit cast of the tensor-core
-    product: ``c_j silu(s_ij)`` alone passes fp16's 65504 with large merge counts."""
+    product: ``c_j silu(s_ij)`` alone passes fp16's 65504 with large merge counts.
+
+    Non-finite rule (README): a visible NaN / +inf score (``log c`` included) or a non-finite element of a visible
+    entry's value poisons the row: its accumulator becomes NaN (sticky through every later step, the split-K merge
+    and ``_finalize``); an invisible entry's value is zeroed first, so it cannot reach the row through a 0 weight."""
+    v_ok = (v == v) & (tl.abs(v) < float("inf"))
+    v_bad = tl.max(tl.where(v_ok, 0, 1), 1)                                    # [BLOCK_N]
+    v = tl.where(v_ok, v, 0.0)
     if KIND == 0:
         s = tl.where(vis, s + tl.log(c)[None, :], float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -315,6 +335,7 @@ def _update(acc, m_i, l_i, nh, nr, s, vis, c, v, inv_bound, KIND: tl.constexpr, 
         acc = acc * alpha[:, None]
         m_i = m_new
     else:
+        s = tl.where(vis, s, float("-inf"))
         p = tl.where(vis & (s > float("-inf")), (c * inv_bound)[None, :] * (s / (1.0 + tl.exp(-s))), 0.0)
         cnt = tl.sum(vis.to(tl.float32), 1)
         if IS_REQ:
@@ -327,6 +348,11 @@ def _update(acc, m_i, l_i, nh, nr, s, vis, c, v, inv_bound, KIND: tl.constexpr, 
         acc += tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
     else:
         acc += tl.dot(p, v, input_precision="ieee")
+    poison = (tl.max(tl.where(vis & ~(s < float("inf")), 1, 0), 1) > 0) | \
+        (tl.max(tl.where(vis & (v_bad[None, :] > 0), 1, 0), 1) > 0)
+    acc = tl.where(poison[:, None], float("nan"), acc)
+    if KIND == 0:
+        l_i = tl.where(poison, float("nan"), l_i)
     return acc, m_i, l_i, nh, nr
 
 
@@ -510,6 +536,7 @@ def _finalize(acc, m_i, l_i, nh, nr, orig, norm_const, bound, KIND: tl.constexpr
     if KIND == 0:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         stat = tl.where(l_i > 0, m_i + tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        stat = tl.where(l_i == l_i, stat, float("nan"))                      # a poisoned row (l NaN)
     else:
         if NORM == 2:
             n = nr * 0.0 + norm_const
@@ -523,6 +550,11 @@ def _finalize(acc, m_i, l_i, nh, nr, orig, norm_const, bound, KIND: tl.constexpr
         out = acc * (bound / tl.where(n > 0, n, 1.0))[:, None]
         out = tl.where((n > 0)[:, None], out, 0.0)
         stat = n
+    # non-finite rule: a row with any non-finite element is NaN as a whole
+    row_bad = tl.max(tl.where((out == out) & (tl.abs(out) < float("inf")), 0, 1), 1) > 0
+    out = tl.where(row_bad[:, None], float("nan"), out)
+    if KIND == 0:
+        stat = tl.where(row_bad, float("nan"), stat)
     return out, stat
 
 

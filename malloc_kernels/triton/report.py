@@ -14,12 +14,12 @@ Options: ``--only SUBSTR ...`` compiles the specs whose names contain a substrin
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from ..cli_args import Parser, guard
 
 H100_BW = 3.35e12  # bytes/s, H100 SXM HBM3
 
@@ -147,7 +147,7 @@ def shape_lines(archs, compile_spec):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--arch", nargs="*", type=int, default=[80, 90])
     ap.add_argument("--no-shapes", action="store_true", help="skip the README-shape section")
@@ -219,4 +219,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guard('python -m malloc_kernels.triton.report', main))

@@ -28,9 +28,10 @@ struct TimeBucketer {
     }
   }
 
-  // bucket of a time difference dt (any sign).
-  inline int64_t operator()(int64_t dt) const {
-    uint64_t x = dt < 0 ? uint64_t(0) - uint64_t(dt) : uint64_t(dt);
+  // bucket of |t_i - t_j|: the difference is never formed in int64 (it could overflow: UB in C++, and a wrong
+  // bucket); its exact magnitude is taken in unsigned arithmetic (up to 2^64 - 1, every threshold is below).
+  inline int64_t operator()(int64_t ti, int64_t tj) const {
+    uint64_t x = ti >= tj ? uint64_t(ti) - uint64_t(tj) : uint64_t(tj) - uint64_t(ti);
     if (x < 1) x = 1;
     const int e = 63 - __builtin_clzll(x);       // 2^e <= x < 2^(e+1)
     int64_t b = start[e];                        // thresholds <= 2^e <= x are already counted
@@ -39,10 +40,11 @@ struct TimeBucketer {
   }
 };
 
-// Position term index: clamp(p_i - p_j, 0, P - 1).
+// Position term index: clamp(p_i - p_j, 0, P - 1), the difference taken exactly (no int64 overflow).
 inline int64_t pos_index(int64_t pi, int64_t pj, int64_t P) {
-  const int64_t d = pi - pj;
-  return d < 0 ? 0 : (d >= P ? P - 1 : d);
+  if (pi <= pj) return 0;
+  const uint64_t d = uint64_t(pi) - uint64_t(pj);
+  return d >= uint64_t(P) ? P - 1 : int64_t(d);
 }
 
 }  // namespace bias

@@ -309,7 +309,7 @@ struct UserHead {
       const T* tb = p.time_bias + (p.time_heads == 1 ? 0 : h) * p.NT;
       const int64_t ti = p.timestamps[base + i];
       const int64_t* tj = p.timestamps + base;
-      for (int64_t j = 0; j < jn; ++j) s[j] += tb[bucket(ti - tj[j])];
+      for (int64_t j = 0; j < jn; ++j) s[j] += tb[bucket(ti, tj[j])];
     }
   }
 };
@@ -437,7 +437,7 @@ void backward(const Params<T>& p, const T* grad_out, const T* out, const T* lse,
               double* acc = time_acc.data() + (p.time_heads == 1 ? 0 : h) * p.NT;
               const int64_t ti = p.timestamps[base + i];
               const int64_t* tj = p.timestamps + base;
-              for (int64_t j = 0; j < jn; ++j) acc[bucket(ti - tj[j])] += double(ds[j]);
+              for (int64_t j = 0; j < jn; ++j) acc[bucket(ti, tj[j])] += double(ds[j]);
             }
           }
           u.rows_out(dq, p.Hq, h, i0, yr);

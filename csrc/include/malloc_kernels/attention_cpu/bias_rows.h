@@ -25,7 +25,7 @@ inline void add_bias_rows(const AttnParams& p, const bias::TimeBucketer& tb, con
     }
     if (p.time_bias) {
       const float* tbias = p.time_bias + hq * p.time_bias_sH;
-      for (int j = 0; j < n; ++j) s[j] += tbias[tb(sc.qts[r] - kt[j])];
+      for (int j = 0; j < n; ++j) s[j] += tbias[tb(sc.qts[r], kt[j])];
     }
   }
 }

@@ -227,7 +227,14 @@ class CacheFromCodes {
         float* s = S + r * DKB;
         for (int j = n; j < n8; ++j) s[j] = NEG_INF;
         __m256 mx = _mm256_loadu_ps(s);
-        for (int j = 8; j < n8; j += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + j));
+        // NaN / +inf scores (padding lanes are -inf): not (s < +inf), unordered compares true (scalar.h's rule)
+        __m256 nf = _mm256_cmp_ps(mx, _mm256_set1_ps(POS_INF), _CMP_NLT_UQ);
+        for (int j = 8; j < n8; j += 8) {
+          const __m256 sj = _mm256_loadu_ps(s + j);
+          nf = _mm256_or_ps(nf, _mm256_cmp_ps(sj, _mm256_set1_ps(POS_INF), _CMP_NLT_UQ));
+          mx = _mm256_max_ps(mx, sj);
+        }
+        sc.bad[r] |= _mm256_movemask_ps(nf) != 0;
         const float mnew = std::max(sc.m[r], hmax(mx));
         if (mnew == NEG_INF) { std::fill(s, s + n8, 0.f); continue; }
         const __m256 sum = exp_shift_inplace(s, n8, mnew);

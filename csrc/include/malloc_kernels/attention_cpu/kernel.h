@@ -147,7 +147,8 @@ class Kernel {
     for (int j = 0; j < n; ++j) cnt[j] = c ? c[j] : 1.f;
     if (p_.kind == Kind::Softmax && c) {
       for (int j = 0; j < n; ++j) {
-        const float lc = c[j] > 0.f ? std::log(c[j]) : NEG_INF;
+        // log c as the reference: log 0 = -inf (weight 0); a negative or NaN count gives NaN (non-finite rule)
+        const float lc = std::log(c[j]);
         for (int r = 0; r < R; ++r) S[r * KB + j] += lc;
       }
     }
@@ -235,6 +236,43 @@ class Kernel {
     *V = sc.Vt.data(); *ldv = Dp_;
   }
 
+  // Non-finite rule for request values (scalar.h): only a VISIBLE entry's value may poison a row (a causally masked
+  // token's NaN must not reach earlier rows through its 0 weight; stored entries are visible to every row). Request
+  // blocks are short, so each is scanned; one holding a non-finite value is copied with those elements zeroed and
+  // the rows that see it are flagged (finish_row makes them NaN).
+  void guard_request_values(Scratch& sc, int64_t b, int64_t j0, int n, int R, const float** V, int64_t* ldv) const {
+    const float* src = *V;
+    const int64_t ld = *ldv;
+    bool any = false;
+    for (int j = 0; j < n && !any; ++j)
+      for (int d = 0; d < D_; ++d) any |= !std::isfinite(src[j * ld + d]);
+    if (!any) return;
+    float* dst = sc.Vt.data();  // may be src itself (a decoded tile, ld == Dp_): row by row in place is fine
+    const int64_t Lk = klen(b), nt = ntargets(b);
+    for (int j = 0; j < n; ++j) {
+      bool bad = false;
+      for (int d = 0; d < Dp_; ++d) {
+        float x = d < D_ ? src[j * ld + d] : 0.f;
+        if (!std::isfinite(x)) { bad = true; x = 0.f; }
+        dst[int64_t(j) * Dp_ + d] = x;
+      }
+      if (bad)
+        for (int r = 0; r < R; ++r) sc.bad[r] |= visible(sc.qi[r], j0 + j, Lk, nt);
+    }
+    *V = dst; *ldv = Dp_;
+  }
+
+  // o[0..D) *= nrm, then the non-finite rule (scalar.h): a flagged row or one with a non-finite result becomes all
+  // NaN. Returns whether it did. Once per row, outside every key loop.
+  bool finish_row(float* o, float nrm, bool bad) const {
+    for (int d = 0; d < D_; ++d) {
+      o[d] *= nrm;
+      bad |= !std::isfinite(o[d]);
+    }
+    if (bad) std::fill(o, o + D_, std::numeric_limits<float>::quiet_NaN());
+    return bad;
+  }
+
   // The cache segment of a softmax chunk decoded straight from the codes in code layout (see Codes64): int8/int4/int2
   // keys and values of the same format, D == 64, channel-axis keys (any token group) or token-axis keys with one
   // group per row, token-axis value groups the layout can address, no counts, no bias. Must run first in a chunk
@@ -257,7 +295,7 @@ class Kernel {
         float* q = sc.Q.data() + int64_t(r) * Dp_;
         for (int d = 0; d < D_; ++d) q[d] = load_scalar(p_.q.p, p_.q_dtype, off + d) * p_.scale;
         for (int d = D_; d < Dp_; ++d) q[d] = 0.f;
-        sc.m[r] = NEG_INF; sc.l[r] = 0.f;
+        sc.m[r] = NEG_INF; sc.l[r] = 0.f; sc.bad[r] = 0;
         std::fill(sc.O.begin() + int64_t(r) * Dp_, sc.O.begin() + int64_t(r + 1) * Dp_, 0.f);
       }
     }
@@ -275,7 +313,12 @@ class Kernel {
           for (int r = 0; r < R; ++r) {
             float* s = S + r * KB;
             float mx = NEG_INF;
-            for (int j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+            bool nf = false;
+            for (int j = 0; j < n; ++j) {
+              mx = std::max(mx, s[j]);
+              nf |= !(s[j] < POS_INF);  // NaN or +inf (non-finite rule, scalar.h)
+            }
+            sc.bad[r] |= nf;
             const float mnew = std::max(sc.m[r], mx);
             if (mnew == NEG_INF) { for (int j = 0; j < n; ++j) s[j] = 0.f; continue; }
             for (int j = 0; j < n; ++j) s[j] -= mnew;
@@ -296,7 +339,12 @@ class Kernel {
           for (int r = 0; r < R; ++r) {
             float* s = S + r * KB;
             float e[KB];
-            for (int j = 0; j < n; ++j) e[j] = -s[j];
+            bool nf = false;
+            for (int j = 0; j < n; ++j) {
+              e[j] = -s[j];
+              nf |= !(s[j] < POS_INF);  // NaN or +inf (non-finite rule, scalar.h)
+            }
+            sc.bad[r] |= nf;
             exp_inplace(e, n);
             for (int j = 0; j < n; ++j) s[j] = s[j] == NEG_INF ? 0.f : cnt[j] * s[j] / (1.f + e[j]);
           }
@@ -304,6 +352,7 @@ class Kernel {
         if (values_fused(sc, seg, b, h, j0, n, R)) continue;
         const float* V; int64_t ldv;
         values(sc, seg, b, h, j0, n, &V, &ldv);
+        if (seg == SEG_REQ) guard_request_values(sc, b, j0, n, R, &V, &ldv);
         pv_accum(S, KB, R, n, V, ldv, Dp_, sc.O.data(), Dp_);
       }
     }
@@ -323,10 +372,12 @@ class Kernel {
         sc.nrm[r] = nn > 0 ? 1.f / float(nn) : 0.f;
       }
       const int64_t off = p_.out.offset(b, sc.qh[r], sc.qi[r]);
-      const float* o = sc.O.data() + int64_t(r) * Dp_;
-      for (int d = 0; d < D_; ++d) store_scalar(const_cast<void*>(p_.out.p), p_.q_dtype, off + d, o[d] * sc.nrm[r]);
+      float* o = sc.O.data() + int64_t(r) * Dp_;
+      const bool nan_row = finish_row(o, sc.nrm[r], sc.bad[r]);
+      for (int d = 0; d < D_; ++d) store_scalar(const_cast<void*>(p_.out.p), p_.q_dtype, off + d, o[d]);
       if (p_.lse && softmax) {
-        const float v = sc.l[r] > 0.f ? sc.m[r] + std::log(sc.l[r]) : NEG_INF;
+        const float v = nan_row ? std::numeric_limits<float>::quiet_NaN()
+                                : sc.l[r] > 0.f ? sc.m[r] + std::log(sc.l[r]) : NEG_INF;
         p_.lse[p_.lse_view.offset(b, sc.qh[r], sc.qi[r])] = v;
       }
     }

@@ -24,6 +24,16 @@ constexpr int KB = 32;        // keys per block: K and V tiles of KB x D floats 
 constexpr int DKB = 128;
 constexpr int RMAX = 64;      // query rows (heads x queries) per work item chunk
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr float POS_INF = std::numeric_limits<float>::infinity();
+
+// Non-finite rule (every backend, README "Non-finite values and integer ranges"): a row with no visible entry returns
+// zeros (lse -inf); otherwise a visible score (scale * q.k + log count + bias) that is NaN or +inf, or a non-finite
+// element of the row's result, makes the WHOLE row NaN (lse NaN); a -inf score is weight 0, as a masked entry (SDPA's
+// convention). Values: a non-finite value of a VISIBLE entry poisons the row (stored entries are visible to every row
+// and propagate through p * v; Kernel::guard_request_values keeps causally masked request values out). The max/exp
+// helpers drop NaN (the vector min/max return an operand), so scores never rely on propagation: each row keeps a
+// sticky flag `Scratch::bad` set by `!(s < +inf)` (one compare per score vector) and Kernel::finish_row() applies
+// the rule once per row. Every ISA variant must do the same.
 
 // ---- scalar conversions (exact) -------------------------------------------------------------------------------
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }

@@ -18,6 +18,7 @@ struct Scratch {
   // decode-from-codes path (code layout, D <= kMaxCodeD): queries, value accumulators, zero-point sums, weights.
   std::vector<float> qperm, qp, Op, Zv, pwr, qsum, ksf, kzf, Sd, dvs, dvz, dV;
   std::vector<int64_t> qi, qh, qpos, qts;
+  std::vector<uint8_t> bad;  // per row: a NaN / +inf score was seen (the non-finite rule, scalar.h)
   float cexp[8];  // 2^-code_exp(t) of the format being decoded
   void init(int Dp, int Rcap) {
     // code layout: head dims up to kMaxCodeD
@@ -32,7 +33,7 @@ struct Scratch {
     lse.assign(Rcap, 0.f); inw.assign(Rcap, 0.f);
     cs.assign(Dp, 0.f); cz.assign(Dp, 0.f);
     vs.assign(size_t(KB) * Dp, 0.f); vz.assign(size_t(KB) * Dp, 0.f); pw.assign(size_t(KB) * Dp, 0.f);
-    qi.assign(Rcap, 0); qh.assign(Rcap, 0); qpos.assign(Rcap, 0); qts.assign(Rcap, 0);
+    qi.assign(Rcap, 0); qh.assign(Rcap, 0); qpos.assign(Rcap, 0); qts.assign(Rcap, 0); bad.assign(Rcap, 0);
   }
 };
 

@@ -60,7 +60,10 @@ inline __m256 raw8(const uint8_t* row, int c) {
         _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23)));
     const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(0.001953125f));
     const __m256 is_sub = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag));
-    return _mm256_or_ps(_mm256_blendv_ps(normal, sub, is_sub), _mm256_castsi256_ps(sign));
+    // 0x7F / 0xFF are e4m3fn's NaN (it has no inf): OR-ing the quiet-NaN bits makes those lanes NaN
+    const __m256 nan_bits = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7F))),
+                                          _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)));
+    return _mm256_or_ps(_mm256_or_ps(_mm256_blendv_ps(normal, sub, is_sub), _mm256_castsi256_ps(sign)), nan_bits);
   }
 }
 
