@@ -160,16 +160,21 @@ def _group_params(S, Z, n, n_ok, d, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.cons
     if CHANNEL and GS >= BLOCK_N:
         g = n // GS
         g0 = tl.min(g)
-        second = tl.max(tl.where(n_ok & (g != g0), 1, 0)) > 0
+        # 1 if a live entry of the tile lies in group g0 + 1, else 0 (an int32 scalar). The second group's mask is the
+        # single compare ``d < HEAD_DIM * has2`` (``dok`` or all-false), a boolean [BLOCK_D] tensor: ``dok & second``
+        # with a scalar boolean ``second`` splats it, and the interpreter splats a scalar compare result as int32
+        # data (its handle keeps the compared operands' dtype), which tl.load rejects ("mask has unsupported dtype").
+        has2 = tl.max(tl.where(n_ok & (g != g0), 1, 0))
+        dok2 = d < HEAD_DIM * has2
         first = g == g0
         s0 = tl.load(S + g0.to(tl.int64) * HEAD_DIM + d, mask=dok, other=0.0).to(tl.float32)
-        s1 = tl.load(S + (g0 + 1).to(tl.int64) * HEAD_DIM + d, mask=dok & second, other=0.0).to(tl.float32)
+        s1 = tl.load(S + (g0 + 1).to(tl.int64) * HEAD_DIM + d, mask=dok2, other=0.0).to(tl.float32)
         s = tl.where(first[:, None], s0[None, :], s1[None, :])
         if FMT == FMT_FP8:
             z = s * 0.0
         else:
             z0 = tl.load(Z + g0.to(tl.int64) * HEAD_DIM + d, mask=dok, other=0.0).to(tl.float32)
-            z1 = tl.load(Z + (g0 + 1).to(tl.int64) * HEAD_DIM + d, mask=dok & second, other=0.0).to(tl.float32)
+            z1 = tl.load(Z + (g0 + 1).to(tl.int64) * HEAD_DIM + d, mask=dok2, other=0.0).to(tl.float32)
             z = tl.where(first[:, None], z0[None, :], z1[None, :])
     elif (not CHANNEL) and _is_pow2_split(GS, HEAD_DIM, BLOCK_D):
         NG: tl.constexpr = HEAD_DIM // GS
