@@ -16,9 +16,12 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import malloc_kernels as mk
+from malloc_kernels.core import formats
 from malloc_kernels.cache.serialize import CRC_BYTES, HEADER_BYTES, MAX_EXPANSION
 
 import blob_oracle as bo
+
+F32 = formats.code("float")   # the op takes the format table's numeric codes
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = bo.seed_blobs()
@@ -404,7 +407,7 @@ def test_attention_cpu_op_refuses_lengths_beyond_capacity(length, match):
     q = torch.randn(1, 1, 1, 16)
     bad = torch.tensor([[length]], dtype=torch.int32)
     args = [q, q, q, None, None, c.k, c.v, bad, c.position, None, None, None, None, None, None,
-            None, None, None, None, None, None, c.original_length, "float", "float", False, 0, "softmax", False,
+            None, None, None, None, None, None, c.original_length, F32, F32, False, 0, "softmax", False,
             None, 0.25, None, None, None, None, None, None, None, "original", 0, False, False, 0]
     with pytest.raises(ValueError, match=match):
         torch.ops.malloc_kernels.attention_cpu(*args)
@@ -429,7 +432,7 @@ def test_attention_cpu_op_checks_shapes(change, match):
     qpos = change.get("qpos")
     args = [q, key, key, None, None, c.k, c.v, c.length, change.get("pos", c.position), None, None, None, None,
             None, None, None, None, None, None, None, None, change.get("orig", c.original_length),
-            change.get("kfmt", "float"), "float", False, 0, change.get("kind", "softmax"), False, None, 0.25, qpos,
+            formats.code(change.get("kfmt", "float")), F32, False, 0, change.get("kind", "softmax"), False, None, 0.25, qpos,
             qpos, None, None, torch.zeros(4) if qpos is not None else None, None, None, "original", 0, False, False,
             0]
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
@@ -448,6 +451,6 @@ def test_float_keys_with_channel_axis_are_served():
     ref = mk.attention(q, q, q, cache=c, is_causal=True, backend="reference")
     torch.testing.assert_close(mk.attention(q, q, q, cache=c, is_causal=True, backend="cpu"), ref)
     args = [q, q, q, None, None, c.k, c.v, c.length, c.position, None, None, None, None, None, None,
-            None, None, None, None, None, None, c.original_length, "float", "float", True, 0, "softmax", True,
+            None, None, None, None, None, None, c.original_length, F32, F32, True, 0, "softmax", True,
             None, 8 ** -0.5, None, None, None, None, None, None, None, "original", 0, False, False, 0]
     torch.testing.assert_close(torch.ops.malloc_kernels.attention_cpu(*args)[0], ref)
