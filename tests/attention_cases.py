@@ -17,6 +17,7 @@ import torch
 
 from malloc_kernels.cache import KVCache
 from malloc_kernels.cache import quant as pyq
+from malloc_kernels.core import formats
 
 F64 = torch.float64
 
@@ -87,8 +88,12 @@ class Case:
         return zlib.crc32(self.name.encode())
 
 
-def _group(gs: int, D: int) -> int:
-    # values are always grouped along channels, so one group size must divide the head dim for both sides
+def _group(gs: int, D: int, fmt: str = "int8") -> int:
+    # values are always grouped along channels, so one group size must divide the head dim for both sides; a
+    # format with a fixed group size (nvfp4: 16, the last group partial) keeps it at any head dim
+    fixed = formats.get(fmt).group_size
+    if fixed:
+        return fixed
     return gs if gs and D % gs == 0 else D
 
 
@@ -120,7 +125,7 @@ def make_cache(gen, B, Hkv, C, D, fmt, *, R=0, lengths=None, counts=True, timest
     cache = KVCache(k.to(payload_dtype) if k_fmt == "float" else k, v.to(payload_dtype) if v_fmt == "float" else v,
                     length, position, orig, D, timestamp=ts, count=count, residual=res)
     if k_fmt != "float":
-        cache = pyq.quantize_cache(cache, k_fmt, v_fmt, _group(group_size or gs, D), axis)
+        cache = pyq.quantize_cache(cache, k_fmt, v_fmt, _group(group_size or gs, D, k_fmt), axis)
     return cache
 
 
