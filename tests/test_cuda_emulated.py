@@ -42,10 +42,10 @@ def test_emulated_packer_bit_exact_with_cpu(emu, fmt, axis):
 # Every head dim for every payload format: one full 32-key chunk (so a write past a row of the chunk's last key
 # would land in the weights that follow the tile), GQA 2:1, one query. Token-axis groups span the whole row (any D
 # is valid), channel-axis key groups the largest divisor of D up to 32 entries (KIVI keys; the values' token-axis
-# groups use the same size, which must divide D).
+# groups use the same size, which must divide D); NVFP4 always groups 16 values (the last group partial).
 EVERY_D_FORMATS = [("float", "float", "token", 0), ("int8", "int8", "token", -1), ("fp8", "fp8", "token", -1),
                    ("int4", "int4", "token", -1), ("int2", "int2", "token", -1), ("int4", "int4", "channel", 32),
-                   ("int2", "int2", "channel", 32)]
+                   ("int2", "int2", "channel", 32), ("nvfp4", "nvfp4", "token", 16)]
 
 
 def _full_cache(D, fmt, seed):
@@ -64,6 +64,8 @@ def _full_cache(D, fmt, seed):
     cache = KVCache(k, v, length, pos, length[:, 0].clone(), D)
     if gs == -1:
         gs = D
+    elif k_fmt == "nvfp4":
+        pass  # fixed 16-value groups, the last one partial when 16 does not divide D
     else:
         gs = max(x for x in range(1, gs + 1) if D % x == 0)
     return pyq.quantize_cache(cache, k_fmt, v_fmt, gs, axis)

@@ -104,13 +104,24 @@ const uint16_t* half_ptr(const c10::optional<at::Tensor>& t) {
   return reinterpret_cast<const uint16_t*>(t->data_ptr<at::Half>());
 }
 
+// Read from the format table (not a list of formats): a hand-written list here missed nvfp4, which the kernel
+// decodes, so every nvfp4 call failed the row-width check.
+bool quantized(int fmt) { return fmt > fm::kFLOAT && fmt < fm::kNumFormats; }
+
 int64_t payload_width(int fmt, int64_t D) {
-  if (fmt == mc::kFmtI4) return (D + 1) / 2;
-  if (fmt == mc::kFmtI2) return (D + 3) / 4;
-  return D;  // float payloads (in elements), int8 and fp8 codes (in bytes)
+  if (quantized(fmt)) return fm::packed_width(fmt, D);  // code bytes (int4/nvfp4: two per byte, int2: four)
+  return D;  // float payloads (in elements)
 }
 
-bool quantized(int fmt) { return fmt == mc::kFmtI8 || fmt == mc::kFmtI4 || fmt == mc::kFmtI2 || fmt == mc::kFmtFP8; }
+// Token-axis scale shape [B, H, C, groups] of a quantized payload, per the table: nvfp4 fixes G = 16 (the kernel's
+// per-word group tracking reads group_size) and keeps a partial last group (ceil(D / 16)); the others need G | D.
+int64_t token_scale_groups(int fmt, int64_t group_size, int64_t head_dim, const char* side) {
+  TORCH_CHECK_VALUE(fm::kFixedGroupSize[fmt] == 0 || group_size == fm::kFixedGroupSize[fmt], "group_size must be ",
+                    fm::kFixedGroupSize[fmt], " for format ", fm::kName[fmt], ", got ", group_size);
+  TORCH_CHECK_VALUE(fm::kPartialGroup[fmt] || head_dim % group_size == 0, "group_size must divide head_dim (", side,
+                    ")");
+  return fm::token_groups(fmt, head_dim, group_size);
+}
 
 void check_shape(const c10::optional<at::Tensor>& t, at::IntArrayRef want, const char* name) {
   if (!t.has_value() || !t->defined()) return;
@@ -142,17 +153,17 @@ mc::DecodeSegment segment(const at::Tensor& k, const at::Tensor& v, int64_t k_fm
   if (quantized(kf) || quantized(vf)) {
     TORCH_CHECK_VALUE(group_size > 0, "group_size must be positive for quantized payloads");
     if (quantized(kf)) {
+      TORCH_CHECK_VALUE(!k_channel || fm::kChannelKeys[kf], "format ", fm::kName[kf], " has no channel-axis keys");
       const std::vector<int64_t> ks = k_channel ? std::vector<int64_t>{B, H, (C + group_size - 1) / group_size,
                                                                        head_dim}
-                                                : std::vector<int64_t>{B, H, C, head_dim / group_size};
-      TORCH_CHECK_VALUE(k_channel || head_dim % group_size == 0, "group_size must divide head_dim");
+                                                : std::vector<int64_t>{B, H, C,
+                                                                       token_scale_groups(kf, group_size, head_dim, "keys")};
       TORCH_CHECK_VALUE(k_scale.has_value(), "k_scale is required for a quantized key payload");
       check_shape(k_scale, ks, "k_scale");
       check_shape(k_zero, ks, "k_zero");
     }
     if (quantized(vf)) {
-      TORCH_CHECK_VALUE(head_dim % group_size == 0, "group_size must divide head_dim");
-      const std::vector<int64_t> vs{B, H, C, head_dim / group_size};
+      const std::vector<int64_t> vs{B, H, C, token_scale_groups(vf, group_size, head_dim, "values")};
       TORCH_CHECK_VALUE(v_scale.has_value(), "v_scale is required for a quantized value payload");
       check_shape(v_scale, vs, "v_scale");
       check_shape(v_zero, vs, "v_zero");
