@@ -114,7 +114,9 @@ def int_at_least(lo: int, hi: Optional[int] = None) -> Callable[[str], int]:
 
     def conv(s: str) -> int:
         x = _int(s)
-        if not lo <= x <= top:
+        if x < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {s!r}")
+        if x > top:
             raise argparse.ArgumentTypeError(f"{s!r} is not in [{lo}, {top}]")
         return x
     conv.__name__ = f"int >= {lo}"

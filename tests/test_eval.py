@@ -178,7 +178,7 @@ def test_bad_configuration_is_one_error_line(argv, match, tmp_path, capsys):
 
 @pytest.mark.parametrize("content, match", [
     (b"", "no users found"),
-    (bytes(range(256)) * 4, "not a text dataset file"),
+    (bytes(range(256)) * 4, "not UTF-8 text"),          # the loader names file:line and the byte
     (b"1::2\n", "4 fields"),
 ])
 def test_bad_data_file_names_the_file(content, match, tmp_path, capsys):
