@@ -155,7 +155,7 @@ def test_grid_covers_every_level():
     (["--variants", ""], "argument --variants: empty list"),
     (["--variants", "foo"], "argument --variants: 'foo' is not one of"),
     (["--bits", "3"], "argument --bits: '3' is not one of"),
-    (["--epochs", "-1"], "argument --epochs: '-1' is not in"),
+    (["--epochs", "-1"], "argument --epochs: must be >= 0, got '-1'"),
     (["--model", "gpt"], "argument --model"),
     (["--request-size", "0"], "argument --request-size"),
     (["--seed", str(2 ** 70)], "argument --seed"),
