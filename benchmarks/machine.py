@@ -1,17 +1,7 @@
 """What ran a benchmark: the CPU model and the C++ kernels' ISA variant, written next to every result."""
 import os
-import platform
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from malloc_kernels.core.machine import cpu_model  # noqa: F401  (re-exported for the benchmarks)
 
 
 def isa_variant() -> str:

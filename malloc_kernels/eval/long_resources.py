@@ -18,6 +18,7 @@ from typing import Dict, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..core.machine import cpu_model
 from ..data.dataset import make_jagged
 from ..data.synthetic import synthetic_dataset
 from .methods import build_grid
@@ -191,7 +192,7 @@ def plot_resources(model_rows: list, attn_rows: list, path) -> None:
 
 
 def resource_meta(note: str = "") -> dict:
-    meta = {"torch": torch.__version__, "machine": platform.machine(), "processor": _cpu_name(),
+    meta = {"torch": torch.__version__, "machine": platform.machine(), "processor": cpu_model(),
             "threads": torch.get_num_threads(), "note": note}
     try:
         meta["isa"] = ",".join(torch.ops.malloc_kernels.cpu_isa_supported())
@@ -199,13 +200,3 @@ def resource_meta(note: str = "") -> dict:
         meta["isa"] = "AVX2/FMA/F16C or portable, picked at run time"
     return meta
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
