@@ -7,6 +7,7 @@ its method rows by it.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Optional
 
@@ -26,7 +27,7 @@ CONTEXT_KEYS = ("queries", "kind", "scale", "layer", "num_layers", "pos_bias", "
 
 
 
-class Policy:
+class Policy(abc.ABC):
     """Base class of every compression policy.
 
     Subclasses set ``level`` (one of ``LEVELS``) and implement ``compress(inp: PolicyInput) -> KVCache``; their
@@ -38,8 +39,9 @@ class Policy:
     name = "?"
     fixed_bits: Optional[int] = None    # precision methods whose name fixes the bits per stored number ("int4": 4)
 
+    @abc.abstractmethod
     def compress(self, inp: "PolicyInput") -> KVCache:
-        raise NotImplementedError(f"{type(self).__name__} must implement compress(inp) -> KVCache")
+        """The compressed cache of ``inp`` under this policy's budget and parameters."""
 
 
 @dataclass

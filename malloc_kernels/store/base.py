@@ -15,6 +15,7 @@ the key must be absent), ``_delete(keys)``, plus ``_scan()`` (every user key) an
 """
 from __future__ import annotations
 
+import abc
 import random
 import secrets
 import time
@@ -61,7 +62,7 @@ def _check_users(users) -> List:
     return users
 
 
-class CacheStore:
+class CacheStore(abc.ABC):
     """Abstract store; ``open_store(url)`` returns a concrete one. ``ttl`` (seconds, None = never) applies to every
     write. ``max_rounds`` bounds the compare-and-set retries of ``append``."""
 
@@ -77,20 +78,25 @@ class CacheStore:
         self.stats = {"conflicts": 0, "rounds": 0}
 
     # ---- backend primitives -------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def _read(self, keys: List[str]) -> List[Optional[Tuple[int, bytes]]]:
-        raise NotImplementedError
+        """(version, blob) per key, None where absent."""
 
+    @abc.abstractmethod
     def _write(self, keys: List[str], blobs: List[bytes]) -> None:
-        raise NotImplementedError
+        """Unconditional batched write."""
 
+    @abc.abstractmethod
     def _cas(self, keys: List[str], expected: List[int], blobs: List[bytes]) -> List[bool]:
-        raise NotImplementedError
+        """Per key: write only if its stored version is still ``expected``; whether it did."""
 
+    @abc.abstractmethod
     def _delete(self, keys: List[str]) -> None:
-        raise NotImplementedError
+        """Remove the keys."""
 
+    @abc.abstractmethod
     def _scan(self) -> List[str]:
-        raise NotImplementedError
+        """Every key the store holds."""
 
     def close(self) -> None:
         pass
