@@ -2,7 +2,8 @@
 (csrc/cuda/emu/cuda_emu.h: one cooperative fiber per CUDA thread, barriers for __syncthreads and for each warp's
 __shfl_xor_sync; launch shapes a GPU would reject raise). The source is preprocessed only mechanically: ``k<<<grid, block, smem, stream>>>(args)`` becomes
 an emulated launch and ``__shared__`` storage becomes block-shared static storage (blocks run one at a time). The
-ops register under ``torch.ops.mk_emu`` (and the test-only ``torch.ops.mk_emu_grid.decode_launch_dims``); built once per test session (the conftest fixture ``emu``).
+ops register under ``torch.ops.mk_emu`` (and the test-only ``torch.ops.mk_emu_grid.decode_launch_dims`` /
+``decode_smem``); built once per test session (the conftest fixture ``emu``).
 """
 import re
 from pathlib import Path
@@ -61,10 +62,16 @@ static std::vector<int64_t> decode_launch_dims(int64_t B, int64_t Hq, int64_t Hk
   int64_t acc = 0, st = 0;
   mc::decode_plan(p, &acc, &st);
   const mc::DecodeLaunch l = mc::decode_launch_config(p);
-  return {l.num_splits, l.num_tiles, l.split_blocks, l.combine_rows, int64_t(l.split_grid_x),
-          int64_t(l.combine_grid_x)};
+  return {l.num_splits, l.num_tiles, l.tiles_per_block, l.row_groups, l.split_blocks, l.combine_rows,
+          int64_t(l.split_grid_x), int64_t(l.combine_grid_x)};
 }
-TORCH_LIBRARY(mk_emu_grid, m) { m.def("decode_launch_dims", &decode_launch_dims); }
+static int64_t decode_smem(int64_t D, int64_t mma, int64_t tiles) {
+  return int64_t(mc::decode_smem_bytes(int(D), int(mma), int(tiles)));
+}
+TORCH_LIBRARY(mk_emu_grid, m) {
+  m.def("decode_launch_dims", &decode_launch_dims);
+  m.def("decode_smem", &decode_smem);
+}
 """
 
 

@@ -208,14 +208,39 @@ def test_decode_targets_and_bias(kind):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_low_precision_flash_rule(dtype):
-    args, kw = _case(("float", "float", "token", 0), "softmax", "cuda", L=3, dtype=dtype)
-    ref = _reference(args, kw).output
-    got = malloc_kernels.attention(*args, backend="cuda", **kw).output
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kind", ["softmax", "hstu"])
+def test_decode_low_precision_flash_rule(dtype, fmt, kind):
+    """fp16 / bf16 queries run the m16n8k16 tensor-core path in that format, over every cache format."""
+    args, kw = _case(fmt, kind, "cuda", L=3, dtype=dtype, bias=kind == "hstu")
+    out = (lambda r: r.output) if kind == "softmax" else (lambda r: r)
+    ref = out(_reference(args, kw))
+    got = out(malloc_kernels.attention(*args, backend="cuda", **kw))
     with torch_in_dtype():
-        theirs = malloc_kernels.attention(*args, backend="reference", **kw).output
+        theirs = out(malloc_kernels.attention(*args, backend="reference", **kw))
     assert got.dtype == dtype
     within_twice_torch_error(got, ref, theirs, dtype, n=max(64, 97 + 4 + 3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["softmax", "hstu"])
+@pytest.mark.parametrize("method, poison", __import__("test_hostile_inputs").POISONS)
+def test_decode_non_finite_rule(method, poison, kind, dtype):
+    """ARCHITECTURE.md's non-finite rule on the GPU, every poisoned cache field, all three MMA operand formats."""
+    from test_hostile_inputs import _hand_built, _same_rule
+
+    if method == "fp8" and not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8_e4m3fn")
+    c = _hand_built(method, poison)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, n, 3, 64, generator=g) for n in (4, 2, 2))
+    kw = dict(is_causal=True, kind=kind)
+    ref = malloc_kernels.attention(q, k, v, cache=c, backend="reference", **kw)
+    got = malloc_kernels.attention(q.to("cuda", dtype), k.to("cuda", dtype), v.to("cuda", dtype),
+                                   cache=_to(c, "cuda", dtype), backend="cuda", **kw)
+    assert torch.isnan(ref).any()
+    assert torch.equal(torch.isnan(ref), torch.isnan(got.cpu()))
 
 
 @pytest.mark.gpu

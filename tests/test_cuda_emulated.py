@@ -1,10 +1,13 @@
 """The CUDA kernels' exact source run on the CPU through the emulation (tests/cuda_emulation.py; the session fixture
 ``emu``): what the backend-parametrized conformance suite (tests/test_attention_conformance.py, which runs the
 emulated decode kernel over the shared case table) does not cover: the packer, bit-exact with the C++ CPU packer;
-every head dim 1..256 for every payload format; the empty launch; the launch shapes for B*Hkv up to 10^6.
+every head dim 1..256 for every payload format; the empty launch; the launch shapes for B*Hkv up to 10^6; the
+non-finite rule for every poisoned cache field and request case, in all three tensor-core operand formats (fp32
+queries: 3 x tf32, fp16, bf16).
 
-This machine has no GPU; the emulation checks the kernels' indexing, masks, split-K merge, barriers and shuffle
-partners -- everything but timing and the hardware's own float intrinsics (__expf runs as expf here).
+This machine has no GPU; the emulation checks the kernels' indexing, masks, split-K merge, barriers, shuffle
+partners and the MMA fragment layouts (csrc/cuda/emu/mma.cuh) -- everything but timing and the hardware's own float
+intrinsics (__expf runs as expf here; an MMA's k-sum is rounded once).
 """
 import pytest
 import torch
@@ -107,10 +110,91 @@ def test_emulated_no_keys_at_all(emu):
 @pytest.mark.parametrize("B,Hkv", [(1, 1), (65535, 1), (65536, 1), (1000, 1000), (1, 10**6), (10**6, 1)])
 @pytest.mark.parametrize("Hq_per,Lq,C,Lk", [(1, 1, 4096, 1), (8, 16, 300, 16), (4, 1, 0, 0)])
 def test_decode_launch_shapes_within_grid_limits(emu, B, Hkv, Hq_per, Lq, C, Lk):
-    splits, tiles, blocks, rows, gx, cx = torch.ops.mk_emu_grid.decode_launch_dims(B, Hkv * Hq_per, Hkv, Lq, C, Lk, 256)
+    splits, tiles, per_block, groups, blocks, rows, gx, cx = torch.ops.mk_emu_grid.decode_launch_dims(
+        B, Hkv * Hq_per, Hkv, Lq, C, Lk, 256)
     assert tiles == -(-Hq_per * Lq // 16)
+    # a block holds all row tiles of its kv head up to 4 (K/V dequantized once for them), 1 or 2 when there are fewer
+    assert per_block == (4 if tiles >= 3 else tiles) and groups == -(-tiles // per_block)
     assert splits == -(-C // 256) + -(-Lk // 256)
-    assert blocks == splits * tiles * B * Hkv and rows == B * Hkv * Hq_per * Lq
+    assert blocks == splits * groups * B * Hkv and rows == B * Hkv * Hq_per * Lq
     # one grid axis (x) only, within its 2^31 - 1 limit; every block index is covered by the grid-stride loops
     assert 0 <= gx <= 2**31 - 1 and 1 <= cx <= 2**31 - 1
     assert (gx == 0) == (blocks == 0) and gx == min(blocks, 2**31 - 1) and cx == min(rows, 2**31 - 1)
+
+
+def test_report_smem_model_matches_the_kernel(emu):
+    # tools/cuda_report.py computes decode_split's occupancy from a Python copy of the kernel's shared-memory layout
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "cuda_report.py"
+    spec = importlib.util.spec_from_file_location("cuda_report", path)
+    report = importlib.util.module_from_spec(spec)
+    sys.modules["cuda_report"] = report
+    spec.loader.exec_module(report)
+    for code, mma in ((0, "tf32x3"), (1, "fp16"), (2, "bf16")):
+        for D in (1, 17, 64, 100, 128, 129, 256):
+            for tiles in (1, 2, 4):
+                assert report.decode_split_smem(mma, D, tiles) == torch.ops.mk_emu_grid.decode_smem(D, code, tiles)
+
+
+# ---- the non-finite rule (ARCHITECTURE.md) through the emulated tensor-core decode -------------------------------
+# A NaN / Inf in a cached key, value, scale, zero, count or residual entry reaches some rows: exactly those rows are
+# NaN (lse NaN), the others match the reference; an invisible entry (causally masked request token) never reaches a
+# row through its zero weight in P V.
+@pytest.mark.parametrize("kind", ["softmax", "hstu"])
+@pytest.mark.parametrize("method, poison", __import__("test_hostile_inputs").POISONS)
+def test_emulated_non_finite_cache_values(emu, method, poison, kind):
+    from test_hostile_inputs import _hand_built, _same_rule
+
+    if method == "fp8" and not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("no float8_e4m3fn")
+    c = _hand_built(method, poison)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, n, 3, 64, generator=g) for n in (4, 2, 2))
+    kw = dict(cache=c, is_causal=True, kind=kind, return_lse=kind == "softmax")
+    ref = malloc_kernels.attention(q, k, v, backend="reference", **kw)
+    got = _run(emu, (q, k, v), kw)
+    if kind == "softmax":
+        _same_rule(ref.lse, got.lse, f"cuda_emu {kind} lse")
+        ref, got = ref.output, got.output
+    assert torch.isnan(ref).any(), "the poison must reach a row"
+    _same_rule(ref, got, f"cuda_emu {kind}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["softmax", "hstu"])
+@pytest.mark.parametrize("case", ["nan_query", "inf_query", "neg_inf_key", "nan_value", "inf_key", "masked_nan"])
+def test_emulated_non_finite_request(emu, case, kind, dtype):
+    from test_hostile_inputs import _same_rule
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 5, 32, generator=g) for _ in range(3))
+    if case == "nan_query":
+        q[0, 1, 2, 3] = float("nan")
+    elif case == "inf_query":
+        q[0, 0, 4, 0] = float("inf")
+    elif case == "neg_inf_key":
+        k[0, 0, 1, :] = -1.0
+        k[0, 0, 1, 0] = float("-inf")
+        q[0, 0, :, 0] = q[0, 0, :, 0].abs() + 0.1          # score -inf: weight 0, the rows stay finite
+    elif case == "nan_value":
+        v[0, 1, 3, 7] = float("nan")
+    elif case == "masked_nan":
+        k[0, 0, 4, 2] = float("nan")                       # the last token: causally invisible to rows 0..3
+        v[0, 1, 4, 5] = float("inf")
+    else:
+        k[0, 1, 0, 0] = float("inf")
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    kw = dict(is_causal=True, kind=kind)
+    ref = malloc_kernels.attention(q, k, v, backend="reference", **kw)
+    got = _run(emu, (q, k, v), kw)
+    assert torch.equal(torch.isnan(ref).any(-1), torch.isnan(ref).all(-1)), "rows are all-NaN or finite"
+    assert torch.equal(torch.isnan(ref), torch.isnan(got)), f"{case}: NaN rows differ"
+    fin = torch.isfinite(ref)
+    assert torch.equal(fin, torch.isfinite(got))
+    tol = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(got[fin].float(), ref[fin].float(), atol=tol, rtol=tol)
+    if case == "masked_nan":
+        assert torch.isfinite(ref[0, :, :4]).all() and torch.isnan(ref[0, :, 4]).all()

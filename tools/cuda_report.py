@@ -182,34 +182,79 @@ def table(kernels, sass: bool) -> str:
     return "\n".join(rows)
 
 
+# Channels per 4-byte payload word (one dequantizing thread step of decode_split) and bytes per channel.
+_UNIT = {"float16": (2, 2.0), "int8": (4, 1.0), "fp8": (4, 1.0), "int4": (8, 0.5), "int2": (16, 0.25)}
+
+
 def decode_cost_model() -> str:
-    """What bounds decode_split, from its code structure (the SASS loop mix above confirms the ratios), against
-    the bytes it must stream -- and why ``backend="auto"`` sends cache decode to Triton instead."""
+    """Per-key cost of decode_split from its code structure (the SASS main-loop mix above confirms the HMMA count),
+    against the bytes each key costs in HBM: which unit bounds the kernel per format and architecture.
+
+    Per key of one kv head and one 16-row tile (fp16/bf16 operands; fp32 queries issue 3x the MMAs, tf32 m16n8k8):
+    QK^T D/128 HMMA.16816 + P.V D/128 HMMA.16816; fragment loads D/64 (K, LDS.32) + D/32 (V, 2 x LDS.U16 per
+    register) warp-LDS; the dequantizing pass 2 payloads x D/E units of ~(3E + 8) thread instructions (load, unpack,
+    scale FMA, convert, pack, store) and D/16 (fp16) 16-byte stores each; the score epilogue ~20 instructions per
+    (row, key) over 16 rows. Issue floor: warp instructions / 4 per clock per SM; HBM floor: the key's bytes
+    (payload + scales, ``decode_bytes``) / (bandwidth / SMs / clock)."""
     sys.path.insert(0, ROOT)
     from malloc_kernels.ops.cuda import decode_bytes  # noqa: E402
     from malloc_kernels.triton import sass as sass_mix  # noqa: E402
-    lines = ["| shape (B, Hq, Hkv, C, D) | format | arch | blocks/SM (D smem) | memory floor (us) | "
-             "shared-load floor (us) | FP32 floor (us) | bound |", "|---|---|---|---|---:|---:|---:|---|"]
-    for B, Hq, Hkv, C, D in ((32, 8, 8, 4096, 64), (32, 32, 8, 8192, 128)):
-        rows = 16 * -(-(Hq // Hkv) // 16)           # the kernel always computes whole 16-row tiles
-        keys = B * Hkv * C
-        # per key and row: score loop D FFMA + 2 D LDS (q and k from shared memory); P.V loop D FFMA + D LDS (v)
-        # + D LDS (the weight); the dequantising store writes D floats to shared memory once per key
-        ffma = keys * rows * 2 * D
-        lds = keys * rows * 4 * D + keys * D
-        smem = 4 * (16 * D + 32 * (D + 1) + 16 * 32 + 16)
-        for fmt in ("float16", "int4", "int2"):
-            nbytes = decode_bytes(B, Hq, Hkv, C, D, fmt=fmt)
+    lines = ["| D | format | bytes / key | arch | HBM floor (clk/key/SM) | warp-insns / key (HMMA, LDS) | "
+             "issue floor (clk/key/SM) | bound |", "|---:|---|---:|---|---:|---:|---:|---|"]
+    for D in (64, 128):
+        for fmt, (E, per_ch) in _UNIT.items():
+            C = 4096
+            per_key = (decode_bytes(1, 1, 1, C, D, fmt=fmt) - decode_bytes(1, 1, 1, 0, D, fmt=fmt)) / C
+            hmma = 2 * D / 128
+            lds = D / 64 + D / 32
+            dequant = 2 * (D / E) * (3 * E + 8) / 32
+            epilogue = 16 * 20 / 32
+            insns = hmma + lds + dequant + epilogue
             for arch in (80, 90):
                 _, sms, ghz, bw, _ = sass_mix.GPUS[arch]
-                mem = nbytes / bw
-                # 32 lanes x 4 B per LDS wavefront: 128 B/clk/SM shared bandwidth; FFMA: 64 (sm_80) / 128 (sm_90)
-                lds_t = lds * 4 / (sms * 128 * ghz * 1e9)
-                ffma_t = ffma / (sms * (64 if arch == 80 else 128) * ghz * 1e9)
-                blocks = sass_mix.occupancy(arch, 123, 128, smem)
-                bound = max((mem, "memory"), (lds_t, "shared loads"), (ffma_t, "FP32"))[1]
-                lines.append(f"| ({B}, {Hq}, {Hkv}, {C}, {D}) | {fmt} | sm_{arch} | {blocks} ({smem} B) | "
-                             f"{mem * 1e6:.1f} | {lds_t * 1e6:.1f} | {ffma_t * 1e6:.1f} | {bound} |")
+                mem_clk = per_key / (bw / sms / (ghz * 1e9))
+                issue_clk = insns / 4
+                bound = "HBM" if mem_clk >= issue_clk else f"issue ({issue_clk / mem_clk:.1f}x the HBM floor)"
+                lines.append(f"| {D} | {fmt} | {per_key:.0f} | sm_{arch} | {mem_clk:.1f} | {insns:.0f} ({hmma:.1f}, "
+                             f"{lds:.1f}) | {issue_clk:.1f} | {bound} |")
+    return "\n".join(lines)
+
+
+def decode_split_smem(mma: str, head_dim: int, tiles: int) -> int:
+    """Dynamic shared memory of one decode_split block in bytes: ``layout()`` of csrc/cuda/decode_attention.cu
+    (K and V chunks of 4 x k keys at row stride D padded to k plus 8 halves / 4 floats; q tiles unless q lives in
+    registers; per-key metadata)."""
+    tf32 = mma == "tf32x3"
+    k, elem = (8, 4) if tf32 else (16, 2)
+    chunk = 4 * k
+    dp = -(-head_dim // k) * k
+    sk = dp + (4 if tf32 else 8)
+    q_bytes = 0 if (not tf32 and head_dim <= 128) else tiles * 16 * sk * elem
+    meta_off = -(-(2 * chunk * sk * elem + q_bytes) // 16) * 16
+    return meta_off + chunk * 28
+
+
+_MMA_OF = {"1": "fp16", "2": "bf16", "0": "tf32x3"}
+
+
+def decode_occupancy(kernels) -> str:
+    """Blocks per SM of each decode_split instantiation (its registers, 128 threads, the dynamic shared memory at
+    D = DMAX with one and with four row tiles per block)."""
+    sys.path.insert(0, ROOT)
+    from malloc_kernels.triton import sass as sass_mix  # noqa: E402
+    lines = ["| kernel | arch | registers | smem, 1 tile (B) | blocks/SM | smem, 4 tiles (B) | blocks/SM | "
+             "main loop HMMA |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for k in sorted(kernels, key=lambda k: (k.name, k.arch)):
+        m = re.search(r"decode_split<(\d+), (\d+)>", k.name)
+        if not m:
+            continue
+        mma, dmax = _MMA_OF.get(m.group(1), "?"), int(m.group(2))
+        arch = int(k.arch[3:5])
+        s1, s4 = decode_split_smem(mma, dmax, 1), decode_split_smem(mma, dmax, 4)
+        hmma = "-" if k.loop is None else str(k.loop.counts["mma"])
+        lines.append(f"| `decode_split` {mma} D<={dmax} | {k.arch} | {k.registers} | {s1} | "
+                     f"{sass_mix.occupancy(arch, k.registers, 128, s1)} | {s4} | "
+                     f"{sass_mix.occupancy(arch, k.registers, 128, s4)} | {hmma} |")
     return "\n".join(lines)
 
 
@@ -284,16 +329,17 @@ def main(argv=None) -> int:
                 "Generated by `python tools/cuda_report.py <build dir> --sass --bandwidth --markdown <this file>` "
                 "(nvcc " + nvcc_version() + ", `-O3 -Xptxas -v`, no GPU needed).", "", report, ""]
         if sass:
-            text += ["## What bounds the CUDA decode (and why `auto` picks Triton for cache decode)", "",
-                     "`decode_split` computes every score and every P.V product with scalar FP32 FMAs whose "
-                     "operands come from shared memory (the hottest-loop column above: LDS per FFMA), over whole "
-                     "16-row tiles however few rows are valid, and re-dequantizes K/V for each row tile. Per key "
-                     "and row that is 2D FFMA and about 4D shared loads; the floors below (shared memory at "
-                     "128 B/clk/SM, FP32 at 64/128 FMA/clk/SM on sm_80/sm_90, HBM at 2.04/3.35 TB/s) show the "
-                     "shared-load floor above the bytes the cache holds at every compressed format -- the kernel "
-                     "cannot reach the bandwidth the compression buys. `ops/cuda.py: preferred` therefore returns "
-                     "False: `backend=\"auto\"` runs Triton's split-K decode (tensor-core MMAs, register tiles; "
-                     "`benchmarks/results/triton_report.md`), and `backend=\"cuda\"` stays available.", "",
+            text += ["## What bounds the CUDA decode", "",
+                     "`decode_split` runs QK^T and P.V on tensor cores (`mma.sync` m16n8k16 fp16/bf16, or 3 x "
+                     "m16n8k8 tf32 for fp32 queries; the MMA column of the main loop above), keeps q in registers "
+                     "(fp16/bf16, D <= 128), dequantizes each K/V chunk once per block for up to four 16-row tiles "
+                     "into bank-conflict-free shared rows, and bounds its loops by the real key count. What is left "
+                     "per key is the dequantizing pass on the integer/FP32 pipes: the model below (per key of one kv "
+                     "head, one row tile) puts the kernel at the HBM floor for fp16/int8/fp8 caches and within "
+                     "~1-2x of it for 4-/2-bit codes, whose bytes per key are so few that unpacking them costs "
+                     "about as many issue slots as streaming them. Measured numbers need a GPU "
+                     "(`benchmarks/test_bench_cuda.py`).", "",
+                     decode_occupancy(kernels), "",
                      decode_cost_model(), ""]
         if args.bandwidth:
             text += ["## Decode bandwidth model", "",

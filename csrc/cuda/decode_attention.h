@@ -21,8 +21,14 @@ enum DecodeFormat : int {
 };
 static_assert(formats::kNumFormats == 6, "a new cache format needs its DecodeFormat member and a decode");
 
-constexpr int kDecodeRowTile = 16;      // query rows (GQA heads x queries) per block
-constexpr int kDecodeMaxHeadDim = 256;  // largest supported head dim
+constexpr int kDecodeRowTile = 16;        // query rows (GQA heads x queries) per MMA tile (m16)
+constexpr int kDecodeTilesPerBlock = 4;   // row tiles one block holds at most (64 rows): K/V dequantized once for them
+constexpr int kDecodeMaxHeadDim = 256;    // largest supported head dim
+
+// Tensor-core operand precision of the decode kernel (fp32 accumulate in all three): fp16 / bf16 queries use one
+// m16n8k16 MMA per tile in that format; fp32 queries use three m16n8k8 tf32 MMAs per tile (x = hi + lo split,
+// hi*hi + hi*lo + lo*hi: ~fp32 accuracy, "3xTF32").
+enum DecodeMma : int { kMmaTF32x3 = 0, kMmaF16 = 1, kMmaBF16 = 2 };
 
 // One key/value segment of one layer: the cache, its residual, or the request's own tokens. Payloads are
 // contiguous [B, Hkv, capacity, row_bytes]; scales/zeros fp16 bits in the cache layout; per-entry fields
@@ -58,6 +64,7 @@ struct DecodeParams {
   int batch = 0, num_heads = 0, num_kv_heads = 0, max_q_len = 0, head_dim = 0;
   float scale = 1.0f;
   bool hstu = false, is_causal = false;
+  int mma = kMmaTF32x3;                 // DecodeMma
   const float* q = nullptr;             // [B, Hq, Lq, D] fp32 contiguous
   const int32_t* q_lengths = nullptr;   // [B]
   const int32_t* num_targets = nullptr; // [B]
@@ -94,20 +101,23 @@ inline void decode_plan(DecodeParams& p, int64_t* acc_floats, int64_t* state_flo
   *acc_floats = parts * kDecodeRowTile * p.head_dim;
 }
 
-size_t decode_smem_bytes(int head_dim);
-
 // Largest grid x dimension (2^31 - 1); y and z are limited to 65,535, so the launches use x only.
 constexpr int64_t kMaxGridX = 2147483647;
 
-// The launch shapes of decode_attention: the split kernel strides over split_blocks = splits x row tiles x B x Hkv
-// linear blocks with split_grid_x blocks, the combine kernel over combine_rows = B x Hq x Lq rows with
-// combine_grid_x blocks (both 0 for an empty batch; split_grid_x 0 when there are no keys at all).
+// The launch shapes of decode_attention: a split block holds tiles_per_block row tiles (1, 2 or 4: all rows of a kv
+// head up to 64, so its K/V chunk is dequantized once for all of them) and one key span; the split kernel strides
+// over split_blocks = splits x row_groups x B x Hkv linear blocks with split_grid_x blocks, the combine kernel over
+// combine_rows = B x Hq x Lq rows with combine_grid_x blocks (both 0 for an empty batch; split_grid_x 0 when there
+// are no keys at all). num_tiles: 16-row tiles per kv head (the partials' layout).
 struct DecodeLaunch {
-  int num_splits = 0, num_tiles = 0;
+  int num_splits = 0, num_tiles = 0, tiles_per_block = 0, row_groups = 0;
   int64_t split_blocks = 0, combine_rows = 0;
   unsigned split_grid_x = 0, combine_grid_x = 0;
 };
 DecodeLaunch decode_launch_config(const DecodeParams& p);
+
+// Dynamic shared memory of one split block (bytes) for head dim D, precision `mma` and tiles_per_block.
+size_t decode_smem_bytes(int head_dim, int mma, int tiles_per_block);
 
 // Launch the split kernel and the combine kernel on `stream`.
 cudaError_t decode_attention(const DecodeParams& p, cudaStream_t stream);

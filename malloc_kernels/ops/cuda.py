@@ -4,7 +4,9 @@ ops ``malloc_kernels::cuda_decode_attention`` / ``cuda_quantize_pack`` that exis
 
 The kernel is flash-decoding (Dao, Haziza, Massa, Sizov 2023) over the library's compressed caches: every key and
 value is read once, in its storage format (KIVI 4-bit/2-bit codes with channel-grouped keys, Liu et al. 2024,
-arXiv 2402.02750; INT8; FP8 e4m3; fp16/bf16/fp32), dequantized in registers (code * scale + zero), and combined
+arXiv 2402.02750; INT8; FP8 e4m3; NVFP4; fp16/bf16/fp32), dequantized once per block into shared memory as
+tensor-core operands (the query dtype: fp16/bf16 ``mma.sync`` m16n8k16, or 3 x tf32 m16n8k8 for fp32 queries, fp32
+accumulation), QK^T and P.V on tensor cores, and combined
 with the residual segment and the request's own tokens; splits are merged by their log-sum-exp (softmax) or summed
 (HSTU's pointwise attention, Zhai et al. 2024, arXiv 2402.17152, with the relative bias computed in-kernel from
 the entries' original positions/timestamps).
@@ -12,7 +14,9 @@ the entries' original positions/timestamps).
 ``supports(call) -> (bool, reason)`` and ``run(call) -> AttentionResult`` follow the backend contract of
 ``malloc_kernels.core.validate.AttentionCall``. Inference only: no autograd, no attention statistics, no dropout,
 no ``attn_mask``, head dims up to 256. Query, request keys/values and the residual are read as fp32; outputs are
-returned in the query dtype.
+returned in the query dtype. fp16 queries round keys, values and weights to fp16 on the way to the tensor cores
+(as FlashAttention does): a dequantized value beyond 65504 becomes inf there and, by the non-finite rule, makes
+its rows NaN; bf16 and fp32 queries have fp32's range.
 """
 from __future__ import annotations
 
@@ -82,14 +86,12 @@ def supports(call) -> Tuple[bool, str]:
 
 
 def preferred(call) -> bool:
-    """Whether ``backend="auto"`` picks this kernel over Triton: never, for now. Read as an A100/H100 runs it, the
-    kernel is bound by shared-memory traffic rather than by the cache bytes it streams -- two shared loads per FMA
-    in the score loop (q and k both from shared memory), P.V over all 16 rows of a tile however few are valid,
-    scalar fp32 FMAs where Triton's kernel issues tensor-core MMAs, per-element scale/zero loads, and K/V re-read
-    and re-dequantized for every 16-row tile -- so Triton's split-K decode, with its MMAs and register tiles, is
-    the faster choice at every shape (``python -m malloc_kernels.triton.report`` and ``tools/cuda_report.py``
-    give the per-key instruction mix). ``backend="cuda"`` still runs it on request; auto falls back to it only
-    when Triton cannot run the call."""
+    """Whether ``backend="auto"`` picks this kernel over Triton: not yet. The kernel is now built for tensor cores
+    (``mma.sync`` for QK^T and P.V, q in registers, K/V dequantized once per block for up to 64 query rows into
+    bank-conflict-free shared rows; ``tools/cuda_report.py`` shows the HMMA main loop and models it at the HBM
+    floor for fp16/int8/fp8 caches), but no GPU has measured it against Triton's split-K decode, so ``auto`` keeps
+    the kernel whose speed the Triton report already predicts; ``backend="cuda"`` runs it on request. Flip this
+    after ``benchmarks/test_bench_cuda.py`` has run on an A100/H100."""
     return False
 
 
@@ -130,6 +132,12 @@ def _span(call) -> int:
     blocks_per_split = max(1, call.batch_size * call.num_kv_heads)
     want_splits = max(1, math.ceil(264 / blocks_per_split))
     return max(32, min(1024, 32 * math.ceil(longest / want_splits / 32)))
+
+
+def _operands(call) -> str:
+    """Tensor-core operand format of the kernel: the query dtype's (fp16/bf16: one m16n8k16 MMA per tile; fp32:
+    three tf32 MMAs, hi/lo split, for fp32-level accuracy)."""
+    return {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(call.dtype, "float32")
 
 
 def run(call) -> AttentionResult:
@@ -188,7 +196,8 @@ def _launch(call, ops) -> AttentionResult:
         kw["k_zero"], kw["v_scale"], kw["v_zero"], kw["cache_length"], kw["cache_pos"], kw["cache_ts"],
         kw["cache_count"], kw["res_k"], kw["res_v"], kw["res_length"], kw["res_pos"], kw["res_ts"],
         kw["res_count"], _f32(dense.pos_bias), _f32(dense.time_bias), time_th, inv_n, float(dense.scale),
-        dense.kind, bool(dense.is_causal), _span(dense), bool(dense.return_lse and dense.kind == "softmax"))
+        dense.kind, bool(dense.is_causal), _span(dense), bool(dense.return_lse and dense.kind == "softmax"),
+        _operands(call))
     out = out.to(call.dtype)
     lse_out = lse if (call.return_lse and call.kind == "softmax") else None
     out, lse_out, _ = call.from_padded_result(out, lse_out, None)

@@ -31,6 +31,9 @@ struct dim3 {
 struct uint4 {
   unsigned x, y, z, w;
 };
+struct uint2 {
+  unsigned x, y;
+};
 
 typedef int cudaError_t;
 typedef void* cudaStream_t;
@@ -45,6 +48,7 @@ inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 gridDim, blockDim;
 
 namespace mk_emu {
+constexpr unsigned kWarpFragWords = 10;  // a[4], b[2], c[4] of one lane's mma.sync operands
 // The threads of a block are cooperative fibers (ucontext) on the calling OS thread: a barrier marks the fiber as
 // arrived and switches back to the scheduler, which resumes the block's fibers round-robin until every one has
 // finished. One OS thread and a context switch per wait make a block ~20x cheaper than one std::thread per CUDA
@@ -55,6 +59,7 @@ struct Barrier {
 struct Block {
   std::vector<Barrier> barriers;  // [0]: the whole block (__syncthreads); [1 + w]: warp w (shuffles)
   std::vector<uint32_t> slots;
+  std::vector<uint32_t> frags;    // kWarpFragWords per thread: the operands of an emulated warp MMA (emu/mma.cuh)
   std::vector<ucontext_t> ctx;
   std::vector<char> done;
   std::vector<unsigned> wait_id, wait_gen;  // the barrier a fiber waits at and its generation then (id ~0u: none)
@@ -125,6 +130,11 @@ inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
 inline float __expf(float x) { return std::exp(x); }
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
 inline float __uint_as_float(unsigned u) {
   float f;
   std::memcpy(&f, &u, 4);
@@ -168,6 +178,7 @@ inline void mk_emu_launch(dim3 grid, dim3 block, F&& body) {
         b.barriers[0].expected = n;
         for (unsigned w = 0; w < (n + 31) / 32; ++w) b.barriers[1 + w].expected = std::min(32u, n - w * 32);
         b.slots.assign(n, 0);
+        b.frags.assign(size_t(n) * mk_emu::kWarpFragWords, 0);
         b.ctx.resize(n);
         b.done.assign(n, 0);
         b.wait_id.assign(n, ~0u);

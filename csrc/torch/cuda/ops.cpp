@@ -222,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_decode_attention(
     const c10::optional<at::Tensor>& res_count, const c10::optional<at::Tensor>& pos_bias,
     const c10::optional<at::Tensor>& time_bias, const c10::optional<at::Tensor>& time_th,
     const c10::optional<at::Tensor>& inv_n, double scale, c10::string_view kind, bool is_causal, int64_t span,
-    bool want_lse) {
+    bool want_lse, c10::string_view operands) {
   TORCH_CHECK_VALUE(q.is_cuda() && q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 4,
                     "q must be a contiguous float32 CUDA tensor [B, Hq, Lq, D]");
   TORCH_CHECK_VALUE(k_req.scalar_type() == at::kFloat && v_req.scalar_type() == at::kFloat && k_req.dim() == 4,
@@ -231,6 +231,9 @@ std::tuple<at::Tensor, at::Tensor> cuda_decode_attention(
                    k_lengths.scalar_type() == at::kInt, "q_lengths / k_lengths / num_targets must be int32");
   const std::string kind_s(kind);
   TORCH_CHECK_VALUE(kind_s == "softmax" || kind_s == "hstu", "kind must be 'softmax' or 'hstu'");
+  const std::string operands_s(operands);
+  TORCH_CHECK_VALUE(operands_s == "float32" || operands_s == "float16" || operands_s == "bfloat16",
+                    "operands must be 'float32', 'float16' or 'bfloat16' (the query dtype), got '", operands_s, "'");
   const int64_t D = q.size(3);
   TORCH_CHECK_VALUE(D >= 1 && D <= mc::kDecodeMaxHeadDim, "head_dim must be in [1, ", mc::kDecodeMaxHeadDim, "]");
   TORCH_CHECK_VALUE(span > 0 && span % 32 == 0, "span must be a positive multiple of 32");
@@ -277,6 +280,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_decode_attention(
   p.scale = static_cast<float>(scale);
   p.hstu = kind_s == "hstu";
   p.is_causal = is_causal;
+  p.mma = operands_s == "float16" ? mc::kMmaF16 : operands_s == "bfloat16" ? mc::kMmaBF16 : mc::kMmaTF32x3;
   p.q = q.data_ptr<float>();
   p.q_lengths = opt_ptr<int32_t>(q_lengths);
   p.num_targets = opt_ptr<int32_t>(num_targets);
@@ -341,7 +345,7 @@ TORCH_LIBRARY_FRAGMENT(malloc_kernels, m) {
         "Tensor? cache_pos, Tensor? cache_ts, Tensor? cache_count, Tensor? res_k, Tensor? res_v, "
         "Tensor? res_length, Tensor? res_pos, Tensor? res_ts, Tensor? res_count, Tensor? pos_bias, "
         "Tensor? time_bias, Tensor? time_th, Tensor? inv_n, float scale, str kind, bool is_causal, int span, "
-        "bool want_lse) -> (Tensor, Tensor)");
+        "bool want_lse, str operands) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(malloc_kernels, CUDA, m) {
