@@ -184,12 +184,12 @@ def lsh_cache_from_bytes(b, device=None) -> LSHCache:
         raise ValueError(f"b: {len(ids)} bytes of bucket ids, expected {sum(lens) * n_hashes}")
     H, C = kv.position.shape[1:]
     bucket = torch.zeros(1, H, C, n_hashes, dtype=BUCKET_DTYPE)
+    flat = torch.tensor(list(ids), dtype=BUCKET_DTYPE)
     pos = 0
     for h, n in enumerate(lens):
-        chunk = torch.frombuffer(bytearray(ids[pos:pos + n * n_hashes]), dtype=BUCKET_DTYPE)
-        bucket[0, h, :n] = chunk.reshape(n, n_hashes)
+        bucket[0, h, :n] = flat[pos:pos + n * n_hashes].reshape(n, n_hashes)
         pos += n * n_hashes
-    if int(bucket.max(initial=0)) >= n_buckets:
+    if bucket.numel() and int(bucket.max()) >= n_buckets:
         raise ValueError(f"b: a bucket id >= n_buckets ({n_buckets})")
     return LSHCache(kv=kv, bucket=bucket.to(kv.k.device), n_buckets=n_buckets)
 
