@@ -24,9 +24,10 @@ Paths (all through ``malloc_kernels.attention``):
   bucketed attention; the segments run as ``[S, 1, D]`` jagged self-attention (the C++ training kernels under
   autograd, the CPU inference kernel otherwise).
 * several rounds, self-attention: the dense reference with a boolean bucket mask (``lsh_attention_dense``).
-* cached serving (any rounds): per (request token, head), the cache entries and the earlier request tokens in its
-  buckets are gathered into a one-head pseudo-cache of that query alone, and the query attends to it plus
-  itself: a gather + the existing fused kernel (``backend="cpu"`` on CPU tensors).
+* cached serving, one round: per (user, head, bucket) the cache entries in that bucket are gathered into a one-head
+  pseudo-cache and the request tokens in that bucket attend to it and causally to each other: a gather + the
+  existing fused kernel (``backend="cpu"`` on CPU tensors). Several rounds: per (request token, head), the cache
+  entries and earlier request tokens sharing any of its buckets are gathered into a pseudo-cache of that query.
 
 The cache (``LSHCache``) is the ordinary full-precision ``KVCache`` of the history's (normalised key, value) entries
 plus every entry's bucket ids (uint8 ``[B, H, C, lsh_hashes]``), counted in ``nbytes_per_user`` and written by
@@ -246,13 +247,76 @@ def lsh_attention_segments(attend, q, k, v, buckets, offsets, positions, timesta
     return out[inverse].reshape(T, H, out.shape[-1])
 
 
+def _matching_slots(match: torch.Tensor):
+    """For a boolean ``[S, N]``: per row the indices of its True entries in order, padded to the longest row
+    (``[S, width]``, width >= 1; padding slots hold 0), and the counts ``[S]``. A cumsum + scatter, no sort."""
+    n = match.sum(1)
+    width = max(int(n.max()), 1) if n.numel() else 1
+    rank = torch.cumsum(match, 1) - 1
+    slot = torch.where(match, rank, torch.full_like(rank, width))        # non-matching entries -> a dropped column
+    idx = torch.zeros(match.shape[0], width + 1, dtype=torch.int64, device=match.device)
+    src = torch.arange(match.shape[1], device=match.device).expand_as(match)
+    return idx.scatter_(1, slot, src)[:, :width], n
+
+
+def _gather_rows(table: torch.Tensor, bi: torch.Tensor, hi: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table[bi, hi, idx]`` for a ``[B, H, N, ...]`` table, row indices ``bi, hi [S]`` and ``idx [S, W]``, as one
+    ``index_select`` over the flattened rows (much faster than advanced indexing with three index tensors);
+    returns ``[S, 1, W, ...]`` (a one-head pseudo-cache's layout)."""
+    B, H, N = table.shape[:3]
+    flat = ((bi * H + hi) * N)[:, None] + idx
+    rows = table.reshape(B * H * N, *table.shape[3:]).index_select(0, flat.reshape(-1))
+    return rows.reshape(idx.shape[0], 1, idx.shape[1], *table.shape[3:])
+
+
+def _segment_cache(cache: LSHCache, seg_user, seg_head, seg_bucket) -> KVCache:
+    """The one-head pseudo-cache of every (user, head, bucket) segment: the cache entries of that user and head in
+    that bucket (round 0), gathered in time order; ``original_length`` = their number."""
+    kv = cache.kv
+    C, D = kv.position.shape[2], kv.k.shape[-1]
+    j = torch.arange(C, device=kv.k.device)
+    match = (cache.bucket[seg_user, seg_head, :, 0] == seg_bucket[:, None].to(BUCKET_DTYPE)) & \
+        (j[None, :] < kv.length.to(torch.int64)[seg_user, seg_head][:, None])           # [S, C]
+    idx, n = _matching_slots(match)
+
+    def g(t):
+        return _gather_rows(t, seg_user, seg_head, idx)
+    return KVCache(k=g(kv.k), v=g(kv.v), length=n.to(torch.int32)[:, None].contiguous(), position=g(kv.position),
+                   original_length=n.to(torch.int32), head_dim=D,
+                   timestamp=None if kv.timestamp is None else g(kv.timestamp))
+
+
+def lsh_attention_cached_segments(attend, q, k, v, buckets, offsets, positions, timestamps, cache: LSHCache):
+    """One hash round: the request tokens of every (user, head, bucket) become one jagged causal request over the
+    pseudo-cache of that segment's cache entries (``_segment_cache``), so every cache entry is gathered at most once
+    per request batch. Same arguments and result as ``lsh_attention_cached``."""
+    T, H, D = q.shape
+    uid, _ = _user_of(offsets, T)
+    heads = torch.arange(H, device=q.device)
+    seg = ((uid[:, None] * H + heads[None, :]) * MAX_BUCKETS + buckets[..., 0].long()).reshape(-1)
+    order = torch.argsort(seg, stable=True)             # by segment, then by time
+    uniq, counts = torch.unique_consecutive(seg[order], return_counts=True)
+    if timestamps is not None and cache.kv.timestamp is None:
+        raise ValueError("timestamps given but the cache carries none")
+    pseudo = _segment_cache(cache, uniq // (H * MAX_BUCKETS), (uniq // MAX_BUCKETS) % H, uniq % MAX_BUCKETS)
+
+    def rows(x):
+        return x.reshape(T * H, 1, x.shape[-1])[order]
+
+    pos = positions.repeat_interleave(H)[order]
+    ts = None if timestamps is None else timestamps.repeat_interleave(H)[order]
+    out = attend(rows(q), rows(k), rows(v), _offsets(counts), pos, ts, pseudo)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return out[inverse].reshape(T, H, out.shape[-1])
+
+
 def lsh_attention_cached(attend, q, k, v, buckets, offsets, positions, timestamps, cache: LSHCache):
     """Request tokens ``q, k, v [T, H, D]`` (``buckets [T, H, R]``, jagged by ``offsets``) over an ``LSHCache``:
-    every (token, head) becomes a one-query "user" whose pseudo-cache holds the cache entries and the earlier
+    with several hash rounds every (token, head) becomes a one-query "user" whose pseudo-cache holds the cache entries and the earlier
     request tokens of its user and head that share a bucket with it (gathered, in time order; ``original_length``
     = their number, so HSTU's ``n_i`` counts exactly the tokens it may see) and which attends to that plus itself.
     ``attend(q, k, v, offsets, positions, timestamps, cache)`` runs ``malloc_kernels.attention``. Returns
-    ``[T, H, D]``."""
+    ``[T, H, D]``. One round takes ``lsh_attention_cached_segments`` (fewer, larger gathers)."""
     T, H, D = q.shape
     if T == 0:
         return torch.zeros_like(q)
@@ -261,6 +325,8 @@ def lsh_attention_cached(attend, q, k, v, buckets, offsets, positions, timestamp
     if Hc != H or buckets.shape[2] != cache.n_hashes:
         raise ValueError(f"cache has {Hc} heads x {cache.n_hashes} hash rounds, the request {H} x "
                          f"{buckets.shape[2]}")
+    if cache.n_hashes == 1:
+        return lsh_attention_cached_segments(attend, q, k, v, buckets, offsets, positions, timestamps, cache)
     uid, local = _user_of(offsets, T)
     rk, _ = jagged_to_padded(k, offsets)                                          # [B, H, Rm, D]
     Rm = rk.shape[2]
@@ -286,15 +352,13 @@ def lsh_attention_cached(attend, q, k, v, buckets, offsets, positions, timestamp
     visible = j[None, :] < lim
     same = (all_b[b_n, h_n] == buckets.reshape(T * H, 1, -1)).any(-1)            # [T*H, C+Rm]
     match = visible & same
-    n_vis = match.sum(1)
-    width = max(int(n_vis.max()), 1)
-    idx = torch.argsort((~match).to(torch.int8), dim=1, stable=True)[:, :width]  # matching entries first, in order
-    bi, hi = b_n[:, None], h_n[:, None]
-    pseudo = KVCache(k=all_k[bi, hi, idx][:, None].contiguous(), v=all_v[bi, hi, idx][:, None].contiguous(),
-                     length=n_vis.to(torch.int32)[:, None].contiguous(),
-                     position=all_pos[bi, hi, idx][:, None].contiguous(),
-                     original_length=n_vis.to(torch.int32), head_dim=D,
-                     timestamp=None if all_ts is None else all_ts[bi, hi, idx][:, None].contiguous())
+    idx, n_vis = _matching_slots(match)                                          # matching entries, in order
+
+    def g(t):
+        return _gather_rows(t.contiguous(), b_n, h_n, idx)
+    pseudo = KVCache(k=g(all_k), v=g(all_v), length=n_vis.to(torch.int32)[:, None].contiguous(),
+                     position=g(all_pos), original_length=n_vis.to(torch.int32), head_dim=D,
+                     timestamp=None if all_ts is None else g(all_ts))
     q_off = torch.arange(T * H + 1, device=q.device)
     pos = positions.repeat_interleave(H)
     ts = None if timestamps is None else timestamps.repeat_interleave(H)
