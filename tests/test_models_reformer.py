@@ -327,6 +327,9 @@ def test_bad_caches_and_methods_are_refused():
     full, _, _, caches = forward_and_serve(m, N_ITEMS, request_len=2, lengths=(6, 3))
     with pytest.raises(ValueError, match="method"):
         m.compress_caches(caches, "int8")
+    with pytest.raises(ValueError, match="serve_step"):
+        m.serve_step(make_jagged([np.array([1]), np.array([2])], [np.array([10 ** 8]), np.array([10 ** 8])]),
+                     caches=caches)
     with pytest.raises(TypeError, match="LSHCache"):
         m.serve(make_jagged([np.array([1]), np.array([2])], [np.array([10 ** 8]), np.array([10 ** 8])]),
                 caches=[c.kv for c in caches])

@@ -458,7 +458,8 @@ class SequentialRecommender(nn.Module):
         """
         from ..policies.online import serving_stats_request
         if self.cfg.seq_compress is not None:
-            raise ValueError(f"serve_step: a {self.cfg.seq_compress} model caches learned slots; re-encode instead")
+            raise ValueError(f"serve_step: a {self.cfg.seq_compress} model's cache does not grow by append "
+                             f"(learned slots, or LSH bucket ids); re-encode instead")
         if len(caches) != self.cfg.n_layers:
             raise ValueError(f"caches must hold one KVCache per layer ({self.cfg.n_layers}), got {len(caches)}")
         items, ts, offsets = _as_jagged(request_items, request_timestamps, lengths, what="request items")
