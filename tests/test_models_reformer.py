@@ -344,3 +344,66 @@ def test_bad_caches_and_methods_are_refused():
         R.LSHCache(kv=None, bucket=caches[0].bucket, n_buckets=4)
     with pytest.raises(ValueError, match="rotations"):
         R.lsh_buckets(torch.randn(3, 2, 5), torch.randn(2, 1, 4, 2))
+
+
+# ---- the C++ serving kernel ----------------------------------------------------------------------------------------
+def _fused_problem(dtype, seed=3, H=2, D=8):
+    hist_lens, req_lens = [17, 0, 96, 4, 1], [3, 5, 1, 7, 1]
+    seqs = [h + r for h, r in zip(hist_lens, req_lens)]
+    q, v, off, pos, ts = _tokens(seqs, H, D, seed=seed, dtype=dtype)
+    k = R.shared_keys(q)
+    b = R.lsh_buckets(k, R.make_rotations(1, H, D, 4, 1, seed=seed)[0])
+    is_hist = pos < torch.tensor(hist_lens).repeat_interleave(torch.tensor(seqs))
+    h_off, r_off = R._offsets(torch.tensor(hist_lens)), R._offsets(torch.tensor(req_lens))
+    kv = SequentialRecommender._cache_from_jagged(k[is_hist], v[is_hist], h_off, pos[is_hist], ts[is_hist])
+    bp, _ = jagged_to_padded(b[is_hist], h_off, max_len=kv.position.shape[2])
+    return q, k, v, b, off, pos, ts, ~is_hist, r_off, R.LSHCache(kv=kv, bucket=bp.contiguous(), n_buckets=4)
+
+
+@pytest.mark.needs_ext("lsh_attention_cpu")
+@pytest.mark.parametrize("with_time", [True, False])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("kind", ["hstu", "softmax"])
+def test_fused_kernel_equals_the_oracle(kind, dtype, with_time):
+    q, k, v, b, off, pos, ts, r, r_off, cache = _fused_problem(dtype)
+    pb, tb = torch.randn(64), torch.randn(16)
+    t = ts if with_time else None
+    got = R.lsh_attention_fused(q[r], k[r], v[r], b[r], r_off, pos[r], None if t is None else t[r], cache,
+                                kind=kind, scale=0.3, pos_bias=pb, time_bias=tb)
+    _check(got, lambda q_, k_, v_: R.lsh_attention_dense(q_, k_, v_, b, off, pos, t, kind=kind, scale=0.3,
+                                                         pos_bias=pb, time_bias=tb)[r], q, k, v, dtype, n=103)
+
+
+@pytest.mark.needs_ext("lsh_attention_cpu")
+@pytest.mark.parametrize("arch", ["hstu", "sasrec"])
+def test_model_serving_fused_and_gather_paths_agree(arch):
+    m = _model(arch)
+    full, _, fused, caches = forward_and_serve(m, N_ITEMS, request_len=4, lengths=(30, 9, 4, 1))
+    m.backend = "reference"                         # the gather path + the reference attention
+    _, _, gathered, _ = forward_and_serve(m, N_ITEMS, request_len=4, lengths=(30, 9, 4, 1))
+    assert (fused - gathered).abs().max().item() < 1e-12
+
+
+@pytest.mark.needs_ext("lsh_attention_cpu")
+def test_fused_kernel_refuses_bad_arguments():
+    q, k, v, b, off, pos, ts, r, r_off, cache = _fused_problem(torch.float32)
+    kv = cache.kv
+    op = torch.ops.malloc_kernels.lsh_attention_cpu
+    good = dict(q=q[r], k=k[r], v=v[r], offsets=r_off, q_bucket=b[r][..., 0].contiguous(), q_pos=pos[r], q_ts=None,
+                cache_k=kv.k, cache_v=kv.v, cache_len=kv.length, cache_bucket=cache.bucket[..., 0].contiguous(),
+                cache_pos=kv.position, cache_ts=None, pos_bias=None, time_bias=None, thresholds=None, hstu=True,
+                scale=0.5)
+    op(**good)
+    bad = [(dict(q_bucket=good["q_bucket"].long()), TypeError, "q_bucket"),
+           (dict(cache_len=kv.length + 200), ValueError, "cache_len"),
+           (dict(offsets=r_off.flip(0)), ValueError, "offsets"),
+           (dict(cache_k=kv.k.double()), TypeError, "cache_k"),
+           (dict(k=k[r][:-1]), ValueError, "k must have shape"),
+           (dict(time_bias=torch.randn(8)), ValueError, "time_bias"),
+           (dict(q=q[r].half(), k=k[r].half(), v=v[r].half()), TypeError, "q must be")]
+    for change, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            op(**{**good, **change})
+    with pytest.raises(ValueError, match="one hash round"):
+        R.lsh_attention_fused(q[r], k[r], v[r], b[r].expand(-1, -1, 2), r_off, pos[r], None, cache, kind="hstu",
+                              scale=0.5)

@@ -24,9 +24,12 @@ Paths (all through ``malloc_kernels.attention``):
   bucketed attention; the segments run as ``[S, 1, D]`` jagged self-attention (the C++ training kernels under
   autograd, the CPU inference kernel otherwise).
 * several rounds, self-attention: the dense reference with a boolean bucket mask (``lsh_attention_dense``).
-* cached serving, one round: per (user, head, bucket) the cache entries in that bucket are gathered into a one-head
-  pseudo-cache and the request tokens in that bucket attend to it and causally to each other: a gather + the
-  existing fused kernel (``backend="cpu"`` on CPU tensors). Several rounds: per (request token, head), the cache
+* cached serving, one round, CPU tensors without autograd: the C++ kernel of its own, ``lsh_attention_fused``
+  (``torch.ops.malloc_kernels.lsh_attention_cpu``, ``csrc/cpu/lsh_attention.cpp``): each query tests the stored
+  bucket ids and reads only its bucket's entries, no gather (faster than the gather paths and than the unbucketed
+  kernel, ``benchmarks/results/reformer_serving.md``). Otherwise, one round: per (user, head, bucket) the cache
+  entries in that bucket are gathered into a one-head pseudo-cache and the request tokens in that bucket attend to
+  it and causally to each other: a gather + ``malloc_kernels.attention``. Several rounds: per (request token, head), the cache
   entries and earlier request tokens sharing any of its buckets are gathered into a pseudo-cache of that query.
 
 The cache (``LSHCache``) is the ordinary full-precision ``KVCache`` of the history's (normalised key, value) entries
@@ -47,7 +50,9 @@ import torch.nn.functional as F
 
 from ..cache.serialize import cache_from_bytes
 from ..cache.types import KVCache
+from ..core import extension
 from ..core.layout import jagged_to_padded, padded_to_jagged
+from ..core.time_buckets import kernel_thresholds
 from ..ops.attention import attention
 
 BUCKET_DTYPE = torch.uint8
@@ -366,6 +371,40 @@ def lsh_attention_cached(attend, q, k, v, buckets, offsets, positions, timestamp
     return out.reshape(T, H, out.shape[-1])
 
 
+def fused_available() -> bool:
+    """Whether the compiled extension has the Reformer serving kernel."""
+    return extension.has_op("lsh_attention_cpu")[0]
+
+
+if fused_available():
+    @torch.library.register_fake("malloc_kernels::lsh_attention_cpu")
+    def _lsh_attention_cpu_fake(q, k, v, offsets, q_bucket, q_pos, q_ts, cache_k, cache_v, cache_len, cache_bucket,
+                                cache_pos, cache_ts, pos_bias, time_bias, thresholds, hstu, scale):
+        return q.new_empty(q.shape)
+
+
+def lsh_attention_fused(q, k, v, buckets, offsets, positions, timestamps, cache: LSHCache, *, kind, scale,
+                        pos_bias=None, time_bias=None):
+    """One hash round of ``lsh_attention_cached`` in the C++ kernel (CPU, float32/float64, no autograd): the same
+    arguments, plus the layer's ``kind``, ``scale`` and bias tables (``pos_bias [P]``; ``time_bias`` used when
+    ``timestamps`` are given, as in the model's attention call)."""
+    if cache.n_hashes != 1 or buckets.shape[2] != 1:
+        raise ValueError(f"the fused kernel takes one hash round, got {cache.n_hashes}")
+    if kind not in ("hstu", "softmax"):
+        raise ValueError(f"kind must be 'hstu' or 'softmax', got {kind!r}")
+    kv = cache.kv
+    use_time = time_bias is not None and timestamps is not None
+    if use_time and kv.timestamp is None:
+        raise ValueError("timestamps given but the cache carries none")
+    return torch.ops.malloc_kernels.lsh_attention_cpu(
+        q, k, v, offsets.to(torch.int64), buckets[..., 0].contiguous(), positions.to(torch.int64),
+        timestamps.to(torch.int64) if use_time else None, kv.k.to(q.dtype), kv.v.to(q.dtype), kv.length,
+        cache.bucket[..., 0].contiguous(), kv.position, kv.timestamp if use_time else None,
+        None if pos_bias is None else pos_bias.detach().to(torch.float32).reshape(-1),
+        time_bias.detach().to(torch.float32).reshape(-1) if use_time else None,
+        kernel_thresholds(int(time_bias.shape[-1])) if use_time else None, kind == "hstu", float(scale))
+
+
 class LSHAttention(nn.Module):
     """The per-model Reformer state: the seeded rotations of every layer (buffer ``rotations``) and the three
     attention paths of the module docstring, wired to the model's ``malloc_kernels.attention`` call."""
@@ -396,10 +435,18 @@ class LSHAttention(nn.Module):
         if not isinstance(cache, LSHCache):
             raise TypeError(f"a reformer model serves LSHCache caches, got {type(cache).__name__}")
         k = shared_keys(q)
+        b = self.buckets(layer, k)
+        lay = model.layers[layer]
+        grads = torch.is_grad_enabled() and (q.requires_grad or v.requires_grad)
+        if self.n_hashes == 1 and model.backend in ("auto", "cpu") and q.device.type == "cpu" and not grads and \
+                q.dtype in (torch.float32, torch.float64) and fused_available() and \
+                (lay.pos_bias is None or lay.pos_bias.dim() == 1):
+            return lsh_attention_fused(q, k, v, b, offsets, positions, timestamps, cache, kind=lay.kind,
+                                       scale=model.scale, pos_bias=lay.pos_bias, time_bias=lay.time_bias)
 
         def attend(qs, ks, vs, off, pos, ts, pseudo):
             return model._attend(layer, qs, ks, vs, off, pos, ts, cache=pseudo)
-        return lsh_attention_cached(attend, q, k, v, self.buckets(layer, k), offsets, positions, timestamps, cache)
+        return lsh_attention_cached(attend, q, k, v, b, offsets, positions, timestamps, cache)
 
     def make_cache(self, layer: int, kv: KVCache, k_jagged: torch.Tensor, offsets) -> LSHCache:
         """Wrap a history's KVCache with its entries' bucket ids (from the jagged keys it was built from)."""
