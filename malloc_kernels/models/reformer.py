@@ -227,29 +227,43 @@ def lsh_attention_dense(q, k, v, buckets, offsets, positions, timestamps=None, *
     return padded_to_jagged(out, lens)
 
 
+def _segments(buckets, offsets, T: int, H: int):
+    """The (user, head, bucket) segment order of the ``T * H`` rows ``t * H + h`` (one round): ``order`` (by segment,
+    then by time), the segment keys ``uniq`` (``(user * H + head) * MAX_BUCKETS + bucket``) and their sizes."""
+    uid, _ = _user_of(offsets, T)
+    heads = torch.arange(H, device=buckets.device)
+    seg = ((uid[:, None] * H + heads[None, :]) * MAX_BUCKETS + buckets[..., 0].long()).reshape(-1)
+    order = torch.argsort(seg, stable=True)            # row t*H+h grows with t: stable keeps time order
+    uniq, counts = torch.unique_consecutive(seg[order], return_counts=True)
+    return order, uniq, counts
+
+
+def _by_segment(x, order, T: int, H: int):
+    """Rows ``[T, H, ...]`` -> one-head rows in segment order ``[T * H, 1, ...]`` (``[T]`` per-token values are
+    repeated per head)."""
+    if x.dim() == 1:
+        return x.repeat_interleave(H)[order]
+    return x.reshape(T * H, 1, *x.shape[2:])[order]
+
+
+def _unsort(out, order, T: int, H: int):
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return out[inverse].reshape(T, H, out.shape[-1])
+
+
 def lsh_attention_segments(attend, q, k, v, buckets, offsets, positions, timestamps=None):
     """One hash round: bucketed causal self-attention as jagged causal attention over (user, head, bucket)
     segments. ``attend(q, k, v, offsets, positions, timestamps)`` runs ``malloc_kernels.attention`` on one-head
     jagged tokens ``[S, 1, D]`` (causal, the layer's kind / scale / bias). Returns ``[T, H, D]``."""
-    T, H, D = q.shape
+    T, H, _ = q.shape
     if T == 0:
         return torch.zeros_like(q)
-    uid, _ = _user_of(offsets, T)
-    heads = torch.arange(H, device=q.device)
-    nb = MAX_BUCKETS
-    seg = ((uid[:, None] * H + heads[None, :]) * nb + buckets[..., 0].long()).reshape(-1)     # [T*H]
-    order = torch.argsort(seg, stable=True)            # by segment, then by time (row t*H+h grows with t)
-    _, counts = torch.unique_consecutive(seg[order], return_counts=True)
-    seg_off = _offsets(counts)
+    order, _, counts = _segments(buckets, offsets, T, H)
 
     def rows(x):
-        return x.reshape(T * H, 1, x.shape[-1])[order]
-
-    pos = positions[:, None].expand(T, H).reshape(-1)[order]
-    ts = None if timestamps is None else timestamps[:, None].expand(T, H).reshape(-1)[order]
-    out = attend(rows(q), rows(k), rows(v), seg_off, pos, ts)                   # [T*H, 1, D]
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return out[inverse].reshape(T, H, out.shape[-1])
+        return None if x is None else _by_segment(x, order, T, H)
+    out = attend(rows(q), rows(k), rows(v), _offsets(counts), rows(positions), rows(timestamps))   # [T*H, 1, D]
+    return _unsort(out, order, T, H)
 
 
 def _matching_slots(match: torch.Tensor):
@@ -295,24 +309,16 @@ def lsh_attention_cached_segments(attend, q, k, v, buckets, offsets, positions, 
     """One hash round: the request tokens of every (user, head, bucket) become one jagged causal request over the
     pseudo-cache of that segment's cache entries (``_segment_cache``), so every cache entry is gathered at most once
     per request batch. Same arguments and result as ``lsh_attention_cached``."""
-    T, H, D = q.shape
-    uid, _ = _user_of(offsets, T)
-    heads = torch.arange(H, device=q.device)
-    seg = ((uid[:, None] * H + heads[None, :]) * MAX_BUCKETS + buckets[..., 0].long()).reshape(-1)
-    order = torch.argsort(seg, stable=True)             # by segment, then by time
-    uniq, counts = torch.unique_consecutive(seg[order], return_counts=True)
+    T, H, _ = q.shape
     if timestamps is not None and cache.kv.timestamp is None:
         raise ValueError("timestamps given but the cache carries none")
+    order, uniq, counts = _segments(buckets, offsets, T, H)
     pseudo = _segment_cache(cache, uniq // (H * MAX_BUCKETS), (uniq // MAX_BUCKETS) % H, uniq % MAX_BUCKETS)
 
     def rows(x):
-        return x.reshape(T * H, 1, x.shape[-1])[order]
-
-    pos = positions.repeat_interleave(H)[order]
-    ts = None if timestamps is None else timestamps.repeat_interleave(H)[order]
-    out = attend(rows(q), rows(k), rows(v), _offsets(counts), pos, ts, pseudo)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return out[inverse].reshape(T, H, out.shape[-1])
+        return None if x is None else _by_segment(x, order, T, H)
+    out = attend(rows(q), rows(k), rows(v), _offsets(counts), rows(positions), rows(timestamps), pseudo)
+    return _unsort(out, order, T, H)
 
 
 def lsh_attention_cached(attend, q, k, v, buckets, offsets, positions, timestamps, cache: LSHCache):
