@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <mutex>
 #include <tuple>
 
 #ifdef __linux__
@@ -62,23 +63,65 @@ void check_gather(const Tensor& values, const Tensor& indices, const Tensor& wei
   check_indices_range(indices, values.size(0), "indices");
 }
 
-// A fresh tensor that the kernel writes in full. Large ones are backed by transparent huge pages where Linux offers
-// them (madvise mode): the backward's row gradient (U rows, ~100 MB for MSN's batch) would otherwise take one page
-// fault per 4 KB, which costs about as long as computing it. Elsewhere, or if the mapping fails, at::empty.
+#ifdef __linux__
+// A mapping of `capacity` usable bytes at a 2 MB-aligned `data` inside [base, base + len).
+struct HugeBlock {
+  void* base = nullptr;
+  size_t len = 0, capacity = 0;
+  void* data = nullptr;
+};
+
+constexpr size_t kHuge = size_t(2) << 20;
+
+// The most recently freed block, kept for the next call: a training step frees the previous step's gradient before
+// the next backward, so the next row gradient reuses its pages instead of faulting in and zeroing ~100 MB again.
+std::mutex g_spare_mutex;
+HugeBlock g_spare;
+
+void release_block(const HugeBlock& b) {
+  HugeBlock old;
+  {
+    std::lock_guard<std::mutex> lock(g_spare_mutex);
+    old = g_spare;
+    g_spare = b;
+  }
+  if (old.base != nullptr) munmap(old.base, old.len);
+}
+
+HugeBlock acquire_block(size_t nbytes) {
+  const size_t rounded = (nbytes + kHuge - 1) / kHuge * kHuge;
+  {
+    std::lock_guard<std::mutex> lock(g_spare_mutex);
+    // Reuse only a block of about the right size, so a small call does not pin a large mapping.
+    if (g_spare.base != nullptr && g_spare.capacity >= rounded && g_spare.capacity <= rounded + rounded / 4) {
+      const HugeBlock b = g_spare;
+      g_spare = HugeBlock{};
+      return b;
+    }
+  }
+  HugeBlock b;
+  b.len = rounded + kHuge;
+  b.base = mmap(nullptr, b.len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (b.base == MAP_FAILED) return HugeBlock{};
+  b.capacity = rounded;
+  b.data = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(b.base) + kHuge - 1) / kHuge * kHuge);
+  madvise(b.data, rounded, MADV_HUGEPAGE);  // advisory: without THP the pages are simply 4 KB
+  return b;
+}
+#endif
+
+// A tensor that the kernel overwrites in full (its initial contents are arbitrary, like at::empty's). Large ones
+// are backed by transparent huge pages where Linux offers them (madvise mode) and reuse the last freed such block:
+// the backward's row gradient (U rows, ~100 MB for MSN's batch) would otherwise take one page fault and one page
+// zeroing per 4 KB, which costs about as long as computing it. Elsewhere, or if the mapping fails, at::empty.
 Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #ifdef __linux__
-  constexpr size_t kHuge = size_t(2) << 20;
   int64_t numel = 1;
   for (int64_t s : sizes) numel *= s;
   const size_t nbytes = static_cast<size_t>(numel) * options.dtype().itemsize();
   if (nbytes >= 4 * kHuge) {
-    const size_t rounded = (nbytes + kHuge - 1) / kHuge * kHuge, len = rounded + kHuge;
-    void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (base != MAP_FAILED) {
-      void* data = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(base) + kHuge - 1) / kHuge * kHuge);
-      madvise(data, rounded, MADV_HUGEPAGE);  // advisory: without THP the pages are simply 4 KB
-      return at::from_blob(data, sizes, [base, len](void*) { munmap(base, len); }, options);
-    }
+    const HugeBlock b = acquire_block(nbytes);
+    if (b.base != nullptr) return at::from_blob(b.data, sizes, [b](void*) { release_block(b); }, options);
   }
 #endif
   return at::empty(sizes, options);
