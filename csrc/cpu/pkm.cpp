@@ -1,4 +1,4 @@
-// CPU (OpenMP + AVX2/FMA) implementation of the product-key memory kernels declared in malloc_kernels/pkm.h.
+// CPU (OpenMP + AVX2/FMA + AVX-512) implementation of the product-key memory kernels declared in malloc_kernels/pkm.h.
 #include "malloc_kernels/pkm.h"
 #if MALLOC_KERNELS_X86
 #include <immintrin.h>
@@ -48,7 +48,8 @@ namespace {
 // (use_avx2: MALLOC_KERNELS_ISA capped by the CPU, isa.h), so one binary runs everywhere and uses the wide units
 // where they exist.
 
-// Whether this call runs the AVX2 variant (MALLOC_KERNELS_ISA, read per call by the caller; pkm has no avx512 build).
+// Whether the top-k runs its AVX2 variant (MALLOC_KERNELS_ISA, read per call by the caller; the top-k has no avx512
+// build, so an avx512 request runs it; the gather's row kernels have both, see row_kernels).
 inline bool use_avx2(isa::Isa requested) { return isa::isa_for_family(requested, isa::Isa::Avx2) == isa::Isa::Avx2; }
 
 // ---- scalar (any T) building blocks --------------------------------------------------------------------------
@@ -334,7 +335,7 @@ inline void row_range(int64_t M, int tid, int team, int64_t* lo, int64_t* hi) {
 template <typename T>
 void gather_forward(const T* values, int64_t Dv, const int64_t* idx, const T* weights, int64_t N, int64_t E, T* out,
                     isa::Isa variant) {
-  const RowKernels kern = row_kernels<T>(variant);
+  [[maybe_unused]] const RowKernels kern = row_kernels<T>(variant);
 #pragma omp parallel if (N * E * Dv > kParallelWork)
   {
     // Contiguous query ranges per thread: the prefetch stream of gather_range runs through a thread's whole range.
@@ -380,7 +381,7 @@ template <typename T>
 void gather_backward(const T* grad_out, const T* values, int64_t M, int64_t Dv, const int64_t* idx,
                      const T* weights, int64_t N, int64_t E, int32_t* row_count, int64_t U, int64_t* order_ws,
                      int64_t* start_ws, T* grad_weights, int64_t* rows, T* grad_rows, isa::Isa variant) {
-  const RowKernels kern = row_kernels<T>(variant);
+  [[maybe_unused]] const RowKernels kern = row_kernels<T>(variant);
   const int64_t NE = N * E;
   const bool par = NE * Dv > kParallelWork;
   // Per-thread (touched rows, entries) of its row range, then their exclusive prefix: where the thread's rows and
