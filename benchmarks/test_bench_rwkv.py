@@ -57,7 +57,7 @@ def _train_step(model, opt, batch):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def _training(smoke):

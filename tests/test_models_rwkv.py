@@ -16,7 +16,7 @@ from malloc_kernels.models.rwkv_state import (FRAMING_BYTES, RWKVLayerState, emp
                                               states_to_bytes)
 from malloc_kernels.models.train import TrainConfig, load_checkpoint, train
 
-TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}   # the attention models' (tests/test_models.py)
 
 
 def _model(dtype=torch.float64, n_items=80, d=24, layers=2, seed=0):
