@@ -91,18 +91,22 @@ class RWKVBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, state: RWKVLayerState, backend: str = "auto"):
         """``(x_out [T, d], new state)`` for jagged ``x [T, d]`` continuing each user's ``state``."""
+        # mix(z, xx, mu) = xx + mu (z - xx): one shared difference and one fused multiply-add per mix, so a small
+        # serving request runs fewer ops (per-op overhead, not FLOPs, sets its latency)
         z = self.ln1(x)
         zz = _shift(z, offsets, state.shift_att)
-        k = self.key(z * self.mix_k + zz * (1 - self.mix_k))
-        v = self.value(z * self.mix_v + zz * (1 - self.mix_v))
-        r = torch.sigmoid(self.receptance(z * self.mix_r + zz * (1 - self.mix_r)))
+        dz = z - zz
+        k = self.key(torch.addcmul(zz, dz, self.mix_k))
+        v = self.value(torch.addcmul(zz, dz, self.mix_v))
+        r = torch.sigmoid(self.receptance(torch.addcmul(zz, dz, self.mix_r)))
         w = -torch.exp(self.time_decay.to(x.dtype))
         y, wkv_state = wkv(w, self.time_first.to(x.dtype), k, v, offsets, state.wkv.to(x.dtype), backend=backend)
         x = x + self.drop(self.output(r * y))
         z2 = self.ln2(x)
         zz2 = _shift(z2, offsets, state.shift_ffn)
-        kk = torch.relu(self.ffn_key(z2 * self.ffn_mix_k + zz2 * (1 - self.ffn_mix_k))).square()
-        rr = torch.sigmoid(self.ffn_receptance(z2 * self.ffn_mix_r + zz2 * (1 - self.ffn_mix_r)))
+        dz2 = z2 - zz2
+        kk = torch.relu(self.ffn_key(torch.addcmul(zz2, dz2, self.ffn_mix_k))).square()
+        rr = torch.sigmoid(self.ffn_receptance(torch.addcmul(zz2, dz2, self.ffn_mix_r)))
         x = x + self.drop(rr * self.ffn_value(kk))
         new = RWKVLayerState(wkv=wkv_state.detach(), shift_att=_last_rows(z, offsets, state.shift_att).detach(),
                              shift_ffn=_last_rows(z2, offsets, state.shift_ffn).detach(),
