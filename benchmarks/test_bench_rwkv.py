@@ -9,7 +9,9 @@ recurrent state vs the native HSTU cache (MALLOC's architecture level; ``models/
   dk, dv: 13 x T x C x 4 bytes per layer, at the copy bandwidth measured in the same run).
 * Serving: one user, a request of 8 items after a history of N = 200 and N = 2,000 items; HSTU serves over its
   native full-precision per-layer KV caches (``serve``), RWKV from its per-layer states; both encoded beforehand,
-  the request timed alone (interleaved, best of ``ROUNDS``), with each one's bytes per user.
+  the request timed alone (interleaved, best of ``4 x ROUNDS``), with each one's bytes per user. One thread, as a
+  serving worker runs one user's request (with 2 threads on a loaded machine the OpenMP barriers of such small
+  calls measured the scheduler, not the kernels).
 
 Run ``python -m pytest -q benchmarks/test_bench_rwkv.py [--save] [--smoke]``; ``--save`` writes
 ``benchmarks/results/rwkv.md`` / ``rwkv.json``.
@@ -94,6 +96,7 @@ def _training(smoke):
 
 @torch.no_grad()
 def _serving(smoke):
+    torch.set_num_threads(1)                       # restored by benchmarks/conftest.py
     sh = SMOKE_TRAIN if smoke else TRAIN
     rows = []
     models = {a: _model(a, sh["d"], sh["layers"]).eval() for a in ("hstu", "rwkv")}
@@ -150,7 +153,7 @@ def _write(res):
         f"{t['copy_bandwidth_gbs']:.1f} GB/s copy bandwidth measured in the run), so the kernel reaches "
         f"{100 * t['wkv_fraction_of_floor']:.0f}% of it (it is bound by its ~8 exp per channel and token and the "
         f"time-sequential dependency, not by memory).", "",
-        f"## Serving one request of {REQUEST} items (1 user)", "",
+        f"## Serving one request of {REQUEST} items (1 user, 1 thread)", "",
         "| history N | HSTU native cache (ms) | RWKV state (ms) | HSTU / RWKV latency | HSTU bytes/user "
         "| RWKV bytes/user | bytes ratio |", "|---|---|---|---|---|---|---|"]
     for r in res["serving"]:

@@ -114,15 +114,8 @@ class SequentialRecommender(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.n_items < 1:
-            raise ValueError("ModelConfig.n_items must be set to the dataset's item count")
-        self.cfg = cfg
+        self._init_inputs(cfg)
         d = cfg.d_model
-        self.item_emb = nn.Embedding(cfg.n_items + 1, d, padding_idx=0)
-        nn.init.normal_(self.item_emb.weight, std=d ** -0.5)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
-        self.pos_emb = nn.Embedding(cfg.max_len, d) if cfg.uses_position_embedding else None
         layer_cls = HSTULayer if cfg.arch == "hstu" else SASRecLayer
         mem = set(cfg.memory_layers)
         self.layers = nn.ModuleList(layer_cls(cfg, memory=li in mem) for li in range(cfg.n_layers))
@@ -136,6 +129,19 @@ class SequentialRecommender(nn.Module):
             self.lin_logits = nn.Parameter(torch.randn(cfg.n_layers, cfg.slots, cfg.max_len) * 0.02)
         if cfg.seq_compress == "beacon":
             self.beacon_emb = nn.Parameter(torch.randn(d) * d ** -0.5)
+
+    def _init_inputs(self, cfg: ModelConfig):
+        """The config and the input tables every architecture shares: the item embedding (row 0 = padding) and the
+        optional absolute position embedding."""
+        if cfg.n_items < 1:
+            raise ValueError("ModelConfig.n_items must be set to the dataset's item count")
+        self.cfg = cfg
+        d = cfg.d_model
+        self.item_emb = nn.Embedding(cfg.n_items + 1, d, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=d ** -0.5)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.pos_emb = nn.Embedding(cfg.max_len, d) if cfg.uses_position_embedding else None
 
     # ---- MSN memory ---------------------------------------------------------------------------------------------
     def memories(self) -> List[ProductKeyMemory]:

@@ -31,7 +31,6 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..ops.wkv import wkv
 from .config import ModelConfig
@@ -122,15 +121,8 @@ class RWKVRecommender(SequentialRecommender):
         nn.Module.__init__(self)
         if cfg.arch != "rwkv":
             raise ValueError(f"RWKVRecommender needs ModelConfig(arch='rwkv'), got arch={cfg.arch!r}")
-        if cfg.n_items < 1:
-            raise ValueError("ModelConfig.n_items must be set to the dataset's item count")
-        self.cfg = cfg
+        self._init_inputs(cfg)
         d = cfg.d_model
-        self.item_emb = nn.Embedding(cfg.n_items + 1, d, padding_idx=0)
-        nn.init.normal_(self.item_emb.weight, std=d ** -0.5)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
-        self.pos_emb = nn.Embedding(cfg.max_len, d) if cfg.uses_position_embedding else None
         self.ln0 = nn.LayerNorm(d)
         self.layers = nn.ModuleList(RWKVBlock(cfg, li) for li in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(d)
