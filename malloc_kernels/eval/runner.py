@@ -38,7 +38,8 @@ from .stats import item_popularity, paired_bootstrap, per_user_metrics, populari
 
 @dataclass
 class EvalConfig:
-    """One harness run. ``users``: evaluate a seeded sample of this many test users (None = all).
+    """One harness run. ``users``: evaluate a seeded sample of this many test users (None = all). ``batch_size``:
+    users per serving batch; ``train_batch_size``: training windows per optimiser step.
     ``epochs``/``time_budget_min``/``full_softmax``/``schedule``/``warmup_steps``/``windows``: the training
     recipe of the base models (``models.train.TrainConfig``). ``uptrain_epochs``: > 0 warm-starts the head- and
     sequence-level variants from the trained base and fine-tunes them for this many epochs (``models.uptrain``,
@@ -58,6 +59,7 @@ class EvalConfig:
     request_size: int = 8
     users: Optional[int] = None
     batch_size: int = 128
+    train_batch_size: int = 32
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 2
@@ -92,6 +94,8 @@ class EvalConfig:
             d.pop(f)
         if d["windows"] == "last":   # runs from before the option keep their key
             d.pop("windows")
+        if d["train_batch_size"] == 32:   # likewise
+            d.pop("train_batch_size")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -274,7 +278,8 @@ def run(cfg: EvalConfig, log=print) -> dict:
     run_key = cfg.run_key()
     partial = out / "rows.jsonl"
     done = _load_done(partial, run_key)
-    train_cfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed, time_budget_min=cfg.time_budget_min,
+    train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.train_batch_size, seed=cfg.seed,
+                            time_budget_min=cfg.time_budget_min,
                             full_softmax=cfg.full_softmax, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
                             windows=cfg.windows)
     trained, bases = {}, {}
