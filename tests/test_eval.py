@@ -29,8 +29,9 @@ def tiny_run(tmp_path_factory):
     data.write_text("\n".join(lines) + "\n")
     cfg = EvalConfig(data=str(data), models=("hstu", "sasrec"),
                      methods=("int8", "kivi4", "kivi2", "int4", "nvfp4", "int2", "h2o", "tova", "recent", "chunk",
-                              "h2o+kivi4", "mqa", "msn"),
-                     budgets=(1.0, 0.5, 0.25), bits=(8, 4, 2), variants=("mqa", "msn"), max_len=100, request_size=4,
+                              "h2o+kivi4", "mqa", "msn", "rwkv"),
+                     budgets=(1.0, 0.5, 0.25), bits=(8, 4, 2), variants=("mqa", "msn", "rwkv"), max_len=100,
+                     request_size=4,
                      users=40, batch_size=20, d_model=16, n_layers=2, n_heads=2, epochs=1, out=str(out),
                      cache=str(out / "ckpt"), progress=False)
     result = run(cfg, log=lambda m: None)
@@ -103,6 +104,20 @@ def test_hybrid_is_cheaper_than_its_parts(tiny_run):
     for model in ("hstu", "sasrec"):
         assert _row(rows, model, "h2o+kivi4", "50%")["bytes_per_user"] < _row(rows, model, "h2o", "50%")[
             "bytes_per_user"]
+
+
+def test_rwkv_architecture_row(tiny_run):
+    # MALLOC's architecture level: RWKV-4 served from its recurrent state, whose bytes per user are the state's
+    # (2 layers x (length int32 + 5 x 16 float32)), constant in the history length, far below the native cache
+    _, _, rows = tiny_run
+    for model in ("hstu", "sasrec"):
+        native, rwkv = _row(rows, model, "native", "100%"), _row(rows, model, "rwkv", "100%")
+        assert rwkv["level"] == "architecture" and 0 < rwkv["NDCG@10"] <= 1
+        assert rwkv["bytes_per_user"] == 2 * (4 + 5 * 16 * 4)
+        assert rwkv["ratio"] == pytest.approx(rwkv["bytes_per_user"] / native["bytes_per_user"]) and rwkv["ratio"] < 0.1
+        assert rwkv["macs_per_request"] > 0 and rwkv["memory_table_bytes"] == 0
+    # one architecture, one trained model: the row is the same under both tables
+    assert _row(rows, "hstu", "rwkv", "100%")["NDCG@10"] == _row(rows, "sasrec", "rwkv", "100%")["NDCG@10"]
 
 
 def test_mqa_variant_stores_one_kv_head(tiny_run):

@@ -16,9 +16,10 @@ from .methods import BITS, VARIANTS, build_grid
 from .runner import EvalConfig, run
 
 FULL_DATA = Path("..") / "shared" / "data" / "ml-1m"
-# The no-argument run trains 2 base models + these variants per architecture: one head-level and one
-# sequence-level row keep every MALLOC level in the quick tables while staying within minutes on 2 cores.
-QUICK_VARIANTS = ("mqa", "linformer")
+# The no-argument run trains 2 base models + these variants per architecture: one head-level, one sequence-level
+# and the architecture-level (RWKV, trained once for both tables) row keep every MALLOC level in the quick tables
+# while staying within minutes on 2 cores.
+QUICK_VARIANTS = ("mqa", "linformer", "rwkv")
 # Training recipes (flags override each field). The ML-1M recipe is the one of the models' acceptance runs
 # (benchmarks/results/{hstu,sasrec}_ml1m.json), so --full reuses their checkpoints; its variants are uptrained from
 # the base (GQA-paper style) because training each from scratch would take ~40 min apiece on 2 cores.

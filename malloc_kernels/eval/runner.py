@@ -114,6 +114,8 @@ def request_macs(model, entries_per_layer: float, request_size: float) -> float:
     """Analytic MACs to serve one request of ``request_size`` tokens over caches holding ``entries_per_layer`` stored
     entries (mean per kv head): dense projections/FFN, q.k and p.v over every visible entry (cache + causal request),
     and scoring every item with the last hidden state."""
+    if hasattr(model, "request_macs"):   # a model without attention (RWKV) counts its own
+        return model.request_macs(entries_per_layer, request_size)
     cfg = model.cfg
     width = cfg.latent_dim if cfg.heads == "mla" else cfg.head_dim
     visible = entries_per_layer + (request_size + 1) / 2.0
@@ -139,6 +141,9 @@ def _stored_entries(caches) -> torch.Tensor:
     """Mean stored entries per (user, kv head), per layer, for the MACs model: [B]."""
     per_layer = []
     for c in caches:
+        if not hasattr(c, "length"):   # a recurrent state (RWKV) stores no entries
+            per_layer.append(torch.zeros(c.batch_size, dtype=torch.float64))
+            continue
         n = c.length.double().mean(1)
         if c.residual is not None:
             n = n + c.residual.length.double().mean(1)
@@ -210,8 +215,9 @@ def _sample(examples: EvalExamples, users: Optional[int], seed: int) -> EvalExam
 
 
 def _model_config(cfg: EvalConfig, arch: str, n_items: int, overrides: dict) -> ModelConfig:
-    return ModelConfig(arch=arch, n_items=n_items, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                       max_len=cfg.max_len, **overrides)
+    kw = dict(arch=arch, n_items=n_items, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+              max_len=cfg.max_len)
+    return ModelConfig(**{**kw, **overrides})   # an architecture-level variant overrides arch itself
 
 
 def _train_base(ds, cfg: EvalConfig, arch: str, train_cfg: TrainConfig, bases: dict):

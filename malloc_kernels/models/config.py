@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-ARCHS = ("hstu", "sasrec")
+ARCHS = ("hstu", "sasrec", "rwkv")
 HEAD_MODES = ("mha", "gqa", "mqa", "mla")
 SEQ_COMPRESS = (None, "linformer", "beacon", "reformer")
 SIMILARITIES = ("cosine", "dot")
@@ -18,7 +18,9 @@ class ModelConfig:
     """Hyper-parameters of a sequential recommender.
 
     arch: ``"hstu"`` (pointwise attention, relative position/time bias, SiLU gating; Zhai et al. 2024,
-    arXiv 2402.17152) or ``"sasrec"`` (causal softmax transformer; Kang & McAuley 2018, arXiv 1808.09781).
+    arXiv 2402.17152), ``"sasrec"`` (causal softmax transformer; Kang & McAuley 2018, arXiv 1808.09781) or
+    ``"rwkv"`` (RWKV-4 recurrent blocks, MALLOC's architecture level: ``models/rwkv.py``; uses d_model, n_layers,
+    ffn_mult, dropout, and no heads / sequence compression / memory).
     n_items: number of items (ids ``1..n_items``, 0 = padding). d_model: embedding width. n_heads: query heads of
     width head_dim (default ``d_model // n_heads``). heads: ``"mha"`` (n_kv_heads = n_heads), ``"gqa"``
     (n_kv_heads given, divides n_heads), ``"mqa"`` (one kv head) or ``"mla"`` (a shared latent of width
@@ -121,6 +123,9 @@ class ModelConfig:
             raise ValueError(f"num_time_buckets must be >= 1, got {self.num_time_buckets}")
         self._validate_msn()
         self._validate_lsh()
+        if self.arch == "rwkv" and (self.heads != "mha" or self.seq_compress is not None or self.msn):
+            raise ValueError("arch='rwkv' has no attention heads, sequence compression or memory: heads must be "
+                             "'mha', seq_compress None and msn False")
 
     def _validate_lsh(self):
         for name in ("lsh_buckets", "lsh_hashes", "lsh_seed"):

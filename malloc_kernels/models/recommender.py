@@ -118,15 +118,8 @@ class SequentialRecommender(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.n_items < 1:
-            raise ValueError("ModelConfig.n_items must be set to the dataset's item count")
-        self.cfg = cfg
+        self._init_inputs(cfg)
         d = cfg.d_model
-        self.item_emb = nn.Embedding(cfg.n_items + 1, d, padding_idx=0)
-        nn.init.normal_(self.item_emb.weight, std=d ** -0.5)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
-        self.pos_emb = nn.Embedding(cfg.max_len, d) if cfg.uses_position_embedding else None
         layer_cls = HSTULayer if cfg.arch == "hstu" else SASRecLayer
         mem = set(cfg.memory_layers)
         self.layers = nn.ModuleList(layer_cls(cfg, memory=li in mem) for li in range(cfg.n_layers))
@@ -142,6 +135,19 @@ class SequentialRecommender(nn.Module):
             self.beacon_emb = nn.Parameter(torch.randn(d) * d ** -0.5)
         self.lsh = (LSHAttention(cfg.n_layers, cfg.n_heads, cfg.head_dim, cfg.lsh_buckets, cfg.lsh_hashes,
                                  cfg.lsh_seed) if cfg.seq_compress == "reformer" else None)
+
+    def _init_inputs(self, cfg: ModelConfig):
+        """The config and the input tables every architecture shares: the item embedding (row 0 = padding) and the
+        optional absolute position embedding."""
+        if cfg.n_items < 1:
+            raise ValueError("ModelConfig.n_items must be set to the dataset's item count")
+        self.cfg = cfg
+        d = cfg.d_model
+        self.item_emb = nn.Embedding(cfg.n_items + 1, d, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=d ** -0.5)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.pos_emb = nn.Embedding(cfg.max_len, d) if cfg.uses_position_embedding else None
 
     # ---- MSN memory ---------------------------------------------------------------------------------------------
     def memories(self) -> List[ProductKeyMemory]:

@@ -50,6 +50,7 @@ from ..data import SequenceDataset, load_dataset, training_batches, training_win
 from ..data.dataset import WINDOW_MODES
 from .config import ModelConfig
 from .metrics import evaluate
+from .factory import build_model
 from .recommender import SequentialRecommender
 from .uptrain import warm_start
 from ..cli_args import Parser, guard
@@ -216,7 +217,7 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
     key = checkpoint_key(model_cfg, train_cfg, dataset.fingerprint())
     ckpt_path = cache_dir(cache) / "checkpoints" / f"{model_cfg.arch}-{key}.pt"
     torch.manual_seed(train_cfg.seed)
-    model = SequentialRecommender(model_cfg)
+    model = build_model(model_cfg)
     if init_model is not None:
         fresh = warm_start(model, init_model)
         log(f"warm start from {train_cfg.init_from}; fresh parameters: {', '.join(fresh) or 'none'}")
@@ -305,7 +306,7 @@ def _save(path: Path, model, opt, model_cfg, train_cfg, curve, epochs_done, seco
 def load_checkpoint(path) -> SequentialRecommender:
     """Rebuild a trained model from a checkpoint file written by ``train``."""
     state = torch.load(path, map_location="cpu", weights_only=False)
-    model = SequentialRecommender(ModelConfig(**state["model_cfg"]))
+    model = build_model(ModelConfig(**state["model_cfg"]))
     model.load_state_dict(state["model"])
     return model.eval()
 
@@ -324,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="python -m malloc_kernels.models.train", description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="ml-latest-small",
                     help="dataset name ('ml-latest-small', embedded) or a file/folder in any supported format")
-    ap.add_argument("--model", choices=("hstu", "sasrec"), default="hstu")
+    ap.add_argument("--model", choices=("hstu", "sasrec", "rwkv"), default="hstu")
     ap.add_argument("--heads", choices=("mha", "gqa", "mqa", "mla"), default="mha")
     ap.add_argument("--n-heads", type=int, default=2)
     ap.add_argument("--kv-heads", type=int, default=None, help="kv heads for --heads gqa")
