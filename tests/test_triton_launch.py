@@ -171,7 +171,7 @@ _HOST_SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "lift_fr
 
 @pytest.mark.parametrize("kind,Lq", [("softmax", 1), ("hstu", 1), ("softmax", 40), ("hstu", 40)])
 def test_launcher_has_no_host_sync_and_no_host_data(monkeypatch, kind, Lq):
-    """What CUDA-graph capture of the serving step needs from the launcher (``run`` after validation): no
+    """What CUDA-graph capture of the serving step needs from validation (dense call) and the launcher: no
     ``.item()``/``bool()``/``.tolist()`` on device tensors (``_local_scalar_dense``), no tensor built from host data
     (a host-to-device copy), for the decode and the append path, with a quantized cache and HSTU's bias."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -204,10 +204,9 @@ def test_launcher_has_no_host_sync_and_no_host_data(monkeypatch, kind, Lq):
     if kind == "hstu":
         kw.update(pos_bias=torch.randn(Hq, 64, generator=g), time_bias=torch.randn(Hq, 8, generator=g),
                   query_timestamps=torch.full((B, Lq), 10 ** 4, dtype=torch.int64))
-    call = validate_call(q, kr, kr, **kw)
-    TA.run(call)                      # first call: one-time caches (placeholders, thresholds) fill here
-    with Watch() as w:
-        TA.run(call)
+    TA.run(validate_call(q, kr, kr, **kw))  # first call: one-time caches (placeholders, thresholds) fill here
+    with Watch() as w:                # the whole serving step: validation of a dense call, then the launcher
+        TA.run(validate_call(q, kr, kr, **kw))
     bad = sorted(set(w.seen) & _HOST_SYNC_OPS)
     assert not bad, bad
     assert fwd.launches and all(launch.grid_ok(grid) for grid, _ in fwd.launches + merge.launches)
