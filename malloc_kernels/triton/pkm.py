@@ -3,9 +3,11 @@
 Same ops and semantics as ``malloc_kernels.memory.reference`` (the oracle; ranking rule and exactness proof there):
 
 - ``pkm_topk(query [N, H, Dk], subkeys [H, 2, S, Dk/2], k)`` -> ``(scores [N, H, k], indices [N, H, k] int64)``:
-  one program per (query, head). Stage 1 scores each half against its S sub-keys in ``BLOCK_S`` chunks (written to a
-  per-program scratch row), then picks the top-k of each half by k rounds of "max, then the lowest position holding
-  it" -- exactly the stable descending order. Stage 2 does the same over the ``k x k`` sums with the candidate
+  stage 1a (``_pkm_scores_kernel``, one program per (tile of ``BLOCK_N`` queries, head, half)) scores the queries
+  against the S sub-keys with ``tl.dot`` tile products, so each sub-key tile is read once per query tile rather
+  than once per query (IEEE fp32: tf32 would change scores and so the exact top-k); the scores go to scratch rows.
+  Then one program per (query, head) picks the top-k of each half by k rounds of "max, then the lowest position
+  holding it" -- exactly the stable descending order. Stage 2 does the same over the ``k x k`` sums with the candidate
   position ``a * BLOCK_K + b`` as tie break, i.e. (half-1 rank, half-2 rank) lexicographic, the contract's order.
 - ``pkm_gather(values [M, Dv], indices [N, E], weights [N, E]) -> [N, Dv]``: fused Sparse-Gather, one program per
   (query, Dv block), rows loaded ``BLOCK_E`` at a time and reduced in registers.
@@ -29,24 +31,37 @@ __all__ = ["pkm_topk", "pkm_gather", "pkm_gather_backward", "aot_specs"]
 
 
 @triton.jit
-def _pkm_topk_kernel(Q, KEYS, SCR, SCORES, INDICES, H, S, DH,
-                     K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_SF: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_K: tl.constexpr, ACC: tl.constexpr):
-    nh = tl.program_id(0).to(tl.int64)
-    h = nh % H
+def _pkm_scores_kernel(Q, KEYS, SCR, N, H, S, DH, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                       BLOCK_D: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr):
+    """Stage 1a: the half scores of BLOCK_N queries of one head against all S sub-keys of one half, one
+    [BLOCK_N, BLOCK_S] tile product at a time (``tl.dot``, IEEE fp32: every sub-key tile is read once per query tile
+    instead of once per query), written to the scratch rows [(n * H + h) * 2 + half, S]."""
+    pid_n = tl.program_id(0)
+    hh = tl.program_id(1).to(tl.int64)            # h * 2 + half
+    h = hh // 2
+    half = hh % 2
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = rows < N
     dq = tl.arange(0, BLOCK_D)
     dm = dq < DH
-    # Stage 1a: half scores, chunk by chunk (a [BLOCK_S, BLOCK_D] key tile at a time keeps registers bounded).
-    for half in tl.static_range(2):
-        q = tl.load(Q + nh * 2 * DH + half * DH + dq, mask=dm, other=0.0).to(ACC)
-        kbase = KEYS + (h * 2 + half) * S * DH
-        for s0 in range(0, S, BLOCK_S):
-            sj = s0 + tl.arange(0, BLOCK_S)
-            sm = sj < S
-            kt = tl.load(kbase + sj[:, None] * DH + dq[None, :], mask=sm[:, None] & dm[None, :], other=0.0).to(ACC)
-            tl.store(SCR + (nh * 2 + half) * S + sj, tl.sum(kt * q[None, :], axis=1), mask=sm)
-    # The scratch rows are re-read by other threads of this program.
-    tl.debug_barrier()
+    q = tl.load(Q + (rows[:, None] * H + h) * 2 * DH + half * DH + dq[None, :], mask=rm[:, None] & dm[None, :],
+                other=0.0).to(ACC)
+    kbase = KEYS + hh * S * DH
+    for s0 in range(0, S, BLOCK_S):
+        sj = s0 + tl.arange(0, BLOCK_S)
+        sm = sj < S
+        kt = tl.load(kbase + sj[:, None] * DH + dq[None, :], mask=sm[:, None] & dm[None, :], other=0.0).to(ACC)
+        if DOT:
+            sc = tl.dot(q, tl.trans(kt), input_precision="ieee")
+        else:  # float64: no tensor-core path, one broadcast product per tile
+            sc = tl.sum(q[:, None, :] * kt[None, :, :], axis=2)
+        tl.store(SCR + ((rows[:, None] * H + h) * 2 + half) * S + sj[None, :], sc, mask=rm[:, None] & sm[None, :])
+
+
+@triton.jit
+def _pkm_topk_kernel(SCR, SCORES, INDICES, S,
+                     K: tl.constexpr, BLOCK_SF: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    nh = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_SF)
     om = offs < S
     kr = tl.arange(0, BLOCK_K)
@@ -159,10 +174,24 @@ def pkm_topk(query: torch.Tensor, subkeys: torch.Tensor, k: int):
         return scores, indices
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scratch = torch.empty(n * h * 2, s, dtype=acc_dtype, device=q.device)
+    block_n, block_s, block_d, dot = _score_tiles(n, s, dh, q.dtype)
     with device_guard(q):
-        _pkm_topk_kernel[(n * h,)](q, keys, scratch, scores, indices, h, s, dh, K=k, BLOCK_S=min(64, _p2(s)),
-                                   BLOCK_SF=_p2(s), BLOCK_D=_p2(dh), BLOCK_K=_p2(k), ACC=_acc(q.dtype))
+        _pkm_scores_kernel[(triton.cdiv(n, block_n), h * 2)](q, keys, scratch, n, h, s, dh, BLOCK_N=block_n,
+                                                             BLOCK_S=block_s, BLOCK_D=block_d, ACC=_acc(q.dtype),
+                                                             DOT=dot)
+        _pkm_topk_kernel[(n * h,)](scratch, scores, indices, s, K=k, BLOCK_SF=_p2(s), BLOCK_K=_p2(k),
+                                   ACC=_acc(q.dtype))
     return scores, indices
+
+
+def _score_tiles(n: int, s: int, dh: int, dtype: torch.dtype):
+    """(BLOCK_N, BLOCK_S, BLOCK_D, DOT) of the score kernel: ``tl.dot`` tiles (every side >= 16) for fp32/half;
+    float64 keeps a small broadcast product (no fp64 ``tl.dot`` path everywhere)."""
+    dot = dtype != torch.float64
+    block_d = max(16, _p2(dh)) if dot else _p2(dh)
+    block_n = max(16, min(64, _p2(n))) if dot else min(16, _p2(n))
+    block_s = max(16, min(64, _p2(s))) if dot else min(16, _p2(s))
+    return block_n, block_s, block_d, dot
 
 
 def pkm_gather(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -209,8 +238,8 @@ def pkm_gather_backward(grad_out: torch.Tensor, values: torch.Tensor, indices: t
 def aot_specs():
     """AOT specialisations (``malloc_kernels.triton.aot`` convention) at the issue-9 benchmark setting: M = 1024^2
     rows, value dim 64, 4 heads, k = 32 (E = 128 rows per query), query dim 128 (Dh = 64), float32.
-    Built from the launchers' own tile choices; nothing is launched. No ``tl.dot`` (gathers, reductions and
-    selections: the kernels are memory/latency bound), so no MMA is expected."""
+    Built from the launchers' own tile choices; nothing is launched. No MMA is expected: the score tiles are IEEE
+    fp32 ``tl.dot`` (FMA, exact ranking), the rest gathers, reductions and selections."""
     from .aot import AotSpec
 
     n, h, s, dh, k, dv, e = 4096, 4, 1024, 64, 32, 64, 4 * 32
@@ -225,11 +254,15 @@ def aot_specs():
     out = torch.empty(16, dtype=f32)
     note = "M=1024^2, Dv=64, H=4, k=32, Dk=128, fp32"
     block_d, block_e = min(64, _p2(dv)), min(32, _p2(e))
+    bn, bs, bd, dot = _score_tiles(n, s, dh, f32)
     return [
+        AotSpec.from_args("pkm_topk_scores", _pkm_scores_kernel,
+                          dict(Q=q, KEYS=keys, SCR=scratch, N=n, H=h, S=s, DH=dh),
+                          dict(BLOCK_N=bn, BLOCK_S=bs, BLOCK_D=bd, ACC=tl.float32, DOT=dot),
+                          num_warps=4, note=note, mma_expected=False),
         AotSpec.from_args("pkm_topk", _pkm_topk_kernel,
-                          dict(Q=q, KEYS=keys, SCR=scratch, SCORES=scores, INDICES=idx, H=h, S=s, DH=dh),
-                          dict(K=k, BLOCK_S=min(64, _p2(s)), BLOCK_SF=_p2(s), BLOCK_D=_p2(dh), BLOCK_K=_p2(k),
-                               ACC=tl.float32),
+                          dict(SCR=scratch, SCORES=scores, INDICES=idx, S=s),
+                          dict(K=k, BLOCK_SF=_p2(s), BLOCK_K=_p2(k), ACC=tl.float32),
                           num_warps=4, note=note, mma_expected=False),
         AotSpec.from_args("pkm_gather_fwd", _pkm_gather_fwd_kernel,
                           dict(V=values, IDX=idx, W=w, OUT=out, E=e, DV=dv),
