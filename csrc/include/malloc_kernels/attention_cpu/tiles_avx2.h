@@ -78,11 +78,18 @@ inline __m512 raw16(const uint8_t* row, int c) {
   if constexpr (F == Fmt::INT8) {
     return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c))));
   } else if constexpr (F == Fmt::INT4) {
-    // 8 bytes: low and high nibbles interleaved back into element order (element 2i = low nibble of byte i)
-    const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + 8 * c));
-    const __m128i m = _mm_set1_epi8(0x0F);
-    const __m128i e = _mm_unpacklo_epi8(_mm_and_si128(x, m), _mm_and_si128(_mm_srli_epi16(x, 4), m));
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(e));
+    // 8 bytes broadcast to every 64-bit lane (a load, no shuffle); one in-lane byte shuffle puts byte i / 2 in the
+    // low byte of lane i (the other bytes zeroed), a per-lane shift by 4 * (i % 2) brings nibble i down. One
+    // shuffle instead of unpack + widen (two on the port the 512-bit FMAs share).
+    int64_t w; std::memcpy(&w, row + 8 * c, 8);
+    const __m512i x = _mm512_set1_epi64(w);
+    const __m512i sel = _mm512_set_epi32(
+        int(0x80808007), int(0x80808007), int(0x80808006), int(0x80808006), int(0x80808005), int(0x80808005),
+        int(0x80808004), int(0x80808004), int(0x80808003), int(0x80808003), int(0x80808002), int(0x80808002),
+        int(0x80808001), int(0x80808001), int(0x80808000), int(0x80808000));
+    const __m512i sh = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+    const __m512i e = _mm512_srlv_epi32(_mm512_shuffle_epi8(x, sel), sh);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(e, _mm512_set1_epi32(0x0F)));
   } else {
     uint32_t w; std::memcpy(&w, row + 4 * c, 4);
     const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
