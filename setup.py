@@ -33,7 +33,7 @@ def _want_cuda():
 NVCC_ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
                    "-gencode=arch=compute_90,code=compute_90"]
 
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
 sources = _sources("csrc/cpu/*.cpp") + _sources("csrc/torch/*.cpp")
 

@@ -37,7 +37,7 @@ def emulate_source(src: str) -> str:
     src = re.sub(r"(\w+)<<<(.+?)>>>\((.*?)\);", launch, src, flags=re.S)
     src = src.replace("extern __shared__ float smem[];", "float* smem = mk_emu::dyn_smem().data();")
     src = re.sub(r"__shared__\s", "static ", src)
-    src = src.replace('"../../cuda/', '"')
+    src = src.replace('"../../cuda/', '"').replace('"../quant_spec_glue.h"', '"quant_spec_glue.h"')
     src = src.replace("is_cuda()", "is_cpu()")
     src = src.replace("TORCH_LIBRARY_FRAGMENT(malloc_kernels, m)", "TORCH_LIBRARY(mk_emu, m)")
     src = src.replace("TORCH_LIBRARY_IMPL(malloc_kernels, CUDA, m)", "TORCH_LIBRARY_IMPL(mk_emu, CPU, m)")
@@ -81,5 +81,6 @@ def build(build_dir: Path):
     sources.append(str(build_dir / "launch_dims_emu.cpp"))
     load(name="mk_emu", sources=sources, build_directory=str(build_dir), is_python_module=False,
          extra_cflags=["-std=c++20", "-O1", "-Wno-unused-function", "-Wno-deprecated-declarations"],
-         extra_include_paths=[str(CUDA_DIR / "emu"), str(CUDA_DIR), str(ROOT / "csrc" / "include")])
+         extra_include_paths=[str(CUDA_DIR / "emu"), str(CUDA_DIR), str(ROOT / "csrc" / "include"),
+                             str(ROOT / "csrc" / "torch")])
     return torch.ops.mk_emu

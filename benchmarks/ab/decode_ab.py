@@ -1,36 +1,63 @@
-"""A/B decode timing of two source trees (each with its own built _C), interleaved round by round in two persistent
-worker processes so machine-load drift hits both alike:
+"""A/B decode timing of two source trees (each with its own built ``_C``), interleaved round by round in two
+persistent worker processes so that machine-load drift hits both alike:
 
-    python benchmarks/ab/decode_ab.py ROUNDS      # trees: /work/main (A) and this worktree (B), 2 threads each
+    python benchmarks/ab/decode_ab.py TREE_A TREE_B [--rounds 7] [--threads 2] [--json OUT]
 
 Workloads (decode_worker.py): B=32, Hq=Hkv=8, D=64, N=4096 cache, Lq=1 decode over none/int8/int4/int2/kivi4,
-Lq=16 append over int4, HSTU decode over int8; median of 5 calls per round. Prints per-workload ratios."""
-import subprocess, sys, statistics, json, os
-trees = {"main": "/work/main", "hostile": str(__import__("pathlib").Path(__file__).resolve().parents[2])}
-procs = {}
-for name, path in trees.items():
-    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="2")
-    procs[name] = subprocess.Popen([sys.executable, str(__import__("pathlib").Path(__file__).with_name("decode_worker.py")), "2"], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, text=True, env=env, cwd=path)
-    assert procs[name].stdout.readline().strip() == "ready"
-names = ["decode none", "decode int8", "decode int4", "decode int2", "decode kivi4", "append int4 Lq16", "hstu decode int8"]
-res = {n: {t: [] for t in trees} for n in names}
-for rnd in range(int(sys.argv[1]) if len(sys.argv) > 1 else 7):
-    for n in names:
-        order = list(trees) if rnd % 2 == 0 else list(reversed(list(trees)))
-        for t in order:
-            procs[t].stdin.write(f"{n} 5\n"); procs[t].stdin.flush()
-            res[n][t].append(float(procs[t].stdout.readline()))
-out = {}
-for n in names:
-    m, h = statistics.median(res[n]["main"]), statistics.median(res[n]["hostile"])
-    ratios = [b / a for a, b in zip(res[n]["main"], res[n]["hostile"])]
-    mn, hn = min(res[n]["main"]), min(res[n]["hostile"])
-    out[n] = dict(main_ms_median=m * 1e3, hostile_ms_median=h * 1e3, main_ms_min=mn * 1e3, hostile_ms_min=hn * 1e3,
-                  ratio_median_of_rounds=statistics.median(ratios), ratio_of_mins=hn / mn,
-                  rounds=len(ratios))
-    print(f"{n:20s} main min {mn*1e3:8.3f} ms  hostile min {hn*1e3:8.3f} ms  ratio of mins {hn/mn:.3f}  "
-          f"median of per-round ratios {statistics.median(ratios):.3f}")
-for p in procs.values():
-    p.stdin.close(); p.wait()
-print(json.dumps(out, indent=1))
+Lq=16 append over int4, HSTU decode over int8; median of 5 calls per round. Prints per-workload ratios B/A
+(< 1: B faster): the ratio of the best times and the median of the per-round ratios."""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+WORKLOADS = ["decode none", "decode int8", "decode int4", "decode int2", "decode kivi4", "append int4 Lq16",
+             "hstu decode int8"]
+
+
+def start_worker(tree: Path, threads: int) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS=str(threads))
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("decode_worker.py")), str(threads)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tree)
+    if proc.stdout.readline().strip() != "ready":
+        raise SystemExit(f"decode_ab: error: the worker for {tree} did not start")
+    return proc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("tree_a", type=Path)
+    ap.add_argument("tree_b", type=Path)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="write the per-workload figures here")
+    args = ap.parse_args()
+    trees = {"A": args.tree_a.resolve(), "B": args.tree_b.resolve()}
+    procs = {name: start_worker(path, args.threads) for name, path in trees.items()}
+    times = {w: {t: [] for t in trees} for w in WORKLOADS}
+    for rnd in range(args.rounds):
+        for w in WORKLOADS:
+            for t in (["A", "B"] if rnd % 2 == 0 else ["B", "A"]):
+                procs[t].stdin.write(f"{w} 5\n")
+                procs[t].stdin.flush()
+                times[w][t].append(float(procs[t].stdout.readline()))
+    out = {}
+    for w in WORKLOADS:
+        a, b = times[w]["A"], times[w]["B"]
+        per_round = statistics.median(y / x for x, y in zip(a, b))
+        out[w] = dict(a_ms_min=min(a) * 1e3, b_ms_min=min(b) * 1e3, ratio_of_mins=min(b) / min(a),
+                      ratio_median_of_rounds=per_round, rounds=len(a))
+        print(f"{w:20s} A {min(a) * 1e3:8.3f} ms  B {min(b) * 1e3:8.3f} ms  B/A of best {min(b) / min(a):.3f}  "
+              f"median of per-round B/A {per_round:.3f}")
+    for p in procs.values():
+        p.stdin.close()
+        p.wait()
+    if args.json:
+        args.json.write_text(json.dumps(dict(trees={k: str(v) for k, v in trees.items()}, results=out), indent=1))
+
+
+if __name__ == "__main__":
+    main()

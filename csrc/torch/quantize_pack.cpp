@@ -14,30 +14,16 @@
 #include "malloc_kernels/nvfp4.h"
 #include "malloc_kernels/quant.h"
 #include "malloc_kernels/quantize_pack.h"
+#include "quant_spec_glue.h"
 
 namespace {
 
 using malloc_kernels::QuantSpec;
+using malloc_kernels::torch_glue::make_spec;
+using malloc_kernels::torch_glue::num_scale_groups;
 
 namespace fm = malloc_kernels::formats;
 
-// `fmt`: the format table's code of an integer or fp8 format (NVFP4 has its own entry points below).
-QuantSpec make_spec(int64_t fmt, int64_t group_size, const std::string& axis) {
-  QuantSpec s{};
-  TORCH_CHECK_VALUE(fmt > fm::kFLOAT && fmt < fm::kNumFormats && fmt != fm::kNVFP4,
-                    "fmt must be the code of int8, int4, int2 or fp8 in the format table, got ", fmt);
-  s.bits = fm::kBits[fmt];
-  s.fp8 = fmt == fm::kFP8;
-  TORCH_CHECK_VALUE(axis == "token" || axis == "channel", "axis must be 'token' or 'channel', got '", axis, "'");
-  TORCH_CHECK_VALUE(group_size > 0, "group_size must be positive, got ", group_size);
-  s.group_size = static_cast<int>(group_size);
-  s.channel = axis == "channel";
-  return s;
-}
-
-int64_t num_scale_groups(const QuantSpec& s, int64_t N, int64_t D) {
-  return s.channel ? (N + s.group_size - 1) / s.group_size : D / s.group_size;
-}
 
 at::Tensor check_length(const at::Tensor& length, int64_t B, int64_t H, int64_t N) {
   TORCH_CHECK_TYPE(length.scalar_type() == at::kInt, "length must be int32 [B, H], got ", length.scalar_type());

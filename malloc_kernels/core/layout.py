@@ -64,3 +64,17 @@ def padded_to_jagged(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tenso
     B, L = values.shape[:2]
     valid = torch.arange(L, device=values.device)[None, :] < lengths.to(values.device)[:, None]
     return values[valid]
+
+
+def broadcast_per_entry(t: torch.Tensor, name: str, B: int, H: int, N: int, axis: str = "N") -> torch.Tensor:
+    """One value per cached entry, given as ``[N]`` (every user and head alike), ``[B, N]`` (every head alike) or
+    ``[B, H, N]``, as a ``[B, H, N]`` view (positions, timestamps, merge counts); anything else is a ValueError
+    naming ``name`` and the three accepted shapes."""
+    if t.dim() == 1 and t.shape[0] == N:
+        return t[None, None].expand(B, H, N)
+    if t.dim() == 2 and t.shape == (B, N):
+        return t[:, None].expand(B, H, N)
+    if t.shape != (B, H, N):
+        raise ValueError(f"{name} must be [{axis}], [B, {axis}] or [B, Hkv, {axis}] = {(B, H, N)}, "
+                         f"got {tuple(t.shape)}")
+    return t

@@ -23,6 +23,8 @@ VARIANTS = {
     "mla": ("head", {"heads": "mla"}),
     "linformer": ("sequence", {"seq_compress": "linformer"}),
     "beacon": ("sequence", {"seq_compress": "beacon"}),
+    # Reformer's shared-QK LSH attention (models/reformer.py): every entry kept + its bucket ids, fewer attended
+    "reformer": ("sequence", {"seq_compress": "reformer"}),
     # MSN product-key memory (arXiv 2602.07526) gated into the last layer; same cache as native, so its rows give
     # the accuracy / parameters / memory-table bytes / latency with the memory next to the native row without it
     "msn": ("memory", {"msn": True}),

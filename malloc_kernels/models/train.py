@@ -329,9 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-heads", type=int, default=2)
     ap.add_argument("--kv-heads", type=int, default=None, help="kv heads for --heads gqa")
     ap.add_argument("--latent-dim", type=int, default=16, help="MLA latent width")
-    ap.add_argument("--seq-compress", choices=("none", "linformer", "beacon"), default="none")
+    ap.add_argument("--seq-compress", choices=("none", "linformer", "beacon", "reformer"), default="none")
     ap.add_argument("--slots", type=int, default=32, help="Linformer slots")
     ap.add_argument("--beacon-chunk", type=int, default=8)
+    ap.add_argument("--lsh-buckets", type=int, default=4, help="Reformer: LSH buckets per round (even, <= 256)")
+    ap.add_argument("--lsh-hashes", type=int, default=1, help="Reformer: hash rounds")
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--max-len", type=int, default=200)
@@ -383,7 +385,8 @@ def main(argv=None) -> dict:
     mcfg = ModelConfig(arch=args.model, n_items=ds.n_items, d_model=args.d_model, n_layers=args.layers,
                        n_heads=args.n_heads, heads=args.heads, n_kv_heads=args.kv_heads, latent_dim=args.latent_dim,
                        seq_compress=None if args.seq_compress == "none" else args.seq_compress, slots=args.slots,
-                       beacon_chunk=args.beacon_chunk, max_len=args.max_len, dropout=args.dropout,
+                       beacon_chunk=args.beacon_chunk, lsh_buckets=args.lsh_buckets,
+                       lsh_hashes=args.lsh_hashes, max_len=args.max_len, dropout=args.dropout,
                        temperature=args.temperature, similarity=args.similarity, msn=args.msn,
                        msn_slots=args.msn_slots, msn_heads=args.msn_heads, msn_key_dim=args.msn_key_dim,
                        msn_topk=args.msn_topk, msn_layers=args.msn_layers,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..cache.types import KVCache
-from ..core.layout import jagged_to_padded
+from ..core.layout import broadcast_per_entry, jagged_to_padded
 from .base import CONTEXT_KEYS, PolicyInput
 from .hybrid import HybridPolicy
 from .registry import get_policy
@@ -61,12 +61,7 @@ def _normalise(key, value, positions, timestamps, lengths, offsets, counts):
             return None
         if not isinstance(t, torch.Tensor) or t.is_floating_point() != dtype.is_floating_point:
             raise TypeError(f"{name} must be a {'floating' if dtype.is_floating_point else 'integer'} tensor")
-        if t.dim() == 1 and t.shape[0] == N:
-            t = t[None, None].expand(B, H, N)
-        elif t.dim() == 2 and t.shape == (B, N):
-            t = t[:, None].expand(B, H, N)
-        elif t.shape != (B, H, N):
-            raise ValueError(f"{name} must be [N], [B, N] or [B, Hkv, N] = {(B, H, N)}, got {tuple(t.shape)}")
+        t = broadcast_per_entry(t, name, B, H, N)
         if not dtype.is_floating_point:
             check_int_range(t, name, dtype)
         return t.to(device=dev, dtype=dtype).contiguous()

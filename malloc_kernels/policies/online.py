@@ -49,6 +49,7 @@ import torch
 
 from ..cache.quant import quantize_tensor
 from ..cache.types import FLOAT_FORMAT, KVCache, register_append
+from ..core.layout import broadcast_per_entry, jagged_to_padded
 from ..core.policy_spec import PolicySpec
 from .budget import Budget, largest_fitting, token_budgets
 from .base import CONTEXT_KEYS, PolicyInput
@@ -248,7 +249,6 @@ def _segments(cache: KVCache):
 
 
 def _per_entry(t, name, B, H, L, offsets, dev):
-    from ..core.layout import jagged_to_padded
     if not isinstance(t, torch.Tensor):
         try:
             t = torch.as_tensor(t)
@@ -266,19 +266,12 @@ def _per_entry(t, name, B, H, L, offsets, dev):
             t = jagged_to_padded(t, offsets, max_len=L)[0]
         else:
             raise ValueError(f"jagged {name} must be [total] or [total, Hkv], got {tuple(t.shape)}")
-    if t.dim() == 1 and t.shape[0] == L:
-        t = t[None, None].expand(B, H, L)
-    elif t.dim() == 2 and t.shape == (B, L):
-        t = t[:, None].expand(B, H, L)
-    elif t.shape != (B, H, L):
-        raise ValueError(f"{name} must be [L], [B, L] or [B, Hkv, L] = {(B, H, L)}, got {tuple(t.shape)}")
-    return t.contiguous()
+    return broadcast_per_entry(t, name, B, H, L, axis="L").contiguous()
 
 
 def check_new_entries(cache: KVCache, key, value, positions=None, timestamps=None, lengths=None, offsets=None,
                       counts=None) -> New:
     """Validate and normalise the entries to append (the data checks of ``KVCache.append``)."""
-    from ..core.layout import jagged_to_padded
     if not isinstance(key, torch.Tensor) or not isinstance(value, torch.Tensor):
         raise TypeError("key and value must be tensors")
     if not key.is_floating_point() or not value.is_floating_point():
@@ -367,7 +360,6 @@ def check_new_entries(cache: KVCache, key, value, positions=None, timestamps=Non
 # ---- the serving call's statistics -> per-entry mass -------------------------------------------------------------
 def _stats_masses(cache: KVCache, new: New, stats, mode: str, window: Optional[int], method: str):
     """(main, residual, new) float64 masses after this request, for a scoring policy."""
-    from ..core.layout import jagged_to_padded
     if stats is None:
         raise ValueError(f"{method}: append needs stats= (the AttentionStats of the serving call, "
                          f"attention(..., cache=cache, return_stats=True"

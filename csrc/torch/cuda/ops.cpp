@@ -17,10 +17,13 @@
 #include "../../cuda/decode_attention.h"
 #include "../../cuda/launch.h"
 #include "malloc_kernels/quant.h"
+#include "../quant_spec_glue.h"
 
 namespace {
 
 using malloc_kernels::QuantSpec;
+using malloc_kernels::torch_glue::make_spec;
+using malloc_kernels::torch_glue::num_scale_groups;
 namespace mc = malloc_kernels::cuda;
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -29,19 +32,6 @@ void check_cuda(cudaError_t err, const char* what) {
 
 namespace fm = malloc_kernels::formats;
 
-// `fmt`: the format table's code (core/formats.py -> formats.h). The CUDA packer writes int8/int4/int2/fp8.
-QuantSpec make_spec(int64_t fmt, int64_t group_size, const std::string& axis) {
-  QuantSpec s{};
-  TORCH_CHECK_VALUE(fmt > fm::kFLOAT && fmt < fm::kNumFormats && fmt != fm::kNVFP4,
-                    "fmt must be the code of int8, int4, int2 or fp8 (the CUDA packer has no nvfp4), got ", fmt);
-  s.bits = fm::kBits[fmt];
-  s.fp8 = fmt == fm::kFP8;
-  TORCH_CHECK_VALUE(axis == "token" || axis == "channel", "axis must be 'token' or 'channel', got '", axis, "'");
-  TORCH_CHECK_VALUE(group_size > 0, "group_size must be positive, got ", group_size);
-  s.group_size = static_cast<int>(group_size);
-  s.channel = axis == "channel";
-  return s;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_quantize_pack(const at::Tensor& x, const at::Tensor& length,
                                                                   int64_t fmt, int64_t group_size,
@@ -57,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_quantize_pack(const at::Tens
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
   const int64_t W = malloc_kernels::quant::packed_width(static_cast<int>(D), spec.bits);
-  const int64_t NG = spec.channel ? (N + group_size - 1) / group_size : D / group_size;
+  const int64_t NG = num_scale_groups(spec, N, D);
   auto codes = at::empty({B, H, N, W}, x.options().dtype(at::kByte));
   auto scale = at::empty(spec.channel ? std::vector<int64_t>{B, H, NG, D} : std::vector<int64_t>{B, H, N, NG},
                          x.options().dtype(at::kHalf));
