@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import malloc_kernels as mk  # noqa: E402
-from machine import isa_variants, machine_label  # noqa: E402
+from machine import isa_variant, isa_variants, machine_label  # noqa: E402
 from malloc_kernels.ops import cpp_quant, cpu  # noqa: E402
 from malloc_kernels.core.validate import validate_call  # noqa: E402
 from roofline import interleaved_best_seconds, roofline  # noqa: E402
@@ -51,9 +52,25 @@ def cache_bytes(c):
     return n
 
 
-def run_config(B, Hq, Hkv, D, N, Lq, kind, rounds, providers):
+def with_isa(fn, isa):
+    """``fn`` run under MALLOC_KERNELS_ISA=isa (read by the kernels per call), the previous value restored."""
+    def run():
+        old = os.environ.get("MALLOC_KERNELS_ISA")
+        os.environ["MALLOC_KERNELS_ISA"] = isa
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("MALLOC_KERNELS_ISA", None)
+            else:
+                os.environ["MALLOC_KERNELS_ISA"] = old
+    return run
+
+
+def run_config(B, Hq, Hkv, D, N, Lq, kind, rounds, providers, isas=None):
     """Time ``providers`` on one shape, interleaved; ``cpu_<fmt>@<p>%`` = the kernel over a cache evicted to p%
-    of its tokens (recency policy) and then stored as ``fmt``."""
+    of its tokens (recency policy) and then stored as ``fmt``. ``isas`` (several MALLOC_KERNELS_ISA values): every
+    ``cpu_*`` provider once per variant, named ``cpu_<fmt>[<isa>]``, timed interleaved with the rest."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, Hq, Lq, D, generator=g)
     k = torch.randn(B, Hkv, Lq, D, generator=g)
@@ -105,7 +122,11 @@ def run_config(B, Hq, Hkv, D, N, Lq, kind, rounds, providers):
         else:
             cache = mk.compress(hk, hv, meth)
         call = validate_call(q, k, v, cache=cache, kind=kind, is_causal=True)
-        timed[name] = (lambda call=call: cpu.run(call), cache_bytes(cache) + req_bytes)
+        if isas and len(isas) > 1:
+            for isa in isas:
+                timed[f"{name}[{isa}]"] = (with_isa(lambda call=call: cpu.run(call), isa), cache_bytes(cache) + req_bytes)
+        else:
+            timed[name] = (lambda call=call: cpu.run(call), cache_bytes(cache) + req_bytes)
         if f"dequant_sdpa_{fmt}" in providers and kind == "softmax" and budget is None:
             # the request's K/V sit at the end of a preallocated buffer; each call dequantizes the cache into the
             # front with the C++ unpacker (one fp32 write of the cache) and runs SDPA over the whole buffer
@@ -146,6 +167,12 @@ def check_same_math(timed, kind):
     pairs = [(n, "cpu_fp32", 2e-2 if "bf16" in n else 1e-4)
              for n in ("sdpa_fp32", "sdpa_fp32_masked", "sdpa_bf16", "torch_hstu_fp32", "reference_fp32")]
     pairs += [(n, "cpu_" + n.rsplit("_", 1)[1], 1e-4) for n in outs if n.startswith("dequant_")]
+
+    def resolve(name):  # with --isa the kernel's providers are cpu_<fmt>[<isa>]: compare with the first variant
+        return name if name in outs else next((m for m in outs if m.startswith(name + "[")), name)
+    pairs = [(base, resolve(ours), tol) for base, ours, tol in pairs]
+    # every other ISA variant of a cache against the first one
+    pairs += [(n, resolve(n.split("[")[0]), 1e-4) for n in outs if "[" in n and n != resolve(n.split("[")[0])]
     for base, ours, tol in pairs:
         if base in outs and ours in outs:
             torch.testing.assert_close(outs[base], outs[ours], rtol=tol, atol=tol, msg=f"{base} vs {ours} ({kind})")
@@ -158,6 +185,9 @@ def main(argv=None):
     ap.add_argument("--save", action="store_true", help="write benchmarks/results/cpu_attention.{csv,md}")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--isa", default=None,
+                    help="comma-separated MALLOC_KERNELS_ISA values: each cpu_* provider timed once per variant, "
+                         "interleaved (e.g. avx2,avx512); default: the current setting only")
     args = ap.parse_args(argv)
     prev = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -188,14 +218,17 @@ def report(args):
         B = 2
         configs = [(2, 64, Lq, kind, prov) for _, _, Lq, kind, prov in configs[1:] if Lq > 1 or kind == "softmax"]
         configs.insert(0, (8, 64, 1, "softmax", base + evicted + legacy))
+    isas = args.isa.split(",") if args.isa else None
+    print(f"ISA variant of the C++ kernels: {isa_variant()}" + (f"; timed side by side: {isas}" if isas else ""))
     rows = []
     for Hkv, N, Lq, kind, prov in configs:
-        rs = run_config(B, 8, Hkv, 64, N, Lq, kind, args.rounds, prov)
+        rs = run_config(B, 8, Hkv, 64, N, Lq, kind, args.rounds, prov, isas)
         rows += rs
         for r in rs:
-            r["isa"] = isa_variants().get("attention", "none")
-            print(f"Hkv={Hkv} N={N} Lq={Lq} {kind:7s} {r['provider']:20s} {r['ms']:9.2f} ms {r['gbs']:7.2f} GB/s "
-                  f"{r['gflops']:7.2f} GFLOP/s", flush=True)
+            p = r["provider"]
+            r["isa"] = p.split("[")[1].rstrip("]") if "[" in p else isa_variants().get("attention", "none")
+            print(f"Hkv={Hkv} N={N} Lq={Lq} {kind:7s} {p:24s} {r['ms']:9.2f} ms {r['gbs']:7.2f} GB/s "
+                  f"{r['gflops']:7.2f} GFLOP/s  isa={r['isa'] if p.startswith('cpu_') else '-'}", flush=True)
     # ceilings: the better of the measurements before and after the kernels (outside load only ever lowers them)
     after = roofline(args.threads) if not args.smoke else before
     roof = {k: max(before[k], after[k]) for k in ("read_gbs", "bandwidth_gbs", "gflops")}
@@ -215,12 +248,12 @@ def report(args):
              "masked matmul over the fp32 cache (hstu) of the same shape. `dequant_sdpa_*`: our C++ "
              "`unpack_dequantize` into a preallocated K/V buffer, then SDPA.",
              "",
-             "| Hkv | N | Lq | kind | provider | ms | MB read | GB/s | GFLOP/s | % BW roof | speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| Hkv | N | Lq | kind | provider | ms | MB read | GB/s | GFLOP/s | % BW roof | % FLOP roof | speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['Hkv']} | {r['N']} | {r['Lq']} | {r['kind']} | {r['provider']} | {r['ms']:.2f} | "
                      f"{r['mbytes']:.0f} | {r['gbs']:.2f} | {r['gflops']:.2f} | {100 * r['bw_fraction']:.0f}% | "
-                     f"{r['speedup_vs_sdpa_fp32']:.2f}x |")
+                     f"{100 * r['flop_fraction']:.0f}% | {r['speedup_vs_sdpa_fp32']:.2f}x |")
     print("\n".join(lines))
     if args.save:
         RESULTS.mkdir(parents=True, exist_ok=True)

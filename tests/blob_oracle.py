@@ -109,6 +109,10 @@ def storage_bytes(cache: mk.KVCache) -> int:
     return total
 
 
+# float32's largest finite value is 3.4e38; 1e30 leaves room for a head dim of 256 and |q| ~ 10 before overflow.
+FP32_EDGE = 1e30
+
+
 def _serve(cache: mk.KVCache, seed: int, backends) -> None:
     """Every backend of ``backends`` (default: every available one) against the reference on this cache (softmax,
     and HSTU with a position/time bias at extreme timestamps when the cache has timestamps)."""
@@ -122,7 +126,21 @@ def _serve(cache: mk.KVCache, seed: int, backends) -> None:
                           time_bias=torch.randn(H, 12, generator=g),
                           query_positions=torch.tensor([[orig, orig + 1]]),
                           query_timestamps=torch.tensor([[2 ** 62, 2 ** 63 - 1]])))
+    # Float payloads within ~1e8 of float32's range (|x| > FP32_EDGE) make a float32 dot product or weighted sum
+    # overflow in an order-dependent way: the reference and a kernel may then legitimately disagree on which rows
+    # become inf/NaN. There the oracle checks only that every backend serves without crashing or reading out of
+    # bounds; below the edge, results must agree exactly as below.
+    edge = any(t.is_floating_point() and t.numel() and t.float().abs().max().item() > FP32_EDGE
+               for seg in (cache, cache.residual) if seg is not None for t in (seg.k, seg.v))
     for kw in calls:
+        if edge:
+            for be in (mk.available_backends() if backends is None else backends):
+                if be not in ("reference", "auto"):
+                    try:
+                        mk.attention(q, k, v, cache=cache, is_causal=True, backend=be, **kw)
+                    except NotImplementedError:
+                        pass
+            continue
         ref = mk.attention(q, k, v, cache=cache, is_causal=True, backend="reference", **kw)
         for be in (mk.available_backends() if backends is None else backends):
             if be in ("reference", "auto"):

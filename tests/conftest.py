@@ -12,13 +12,23 @@ Two rules live here so that no test file can weaken them:
   (``torch.ops.malloc_kernels.cpu_isa_supported()``), with ``MALLOC_KERNELS_ISA`` set to the variant, so the
   portable and every SIMD branch of the C++ kernels are executed; the terminal summary lists the variants that
   ran and the ones left out, with the reason.
+
+Property-based tests (hypothesis) are derandomised: every run draws the same examples, so a CI run fails only on a
+regression, never on luck. Exploration is a separate, explicit step: ``HYPOTHESIS_PROFILE=explore`` draws new
+examples (and ``.ci/run`` runs the coverage-guided atheris fuzzer for a fixed time); a failure found that way becomes
+a named regression test.
 """
 import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+settings.register_profile("reproducible", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))
 
 DATA_DIR = Path(os.environ.get("MALLOC_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 ALLOW_NO_EXT = os.environ.get("MALLOC_KERNELS_ALLOW_NO_EXT") == "1"

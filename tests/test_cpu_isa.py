@@ -17,7 +17,7 @@ from malloc_kernels.reference import attention as ref_attention
 pytestmark = pytest.mark.skipif(not extension.has_op("cpu_isa_supported")[0], reason="C++ extension not built")
 
 ALL = ["portable", "avx2", "avx512"]
-FAMILIES = {"attention": "avx512", "train_attention": "avx512", "cross_entropy": "avx2", "pkm": "avx2"}
+FAMILIES = {"attention": "avx512", "train_attention": "avx512", "cross_entropy": "avx2", "pkm": "avx512"}
 
 
 def _supported():

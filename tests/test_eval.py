@@ -1,5 +1,6 @@
 """The evaluation harness end to end on a tiny configuration: outputs, table shape and invariants."""
 import csv
+import dataclasses
 from pathlib import Path
 import json
 import math
@@ -28,8 +29,9 @@ def tiny_run(tmp_path_factory):
     data.write_text("\n".join(lines) + "\n")
     cfg = EvalConfig(data=str(data), models=("hstu", "sasrec"),
                      methods=("int8", "kivi4", "kivi2", "int4", "nvfp4", "int2", "h2o", "tova", "recent", "chunk",
-                              "h2o+kivi4", "mqa", "msn"),
-                     budgets=(1.0, 0.5, 0.25), bits=(8, 4, 2), variants=("mqa", "msn"), max_len=100, request_size=4,
+                              "h2o+kivi4", "mqa", "msn", "rwkv"),
+                     budgets=(1.0, 0.5, 0.25), bits=(8, 4, 2), variants=("mqa", "msn", "rwkv"), max_len=100,
+                     request_size=4,
                      users=40, batch_size=20, d_model=16, n_layers=2, n_heads=2, epochs=1, out=str(out),
                      cache=str(out / "ckpt"), progress=False)
     result = run(cfg, log=lambda m: None)
@@ -102,6 +104,20 @@ def test_hybrid_is_cheaper_than_its_parts(tiny_run):
     for model in ("hstu", "sasrec"):
         assert _row(rows, model, "h2o+kivi4", "50%")["bytes_per_user"] < _row(rows, model, "h2o", "50%")[
             "bytes_per_user"]
+
+
+def test_rwkv_architecture_row(tiny_run):
+    # MALLOC's architecture level: RWKV-4 served from its recurrent state, whose bytes per user are the state's
+    # (2 layers x (length int32 + 5 x 16 float32)), constant in the history length, far below the native cache
+    _, _, rows = tiny_run
+    for model in ("hstu", "sasrec"):
+        native, rwkv = _row(rows, model, "native", "100%"), _row(rows, model, "rwkv", "100%")
+        assert rwkv["level"] == "architecture" and 0 < rwkv["NDCG@10"] <= 1
+        assert rwkv["bytes_per_user"] == 2 * (4 + 5 * 16 * 4)
+        assert rwkv["ratio"] == pytest.approx(rwkv["bytes_per_user"] / native["bytes_per_user"]) and rwkv["ratio"] < 0.1
+        assert rwkv["macs_per_request"] > 0 and rwkv["memory_table_bytes"] == 0
+    # one architecture, one trained model: the row is the same under both tables
+    assert _row(rows, "hstu", "rwkv", "100%")["NDCG@10"] == _row(rows, "sasrec", "rwkv", "100%")["NDCG@10"]
 
 
 def test_mqa_variant_stores_one_kv_head(tiny_run):
@@ -215,10 +231,10 @@ def test_full_recipe_matches_the_acceptance_training_and_flags_override():
     assert (full.epochs, full.full_softmax, full.schedule, full.warmup_steps, full.uptrain_epochs) == \
         (24, True, "cosine", 100, 3)
     assert full.time_budget_min == 45.0 and full.users == 1000
-    assert full.windows == "last"      # the 24-epoch ML-1M checkpoints keep their keys
+    assert full.windows == "last" and full.train_batch_size == 32   # the 24-epoch ML-1M checkpoints keep their keys
     quick = config_from_args(build_parser().parse_args([]))
     assert (quick.epochs, quick.full_softmax, quick.schedule, quick.warmup_steps, quick.uptrain_epochs,
-            quick.windows, quick.max_len) == (15, True, "cosine", 50, 2, "all", 200)
+            quick.windows, quick.max_len, quick.train_batch_size) == (15, True, "cosine", 50, 2, "all", 200, 16)
     over = config_from_args(build_parser().parse_args(["--loss", "sampled", "--uptrain-epochs", "0"]))
     assert not over.full_softmax and over.uptrain_epochs == 0 and over.schedule == "cosine"
 
@@ -254,3 +270,15 @@ def test_uptrained_variant_starts_from_the_base(tiny_run, tmp_path):
         # a hit at rank r < 10 scores 1 / log2(r + 2) in [1 / log2(11), 1]: NDCG@10 lies in [HR@10 / log2(11), HR@10]
         assert row["HR@10"] / math.log2(11) - 1e-12 <= row["NDCG@10"] <= row["HR@10"] + 1e-12, row
     assert meta["training"]["hstu/base"]["init_from"] == ""
+
+
+def test_train_batch_size_keys_the_run_and_keeps_old_keys():
+    from malloc_kernels.eval.runner import EvalConfig
+    # the key of the committed quick-run results (benchmarks/results/quick_eval/results_hstu.json), made before
+    # the field existed: a batch of 32 keeps it
+    old = EvalConfig(models=("hstu",), epochs=15, full_softmax=True, schedule="cosine", warmup_steps=50,
+                     uptrain_epochs=2, windows="all", train_batch_size=32)
+    assert old.run_key() == "1e7108a82efd"
+    assert dataclasses.replace(old, train_batch_size=16).run_key() != old.run_key()
+    over = config_from_args(build_parser().parse_args(["--train-batch-size", "8"]))
+    assert over.train_batch_size == 8

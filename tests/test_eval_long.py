@@ -252,3 +252,41 @@ def test_serve_long_rows_cover_every_user_once():
     for key, r in rows.ranks.items():
         assert (r >= 0).all(), key            # every user served in some batch
     assert (rows.entries["truncate-16"] <= 13).all()
+
+
+def test_ranker_matches_scoring_every_item():
+    """The run's ranker (item table normalised once; sampled rows score only their candidates) gives the ranks of
+    ``score_all_items`` + ``target_ranks`` / ``S.sampled_ranks``."""
+    from malloc_kernels.eval.long import _Ranker
+    from malloc_kernels.models.metrics import target_ranks
+    torch.manual_seed(3)
+    for arch in ("hstu", "sasrec"):
+        model = (HSTU if arch == "hstu" else SASRec)(200, d_model=16, max_len=16).eval()
+        h = torch.randn(6, 16)
+        targets = torch.randint(1, 201, (6,))
+        negs = torch.randint(1, 201, (6, 30))
+        rank = _Ranker(model)
+        with torch.no_grad():
+            scores = model.score_all_items(h)
+            assert torch.equal(rank(h, targets, None), target_ranks(scores, targets))
+            assert torch.equal(rank(h, targets, negs), S.sampled_ranks(scores, targets, negs))
+
+
+def test_truncates_of_equal_bytes_are_served_once(monkeypatch):
+    """Token-budget methods at one budget spend the same bytes, so their truncates share one encoding; the rows
+    still exist for every method and hold the same ranks."""
+    ds, model = _served("hstu", n_users=4, length=(60, 120), train_max_len=16)
+    from malloc_kernels.data.dataset import EvalExamples
+    ex = EvalExamples(users=np.arange(4), histories=[s[:-1] for s in ds.sequences],
+                      history_timestamps=[t[:-1] for t in ds.timestamps],
+                      targets=np.array([s[-1] for s in ds.sequences]), target_timestamps=None)
+    cfg = LongConfig(data="x", train_max_len=16, max_len=256, request_size=3, progress=False)
+    specs = [s for s in build_grid(("recent", "streaming", "snapkv"), (0.25,), (4,), ()) if s.method != "none"]
+    calls = []
+    encode = model.encode_history
+    monkeypatch.setattr(model, "encode_history", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    rows = serve_long(model, ex, specs, cfg)
+    assert len(calls) == 1 + 1 + 1        # native, truncate-16, one truncate shared by the three 25% rows
+    for s in specs:
+        assert np.array_equal(rows.ranks[f"truncate@{s.key}"], rows.ranks["truncate@recent@25%"])
+        assert np.array_equal(rows.bytes[f"truncate@{s.key}"], rows.bytes[f"recent@25%"])

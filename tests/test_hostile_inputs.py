@@ -351,6 +351,30 @@ def test_empty_rows_stay_zero():
     assert torch.equal(out[0, 0, 0], torch.zeros(16))
 
 
+
+@pytest.mark.needs_ext("attention_cpu")
+@pytest.mark.parametrize("sign", [-1.0, 1.0])
+@pytest.mark.parametrize("Lq", [1, 2, 9])
+def test_hstu_scores_near_the_float32_limit(cpu_isa, sign, Lq):
+    """SiLU at a score of magnitude ~1e36 (a finite cached key of 1e37, as a mutated blob produced): s * sigmoid(s)
+    is -0 for s -> -large and s for s -> +large. The kernels' vector exp must overflow to +inf (not clamp), or
+    s / (1 + e^{-s}) leaves a weight of about -0.01 that the reference does not have. Decode (Lq = 1), short
+    requests and register-tiled rows (Lq >= 8) alike."""
+    g = torch.Generator().manual_seed(7)
+    H, D, N = 2, 16, 40
+    q = torch.randn(1, H, Lq, D, generator=g)
+    k, v = torch.randn(1, H, Lq, D, generator=g), torch.randn(1, H, Lq, D, generator=g)
+    hk, hv = torch.randn(1, H, N, D, generator=g), torch.randn(1, H, N, D, generator=g)
+    hk[0, 0, 11] = sign * 1e37 * q[0, 0, 0].sign()
+    cache = mk.compress(hk, hv, "none")
+    exact = mk.attention(q.double(), k.double(), v.double(), backend="reference", kind="hstu", is_causal=True,
+                         cache=cache.replace(k=cache.k.double(), v=cache.v.double()))
+    got = mk.attention(q, k, v, backend="cpu", kind="hstu", is_causal=True, cache=cache)
+    assert torch.equal(torch.isfinite(exact), torch.isfinite(got))
+    fin = torch.isfinite(exact)
+    err = (got.double()[fin] - exact[fin]).abs().max().item()
+    assert err <= 1e-5 * (1 + exact[fin].abs().max().item()), f"{cpu_isa}: error {err:.3g}"
+
 # ---- 4. integer edges -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("pos", [2 ** 31, 2 ** 40, -2 ** 31 - 1])
 def test_positions_that_do_not_fit_int32_are_refused(pos):

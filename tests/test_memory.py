@@ -167,6 +167,45 @@ def test_cpu_gather_forward_backward(dtype, m, dv, n, e, idx_dtype, cpu_isa):
 
 
 @CPU
+@pytest.mark.parametrize("dv", [64, 130])
+@pytest.mark.parametrize("skew", [False, True])
+def test_cpu_gather_parallel_paths(dv, skew, cpu_isa):
+    # Large enough for the OpenMP team (row-range partition of the counting sort, dynamic row chunks), with Dv = 64
+    # (one full register block) and 130 (two full blocks + a masked tail). skew: half the entries hit 7 rows at both
+    # ends of the table, so one thread's row range holds most entries and some rows have hundreds of them.
+    m, n, e = 6000, 300, 40
+    values, idx, w, go = _gather_inputs(m, dv, n, e, torch.float32, seed=dv + skew)
+    if skew:
+        hot = torch.tensor([0, 1, 2, m - 4, m - 3, m - 2, m - 1])
+        idx[:, ::2] = hot[torch.randint(0, hot.numel(), (n, (e + 1) // 2), generator=_gen(5))]
+    out = torch.ops.malloc_kernels.pkm_gather(values, idx, w)
+    torch.testing.assert_close(out, R.pkm_gather(values.double(), idx, w.double()).float(), rtol=2e-5, atol=2e-5)
+    gw, rows, grows = torch.ops.malloc_kernels.pkm_gather_backward(go, values, idx, w)
+    rgw, rrows, rgrows = R.pkm_gather_backward(go.double(), values.double(), idx, w.double())
+    assert torch.equal(rows, rrows)
+    torch.testing.assert_close(gw, rgw.float(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grows, rgrows.float(), rtol=2e-5, atol=1e-4)
+
+
+@CPU
+def test_cpu_gather_backward_reused_output_block_is_overwritten():
+    # grad_rows >= 8 MB comes from a huge-page block that is reused once freed: a block freed by one call and
+    # reused by the next (different data, different number of touched rows) must hold only the new call's result.
+    a = _gather_inputs(30000, 128, 500, 64, torch.float32, seed=21)
+    b = _gather_inputs(30000, 128, 520, 64, torch.float32, seed=22)
+    first = torch.ops.malloc_kernels.pkm_gather_backward(a[3], a[0], a[1], a[2])
+    assert first[2].numel() * 4 >= 8 << 20
+    kept = first[2].clone()
+    del first
+    gw, rows, grows = torch.ops.malloc_kernels.pkm_gather_backward(b[3], b[0], b[1], b[2])
+    rgw, rrows, rgrows = R.pkm_gather_backward(b[3].double(), b[0].double(), b[1], b[2].double())
+    assert torch.equal(rows, rrows)
+    torch.testing.assert_close(grows, rgrows.float(), rtol=2e-5, atol=2e-5)
+    again = torch.ops.malloc_kernels.pkm_gather_backward(a[3], a[0], a[1], a[2])[2]  # while b's block is alive
+    assert torch.equal(again, kept)
+
+
+@CPU
 def test_cpu_gather_empty_and_noncontiguous():
     values, idx, w, go = _gather_inputs(20, 6, 0, 4, torch.float32)
     assert torch.ops.malloc_kernels.pkm_gather(values, idx, w).shape == (0, 6)

@@ -1,4 +1,4 @@
-// CPU (OpenMP + AVX2/FMA) implementation of the product-key memory kernels declared in malloc_kernels/pkm.h.
+// CPU (OpenMP + AVX2/FMA + AVX-512) implementation of the product-key memory kernels declared in malloc_kernels/pkm.h.
 #include "malloc_kernels/pkm.h"
 #if MALLOC_KERNELS_X86
 #include <immintrin.h>
@@ -8,9 +8,37 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+// The Sparse-Gather's float32 row kernels, compiled for AVX2 and for AVX-512 (standard headers come first, so that
+// only the kernels' own code is compiled for the wider ISA).
+#if MALLOC_KERNELS_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define MK_PKM_AVX2 1
+#define MK_IMPL_NS impl_avx2
+#include "malloc_kernels/pkm_rows_impl.h"
+#undef MK_IMPL_NS
+#undef MK_PKM_AVX2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
+// GCC 12's own AVX-512 intrinsics headers (the self-initialised __Y of _mm*_undefined_*) trip these under -Wall
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#define MK_PKM_AVX512 1
+#define MK_IMPL_NS impl_avx512
+#include "malloc_kernels/pkm_rows_impl.h"
+#undef MK_IMPL_NS
+#undef MK_PKM_AVX512
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
 
 namespace malloc_kernels {
 namespace pkm {
@@ -20,7 +48,8 @@ namespace {
 // (use_avx2: MALLOC_KERNELS_ISA capped by the CPU, isa.h), so one binary runs everywhere and uses the wide units
 // where they exist.
 
-// Whether this call runs the AVX2 variant (MALLOC_KERNELS_ISA, read per call by the caller; pkm has no avx512 build).
+// Whether the top-k runs its AVX2 variant (MALLOC_KERNELS_ISA, read per call by the caller; the top-k has no avx512
+// build, so an avx512 request runs it; the gather's row kernels have both, see row_kernels).
 inline bool use_avx2(isa::Isa requested) { return isa::isa_for_family(requested, isa::Isa::Avx2) == isa::Isa::Avx2; }
 
 // ---- scalar (any T) building blocks --------------------------------------------------------------------------
@@ -36,31 +65,11 @@ void half_scores_scalar(const T* q, const T* kt, int64_t Dh, int64_t S, T* s) {
   }
 }
 
-// out[0 .. Dv) = sum over t < count of weight(t) * row(t)[0 .. Dv), each channel summed in ascending t: the
-// forward gather (value rows of one query) and the backward scatter (grad_out rows of one touched value row).
-template <typename T, typename Weight, typename Row>
-void weighted_row_sum_scalar(int64_t Dv, int64_t count, Weight weight, Row row, T* out) {
-  for (int64_t c = 0; c < Dv; ++c) out[c] = T(0);
-  for (int64_t t = 0; t < count; ++t) {
-    const T* r = row(t);
-    const T wt = weight(t);
-    for (int64_t c = 0; c < Dv; ++c) out[c] += wt * r[c];
-  }
-}
-
-template <typename T>
-T dot_scalar(const T* a, const T* b, int64_t n) {
-  T acc = T(0);
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
 // Below this much work an OpenMP team costs more than it saves (and on a loaded machine waking idle threads can
 // take milliseconds), so small calls -- autograd checks, tiny layers -- run on the calling thread.
 constexpr int64_t kParallelWork = int64_t(1) << 16;
 
 #if MALLOC_KERNELS_X86
-using simd_avx2::hsum;
 
 // ---- AVX2 float building blocks -------------------------------------------------------------------------------
 
@@ -118,59 +127,6 @@ __attribute__((target("avx2,fma"))) void half_scores_avx2(const float* q, const 
   }
 }
 
-// Prefetch distance for the random value-row reads: far enough to hide DRAM latency behind the FMAs of the rows
-// in flight, small enough that the lines are still in L1/L2 when used.
-constexpr int64_t kPrefetch = 8;
-
-// weighted_row_sum_scalar for float on AVX2: column blocks of 32 keep four accumulators in registers across the
-// whole t loop. With kPrefetchRows the row kPrefetch terms ahead is prefetched (the forward's random value-row
-// reads).
-template <bool kPrefetchRows, typename Weight, typename Row>
-__attribute__((target("avx2,fma"))) void weighted_row_sum_avx2(int64_t Dv, int64_t count, Weight weight, Row row,
-                                                               float* out) {
-  int64_t c = 0;
-  for (; c + 32 <= Dv; c += 32) {
-    Acc32 acc = zero32();
-    for (int64_t t = 0; t < count; ++t) {
-      if (kPrefetchRows && t + kPrefetch < count)
-        _mm_prefetch(reinterpret_cast<const char*>(row(t + kPrefetch) + c), _MM_HINT_T0);
-      fma32(acc, _mm256_set1_ps(weight(t)), row(t) + c);
-    }
-    store32(out + c, acc);
-  }
-  for (; c + 8 <= Dv; c += 8) {
-    __m256 a = _mm256_setzero_ps();
-    for (int64_t t = 0; t < count; ++t) a = _mm256_fmadd_ps(_mm256_set1_ps(weight(t)), _mm256_loadu_ps(row(t) + c), a);
-    _mm256_storeu_ps(out + c, a);
-  }
-  for (; c < Dv; ++c) {
-    float acc = 0.f;
-    for (int64_t t = 0; t < count; ++t) acc += weight(t) * row(t)[c];
-    out[c] = acc;
-  }
-}
-
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  float acc = hsum(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
-// grad_weights for one query: the dot of grad_out[n] with each selected value row (prefetched like the forward).
-__attribute__((target("avx2,fma"))) void grad_weights_row_avx2(const float* g, const float* values, int64_t Dv,
-                                                               const int64_t* idx, int64_t E, float* gw) {
-  for (int64_t e = 0; e < E; ++e) {
-    if (e + kPrefetch < E) _mm_prefetch(reinterpret_cast<const char*>(values + idx[e + kPrefetch] * Dv), _MM_HINT_T0);
-    gw[e] = dot_avx2(g, values + idx[e] * Dv, Dv);
-  }
-}
 #endif  // MALLOC_KERNELS_X86
 
 // ---- dispatchers over T ---------------------------------------------------------------------------------------
@@ -183,16 +139,6 @@ void half_scores(bool avx2, const T* q, const T* kt, int64_t Dh, int64_t S, T* s
 #endif
   }
   half_scores_scalar(q, kt, Dh, S, s);
-}
-
-template <bool kPrefetchRows, typename T, typename Weight, typename Row>
-void weighted_row_sum(bool avx2, int64_t Dv, int64_t count, Weight weight, Row row, T* out) {
-  if constexpr (std::is_same_v<T, float>) {
-#if MALLOC_KERNELS_X86
-    if (avx2) return weighted_row_sum_avx2<kPrefetchRows>(Dv, count, weight, row, out);
-#endif
-  }
-  weighted_row_sum_scalar(Dv, count, weight, row, out);
 }
 
 // Top-k of one half into (val, pos), best first: strictly greater than the current k-th enters, so among equal
@@ -310,71 +256,203 @@ void topk_backward(const T* grad_scores, const T* query, const T* subkeys, const
   }
 }
 
+// ---- Sparse-Gather ----------------------------------------------------------------------------------------------
+
+namespace {
+
+// Which row kernels a call runs: float32 on an AVX-512 / AVX2 variant uses pkm_rows_impl.h's register-blocked
+// kernels, everything else (portable variant, float64) the scalar ones below.
+enum class RowKernels { Scalar, Avx2, Avx512 };
+
 template <typename T>
-void gather_forward(const T* values, int64_t Dv, const int64_t* idx, const T* weights, int64_t N, int64_t E, T* out,
-                    isa::Isa variant) {
-  const bool avx2 = use_avx2(variant);
-#pragma omp parallel for schedule(static) if (N * E * Dv > kParallelWork)
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t* ix = idx + n * E;
-    const T* w = weights + n * E;
-    weighted_row_sum<true>(avx2, Dv, E, [w](int64_t e) { return w[e]; },
-                           [values, ix, Dv](int64_t e) { return values + ix[e] * Dv; }, out + n * Dv);
+RowKernels row_kernels(isa::Isa requested) {
+  if constexpr (std::is_same_v<T, float>) {
+#if MALLOC_KERNELS_X86
+    switch (isa::isa_for_family(requested, isa::Isa::Avx512)) {
+      case isa::Isa::Avx512: return RowKernels::Avx512;
+      case isa::Isa::Avx2: return RowKernels::Avx2;
+      default: break;
+    }
+#else
+    (void)requested;
+#endif
+  } else {
+    isa::isa_for_family(requested, isa::Isa::Avx512);  // still refuses a variant this CPU cannot run
+  }
+  return RowKernels::Scalar;
+}
+
+// Scalar forward for the queries [n0, n1) (same order of summation as the SIMD kernels: ascending t per element);
+// the row kAhead entries ahead in the flat stream is prefetched.
+template <typename T>
+void gather_range_scalar(const T* values, int64_t Dv, const int64_t* idx, const T* w, int64_t E, int64_t n0,
+                         int64_t n1, T* out) {
+  constexpr int64_t kAhead = 24;
+  for (int64_t n = n0; n < n1; ++n) {
+    T* o = out + n * Dv;
+    for (int64_t c = 0; c < Dv; ++c) o[c] = T(0);
+    for (int64_t f = n * E; f < (n + 1) * E; ++f) {
+      if (f + kAhead < n1 * E) __builtin_prefetch(values + idx[f + kAhead] * Dv);
+      const T* r = values + idx[f] * Dv;
+      const T wf = w[f];
+      for (int64_t c = 0; c < Dv; ++c) o[c] += wf * r[c];
+    }
   }
 }
 
-int64_t gather_backward_plan(const int64_t* idx, int64_t NE, int64_t M, int32_t* row_slot) {
-  // Mark, then number in ascending row order: the rows come out sorted (a coalesced COO index) and the O(M) pass is
-  // a linear scan of 4 bytes per row, cheap next to reading one value row per entry.
-  std::fill(row_slot, row_slot + M, int32_t(-1));
-  for (int64_t e = 0; e < NE; ++e) row_slot[idx[e]] = 0;
-  int64_t u = 0;
-  for (int64_t m = 0; m < M; ++m)
-    if (row_slot[m] == 0) row_slot[m] = static_cast<int32_t>(u++);
-  return u;
+// Scalar backward over the touched rows [u0, u1) (pkm_rows_impl.h's scatter_range, one column at a time).
+template <typename T>
+void scatter_range_scalar(const T* grad_out, const T* values, int64_t Dv, const T* weights, int64_t E,
+                          const int64_t* rows, const int64_t* order, const int64_t* start, int64_t u0, int64_t u1,
+                          T* grad_weights, T* grad_rows) {
+  for (int64_t u = u0; u < u1; ++u) {
+    const T* vrow = values + rows[u] * Dv;
+    T* acc = grad_rows + u * Dv;
+    for (int64_t c = 0; c < Dv; ++c) acc[c] = T(0);
+    for (int64_t p = start[u]; p < start[u + 1]; ++p) {
+      const int64_t n = order[p] >> 32, e = n * E + (order[p] & 0xFFFFFFFF);
+      const T* g = grad_out + n * Dv;
+      const T we = weights[e];
+      T dot = T(0);
+      for (int64_t c = 0; c < Dv; ++c) {
+        dot += g[c] * vrow[c];
+        acc[c] += we * g[c];
+      }
+      grad_weights[e] = dot;
+    }
+  }
+}
+
+// Row range [lo, hi) of thread `tid` of `team` over M rows (the backward's partition: each thread owns the rows of
+// its range, so counting, numbering and placing entries need no atomics).
+inline void row_range(int64_t M, int tid, int team, int64_t* lo, int64_t* hi) {
+  *lo = M * tid / team;
+  *hi = M * (tid + 1) / team;
+}
+
+}  // namespace
+
+template <typename T>
+void gather_forward(const T* values, int64_t Dv, const int64_t* idx, const T* weights, int64_t N, int64_t E, T* out,
+                    isa::Isa variant) {
+  [[maybe_unused]] const RowKernels kern = row_kernels<T>(variant);
+#pragma omp parallel if (N * E * Dv > kParallelWork)
+  {
+    // Contiguous query ranges per thread: the prefetch stream of gather_range runs through a thread's whole range.
+    const int team = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t n0 = N * tid / team, n1 = N * (tid + 1) / team;
+    if constexpr (std::is_same_v<T, float>) {
+#if MALLOC_KERNELS_X86
+      if (kern == RowKernels::Avx512) {
+        impl_avx512::gather_range(values, Dv, idx, weights, E, n0, n1, out);
+      } else if (kern == RowKernels::Avx2) {
+        impl_avx2::gather_range(values, Dv, idx, weights, E, n0, n1, out);
+      } else {
+        gather_range_scalar(values, Dv, idx, weights, E, n0, n1, out);
+      }
+#else
+      gather_range_scalar(values, Dv, idx, weights, E, n0, n1, out);
+#endif
+    } else {
+      gather_range_scalar(values, Dv, idx, weights, E, n0, n1, out);
+    }
+  }
+}
+
+int64_t gather_backward_plan(const int64_t* idx, int64_t NE, int64_t M, int32_t* row_count) {
+  // Each thread owns a range of rows and scans all entries, counting those in its range: no atomics, and a linear
+  // pass of 4 bytes per row (cheap next to reading one value row per entry).
+  int64_t U = 0;
+#pragma omp parallel reduction(+ : U) if (NE > kParallelWork / 16)
+  {
+    int64_t lo, hi;
+    row_range(M, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+    std::fill(row_count + lo, row_count + hi, int32_t(0));
+    for (int64_t e = 0; e < NE; ++e) {
+      const int64_t m = idx[e];
+      if (m >= lo && m < hi) ++row_count[m];
+    }
+    for (int64_t m = lo; m < hi; ++m) U += row_count[m] != 0;
+  }
+  return U;
 }
 
 template <typename T>
 void gather_backward(const T* grad_out, const T* values, int64_t M, int64_t Dv, const int64_t* idx,
-                     const T* weights, int64_t N, int64_t E, const int32_t* row_slot, int64_t U, int64_t* order_ws,
+                     const T* weights, int64_t N, int64_t E, int32_t* row_count, int64_t U, int64_t* order_ws,
                      int64_t* start_ws, T* grad_weights, int64_t* rows, T* grad_rows, isa::Isa variant) {
-  const bool avx2 = use_avx2(variant);
+  [[maybe_unused]] const RowKernels kern = row_kernels<T>(variant);
   const int64_t NE = N * E;
   const bool par = NE * Dv > kParallelWork;
-  // grad_weights: independent per query.
-#pragma omp parallel for schedule(static) if (par)
-  for (int64_t n = 0; n < N; ++n) {
-    if constexpr (std::is_same_v<T, float>) {
-#if MALLOC_KERNELS_X86
-      if (avx2) {
-        grad_weights_row_avx2(grad_out + n * Dv, values, Dv, idx + n * E, E, grad_weights + n * E);
-        continue;
-      }
-#endif
-    }
-    for (int64_t e = 0; e < E; ++e)
-      grad_weights[n * E + e] = dot_scalar(grad_out + n * Dv, values + idx[n * E + e] * Dv, Dv);
-  }
-  // Counting sort of the entries by touched row (CSR): each row is then reduced by one thread in ascending entry
-  // order -- no atomics, no dense [M, Dv] buffer, bitwise reproducible.
-  std::fill(start_ws, start_ws + U + 1, int64_t(0));
-  for (int64_t e = 0; e < NE; ++e) ++start_ws[row_slot[idx[e]] + 1];
-  for (int64_t u = 0; u < U; ++u) start_ws[u + 1] += start_ws[u];
+  // Per-thread (touched rows, entries) of its row range, then their exclusive prefix: where the thread's rows and
+  // entries go in rows / order_ws.
+  std::vector<int64_t> u_off, e_off;
+#pragma omp parallel if (par)
   {
-    std::vector<int64_t> fill(start_ws, start_ws + U);
-    for (int64_t e = 0; e < NE; ++e) order_ws[fill[row_slot[idx[e]]]++] = e;
+    const int team = omp_get_num_threads(), tid = omp_get_thread_num();
+#pragma omp single
+    {
+      u_off.assign(team + 1, 0);
+      e_off.assign(team + 1, 0);
+    }
+    int64_t lo, hi;
+    row_range(M, tid, team, &lo, &hi);
+    int64_t my_u = 0, my_e = 0;
+    for (int64_t m = lo; m < hi; ++m) {
+      my_u += row_count[m] != 0;
+      my_e += row_count[m];
+    }
+    u_off[tid + 1] = my_u;
+    e_off[tid + 1] = my_e;
+#pragma omp barrier
+#pragma omp single
+    for (int t = 0; t < team; ++t) {
+      u_off[t + 1] += u_off[t];
+      e_off[t + 1] += e_off[t];
+    }
+    // Counting sort of the entries by row, stable (ascending entry): rows come out sorted (a coalesced COO index)
+    // and row_count[m] becomes the next free slot of row m in order_ws.
+    int64_t u = u_off[tid], pos = e_off[tid];
+    for (int64_t m = lo; m < hi; ++m) {
+      const int32_t cnt = row_count[m];
+      if (cnt == 0) continue;
+      rows[u] = m;
+      start_ws[u] = pos;
+      row_count[m] = static_cast<int32_t>(pos);
+      pos += cnt;
+      ++u;
+    }
+    if (tid == team - 1) start_ws[U] = NE;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t t = 0; t < E; ++t) {
+        const int64_t m = idx[n * E + t];
+        if (m >= lo && m < hi) order_ws[row_count[m]++] = (n << 32) | t;
+      }
+#pragma omp barrier
+    // Each touched row is reduced by one thread (ascending entries: deterministic, no atomics); chunks of rows are
+    // handed out dynamically because rows differ in how many entries selected them.
+    constexpr int64_t kChunk = 512;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u0 = 0; u0 < U; u0 += kChunk) {
+      const int64_t u1 = std::min(U, u0 + kChunk);
+      if constexpr (std::is_same_v<T, float>) {
+#if MALLOC_KERNELS_X86
+        if (kern == RowKernels::Avx512) {
+          impl_avx512::scatter_range(grad_out, values, Dv, weights, E, rows, order_ws, start_ws, u0, u1,
+                                     grad_weights, grad_rows);
+          continue;
+        }
+        if (kern == RowKernels::Avx2) {
+          impl_avx2::scatter_range(grad_out, values, Dv, weights, E, rows, order_ws, start_ws, u0, u1, grad_weights,
+                                   grad_rows);
+          continue;
+        }
+#endif
+      }
+      scatter_range_scalar(grad_out, values, Dv, weights, E, rows, order_ws, start_ws, u0, u1, grad_weights,
+                           grad_rows);
+    }
   }
-  for (int64_t e = 0; e < NE; ++e) rows[row_slot[idx[e]]] = idx[e];
-#pragma omp parallel for schedule(dynamic, 256) if (par)
-  for (int64_t u = 0; u < U; ++u) {
-    const int64_t* entries = order_ws + start_ws[u];
-    const int64_t count = start_ws[u + 1] - start_ws[u];
-    // One touched row: sum of weights[e] * grad_out[e / E] over its entries (ascending e).
-    weighted_row_sum<false>(avx2, Dv, count, [weights, entries](int64_t t) { return weights[entries[t]]; },
-                            [grad_out, entries, E, Dv](int64_t t) { return grad_out + (entries[t] / E) * Dv; },
-                            grad_rows + u * Dv);
-  }
-  (void)M;
 }
 
 #define MK_PKM_INSTANTIATE(T)                                                                                     \
@@ -383,7 +461,7 @@ void gather_backward(const T* grad_out, const T* values, int64_t M, int64_t Dv, 
                                  int64_t, int64_t, T*, T*);                                                      \
   template void gather_forward<T>(const T*, int64_t, const int64_t*, const T*, int64_t, int64_t, T*, isa::Isa);\
   template void gather_backward<T>(const T*, const T*, int64_t, int64_t, const int64_t*, const T*, int64_t,     \
-                                   int64_t, const int32_t*, int64_t, int64_t*, int64_t*, T*, int64_t*, T*, isa::Isa);
+                                   int64_t, int32_t*, int64_t, int64_t*, int64_t*, T*, int64_t*, T*, isa::Isa);
 
 MK_PKM_INSTANTIATE(float)
 MK_PKM_INSTANTIATE(double)

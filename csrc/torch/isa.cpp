@@ -17,8 +17,8 @@ std::vector<std::string> cpu_isa_supported() { return malloc_kernels::isa::suppo
 
 // The best build of each CPU kernel family.
 Isa family_best(const std::string& family) {
-  if (family == "attention" || family == "train_attention") return Isa::Avx512;
-  if (family == "cross_entropy" || family == "pkm") return Isa::Avx2;
+  if (family == "attention" || family == "train_attention" || family == "pkm") return Isa::Avx512;
+  if (family == "cross_entropy") return Isa::Avx2;
   TORCH_CHECK_VALUE(false, "cpu_isa_variant: unknown family '", family,
                     "' (expected attention, train_attention, cross_entropy or pkm)");
   return Isa::Portable;

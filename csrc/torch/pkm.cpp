@@ -5,7 +5,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <mutex>
 #include <tuple>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "malloc_kernels/pkm.h"
 #include "isa_glue.h"
@@ -56,6 +61,70 @@ void check_gather(const Tensor& values, const Tensor& indices, const Tensor& wei
   TORCH_CHECK_VALUE(values.size(0) < (int64_t(1) << 31), "values must have fewer than 2^31 rows, got ",
                     values.size(0));
   check_indices_range(indices, values.size(0), "indices");
+}
+
+#ifdef __linux__
+// A mapping of `capacity` usable bytes at a 2 MB-aligned `data` inside [base, base + len).
+struct HugeBlock {
+  void* base = nullptr;
+  size_t len = 0, capacity = 0;
+  void* data = nullptr;
+};
+
+constexpr size_t kHuge = size_t(2) << 20;
+
+// The most recently freed block, kept for the next call: a training step frees the previous step's gradient before
+// the next backward, so the next row gradient reuses its pages instead of faulting in and zeroing ~100 MB again.
+std::mutex g_spare_mutex;
+HugeBlock g_spare;
+
+void release_block(const HugeBlock& b) {
+  HugeBlock old;
+  {
+    std::lock_guard<std::mutex> lock(g_spare_mutex);
+    old = g_spare;
+    g_spare = b;
+  }
+  if (old.base != nullptr) munmap(old.base, old.len);
+}
+
+HugeBlock acquire_block(size_t nbytes) {
+  const size_t rounded = (nbytes + kHuge - 1) / kHuge * kHuge;
+  {
+    std::lock_guard<std::mutex> lock(g_spare_mutex);
+    // Reuse only a block of about the right size, so a small call does not pin a large mapping.
+    if (g_spare.base != nullptr && g_spare.capacity >= rounded && g_spare.capacity <= rounded + rounded / 4) {
+      const HugeBlock b = g_spare;
+      g_spare = HugeBlock{};
+      return b;
+    }
+  }
+  HugeBlock b;
+  b.len = rounded + kHuge;
+  b.base = mmap(nullptr, b.len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (b.base == MAP_FAILED) return HugeBlock{};
+  b.capacity = rounded;
+  b.data = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(b.base) + kHuge - 1) / kHuge * kHuge);
+  madvise(b.data, rounded, MADV_HUGEPAGE);  // advisory: without THP the pages are simply 4 KB
+  return b;
+}
+#endif
+
+// A tensor that the kernel overwrites in full (its initial contents are arbitrary, like at::empty's). Large ones
+// are backed by transparent huge pages where Linux offers them (madvise mode) and reuse the last freed such block:
+// the backward's row gradient (U rows, ~100 MB for MSN's batch) would otherwise take one page fault and one page
+// zeroing per 4 KB, which costs about as long as computing it. Elsewhere, or if the mapping fails, at::empty.
+Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#ifdef __linux__
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t nbytes = static_cast<size_t>(numel) * options.dtype().itemsize();
+  if (nbytes >= 4 * kHuge) {
+    const HugeBlock b = acquire_block(nbytes);
+    if (b.base != nullptr) return at::from_blob(b.data, sizes, [b](void*) { release_block(b); }, options);
+  }
+#endif
+  return at::empty(sizes, options);
 }
 
 std::tuple<Tensor, Tensor> pkm_topk_cpu(const Tensor& query, const Tensor& subkeys, int64_t k) {
@@ -124,19 +193,21 @@ std::tuple<Tensor, Tensor, Tensor> pkm_gather_backward_cpu(const Tensor& grad_ou
   const Tensor g = grad_out.contiguous(), v = values.contiguous(), idx = indices.to(at::kLong).contiguous(),
                w = weights.contiguous();
   const int64_t N = idx.size(0), E = idx.size(1), Dv = v.size(1), M = v.size(0), NE = N * E;
-  Tensor row_slot = at::empty({M}, v.options().dtype(at::kInt));
+  TORCH_CHECK_VALUE(N < (int64_t(1) << 31) && E < (int64_t(1) << 31),
+                    "indices must have fewer than 2^31 rows and columns, got ", indices.sizes());
+  Tensor row_count = at::empty({M}, v.options().dtype(at::kInt));
   const int64_t U = malloc_kernels::pkm::gather_backward_plan(idx.data_ptr<int64_t>(), NE, M,
-                                                              row_slot.data_ptr<int32_t>());
+                                                              row_count.data_ptr<int32_t>());
   Tensor grad_weights = at::empty({N, E}, v.options());
   Tensor rows = at::empty({U}, v.options().dtype(at::kLong));
-  Tensor grad_rows = at::empty({U, Dv}, v.options());
+  Tensor grad_rows = empty_huge({U, Dv}, v.options());
   Tensor order_ws = at::empty({NE}, v.options().dtype(at::kLong));
   Tensor start_ws = at::empty({U + 1}, v.options().dtype(at::kLong));
   const auto variant = malloc_kernels::torch_glue::requested_isa();
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "pkm_gather_backward", [&] {
     malloc_kernels::pkm::gather_backward<scalar_t>(
         g.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), M, Dv, idx.data_ptr<int64_t>(), w.data_ptr<scalar_t>(), N, E,
-        row_slot.data_ptr<int32_t>(), U, order_ws.data_ptr<int64_t>(), start_ws.data_ptr<int64_t>(),
+        row_count.data_ptr<int32_t>(), U, order_ws.data_ptr<int64_t>(), start_ws.data_ptr<int64_t>(),
         grad_weights.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), grad_rows.data_ptr<scalar_t>(), variant);
   });
   return {grad_weights, rows, grad_rows};

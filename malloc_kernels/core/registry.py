@@ -9,6 +9,7 @@ family         ops (one name in every backend)                            regist
 ``quantize``   ``quantize_tensor(x, length, fmt, group_size, axis, name)`` ``ops/quantize.py``
 ``pkm``        ``pkm_topk``, ``pkm_gather``, ``pkm_gather_backward``      ``memory/ops.py``
 ``loss``       ``cross_entropy_rows_``                                    ``loss/ops.py``
+``wkv``        ``wkv(w, u, k, v, offsets, state)`` (RWKV-4 recurrence)    ``ops/wkv.py``
 =============  =========================================================  ==========================================
 
 Each row (``Backend``) states its name, the device types it runs (``devices``; Triton rows also take CPU tensors
@@ -36,7 +37,7 @@ import torch
 
 from . import extension
 
-FAMILIES = ("attention", "quantize", "pkm", "loss")
+FAMILIES = ("attention", "quantize", "pkm", "loss", "wkv")
 
 
 @dataclass(frozen=True)

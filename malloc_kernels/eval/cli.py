@@ -16,19 +16,23 @@ from .methods import BITS, VARIANTS, build_grid
 from .runner import EvalConfig, run
 
 FULL_DATA = Path("..") / "shared" / "data" / "ml-1m"
-# The no-argument run trains 2 base models + these variants per architecture: one head-level and one
-# sequence-level row keep every MALLOC level in the quick tables while staying within minutes on 2 cores.
-QUICK_VARIANTS = ("mqa", "linformer")
+# The no-argument run trains 2 base models + these variants per architecture: one head-level, one sequence-level
+# and the architecture-level (RWKV, trained once for both tables) row keep every MALLOC level in the quick tables
+# while staying within minutes on 2 cores.
+QUICK_VARIANTS = ("mqa", "linformer", "rwkv")
 # Training recipes (flags override each field). The ML-1M recipe is the one of the models' acceptance runs
 # (benchmarks/results/{hstu,sasrec}_ml1m.json), so --full reuses their checkpoints; its variants are uptrained from
 # the base (GQA-paper style) because training each from scratch would take ~40 min apiece on 2 cores.
 # The quick recipe is the ML-1M one scaled down (full softmax over all items, every training window of long users,
 # warm-up + cosine decay to 0, variants uptrained from the base): with the former sampled softmax, last windows,
 # constant lr and 15 epochs (~300 optimiser steps on 610 users) SASRec stayed below the popularity ranking.
+# 16 windows per step: the full-softmax cost is per token, so halving the batch doubles the optimiser steps of an
+# epoch at about the same time per epoch; at 32, SASRec's ~400 steps left it near the popularity ranking.
+QUICK_TRAIN_BATCH = 16
 QUICK_RECIPE = dict(epochs=15, time_budget_min=0.0, loss="full", schedule="cosine", warmup_steps=50,
-                    uptrain_epochs=2, memory_epochs=None, windows="all")
+                    uptrain_epochs=2, memory_epochs=None, windows="all", train_batch_size=QUICK_TRAIN_BATCH)
 FULL_RECIPE = dict(epochs=24, time_budget_min=45.0, loss="full", schedule="cosine", warmup_steps=100,
-                   uptrain_epochs=3, memory_epochs=None, windows="last")
+                   uptrain_epochs=3, memory_epochs=None, windows="last", train_batch_size=32)
 
 
 def _method_labels():
@@ -74,7 +78,9 @@ def build_parser():
     p.add_argument("--uptrain-epochs", type=int_at_least(0), default=None,
                    help="warm-start head/sequence variants from the base and fine-tune this many epochs "
                         "(0 = train from scratch; default 0, 3 with --full)")
-    p.add_argument("--batch-size", type=int_at_least(1), default=128)
+    p.add_argument("--batch-size", type=int_at_least(1), default=128, help="users per serving batch")
+    p.add_argument("--train-batch-size", type=int_at_least(1), default=None,
+                   help=f"training windows per optimiser step ({QUICK_TRAIN_BATCH}; 32 with --full)")
     p.add_argument("--seed", type=int_at_least(0), default=0)
     p.add_argument("--out", default="results")
     p.add_argument("--cache", default=None, help="checkpoint cache dir (default $MALLOC_CACHE or ~/.cache)")
@@ -128,7 +134,8 @@ def config_from_args(args) -> EvalConfig:
     return EvalConfig(data=data, models=args.model, methods=args.methods, budgets=budgets, bits=args.bits,
                       variants=variants, max_len=max_len, request_size=args.request_size,
                       users=args.users if args.users is not None else (1000 if args.full else None),
-                      batch_size=args.batch_size, epochs=recipe["epochs"],
+                      batch_size=args.batch_size, train_batch_size=recipe["train_batch_size"],
+                      epochs=recipe["epochs"],
                       time_budget_min=recipe["time_budget_min"], full_softmax=recipe["loss"] == "full",
                       schedule=recipe["schedule"], warmup_steps=recipe["warmup_steps"],
                       uptrain_epochs=recipe["uptrain_epochs"], memory_epochs=recipe["memory_epochs"],

@@ -1,15 +1,19 @@
 """``malloc-eval --long``: the long-history preset (``long.py``) on the MovieLens-1M long slice and amazon-1000.
 
-Preset (about 60 minutes on 2 cores): per dataset HSTU and SASRec (2 layers, d 64) trained on ALL users with the
-200-item window the short tables use (every window of long users, ``--windows all``; the learning rate decays to 0
-with the clock, ``cosine-time``); then the whole histories (up to ``--max-len``, 8,192) of the evaluated users are
-served over every method's cache and over their equal-bytes truncates.
+Preset (sized for <= 60 minutes on 2 idle cores: 2 x 14 + 2 x 4 training minutes, the rest serving and the
+resource table): per dataset HSTU and SASRec (2 layers, d 64) trained on ALL users with the 200-item window the
+short tables use (every window of long users, ``windows="all"``: the evaluated long users are a small share of the
+users but most of the windows), the learning rate decaying to 0 with the clock (``cosine-time``), validation only
+once at the end (``eval_every=0``: a validation pass over 6,040 users would take a fifth of every epoch's time);
+then the whole histories (up to ``--max-len``, 8,192) of the evaluated users are served over every method's cache
+and over their equal-bytes truncates.
 
 * ``long_ml1m``: MovieLens-1M, users with >= 500 interactions (399, up to 2,314), full ranking over 3,706 items;
-  full-softmax training, 12 minutes per model; resources at N = 1k/4k/16k with these models' layers.
+  full-softmax training, 14 minutes per model; resources at N = 1k/4k/16k with these models' layers; history
+  buckets < 750 / 750-1k / >= 1k (257 / 99 / 40 users).
 * ``long_amazon1000``: amazon-1000 (236 users, 1,004-8,514 interactions, 166k items), the sampled protocol of its
   source paper (target vs 100 random unseen items); sampled-softmax training (a full softmax over 166k items does
-  not fit the budget), 5 minutes per model.
+  not fit the budget), 4 minutes per model (~1,900 windows: tens of epochs); buckets < 1,500 / 1,500-3k / >= 3k.
 
 ``--data PATH`` runs one dataset with the given ``--min-history`` / ``--protocol`` instead of the preset pair.
 Flags override the preset: ``--time-budget-min`` (per model), ``--users``, ``--epochs``, ``--max-len``, ...
@@ -22,15 +26,18 @@ from pathlib import Path
 from ..models.train import TrainConfig
 from .long import LONG_METHODS, LongConfig
 from .long_resources import RESOURCE_NS
+from . import stats as S
 
 SHARED = Path("..") / "shared" / "data"
 LONG_PRESETS = {
     "long_ml1m": dict(data=str(SHARED / "ml-1m"), min_history=500, protocol="full", resources=RESOURCE_NS,
+                      buckets=(750, 1000),
                       train=dict(full_softmax=True, windows="all", schedule="cosine-time", warmup_steps=100,
-                                 epochs=100, time_budget_min=12.0)),
+                                 epochs=100, time_budget_min=14.0, eval_every=0)),
     "long_amazon1000": dict(data=str(SHARED / "amazon-1000"), min_history=0, protocol="sampled", resources=(),
+                            buckets=(1500, 3000),
                             train=dict(full_softmax=False, windows="all", schedule="cosine-time", warmup_steps=50,
-                                       epochs=100, time_budget_min=5.0)),
+                                       epochs=100, time_budget_min=4.0, eval_every=0)),
 }
 DEFAULT_LONG_MAX_LEN = 8192
 
@@ -64,6 +71,7 @@ def long_configs(args) -> list:
                          min_history=args.min_history if args.min_history is not None else p["min_history"],
                          users=args.users, protocol=args.protocol or p["protocol"], negatives=args.negatives,
                          n_boot=args.boot, train=TrainConfig(seed=args.seed, **train),
+                         buckets=p.get("buckets", S.DEFAULT_BUCKETS),
                          resources=p["resources"] if args.resources is None else
                          (RESOURCE_NS if args.resources else ()),
                          seed=args.seed, out=str(Path(args.out) / name), cache=args.cache,

@@ -1,4 +1,5 @@
-"""Outputs of the long-history run: ``long_accuracy.md/.csv``, ``long_tradeoff.png`` and ``results.json``.
+"""Outputs of the long-history run: ``long_accuracy.md/.csv``, ``long_tradeoff.png`` (NDCG@10 vs bytes),
+``long_by_length.png`` (change vs the equal-bytes truncate per history-length bucket) and ``results.json``.
 
 One markdown table per (dataset, model, bucket); a ``*`` marks a change whose paired bootstrap 95% interval
 excludes 0. ``results.json`` holds every row with its ``method``, ``truncate_of`` (the compressed row whose bytes a
@@ -41,6 +42,10 @@ def _f(v, nd=4):
     return str(v)
 
 
+def _bytes(v):
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:,.0f}"
+
+
 def _ci(r, key):
     if key not in r or (isinstance(r[key], float) and math.isnan(r[key])):
         return ""
@@ -67,7 +72,7 @@ def long_markdown(rows: list, protocol_note: str = "") -> str:
         out.append("| method | budget | bytes/user | ratio | NDCG@10 | HR@10 | dNDCG vs native [95%] | "
                    "vs truncate at equal bytes [95%] | ms/user |\n|---|---|---|---|---|---|---|---|---|\n")
         for r in sel:
-            out.append(f"| {r['method']} | {r['budget']} | {_f(r['bytes_per_user'])} | {_f(r['ratio'], 3)} | "
+            out.append(f"| {r['method']} | {r['budget']} | {_bytes(r['bytes_per_user'])} | {_f(r['ratio'], 3)} | "
                        f"{_f(r['NDCG@10'])} | {_f(r['HR@10'])} | {_ci(r, 'd_native')} | {_ci(r, 'd_truncate')} | "
                        f"{_f(r['ms_per_user'], 2)} |\n")
         out.append("\n")
@@ -122,16 +127,69 @@ def plot_tradeoff(rows: list, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_by_length(rows: list, path: Path) -> None:
+    """Per (dataset, model): every compressed row's NDCG@10 change vs its equal-bytes truncate in each history-length
+    bucket, with the paired bootstrap 95% interval (filled marker = the interval excludes 0): where along the
+    history length a compressed whole history starts (or stops) paying against keeping only the recent part."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["dataset"], r["model"]) for r in rows})
+    fig, axes = plt.subplots(1, max(len(groups), 1), figsize=(7 * max(len(groups), 1), 4.8), squeeze=False)
+    for ax, (ds, model) in zip(axes[0], groups):
+        sel = [r for r in rows if (r["dataset"], r["model"]) == (ds, model) and r["users"] > 0]
+        buckets = []
+        for r in sel:
+            if r["bucket"] not in buckets:
+                buckets.append(r["bucket"])
+        comp = [r for r in sel if r["level"] in ("precision", "pruning", "merging", "hybrid")]
+        methods = []
+        for r in comp:
+            if (r["method"], r["budget"]) not in methods:
+                methods.append((r["method"], r["budget"]))
+        width = 0.8 / max(len(methods), 1)
+        for mi, (m, b) in enumerate(methods):
+            xs, ys, lo, hi, sig = [], [], [], [], []
+            for bi, bucket in enumerate(buckets):
+                r = next((x for x in comp if (x["method"], x["budget"], x["bucket"]) == (m, b, bucket)), None)
+                if r is None or "d_truncate" not in r:
+                    continue
+                xs.append(bi - 0.4 + width * (mi + 0.5))
+                ys.append(r["d_truncate"])
+                lo.append(r["d_truncate"] - r["d_truncate_lo"])
+                hi.append(r["d_truncate_hi"] - r["d_truncate"])
+                sig.append(bool(r["d_truncate_sig"]))
+            color = plt.cm.tab10(mi % 10)
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt="none", ecolor=color, lw=0.8)
+            ax.scatter(xs, ys, color=color, s=22, label=f"{m} {b}", zorder=3,
+                       facecolors=[color if s else "white" for s in sig])
+        ax.axhline(0.0, color="black", lw=0.8)
+        n = {r["bucket"]: r["users"] for r in sel}
+        ax.set_xticks(range(len(buckets)))
+        ax.set_xticklabels([f"{bk}\n({n[bk]} users)" for bk in buckets], fontsize=7)
+        ax.set_xlabel("history length (interactions)")
+        ax.set_ylabel("NDCG@10: compressed whole history - truncate at equal bytes")
+        ax.set_title(f"{model} on {ds}", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def write_long_outputs(rows: list, out: Path, meta: dict) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"long_accuracy_md": out / "long_accuracy.md", "long_accuracy_csv": out / "long_accuracy.csv",
-             "long_tradeoff_png": out / "long_tradeoff.png", "results_json": out / "results.json"}
+             "long_tradeoff_png": out / "long_tradeoff.png", "long_by_length_png": out / "long_by_length.png",
+             "results_json": out / "results.json"}
     head = (f"# Long histories: compressed whole history vs truncated at equal bytes\n\n{meta.get('dataset', '')}, "
             f"{meta.get('users')} users, history lengths {meta.get('history_lengths')}\n\n")
     paths["long_accuracy_md"].write_text(head + long_markdown(rows) + "\n" + LEGEND)
     write_csv(paths["long_accuracy_csv"], rows, LONG_COLUMNS)
     plot_tradeoff(rows, paths["long_tradeoff_png"])
+    plot_by_length(rows, paths["long_by_length_png"])
     with open(paths["results_json"], "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
     return paths

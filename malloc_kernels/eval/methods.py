@@ -23,16 +23,22 @@ VARIANTS = {
     "mla": ("head", {"heads": "mla"}),
     "linformer": ("sequence", {"seq_compress": "linformer"}),
     "beacon": ("sequence", {"seq_compress": "beacon"}),
+    # Reformer's shared-QK LSH attention (models/reformer.py): every entry kept + its bucket ids, fewer attended
+    "reformer": ("sequence", {"seq_compress": "reformer"}),
     # MSN product-key memory (arXiv 2602.07526) gated into the last layer; same cache as native, so its rows give
     # the accuracy / parameters / memory-table bytes / latency with the memory next to the native row without it
     "msn": ("memory", {"msn": True}),
+    # MALLOC's architecture level: RWKV-4 (models/rwkv.py), a recurrent per-user state instead of a KV cache, trained
+    # from scratch with the base recipe; its bytes per user are constant in the history length
+    "rwkv": ("architecture", {"arch": "rwkv"}),
 }
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     label: str                 # the table's method column
-    level: str                 # baseline / precision / pruning / merging / hybrid / head / sequence / memory
+    level: str                 # baseline / precision / pruning / merging / hybrid / head / sequence / memory /
+                               # architecture
     method: str = "none"       # compress() method
     budget: Optional[float] = None
     budget_label: str = "100%"

@@ -20,7 +20,8 @@ RESOURCE_COLUMNS = KEY_COLUMNS + ("bytes_per_user", "ratio", "macs_per_request",
                                   "requests_per_s", "params", "memory_table_bytes")
 
 COLUMN_HELP = {
-    "level": "MALLOC level: precision / pruning / merging / hybrid / head / sequence / baseline; memory = MSN",
+    "level": "MALLOC level: precision / pruning / merging / hybrid / head / sequence / baseline; memory = MSN; "
+             "architecture = RWKV (a recurrent state per user instead of a cache)",
     "budget": "tokens kept (fraction of the cached history) or bits per stored number",
     "HR@10": "hit rate: target among the top 10 of all items",
     "NDCG@10": "normalised discounted cumulative gain of the target in the top 10",

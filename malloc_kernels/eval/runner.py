@@ -38,7 +38,8 @@ from .stats import item_popularity, paired_bootstrap, per_user_metrics, populari
 
 @dataclass
 class EvalConfig:
-    """One harness run. ``users``: evaluate a seeded sample of this many test users (None = all).
+    """One harness run. ``users``: evaluate a seeded sample of this many test users (None = all). ``batch_size``:
+    users per serving batch; ``train_batch_size``: training windows per optimiser step.
     ``epochs``/``time_budget_min``/``full_softmax``/``schedule``/``warmup_steps``/``windows``: the training
     recipe of the base models (``models.train.TrainConfig``). ``uptrain_epochs``: > 0 warm-starts the head- and
     sequence-level variants from the trained base and fine-tunes them for this many epochs (``models.uptrain``,
@@ -58,6 +59,7 @@ class EvalConfig:
     request_size: int = 8
     users: Optional[int] = None
     batch_size: int = 128
+    train_batch_size: int = 32
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 2
@@ -92,6 +94,8 @@ class EvalConfig:
             d.pop(f)
         if d["windows"] == "last":   # runs from before the option keep their key
             d.pop("windows")
+        if d["train_batch_size"] == 32:   # likewise
+            d.pop("train_batch_size")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -110,6 +114,8 @@ def request_macs(model, entries_per_layer: float, request_size: float) -> float:
     """Analytic MACs to serve one request of ``request_size`` tokens over caches holding ``entries_per_layer`` stored
     entries (mean per kv head): dense projections/FFN, q.k and p.v over every visible entry (cache + causal request),
     and scoring every item with the last hidden state."""
+    if hasattr(model, "request_macs"):   # a model without attention (RWKV) counts its own
+        return model.request_macs(entries_per_layer, request_size)
     cfg = model.cfg
     width = cfg.latent_dim if cfg.heads == "mla" else cfg.head_dim
     visible = entries_per_layer + (request_size + 1) / 2.0
@@ -135,6 +141,9 @@ def _stored_entries(caches) -> torch.Tensor:
     """Mean stored entries per (user, kv head), per layer, for the MACs model: [B]."""
     per_layer = []
     for c in caches:
+        if not hasattr(c, "length"):   # a recurrent state (RWKV) stores no entries
+            per_layer.append(torch.zeros(c.batch_size, dtype=torch.float64))
+            continue
         n = c.length.double().mean(1)
         if c.residual is not None:
             n = n + c.residual.length.double().mean(1)
@@ -206,8 +215,9 @@ def _sample(examples: EvalExamples, users: Optional[int], seed: int) -> EvalExam
 
 
 def _model_config(cfg: EvalConfig, arch: str, n_items: int, overrides: dict) -> ModelConfig:
-    return ModelConfig(arch=arch, n_items=n_items, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                       max_len=cfg.max_len, **overrides)
+    kw = dict(arch=arch, n_items=n_items, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+              max_len=cfg.max_len)
+    return ModelConfig(**{**kw, **overrides})   # an architecture-level variant overrides arch itself
 
 
 def _train_base(ds, cfg: EvalConfig, arch: str, train_cfg: TrainConfig, bases: dict):
@@ -268,7 +278,8 @@ def run(cfg: EvalConfig, log=print) -> dict:
     run_key = cfg.run_key()
     partial = out / "rows.jsonl"
     done = _load_done(partial, run_key)
-    train_cfg = TrainConfig(epochs=cfg.epochs, seed=cfg.seed, time_budget_min=cfg.time_budget_min,
+    train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.train_batch_size, seed=cfg.seed,
+                            time_budget_min=cfg.time_budget_min,
                             full_softmax=cfg.full_softmax, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
                             windows=cfg.windows)
     trained, bases = {}, {}

@@ -5,3 +5,6 @@ evaluation (``malloc_kernels.models.train``)."""
 from .config import ModelConfig  # noqa: F401
 from .metrics import evaluate, rank_metrics  # noqa: F401
 from .recommender import HSTU, SASRec, SequentialRecommender  # noqa: F401
+from .factory import build_model  # noqa: F401
+from .rwkv import RWKVRecommender  # noqa: F401
+from .rwkv_state import RWKVLayerState, states_from_bytes, states_to_bytes  # noqa: F401

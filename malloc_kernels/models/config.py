@@ -7,9 +7,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-ARCHS = ("hstu", "sasrec")
+ARCHS = ("hstu", "sasrec", "rwkv")
 HEAD_MODES = ("mha", "gqa", "mqa", "mla")
-SEQ_COMPRESS = (None, "linformer", "beacon")
+SEQ_COMPRESS = (None, "linformer", "beacon", "reformer")
 SIMILARITIES = ("cosine", "dot")
 
 
@@ -18,13 +18,18 @@ class ModelConfig:
     """Hyper-parameters of a sequential recommender.
 
     arch: ``"hstu"`` (pointwise attention, relative position/time bias, SiLU gating; Zhai et al. 2024,
-    arXiv 2402.17152) or ``"sasrec"`` (causal softmax transformer; Kang & McAuley 2018, arXiv 1808.09781).
+    arXiv 2402.17152), ``"sasrec"`` (causal softmax transformer; Kang & McAuley 2018, arXiv 1808.09781) or
+    ``"rwkv"`` (RWKV-4 recurrent blocks, MALLOC's architecture level: ``models/rwkv.py``; uses d_model, n_layers,
+    ffn_mult, dropout, and no heads / sequence compression / memory).
     n_items: number of items (ids ``1..n_items``, 0 = padding). d_model: embedding width. n_heads: query heads of
     width head_dim (default ``d_model // n_heads``). heads: ``"mha"`` (n_kv_heads = n_heads), ``"gqa"``
     (n_kv_heads given, divides n_heads), ``"mqa"`` (one kv head) or ``"mla"`` (a shared latent of width
     latent_dim, DeepSeek-V2 style). seq_compress: None, ``"linformer"`` (history -> ``slots`` learned mixtures)
-    or ``"beacon"`` (one learned beacon token per ``beacon_chunk`` history tokens). max_len: longest sequence the
-    model is trained on (positional tables have this many rows; longer positions are clamped to the last row).
+    or ``"beacon"`` (one learned beacon token per ``beacon_chunk`` history tokens) or ``"reformer"`` (shared-QK LSH
+    attention, ``models/reformer.py``: ``lsh_buckets`` angular-LSH buckets (even, <= 256), ``lsh_hashes`` rounds,
+    rotations drawn from ``lsh_seed``; needs ``heads="mha"``; ``to_dict`` omits the ``lsh_*`` fields otherwise).
+    max_len: longest sequence the model is trained on (positional tables have this many rows; longer positions are
+    clamped to the last row).
     num_time_buckets: HSTU's time-bias table size (used only when timestamps are given). similarity/temperature:
     item scores are ``<h, e_item> / temperature`` of L2-normalised vectors (``"cosine"``) or raw dot products.
     train_request_len: for seq_compress models, the longest request (suffix) trained against a compressed history.
@@ -62,6 +67,9 @@ class ModelConfig:
     temperature: float = 0.05
     train_request_len: int = 16
     position_embedding: Optional[bool] = None
+    lsh_buckets: int = 4
+    lsh_hashes: int = 1
+    lsh_seed: int = 0
     msn: bool = False
     msn_slots: int = 128 * 128
     msn_heads: int = 4
@@ -114,6 +122,24 @@ class ModelConfig:
         if self.num_time_buckets < 1:
             raise ValueError(f"num_time_buckets must be >= 1, got {self.num_time_buckets}")
         self._validate_msn()
+        self._validate_lsh()
+        if self.arch == "rwkv" and (self.heads != "mha" or self.seq_compress is not None or self.msn):
+            raise ValueError("arch='rwkv' has no attention heads, sequence compression or memory: heads must be "
+                             "'mha', seq_compress None and msn False")
+
+    def _validate_lsh(self):
+        for name in ("lsh_buckets", "lsh_hashes", "lsh_seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "lsh_seed" else 1):
+                raise ValueError(f"{name} must be a {'non-negative' if name == 'lsh_seed' else 'positive'} int, "
+                                 f"got {v!r}")
+        if self.lsh_buckets % 2 or not 2 <= self.lsh_buckets <= 256:
+            raise ValueError(f"lsh_buckets must be even and in [2, 256], got {self.lsh_buckets}")
+        if self.lsh_hashes > 255:
+            raise ValueError(f"lsh_hashes must be <= 255, got {self.lsh_hashes}")
+        if self.seq_compress == "reformer" and self.heads != "mha":
+            raise ValueError(f"heads must be 'mha' for seq_compress='reformer' (shared-QK ties each key head to "
+                             f"its query head), got {self.heads!r}")
 
     def _validate_msn(self):
         if not isinstance(self.msn, bool):
@@ -179,6 +205,9 @@ class ModelConfig:
                 d.pop(f)
         elif d["msn_layers"] is not None:
             d["msn_layers"] = list(d["msn_layers"])
+        if self.seq_compress != "reformer":  # likewise for the LSH fields
+            for f in [f for f in d if f.startswith("lsh_")]:
+                d.pop(f)
         return d
 
     def to_json(self) -> str:

@@ -38,6 +38,9 @@ Learned sequence-level compression (trained with the same split the serving uses
   ``beacon_chunk`` tokens; in every layer a beacon token (learned embedding) per chunk attends to its chunk's keys
   and values plus itself, and only the beacons' keys/values are cached (count = chunk size, position/timestamp =
   those of the chunk's last token). Beacon hidden states evolve layer by layer like ordinary tokens.
+* ``reformer`` (Kitaev et al. 2020, arXiv 2001.04451; ``reformer.py``): shared-QK attention restricted to angular-LSH
+  buckets, in training and serving alike; the history cache keeps every entry plus its bucket ids (``LSHCache``),
+  and cached serving equals the full recompute, so it trains with the plain causal pass.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ from ..loss import linear_cross_entropy
 from ..memory import ProductKeyMemory
 from .config import ModelConfig
 from .layers import HSTULayer, SASRecLayer
+from .reformer import LSHAttention
 
 
 def _user_index(offsets: torch.Tensor, total: int):
@@ -114,15 +118,8 @@ class SequentialRecommender(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.n_items < 1:
-            raise ValueError("ModelConfig.n_items must be set to the dataset's item count")
-        self.cfg = cfg
+        self._init_inputs(cfg)
         d = cfg.d_model
-        self.item_emb = nn.Embedding(cfg.n_items + 1, d, padding_idx=0)
-        nn.init.normal_(self.item_emb.weight, std=d ** -0.5)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
-        self.pos_emb = nn.Embedding(cfg.max_len, d) if cfg.uses_position_embedding else None
         layer_cls = HSTULayer if cfg.arch == "hstu" else SASRecLayer
         mem = set(cfg.memory_layers)
         self.layers = nn.ModuleList(layer_cls(cfg, memory=li in mem) for li in range(cfg.n_layers))
@@ -136,6 +133,21 @@ class SequentialRecommender(nn.Module):
             self.lin_logits = nn.Parameter(torch.randn(cfg.n_layers, cfg.slots, cfg.max_len) * 0.02)
         if cfg.seq_compress == "beacon":
             self.beacon_emb = nn.Parameter(torch.randn(d) * d ** -0.5)
+        self.lsh = (LSHAttention(cfg.n_layers, cfg.n_heads, cfg.head_dim, cfg.lsh_buckets, cfg.lsh_hashes,
+                                 cfg.lsh_seed) if cfg.seq_compress == "reformer" else None)
+
+    def _init_inputs(self, cfg: ModelConfig):
+        """The config and the input tables every architecture shares: the item embedding (row 0 = padding) and the
+        optional absolute position embedding."""
+        if cfg.n_items < 1:
+            raise ValueError("ModelConfig.n_items must be set to the dataset's item count")
+        self.cfg = cfg
+        d = cfg.d_model
+        self.item_emb = nn.Embedding(cfg.n_items + 1, d, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=d ** -0.5)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.pos_emb = nn.Embedding(cfg.max_len, d) if cfg.uses_position_embedding else None
 
     # ---- MSN memory ---------------------------------------------------------------------------------------------
     def memories(self) -> List[ProductKeyMemory]:
@@ -197,6 +209,12 @@ class SequentialRecommender(nn.Module):
         for li, layer in enumerate(self.layers):
             p = layer.project(x)
             q, k, v = layer.explicit(p)
+            if self.lsh is not None:  # no attention statistics: the variant is not compressed further
+                a, k = self.lsh.self_attention(self, li, q, v, offsets, positions, ts)
+                stats.append(None)
+                kvs.extend([(k, v)] if collect else [])
+                x = layer.finish(x, a, p, cached=False)
+                continue
             a = self._attend(li, q, k, v, offsets, positions, ts, return_stats=return_stats,
                              stats_window=stats_window)
             if return_stats:
@@ -212,7 +230,10 @@ class SequentialRecommender(nn.Module):
         for li, layer in enumerate(self.layers):
             p = layer.project(x)
             q, k, v = layer.cached(p)
-            a = self._attend(li, q, k, v, offsets, positions, ts, cache=caches[li])
+            if self.lsh is not None:
+                a = self.lsh.cached_attention(self, li, q, v, offsets, positions, ts, caches[li])
+            else:
+                a = self._attend(li, q, k, v, offsets, positions, ts, cache=caches[li])
             x = layer.finish(x, a, p, cached=True)
         return x
 
@@ -311,6 +332,9 @@ class SequentialRecommender(nn.Module):
             return [self._linformer_cache(li, k, v, offsets, positions, ts) for li, (k, v) in enumerate(kvs)]
         if self.cfg.seq_compress == "beacon":
             return self._beacon_caches(kvs, offsets, positions, ts)
+        if self.lsh is not None:
+            return [self.lsh.make_cache(li, self._cache_from_jagged(k, v, offsets, positions, ts), k, offsets)
+                    for li, (k, v) in enumerate(kvs)]
         return [self._cache_from_jagged(k, v, offsets, positions, ts) for k, v in kvs]
 
     # ---- public API -----------------------------------------------------------------------------------------------
@@ -324,7 +348,7 @@ class SequentialRecommender(nn.Module):
         """
         items, ts, offsets = _as_jagged(items, timestamps, lengths)
         uid, local = _user_index(offsets, items.numel())
-        if request_len is None or self.cfg.seq_compress is None:
+        if request_len is None or self.cfg.seq_compress in (None, "reformer"):
             h, _, _ = self._run_native(self.embed(items, local), offsets, local, ts)
             return h
         if request_len < 1:
@@ -396,6 +420,8 @@ class SequentialRecommender(nn.Module):
         The one per-layer loop of the models and the evaluation harness."""
         if method == "none":
             return list(caches)
+        if self.lsh is not None:
+            raise ValueError(f"method: a reformer model's LSH caches are not compressed further, got {method!r}")
         kind = "hstu" if self.cfg.arch == "hstu" else "softmax"
         out = []
         for li, c in enumerate(caches):
@@ -438,7 +464,8 @@ class SequentialRecommender(nn.Module):
         """
         from ..policies.online import serving_stats_request
         if self.cfg.seq_compress is not None:
-            raise ValueError(f"serve_step: a {self.cfg.seq_compress} model caches learned slots; re-encode instead")
+            raise ValueError(f"serve_step: a {self.cfg.seq_compress} model's cache does not grow by append "
+                             f"(learned slots, or LSH bucket ids); re-encode instead")
         if len(caches) != self.cfg.n_layers:
             raise ValueError(f"caches must hold one KVCache per layer ({self.cfg.n_layers}), got {len(caches)}")
         items, ts, offsets = _as_jagged(request_items, request_timestamps, lengths, what="request items")

@@ -50,6 +50,7 @@ from ..data import SequenceDataset, load_dataset, training_batches, training_win
 from ..data.dataset import WINDOW_MODES
 from .config import ModelConfig
 from .metrics import evaluate
+from .factory import build_model
 from .recommender import SequentialRecommender
 from .uptrain import warm_start
 from ..cli_args import Parser, guard
@@ -216,7 +217,7 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
     key = checkpoint_key(model_cfg, train_cfg, dataset.fingerprint())
     ckpt_path = cache_dir(cache) / "checkpoints" / f"{model_cfg.arch}-{key}.pt"
     torch.manual_seed(train_cfg.seed)
-    model = SequentialRecommender(model_cfg)
+    model = build_model(model_cfg)
     if init_model is not None:
         fresh = warm_start(model, init_model)
         log(f"warm start from {train_cfg.init_from}; fresh parameters: {', '.join(fresh) or 'none'}")
@@ -305,7 +306,7 @@ def _save(path: Path, model, opt, model_cfg, train_cfg, curve, epochs_done, seco
 def load_checkpoint(path) -> SequentialRecommender:
     """Rebuild a trained model from a checkpoint file written by ``train``."""
     state = torch.load(path, map_location="cpu", weights_only=False)
-    model = SequentialRecommender(ModelConfig(**state["model_cfg"]))
+    model = build_model(ModelConfig(**state["model_cfg"]))
     model.load_state_dict(state["model"])
     return model.eval()
 
@@ -324,14 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="python -m malloc_kernels.models.train", description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="ml-latest-small",
                     help="dataset name ('ml-latest-small', embedded) or a file/folder in any supported format")
-    ap.add_argument("--model", choices=("hstu", "sasrec"), default="hstu")
+    ap.add_argument("--model", choices=("hstu", "sasrec", "rwkv"), default="hstu")
     ap.add_argument("--heads", choices=("mha", "gqa", "mqa", "mla"), default="mha")
     ap.add_argument("--n-heads", type=int, default=2)
     ap.add_argument("--kv-heads", type=int, default=None, help="kv heads for --heads gqa")
     ap.add_argument("--latent-dim", type=int, default=16, help="MLA latent width")
-    ap.add_argument("--seq-compress", choices=("none", "linformer", "beacon"), default="none")
+    ap.add_argument("--seq-compress", choices=("none", "linformer", "beacon", "reformer"), default="none")
     ap.add_argument("--slots", type=int, default=32, help="Linformer slots")
     ap.add_argument("--beacon-chunk", type=int, default=8)
+    ap.add_argument("--lsh-buckets", type=int, default=4, help="Reformer: LSH buckets per round (even, <= 256)")
+    ap.add_argument("--lsh-hashes", type=int, default=1, help="Reformer: hash rounds")
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--max-len", type=int, default=200)
@@ -383,7 +386,8 @@ def main(argv=None) -> dict:
     mcfg = ModelConfig(arch=args.model, n_items=ds.n_items, d_model=args.d_model, n_layers=args.layers,
                        n_heads=args.n_heads, heads=args.heads, n_kv_heads=args.kv_heads, latent_dim=args.latent_dim,
                        seq_compress=None if args.seq_compress == "none" else args.seq_compress, slots=args.slots,
-                       beacon_chunk=args.beacon_chunk, max_len=args.max_len, dropout=args.dropout,
+                       beacon_chunk=args.beacon_chunk, lsh_buckets=args.lsh_buckets,
+                       lsh_hashes=args.lsh_hashes, max_len=args.max_len, dropout=args.dropout,
                        temperature=args.temperature, similarity=args.similarity, msn=args.msn,
                        msn_slots=args.msn_slots, msn_heads=args.msn_heads, msn_key_dim=args.msn_key_dim,
                        msn_topk=args.msn_topk, msn_layers=args.msn_layers,

@@ -12,6 +12,7 @@
 //   code_layout_avx2.h  the code layout of int8/int4/int2 rows (and + convert, no shuffles), templated on lanes
 //   code_pairs_avx512.h AVX-512: the D = 64 one-row loops with two keys per 512-bit register
 //   from_codes_avx2.h   the cache segment of a chunk straight from the codes (CacheFromCodes)
+//   row_tiles.h         register-tiled micro-kernels for chunks of many rows (query rows in vector lanes)
 //   bias_rows.h         relative bias of a block of keys (shared by kernel.h and from_codes_avx2.h)
 //   scratch.h           per-thread scratch;  kernel.h  the Kernel (segments, masks, bias, softmax / SiLU, stats)
 //
@@ -36,6 +37,7 @@
 #include "malloc_kernels/attention_cpu/code_pairs_avx512.h"
 #endif
 #include "malloc_kernels/attention_cpu/from_codes_avx2.h"
+#include "malloc_kernels/attention_cpu/row_tiles.h"
 #else
 #include "malloc_kernels/attention_cpu/tiles_portable.h"
 #endif

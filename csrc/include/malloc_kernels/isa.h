@@ -1,8 +1,8 @@
 // Run-time choice of the CPU kernels' instruction-set variant (framework-free).
 //
-// Every CPU kernel family (attention, training attention, fused cross-entropy, product-key memory) is compiled in
-// several variants of the same source -- portable (the build flags' baseline), avx2 (AVX2 + FMA + F16C) and, for the
-// attention kernels, avx512 (AVX-512 F/BW/VL/DQ/VNNI) -- and picks one per call:
+// Every CPU kernel family (attention, training attention, fused cross-entropy, product-key memory, RWKV's WKV) is
+// compiled in several variants of the same source -- portable (the build flags' baseline), avx2 (AVX2 + FMA + F16C)
+// and, for every family but the cross-entropy, avx512 (AVX-512 F/BW/VL/DQ/VNNI) -- and picks one per call:
 //   requested  = the environment variable MALLOC_KERNELS_ISA (auto | portable | avx2 | avx512), read on EVERY call
 //                (isa_from_env), so a process can switch variants between calls (tests run each one);
 //   runs       = the requested variant, capped by the family's best variant (isa_for_family): a family without an

@@ -8,7 +8,8 @@
 //   Gather: out[n] = sum_e w[n, e] * values[idx[n, e]]; its backward gives grad_w and the value gradient on the
 //   touched rows only (sorted unique rows + one accumulated row each: a coalesced COO gradient).
 // All arrays are dense row-major (the torch glue makes inputs contiguous). T is float or double; float paths use
-// AVX2/FMA when the CPU has them (runtime dispatch: the package is built without -mavx2).
+// AVX2/FMA (top-k, gather) and AVX-512 (gather) when MALLOC_KERNELS_ISA and the CPU allow (runtime dispatch: the
+// package is built without -mavx2).
 #pragma once
 
 #include <cstdint>
@@ -33,16 +34,17 @@ template <typename T>
 void gather_forward(const T* values, int64_t Dv, const int64_t* idx, const T* weights, int64_t N, int64_t E, T* out,
                     isa::Isa variant = isa::Isa::Auto);
 
-// Backward, phase 1: marks the rows touched by idx [NE] and numbers them in ascending row order.
-// row_slot [M] (workspace, overwritten) receives the compact id of each touched row, -1 elsewhere. Returns U.
-int64_t gather_backward_plan(const int64_t* idx, int64_t NE, int64_t M, int32_t* row_slot);
+// Backward, phase 1: row_count [M] (workspace, overwritten) receives the number of entries of idx [NE] selecting each
+// row. Returns U, the number of distinct touched rows.
+int64_t gather_backward_plan(const int64_t* idx, int64_t NE, int64_t M, int32_t* row_count);
 
 // Backward, phase 2: grad_weights [N, E]; rows [U] (sorted unique touched rows); grad_rows [U, Dv] with
 // grad_rows[u] = sum over entries e with idx[e] == rows[u] (in ascending e, so the result is deterministic) of
-// weights[e] * grad_out[e / E]. order_ws [NE] and start_ws [U + 1] are int64 workspaces.
+// weights[e] * grad_out[e / E]. row_count is phase 1's (clobbered); order_ws [NE] and start_ws [U + 1] are int64
+// workspaces. Requires N, E < 2^31 (entries are packed as n << 32 | t).
 template <typename T>
 void gather_backward(const T* grad_out, const T* values, int64_t M, int64_t Dv, const int64_t* idx,
-                     const T* weights, int64_t N, int64_t E, const int32_t* row_slot, int64_t U, int64_t* order_ws,
+                     const T* weights, int64_t N, int64_t E, int32_t* row_count, int64_t U, int64_t* order_ws,
                      int64_t* start_ws, T* grad_weights, int64_t* rows, T* grad_rows,
                      isa::Isa variant = isa::Isa::Auto);
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <immintrin.h>
+#include <limits>
 
 namespace malloc_kernels {
 namespace simd_avx2 {
@@ -41,12 +42,16 @@ MK_AVX2 inline float hmax(__m256 a) {
   return _mm_cvtss_f32(s);
 }
 
-// exp(x) for x <= 0 (and anything else up to 88): Cephes-style range reduction + degree-6 polynomial, ~1 ulp;
-// inputs below -87.3 (including -inf) give exactly 0 so masked scores never leak.
+// exp(x): Cephes-style range reduction + degree-6 polynomial, ~1 ulp. Inputs below -87.3 (including -inf) give
+// exactly 0 so masked scores never leak; inputs above 88.3 give +inf, as the true value overflows float32 (or is
+// within 2x of doing so): a clamped finite value there would turn SiLU's s / (1 + e^{-s}) at s ~ -1e36 into a
+// weight of ~-0.01 instead of -0.
 MK_AVX2 inline __m256 exp256(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.3f);
+  const __m256 hi = _mm256_set1_ps(88.3f);
   const __m256 zero_mask = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3f)), lo);
+  const __m256 inf_mask = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -60,7 +65,8 @@ MK_AVX2 inline __m256 exp256(__m256 x) {
   const __m256 r2 = _mm256_mul_ps(r, r);
   p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(zero_mask, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  const __m256 y = _mm256_andnot_ps(zero_mask, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  return _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()), inf_mask);
 }
 
 // x[j] = exp(x[j] - m) in place for j < n (n a multiple of 8); returns the per-lane partial sums of the results.

@@ -278,6 +278,119 @@ class Kernel {
   // group per row, token-axis value groups the layout can address, no counts, no bias. Must run first in a chunk
   // (it starts from m = -inf, l = 0, O = 0, which is the state before the cache segment).
 
+#ifdef MK_ISA_AVX2
+  // The K tile of keys [j0, j0 + n) of a stored segment as fp32 rows: a pointer into the cache for fp32 rows of
+  // the padded width, else decoded into sc.Kt with every scale and zero point applied (per-channel keys: x = code *
+  // s_d + z_d of the key's token group, the block never straddling a group).
+  void key_tile(Scratch& sc, const Segment& sg, int64_t bh, int64_t j0, int n, const float** K, int64_t* ldk) const {
+    const int64_t rb = row_bytes(sg.k_fmt, D_);
+    const uint8_t* row0 = static_cast<const uint8_t*>(sg.k) + (bh * sg.capacity + j0) * rb;
+    float* kt = sc.Kt.data();
+    *K = kt; *ldk = Dp_;
+    if (sg.k_fmt == Fmt::NVFP4) {
+      nvfp4::decode_rows(row0, rb, n, D_, Dp_, kt, sg.k_scale8 + (bh * sg.capacity + j0) * nvfp4::groups(D_),
+                         nvfp4::groups(D_));
+    } else if (!is_quant(sg.k_fmt)) {
+      if (sg.k_fmt == Fmt::F32 && Dp_ == D_) { *K = reinterpret_cast<const float*>(row0); *ldk = D_; return; }
+      decode_rows_rt(sg.k_fmt, row0, rb, n, D_, Dp_, kt, 0, nullptr, nullptr, 0);
+    } else if (sg.k_channel) {
+      const int64_t ng = (sg.capacity + sg.group_size - 1) / sg.group_size;
+      const int64_t g = j0 / sg.group_size;
+      float* cs = sc.cs.data();
+      float* cz = sc.cz.data();
+      halves_to_floats(sg.k_scale + (bh * ng + g) * D_, D_, cs);
+      if (sg.k_zero) halves_to_floats(sg.k_zero + (bh * ng + g) * D_, D_, cz);
+      else std::fill(cz, cz + D_, 0.f);
+      std::fill(cs + D_, cs + Dp_, 0.f);
+      std::fill(cz + D_, cz + Dp_, 0.f);
+      switch (sg.k_fmt) {
+        case Fmt::INT8: decode_rows_channel<Fmt::INT8>(row0, rb, n, D_, Dp_, kt, cs, cz); break;
+        case Fmt::INT4: decode_rows_channel<Fmt::INT4>(row0, rb, n, D_, Dp_, kt, cs, cz); break;
+        case Fmt::INT2: decode_rows_channel<Fmt::INT2>(row0, rb, n, D_, Dp_, kt, cs, cz); break;
+        default: decode_rows_channel<Fmt::FP8>(row0, rb, n, D_, Dp_, kt, cs, cz); break;
+      }
+    } else {
+      const int64_t ngr = D_ / sg.group_size;
+      decode_rows_rt(sg.k_fmt, row0, rb, n, D_, Dp_, kt, sg.group_size, sg.k_scale + (bh * sg.capacity + j0) * ngr,
+                     sg.k_zero ? sg.k_zero + (bh * sg.capacity + j0) * ngr : nullptr, ngr);
+    }
+  }
+
+  // The stored segments (cache, then residual) of a chunk of at least kTileRows rows through the register-tiled
+  // micro-kernels (row_tiles.h); leaves m, l, O and the non-finite flags in the row layout of the general path,
+  // which then runs the request segment. Returns false (nothing done) for fewer rows.
+  bool run_tiled(Scratch& sc, int64_t b, int64_t h, int R) const {
+    if (R < kTileRows) return false;
+#ifdef MK_ISA_AVX512
+    if (R > VecY::W) { tiled<VecZ>(sc, b, h, R); return true; }
+#endif
+    tiled<VecY>(sc, b, h, R);
+    return true;
+  }
+
+  template <class V>
+  void tiled(Scratch& sc, int64_t b, int64_t h, int R) const {
+    using RT = RowTiles<V>;
+    const int Rp = (R + V::W - 1) / V::W * V::W;
+    float* Qt = sc.Qt.data();
+    float* Ot = sc.Ot.data();
+    float* St = sc.St.data();
+    float* mv = sc.mv.data();
+    float* lv = sc.lv.data();
+    uint8_t* badv = sc.badv.data();
+    for (int d = 0; d < Dp_; ++d)
+      for (int r = 0; r < Rp; ++r) Qt[int64_t(d) * Rp + r] = r < R ? sc.Q[int64_t(r) * Dp_ + d] : 0.f;
+    std::fill(Ot, Ot + int64_t(Dp_) * Rp, 0.f);
+    std::fill(mv, mv + Rp, NEG_INF);
+    std::fill(lv, lv + Rp, 0.f);
+    std::fill(badv, badv + Rp, uint8_t(0));
+    const bool softmax = p_.kind == Kind::Softmax;
+    const int64_t bh = b * p_.Hkv + h;
+    for (int seg = SEG_CACHE; seg <= SEG_RES; ++seg) {
+      const Segment& sg = seg == SEG_CACHE ? p_.cache : p_.residual;
+      const int64_t len = seg_len(seg, b, h);
+      int n;
+      for (int64_t j0 = 0; j0 < len; j0 += n) {
+        block_len(seg, b, h, j0, len, &n);
+        const float* K;
+        int64_t ldk;
+        key_tile(sc, sg, bh, j0, n, &K, &ldk);
+        RT::qk(K, ldk, n, Qt, Rp, Dp_, St);
+        const float* c = sg.count ? sg.count + bh * sg.capacity + j0 : nullptr;
+        if (softmax && c) {
+          // log c as the reference: log 0 = -inf (weight 0); a negative or NaN count gives NaN (non-finite rule)
+          float lc[KB];
+          for (int j = 0; j < n; ++j) lc[j] = std::log(c[j]);
+          RT::add_per_key(St, Rp, n, lc);
+        }
+        if (has_bias_) {
+          int64_t kp[KB], kt[KB];
+          for (int j = 0; j < n; ++j) {
+            kp[j] = sg.position[bh * sg.capacity + j0 + j];
+            kt[j] = sg.timestamp ? sg.timestamp[bh * sg.capacity + j0 + j] : 0;
+          }
+          add_bias_rows(p_, tb_, sc, R, kp, kt, n, St, 1, Rp);
+        }
+        if (softmax) RT::softmax(St, Rp, n, Dp_, mv, lv, Ot, badv);
+        else RT::silu(St, Rp, n, c, badv);
+        const float* Vv;
+        int64_t ldv;
+        values(sc, seg, b, h, j0, n, &Vv, &ldv);
+        RT::pv(Vv, ldv, n, Dp_, St, Rp, Ot);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      sc.m[r] = mv[r];
+      sc.l[r] = lv[r];
+      sc.bad[r] |= badv[r];
+      float* o = sc.O.data() + int64_t(r) * Dp_;
+      for (int d = 0; d < Dp_; ++d) o[d] = Ot[int64_t(d) * Rp + r];
+    }
+  }
+#else
+  bool run_tiled(Scratch&, int64_t, int64_t, int) const { return false; }
+#endif
+
   // One chunk: kv head h of user b, queries [i0, i0 + nq), all G query heads.
   void run_chunk(Scratch& sc, int64_t b, int64_t h, int64_t i0, int nq) const {
     const int R = G_ * nq;
@@ -301,7 +414,9 @@ class Kernel {
     }
     const bool softmax = p_.kind == Kind::Softmax;
     float cnt[KB];
-    for (int seg = 0; seg < 3; ++seg) {
+    // many rows: the stored segments through the register-tiled path, only the request segment below
+    const int seg0 = run_tiled(sc, b, h, R) ? SEG_REQ : SEG_CACHE;
+    for (int seg = seg0; seg < 3; ++seg) {
       if (seg == SEG_CACHE && from_codes_.run(sc, b, h, R)) continue;
       const int64_t len = seg_len(seg, b, h);
       int n;

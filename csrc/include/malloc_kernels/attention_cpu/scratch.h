@@ -17,6 +17,9 @@ struct Scratch {
   std::vector<float> lse, inw, vs, vz, pw;
   // decode-from-codes path (code layout, D <= kMaxCodeD): queries, value accumulators, zero-point sums, weights.
   std::vector<float> qperm, qp, Op, Zv, pwr, qsum, ksf, kzf, Sd, dvs, dvz, dV;
+  // register-tiled path (row_tiles.h): rows in lanes, Rpad = Rcap rounded up to 16
+  std::vector<float> Qt, Ot, St, mv, lv;
+  std::vector<uint8_t> badv;
   std::vector<int64_t> qi, qh, qpos, qts;
   std::vector<uint8_t> bad;  // per row: a NaN / +inf score was seen (the non-finite rule, scalar.h)
   float cexp[8];  // 2^-code_exp(t) of the format being decoded
@@ -33,6 +36,9 @@ struct Scratch {
     lse.assign(Rcap, 0.f); inw.assign(Rcap, 0.f);
     cs.assign(Dp, 0.f); cz.assign(Dp, 0.f);
     vs.assign(size_t(KB) * Dp, 0.f); vz.assign(size_t(KB) * Dp, 0.f); pw.assign(size_t(KB) * Dp, 0.f);
+    const size_t Rpad = size_t(Rcap + 15) / 16 * 16;
+    Qt.assign(Rpad * Dp, 0.f); Ot.assign(Rpad * Dp, 0.f); St.assign(Rpad * KB, 0.f);
+    mv.assign(Rpad, 0.f); lv.assign(Rpad, 0.f); badv.assign(Rpad, 0);
     qi.assign(Rcap, 0); qh.assign(Rcap, 0); qpos.assign(Rcap, 0); qts.assign(Rcap, 0); bad.assign(Rcap, 0);
   }
 };

@@ -67,6 +67,63 @@ inline __m256 raw8(const uint8_t* row, int c) {
   }
 }
 
+#ifdef MK_ISA_AVX512
+// Whether raw16<F> exists: the integer codes (the loops below then take 16 elements per step).
+template <Fmt F>
+constexpr bool kRaw16 = F == Fmt::INT8 || F == Fmt::INT4 || F == Fmt::INT2;
+
+// 16 consecutive codes (chunk c = elements 16c..16c+15) of an int8 / int4 / int2 row as floats.
+template <Fmt F>
+inline __m512 raw16(const uint8_t* row, int c) {
+  if constexpr (F == Fmt::INT8) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * c))));
+  } else if constexpr (F == Fmt::INT4) {
+    // 8 bytes broadcast to every 64-bit lane (a load, no shuffle); one in-lane byte shuffle puts byte i / 2 in the
+    // low byte of lane i (the other bytes zeroed), a per-lane shift by 4 * (i % 2) brings nibble i down. One
+    // shuffle instead of unpack + widen (two on the port the 512-bit FMAs share).
+    int64_t w; std::memcpy(&w, row + 8 * c, 8);
+    const __m512i x = _mm512_set1_epi64(w);
+    const __m512i sel = _mm512_set_epi32(
+        int(0x80808007), int(0x80808007), int(0x80808006), int(0x80808006), int(0x80808005), int(0x80808005),
+        int(0x80808004), int(0x80808004), int(0x80808003), int(0x80808003), int(0x80808002), int(0x80808002),
+        int(0x80808001), int(0x80808001), int(0x80808000), int(0x80808000));
+    const __m512i sh = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+    const __m512i e = _mm512_srlv_epi32(_mm512_shuffle_epi8(x, sel), sh);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(e, _mm512_set1_epi32(0x0F)));
+  } else {
+    uint32_t w; std::memcpy(&w, row + 4 * c, 4);
+    const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(w)), sh),
+                                               _mm512_set1_epi32(3)));
+  }
+}
+#endif
+
+// Decode n stored rows of raw codes with a per-channel affine map x = raw * cs[d] + cz[d] (KIVI keys of one token
+// group; cs / cz hold D floats) into dst[n][ld] (elements D..ld-1 zero).
+template <Fmt F>
+void decode_rows_channel(const uint8_t* base, int64_t stride, int n, int D, int ld, float* dst, const float* cs,
+                         const float* cz) {
+  for (int j = 0; j < n; ++j) {
+    const uint8_t* row = base + j * stride;
+    float* out = dst + int64_t(j) * ld;
+    int d0 = 0;
+#ifdef MK_ISA_AVX512
+    if constexpr (kRaw16<F>) {
+      for (; d0 + 16 <= D; d0 += 16)
+        _mm512_storeu_ps(out + d0, _mm512_fmadd_ps(raw16<F>(row, d0 / 16), _mm512_loadu_ps(cs + d0),
+                                                   _mm512_loadu_ps(cz + d0)));
+    }
+#endif
+    for (; d0 + 8 <= D; d0 += 8)
+      _mm256_storeu_ps(out + d0, _mm256_fmadd_ps(raw8<F>(row, d0 / 8), _mm256_loadu_ps(cs + d0),
+                                                 _mm256_loadu_ps(cz + d0)));
+    const int dt = d0;
+    decode_row_scalar<F>(row, d0, D, ld, out, 0, nullptr, nullptr);
+    for (int d = dt; d < D; ++d) out[d] = out[d] * cs[d] + cz[d];
+  }
+}
+
 // Decode n stored rows (row stride `stride` bytes) into dst[n][ld] floats (elements D..ld-1 zero). With `gs > 0`
 // the token-axis affine map x = raw * s_g + z_g (group g = d / gs) is applied, s/z float16 [n][D/gs] with row
 // stride `sz_stride` elements (z may be null: fp8).
@@ -78,6 +135,22 @@ void decode_rows(const uint8_t* base, int64_t stride, int n, int D, int ld, floa
     float* out = dst + int64_t(j) * ld;
     int d0 = 0;
     const int nc = D / 8;
+#ifdef MK_ISA_AVX512
+    if constexpr (kRaw16<F>) {
+      if (gs > 0 && gs % 16 == 0 && D % 16 == 0) {
+        const uint16_t* sr = s16 + j * sz_stride;
+        const uint16_t* zr = z16 ? z16 + j * sz_stride : nullptr;
+        for (int g = 0; g < D / gs; ++g) {
+          const __m512 s = _mm512_set1_ps(half_to_float(sr[g]));
+          const __m512 z = _mm512_set1_ps(zr ? half_to_float(zr[g]) : 0.f);
+          for (int c = g * gs / 16; c < (g + 1) * gs / 16; ++c)
+            _mm512_storeu_ps(out + 16 * c, _mm512_fmadd_ps(raw16<F>(row, c), s, z));
+        }
+        for (int d = D; d < ld; ++d) out[d] = 0.f;
+        continue;
+      }
+    }
+#endif
     if (gs > 0 && gs % 8 == 0) {
       const uint16_t* sr = s16 + j * sz_stride;
       const uint16_t* zr = z16 ? z16 + j * sz_stride : nullptr;
