@@ -113,6 +113,42 @@ def storage_bytes(cache: mk.KVCache) -> int:
 FP32_EDGE = 1e30
 
 
+GPU_BACKENDS = ("cuda", "triton")
+
+
+def device_of(backend: str) -> torch.device:
+    """Where ``backend`` takes its inputs: the GPU backends on the GPU when there is one (Triton without a GPU runs
+    CPU tensors through its interpreter; the cuda backend is then unavailable)."""
+    return torch.device("cuda" if backend in GPU_BACKENDS and torch.cuda.is_available() else "cpu")
+
+
+def cache_to(cache, device):
+    """The cache (and its residual) with every tensor on ``device``; None stays None."""
+    if cache is None:
+        return None
+    import dataclasses
+
+    changes = {}
+    for f in mk.KVCache._TENSOR_FIELDS:
+        t = getattr(cache, f)
+        if t is not None:
+            changes[f] = cache_to(t, device) if isinstance(t, mk.KVCache) else t.to(device)
+    return dataclasses.replace(cache, **changes)
+
+
+def result_to(res, device):
+    """An ``AttentionResult`` with output and lse on ``device`` (stats are not compared here)."""
+    return res._replace(output=res.output.to(device), lse=None if res.lse is None else res.lse.to(device))
+
+
+def attention_on(backend: str, q, k, v, cache=None, **kw):
+    """``mk.attention`` on ``backend`` with every tensor input on that backend's device, the result on the CPU."""
+    dev = device_of(backend)
+    kw = {n: (x.to(dev) if isinstance(x, torch.Tensor) else x) for n, x in kw.items()}
+    out = mk.attention(q.to(dev), k.to(dev), v.to(dev), cache=cache_to(cache, dev), backend=backend, **kw)
+    return out.to("cpu") if isinstance(out, torch.Tensor) else result_to(out, "cpu")
+
+
 def _serve(cache: mk.KVCache, seed: int, backends) -> None:
     """Every backend of ``backends`` (default: every available one) against the reference on this cache (softmax,
     and HSTU with a position/time bias at extreme timestamps when the cache has timestamps)."""
@@ -137,7 +173,7 @@ def _serve(cache: mk.KVCache, seed: int, backends) -> None:
             for be in (mk.available_backends() if backends is None else backends):
                 if be not in ("reference", "auto"):
                     try:
-                        mk.attention(q, k, v, cache=cache, is_causal=True, backend=be, **kw)
+                        attention_on(be, q, k, v, cache, is_causal=True, **kw)
                     except NotImplementedError:
                         pass
             continue
@@ -146,7 +182,7 @@ def _serve(cache: mk.KVCache, seed: int, backends) -> None:
             if be in ("reference", "auto"):
                 continue
             try:
-                got = mk.attention(q, k, v, cache=cache, is_causal=True, backend=be, **kw)
+                got = attention_on(be, q, k, v, cache, is_causal=True, **kw)
             except NotImplementedError:
                 continue
             for name, a, b in (("output", ref if kw["kind"] == "hstu" else ref.output,

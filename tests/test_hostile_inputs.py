@@ -287,7 +287,7 @@ def test_non_finite_cache_values_make_rows_nan_in_every_backend(method, poison, 
     # the rule: whole rows are NaN or finite
     assert torch.equal(torch.isnan(ref).any(-1), torch.isnan(ref).all(-1))
     for be in ["cpu"] + [b for b in _backends() if b != "cpu" and b != "triton"]:
-        _same_rule(ref, mk.attention(q, k, v, cache=c, is_causal=True, kind=kind, backend=be), f"{be} {kind}")
+        _same_rule(ref, bo.attention_on(be, q, k, v, c, is_causal=True, kind=kind), f"{be} {kind}")
 
 
 @pytest.mark.skipif("triton" not in mk.available_backends(), reason="triton unavailable")
@@ -300,7 +300,7 @@ def test_non_finite_cache_values_triton(method, poison, kind):
         torch.randn(2, 2, 3, 64, generator=g)
     kw = dict(cache=c, is_causal=True, kind=kind, return_lse=kind == "softmax")
     ref = mk.attention(q, k, v, backend="reference", **kw)
-    got = mk.attention(q, k, v, backend="triton", **kw)
+    got = bo.attention_on("triton", q, k, v, **kw)
     if kind == "softmax":
         _same_rule(ref.lse, got.lse, f"triton {kind} lse")
         ref, got = ref.output, got.output
@@ -395,7 +395,7 @@ def test_seed_and_method_errors_name_the_argument():
 EDGE_TS = [-2 ** 63, -2 ** 63 + 1, -2 ** 62, -1, 0, 1, 2 ** 62, 2 ** 63 - 2, 2 ** 63 - 1]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_time_buckets_at_int64_edges_match_the_reference(backend):
     if backend not in mk.available_backends():
         pytest.skip(f"{backend} unavailable")
@@ -415,7 +415,7 @@ def test_time_buckets_at_int64_edges_match_the_reference(backend):
     kw = dict(cache=cache, kind="hstu", is_causal=True, time_bias=tb, pos_bias=pb, query_timestamps=ts[None],
               query_positions=torch.tensor([[2 ** 63 - 1, -2 ** 63] + [5] * (n - 2)]))
     ref = mk.attention(q, q, q, backend="reference", **kw)
-    got = mk.attention(q, q, q, backend=backend, **kw)
+    got = bo.attention_on(backend, q, q, q, **kw)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
     # the largest differences land in the last reachable bucket (a wrapped difference would land in a small one)
     assert int(time_bucket(exact[0, -1:], T)) == int(time_bucket(torch.tensor([2 ** 62]), T)) > 0
