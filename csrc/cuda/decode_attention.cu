@@ -12,12 +12,14 @@
 // rows (GQA packing: rows are (query head of the group, query index) pairs, so each dequantized key/value serves
 // every query head that shares it) and one span of keys of one segment. Warp w takes row tile w % R and key group
 // w / R of each chunk (R = tiles in the block: with one tile the four warps split the keys, with four each warp owns
-// a tile and all keys). Per chunk of 4 x K keys (K = 16 for fp16/bf16 operands, 8 for tf32):
+// a tile and all keys). Above D = 128 a block accumulates one 128-column half of the output (two blocks per span:
+// each computes the full scores, converts only its half of the values). Per chunk of 4 x K keys (K = 16 for
+// fp16/bf16 operands, 8 for tf32):
 //   1. all threads dequantize the chunk's keys and values ONCE into shared memory in the MMA operand format
 //      (rows padded to a multiple of K, row stride = 4 words mod 8, so the fragment loads below are bank-conflict
 //      free; each thread loads 16 payload bytes with one 128-bit load and stores each 4-byte word's channels as
-//      one 4..16-byte vector, words and 16-byte parts in a lane-rotated order so a store phase covers all banks). Token-axis scales/zeros are loaded
-//      once per group run of a word, channel-axis (KIVI key) scales as one vector load per word. Non-finite values
+//      one 4..16-byte vector, words and 16-byte parts in a lane-rotated order so a store phase covers all banks).
+//      Token-axis scales/zeros are loaded once per group run of a word, channel-axis (KIVI key) scales as one vector load per word. Non-finite values
 //      are replaced by 0 and flagged per key, so an invisible entry cannot reach a row through 0 * NaN in an MMA;
 //   2. S = Q K^T with mma.sync (q fragments live in registers for fp16/bf16 up to D = 128, else in shared memory),
 //      masks, bias and counts on the accumulator fragments, online softmax per row (quad shuffles for the max);
@@ -281,10 +283,10 @@ __device__ __forceinline__ void store_unit(typename Op<MMA>::Elem* dst, const fl
 // past n and channels past D as 0). Each thread loads 16 payload bytes (LDG.128 when rows are 16-byte multiples)
 // and converts its four 4-byte words in an order rotated by lane (r = (k + lane / div) % 4), so the lanes of one
 // store phase -- consecutive 16-byte quads of a row -- write to distinct banks. Values: non-finite elements become
-// 0 and set vbad[row].
+// 0 and set vbad[row]. Only the 16-byte quads whose first channel lies in [c_lo, c_hi) are converted.
 template <int MMA, int FMT>
-__device__ void load_rows(const DecodeSegment& s, bool is_k, int bh, int j0, int n, const Layout& lay,
-                          typename Op<MMA>::Elem* tile, int* vbad) {
+__device__ __forceinline__ void load_rows(const DecodeSegment& s, bool is_k, int bh, int j0, int n, const Layout& lay,
+                          typename Op<MMA>::Elem* tile, int* vbad, int c_lo, int c_hi) {
   constexpr int E = Unit<FMT>::E;
   constexpr int kUnitWords = E * int(sizeof(typename Op<MMA>::Elem)) / 4 > 0
                                  ? E * int(sizeof(typename Op<MMA>::Elem)) / 4 : 1;  // smem words per unit
@@ -297,8 +299,12 @@ __device__ void load_rows(const DecodeSegment& s, bool is_k, int bh, int j0, int
   const int units = (lay.dp + E - 1) / E;
   const int quads = (units + 3) / 4;
   const int rot = (threadIdx.x & 31) / kRotDiv;
+  // Not unrolled (neither this loop nor the four words below): the accumulators of the caller stay live across
+  // this pass, and unrolled copies would hold several words' dequantized values at once.
+#pragma unroll 1
   for (int i = threadIdx.x; i < lay.chunk * quads; i += kThreads) {
     const int j = i / quads, qd = i - j * quads;
+    if (qd * 4 * E < c_lo || qd * 4 * E >= c_hi) continue;  // channels of another block's output part (values)
     const uint8_t* row = base + int64_t(j) * W;
     uint4 x = uint4{0u, 0u, 0u, 0u};
     if (j < n && qd * 4 * E < D) {
@@ -315,7 +321,7 @@ __device__ void load_rows(const DecodeSegment& s, bool is_k, int bh, int j0, int
         x = uint4{w4[0], w4[1], w4[2], w4[3]};
       }
     }
-#pragma unroll
+#pragma unroll 1
     for (int k = 0; k < 4; ++k) {
       const int r = (k + rot) & 3;
       const int u = qd * 4 + r;
@@ -345,17 +351,17 @@ __device__ void load_rows(const DecodeSegment& s, bool is_k, int bh, int j0, int
 }
 
 template <int MMA>
-__device__ void load_payload(const DecodeSegment& s, bool is_k, int bh, int j0, int n, const Layout& lay,
-                             typename Op<MMA>::Elem* tile, int* vbad) {
+__device__ __forceinline__ void load_payload(const DecodeSegment& s, bool is_k, int bh, int j0, int n, const Layout& lay,
+                             typename Op<MMA>::Elem* tile, int* vbad, int c_lo, int c_hi) {
   switch (is_k ? s.k_fmt : s.v_fmt) {
-    case kFmtF16: load_rows<MMA, kFmtF16>(s, is_k, bh, j0, n, lay, tile, vbad); break;
-    case kFmtBF16: load_rows<MMA, kFmtBF16>(s, is_k, bh, j0, n, lay, tile, vbad); break;
-    case kFmtI8: load_rows<MMA, kFmtI8>(s, is_k, bh, j0, n, lay, tile, vbad); break;
-    case kFmtI4: load_rows<MMA, kFmtI4>(s, is_k, bh, j0, n, lay, tile, vbad); break;
-    case kFmtI2: load_rows<MMA, kFmtI2>(s, is_k, bh, j0, n, lay, tile, vbad); break;
-    case kFmtFP8: load_rows<MMA, kFmtFP8>(s, is_k, bh, j0, n, lay, tile, vbad); break;
-    case kFmtNVFP4: load_rows<MMA, kFmtNVFP4>(s, is_k, bh, j0, n, lay, tile, vbad); break;
-    default: load_rows<MMA, kFmtF32>(s, is_k, bh, j0, n, lay, tile, vbad); break;
+    case kFmtF16: load_rows<MMA, kFmtF16>(s, is_k, bh, j0, n, lay, tile, vbad, c_lo, c_hi); break;
+    case kFmtBF16: load_rows<MMA, kFmtBF16>(s, is_k, bh, j0, n, lay, tile, vbad, c_lo, c_hi); break;
+    case kFmtI8: load_rows<MMA, kFmtI8>(s, is_k, bh, j0, n, lay, tile, vbad, c_lo, c_hi); break;
+    case kFmtI4: load_rows<MMA, kFmtI4>(s, is_k, bh, j0, n, lay, tile, vbad, c_lo, c_hi); break;
+    case kFmtI2: load_rows<MMA, kFmtI2>(s, is_k, bh, j0, n, lay, tile, vbad, c_lo, c_hi); break;
+    case kFmtFP8: load_rows<MMA, kFmtFP8>(s, is_k, bh, j0, n, lay, tile, vbad, c_lo, c_hi); break;
+    case kFmtNVFP4: load_rows<MMA, kFmtNVFP4>(s, is_k, bh, j0, n, lay, tile, vbad, c_lo, c_hi); break;
+    default: load_rows<MMA, kFmtF32>(s, is_k, bh, j0, n, lay, tile, vbad, c_lo, c_hi); break;
   }
 }
 
@@ -366,10 +372,20 @@ struct Split {
   using Elem = typename O::Elem;
   static constexpr bool kTF32 = MMA == kMmaTF32x3;
   static constexpr int kK = O::kK;
-  static constexpr int kNT = DMAX / 8;                // n8 output tiles over D
+  // Output columns per block: all of D up to 128; above, a block owns one 128-column part of the output (the
+  // launch doubles the blocks), so its accumulators stay 64 floats per thread: a split block of D = 256 would
+  // otherwise hold 128 accumulator registers next to the operands and spill.
+  static constexpr int kCols = DMAX > kDecodeColPart ? kDecodeColPart : DMAX;
+  static constexpr int kNT = kCols / 8;               // n8 output tiles over the block's columns
   static constexpr int kKD = DMAX / kK;               // k steps over D
   static constexpr int kST = kMaxTiles * kK / 8;      // n8 score tiles per warp and chunk (at R = 4)
+  // A warp's keys of a chunk (R*K: up to 64 for fp16/bf16) go through QK^T, softmax and P.V in sub-steps of at most
+  // 32 keys, so only 4 n8 score tiles (16 floats) are live next to the output accumulators.
+  static constexpr int kSubST = kST < 4 ? kST : 4;
   static constexpr bool kQReg = !kTF32 && DMAX <= 128;
+  // QK^T's k steps unrolled in full only when q lives in registers (qf[kk] needs constant indices); otherwise by 4,
+  // so the scheduler does not hoist every key fragment's shared loads of a wide head dim ahead of the MMAs.
+  static constexpr int kKUnroll = kQReg ? kKD : 4;
 
   // Query element (tile row r, channel d) of row tile `tile`, 0 outside. Unscaled: a fp16/bf16 query is exact in
   // the operand format, and the softmax scale is applied to the fp32 score instead (one rounding fewer).
@@ -382,8 +398,10 @@ struct Split {
     return p.q[((int64_t(b) * p.num_heads + hk * G + g) * p.max_q_len + i) * p.head_dim + d];
   }
 
-  static __device__ void run(const DecodeParams& p, const DecodeLaunch& L, char* smem, int bh, int rgrp, int split) {
+  static __device__ void run(const DecodeParams& p, const DecodeLaunch& L, char* smem, int bh, int rgrp, int split,
+                             int cpart) {
     const int D = p.head_dim;
+    const int col0 = cpart * kCols;  // the block's output columns col0 .. col0 + kCols - 1
     const int R = L.tiles_per_block;
     const Layout lay = layout(MMA, D, R);
     const int dp = lay.dp, sk = lay.sk, chunk = lay.chunk;
@@ -468,8 +486,11 @@ struct Split {
       const int n = min(chunk, span_end - j0);
       int* vb = vbad + parity * chunk;
       __syncthreads();  // the previous chunk's tiles are consumed (and Qs / vbad written on the first pass)
-      load_payload<MMA>(S, true, bh, j0, n, lay, Ks, vb);
-      load_payload<MMA>(S, false, bh, j0, n, lay, Vs, vb);
+      // K then V through one inlined copy of the dequantizer per format (a loop, not two calls: an ABI call would
+      // save every live accumulator register around it -- ptxas counts those as spills).
+#pragma unroll 1
+      for (int pass = 0; pass < 2; ++pass) load_payload<MMA>(S, pass == 0, bh, j0, n, lay, pass ? Vs : Ks, vb, pass ? col0 : 0,
+                                                                   pass ? col0 + kCols : dp);
       for (int jc = threadIdx.x; jc < chunk; jc += kThreads) {
         vbad[(parity ^ 1) * chunk + jc] = 0;  // the next chunk's flags (last read before the barrier above)
         if (jc < n) {
@@ -483,156 +504,159 @@ struct Split {
       __syncthreads();
       if (!warp_rows || key0 >= n) continue;  // warp-uniform: no rows in this tile, or no keys left for this warp
 
-      // 1. S = Q K^T over this warp's keys key0 .. key0 + R*K - 1 (n8 tiles st).
-      const int nst = R * kK / 8;
-      float s[kST][4];
+#pragma unroll 1
+      for (int sub0 = key0; sub0 < key0 + R * kK && sub0 < n; sub0 += kSubST * 8) {
+        // 1. S = Q K^T over the sub-step's keys sub0 .. sub0 + 8*nst - 1 (n8 tiles st).
+        const int nst = min(kSubST, (key0 + R * kK - sub0) / 8);
+        float s[kSubST][4];
 #pragma unroll
-      for (int st = 0; st < kST; ++st)
+        for (int st = 0; st < kSubST; ++st)
 #pragma unroll
-        for (int x = 0; x < 4; ++x) s[st][x] = 0.0f;
+          for (int x = 0; x < 4; ++x) s[st][x] = 0.0f;
+#pragma unroll kKUnroll
+        for (int kk = 0; kk < kKD; ++kk) {
+          if (kk * kK >= dp) break;
+          if constexpr (kTF32) {
+            // Keys and queries may hold inf: the correction products use hi parts with inf zeroed (ac, bc), so
+            // lo * inf = 0 * inf never turns an infinite score into NaN.
+            uint32_t ah[4], al[4], ac[4];
 #pragma unroll
-      for (int kk = 0; kk < kKD; ++kk) {
-        if (kk * kK >= dp) break;
-        if constexpr (kTF32) {
-          // Keys and queries may hold inf: the correction products use hi parts with inf zeroed (ac, bc), so
-          // lo * inf = 0 * inf never turns an infinite score into NaN.
-          uint32_t ah[4], al[4], ac[4];
+            for (int x = 0; x < 4; ++x) {
+              split_tf32(Qs[(mt * kRowTile + g + 8 * (x & 1)) * sk + kk * 8 + t + 4 * (x >> 1)], ah[x], al[x]);
+              ac[x] = finite_or_zero(ah[x]);
+            }
 #pragma unroll
-          for (int x = 0; x < 4; ++x) {
-            split_tf32(Qs[(mt * kRowTile + g + 8 * (x & 1)) * sk + kk * 8 + t + 4 * (x >> 1)], ah[x], al[x]);
-            ac[x] = finite_or_zero(ah[x]);
-          }
-#pragma unroll
-          for (int st = 0; st < kST; ++st) {
-            if (st >= nst || key0 + st * 8 >= n) break;
-            const Elem* kr = Ks + (key0 + st * 8 + g) * sk + kk * 8 + t;
-            uint32_t bh0, bl0, bh1, bl1;
-            split_tf32(kr[0], bh0, bl0);
-            split_tf32(kr[4], bh1, bl1);
-            mma::m16n8k8_tf32(s[st], al, finite_or_zero(bh0), finite_or_zero(bh1));
-            mma::m16n8k8_tf32(s[st], ac, bl0, bl1);
-            mma::m16n8k8_tf32(s[st], ah, bh0, bh1);
-          }
-        } else {
-          uint32_t a[4];
-          if constexpr (kQReg) {
-#pragma unroll
-            for (int x = 0; x < 4; ++x) a[x] = qf[kk][x];
+            for (int st = 0; st < kSubST; ++st) {
+              if (st >= nst || sub0 + st * 8 >= n) break;
+              const Elem* kr = Ks + (sub0 + st * 8 + g) * sk + kk * 8 + t;
+              uint32_t bh0, bl0, bh1, bl1;
+              split_tf32(kr[0], bh0, bl0);
+              split_tf32(kr[4], bh1, bl1);
+              mma::m16n8k8_tf32(s[st], al, finite_or_zero(bh0), finite_or_zero(bh1));
+              mma::m16n8k8_tf32(s[st], ac, bl0, bl1);
+              mma::m16n8k8_tf32(s[st], ah, bh0, bh1);
+            }
           } else {
+            uint32_t a[4];
+            if constexpr (kQReg) {
 #pragma unroll
-            for (int x = 0; x < 4; ++x)
-              a[x] = *reinterpret_cast<const uint32_t*>(
-                  Qs + (mt * kRowTile + g + 8 * (x & 1)) * sk + kk * 16 + 2 * t + 8 * (x >> 1));
-          }
+              for (int x = 0; x < 4; ++x) a[x] = qf[kk][x];
+            } else {
 #pragma unroll
-          for (int st = 0; st < kST; ++st) {
-            if (st >= nst || key0 + st * 8 >= n) break;
-            const Elem* kr = Ks + (key0 + st * 8 + g) * sk + kk * 16 + 2 * t;
-            mma16<MMA>(s[st], a, *reinterpret_cast<const uint32_t*>(kr), *reinterpret_cast<const uint32_t*>(kr + 8));
+              for (int x = 0; x < 4; ++x)
+                a[x] = *reinterpret_cast<const uint32_t*>(
+                    Qs + (mt * kRowTile + g + 8 * (x & 1)) * sk + kk * 16 + 2 * t + 8 * (x >> 1));
+            }
+#pragma unroll
+            for (int st = 0; st < kSubST; ++st) {
+              if (st >= nst || sub0 + st * 8 >= n) break;
+              const Elem* kr = Ks + (sub0 + st * 8 + g) * sk + kk * 16 + 2 * t;
+              mma16<MMA>(s[st], a, *reinterpret_cast<const uint32_t*>(kr), *reinterpret_cast<const uint32_t*>(kr + 8));
+            }
           }
         }
-      }
 
-      // 2. Masks, bias, counts, the non-finite rule; online softmax (or HSTU weights) per row.
-      float cmax[2] = {-INFINITY, -INFINITY};
+        // 2. Masks, bias, counts, the non-finite rule; online softmax (or HSTU weights) per row.
+        float cmax[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int st = 0; st < kST; ++st) {
-        if (st >= nst) break;
-#pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          const int rr = x >> 1;
-          const int jc = key0 + st * 8 + 2 * t + (x & 1);
-          const int j = j0 + jc;
-          bool vis = rok[rr] && jc < n;
-          if (vis && S.is_request) {
-            // Request keys: causal top-left aligned; targets never see other targets (core/masks.py).
-            const int i = ri[rr];
-            if (p.is_causal && j > i) vis = false;
-            if (j >= first_target && i >= first_target && j != i) vis = false;
-          }
-          float z = s[st][x] * p.scale;
-          if (vis) {
-            if (p.pos_bias)
-              z += p.pos_bias[int64_t(rhq[rr]) * p.num_pos + dk::pos_index(rpos[rr], key_pos[jc], p.num_pos)];
-            if (p.time_bias)
-              z += p.time_bias[int64_t(rhq[rr]) * p.num_time +
-                               dk::time_bucket(rts[rr], key_ts[jc], p.time_th, p.num_time)];
-            if (vb[jc]) bad[rr] = 1;
-          }
-          if (p.hstu) {
-            if (vis && !(z < INFINITY)) bad[rr] = 1;
-            s[st][x] = (vis && z > -INFINITY && z < INFINITY) ? key_c[jc] * rinv[rr] * dk::silu(z) : 0.0f;
-          } else {
-            const float logit = z + key_c[jc];
-            if (vis && !(logit < INFINITY)) bad[rr] = 1;
-            s[st][x] = (vis && logit < INFINITY) ? logit : -INFINITY;
-            cmax[rr] = fmaxf(cmax[rr], s[st][x]);
-          }
-        }
-      }
-      if (!p.hstu) {
-        float m_use[2];
-#pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-          float cm = cmax[rr];
-          cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 1));
-          cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 2));
-          const float m_new = fmaxf(m_run[rr], cm);
-          // rows that have seen nothing keep m = -inf; exponentiate against 0 there (no -inf - -inf = NaN)
-          m_use[rr] = m_new == -INFINITY ? 0.0f : m_new;
-          const float alpha = __expf(m_run[rr] - m_use[rr]);
-          m_run[rr] = m_new;
-          l_run[rr] *= alpha;
-#pragma unroll
-          for (int nt = 0; nt < kNT; ++nt) {
-            acc[nt][2 * rr] *= alpha;
-            acc[nt][2 * rr + 1] *= alpha;
-          }
-        }
-#pragma unroll
-        for (int st = 0; st < kST; ++st) {
+        for (int st = 0; st < kSubST; ++st) {
           if (st >= nst) break;
 #pragma unroll
           for (int x = 0; x < 4; ++x) {
-            const float w = __expf(s[st][x] - m_use[x >> 1]);
-            l_run[x >> 1] += w;  // this thread's share; summed over the quad at the end
-            s[st][x] = w;
+            const int rr = x >> 1;
+            const int jc = sub0 + st * 8 + 2 * t + (x & 1);
+            const int j = j0 + jc;
+            bool vis = rok[rr] && jc < n;
+            if (vis && S.is_request) {
+              // Request keys: causal top-left aligned; targets never see other targets (core/masks.py).
+              const int i = ri[rr];
+              if (p.is_causal && j > i) vis = false;
+              if (j >= first_target && i >= first_target && j != i) vis = false;
+            }
+            float z = s[st][x] * p.scale;
+            if (vis) {
+              if (p.pos_bias)
+                z += p.pos_bias[int64_t(rhq[rr]) * p.num_pos + dk::pos_index(rpos[rr], key_pos[jc], p.num_pos)];
+              if (p.time_bias)
+                z += p.time_bias[int64_t(rhq[rr]) * p.num_time +
+                                 dk::time_bucket(rts[rr], key_ts[jc], p.time_th, p.num_time)];
+              if (vb[jc]) bad[rr] = 1;
+            }
+            if (p.hstu) {
+              if (vis && !(z < INFINITY)) bad[rr] = 1;
+              s[st][x] = (vis && z > -INFINITY && z < INFINITY) ? key_c[jc] * rinv[rr] * dk::silu(z) : 0.0f;
+            } else {
+              const float logit = z + key_c[jc];
+              if (vis && !(logit < INFINITY)) bad[rr] = 1;
+              s[st][x] = (vis && logit < INFINITY) ? logit : -INFINITY;
+              cmax[rr] = fmaxf(cmax[rr], s[st][x]);
+            }
           }
         }
-      }
-
-      // 3. O += P V: P is the score accumulator, key step ks covering keys key0 + ks*K ...
+        if (!p.hstu) {
+          float m_use[2];
 #pragma unroll
-      for (int ks = 0; ks < kMaxTiles; ++ks) {
-        if (ks >= R || key0 + ks * kK >= n) break;
-        const int kb = key0 + ks * kK;
-        if constexpr (kTF32) {
-          uint32_t ah[4], al[4];
-          split_tf32(s[ks][0], ah[0], al[0]);  // (row g, key 2t)      -> k index t
-          split_tf32(s[ks][2], ah[1], al[1]);  // (row g+8, key 2t)
-          split_tf32(s[ks][1], ah[2], al[2]);  // (row g, key 2t+1)    -> k index t + 4
-          split_tf32(s[ks][3], ah[3], al[3]);
-          const Elem* v0 = Vs + (kb + 2 * t) * sk + g;
+          for (int rr = 0; rr < 2; ++rr) {
+            float cm = cmax[rr];
+            cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 1));
+            cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 2));
+            const float m_new = fmaxf(m_run[rr], cm);
+            // rows that have seen nothing keep m = -inf; exponentiate against 0 there (no -inf - -inf = NaN)
+            m_use[rr] = m_new == -INFINITY ? 0.0f : m_new;
+            const float alpha = __expf(m_run[rr] - m_use[rr]);
+            m_run[rr] = m_new;
+            l_run[rr] *= alpha;
 #pragma unroll
-          for (int nt = 0; nt < kNT; ++nt) {
-            if (nt * 8 >= dp) break;
-            uint32_t bh0, bl0, bh1, bl1;
-            split_tf32(v0[nt * 8], bh0, bl0);
-            split_tf32(v0[sk + nt * 8], bh1, bl1);
-            mma_tf32x3(acc[nt], ah, al, bh0, bh1, bl0, bl1);
+            for (int nt = 0; nt < kNT; ++nt) {
+              acc[nt][2 * rr] *= alpha;
+              acc[nt][2 * rr + 1] *= alpha;
+            }
           }
-        } else {
-          const uint32_t a[4] = {O::pack(s[2 * ks][0], s[2 * ks][1]), O::pack(s[2 * ks][2], s[2 * ks][3]),
-                                 O::pack(s[2 * ks + 1][0], s[2 * ks + 1][1]),
-                                 O::pack(s[2 * ks + 1][2], s[2 * ks + 1][3])};
-          const Elem* v0 = Vs + (kb + 2 * t) * sk + g;
 #pragma unroll
-          for (int nt = 0; nt < kNT; ++nt) {
-            if (nt * 8 >= dp) break;
-            const Elem* c = v0 + nt * 8;
-            const uint32_t b0 = uint32_t(c[0]) | (uint32_t(c[sk]) << 16);
-            const uint32_t b1 = uint32_t(c[8 * sk]) | (uint32_t(c[9 * sk]) << 16);
-            mma16<MMA>(acc[nt], a, b0, b1);
+          for (int st = 0; st < kSubST; ++st) {
+            if (st >= nst) break;
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {
+              const float w = __expf(s[st][x] - m_use[x >> 1]);
+              l_run[x >> 1] += w;  // this thread's share; summed over the quad at the end
+              s[st][x] = w;
+            }
+          }
+        }
+
+        // 3. O += P V: P is the score accumulator, key step ks covering keys sub0 + ks*K ...
+#pragma unroll
+        for (int ks = 0; ks < kSubST * 8 / kK; ++ks) {
+          if (ks * kK >= nst * 8 || sub0 + ks * kK >= n) break;
+          const int kb = sub0 + ks * kK;
+          if constexpr (kTF32) {
+            uint32_t ah[4], al[4];
+            split_tf32(s[ks][0], ah[0], al[0]);  // (row g, key 2t)      -> k index t
+            split_tf32(s[ks][2], ah[1], al[1]);  // (row g+8, key 2t)
+            split_tf32(s[ks][1], ah[2], al[2]);  // (row g, key 2t+1)    -> k index t + 4
+            split_tf32(s[ks][3], ah[3], al[3]);
+            const Elem* v0 = Vs + (kb + 2 * t) * sk + col0 + g;
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt) {
+              if (col0 + nt * 8 >= dp) break;
+              uint32_t bh0, bl0, bh1, bl1;
+              split_tf32(v0[nt * 8], bh0, bl0);
+              split_tf32(v0[sk + nt * 8], bh1, bl1);
+              mma_tf32x3(acc[nt], ah, al, bh0, bh1, bl0, bl1);
+            }
+          } else {
+            const uint32_t a[4] = {O::pack(s[2 * ks][0], s[2 * ks][1]), O::pack(s[2 * ks][2], s[2 * ks][3]),
+                                   O::pack(s[2 * ks + 1][0], s[2 * ks + 1][1]),
+                                   O::pack(s[2 * ks + 1][2], s[2 * ks + 1][3])};
+            const Elem* v0 = Vs + (kb + 2 * t) * sk + col0 + g;
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt) {
+              if (col0 + nt * 8 >= dp) break;
+              const Elem* c = v0 + nt * 8;
+              const uint32_t b0 = uint32_t(c[0]) | (uint32_t(c[sk]) << 16);
+              const uint32_t b1 = uint32_t(c[8 * sk]) | (uint32_t(c[9 * sk]) << 16);
+              mma16<MMA>(acc[nt], a, b0, b1);
+            }
           }
         }
       }
@@ -651,9 +675,10 @@ struct Split {
     float* mstate = macc + kWarps * kRowTile * dp;       // [3][warp][16]: m, l, bad
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
-      if (nt * 8 >= dp) break;
+      if (col0 + nt * 8 >= dp) break;
 #pragma unroll
-      for (int x = 0; x < 4; ++x) macc[(warp * kRowTile + g + 8 * (x >> 1)) * dp + nt * 8 + 2 * t + (x & 1)] = acc[nt][x];
+      for (int x = 0; x < 4; ++x)
+        macc[(warp * kRowTile + g + 8 * (x >> 1)) * dp + col0 + nt * 8 + 2 * t + (x & 1)] = acc[nt][x];
     }
     if (t == 0) {
 #pragma unroll
@@ -667,11 +692,13 @@ struct Split {
     __syncthreads();
     const int groups = kWarps / R;
     const int64_t part0 = int64_t(bh) * L.num_tiles;
-    for (int idx = threadIdx.x; idx < R * kRowTile * (D + 1); idx += kThreads) {
-      const int mtile = idx / (kRowTile * (D + 1)), rest = idx % (kRowTile * (D + 1));
-      const int r = rest / (D + 1), d = rest % (D + 1);  // d == D: the row's (m, l)
+    const int ncols = min(kCols, D - col0);
+    for (int idx = threadIdx.x; idx < R * kRowTile * (ncols + 1); idx += kThreads) {
+      const int mtile = idx / (kRowTile * (ncols + 1)), rest = idx % (kRowTile * (ncols + 1));
+      const int r = rest / (ncols + 1), dl = rest % (ncols + 1);  // dl == ncols: the row's (m, l), by part 0
+      const int d = dl == ncols ? D : col0 + dl;
       const int tl = rgrp * R + mtile;
-      if (tl >= L.num_tiles) continue;
+      if (tl >= L.num_tiles || (d == D && cpart != 0)) continue;
       float M = -INFINITY;
       bool row_bad = false;
       for (int k = 0; k < groups; ++k) {
@@ -697,17 +724,28 @@ struct Split {
   }
 };
 
-// Grid-stride over the linear block index (bh, row group, split), split fastest: the grid is one x axis (up to
+// Register budget per variant (ptxas: at most 65,536 / (128 threads x minBlocks) registers per thread). Every
+// variant fits 255 without spilling (192-238 registers with nvcc 13.0: two blocks, 8 warps, per SM; the chunk's
+// dequantizing pass and the sub-steps keep that); a budget of 168 (3 blocks) still spills for fp16 at D <= 64
+// (16 bytes), so no variant asks for more than one block's worth here. Raise a variant's minBlocks only with
+// tools/cuda_report.py showing zero spills for it on sm_80 and sm_90.
+template <int MMA, int DMAX>
+struct DecodeMinBlocks {
+  static constexpr int value = 1;
+};
+
+// Grid-stride over the linear block index (bh, row group, column part, split), split fastest: the grid is one x axis (up to
 // 2^31 - 1 blocks), so B * Hkv is not bound by the 65,535 limit of grid y/z.
 template <int MMA, int DMAX>
-__global__ void __launch_bounds__(kThreads) decode_split(DecodeParams p, DecodeLaunch l) {
+__global__ void __launch_bounds__(kThreads, DecodeMinBlocks<MMA, DMAX>::value) decode_split(DecodeParams p, DecodeLaunch l) {
   extern __shared__ float smem[];
   for (int64_t blk = blockIdx.x; blk < l.split_blocks; blk += gridDim.x) {
     __syncthreads();  // the previous block's last reads of shared memory are done
     const int split = static_cast<int>(blk % l.num_splits);
-    const int64_t rest = blk / l.num_splits;
+    const int cpart = static_cast<int>((blk / l.num_splits) % l.col_parts);
+    const int64_t rest = blk / l.num_splits / l.col_parts;
     Split<MMA, DMAX>::run(p, l, reinterpret_cast<char*>(smem), static_cast<int>(rest / l.row_groups),
-                          static_cast<int>(rest % l.row_groups), split);
+                          static_cast<int>(rest % l.row_groups), split, cpart);
   }
 }
 
@@ -811,7 +849,8 @@ DecodeLaunch decode_launch_config(const DecodeParams& p) {
   l.num_tiles = static_cast<int>((int64_t(p.num_heads / p.num_kv_heads) * p.max_q_len + kRowTile - 1) / kRowTile);
   l.tiles_per_block = l.num_tiles >= 3 ? kMaxTiles : l.num_tiles;
   l.row_groups = (l.num_tiles + l.tiles_per_block - 1) / l.tiles_per_block;
-  l.split_blocks = int64_t(l.num_splits) * l.row_groups * p.batch * p.num_kv_heads;
+  l.col_parts = (p.head_dim + kDecodeColPart - 1) / kDecodeColPart > 1 ? 2 : 1;  // launch_split_d: DMAX 256 above 128
+  l.split_blocks = int64_t(l.num_splits) * l.col_parts * l.row_groups * p.batch * p.num_kv_heads;
   l.combine_rows = int64_t(p.batch) * p.num_heads * p.max_q_len;
   // No keys at all (no cache, Lk = 0): no split block; combine still writes the empty rows (0, lse -inf).
   l.split_grid_x = static_cast<unsigned>(l.split_blocks < kMaxGridX ? l.split_blocks : kMaxGridX);

@@ -24,6 +24,7 @@ static_assert(formats::kNumFormats == 6, "a new cache format needs its DecodeFor
 constexpr int kDecodeRowTile = 16;        // query rows (GQA heads x queries) per MMA tile (m16)
 constexpr int kDecodeTilesPerBlock = 4;   // row tiles one block holds at most (64 rows): K/V dequantized once for them
 constexpr int kDecodeMaxHeadDim = 256;    // largest supported head dim
+constexpr int kDecodeColPart = 128;       // output columns one split block accumulates (D > 128: two blocks)
 
 // Tensor-core operand precision of the decode kernel (fp32 accumulate in all three): fp16 / bf16 queries use one
 // m16n8k16 MMA per tile in that format; fp32 queries use three m16n8k8 tf32 MMAs per tile (x = hi + lo split,
@@ -106,11 +107,13 @@ constexpr int64_t kMaxGridX = 2147483647;
 
 // The launch shapes of decode_attention: a split block holds tiles_per_block row tiles (1, 2 or 4: all rows of a kv
 // head up to 64, so its K/V chunk is dequantized once for all of them) and one key span; the split kernel strides
-// over split_blocks = splits x row_groups x B x Hkv linear blocks with split_grid_x blocks, the combine kernel over
+// over split_blocks = splits x col_parts x row_groups x B x Hkv linear blocks with split_grid_x blocks, the combine
+// kernel over
 // combine_rows = B x Hq x Lq rows with combine_grid_x blocks (both 0 for an empty batch; split_grid_x 0 when there
-// are no keys at all). num_tiles: 16-row tiles per kv head (the partials' layout).
+// are no keys at all). num_tiles: 16-row tiles per kv head (the partials' layout); col_parts: blocks per (split, row
+// group) that each accumulate kDecodeColPart output columns (2 for D > 128, else 1).
 struct DecodeLaunch {
-  int num_splits = 0, num_tiles = 0, tiles_per_block = 0, row_groups = 0;
+  int num_splits = 0, num_tiles = 0, tiles_per_block = 0, row_groups = 0, col_parts = 1;
   int64_t split_blocks = 0, combine_rows = 0;
   unsigned split_grid_x = 0, combine_grid_x = 0;
 };
