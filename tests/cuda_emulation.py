@@ -52,10 +52,10 @@ _LAUNCH_DIMS_OP = r"""
 #include "decode_attention.h"
 namespace mc = malloc_kernels::cuda;
 static std::vector<int64_t> decode_launch_dims(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t C,
-                                               int64_t Lk, int64_t span) {
+                                               int64_t Lk, int64_t span, int64_t D) {
   static const char dummy = 0;
   mc::DecodeParams p;
-  p.batch = int(B); p.num_heads = int(Hq); p.num_kv_heads = int(Hkv); p.max_q_len = int(Lq); p.head_dim = 64;
+  p.batch = int(B); p.num_heads = int(Hq); p.num_kv_heads = int(Hkv); p.max_q_len = int(Lq); p.head_dim = int(D);
   p.span = int(span);
   if (C > 0) { p.seg[0].k = &dummy; p.seg[0].capacity = int(C); }
   p.seg[2].k = &dummy; p.seg[2].capacity = int(Lk);
@@ -63,7 +63,7 @@ static std::vector<int64_t> decode_launch_dims(int64_t B, int64_t Hq, int64_t Hk
   mc::decode_plan(p, &acc, &st);
   const mc::DecodeLaunch l = mc::decode_launch_config(p);
   return {l.num_splits, l.num_tiles, l.tiles_per_block, l.row_groups, l.split_blocks, l.combine_rows,
-          int64_t(l.split_grid_x), int64_t(l.combine_grid_x)};
+          int64_t(l.split_grid_x), int64_t(l.combine_grid_x), l.col_parts};
 }
 static int64_t decode_smem(int64_t D, int64_t mma, int64_t tiles) {
   return int64_t(mc::decode_smem_bytes(int(D), int(mma), int(tiles)));

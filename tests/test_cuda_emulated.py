@@ -109,14 +109,17 @@ def test_emulated_no_keys_at_all(emu):
 
 @pytest.mark.parametrize("B,Hkv", [(1, 1), (65535, 1), (65536, 1), (1000, 1000), (1, 10**6), (10**6, 1)])
 @pytest.mark.parametrize("Hq_per,Lq,C,Lk", [(1, 1, 4096, 1), (8, 16, 300, 16), (4, 1, 0, 0)])
-def test_decode_launch_shapes_within_grid_limits(emu, B, Hkv, Hq_per, Lq, C, Lk):
-    splits, tiles, per_block, groups, blocks, rows, gx, cx = torch.ops.mk_emu_grid.decode_launch_dims(
-        B, Hkv * Hq_per, Hkv, Lq, C, Lk, 256)
+@pytest.mark.parametrize("D", [64, 129, 256])
+def test_decode_launch_shapes_within_grid_limits(emu, B, Hkv, Hq_per, Lq, C, Lk, D):
+    splits, tiles, per_block, groups, blocks, rows, gx, cx, parts = torch.ops.mk_emu_grid.decode_launch_dims(
+        B, Hkv * Hq_per, Hkv, Lq, C, Lk, 256, D)
+    # above D = 128 two blocks share a span, each accumulating 128 output columns
+    assert parts == (2 if D > 128 else 1)
     assert tiles == -(-Hq_per * Lq // 16)
     # a block holds all row tiles of its kv head up to 4 (K/V dequantized once for them), 1 or 2 when there are fewer
     assert per_block == (4 if tiles >= 3 else tiles) and groups == -(-tiles // per_block)
     assert splits == -(-C // 256) + -(-Lk // 256)
-    assert blocks == splits * groups * B * Hkv and rows == B * Hkv * Hq_per * Lq
+    assert blocks == splits * parts * groups * B * Hkv and rows == B * Hkv * Hq_per * Lq
     # one grid axis (x) only, within its 2^31 - 1 limit; every block index is covered by the grid-stride loops
     assert 0 <= gx <= 2**31 - 1 and 1 <= cx <= 2**31 - 1
     assert (gx == 0) == (blocks == 0) and gx == min(blocks, 2**31 - 1) and cx == min(rows, 2**31 - 1)

@@ -50,6 +50,7 @@ class Kernel:
     ldg128: int = -1          # -1: not inspected
     ldg_other: dict = field(default_factory=dict)
     loop: object = None       # sass.LoopMix of the hottest loop (with --sass)
+    substep: dict = None      # decode_split: own mix of its MMA loop (one sub-step of 32 keys), with --sass
 
 
 def run(cmd, cwd=None):
@@ -140,6 +141,7 @@ def inspect_sass(build_dir: str, kernels):
         for key, text in sass_mix.split_functions(out).items():
             if key in by_key:
                 by_key[key].loop = sass_mix.hottest_loop_mix(text)
+                by_key[key].substep = substep_mix(text)
         arch, func = None, None
         for line in out.splitlines():
             m = re.search(r"arch = (sm_\d+a?)", line)
@@ -184,39 +186,87 @@ def table(kernels, sass: bool) -> str:
 
 # Channels per 4-byte payload word (one dequantizing thread step of decode_split) and bytes per channel.
 _UNIT = {"float16": (2, 2.0), "int8": (4, 1.0), "fp8": (4, 1.0), "int4": (8, 0.5), "int2": (16, 0.25)}
+SUBSTEP_KEYS = 32  # keys of one QK^T / softmax / P.V sub-step of a decode_split warp (kSubST n8 tiles)
 
 
-def decode_cost_model() -> str:
-    """Per-key cost of decode_split from its code structure (the SASS main-loop mix above confirms the HMMA count),
-    against the bytes each key costs in HBM: which unit bounds the kernel per format and architecture.
+def substep_mix(sass_text: str):
+    """decode_split's sub-step body: the instructions a warp issues per sub-step of 32 keys for one 16-row tile --
+    the own instructions (nested loops excluded: the dequantizing pass) of the loop holding the most HMMA (QK^T,
+    the masks/bias/softmax epilogue on the accumulators, P.V). A static count over every branch (softmax and HSTU,
+    bias, request masks), so an upper bound of what one call issues."""
+    from malloc_kernels.triton import sass as sass_mix  # noqa: E402
+    loops = [lp for lp in sass_mix.loops(sass_text) if lp.own["mma"]]
+    if not loops:
+        return None
+    return max(loops, key=lambda lp: (lp.own["mma"], lp.own["total"])).own
 
-    Per key of one kv head and one 16-row tile (fp16/bf16 operands; fp32 queries issue 3x the MMAs, tf32 m16n8k8):
-    QK^T D/128 HMMA.16816 + P.V D/128 HMMA.16816; fragment loads D/64 (K, LDS.32) + D/32 (V, 2 x LDS.U16 per
-    register) warp-LDS; the dequantizing pass 2 payloads x D/E units of ~(3E + 8) thread instructions (load, unpack,
-    scale FMA, convert, pack, store) and D/16 (fp16) 16-byte stores each; the score epilogue ~20 instructions per
-    (row, key) over 16 rows. Issue floor: warp instructions / 4 per clock per SM; HBM floor: the key's bytes
-    (payload + scales, ``decode_bytes``) / (bandwidth / SMs / clock)."""
+
+def dequant_insns(D: int, fmt: str) -> float:
+    """Warp-instructions of the dequantizing pass per key (K and V rows, all four warps): per 4-byte payload word
+    ~(3E + 8) thread instructions (unpack, scale FMA, convert, pack, store, loop), 32 words per warp-instruction."""
+    E, _ = _UNIT[fmt]
+    return 2 * (D / E) * (3 * E + 8) / 32
+
+
+# The README's decode/append shapes (as in malloc_kernels/triton/report.py's SHAPES): label, B, Hq, Hkv, D, N, Lq,
+# cache format.
+README_SHAPES = [
+    ("README decode, KIVI-4", 32, 8, 8, 64, 4096, 1, "int4"),
+    ("README decode, KIVI-2", 32, 8, 8, 64, 4096, 1, "int2"),
+    ("README append Lq=16, KIVI-4", 32, 8, 8, 64, 4096, 16, "int4"),
+    ("GQA 4:1 decode, fp16 cache 8k", 32, 32, 8, 128, 8192, 1, "float16"),
+    ("GQA 4:1 decode, KIVI-4 8k", 32, 32, 8, 128, 8192, 1, "int4"),
+]
+
+
+def decode_cost_model(kernels) -> str:
+    """The floors of decode_split's time at the README's shapes, per architecture, from its fp16 variant's SASS:
+    issue = keys x (row tiles x sub-step instructions / 32 keys + dequantizing pass per row group) / (SMs x 4 issue
+    slots x clock), the sub-step at its static count (upper bound) and at its HMMA + shared loads + 20 epilogue
+    instructions per 8 score elements of a lane (the part every call executes: lower estimate); memory = the bytes
+    of ``ops.cuda.decode_bytes`` / HBM bandwidth."""
     sys.path.insert(0, ROOT)
     from malloc_kernels.ops.cuda import decode_bytes  # noqa: E402
     from malloc_kernels.triton import sass as sass_mix  # noqa: E402
-    lines = ["| D | format | bytes / key | arch | HBM floor (clk/key/SM) | warp-insns / key (HMMA, LDS) | "
-             "issue floor (clk/key/SM) | bound |", "|---:|---|---:|---|---:|---:|---:|---|"]
-    for D in (64, 128):
-        for fmt, (E, per_ch) in _UNIT.items():
-            C = 4096
-            per_key = (decode_bytes(1, 1, 1, C, D, fmt=fmt) - decode_bytes(1, 1, 1, 0, D, fmt=fmt)) / C
-            hmma = 2 * D / 128
-            lds = D / 64 + D / 32
-            dequant = 2 * (D / E) * (3 * E + 8) / 32
-            epilogue = 16 * 20 / 32
-            insns = hmma + lds + dequant + epilogue
-            for arch in (80, 90):
-                _, sms, ghz, bw, _ = sass_mix.GPUS[arch]
-                mem_clk = per_key / (bw / sms / (ghz * 1e9))
-                issue_clk = insns / 4
-                bound = "HBM" if mem_clk >= issue_clk else f"issue ({issue_clk / mem_clk:.1f}x the HBM floor)"
-                lines.append(f"| {D} | {fmt} | {per_key:.0f} | sm_{arch} | {mem_clk:.1f} | {insns:.0f} ({hmma:.1f}, "
-                             f"{lds:.1f}) | {issue_clk:.1f} | {bound} |")
+    lines = ["| shape | B, Hq, Hkv, D, N, Lq | format | arch | row tiles (blocks of) | sub-step insns / key / tile "
+             "(HMMA) | dequant insns / key | memory floor (us) | issue floor, upper (us) | issue floor, lower (us) |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for label, B, Hq, Hkv, D, N, Lq, fmt in README_SHAPES:
+        dmax = 64 if D <= 64 else 128 if D <= 128 else 256
+        for arch in (80, 90):
+            k = next((k for k in kernels if re.search(rf"decode_split<1, {dmax}>", k.name)
+                      and k.arch == f"sm_{arch}" and k.substep), None)
+            if k is None:
+                continue
+            _, sms, ghz, bw, _ = sass_mix.GPUS[arch]
+            tiles = -(-(Hq // Hkv) * Lq // 16)
+            per_block = 4 if tiles >= 3 else tiles
+            groups = -(-tiles // per_block)
+            sub = k.substep["total"] / SUBSTEP_KEYS
+            lower = (k.substep["mma"] + k.substep["lds"]) / SUBSTEP_KEYS + 16 * 20 / 8 / SUBSTEP_KEYS
+            deq = dequant_insns(D, fmt)
+            keys = B * Hkv * N
+            rate = sms * 4 * ghz * 1e9
+            upper_us = keys * (tiles * sub + groups * deq) / rate * 1e6
+            lower_us = keys * (tiles * lower + groups * deq) / rate * 1e6
+            mem_us = decode_bytes(B, Hq, Hkv, N, D, 0, fmt=fmt, q_len=Lq) / bw * 1e6
+            lines.append(f"| {label} | {B}, {Hq}, {Hkv}, {D}, {N}, {Lq} | {fmt} | sm_{arch} | {tiles} ({per_block}) | "
+                         f"{sub:.1f} ({k.substep['mma'] / SUBSTEP_KEYS:.2f}) | {deq:.1f} | {mem_us:.1f} | "
+                         f"{upper_us:.1f} | {lower_us:.1f} |")
+    return "\n".join(lines)
+
+
+def substep_table(kernels) -> str:
+    """Per decode_split variant: the sub-step's static mix per key of one 16-row tile."""
+    lines = ["| kernel | arch | HMMA / key | FP32 / key | LDS / key | LDG / key | STS / key | instructions / key |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for k in sorted(kernels, key=lambda k: (k.name, k.arch)):
+        m = re.search(r"decode_split<(\d+), (\d+)>", k.name)
+        if not m or not k.substep:
+            continue
+        c = {n: v / SUBSTEP_KEYS for n, v in k.substep.items()}
+        lines.append(f"| `decode_split` {_MMA_OF.get(m.group(1), '?')} D<={m.group(2)} | {k.arch} | {c['mma']:.2f} | "
+                     f"{c['fp32']:.1f} | {c['lds']:.2f} | {c['ldg']:.2f} | {c['sts']:.2f} | {c['total']:.1f} |")
     return "\n".join(lines)
 
 
@@ -277,18 +327,33 @@ def markdown(kernels, sass: bool, bandwidth: bool, how: str = "") -> str:
             "Generated by `python tools/cuda_report.py <build dir> --sass --bandwidth --markdown <this file>` "
             "(nvcc " + nvcc_version() + ", `-O3 -Xptxas -v`, no GPU needed" + how + ").", "", table(kernels, sass), ""]
     if sass:
-        text += ["## What bounds the CUDA decode", "",
+        text += ["## What bounds the CUDA decode, and what `auto` picks", "",
                  "`decode_split` runs QK^T and P.V on tensor cores (`mma.sync` m16n8k16 fp16/bf16, or 3 x "
-                 "m16n8k8 tf32 for fp32 queries; the MMA column of the main loop above), keeps q in registers "
-                 "(fp16/bf16, D <= 128), dequantizes each K/V chunk once per block for up to four 16-row tiles "
-                 "into bank-conflict-free shared rows, and bounds its loops by the real key count. What is left "
-                 "per key is the dequantizing pass on the integer/FP32 pipes: the model below (per key of one kv "
-                 "head, one row tile) puts the kernel at the HBM floor for fp16/int8/fp8 caches and within "
-                 "~1-2x of it for 4-/2-bit codes, whose bytes per key are so few that unpacking them costs "
-                 "about as many issue slots as streaming them. Measured numbers need a GPU "
-                 "(`benchmarks/test_bench_cuda.py`).", "",
+                 "m16n8k8 tf32 for fp32 queries), keeps q in registers (fp16/bf16, D <= 128), dequantizes each "
+                 "K/V chunk once per block for up to four 16-row tiles into bank-conflict-free shared rows, bounds "
+                 "its loops by the real key count, and (D > 128) splits the output columns over two blocks. Every "
+                 "variant is spill-free at 192-238 registers: two 128-thread blocks (8 warps) per SM.", "",
                  decode_occupancy(kernels), "",
-                 decode_cost_model(), ""]
+                 "Sub-step mix: the static SASS of the loop holding the MMAs (one warp, one 16-row tile, one "
+                 "sub-step of 32 keys: QK^T, the masks/bias/softmax epilogue on the accumulator fragments, P.V), "
+                 "per key. It counts every branch (softmax and HSTU, both biases, the request masks), so it is an "
+                 "upper bound of what a call issues; the dequantizing pass (nested loops, per format) is modeled "
+                 "instead (`dequant_insns`).", "",
+                 substep_table(kernels), "",
+                 "At the README's shapes (fp16 queries; fp32 queries issue 3x the MMAs): memory floor = bytes / HBM "
+                 "bandwidth; issue floor = warp-instructions / (SMs x 4 x boost clock), with the sub-step at its "
+                 "static count (upper) or at its MMAs + shared loads + ~20 epilogue instructions per lane's 8 "
+                 "score elements (lower).", "",
+                 decode_cost_model(kernels), "",
+                 "**What `auto` picks for cache decode on a GPU: Triton** (`ops/cuda.py: preferred` is False). "
+                 "Triton's split-K decode at the same shapes (`benchmarks/results/triton_report.md`, section "
+                 "\"What `auto` runs\") is issue-bound too, with an exact static count of a kernel specialised "
+                 "per kind/bias/format. This kernel's issue floor lies between "
+                 "the two columns above, and at every shape that interval contains Triton's floor or lies above "
+                 "it (the fp16 8k cache: Triton is at its memory floor, this kernel's upper issue floor is above "
+                 "the memory floor): the model shows no margin that would justify making a kernel no GPU has run "
+                 "the default. `backend=\"cuda\"` runs it on request; flip "
+                 "`preferred` when `benchmarks/test_bench_cuda.py` on an A100/H100 shows it ahead.", ""]
     if bandwidth:
         text += ["## Decode bandwidth model", "",
                  "Bytes each decode call must read (cache payload + fp16 scales/zeros + lengths + fp32 residual, "

@@ -110,7 +110,8 @@ def shape_lines(archs, compile_spec):
     for label, B, Hq, Hkv, D, N, Lq, fmt, axis in SHAPES:
         rows = (Hq // Hkv) * Lq
         path = "decode" if rows <= DECODE_MAX_ROWS else "append"
-        why = (f"CUDA C++ decode not preferred (shared-memory bound, no tensor cores); G*Lq={rows} "
+        why = (f"CUDA C++ decode not preferred (tensor cores, no spills, but its modeled issue cost per key is "
+               f"not clearly below this kernel's: benchmarks/results/cuda_ptxas.md); G*Lq={rows} "
                + ("<= 64: split-K decode" if path == "decode" else "> 64: query tiles"))
         kw = dict(Hq=Hq, Hkv=Hkv, D=D, Lq=Lq, C=64 if N else 0, causal=True)
         if fmt != "float":
@@ -199,7 +200,8 @@ def main(argv=None) -> int:
     text += rows
     if shape_rows:
         text += ["", "## What `auto` runs at the README's shapes, and what bounds it", "",
-                 "On a GPU `backend=\"auto\"` sends these calls to Triton (`ops/cuda.py: preferred` is False). "
+                 "On a GPU `backend=\"auto\"` sends these calls to Triton (`ops/cuda.py: preferred` is False; "
+                 "the CUDA decode's cost model and why it is not preferred: `benchmarks/results/cuda_ptxas.md`). "
                  "Memory floor: bytes that must move (cache payload, fp16 scales/zeros, positions, fp16 "
                  "queries/request/outputs) / HBM bandwidth (A100 2.04 TB/s, H100 3.35 TB/s); issue floor: "
                  "main-loop iterations x instructions per iteration x warps / (SMs x 4 x boost clock) -- the "

@@ -84,8 +84,47 @@ def main_loop_mix(sass: str) -> Optional[LoopMix]:
     return _loops(sass, key=lambda c, size: (c["mma"], size))
 
 
-def _loops(sass: str, key) -> Optional[LoopMix]:
-    """The loop maximising ``key(counts, size)`` among the backward branches of ``sass``."""
+@dataclass
+class Loop:
+    """One loop of a function's SASS: instruction indices ``[start, end]`` (its backward branch at ``end``), the
+    static mix of its whole body (nested loops included once) and of its own instructions (nested loops' bodies
+    excluded)."""
+
+    start: int
+    end: int
+    body: Dict[str, int]
+    own: Dict[str, int]
+
+    def contains(self, other: "Loop") -> bool:
+        return self.start <= other.start and other.end <= self.end and (self.start, self.end) != (other.start,
+                                                                                                   other.end)
+
+
+def loops(sass: str) -> List[Loop]:
+    """Every loop of ``sass`` (one per distinct backward-branch target range), in address order."""
+    insns, spans = _parse(sass)
+    spans = sorted(set(spans))
+
+    def count(idx):
+        c = {k: 0 for k in CATEGORIES}
+        for i in idx:
+            for k, rx in CATEGORIES.items():
+                if rx.match(insns[i]):
+                    c[k] += 1
+                    break
+        c["total"] = len(idx)
+        return c
+
+    out = []
+    for lo, hi in spans:
+        inner = [(a, b) for a, b in spans if lo <= a and b <= hi and (a, b) != (lo, hi)]
+        own = [i for i in range(lo, hi + 1) if not any(a <= i <= b for a, b in inner)]
+        out.append(Loop(lo, hi, count(range(lo, hi + 1)), count(own)))
+    return out
+
+
+def _parse(sass: str) -> Tuple[List[str], List[Tuple[int, int]]]:
+    """(opcodes in order, (target index, branch index) of every backward branch)."""
     insns: List[str] = []
     labels: Dict[str, int] = {}
     branches: List[Tuple[int, str]] = []
@@ -104,7 +143,12 @@ def _loops(sass: str, key) -> Optional[LoopMix]:
             if t:
                 branches.append((len(insns), t.group(1) or hex(int(t.group(2), 16))))
         insns.append(op)
-    loops = [(labels[t], pos) for pos, t in branches if t in labels and labels[t] <= pos]
+    return insns, [(labels[t], pos) for pos, t in branches if t in labels and labels[t] <= pos]
+
+
+def _loops(sass: str, key) -> Optional[LoopMix]:
+    """The loop maximising ``key(counts, size)`` among the backward branches of ``sass``."""
+    insns, loops = _parse(sass)
     if not loops:
         return None
 
