@@ -86,12 +86,12 @@ def supports(call) -> Tuple[bool, str]:
 
 
 def preferred(call) -> bool:
-    """Whether ``backend="auto"`` picks this kernel over Triton: not yet. The kernel is now built for tensor cores
-    (``mma.sync`` for QK^T and P.V, q in registers, K/V dequantized once per block for up to 64 query rows into
-    bank-conflict-free shared rows; ``tools/cuda_report.py`` shows the HMMA main loop and models it at the HBM
-    floor for fp16/int8/fp8 caches), but no GPU has measured it against Triton's split-K decode, so ``auto`` keeps
-    the kernel whose speed the Triton report already predicts; ``backend="cuda"`` runs it on request. Flip this
-    after ``benchmarks/test_bench_cuda.py`` has run on an A100/H100."""
+    """Whether ``backend="auto"`` picks this kernel over Triton: not yet. The kernel runs QK^T and P.V on tensor
+    cores, spill-free on sm_80/sm_90 (``benchmarks/results/cuda_ptxas.md``), but its cost model from SASS puts its
+    issue floor at the README's decode shapes in an interval (static sub-step count over every branch as the upper
+    end, MMAs + shared loads + epilogue as the lower) that contains Triton's floor or lies above it: no margin that
+    justifies defaulting to a kernel no GPU has run. ``backend="cuda"`` runs it on request; flip this after
+    ``benchmarks/test_bench_cuda.py`` has measured it ahead of Triton on an A100/H100."""
     return False
 
 

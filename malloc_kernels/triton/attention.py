@@ -143,30 +143,38 @@ def choose_config(call: AttentionCall, *, path: Optional[str] = None, block_m: O
             splits = min(want, _cdiv(total, block_n))
             split_size = _cdiv(_cdiv(total, splits), block_n) * block_n
         num_splits = _cdiv(total, split_size)
-        # fp32 inputs have no tensor-core product: their FMA tiles spread over 8 warps fit the register file on
-        # sm_80 and sm_90 (4 warps spill 4 bytes on sm_80, 2 warps 8 on sm_90; the AOT report)
-        num_warps = 8 if call.dtype == torch.float32 else 4
+        # Warps per program where the register file holds the tiles without spilling (the AOT report, per arch):
+        # fp32 inputs (FMA products, no tensor cores) and 64-row tiles need 8 warps everywhere; 32-row tiles 8 on
+        # sm_90 (4 spill there) but 4 on sm_80 (8 spill there); quantized + bias 16-row tiles the reverse.
+        arch = device_arch(call.device) if arch is None else arch
+        quantized = call.cache is not None and call.cache.is_quantized
+        if call.dtype == torch.float32 or block_m >= 64:
+            num_warps = 8
+        elif block_m == 32:
+            num_warps = 8 if arch >= 90 else 4
+        elif quantized and call.has_bias:
+            num_warps = 4 if arch >= 90 else 8
+        else:
+            num_warps = 4
     else:
         # FlashAttention-2 tiles where they fit the register file (checked per arch by the AOT report: 0 spills):
         # each warp owns 16 whole query rows (row max/sum stay within the warp, P stays in registers), 128 rows /
-        # 8 warps, or 64 rows / 4 warps -- one warpgroup of 64 rows, the smallest M of sm_90's wgmma --, 3 stages
-        # of K/V loads in flight. The dequantizing and bias paths need the registers of 32-row tiles on sm_80
-        # (and with the bias on sm_90 too), D = 256 everywhere; fp32 inputs have no tensor-core product and keep
-        # 32-row tiles; masked 16-bit tiles on sm_80 keep 64 rows / 2 stages.
+        # 8 warps, 3 stages of K/V loads in flight, 32-key blocks (64 keys spill on both archs: the 128 x 64 score
+        # tile; 64 rows / 4 warps spill quantized tiles on sm_90). The dequantizing and bias paths need the
+        # registers of 32-row tiles on sm_80 (and with the bias on sm_90 too), D = 256 everywhere; fp32 inputs
+        # have no tensor-core product and keep 16-row tiles; masked 16-bit tiles on sm_80 keep 64 rows / 2 stages.
         arch = device_arch(call.device) if arch is None else arch
         quantized = call.cache is not None and call.cache.is_quantized
         masked_sm80 = call.attn_mask is not None and arch < 90
         if call.dtype == torch.float32 or call.has_bias or (quantized and arch < 90) or block_d > 128 or masked_sm80:
             fa2 = None
-        elif quantized:
-            fa2 = (64, 4, 3)
         else:
             fa2 = (128, 8, 3)
         split_size, num_splits = total, 1
         if fa2 is not None and block_m in (None, fa2[0]):
-            return LaunchConfig(path, fa2[0], block_n, block_d, split_size, num_splits, fa2[1], fa2[2])
+            return LaunchConfig(path, fa2[0], min(block_n, 32), block_d, split_size, num_splits, fa2[1], fa2[2])
         if block_m is None:
-            block_m = 64 if (masked_sm80 and block_d <= 128) else 32
+            block_m = 64 if (masked_sm80 and block_d <= 128) else 16 if call.dtype == torch.float32 else 32
         num_warps = 4 if block_d <= 64 else 8
     return LaunchConfig(path, block_m, block_n, block_d, split_size, num_splits, num_warps, 2)
 
@@ -581,13 +589,20 @@ def aot_specs():
     merged = set()
     for name, kw in decode.items():
         call = _example_call(**kw)
-        cfg = choose_config(call, path="decode")
-        args, consts, buffers = kernel_args(call, cfg, dot_lowp=True)
-        dargs, dconsts, margs, mconsts = decode_kernel_args(call, cfg, args, consts, buffers)
+        cfgs = {arch: choose_config(call, path="decode", arch=arch) for arch in (80, 90)}
+        same = cfgs[80] == cfgs[90]
         lowp = call.dtype != torch.float32
-        specs.append(AotSpec.from_args(f"decode/{name}", attention_forward_kernel, dargs, dconsts,
-                                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, mma_expected=lowp,
-                                       note=f"D={call.head_dim} G={call.group_size} Lq={call.max_q_len}"))
+        for arch, cfg in cfgs.items():
+            if same and arch == 90:
+                break
+            args, consts, buffers = kernel_args(call, cfg, dot_lowp=True)
+            dargs, dconsts, margs, mconsts = decode_kernel_args(call, cfg, args, consts, buffers)
+            spec = AotSpec.from_args(f"decode/{name}", attention_forward_kernel, dargs, dconsts,
+                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages, mma_expected=lowp,
+                                     note=f"D={call.head_dim} G={call.group_size} Lq={call.max_q_len} "
+                                          f"warps={cfg.num_warps}")
+            spec.archs = None if same else (arch,)
+            specs.append(spec)
         key = (mconsts["KIND"], mconsts["NORM"], mconsts["HAS_CACHE"], call.dtype, mconsts["BLOCK_D"])
         if key not in merged:
             merged.add(key)
