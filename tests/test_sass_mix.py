@@ -63,3 +63,27 @@ def test_cuobjdump_absolute_branch_targets():
 """
     mix = sass.hottest_loop_mix(text)
     assert mix.total == 3 and mix.counts["lds"] == 1 and mix.counts["fp32"] == 1
+
+
+NESTED = """
+.L_x_0:
+        /*0000*/                   HMMA.16816.F32 R16, R12, R8, R16 ;
+.L_x_1:
+        /*0010*/                   LDG.E.128 R8, desc[UR4][R2.64] ;
+        /*0020*/                   STS.128 [R9], R8 ;
+        /*0030*/               @P0 BRA `(.L_x_1) ;
+        /*0040*/                   LDS R6, [R3] ;
+        /*0050*/                   FFMA R7, R6, R6, R7 ;
+        /*0060*/               @P1 BRA `(.L_x_0) ;
+        /*0070*/                   EXIT ;
+"""
+
+
+def test_loops_separate_a_nested_loop_from_its_parent():
+    # the parent's own instructions exclude the nested (dequantizing) loop: what tools/cuda_report.py divides by the
+    # keys of one sub-step
+    outer, inner = sorted(sass.loops(NESTED), key=lambda lp: lp.start)
+    assert outer.contains(inner) and not inner.contains(outer)
+    assert inner.body == inner.own and inner.own["ldg"] == 1 and inner.own["sts"] == 1 and inner.own["total"] == 3
+    assert outer.body["total"] == 7 and outer.body["ldg"] == 1
+    assert outer.own == dict(mma=1, fp32=1, lds=1, sts=0, ldg=0, mufu=0, total=4)
