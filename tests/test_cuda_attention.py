@@ -279,15 +279,27 @@ def test_cuda_packer_bit_exact_with_cpu(fmt, axis):
                                b.cpu().view(torch.uint8) if b.dtype != torch.uint8 else b.cpu())
 
 
-def test_auto_prefers_triton_for_cache_decode(monkeypatch):
-    """Until the CUDA decode uses tensor cores and register-resident queries, ``auto`` sends cache decode to Triton
-    (the CUDA kernel's per-key instruction mix is in benchmarks/results/cuda_ptxas.md)."""
-    monkeypatch.setattr(cuda_backend, "supports", lambda call: (True, ""))
-    for L, Hq in ((1, 8), (4, 8), (1, 64)):
-        args, kw = _case(FORMATS[3], "softmax", "cpu", Hq=Hq, L=L)
-        from malloc_kernels.core.validate import validate_call
+def test_auto_picks_the_kernel_of_the_cost_model(monkeypatch):
+    """``auto`` sends cache decode to the CUDA C++ kernel only where its modeled issue floor is below Triton's even at
+    its upper bound (core/gpu_policy.py; benchmarks/results/cuda_ptxas.md): quantized caches, 64 < D <= 128, one
+    16-row tile per kv head. Elsewhere Triton."""
+    from malloc_kernels.core.validate import validate_call
 
-        assert not cuda_backend.preferred(validate_call(*args, **kw))
+    monkeypatch.setattr(cuda_backend, "supports", lambda call: (True, ""))
+
+    def picks_cuda(fmt, D, Hq, L):
+        args, kw = _case(fmt, "softmax", "cpu", Hq=Hq, Hkv=2, L=L, D=D)
+        return cuda_backend.preferred(validate_call(*args, **kw))
+
+    kivi4, fp16 = FORMATS[3], FORMATS[0]
+    assert picks_cuda(kivi4, 128, 8, 1) and picks_cuda(kivi4, 96, 8, 4) and picks_cuda(FORMATS[1], 128, 2, 1)
+    assert not picks_cuda(kivi4, 64, 8, 1)          # the README decode: no margin over Triton
+    assert not picks_cuda(kivi4, 256, 8, 1)         # outside what the model compared
+    assert not picks_cuda(kivi4, 128, 8, 8)         # 32 rows per kv head: two tiles
+    assert not picks_cuda(fp16, 128, 8, 1)          # float caches: both at the memory floor
+    args, kw = _case(kivi4, "softmax", "cpu", Hq=8, Hkv=2, L=1, D=128)
+    kw.pop("cache")
+    assert not cuda_backend.preferred(validate_call(*args, **kw))  # no cache: not a cache decode
 
 
 @pytest.mark.gpu

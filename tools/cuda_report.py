@@ -345,15 +345,16 @@ def markdown(kernels, sass: bool, bandwidth: bool, how: str = "") -> str:
                  "static count (upper) or at its MMAs + shared loads + ~20 epilogue instructions per lane's 8 "
                  "score elements (lower).", "",
                  decode_cost_model(kernels), "",
-                 "**What `auto` picks for cache decode on a GPU: Triton** (`ops/cuda.py: preferred` is False). "
-                 "Triton's split-K decode at the same shapes (`benchmarks/results/triton_report.md`, section "
-                 "\"What `auto` runs\") is issue-bound too, with an exact static count of a kernel specialised "
-                 "per kind/bias/format. This kernel's issue floor lies between "
-                 "the two columns above, and at every shape that interval contains Triton's floor or lies above "
-                 "it (the fp16 8k cache: Triton is at its memory floor, this kernel's upper issue floor is above "
-                 "the memory floor): the model shows no margin that would justify making a kernel no GPU has run "
-                 "the default. `backend=\"cuda\"` runs it on request; flip "
-                 "`preferred` when `benchmarks/test_bench_cuda.py` on an A100/H100 shows it ahead.", ""]
+                 "**What `auto` picks for cache decode on a GPU** (`core/gpu_policy.py`, read by "
+                 "`ops/cuda.py: preferred`): Triton's split-K decode at the same shapes "
+                 "(`benchmarks/results/triton_report.md`, \"What `auto` runs\") is issue-bound too, with an exact "
+                 "static count of a kernel specialised per kind/bias/format. Where even this kernel's upper issue "
+                 "floor is below Triton's on both architectures -- quantized caches at 64 < D <= 128 with one "
+                 "16-row tile per kv head (GQA 4:1 KIVI-4 8k above) -- `auto` runs this kernel: its block "
+                 "dequantizes each key once for all warps. At D <= 64 (the README decode) the interval contains "
+                 "Triton's floor, and float caches are at the memory floor in both: Triton stays the default "
+                 "there. Neither kernel has run on a GPU; `benchmarks/test_bench_cuda.py` on an A100/H100 is "
+                 "what should move this line.", ""]
     if bandwidth:
         text += ["## Decode bandwidth model", "",
                  "Bytes each decode call must read (cache payload + fp16 scales/zeros + lengths + fp32 residual, "

@@ -9,7 +9,8 @@ dispatcher, the cache package and the policies. It imports nothing else of ``mal
 - ``time_buckets.py``: HSTU's exact integer time-bucket thresholds;
 - ``formats.py``: the cache-format table (name, code, bits, grouping, zero point, scale dtype) and the C++ header
   generated from it;
-- ``kvcache.py``: ``KVCacheBase``, the cache's stored tensors, their invariants and ``check_contents``.
+- ``kvcache.py``: ``KVCacheBase``, the cache's stored tensors, their invariants and ``check_contents``;
+- ``gpu_policy.py``: which GPU kernel (Triton or CUDA C++) ``auto`` runs for a cache decode.
 """
 from .kvcache import KVCacheBase  # noqa: F401
 from .types import AttentionResult, AttentionStats  # noqa: F401

@@ -27,6 +27,7 @@ import torch
 
 from ..core import extension, formats
 from ..core.formats import FLOAT_FORMAT, FP8_FORMAT, INT_FORMATS
+from ..core.gpu_policy import cuda_decode_preferred
 from ..core.masks import request_visibility
 from ..core.time_buckets import kernel_thresholds
 from ..core.types import AttentionResult
@@ -86,13 +87,14 @@ def supports(call) -> Tuple[bool, str]:
 
 
 def preferred(call) -> bool:
-    """Whether ``backend="auto"`` picks this kernel over Triton: not yet. The kernel runs QK^T and P.V on tensor
-    cores, spill-free on sm_80/sm_90 (``benchmarks/results/cuda_ptxas.md``), but its cost model from SASS puts its
-    issue floor at the README's decode shapes in an interval (static sub-step count over every branch as the upper
-    end, MMAs + shared loads + epilogue as the lower) that contains Triton's floor or lies above it: no margin that
-    justifies defaulting to a kernel no GPU has run. ``backend="cuda"`` runs it on request; flip this after
-    ``benchmarks/test_bench_cuda.py`` has measured it ahead of Triton on an A100/H100."""
-    return False
+    """Whether ``backend="auto"`` picks this kernel over Triton: ``core/gpu_policy.cuda_decode_preferred`` (cache
+    decode over a quantized cache at 64 < D <= 128 with one 16-row tile per kv head, where its SASS cost model is
+    below Triton's even at its upper bound). Jagged calls stay with Triton: the row count would need a host read
+    of the lengths here."""
+    c = call.cache
+    if c is None or call.jagged:
+        return False
+    return cuda_decode_preferred(c.is_quantized, call.head_dim, call.group_size * call.max_q_len)
 
 
 def _i32(t):

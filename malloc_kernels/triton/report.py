@@ -98,6 +98,7 @@ def _shape_bytes(B, Hq, Hkv, D, N, Lq, fmt):
 
 def shape_lines(archs, compile_spec):
     """The README-shape section: auto's kernel and why, its launch, and per arch the floors of its time."""
+    from ..core.gpu_policy import cuda_decode_preferred
     from .aot import AotSpec
     from .attention import (DECODE_MAX_ROWS, _example_call, append_kernel_args, choose_config,
                             decode_kernel_args, kernel_args)
@@ -110,9 +111,12 @@ def shape_lines(archs, compile_spec):
     for label, B, Hq, Hkv, D, N, Lq, fmt, axis in SHAPES:
         rows = (Hq // Hkv) * Lq
         path = "decode" if rows <= DECODE_MAX_ROWS else "append"
-        why = (f"CUDA C++ decode not preferred (tensor cores, no spills, but its modeled issue cost per key is "
-               f"not clearly below this kernel's: benchmarks/results/cuda_ptxas.md); G*Lq={rows} "
-               + ("<= 64: split-K decode" if path == "decode" else "> 64: query tiles"))
+        if cuda_decode_preferred(fmt != "float" and N > 0, D, rows):
+            why = ("auto runs the CUDA C++ decode here (core/gpu_policy.py: its modeled issue floor, "
+                   "benchmarks/results/cuda_ptxas.md, is below this kernel's); this row: Triton's split-K decode")
+        else:
+            why = (f"CUDA C++ decode not preferred (core/gpu_policy.py); G*Lq={rows} "
+                   + ("<= 64: split-K decode" if path == "decode" else "> 64: query tiles"))
         kw = dict(Hq=Hq, Hkv=Hkv, D=D, Lq=Lq, C=64 if N else 0, causal=True)
         if fmt != "float":
             kw.update(k_format=fmt, v_format=fmt, k_axis=axis, group_size=32)
@@ -200,8 +204,9 @@ def main(argv=None) -> int:
     text += rows
     if shape_rows:
         text += ["", "## What `auto` runs at the README's shapes, and what bounds it", "",
-                 "On a GPU `backend=\"auto\"` sends these calls to Triton (`ops/cuda.py: preferred` is False; "
-                 "the CUDA decode's cost model and why it is not preferred: `benchmarks/results/cuda_ptxas.md`). "
+                 "On a GPU `backend=\"auto\"` sends these calls to Triton except where the CUDA C++ decode claims "
+                 "them (`core/gpu_policy.py`: quantized caches at 64 < D <= 128 with G*Lq <= 16, from the cost "
+                 "model in `benchmarks/results/cuda_ptxas.md`; those rows still show Triton's kernel for comparison). "
                  "Memory floor: bytes that must move (cache payload, fp16 scales/zeros, positions, fp16 "
                  "queries/request/outputs) / HBM bandwidth (A100 2.04 TB/s, H100 3.35 TB/s); issue floor: "
                  "main-loop iterations x instructions per iteration x warps / (SMs x 4 x boost clock) -- the "
