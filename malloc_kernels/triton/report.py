@@ -112,11 +112,11 @@ def shape_lines(archs, compile_spec):
         rows = (Hq // Hkv) * Lq
         path = "decode" if rows <= DECODE_MAX_ROWS else "append"
         if cuda_decode_preferred(fmt != "float" and N > 0, D, rows):
-            why = ("auto runs the CUDA C++ decode here (core/gpu_policy.py: its modeled issue floor, "
-                   "benchmarks/results/cuda_ptxas.md, is below this kernel's); this row: Triton's split-K decode")
+            picks = ("cuda decode (core/gpu_policy.py: its modeled issue floor, benchmarks/results/cuda_ptxas.md, "
+                     "is below Triton's; the rest of this row is Triton's split-K decode, for comparison)")
         else:
-            why = (f"CUDA C++ decode not preferred (core/gpu_policy.py); G*Lq={rows} "
-                   + ("<= 64: split-K decode" if path == "decode" else "> 64: query tiles"))
+            picks = (f"triton {path} (CUDA C++ decode not preferred: core/gpu_policy.py; G*Lq={rows} "
+                     + ("<= 64: split-K decode)" if path == "decode" else "> 64: query tiles)"))
         kw = dict(Hq=Hq, Hkv=Hkv, D=D, Lq=Lq, C=64 if N else 0, causal=True)
         if fmt != "float":
             kw.update(k_format=fmt, v_format=fmt, k_axis=axis, group_size=32)
@@ -144,7 +144,7 @@ def shape_lines(archs, compile_spec):
             mem, issue = sass.bounds(arch, _shape_bytes(B, Hq, Hkv, D, N, Lq, fmt), iterations, r.mix.total,
                                      cfg.num_warps)
             pk = r.mix.per_key(cfg.block_n)
-            lines.append(f"| {label} | {B}, {Hq}, {Hkv}, {D}, {N}, {Lq} | triton {path} ({why}) | {launch} | "
+            lines.append(f"| {label} | {B}, {Hq}, {Hkv}, {D}, {N}, {Lq} | {picks} | {launch} | "
                          f"sm_{arch} | {r.registers} | {blocks} | {pk['mma']:.2f} | {pk['total']:.1f} | "
                          f"{mem * 1e6:.1f} | {issue * 1e6:.1f} | {'memory' if mem >= issue else 'issue'} |")
             print(lines[-1], flush=True)
