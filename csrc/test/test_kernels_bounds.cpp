@@ -19,18 +19,10 @@
 #include "malloc_kernels/pkm.h"
 #include "malloc_kernels/wkv.h"
 
+#include "expect.h"
+
 namespace isa = malloc_kernels::isa;
 
-static int failures = 0;
-#define EXPECT(cond, ...)                                       \
-  do {                                                          \
-    if (!(cond)) {                                              \
-      ++failures;                                               \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                        \
-      std::fprintf(stderr, "\n");                               \
-    }                                                           \
-  } while (0)
 
 static std::vector<isa::Isa> variants() {
   std::vector<isa::Isa> out{isa::Isa::Portable};
@@ -370,8 +362,8 @@ int main() {
   test_pkm_gather(5, 3, 11, 13);
   test_pkm_gather(4, 8, 40, 64);
   test_pkm_gather(1, 1, 1, 1);
-  if (failures) {
-    std::fprintf(stderr, "%d failure(s)\n", failures);
+  if (expect_failures) {
+    std::fprintf(stderr, "%d failure(s)\n", expect_failures);
     return 1;
   }
   std::printf("wkv, lsh_attention and pkm: all cases passed\n");
