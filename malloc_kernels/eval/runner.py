@@ -47,7 +47,8 @@ class EvalConfig:
     0 trains them from scratch with the base recipe. The memory (MSN) variant always trains from scratch with the
     base recipe and time budget (``memory_epochs``: its own epoch count, so a cosine schedule ends within the same
     budget although its epochs are slower; None = ``epochs``), so its row compares the two at equal training
-    budget."""
+    budget. ``budget_clock``: what ``time_budget_min`` measures (``TrainConfig.budget_clock``: ``"wall"`` or
+    ``"cpu"``); ``variant_budget_clock``: the same for the trained variants (None = ``budget_clock``)."""
 
     data: str = "ml-latest-small"
     models: Sequence[str] = ("hstu", "sasrec")
@@ -71,6 +72,8 @@ class EvalConfig:
     uptrain_epochs: int = 0
     memory_epochs: Optional[int] = None
     windows: str = "last"
+    budget_clock: str = "wall"
+    variant_budget_clock: Optional[str] = None
     n_boot: int = 1000
     seed: int = 0
     out: str = "results"
@@ -96,6 +99,10 @@ class EvalConfig:
             d.pop("windows")
         if d["train_batch_size"] == 32:   # likewise
             d.pop("train_batch_size")
+        if d["budget_clock"] == "wall":   # likewise
+            d.pop("budget_clock")
+        if d["variant_budget_clock"] in (None, d.get("budget_clock", "wall")):
+            d.pop("variant_budget_clock")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -281,7 +288,8 @@ def run(cfg: EvalConfig, log=print) -> dict:
     train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.train_batch_size, seed=cfg.seed,
                             time_budget_min=cfg.time_budget_min,
                             full_softmax=cfg.full_softmax, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
-                            windows=cfg.windows)
+                            windows=cfg.windows, budget_clock=cfg.budget_clock)
+    variant_cfg = dataclasses.replace(train_cfg, budget_clock=cfg.variant_budget_clock or cfg.budget_clock)
     trained, bases = {}, {}
     log(f"{ds!r}: {len(examples)} test users, {len(grid)} rows per model, results in {out}")
 
@@ -295,16 +303,16 @@ def run(cfg: EvalConfig, log=print) -> dict:
         model_cfg = _model_config(cfg, arch, ds.n_items, overrides)
         if variant is not None and cfg.uptrain_epochs and VARIANTS[variant][0] in ("head", "sequence"):
             base_model, base_report = _train_base(ds, cfg, arch, train_cfg, bases)
-            up_cfg = dataclasses.replace(train_cfg, epochs=cfg.uptrain_epochs,
+            up_cfg = dataclasses.replace(variant_cfg, epochs=cfg.uptrain_epochs,
                                          init_from=Path(base_report["checkpoint"]).stem)
             model, report = train(ds, model_cfg, up_cfg, cache=cfg.cache, progress=cfg.progress,
                                   log=lambda m: None, init_model=base_model)
         elif variant is None:
             model, report = _train_base(ds, cfg, arch, train_cfg, bases)
         else:
-            own_cfg = train_cfg
+            own_cfg = variant_cfg
             if VARIANTS[variant][0] == "memory" and cfg.memory_epochs:
-                own_cfg = dataclasses.replace(train_cfg, epochs=cfg.memory_epochs)
+                own_cfg = dataclasses.replace(variant_cfg, epochs=cfg.memory_epochs)
             model, report = train(ds, model_cfg, own_cfg, cache=cfg.cache, progress=cfg.progress,
                                   log=lambda m: None)
         trained[(arch, variant)] = report
@@ -337,6 +345,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "processor": platform.processor(), "threads": torch.get_num_threads(),
             "training": {f"{a}/{v or 'base'}": {"test": r["test"], "train_seconds": r["train_seconds"],
+                                                 "budget_clock": r["budget_clock"],
                                                  "init_from": r["train"].get("init_from", "")}
                          for (a, v), r in trained.items()}}
     paths = write_outputs(rows, out, meta)
