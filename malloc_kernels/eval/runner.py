@@ -158,11 +158,41 @@ def _stored_entries(caches) -> torch.Tensor:
     return torch.stack(per_layer).mean(0)
 
 
+def _attended_entries(caches) -> torch.Tensor:
+    """Mean entries per (user, kv head) a request query attends to, per layer, for the MACs model: [B]. The stored
+    entries, except for a Reformer cache (its ``bucket`` ids): a query reads only the entries sharing one of its LSH
+    buckets. With shared-QK the keys are the normalised queries, so the stored entries stand in for the queries:
+    the count is the mean over stored entries i of |{j: i and j share a bucket in some round}| (one round:
+    ``sum_b n_b^2 / n``)."""
+    per_layer = []
+    for c in caches:
+        if not hasattr(c, "bucket"):
+            per_layer.append(_stored_entries([c]))
+            continue
+        B, H = c.bucket.shape[:2]
+        out = torch.zeros(B, H, dtype=torch.float64)
+        for b in range(B):
+            for h in range(H):
+                n = int(c.length[b, h])
+                if n == 0:
+                    continue
+                ids = c.bucket[b, h, :n].to(torch.int64)                       # [n, rounds]
+                if ids.shape[1] == 1:
+                    counts = torch.bincount(ids[:, 0], minlength=c.n_buckets).double()
+                    out[b, h] = float((counts * counts).sum()) / n
+                else:
+                    share = (ids[:, None, :] == ids[None, :, :]).any(-1)      # [n, n]: union over rounds
+                    out[b, h] = float(share.double().sum()) / n
+        per_layer.append(out.mean(1))
+    return torch.stack(per_layer).mean(0)
+
+
 @torch.no_grad()
 def evaluate_specs(model, examples: EvalExamples, specs: Sequence[MethodSpec], cfg: EvalConfig, desc: str):
     """Serve every test user under every spec; returns {spec.key: metrics/resources dict}."""
     model.eval()
     acc = {s.key: _Accumulator() for s in specs}
+    attended = {s.key: [] for s in specs}
     n_batches = (len(examples) + cfg.batch_size - 1) // cfg.batch_size
     for batch in tqdm(eval_batches(examples, cfg.batch_size, cfg.max_len), total=n_batches, desc=desc,
                       disable=not cfg.progress, leave=False):
@@ -187,6 +217,7 @@ def evaluate_specs(model, examples: EvalExamples, specs: Sequence[MethodSpec], c
                 a.seconds += time.perf_counter() - t0
                 nbytes = sum(c.nbytes_per_user().double() for c in caches)
                 entries = _stored_entries(caches)
+                attended[spec.key].append(_attended_entries(caches))
             a.ranks.append(target_ranks(model.score_all_items(h), batch.targets))
             a.bytes.append(nbytes)
             a.entries.append(entries)
@@ -198,13 +229,14 @@ def evaluate_specs(model, examples: EvalExamples, specs: Sequence[MethodSpec], c
         row = rank_metrics(ranks, model.cfg.n_items)
         row["ranks"] = ranks.tolist()   # per user (in example order): the paired bootstrap intervals' input
         mean_entries = float(torch.cat(a.entries).mean())
+        read = float(torch.cat(attended[spec.key]).mean()) if attended[spec.key] else mean_entries
         if spec.recompute:  # recompute attends over the whole truncated history again
-            mean_entries = float(np.mean([min(len(h), cfg.max_len) for h in examples.histories]))
+            mean_entries = read = float(np.mean([min(len(h), cfg.max_len) for h in examples.histories]))
         row.update(bytes_per_user=float(torch.cat(a.bytes).mean()),
-                   macs_per_request=request_macs(model, mean_entries, cfg.request_size),
+                   macs_per_request=request_macs(model, read, cfg.request_size),
                    latency_ms=1e3 * a.seconds / max(n_batches, 1),
                    requests_per_s=a.users / a.seconds if a.seconds > 0 else float("nan"),
-                   mean_entries_per_head=mean_entries)
+                   mean_entries_per_head=mean_entries, attended_entries_per_head=read)
         out[spec.key] = row
     return out
 
