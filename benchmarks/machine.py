@@ -27,7 +27,8 @@ def isa_variants() -> dict:
     try:
         import malloc_kernels._C  # noqa: F401  (registers the ops)
         ops = torch.ops.malloc_kernels
-        out = {fam: ops.cpu_isa_variant(fam) for fam in ("attention", "train_attention", "cross_entropy", "pkm")}
+        out = {fam: ops.cpu_isa_variant(fam) for fam in ("attention", "train_attention", "cross_entropy", "pkm_topk",
+                                                        "pkm_gather", "wkv", "lsh_attention")}
         out["supported"] = ",".join(ops.cpu_isa_supported())
         return out
     except (ImportError, AttributeError, RuntimeError):

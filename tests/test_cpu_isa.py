@@ -17,7 +17,8 @@ from malloc_kernels.reference import attention as ref_attention
 pytestmark = pytest.mark.skipif(not extension.has_op("cpu_isa_supported")[0], reason="C++ extension not built")
 
 ALL = ["portable", "avx2", "avx512"]
-FAMILIES = {"attention": "avx512", "train_attention": "avx512", "cross_entropy": "avx2", "pkm": "avx512"}
+FAMILIES = {"attention": "avx512", "train_attention": "avx512", "cross_entropy": "avx2", "pkm_topk": "avx2",
+            "pkm_gather": "avx512", "wkv": "avx512", "lsh_attention": "portable"}
 
 
 def _supported():

@@ -11,7 +11,7 @@ namespace cpu {
 bool cpu_has_avx2() { return isa::cpu_supports(isa::Isa::Avx2); }
 
 void attention_forward(const AttnParams& p, isa::Isa variant) {
-  switch (isa::isa_for_family(variant, isa::Isa::Avx512)) {
+  switch (isa::isa_for_family(variant, isa::Family::Attention)) {
 #if MALLOC_KERNELS_X86
     case isa::Isa::Avx512: attention_forward_avx512(p); break;
     case isa::Isa::Avx2: attention_forward_avx2(p); break;

@@ -71,7 +71,7 @@ T row(bool avx2, T* z, int64_t t, int64_t C) {
 template <typename T>
 void cross_entropy_rows(T* logits, const int64_t* targets, int64_t R, int64_t C, int64_t ld, T* loss,
                         isa::Isa variant) {
-  const bool avx2 = isa::isa_for_family(variant, isa::Isa::Avx2) == isa::Isa::Avx2;
+  const bool avx2 = isa::isa_for_family(variant, isa::Family::CrossEntropy) == isa::Isa::Avx2;
 #pragma omp parallel for schedule(static) if (R * C > 32768)
   for (int64_t i = 0; i < R; ++i) loss[i] = row(avx2, logits + i * ld, targets[i], C);
 }

@@ -82,5 +82,54 @@ Isa isa_for_family(Isa requested, Isa family_best) {
   return static_cast<int>(r) < static_cast<int>(family_best) ? r : family_best;
 }
 
+namespace {
+
+struct FamilyRow {
+  Family family;
+  const char* name;
+  Isa best_x86;
+};
+
+// The product-key top-k has no AVX-512 build (its AVX2 kernel is bound by the selection, not the dot products);
+// Reformer's bucketed attention is one portable source the compiler vectorises (its cost is the bucket scan).
+constexpr FamilyRow kFamilies[] = {
+    {Family::Attention, "attention", Isa::Avx512},        {Family::TrainAttention, "train_attention", Isa::Avx512},
+    {Family::CrossEntropy, "cross_entropy", Isa::Avx2},   {Family::PkmTopk, "pkm_topk", Isa::Avx2},
+    {Family::PkmGather, "pkm_gather", Isa::Avx512},       {Family::Wkv, "wkv", Isa::Avx512},
+    {Family::LshAttention, "lsh_attention", Isa::Portable},
+};
+
+const FamilyRow& row_of(Family f) {
+  for (const FamilyRow& r : kFamilies)
+    if (r.family == f) return r;
+  throw std::invalid_argument("unknown CPU kernel family");
+}
+
+}  // namespace
+
+Isa family_best(Family f) { return MALLOC_KERNELS_X86 ? row_of(f).best_x86 : Isa::Portable; }
+
+Isa isa_for_family(Isa requested, Family f) { return isa_for_family(requested, family_best(f)); }
+
+const char* family_name(Family f) { return row_of(f).name; }
+
+const std::vector<Family>& families() {
+  static const std::vector<Family> all = [] {
+    std::vector<Family> v;
+    for (const FamilyRow& r : kFamilies) v.push_back(r.family);
+    return v;
+  }();
+  return all;
+}
+
+bool family_from_name(const std::string& name, Family* out) {
+  for (const FamilyRow& r : kFamilies)
+    if (name == r.name) {
+      *out = r.family;
+      return true;
+    }
+  return false;
+}
+
 }  // namespace isa
 }  // namespace malloc_kernels

@@ -50,7 +50,9 @@ namespace {
 
 // Whether the top-k runs its AVX2 variant (MALLOC_KERNELS_ISA, read per call by the caller; the top-k has no avx512
 // build, so an avx512 request runs it; the gather's row kernels have both, see row_kernels).
-inline bool use_avx2(isa::Isa requested) { return isa::isa_for_family(requested, isa::Isa::Avx2) == isa::Isa::Avx2; }
+inline bool use_avx2(isa::Isa requested) {
+  return isa::isa_for_family(requested, isa::Family::PkmTopk) == isa::Isa::Avx2;
+}
 
 // ---- scalar (any T) building blocks --------------------------------------------------------------------------
 
@@ -268,7 +270,7 @@ template <typename T>
 RowKernels row_kernels(isa::Isa requested) {
   if constexpr (std::is_same_v<T, float>) {
 #if MALLOC_KERNELS_X86
-    switch (isa::isa_for_family(requested, isa::Isa::Avx512)) {
+    switch (isa::isa_for_family(requested, isa::Family::PkmGather)) {
       case isa::Isa::Avx512: return RowKernels::Avx512;
       case isa::Isa::Avx2: return RowKernels::Avx2;
       default: break;
@@ -277,7 +279,7 @@ RowKernels row_kernels(isa::Isa requested) {
     (void)requested;
 #endif
   } else {
-    isa::isa_for_family(requested, isa::Isa::Avx512);  // still refuses a variant this CPU cannot run
+    isa::isa_for_family(requested, isa::Family::PkmGather);  // still refuses a variant this CPU cannot run
   }
   return RowKernels::Scalar;
 }

@@ -6,7 +6,7 @@ namespace train_attention {
 
 template <typename T>
 void self_attention_forward(const Params<T>& p, T* out, T* lse, isa::Isa variant) {
-  switch (isa::isa_for_family(variant, isa::Isa::Avx512)) {
+  switch (isa::isa_for_family(variant, isa::Family::TrainAttention)) {
 #if MALLOC_KERNELS_X86
     case isa::Isa::Avx512: self_attention_forward_avx512(p, out, lse); break;
     case isa::Isa::Avx2: self_attention_forward_avx2(p, out, lse); break;
@@ -18,7 +18,7 @@ void self_attention_forward(const Params<T>& p, T* out, T* lse, isa::Isa variant
 template <typename T>
 void self_attention_backward(const Params<T>& p, const T* grad_out, const T* out, const T* lse, T* dq, T* dk, T* dv,
                              T* dpos_bias, T* dtime_bias, isa::Isa variant) {
-  switch (isa::isa_for_family(variant, isa::Isa::Avx512)) {
+  switch (isa::isa_for_family(variant, isa::Family::TrainAttention)) {
 #if MALLOC_KERNELS_X86
     case isa::Isa::Avx512:
       self_attention_backward_avx512(p, grad_out, out, lse, dq, dk, dv, dpos_bias, dtime_bias);

@@ -268,15 +268,6 @@ void run_tasks(const Args<T>& A, TaskFn<T> fn) {
   for (int64_t i = 0; i < tasks; ++i) fn(A, i / nblk, (i % nblk) * CB);
 }
 
-template <typename T>
-isa::Isa pick(isa::Isa variant) {
-#if MALLOC_KERNELS_X86
-  return isa::isa_for_family(variant, isa::Isa::Avx512);
-#else
-  return isa::isa_for_family(variant, isa::Isa::Portable);
-#endif
-}
-
 }  // namespace
 
 template <typename T>
@@ -286,11 +277,11 @@ void forward(const T* w, const T* u, const T* k, const T* v, const int64_t* offs
             nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   TaskFn<T> fn = forward_portable<T>;
 #if MALLOC_KERNELS_X86
-  const isa::Isa run = pick<T>(variant);
+  const isa::Isa run = isa::isa_for_family(variant, isa::Family::Wkv);
   if (run == isa::Isa::Avx512) fn = forward_avx512<T>;
   else if (run == isa::Isa::Avx2) fn = forward_avx2<T>;
 #else
-  (void)pick<T>(variant);
+  isa::isa_for_family(variant, isa::Family::Wkv);  // still refuses a variant this CPU cannot run
 #endif
   run_tasks(A, fn);
 }
@@ -303,11 +294,11 @@ void backward(const T* w, const T* u, const T* k, const T* v, const int64_t* off
             y, aux, grad_y, grad_w_users, grad_u_users, grad_k, grad_v};
   TaskFn<T> fn = backward_portable<T>;
 #if MALLOC_KERNELS_X86
-  const isa::Isa run = pick<T>(variant);
+  const isa::Isa run = isa::isa_for_family(variant, isa::Family::Wkv);
   if (run == isa::Isa::Avx512) fn = backward_avx512<T>;
   else if (run == isa::Isa::Avx2) fn = backward_avx2<T>;
 #else
-  (void)pick<T>(variant);
+  isa::isa_for_family(variant, isa::Family::Wkv);  // still refuses a variant this CPU cannot run
 #endif
   run_tasks(A, fn);
 }

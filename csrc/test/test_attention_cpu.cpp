@@ -18,19 +18,12 @@
 #include "malloc_kernels/isa.h"
 #include "malloc_kernels/quant.h"
 
+#include "expect.h"
+
 namespace mk = malloc_kernels;
 using mk::cpu::AttnParams;
 using mk::cpu::Fmt;
 
-static int failures = 0;
-#define EXPECT(cond, ...)                                           \
-  do {                                                              \
-    if (!(cond) && ++failures <= 20) {                              \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);     \
-      std::fprintf(stderr, __VA_ARGS__);                            \
-      std::fprintf(stderr, "\n");                                   \
-    }                                                               \
-  } while (0)
 
 struct Case {
   int B = 2, Hq = 4, Hkv = 2, D = 32, C = 45, Lq = 3;
@@ -178,6 +171,6 @@ int main() {
 #if !MALLOC_KERNELS_X86
   EXPECT(mk::isa::supported_names().size() == 1, "non-x86 build lists more than the portable variant");
 #endif
-  std::printf("%d attention cases, %d failures\n", cases, failures);
-  return failures ? 1 : 0;
+  std::printf("%d attention cases, %d failures\n", cases, expect_failures);
+  return expect_failures ? 1 : 0;
 }

@@ -12,18 +12,10 @@
 
 #include "malloc_kernels/attention_cpu.h"
 
+#include "expect.h"
+
 namespace mc = malloc_kernels::cpu;
 
-static int failures = 0;
-#define EXPECT(cond, ...)                                   \
-  do {                                                      \
-    if (!(cond)) {                                          \
-      ++failures;                                           \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                    \
-      std::fprintf(stderr, "\n");                           \
-    }                                                       \
-  } while (0)
 
 struct Case {
   int B = 2, Hq = 4, Hkv = 2, D = 17, Lq = 3, C = 37;
@@ -172,8 +164,8 @@ int main() {
       }
     }
   }
-  if (failures) {
-    std::fprintf(stderr, "%d failures\n", failures);
+  if (expect_failures) {
+    std::fprintf(stderr, "%d failures\n", expect_failures);
     return 1;
   }
   std::printf("attention_cpu_bounds: all cases passed\n");

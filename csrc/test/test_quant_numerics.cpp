@@ -13,20 +13,10 @@
 #include "malloc_kernels/decode.h"
 #include "malloc_kernels/quant.h"
 
+#include "expect.h"
+
 using namespace malloc_kernels::quant;
 
-static int failures = 0;
-
-#define EXPECT(cond, ...)                                      \
-  do {                                                         \
-    if (!(cond)) {                                             \
-      if (++failures <= 20) {                                  \
-        std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-        std::fprintf(stderr, __VA_ARGS__);                     \
-        std::fprintf(stderr, "\n");                            \
-      }                                                        \
-    }                                                          \
-  } while (0)
 
 static void test_f16() {
   for (uint32_t h = 0; h < 0x10000u; ++h) {
@@ -204,8 +194,8 @@ int main() {
   test_f16();
   test_e4m3();
   test_quantize_and_pack();
-  if (failures) {
-    std::fprintf(stderr, "%d failures\n", failures);
+  if (expect_failures) {
+    std::fprintf(stderr, "%d failures\n", expect_failures);
     return 1;
   }
   std::printf("quant.h numerics: all checks passed\n");

@@ -1,7 +1,8 @@
 // Ops reporting the CPU kernels' ISA variants (malloc_kernels/isa.h):
 //   cpu_isa_supported() -> str[]      the variants this CPU can run ("portable", "avx2", "avx512"), in that order
 //   cpu_isa_variant(str family) -> str the variant `family` runs now (MALLOC_KERNELS_ISA read now, capped by the
-//                                      family's best build); families: attention, train_attention, cross_entropy, pkm
+//                                      family's best build); families: isa.h's Family table (attention,
+//                                      train_attention, cross_entropy, pkm_topk, pkm_gather, wkv, lsh_attention)
 #include <string>
 #include <vector>
 
@@ -11,23 +12,17 @@
 
 namespace {
 
-using malloc_kernels::isa::Isa;
-
 std::vector<std::string> cpu_isa_supported() { return malloc_kernels::isa::supported_names(); }
 
-// The best build of each CPU kernel family.
-Isa family_best(const std::string& family) {
-  if (family == "attention" || family == "train_attention" || family == "pkm") return Isa::Avx512;
-  if (family == "cross_entropy") return Isa::Avx2;
-  TORCH_CHECK_VALUE(false, "cpu_isa_variant: unknown family '", family,
-                    "' (expected attention, train_attention, cross_entropy or pkm)");
-  return Isa::Portable;
-}
-
 std::string cpu_isa_variant(const std::string& family) {
-  const Isa best = family_best(family);
+  malloc_kernels::isa::Family f;
+  if (!malloc_kernels::isa::family_from_name(family, &f)) {
+    std::string names;
+    for (auto g : malloc_kernels::isa::families()) names += std::string(names.empty() ? "" : ", ") + malloc_kernels::isa::family_name(g);
+    TORCH_CHECK_VALUE(false, "cpu_isa_variant: unknown family '", family, "' (expected one of ", names, ")");
+  }
   return malloc_kernels::isa::name(
-      malloc_kernels::isa::isa_for_family(malloc_kernels::torch_glue::requested_isa(), best));
+      malloc_kernels::isa::isa_for_family(malloc_kernels::torch_glue::requested_isa(), f));
 }
 
 }  // namespace

@@ -20,13 +20,13 @@ inconsistency with ``ValueError``; a blob that passes is rebuilt bit for bit.
 from __future__ import annotations
 
 import struct
-import zlib
 from typing import List, Sequence, Union
 
 import torch
 
 from .batch import user_slice
 from .serialize import cache_from_bytes
+from ..core import framing
 from ..core.policy_spec import PolicySpec
 from .types import KVCache
 
@@ -81,26 +81,15 @@ def state_to_bytes(state: State, user: int) -> bytes:
     total = _HEADER.size + len(body) + 4
     head = _HEADER.pack(MAGIC, VERSION, FLAG_SINGLE if single else 0, len(layers), 0, total)
     out = head + body
-    return out + _U32.pack(zlib.crc32(out) & 0xFFFFFFFF)
+    return framing.seal(out)
 
 
 def check_state_bytes(b) -> bytes:
     """The verified bytes of an envelope: magic, version, size and CRC (ValueError otherwise)."""
-    if isinstance(b, (bytearray, memoryview)):
-        b = bytes(b)
-    if not isinstance(b, bytes):
-        raise TypeError(f"state bytes must be bytes, got {type(b).__name__}")
-    if len(b) < _HEADER.size + 4:
-        raise ValueError(f"serving state truncated: {len(b)} bytes")
-    magic, version, flags, n_layers, reserved, total = _HEADER.unpack_from(b, 0)
-    if magic != MAGIC:
-        raise ValueError(f"not a malloc_kernels serving state: magic {magic!r} != {MAGIC!r}")
-    if version != VERSION:
-        raise ValueError(f"unsupported serving state version {version} (this build reads version {VERSION})")
-    if total != len(b):
-        raise ValueError(f"serving state size mismatch: header says {total} bytes, got {len(b)}")
-    if zlib.crc32(b[:-4]) & 0xFFFFFFFF != _U32.unpack_from(b, len(b) - 4)[0]:
-        raise ValueError("serving state is corrupt: CRC32 mismatch")
+    b = framing.as_blob(b, "state bytes")
+    _, _, flags, n_layers, reserved, total = framing.open_frame(b, _HEADER, MAGIC, VERSION,
+                                                                "malloc_kernels serving state")
+    framing.check_size_and_crc(b, total, "malloc_kernels serving state")
     if reserved != 0 or flags & ~FLAG_SINGLE or not 1 <= n_layers <= MAX_LAYERS:
         raise ValueError("serving state is inconsistent: invalid header fields")
     return b

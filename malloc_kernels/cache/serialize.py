@@ -3,11 +3,10 @@ holds the encoder, ``KVCache.to_bytes``)."""
 from __future__ import annotations
 
 import struct
-import zlib
 
 import torch
 
-from ..core import formats
+from ..core import formats, framing
 from ..core.formats import FLOAT_FORMAT, INT_FORMATS, packed_width
 from .types import KVCache
 from .wire import (_AXIS_NAMES, _DTYPE_NAMES, _FLAG_COUNT, _FLAG_RESIDUAL, _FLAG_RESIDUAL_COUNT, _FLAG_TIMESTAMP,  # noqa: F401
@@ -165,24 +164,10 @@ def cache_from_bytes(b, device=None) -> KVCache:
     unsupported-version or inconsistent input. ``device``: where to place the tensors (default CPU).
     """
     _check_host()
-    if isinstance(b, (bytearray, memoryview)):
-        b = bytes(b)
-    if not isinstance(b, bytes):
-        raise TypeError(f"b must be bytes, got {type(b).__name__}")
-    if len(b) < FRAMING_BYTES:
-        raise ValueError(f"cache bytes truncated: {len(b)} bytes, a cache needs at least {FRAMING_BYTES}")
-    (magic, version, flags, kf, vf, ax, kd, vd, rkd, rvd, reserved, H, D, G, total) = _HEADER.unpack_from(b, 0)
-    if magic != MAGIC:
-        raise ValueError(f"not a malloc_kernels cache: magic {magic!r} != {MAGIC!r}")
-    if version != VERSION:
-        raise ValueError(f"unsupported cache serialisation version {version} (this build reads version {VERSION})")
-    if len(b) < total:
-        raise ValueError(f"cache bytes truncated: got {len(b)} bytes, header says {total}")
-    if len(b) > total:
-        raise ValueError(f"cache bytes have {len(b) - total} trailing bytes after the {total}-byte cache")
-    crc = struct.unpack_from("<I", b, total - CRC_BYTES)[0]
-    if zlib.crc32(memoryview(b)[:total - CRC_BYTES]) & 0xFFFFFFFF != crc:
-        raise ValueError("cache bytes are corrupt: CRC32 mismatch")
+    b = framing.as_blob(b, "b")
+    (_, _, flags, kf, vf, ax, kd, vd, rkd, rvd, reserved, H, D, G, total) = framing.open_frame(
+        b, _HEADER, MAGIC, VERSION, "malloc_kernels cache")
+    framing.check_size_and_crc(b, total, "malloc_kernels cache")
     k_fmt, v_fmt, k_axis, has_res, (k_dtype, v_dtype, rk_dtype, rv_dtype) = _check_header(
         flags, kf, vf, ax, kd, vd, rkd, rvd, reserved, H, D, G)
     has_ts = bool(flags & _FLAG_TIMESTAMP)

@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import struct
 import sys
-import zlib
 from typing import List, Optional
 
 import torch
 
-from ..core import formats
+from ..core import formats, framing
 from ..core.formats import FLOAT_FORMAT
 from ..core.kvcache import KVCacheBase
 
@@ -136,6 +135,6 @@ def cache_to_bytes(cache: KVCacheBase, user_index: int) -> bytes:
                           _dtype_code(None if r is None else r.k), _dtype_code(None if r is None else r.v), 0,
                           cache.num_kv_heads, cache.head_dim, cache.group_size, total)
     blob = b"".join([header] + body)
-    return blob + struct.pack("<I", zlib.crc32(blob) & 0xFFFFFFFF)
+    return framing.seal(blob)
 
 

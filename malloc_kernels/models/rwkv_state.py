@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import struct
 import sys
-import zlib
 from dataclasses import dataclass, replace
 from typing import List, Sequence
 
 import torch
+
+from ..core import framing
 
 MAGIC = b"MKRW"
 VERSION = 1
@@ -144,25 +145,16 @@ def states_to_bytes(states: Sequence[RWKVLayerState], user: int) -> bytes:
     body = b"".join(parts)
     total = FRAMING_BYTES + len(body)
     out = _HEADER.pack(MAGIC, VERSION, _DTYPE_CODES[dt], 0, len(layers), C, total) + body
-    return out + struct.pack("<I", zlib.crc32(out) & 0xFFFFFFFF)
+    return framing.seal(out)
 
 
 def states_from_bytes(b, device=None) -> List[RWKVLayerState]:
     """Rebuild one user's per-layer states (B = 1) from ``states_to_bytes`` output; hostile input -> ValueError."""
     _check_host()
-    if isinstance(b, (bytearray, memoryview)):
-        b = bytes(b)
-    if not isinstance(b, bytes):
-        raise TypeError(f"state bytes must be bytes, got {type(b).__name__}")
-    if len(b) < FRAMING_BYTES:
-        raise ValueError(f"RWKV state truncated: {len(b)} bytes")
-    magic, version, code, reserved, n_layers, C, total = _HEADER.unpack_from(b, 0)
-    if magic != MAGIC:
-        raise ValueError(f"not an RWKV serving state: magic {magic!r} != {MAGIC!r}")
-    if version != VERSION:
-        raise ValueError(f"unsupported RWKV state version {version} (this build reads version {VERSION})")
+    b = framing.as_blob(b, "state bytes")
+    _, _, code, reserved, n_layers, C, total = framing.open_frame(b, _HEADER, MAGIC, VERSION, "RWKV serving state")
     if total != len(b):
-        raise ValueError(f"RWKV state size mismatch: header says {total} bytes, got {len(b)}")
+        raise ValueError(f"RWKV serving state size mismatch: header says {total} bytes, got {len(b)}")
     if reserved != 0 or code not in _DTYPES:
         raise ValueError(f"RWKV state is inconsistent: reserved {reserved}, dtype code {code}")
     if not 1 <= n_layers <= MAX_LAYERS or not 1 <= C <= MAX_CHANNELS:
@@ -174,8 +166,7 @@ def states_from_bytes(b, device=None) -> List[RWKVLayerState]:
     if total != FRAMING_BYTES + n_layers * per:
         raise ValueError(f"RWKV state is inconsistent: {n_layers} layers of {C} channels need "
                          f"{FRAMING_BYTES + n_layers * per} bytes, the blob has {total}")
-    if zlib.crc32(b[:-4]) & 0xFFFFFFFF != struct.unpack_from("<I", b, len(b) - 4)[0]:
-        raise ValueError("RWKV state is corrupt: CRC32 mismatch")
+    framing.check_size_and_crc(b, total, "RWKV serving state")
     layers, pos = [], _HEADER.size
     for _ in range(n_layers):
         n = torch.frombuffer(bytearray(b[pos:pos + 4]), dtype=torch.int32).clone()

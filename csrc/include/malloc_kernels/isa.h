@@ -2,7 +2,8 @@
 //
 // Every CPU kernel family (attention, training attention, fused cross-entropy, product-key memory, RWKV's WKV) is
 // compiled in several variants of the same source -- portable (the build flags' baseline), avx2 (AVX2 + FMA + F16C)
-// and, for every family but the cross-entropy, avx512 (AVX-512 F/BW/VL/DQ/VNNI) -- and picks one per call:
+// and, for most families, avx512 (AVX-512 F/BW/VL/DQ/VNNI; the table is family_best below) -- and picks one per
+// call:
 //   requested  = the environment variable MALLOC_KERNELS_ISA (auto | portable | avx2 | avx512), read on EVERY call
 //                (isa_from_env), so a process can switch variants between calls (tests run each one);
 //   runs       = the requested variant, capped by the family's best variant (isa_for_family): a family without an
@@ -48,6 +49,19 @@ Isa isa_from_env();
 // The variant a family whose best build is `family_best` runs for `requested` (Auto = best supported). Throws
 // std::invalid_argument when `requested` is a variant this CPU cannot run.
 Isa isa_for_family(Isa requested, Isa family_best);
+
+// The CPU kernel families, and the best build of each on this architecture: the one table behind every kernel's
+// dispatch (isa_for_family(requested, family)) and the cpu_isa_variant op, so what a benchmark reports is what ran.
+// On non-x86 builds every family is portable.
+enum class Family : int { Attention, TrainAttention, CrossEntropy, PkmTopk, PkmGather, Wkv, LshAttention };
+Isa family_best(Family f);
+Isa isa_for_family(Isa requested, Family f);
+// "attention", "train_attention", "cross_entropy", "pkm_topk", "pkm_gather", "wkv", "lsh_attention".
+const char* family_name(Family f);
+// Every family, in the order above.
+const std::vector<Family>& families();
+// The family called `name`; false when there is none.
+bool family_from_name(const std::string& name, Family* out);
 
 }  // namespace isa
 }  // namespace malloc_kernels

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <immintrin.h>
+
+#include <initializer_list>
 #include <limits>
 
 namespace malloc_kernels {
@@ -45,25 +47,28 @@ MK_AVX2 inline float hmax(__m256 a) {
 // exp(x): Cephes-style range reduction + degree-6 polynomial, ~1 ulp. Inputs below -87.3 (including -inf) give
 // exactly 0 so masked scores never leak; inputs above 88.3 give +inf, as the true value overflows float32 (or is
 // within 2x of doing so): a clamped finite value there would turn SiLU's s / (1 + e^{-s}) at s ~ -1e36 into a
-// weight of ~-0.01 instead of -0.
+// weight of ~-0.01 instead of -0. The constants are shared with the 16-lane exp512 (attention_cpu/row_tiles.h):
+// x = n ln2 + r with n = round(x log2e) and ln2 split in two (hi exact in float) for an exact reduction;
+// e^r ~ 1 + r + r^2 (c0 + c1 r + ... + c5 r^5).
+struct ExpConsts {
+  static constexpr float lo = -87.3f, hi = 88.3f;
+  static constexpr float log2e = 1.44269504088896341f;
+  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  static constexpr float c5 = 1.9875691500E-4f, c4 = 1.3981999507E-3f, c3 = 8.3334519073E-3f;
+  static constexpr float c2 = 4.1665795894E-2f, c1 = 1.6666665459E-1f, c0 = 5.0000001201E-1f;
+};
+
 MK_AVX2 inline __m256 exp256(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3f);
-  const __m256 hi = _mm256_set1_ps(88.3f);
-  const __m256 zero_mask = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  const __m256 inf_mask = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
-  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+  using E = ExpConsts;
+  const __m256 zero_mask = _mm256_cmp_ps(x, _mm256_set1_ps(E::lo), _CMP_LT_OQ);
+  const __m256 inf_mask = _mm256_cmp_ps(x, _mm256_set1_ps(E::hi), _CMP_GT_OQ);
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(E::hi)), _mm256_set1_ps(E::lo));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(E::log2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-  const __m256 r2 = _mm256_mul_ps(r, r);
-  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(E::ln2_lo), _mm256_fnmadd_ps(n, _mm256_set1_ps(E::ln2_hi), x));
+  __m256 p = _mm256_set1_ps(E::c5);
+  for (const float c : {E::c4, E::c3, E::c2, E::c1, E::c0}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const __m256 y = _mm256_andnot_ps(zero_mask, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
   return _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()), inf_mask);

@@ -61,26 +61,20 @@ struct VecY {
 };
 
 #ifdef MK_ISA_AVX512
-// exp(x) with 16 lanes: exp256's range reduction and polynomial; inputs below -87.3 (and -inf) give exactly 0,
-// inputs above 88.3 give +inf (exp256's rule: SiLU's s / (1 + e^{-s}) must be -0 at s ~ -1e36, not ~-0.01).
+// exp(x) with 16 lanes: exp256's range reduction, polynomial and constants (simd_avx2::ExpConsts); inputs below
+// -87.3 (and -inf) give exactly 0, inputs above 88.3 give +inf (exp256's rule: SiLU's s / (1 + e^{-s}) must be -0
+// at s ~ -1e36, not ~-0.01).
 inline __m512 exp512(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.3f);
-  const __m512 hi = _mm512_set1_ps(88.3f);
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
-  const __mmask16 overflow = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
-  x = _mm512_max_ps(_mm512_min_ps(x, hi), lo);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+  using E = simd_avx2::ExpConsts;
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(E::lo), _CMP_GE_OQ);
+  const __mmask16 overflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(E::hi), _CMP_GT_OQ);
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(E::hi)), _mm512_set1_ps(E::lo));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(E::log2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
-  const __m512 r2 = _mm512_mul_ps(r, r);
-  p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(E::ln2_lo), _mm512_fnmadd_ps(n, _mm512_set1_ps(E::ln2_hi), x));
+  __m512 p = _mm512_set1_ps(E::c5);
+  for (const float c : {E::c4, E::c3, E::c2, E::c1, E::c0}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mask_mov_ps(_mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(e)), overflow,
                             _mm512_set1_ps(std::numeric_limits<float>::infinity()));
