@@ -381,14 +381,13 @@ def run_long(cfg: LongConfig, log=print) -> dict:
         training[arch] = {"test_full_ranking_truncated": report["test"], "train_seconds": report["train_seconds"],
                           "checkpoint": Path(report["checkpoint"]).name}
         log(f"{arch}: trained/loaded in {time.perf_counter() - t0:.0f} s")
-        t0 = time.perf_counter()
         models[arch] = model
         variants = {}
         for v in cfg.variants:
             vcfg = dataclasses.replace(mcfg, **VARIANTS[v][1])
             vkey = vcfg.to_json()
             if vkey not in trained_variants:   # an arch-overriding variant (RWKV) is one model for every base
-                t0 = time.perf_counter()
+                tv = time.perf_counter()
                 trained_variants[vkey] = train(ds, vcfg, vtrain, cache=cfg.cache, progress=cfg.progress,
                                                log=lambda m: None)
                 rep = trained_variants[vkey][1]
@@ -399,8 +398,9 @@ def run_long(cfg: LongConfig, log=print) -> dict:
                     "cpu_seconds": rep["curve"][-1].get("cpu_seconds") if rep["curve"] else 0,
                     "wall_seconds": rep["curve"][-1].get("wall_seconds") if rep["curve"] else 0,
                     "checkpoint": Path(rep["checkpoint"]).name, "train": rep["train"]}
-                log(f"{arch}/{v}: trained/loaded in {time.perf_counter() - t0:.0f} s")
+                log(f"{arch}/{v}: trained/loaded in {time.perf_counter() - tv:.0f} s")
             variants[v] = trained_variants[vkey][0]
+        t0 = time.perf_counter()
         rows = serve_long(model, examples, grid, cfg, negatives, desc=arch, variants=variants)
         training[arch]["serve_seconds"] = time.perf_counter() - t0
         out_rows += table_rows(ds.name, arch, rows, lengths, pop, cfg)
