@@ -282,3 +282,29 @@ def test_train_batch_size_keys_the_run_and_keeps_old_keys():
     assert dataclasses.replace(old, train_batch_size=16).run_key() != old.run_key()
     over = config_from_args(build_parser().parse_args(["--train-batch-size", "8"]))
     assert over.train_batch_size == 8
+
+
+def test_attended_entries_count_only_the_query_buckets():
+    """The MACs model of a Reformer row: a query reads the entries sharing one of its buckets, not the whole cache
+    (one round: sum_b n_b^2 / n; several: the union over rounds, pairs counted once); other caches: every entry."""
+    import torch
+    from malloc_kernels.cache.types import KVCache
+    from malloc_kernels.eval.runner import _attended_entries, _stored_entries
+    from malloc_kernels.models.recommender import SequentialRecommender
+    from malloc_kernels.models.reformer import LSHCache
+
+    k = torch.randn(5, 1, 4)
+    off = torch.tensor([0, 4, 5])            # user 0: 4 entries, user 1: 1 entry
+    pos = torch.tensor([0, 1, 2, 3, 0])
+    kv = SequentialRecommender._cache_from_jagged(k, k.clone(), off, pos, None)
+    assert isinstance(kv, KVCache)
+    one = torch.zeros(2, 1, 4, 1, dtype=torch.uint8)
+    one[0, 0, :, 0] = torch.tensor([0, 0, 1, 2])
+    got = _attended_entries([LSHCache(kv=kv, bucket=one, n_buckets=4)])
+    assert got.tolist() == [(4 + 1 + 1) / 4, 1.0]
+    two = torch.zeros(2, 1, 4, 2, dtype=torch.uint8)
+    two[0, 0, :3] = torch.tensor([[0, 0], [0, 1], [1, 1]])   # 0~1 (round 0), 1~2 (round 1), 0 !~ 2
+    two[0, 0, 3] = torch.tensor([3, 3])
+    got = _attended_entries([LSHCache(kv=kv, bucket=two, n_buckets=4)])
+    assert got.tolist() == [(4 + 2 + 2) / 4, 1.0]
+    assert torch.equal(_attended_entries([kv]), _stored_entries([kv]))

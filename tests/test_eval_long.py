@@ -290,3 +290,44 @@ def test_truncates_of_equal_bytes_are_served_once(monkeypatch):
     for s in specs:
         assert np.array_equal(rows.ranks[f"truncate@{s.key}"], rows.ranks["truncate@recent@25%"])
         assert np.array_equal(rows.bytes[f"truncate@{s.key}"], rows.bytes[f"recent@25%"])
+
+
+def test_trained_variants_serve_their_own_state_next_to_an_equal_bytes_truncate():
+    """``serve_long(variants=...)``: the RWKV row serves every user from its recurrent state (the same bytes at any
+    history length; its ranks are those of re-running the whole history) and the Reformer row from its bucketed
+    cache (every entry + bucket ids: more bytes than native); each is followed by the base model's truncate at its
+    bytes (within one entry, or the whole history when the variant spends more than native)."""
+    from malloc_kernels.data.dataset import EvalExamples
+    from malloc_kernels.models.config import ModelConfig
+    from malloc_kernels.models.factory import build_model
+    from malloc_kernels.models.metrics import target_ranks
+    ds, model = _served("hstu", n_users=5, length=(30, 150), train_max_len=16)
+    torch.manual_seed(1)
+    rwkv = build_model(ModelConfig(arch="rwkv", n_items=120, d_model=16, n_layers=2, max_len=16)).eval()
+    reformer = build_model(ModelConfig(arch="hstu", n_items=120, d_model=16, n_layers=2, max_len=16,
+                                       seq_compress="reformer")).eval()
+    ex = EvalExamples(users=np.arange(5), histories=[s[:-1] for s in ds.sequences],
+                      history_timestamps=[t[:-1] for t in ds.timestamps],
+                      targets=np.array([s[-1] for s in ds.sequences]), target_timestamps=None)
+    cfg = LongConfig(data="x", train_max_len=16, max_len=256, request_size=3, max_tokens=200, progress=False)
+    rows = serve_long(model, ex, [], cfg, variants={"rwkv": rwkv, "reformer": reformer})
+    assert set(rows.ranks) == {"native", "truncate-16", "rwkv", "truncate@rwkv", "reformer", "truncate@reformer"}
+    assert rows.info["rwkv"]["level"] == "architecture" and rows.info["reformer"]["level"] == "sequence"
+    assert rows.info["truncate@rwkv"]["truncate_of"] == "rwkv"
+    assert len(set(rows.bytes["rwkv"].tolist())) == 1 and (rows.entries["rwkv"] == 0).all()
+    with torch.no_grad():
+        full = make_jagged([list(h) for h in ex.histories], ex.history_timestamps)
+        expect = target_ranks(rwkv.score_all_items(rwkv.last_hidden(full)), torch.as_tensor(ex.targets))
+    assert np.array_equal(rows.ranks["rwkv"], expect.numpy())
+    hist = make_jagged([h[:-3] for h in ex.histories], [t[:-3] for t in ex.history_timestamps])
+    with torch.no_grad():
+        fixed, per = native_entry_bytes(model.encode_history(hist))
+    assert (rows.bytes["truncate@rwkv"] <= rows.bytes["rwkv"]).all()
+    assert (rows.bytes["rwkv"] - rows.bytes["truncate@rwkv"] < per).all()
+    assert (rows.bytes["reformer"] > rows.bytes["native"]).all()
+    assert np.array_equal(rows.bytes["truncate@reformer"], rows.bytes["native"])   # the whole history fits
+
+
+def test_long_config_rejects_unknown_variants():
+    with pytest.raises(ValueError, match="variants"):
+        LongConfig(data="x", variants=("lstm",))

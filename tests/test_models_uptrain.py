@@ -152,3 +152,40 @@ def test_train_config_rejects_bad_values_and_eval_every_zero_validates_after_the
     _, report = train(ds, cfg, TrainConfig(epochs=2, batch_size=8, num_negatives=4, eval_every=0),
                       cache=str(tmp_path), progress=False, log=lambda s: None)
     assert ["valid" in p for p in report["curve"]] == [False, True]
+
+
+def test_cpu_budget_clock_is_not_consumed_by_sleeping_but_the_wall_clock_is(tmp_path):
+    """The same tiny run with a log hook that sleeps 2.6 s after epoch 1 and a 2.4 s budget: on the wall clock the
+    sleep uses the budget up (stopped at the first step of epoch 2); on the CPU clock it costs nothing (both
+    epochs run; their compute is far below 2.4 CPU seconds)."""
+    import time
+
+    def hook(msg):
+        if msg.startswith("epoch 1.00"):
+            time.sleep(2.6)
+
+    ds = synthetic_dataset(n_users=24, n_items=N_ITEMS, min_len=4, max_len=20, n_topics=4, seed=0)
+    cfg = ModelConfig(arch="sasrec", n_items=ds.n_items, d_model=8, n_layers=1, n_heads=1, max_len=16)
+    curves = {}
+    for clock in ("wall", "cpu"):
+        tc = TrainConfig(epochs=2, batch_size=8, num_negatives=4, eval_every=0, time_budget_min=0.04,
+                         budget_clock=clock)
+        _, report = train(ds, cfg, tc, cache=str(tmp_path), progress=False, log=hook)
+        assert report["budget_clock"] == clock
+        curves[clock] = report["curve"]
+    assert len(curves["wall"]) == 2 and 1 < curves["wall"][-1]["epoch"] < 2
+    w = curves["wall"][-1]
+    assert w["train_seconds"] == pytest.approx(w["wall_seconds"], abs=0.05) and w["wall_seconds"] > 2.4
+    assert w["steps"] == 3 + 1   # 24 users in batches of 8: epoch 1, then one step
+    assert [p["epoch"] for p in curves["cpu"]] == [1, 2]
+    c = curves["cpu"][-1]
+    assert c["train_seconds"] == pytest.approx(c["cpu_seconds"], abs=0.05)
+    assert c["cpu_seconds"] < 2.4 < c["wall_seconds"] and c["steps"] == 2 * 3
+
+
+def test_budget_clock_is_validated_and_a_cpu_budget_keys_its_own_checkpoints():
+    with pytest.raises(ValueError, match="budget_clock"):
+        TrainConfig(budget_clock="gpu")
+    key = lambda **kw: checkpoint_key(ModelConfig(n_items=5), TrainConfig(schedule="cosine", **kw), "x")  # noqa
+    assert key() == key(budget_clock="wall")   # wall-clock checkpoints keep their keys
+    assert key(budget_clock="cpu") != key()

@@ -68,6 +68,12 @@ def build_parser():
     p.add_argument("--epochs", type=int_at_least(0), default=None, help="base-model epochs (15; 24 with --full)")
     p.add_argument("--time-budget-min", type=float_at_least(0.0), default=None,
                    help="training time cap per model in minutes (none; 45 with --full)")
+    p.add_argument("--budget-clock", choices=("wall", "cpu"), default="wall",
+                   help="what --time-budget-min measures: wall time or this process's CPU time (cpu: runs sharing "
+                        "a machine each get the same compute; joins the checkpoint keys)")
+    p.add_argument("--variant-budget-clock", choices=("wall", "cpu"), default=None,
+                   help="--budget-clock of the trained variants only (default: --budget-clock); e.g. cpu to add "
+                        "variants next to wall-clock bases whose checkpoints exist")
     p.add_argument("--loss", choices=("sampled", "full"), default=None,
                    help="sampled softmax (128 negatives) or full softmax (default: sampled; full with --full)")
     p.add_argument("--schedule", choices=("constant", "cosine"), default=None,
@@ -139,7 +145,8 @@ def config_from_args(args) -> EvalConfig:
                       time_budget_min=recipe["time_budget_min"], full_softmax=recipe["loss"] == "full",
                       schedule=recipe["schedule"], warmup_steps=recipe["warmup_steps"],
                       uptrain_epochs=recipe["uptrain_epochs"], memory_epochs=recipe["memory_epochs"],
-                      windows=recipe["windows"],
+                      windows=recipe["windows"], budget_clock=args.budget_clock,
+                      variant_budget_clock=args.variant_budget_clock or args.budget_clock,
                       seed=args.seed, out=args.out, cache=args.cache,
                       progress=not args.no_progress)
 

@@ -18,6 +18,11 @@ random items the user never interacted with, drawn once per user with the run's 
 candidates; the protocol of long-sequence papers on huge item spaces, e.g. Amazon). Every row reports the mean over
 users overall and per history-length bucket, with the change vs the native cache (full history, uncompressed) and,
 for a compressed row, vs its equal-bytes truncate, each with a paired bootstrap 95% interval (``stats``).
+
+Trained variants (``variants``: keys of ``methods.VARIANTS``, e.g. RWKV or Reformer) join each base model's table:
+the variant model serves the same whole histories over its own serving state (RWKV: the recurrent state, constant
+in the history length; Reformer: every entry + its LSH bucket ids), next to the base model's truncate at the
+variant's bytes. A variant overriding ``arch`` (RWKV) is one model whose row appears in every base model's table.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ from ..models.config import ModelConfig
 from ..models.metrics import target_ranks
 from ..models.recommender import SequentialRecommender
 from ..models.train import TrainConfig, train
-from .methods import MethodSpec, build_grid
+from .methods import VARIANTS, MethodSpec, build_grid
 from .runner import _compress_caches, _stored_entries
 from . import stats as S
 
@@ -77,6 +82,8 @@ class LongConfig:
     n_layers: int = 2
     n_heads: int = 2
     train: TrainConfig = field(default_factory=TrainConfig)
+    variants: Sequence[str] = ()
+    variant_train: Optional[TrainConfig] = None
     max_tokens: int = 16384
     resources: Sequence[int] = ()
     seed: int = 0
@@ -105,6 +112,9 @@ class LongConfig:
         for m in self.models:
             if m not in ("hstu", "sasrec"):
                 raise ValueError(f"models must be among ('hstu', 'sasrec'), got {m!r}")
+        for v in self.variants:
+            if v not in VARIANTS:
+                raise ValueError(f"variants must be among {sorted(VARIANTS)}, got {v!r}")
 
 
 def select_users(test: EvalExamples, cfg: LongConfig) -> EvalExamples:
@@ -227,17 +237,24 @@ class _Ranker:
 
 @torch.no_grad()
 def serve_long(model, examples: EvalExamples, specs: Sequence[MethodSpec], cfg: LongConfig,
-               negatives: Optional[torch.Tensor] = None, desc: str = "long") -> _Rows:
+               negatives: Optional[torch.Tensor] = None, desc: str = "long",
+               variants: Optional[Dict[str, SequentialRecommender]] = None) -> _Rows:
     """Serve every user's whole history (up to ``cfg.max_len``) natively, compressed by every spec and truncated
     at each spec's bytes; per-user ranks, bytes and entries of every row (module docstring).
 
     Work shared between rows is done once per batch of users: the whole history is encoded once (caches + the
     attention statistics the scored policies need), every method compresses that one native cache, and a truncate
     whose per-user entry counts equal an earlier row's (e.g. every 25% token-budget method spends the same bytes)
-    reuses that row's serving instead of encoding the same tails again."""
+    reuses that row's serving instead of encoding the same tails again. ``variants``: {variant key: trained variant
+    model}, each served over its own state of the same histories (row ``<key>``, level from ``VARIANTS``) and
+    followed by ``model``'s truncate at its bytes."""
     model.eval()
+    variants = dict(variants or {})
+    for vm in variants.values():
+        vm.eval()
     rows = _Rows(len(examples))
     rank = _Ranker(model)
+    vrank = {v: _Ranker(vm) for v, vm in variants.items()}
     lengths = np.array([min(len(h), cfg.max_len) for h in examples.histories], dtype=np.int64)
     short = cfg.train_max_len - cfg.request_size
     batches = list(_batches(lengths, cfg.max_tokens))
@@ -249,12 +266,12 @@ def serve_long(model, examples: EvalExamples, specs: Sequence[MethodSpec], cfg: 
         prefix, req = split_request(make_jagged(hist, ts), cfg.request_size)
         negs = None if negatives is None else negatives[torch.as_tensor(idx)]
 
-        def serve(caches):
+        def serve(caches, server=model, ranker=rank):
             t0 = time.perf_counter()
-            h = model.serve(req, caches=caches)
+            h = server.serve(req, caches=caches)
             dt = time.perf_counter() - t0
             nbytes = sum(c.nbytes_per_user().double() for c in caches)
-            return rank(h, targets, negs).numpy(), nbytes.numpy(), _stored_entries(caches).numpy(), dt
+            return ranker(h, targets, negs).numpy(), nbytes.numpy(), _stored_entries(caches).numpy(), dt
 
         served_tails = {}
 
@@ -283,6 +300,12 @@ def serve_long(model, examples: EvalExamples, specs: Sequence[MethodSpec], cfg: 
             keep = truncate_counts(torch.as_tensor(nb), plen, fixed, per_entry)
             rows.put(f"truncate@{spec.key}", idx, *truncated(keep), method="truncate", level="truncate",
                      budget=f"= {spec.label} {spec.budget_label}", truncate_of=spec.key)
+        for v, vm in variants.items():
+            r, nb, ent, dt = serve(vm.encode_history(prefix), vm, vrank[v])
+            rows.put(v, idx, r, nb, ent, dt, method=v, level=VARIANTS[v][0], budget="trained")
+            keep = truncate_counts(torch.as_tensor(nb), plen, fixed, per_entry)
+            rows.put(f"truncate@{v}", idx, *truncated(keep), method="truncate", level="truncate",
+                     budget=f"= {v} trained", truncate_of=v)
     return rows
 
 
@@ -348,7 +371,8 @@ def run_long(cfg: LongConfig, log=print) -> dict:
     log(f"{ds!r}: {len(examples)} test users (history {int(lengths.min())}-{int(lengths.max())}, median "
         f"{int(np.median(lengths))}), {len(grid)} compressed rows + truncates per model, protocol {cfg.protocol}")
     pop = popularity_ranks(examples, popularity, negatives)
-    out_rows, training, models = [], {}, {}
+    out_rows, training, models, trained_variants = [], {}, {}, {}
+    vtrain = cfg.variant_train or cfg.train
     for arch in cfg.models:
         mcfg = ModelConfig(arch=arch, n_items=ds.n_items, d_model=cfg.d_model, n_layers=cfg.n_layers,
                            n_heads=cfg.n_heads, max_len=cfg.train_max_len)
@@ -357,9 +381,27 @@ def run_long(cfg: LongConfig, log=print) -> dict:
         training[arch] = {"test_full_ranking_truncated": report["test"], "train_seconds": report["train_seconds"],
                           "checkpoint": Path(report["checkpoint"]).name}
         log(f"{arch}: trained/loaded in {time.perf_counter() - t0:.0f} s")
-        t0 = time.perf_counter()
         models[arch] = model
-        rows = serve_long(model, examples, grid, cfg, negatives, desc=arch)
+        variants = {}
+        for v in cfg.variants:
+            vcfg = dataclasses.replace(mcfg, **VARIANTS[v][1])
+            vkey = vcfg.to_json()
+            if vkey not in trained_variants:   # an arch-overriding variant (RWKV) is one model for every base
+                tv = time.perf_counter()
+                trained_variants[vkey] = train(ds, vcfg, vtrain, cache=cfg.cache, progress=cfg.progress,
+                                               log=lambda m: None)
+                rep = trained_variants[vkey][1]
+                training[f"{vcfg.arch}/{v}" if vcfg.arch != v else v] = {
+                    "test_full_ranking_truncated": rep["test"], "train_seconds": rep["train_seconds"],
+                    "budget_clock": rep["budget_clock"], "epochs": rep["curve"][-1]["epoch"] if rep["curve"] else 0,
+                    "steps": rep["curve"][-1].get("steps") if rep["curve"] else 0,
+                    "cpu_seconds": rep["curve"][-1].get("cpu_seconds") if rep["curve"] else 0,
+                    "wall_seconds": rep["curve"][-1].get("wall_seconds") if rep["curve"] else 0,
+                    "checkpoint": Path(rep["checkpoint"]).name, "train": rep["train"]}
+                log(f"{arch}/{v}: trained/loaded in {time.perf_counter() - tv:.0f} s")
+            variants[v] = trained_variants[vkey][0]
+        t0 = time.perf_counter()
+        rows = serve_long(model, examples, grid, cfg, negatives, desc=arch, variants=variants)
         training[arch]["serve_seconds"] = time.perf_counter() - t0
         out_rows += table_rows(ds.name, arch, rows, lengths, pop, cfg)
         log(f"{arch}: served in {training[arch]['serve_seconds']:.0f} s")

@@ -15,6 +15,10 @@ and over their equal-bytes truncates.
   source paper (target vs 100 random unseen items); sampled-softmax training (a full softmax over 166k items does
   not fit the budget), 4 minutes per model (~1,900 windows: tens of epochs); buckets < 1,500 / 1,500-3k / >= 3k.
 
+``--variants rwkv,reformer`` adds trained variants' rows to every table (``long.LongConfig.variants``), trained with
+the preset's recipe; ``--variant-budget-clock cpu`` measures their budget in CPU time (``TrainConfig.budget_clock``)
+while the bases keep theirs (and their checkpoints' keys).
+
 ``--data PATH`` runs one dataset with the given ``--min-history`` / ``--protocol`` instead of the preset pair.
 Flags override the preset: ``--time-budget-min`` (per model), ``--users``, ``--epochs``, ``--max-len``, ...
 """
@@ -63,6 +67,9 @@ def long_configs(args) -> list:
             train["full_softmax"] = args.loss == "full"
         if args.warmup_steps is not None:
             train["warmup_steps"] = args.warmup_steps
+        train["budget_clock"] = args.budget_clock
+        base = TrainConfig(seed=args.seed, **train)
+        variants = () if args.variants is None or "none" in args.variants else tuple(args.variants)
         cfg = LongConfig(data=p["data"], models=args.model,
                          methods=args.methods if args.methods else LONG_METHODS,
                          budgets=args.budgets if args.budgets is not None else (0.25,), bits=args.bits,
@@ -70,7 +77,9 @@ def long_configs(args) -> list:
                          request_size=args.request_size,
                          min_history=args.min_history if args.min_history is not None else p["min_history"],
                          users=args.users, protocol=args.protocol or p["protocol"], negatives=args.negatives,
-                         n_boot=args.boot, train=TrainConfig(seed=args.seed, **train),
+                         n_boot=args.boot, train=base, variants=variants,
+                         variant_train=dataclasses.replace(base, budget_clock=args.variant_budget_clock or
+                                                           args.budget_clock),
                          buckets=p.get("buckets", S.DEFAULT_BUCKETS),
                          resources=p["resources"] if args.resources is None else
                          (RESOURCE_NS if args.resources else ()),

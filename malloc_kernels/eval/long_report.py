@@ -23,6 +23,8 @@ LEGEND = """- `bucket`: users by history length before the target (interactions)
   method above it spent on each user (within one entry); `truncate-200`: the training window (200 items incl. the
   request); `recent` instead evicts all but the most recent entries from the long history's cache
 - `popularity`: items ranked by training interaction counts (no cache)
+- budget `trained`: a trained variant (RWKV: its recurrent state; Reformer: every entry + LSH bucket ids) serving the
+  same whole histories; the truncate below it is the base model's at the variant's bytes
 - `bytes/user`: exact cache bytes of all layers per user (mean); `ratio`: / the native (whole-history) cache's
 - `dNDCG vs native [95%]`: change of NDCG@10 vs the uncompressed whole-history cache, paired bootstrap interval over
   the same users; `vs truncate`: change vs the equal-bytes truncate row; `*` = the interval excludes 0
@@ -143,7 +145,7 @@ def plot_by_length(rows: list, path: Path) -> None:
         for r in sel:
             if r["bucket"] not in buckets:
                 buckets.append(r["bucket"])
-        comp = [r for r in sel if r["level"] in ("precision", "pruning", "merging", "hybrid")]
+        comp = [r for r in sel if r["level"] not in ("baseline", "truncate")]   # compressed rows and variants
         methods = []
         for r in comp:
             if (r["method"], r["budget"]) not in methods:

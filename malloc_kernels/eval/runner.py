@@ -47,7 +47,8 @@ class EvalConfig:
     0 trains them from scratch with the base recipe. The memory (MSN) variant always trains from scratch with the
     base recipe and time budget (``memory_epochs``: its own epoch count, so a cosine schedule ends within the same
     budget although its epochs are slower; None = ``epochs``), so its row compares the two at equal training
-    budget."""
+    budget. ``budget_clock``: what ``time_budget_min`` measures (``TrainConfig.budget_clock``: ``"wall"`` or
+    ``"cpu"``); ``variant_budget_clock``: the same for the trained variants (None = ``budget_clock``)."""
 
     data: str = "ml-latest-small"
     models: Sequence[str] = ("hstu", "sasrec")
@@ -71,6 +72,8 @@ class EvalConfig:
     uptrain_epochs: int = 0
     memory_epochs: Optional[int] = None
     windows: str = "last"
+    budget_clock: str = "wall"
+    variant_budget_clock: Optional[str] = None
     n_boot: int = 1000
     seed: int = 0
     out: str = "results"
@@ -96,6 +99,10 @@ class EvalConfig:
             d.pop("windows")
         if d["train_batch_size"] == 32:   # likewise
             d.pop("train_batch_size")
+        if d["budget_clock"] == "wall":   # likewise
+            d.pop("budget_clock")
+        if d["variant_budget_clock"] in (None, d.get("budget_clock", "wall")):
+            d.pop("variant_budget_clock")
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -151,11 +158,41 @@ def _stored_entries(caches) -> torch.Tensor:
     return torch.stack(per_layer).mean(0)
 
 
+def _attended_entries(caches) -> torch.Tensor:
+    """Mean entries per (user, kv head) a request query attends to, per layer, for the MACs model: [B]. The stored
+    entries, except for a Reformer cache (its ``bucket`` ids): a query reads only the entries sharing one of its LSH
+    buckets. With shared-QK the keys are the normalised queries, so the stored entries stand in for the queries:
+    the count is the mean over stored entries i of |{j: i and j share a bucket in some round}| (one round:
+    ``sum_b n_b^2 / n``)."""
+    per_layer = []
+    for c in caches:
+        if not hasattr(c, "bucket"):
+            per_layer.append(_stored_entries([c]))
+            continue
+        B, H = c.bucket.shape[:2]
+        out = torch.zeros(B, H, dtype=torch.float64)
+        for b in range(B):
+            for h in range(H):
+                n = int(c.length[b, h])
+                if n == 0:
+                    continue
+                ids = c.bucket[b, h, :n].to(torch.int64)                       # [n, rounds]
+                if ids.shape[1] == 1:
+                    counts = torch.bincount(ids[:, 0], minlength=c.n_buckets).double()
+                    out[b, h] = float((counts * counts).sum()) / n
+                else:
+                    share = (ids[:, None, :] == ids[None, :, :]).any(-1)      # [n, n]: union over rounds
+                    out[b, h] = float(share.double().sum()) / n
+        per_layer.append(out.mean(1))
+    return torch.stack(per_layer).mean(0)
+
+
 @torch.no_grad()
 def evaluate_specs(model, examples: EvalExamples, specs: Sequence[MethodSpec], cfg: EvalConfig, desc: str):
     """Serve every test user under every spec; returns {spec.key: metrics/resources dict}."""
     model.eval()
     acc = {s.key: _Accumulator() for s in specs}
+    attended = {s.key: [] for s in specs}
     n_batches = (len(examples) + cfg.batch_size - 1) // cfg.batch_size
     for batch in tqdm(eval_batches(examples, cfg.batch_size, cfg.max_len), total=n_batches, desc=desc,
                       disable=not cfg.progress, leave=False):
@@ -180,6 +217,7 @@ def evaluate_specs(model, examples: EvalExamples, specs: Sequence[MethodSpec], c
                 a.seconds += time.perf_counter() - t0
                 nbytes = sum(c.nbytes_per_user().double() for c in caches)
                 entries = _stored_entries(caches)
+                attended[spec.key].append(_attended_entries(caches))
             a.ranks.append(target_ranks(model.score_all_items(h), batch.targets))
             a.bytes.append(nbytes)
             a.entries.append(entries)
@@ -191,13 +229,14 @@ def evaluate_specs(model, examples: EvalExamples, specs: Sequence[MethodSpec], c
         row = rank_metrics(ranks, model.cfg.n_items)
         row["ranks"] = ranks.tolist()   # per user (in example order): the paired bootstrap intervals' input
         mean_entries = float(torch.cat(a.entries).mean())
+        read = float(torch.cat(attended[spec.key]).mean()) if attended[spec.key] else mean_entries
         if spec.recompute:  # recompute attends over the whole truncated history again
-            mean_entries = float(np.mean([min(len(h), cfg.max_len) for h in examples.histories]))
+            mean_entries = read = float(np.mean([min(len(h), cfg.max_len) for h in examples.histories]))
         row.update(bytes_per_user=float(torch.cat(a.bytes).mean()),
-                   macs_per_request=request_macs(model, mean_entries, cfg.request_size),
+                   macs_per_request=request_macs(model, read, cfg.request_size),
                    latency_ms=1e3 * a.seconds / max(n_batches, 1),
                    requests_per_s=a.users / a.seconds if a.seconds > 0 else float("nan"),
-                   mean_entries_per_head=mean_entries)
+                   mean_entries_per_head=mean_entries, attended_entries_per_head=read)
         out[spec.key] = row
     return out
 
@@ -281,7 +320,8 @@ def run(cfg: EvalConfig, log=print) -> dict:
     train_cfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.train_batch_size, seed=cfg.seed,
                             time_budget_min=cfg.time_budget_min,
                             full_softmax=cfg.full_softmax, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
-                            windows=cfg.windows)
+                            windows=cfg.windows, budget_clock=cfg.budget_clock)
+    variant_cfg = dataclasses.replace(train_cfg, budget_clock=cfg.variant_budget_clock or cfg.budget_clock)
     trained, bases = {}, {}
     log(f"{ds!r}: {len(examples)} test users, {len(grid)} rows per model, results in {out}")
 
@@ -295,16 +335,16 @@ def run(cfg: EvalConfig, log=print) -> dict:
         model_cfg = _model_config(cfg, arch, ds.n_items, overrides)
         if variant is not None and cfg.uptrain_epochs and VARIANTS[variant][0] in ("head", "sequence"):
             base_model, base_report = _train_base(ds, cfg, arch, train_cfg, bases)
-            up_cfg = dataclasses.replace(train_cfg, epochs=cfg.uptrain_epochs,
+            up_cfg = dataclasses.replace(variant_cfg, epochs=cfg.uptrain_epochs,
                                          init_from=Path(base_report["checkpoint"]).stem)
             model, report = train(ds, model_cfg, up_cfg, cache=cfg.cache, progress=cfg.progress,
                                   log=lambda m: None, init_model=base_model)
         elif variant is None:
             model, report = _train_base(ds, cfg, arch, train_cfg, bases)
         else:
-            own_cfg = train_cfg
+            own_cfg = variant_cfg
             if VARIANTS[variant][0] == "memory" and cfg.memory_epochs:
-                own_cfg = dataclasses.replace(train_cfg, epochs=cfg.memory_epochs)
+                own_cfg = dataclasses.replace(variant_cfg, epochs=cfg.memory_epochs)
             model, report = train(ds, model_cfg, own_cfg, cache=cfg.cache, progress=cfg.progress,
                                   log=lambda m: None)
         trained[(arch, variant)] = report
@@ -337,6 +377,7 @@ def run(cfg: EvalConfig, log=print) -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
             "processor": platform.processor(), "threads": torch.get_num_threads(),
             "training": {f"{a}/{v or 'base'}": {"test": r["test"], "train_seconds": r["train_seconds"],
+                                                 "budget_clock": r["budget_clock"],
                                                  "init_from": r["train"].get("init_from", "")}
                          for (a, v), r in trained.items()}}
     paths = write_outputs(rows, out, meta)

@@ -56,6 +56,9 @@ from .uptrain import warm_start
 from ..cli_args import Parser, guard
 
 SCHEDULES = ("constant", "cosine", "cosine-time")
+# what ``time_budget_min`` measures: "wall" the elapsed time, "cpu" this process's CPU time (all its threads), so
+# runs sharing a machine each get the same compute and contention only stretches their wall time
+BUDGET_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 @dataclass
@@ -72,7 +75,10 @@ class TrainConfig:
     base checkpoint a variant is warm-started from (``uptrain.warm_start``; "" = from scratch); part of the
     checkpoint key.
     ``windows``: which items of long sequences are trained on (``data.training_windows``): ``"last"`` the most
-    recent ``max_len + 1`` per user, ``"all"`` every item, in windows of ``max_len + 1``."""
+    recent ``max_len + 1`` per user, ``"all"`` every item, in windows of ``max_len + 1``.
+    ``budget_clock``: what ``time_budget_min`` and the ``cosine-time`` decay measure (``BUDGET_CLOCKS``): ``"wall"``
+    elapsed time, or ``"cpu"`` this process's CPU seconds (on 1 thread: compute independent of contention); a CPU
+    budget joins the checkpoint key (a run never resumes a wall-budgeted checkpoint as if its seconds were CPU's)."""
 
     epochs: int = 20
     batch_size: int = 32
@@ -91,6 +97,7 @@ class TrainConfig:
     warmup_steps: int = 0
     init_from: str = ""
     windows: str = "last"
+    budget_clock: str = "wall"
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -108,6 +115,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.windows not in WINDOW_MODES:
             raise ValueError(f"windows must be one of {WINDOW_MODES}, got {self.windows!r}")
+        if self.budget_clock not in BUDGET_CLOCKS:
+            raise ValueError(f"budget_clock must be one of {tuple(BUDGET_CLOCKS)}, got {self.budget_clock!r}")
 
     def key_fields(self) -> dict:
         """Fields that change the trained weights (what the checkpoint key hashes)."""
@@ -121,6 +130,8 @@ class TrainConfig:
             d.pop("init_from")
         if self.windows == "last":  # the original recipe keeps its checkpoint keys
             d.pop("windows")
+        if self.budget_clock == "wall":  # likewise
+            d.pop("budget_clock")
         return d
 
     def lr_at(self, step: int, total_steps: int, elapsed_seconds: float = 0.0) -> float:
@@ -230,7 +241,11 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
         curve, start_epoch, elapsed0 = state["curve"], state["epochs_done"], state["train_seconds"]
         log(f"resumed {ckpt_path} after {start_epoch} epochs ({elapsed0 / 60:.1f} min of training)")
     req_max = train_cfg.request_len or model_cfg.train_request_len
-    t0 = time.perf_counter()
+    clock = BUDGET_CLOCKS[train_cfg.budget_clock]
+    t0, wall0, cpu0 = clock(), time.perf_counter(), time.process_time()
+    wall_done = curve[-1].get("wall_seconds", 0.0) if curve else 0.0
+    cpu_done = curve[-1].get("cpu_seconds", 0.0) if curve else 0.0
+    steps = curve[-1].get("steps", 0) if curve else 0   # optimiser steps taken (all epochs)
     stopped = False
     n_train = len(training_windows(split.train_sequences, model_cfg.max_len, train_cfg.windows))
     n_batches = math.ceil(n_train / train_cfg.batch_size)
@@ -250,7 +265,7 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
         for step_in_epoch, batch in enumerate(bar):
             for group in opt.param_groups:
                 group["lr"] = train_cfg.lr_at(epoch * n_batches + step_in_epoch, total_steps,
-                                              elapsed0 + time.perf_counter() - t0)
+                                              elapsed0 + clock() - t0)
             r = None
             if model_cfg.seq_compress is not None:
                 r = int(torch.randint(1, req_max + 1, (1,), generator=gen))
@@ -262,14 +277,18 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
             if train_cfg.grad_clip:
                 clip_grad_norm(list(model.parameters()), train_cfg.grad_clip)
             opt.step()
+            steps += 1
             total += float(loss.detach()) * batch.batch_size
             count += batch.batch_size
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-            if train_cfg.time_budget_min and elapsed0 + time.perf_counter() - t0 > 60 * train_cfg.time_budget_min:
+            if train_cfg.time_budget_min and elapsed0 + clock() - t0 > 60 * train_cfg.time_budget_min:
                 stopped = True
                 break
         point = {"epoch": epoch + 1 if not stopped else epoch + count / max(n_train, 1),
-                 "train_loss": total / max(count, 1), "train_seconds": elapsed0 + time.perf_counter() - t0}
+                 "train_loss": total / max(count, 1), "train_seconds": elapsed0 + clock() - t0,
+                 "steps": steps,
+                 "wall_seconds": wall_done + time.perf_counter() - wall0,
+                 "cpu_seconds": cpu_done + time.process_time() - cpu0}
         if model.memories():
             point["slot_usage"] = model.memory_usage()
         scheduled = train_cfg.eval_every and (epoch + 1) % train_cfg.eval_every == 0
@@ -281,7 +300,7 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
         _save(ckpt_path, model, opt, model_cfg, train_cfg, curve, epoch + (0 if stopped else 1),
               point["train_seconds"])
         if stopped:
-            log(f"time budget of {train_cfg.time_budget_min} min reached")
+            log(f"time budget of {train_cfg.time_budget_min} min ({train_cfg.budget_clock} clock) reached")
             break
     test = evaluate(model, split.test, batch_size=train_cfg.eval_batch_size, progress=progress, desc="test")
     log("test " + " ".join(f"{k}={v:.4f}" for k, v in test.items() if k != "users") + f" users={test['users']}")
@@ -289,6 +308,7 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
               "n_items": dataset.n_items, "model": model_cfg.to_dict(), "train": dataclasses.asdict(train_cfg),
               "checkpoint": str(ckpt_path), "curve": curve, "test": test,
               "train_seconds": curve[-1]["train_seconds"] if curve else 0.0, "threads": torch.get_num_threads(),
+              "budget_clock": train_cfg.budget_clock,
               "params": sum(p.numel() for p in model.parameters()),
               "memory_table_bytes": model.memory_table_bytes()}
     return model, report
@@ -369,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bucket", type=int, default=8, help="length-bucketing window in batches (0 = off)")
     ap.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (0 = after the last only)")
     ap.add_argument("--time-budget-min", type=float, default=0.0, help="stop training after this many minutes")
+    ap.add_argument("--budget-clock", choices=tuple(BUDGET_CLOCKS), default="wall",
+                    help="what --time-budget-min measures: wall time, or this process's CPU time (cpu: concurrent "
+                         "runs on a shared machine each get the same compute)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-dir", default=None,
                     help="checkpoint root (default $MALLOC_CACHE or ~/.cache/malloc_kernels)")
@@ -396,7 +419,7 @@ def main(argv=None) -> dict:
                        num_negatives=args.negatives, full_softmax=args.full_softmax, seed=args.seed,
                        eval_every=args.eval_every, time_budget_min=args.time_budget_min,
                        bucket=args.bucket, windows=args.windows, schedule=args.schedule,
-                       warmup_steps=args.warmup_steps,
+                       warmup_steps=args.warmup_steps, budget_clock=args.budget_clock,
                        init_from=Path(args.init_from).stem if args.init_from else "")
     init_model = load_checkpoint(args.init_from) if args.init_from else None
     _, report = train(ds, mcfg, tcfg, cache=args.cache_dir, use_cache=not args.retrain,
