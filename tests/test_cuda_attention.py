@@ -228,13 +228,12 @@ def test_decode_low_precision_flash_rule(dtype, fmt, kind):
 @pytest.mark.parametrize("method, poison", __import__("test_hostile_inputs").POISONS)
 def test_decode_non_finite_rule(method, poison, kind, dtype):
     """ARCHITECTURE.md's non-finite rule on the GPU, every poisoned cache field, all three MMA operand formats."""
-    from test_hostile_inputs import _hand_built, _same_rule
+    from test_hostile_inputs import _hand_built, poisoned_cache_request
 
     if method == "fp8" and not hasattr(torch, "float8_e4m3fn"):
         pytest.skip("no float8_e4m3fn")
     c = _hand_built(method, poison)
-    g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(2, n, 3, 64, generator=g) for n in (4, 2, 2))
+    q, k, v = poisoned_cache_request()
     kw = dict(is_causal=True, kind=kind)
     ref = malloc_kernels.attention(q, k, v, cache=c, backend="reference", **kw)
     got = malloc_kernels.attention(q.to("cuda", dtype), k.to("cuda", dtype), v.to("cuda", dtype),

@@ -149,13 +149,12 @@ def test_report_smem_model_matches_the_kernel(emu):
 @pytest.mark.parametrize("kind", ["softmax", "hstu"])
 @pytest.mark.parametrize("method, poison", __import__("test_hostile_inputs").POISONS)
 def test_emulated_non_finite_cache_values(emu, method, poison, kind):
-    from test_hostile_inputs import _hand_built, _same_rule
+    from test_hostile_inputs import _hand_built, _same_rule, poisoned_cache_request
 
     if method == "fp8" and not hasattr(torch, "float8_e4m3fn"):
         pytest.skip("no float8_e4m3fn")
     c = _hand_built(method, poison)
-    g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(2, n, 3, 64, generator=g) for n in (4, 2, 2))
+    q, k, v = poisoned_cache_request()
     kw = dict(cache=c, is_causal=True, kind=kind, return_lse=kind == "softmax")
     ref = malloc_kernels.attention(q, k, v, backend="reference", **kw)
     got = _run(emu, (q, k, v), kw)
@@ -168,27 +167,11 @@ def test_emulated_non_finite_cache_values(emu, method, poison, kind):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["softmax", "hstu"])
-@pytest.mark.parametrize("case", ["nan_query", "inf_query", "neg_inf_key", "nan_value", "inf_key", "masked_nan"])
+@pytest.mark.parametrize("case", __import__("test_hostile_inputs").REQUEST_POISONS)
 def test_emulated_non_finite_request(emu, case, kind, dtype):
-    from test_hostile_inputs import _same_rule
+    from test_hostile_inputs import poisoned_request
 
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 2, 5, 32, generator=g) for _ in range(3))
-    if case == "nan_query":
-        q[0, 1, 2, 3] = float("nan")
-    elif case == "inf_query":
-        q[0, 0, 4, 0] = float("inf")
-    elif case == "neg_inf_key":
-        k[0, 0, 1, :] = -1.0
-        k[0, 0, 1, 0] = float("-inf")
-        q[0, 0, :, 0] = q[0, 0, :, 0].abs() + 0.1          # score -inf: weight 0, the rows stay finite
-    elif case == "nan_value":
-        v[0, 1, 3, 7] = float("nan")
-    elif case == "masked_nan":
-        k[0, 0, 4, 2] = float("nan")                       # the last token: causally invisible to rows 0..3
-        v[0, 1, 4, 5] = float("inf")
-    else:
-        k[0, 1, 0, 0] = float("inf")
+    q, k, v = poisoned_request(case)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     kw = dict(is_causal=True, kind=kind)
     ref = malloc_kernels.attention(q, k, v, backend="reference", **kw)

@@ -267,6 +267,40 @@ def _hand_built(method, poison):
     return c.replace(**{poison: t})
 
 
+# A request poisoned in one place (one case of the non-finite rule without a cache), shared by every backend's test.
+REQUEST_POISONS = ("nan_query", "inf_query", "neg_inf_key", "nan_value", "inf_key", "masked_nan")
+
+
+def poisoned_request(case):
+    """(q, k, v) of one user, 2 heads, 5 tokens, D = 32, causal, with the poison ``case`` placed."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 5, 32, generator=g) for _ in range(3))
+    if case == "nan_query":
+        q[0, 1, 2, 3] = float("nan")
+    elif case == "inf_query":
+        q[0, 0, 4, 0] = float("inf")
+    elif case == "neg_inf_key":
+        k[0, 0, 1, :] = -1.0
+        k[0, 0, 1, 0] = float("-inf")
+        q[0, 0, :, 0] = q[0, 0, :, 0].abs() + 0.1       # score -inf: weight 0 (SDPA's convention), rows finite
+    elif case == "nan_value":
+        v[0, 1, 3, 7] = float("nan")
+    elif case == "masked_nan":
+        k[0, 0, 4, 2] = float("nan")                    # the last token: causally invisible to rows 0..3
+        v[0, 1, 4, 5] = float("inf")
+    elif case == "inf_key":
+        k[0, 1, 0, 0] = float("inf")
+    else:
+        raise ValueError(f"unknown poison case {case!r}")
+    return q, k, v
+
+
+def poisoned_cache_request():
+    """(q, k, v) of the poisoned-cache tests: 2 users, 4 query heads over 2 kv heads, 3 tokens, D = 64."""
+    g = torch.Generator().manual_seed(2)
+    return tuple(torch.randn(2, n, 3, 64, generator=g) for n in (4, 2, 2))
+
+
 POISONS = [("none", "k"), ("none", "v"), ("none", "count"), ("int8", "k_scale"), ("int8", "k_zero"),
            ("int8", "v_scale"), ("int4", "k_scale"), ("int4", "v_zero"), ("kivi4", "k_scale"), ("kivi4", "residual"),
            ("kivi2", "k_zero"), ("fp8", "k"), ("fp8", "v"), ("fp8", "k_scale")]
@@ -310,22 +344,9 @@ def test_non_finite_cache_values_triton(method, poison, kind):
 
 @pytest.mark.skipif(not CPU_OK, reason="cpu backend unavailable")
 @pytest.mark.parametrize("kind", ["softmax", "hstu"])
-@pytest.mark.parametrize("case", ["nan_query", "inf_query", "neg_inf_key", "nan_value", "inf_key"])
+@pytest.mark.parametrize("case", REQUEST_POISONS)
 def test_non_finite_request_without_cache(case, kind):
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 2, 5, 32, generator=g) for _ in range(3))
-    if case == "nan_query":
-        q[0, 1, 2, 3] = float("nan")
-    elif case == "inf_query":
-        q[0, 0, 4, 0] = float("inf")
-    elif case == "neg_inf_key":
-        k[0, 0, 1, :] = -1.0
-        k[0, 0, 1, 0] = float("-inf")
-        q[0, 0, :, 0] = q[0, 0, :, 0].abs() + 0.1       # score -inf: weight 0 (SDPA's convention), rows finite
-    elif case == "nan_value":
-        v[0, 1, 3, 7] = float("nan")
-    else:
-        k[0, 1, 0, 0] = float("inf")
+    q, k, v = poisoned_request(case)
     ref = mk.attention(q, k, v, is_causal=True, kind=kind, backend="reference")
     got = mk.attention(q, k, v, is_causal=True, kind=kind, backend="cpu")
     _same_rule(ref, got, f"cpu {kind} {case}")
