@@ -35,7 +35,7 @@ from ..core import framing
 MAGIC = b"MKRW"
 VERSION = 1
 _HEADER = struct.Struct("<4sHBBIIQ")
-FRAMING_BYTES = _HEADER.size + 4
+FRAMING_BYTES = _HEADER.size + framing.CRC.size
 MAX_LAYERS = 4096
 MAX_CHANNELS = 1 << 16
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 4}
@@ -153,8 +153,6 @@ def states_from_bytes(b, device=None) -> List[RWKVLayerState]:
     _check_host()
     b = framing.as_blob(b, "state bytes")
     _, _, code, reserved, n_layers, C, total = framing.open_frame(b, _HEADER, MAGIC, VERSION, "RWKV serving state")
-    if total != len(b):
-        raise ValueError(f"RWKV serving state size mismatch: header says {total} bytes, got {len(b)}")
     if reserved != 0 or code not in _DTYPES:
         raise ValueError(f"RWKV state is inconsistent: reserved {reserved}, dtype code {code}")
     if not 1 <= n_layers <= MAX_LAYERS or not 1 <= C <= MAX_CHANNELS:
