@@ -67,8 +67,10 @@ class CacheFromCodes {
 
   // Keys [j0, j0 + n) of the code-layout path: S[r][0..n) = scores (kch: per-channel scales already folded into
   // the rows' queries for each key group; token-axis keys: scale/zero applied here), rows of stride DKB.
+  // pfo: byte offset of the next block's rows (prefetched by the loops, code_layout_avx2.h).
   template <Fmt F, class W>
-  void decode_scores(Scratch& sc, int64_t bh, int R, int64_t j0, int n, const uint8_t* kb0, int64_t rb) const {
+  void decode_scores(Scratch& sc, int64_t bh, int R, int64_t j0, int n, const uint8_t* kb0, int64_t rb,
+                     int64_t pfo) const {
     constexpr int L = W::L, D = 8 * L;
     const Segment& sg = p_.cache;
     const int gs = sg.group_size;
@@ -107,22 +109,23 @@ class CacheFromCodes {
         }
         const uint8_t* k = kb0 + s0 * rb;
         if (R == 1) {
-          RowLoops<F, W>::qk(sc.qp.data(), k, rb, ns, S + s0, sc.zb[0]);
+          RowLoops<F, W>::qk(sc.qp.data(), k, rb, ns, S + s0, sc.zb[0], pfo);
         } else {
           for (int r0 = 0; r0 < R; r0 += 4)
             qk_code_quad<F, W>(std::min(4, R - r0), sc.qp.data() + r0 * D, sc.zb.data() + r0, k, rb, ns,
-                            S + r0 * DKB + s0, DKB);
+                               S + r0 * DKB + s0, DKB, r0 == 0 ? pfo : 0);
         }
       }
       return;
     }
     // token-axis keys, one group per row: s_j * <q, code_j> + z_j * sum(q)
     if (R == 1) {
-      RowLoops<F, W>::qk(sc.qperm.data(), kb0, rb, n, S, 0.f);
+      RowLoops<F, W>::qk(sc.qperm.data(), kb0, rb, n, S, 0.f, pfo);
     } else {
       const float zero4[4] = {0.f, 0.f, 0.f, 0.f};
       for (int r0 = 0; r0 < R; r0 += 4)
-        qk_code_quad<F, W>(std::min(4, R - r0), sc.qperm.data() + r0 * D, zero4, kb0, rb, n, S + r0 * DKB, DKB);
+        qk_code_quad<F, W>(std::min(4, R - r0), sc.qperm.data() + r0 * D, zero4, kb0, rb, n, S + r0 * DKB, DKB,
+                           r0 == 0 ? pfo : 0);
     }
     float* ksf = sc.ksf.data();
     float* kzf = sc.kzf.data();
@@ -203,7 +206,20 @@ class CacheFromCodes {
     for (int64_t j0 = 0; j0 < len; j0 += bk) {
       const int n = int(std::min<int64_t>(bk, len - j0));
       const int n8 = (n + 7) / 8 * 8;
-      decode_scores<F, W>(sc, bh, R, j0, n, kbase + j0 * rb, rb);
+      // the next block's rows and scales are prefetched while this one is computed (prefetch_span)
+      const int64_t nxt = j0 + bk < len ? j0 + bk : j0, pfo = (nxt - j0) * rb;
+      const int nn = int(std::min<int64_t>(bk, len - nxt));
+      if (sg.k_channel) {
+        const int64_t nkg = (sg.capacity + gs - 1) / gs, g0 = nxt / gs, g1 = (nxt + nn - 1) / gs;
+        prefetch_span(sg.k_scale + (bh * nkg + g0) * D, (g1 - g0 + 1) * D * 2);
+        if (sg.k_zero) prefetch_span(sg.k_zero + (bh * nkg + g0) * D, (g1 - g0 + 1) * D * 2);
+      } else {
+        prefetch_span(sg.k_scale + bh * sg.capacity + nxt, nn * 2);
+        if (sg.k_zero) prefetch_span(sg.k_zero + bh * sg.capacity + nxt, nn * 2);
+      }
+      prefetch_span(sg.v_scale + (bh * sg.capacity + nxt) * vng, nn * vng * 2);
+      if (sg.v_zero) prefetch_span(sg.v_zero + (bh * sg.capacity + nxt) * vng, nn * vng * 2);
+      decode_scores<F, W>(sc, bh, R, j0, n, kbase + j0 * rb, rb, pfo);
       if (p_.pos_bias || p_.time_bias) {
         int64_t kp[DKB], kt[DKB];
         for (int j = 0; j < n; ++j) {
@@ -290,12 +306,12 @@ class CacheFromCodes {
       }
       const uint8_t* vb0 = vbase + j0 * rb;
       if (R == 1) {
-        RowLoops<F, W>::template pv<WM>(sc.pwr.data(), vng, gidx, vb0, rb, n, Op);
+        RowLoops<F, W>::template pv<WM>(sc.pwr.data(), vng, gidx, vb0, rb, n, Op, pfo);
       } else {
         // value tiles of KB keys (expanded once, shared by all rows) so that tile + weights stay in L1
         for (int v0 = 0; v0 < n; v0 += KB) {
           const int nv = std::min(KB, n - v0);
-          expand_code_layout<F, W>(vb0 + v0 * rb, rb, nv, sc.dV.data());
+          expand_code_layout<F, W>(vb0 + v0 * rb, rb, nv, sc.dV.data(), pfo);
           const float* pw0 = sc.pwr.data() + v0 * vng;
           int r = 0;
           for (; r + 2 <= R; r += 2)
