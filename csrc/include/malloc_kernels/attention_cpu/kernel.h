@@ -43,11 +43,14 @@ class Kernel {
     G_ = p.Hq / p.Hkv;
     if (p.time_bias) tb_.init(p.time_thresholds, p.T);
     has_bias_ = p.pos_bias || p.time_bias;
+    // opt-in approximate scores of the cache's int8/int4/int2 keys (int8_query.h); the glue allows it only for those
+    int8q_ = p.query_precision == QueryPrecision::Int8 && p.has_cache &&
+             (p.cache.k_fmt == Fmt::INT8 || p.cache.k_fmt == Fmt::INT4 || p.cache.k_fmt == Fmt::INT2);
   }
 
   const AttnParams& p_;
   int D_, Dp_, G_;
-  bool has_bias_;
+  bool has_bias_, int8q_;
   bias::TimeBucketer tb_;
   CacheFromCodes from_codes_;
 
@@ -124,8 +127,13 @@ class Kernel {
         }
         Qeff = sc.Qs.data();
         add = sc.zb.data();
-        // Decode-sized: dot products straight from the codes (no float tile) where the build has them.
-        fused = R <= 2 && Dp_ == D_ && qk_from_codes(sg.k_fmt, Qeff, Dp_, R, row0, rb, n, D_, sc.S.data(), KB, add);
+        if (int8q_ && seg == SEG_CACHE) {
+          qk_int8_query_channel(sg.k_fmt, Qeff, Dp_, R, row0, rb, n, D_, sc.S.data(), KB, add);  // int8_query.h
+          fused = true;
+        } else {
+          // Decode-sized: dot products straight from the codes (no float tile) where the build has them.
+          fused = R <= 2 && Dp_ == D_ && qk_from_codes(sg.k_fmt, Qeff, Dp_, R, row0, rb, n, D_, sc.S.data(), KB, add);
+        }
         if (!fused) {
           decode_rows_rt(sg.k_fmt, row0, rb, n, D_, Dp_, sc.Kt.data(), 0, nullptr, nullptr, 0);
           K = sc.Kt.data(); ldk = Dp_;
@@ -134,8 +142,13 @@ class Kernel {
         const int64_t ngr = D_ / sg.group_size;
         const uint16_t* s16 = sg.k_scale + (bh * sg.capacity + j0) * ngr;
         const uint16_t* z16 = sg.k_zero ? sg.k_zero + (bh * sg.capacity + j0) * ngr : nullptr;
-        decode_rows_rt(sg.k_fmt, row0, rb, n, D_, Dp_, sc.Kt.data(), sg.group_size, s16, z16, ngr);
-        K = sc.Kt.data(); ldk = Dp_;
+        if (int8q_ && seg == SEG_CACHE) {
+          qk_int8_query_token(sg.k_fmt, Qeff, Dp_, R, row0, rb, n, D_, sg.group_size, s16, z16, sc.S.data(), KB);
+          fused = true;
+        } else {
+          decode_rows_rt(sg.k_fmt, row0, rb, n, D_, Dp_, sc.Kt.data(), sg.group_size, s16, z16, ngr);
+          K = sc.Kt.data(); ldk = Dp_;
+        }
       }
     }
     float* S = sc.S.data();
@@ -415,9 +428,10 @@ class Kernel {
     const bool softmax = p_.kind == Kind::Softmax;
     float cnt[KB];
     // many rows: the stored segments through the register-tiled path, only the request segment below
-    const int seg0 = run_tiled(sc, b, h, R) ? SEG_REQ : SEG_CACHE;
+    // (the int8-query mode computes the cache's scores in scores(), so it takes neither fast path of exact scores)
+    const int seg0 = !int8q_ && run_tiled(sc, b, h, R) ? SEG_REQ : SEG_CACHE;
     for (int seg = seg0; seg < 3; ++seg) {
-      if (seg == SEG_CACHE && from_codes_.run(sc, b, h, R)) continue;
+      if (seg == SEG_CACHE && !int8q_ && from_codes_.run(sc, b, h, R)) continue;
       const int64_t len = seg_len(seg, b, h);
       int n;
       for (int64_t j0 = 0; j0 < len; j0 += n) {

@@ -1,0 +1,337 @@
+// The approximate int8-query scores of the cache segment (query_precision = Int8, opt-in; the exact mode is the
+// default): each query row is quantized to int8 and its dot products with the int8 / int4 / int2 key CODES run in
+// integer arithmetic -- the W4A8KV4 idea of QServe (Lin et al., arXiv 2405.04532), applied to the query of a
+// decode instead of the activations of a GEMM. Values (P V) stay exact; the residual and request segments too.
+//
+// Math (the reference implements the same, reference/int8_query.py; x = the query row times the softmax scale, in
+// float32, D elements; a key row j stores codes c_jd in [0, 2^bits) with k_jd = s * c_jd + z):
+//
+//   quantize(y) (per row):  a = max_d |y_d|,  sq = a / 127,  qi_d = clamp(rne(y_d * (127 / a)), -127, 127)
+//                           (a < 2^-126: qi = 0, sq = 0; a non-finite y makes the row's scores NaN)
+//   token-axis keys (scale s_jg, zero z_jg per key and channel group g):
+//       y = x,  score_j = sq * sum_g s_jg * sum_{d in g} qi_d c_jd  +  sum_g z_jg * sum_{d in g} x_d
+//   channel-axis keys (KIVI: s_d, z_d per channel of the key's token group G): the scale is folded into the query
+//   BEFORE quantizing, so the integer dot needs no per-element scale:
+//       y_d = x_d * s_Gd,  score_j = sq * sum_d qi_d c_jd  +  sum_d x_d z_Gd
+//   (y is recomputed per token group: every key of a block of KB keys shares one group, kernel.h::block_len).
+//
+// Only the code term is approximate (the zero-point term uses the exact x). With |y_d - sq qi_d| <= sq / 2:
+//   token axis:    |score_j - exact_j| <= (sq / 2) * sum_d s_jg(d) c_jd = (sq / 2) * sum_d |k_jd - z_jg(d)|
+//   channel axis:  |score_j - exact_j| <= (sq / 2) * sum_d c_jd
+// and for a softmax row whose scores all move by at most e: |o_d - exact o_d| <= (e^{2e} - 1) max_j |v_jd - o_d|;
+// for an HSTU row (|silu'| <= 1.1): |o_d - exact o_d| <= (1.1 / n) sum_j e_j |v_jd|.
+//
+// Integer dot products: the row's codes are read as bytes, plane t of a byte (int4: 2 planes, int2: 4) being the
+// code of element P*i + t (P codes per byte, low bits first, cache/quant.py's packing); the query is stored as P
+// matching planes of int8 (qp[t][i] = qi[P*i + t], zero past D), so plane t of the codes times plane t of the query
+// summed over t and bytes is sum_d qi_d c_d, with no unpacking to one code per byte.
+//   AVX-512 build: _mm256_dpbusd_epi32 (VNNI, unsigned codes x signed query, 4 products per 32-bit lane).
+//   AVX2 build:    _mm256_maddubs_epi16 then _mm256_madd_epi16 by ones. maddubs saturates its int16 pair sums;
+//                  for int4 / int2 codes a pair is at most 2 * 15 * 127 = 3810 < 32767, so it never does. int8 codes
+//                  (up to 255: 2 * 255 * 127 = 64770 would saturate) widen both sides to int16 and use madd_epi16
+//                  (int32 pair sums) instead.
+//   portable:      the same loops in scalar int32.
+// Exact integers: |sum_d qi_d c_d| <= 127 * 255 * D fits int32 for D < 66,000.
+// Token-axis keys with several channel groups per row need one integer sum per group: they take the scalar loop
+// (int8_query_token_groups) in every build.
+#pragma once
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#ifdef MK_ISA_AVX2
+#include <immintrin.h>
+#endif
+
+#include "malloc_kernels/attention_cpu/scalar.h"
+
+namespace malloc_kernels {
+namespace cpu {
+namespace MK_IMPL_NS {
+
+// quantize(y) above: qi[0..D), returns sq (NaN for a non-finite row, 0 for a row below 2^-126).
+inline float int8_query_quantize(const float* y, int D, int8_t* qi) {
+  float a = 0.f;
+  bool finite = true;
+  for (int d = 0; d < D; ++d) {
+    finite &= std::isfinite(y[d]);
+    a = std::max(a, std::fabs(y[d]));
+  }
+  if (!finite) return std::numeric_limits<float>::quiet_NaN();
+  if (!(a >= FLT_MIN)) {
+    std::fill(qi, qi + D, int8_t(0));
+    return 0.f;
+  }
+  const float inv = 127.f / a;
+  for (int d = 0; d < D; ++d) {
+    const float r = std::nearbyint(y[d] * inv);  // round half to even (the default rounding mode)
+    qi[d] = int8_t(std::min(127.f, std::max(-127.f, r)));
+  }
+  return a / 127.f;
+}
+
+constexpr int kQ8Chunk = 32;  // bytes of codes per integer step (one 256-bit register)
+
+// The integer-dot primitives of one build: Acc holds 8 int32 partial sums of one key row.
+#if defined(MK_ISA_AVX512)
+struct Q8Ops {
+  using Acc = __m256i;
+  static Acc zero() { return _mm256_setzero_si256(); }
+  // 32 code bytes (n < 32: the first n, zeros after; masked, so nothing past the row is read)
+  static __m256i load(const uint8_t* p, int n) {
+    return n >= kQ8Chunk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                         : _mm256_maskz_loadu_epi8(__mmask32((uint64_t(1) << n) - 1), p);
+  }
+  template <int BITS, int T>
+  static __m256i plane(__m256i b) {
+    if constexpr (BITS == 8) return b;
+    else return _mm256_and_si256(T == 0 ? b : _mm256_srli_epi16(b, BITS * T), _mm256_set1_epi8((1 << BITS) - 1));
+  }
+  template <int BITS>
+  static Acc dot(Acc acc, __m256i codes, const int8_t* q) {
+    return _mm256_dpbusd_epi32(acc, codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+  }
+};
+#elif defined(MK_ISA_AVX2)
+struct Q8Ops {
+  using Acc = __m256i;
+  static Acc zero() { return _mm256_setzero_si256(); }
+  static __m256i load(const uint8_t* p, int n) {
+    if (n >= kQ8Chunk) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    alignas(32) uint8_t t[kQ8Chunk] = {};
+    std::memcpy(t, p, size_t(n));
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
+  }
+  template <int BITS, int T>
+  static __m256i plane(__m256i b) {
+    if constexpr (BITS == 8) return b;
+    else return _mm256_and_si256(T == 0 ? b : _mm256_srli_epi16(b, BITS * T), _mm256_set1_epi8((1 << BITS) - 1));
+  }
+  template <int BITS>
+  static Acc dot(Acc acc, __m256i codes, const int8_t* q) {
+    const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    if constexpr (BITS == 8) {
+      // codes up to 255: int16 on both sides (maddubs would saturate), int32 pair sums
+      const __m256i c0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(codes));
+      const __m256i c1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(codes, 1));
+      const __m256i q0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(qv));
+      const __m256i q1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(qv, 1));
+      return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(c0, q0), _mm256_madd_epi16(c1, q1)));
+    } else {
+      // codes < 16: |c0 q0 + c1 q1| <= 3810, no int16 saturation
+      const __m256i p16 = _mm256_maddubs_epi16(codes, qv);
+      return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+    }
+  }
+};
+#else
+struct Q8Ops {
+  struct Acc { int32_t s; };
+  struct Bytes { uint8_t b[kQ8Chunk]; };
+  static Acc zero() { return Acc{0}; }
+  static Bytes load(const uint8_t* p, int n) {
+    Bytes x{};
+    std::memcpy(x.b, p, size_t(std::min(n, kQ8Chunk)));
+    return x;
+  }
+  template <int BITS, int T>
+  static Bytes plane(Bytes x) {
+    if constexpr (BITS != 8)
+      for (int i = 0; i < kQ8Chunk; ++i) x.b[i] = uint8_t((x.b[i] >> (BITS * T)) & ((1 << BITS) - 1));
+    return x;
+  }
+  template <int BITS>
+  static Acc dot(Acc acc, const Bytes& c, const int8_t* q) {
+    int32_t s = 0;
+    for (int i = 0; i < kQ8Chunk; ++i) s += int32_t(c.b[i]) * int32_t(q[i]);
+    return Acc{acc.s + s};
+  }
+};
+#endif
+
+// Totals of 8 accumulators (one per key) into out[0..8).
+#ifdef MK_ISA_AVX2
+// per 128-bit half: [x0 + x2, y0 + y2, x1 + x3, y1 + y3]
+inline __m256i q8_pair(__m256i x, __m256i y) {
+  return _mm256_add_epi32(_mm256_unpacklo_epi32(x, y), _mm256_unpackhi_epi32(x, y));
+}
+
+inline void q8_reduce8(const __m256i* a, int32_t* out) {
+  // interleave-and-add tree: 21 instructions for 8 keys instead of a horizontal sum per key
+  const __m256i ab = q8_pair(a[0], a[1]), cd = q8_pair(a[2], a[3]), ef = q8_pair(a[4], a[5]),
+                gh = q8_pair(a[6], a[7]);
+  const __m256i abcd = _mm256_add_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
+  const __m256i efgh = _mm256_add_epi32(_mm256_unpacklo_epi64(ef, gh), _mm256_unpackhi_epi64(ef, gh));
+  const __m256i s = _mm256_add_epi32(_mm256_permute2x128_si256(abcd, efgh, 0x20),
+                                     _mm256_permute2x128_si256(abcd, efgh, 0x31));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), s);
+}
+#else
+inline void q8_reduce8(const Q8Ops::Acc* a, int32_t* out) {
+  for (int k = 0; k < 8; ++k) out[k] = a[k].s;
+}
+#endif
+
+// The query row as P planes of int8 (see the header comment): qp[t * Bp + i] = qi[P*i + t], zero past D; Bp = the
+// row's bytes rounded up to kQ8Chunk.
+template <int BITS>
+inline void int8_query_planes(const int8_t* qi, int D, int Bp, int8_t* qp) {
+  constexpr int P = 8 / BITS;
+  for (int t = 0; t < P; ++t)
+    for (int i = 0; i < Bp; ++i) {
+      const int d = P * i + t;
+      qp[t * Bp + i] = d < D ? qi[d] : int8_t(0);
+    }
+}
+
+// isum[j] = sum_d qi_d c_jd for keys j < n (rows of rb bytes), query planes qp (Bp bytes per plane).
+template <int BITS>
+inline void int8_query_dots(const int8_t* qp, int Bp, const uint8_t* K, int64_t rb, int n, int32_t* isum) {
+  constexpr int P = 8 / BITS;
+  for (int j0 = 0; j0 < n; j0 += 8) {
+    Q8Ops::Acc acc[8];
+    for (int k = 0; k < 8; ++k) {
+      acc[k] = Q8Ops::zero();
+      if (j0 + k >= n) continue;
+      const uint8_t* row = K + (j0 + k) * rb;
+      for (int c = 0; c < rb; c += kQ8Chunk) {
+        const auto b = Q8Ops::load(row + c, int(std::min<int64_t>(kQ8Chunk, rb - c)));
+        acc[k] = Q8Ops::template dot<BITS>(acc[k], Q8Ops::template plane<BITS, 0>(b), qp + c);
+        if constexpr (P >= 2) acc[k] = Q8Ops::template dot<BITS>(acc[k], Q8Ops::template plane<BITS, 1>(b), qp + Bp + c);
+        if constexpr (P == 4) {
+          acc[k] = Q8Ops::template dot<BITS>(acc[k], Q8Ops::template plane<BITS, 2>(b), qp + 2 * Bp + c);
+          acc[k] = Q8Ops::template dot<BITS>(acc[k], Q8Ops::template plane<BITS, 3>(b), qp + 3 * Bp + c);
+        }
+      }
+    }
+    int32_t out[8];
+    q8_reduce8(acc, out);
+    for (int k = 0; k < 8 && j0 + k < n; ++k) isum[j0 + k] = out[k];
+  }
+}
+
+// Per-thread buffers of the mode (rows of int8 planes, integer sums); sized on first use.
+struct Int8QueryScratch {
+  std::vector<int8_t> qi, qp;
+  std::vector<int32_t> isum;
+  std::vector<float> sq, ks, kz;
+  void ensure(int R, int D, int Bp) {
+    if (int(sq.size()) < R) sq.resize(R);
+    if (qi.size() < size_t(D)) qi.resize(D);
+    if (qp.size() < size_t(R) * 4 * Bp) qp.resize(size_t(R) * 4 * Bp);
+    if (isum.size() < size_t(KB) + 8) isum.resize(KB + 8);
+    if (ks.size() < size_t(KB) * D) { ks.resize(size_t(KB) * D); kz.resize(size_t(KB) * D); }
+  }
+  static Int8QueryScratch& get() {
+    static thread_local Int8QueryScratch s;
+    return s;
+  }
+};
+
+// Quantizes the R rows Y (stride ldy) into planes; sq per row.
+template <int BITS>
+inline void int8_query_rows(Int8QueryScratch& w, const float* Y, int ldy, int R, int D, int Bp) {
+  for (int r = 0; r < R; ++r) {
+    w.sq[r] = int8_query_quantize(Y + int64_t(r) * ldy, D, w.qi.data());
+    int8_query_planes<BITS>(w.qi.data(), D, Bp, w.qp.data() + size_t(r) * 4 * Bp);
+  }
+}
+
+template <int BITS>
+inline void int8_query_channel_f(const float* Y, int ldy, int R, const uint8_t* K, int64_t rb, int n, int D,
+                                 float* S, int lds, const float* add) {
+  const int Bp = int((rb + kQ8Chunk - 1) / kQ8Chunk * kQ8Chunk);
+  Int8QueryScratch& w = Int8QueryScratch::get();
+  w.ensure(R, D, Bp);
+  int8_query_rows<BITS>(w, Y, ldy, R, D, Bp);
+  for (int r = 0; r < R; ++r) {
+    int8_query_dots<BITS>(w.qp.data() + size_t(r) * 4 * Bp, Bp, K, rb, n, w.isum.data());
+    float* s = S + int64_t(r) * lds;
+    for (int j = 0; j < n; ++j) s[j] = w.sq[r] * float(w.isum[j]) + add[r];
+  }
+}
+
+// Channel-axis keys: Y = the rows' queries with this token group's scales folded in (y_d = x_d s_Gd), add[r] =
+// sum_d x_d z_Gd; S[r][j] = sq_r * sum_d qi_rd c_jd + add[r] for keys j < n of K (row stride rb bytes).
+inline void qk_int8_query_channel(Fmt f, const float* Y, int ldy, int R, const uint8_t* K, int64_t rb, int n, int D,
+                                  float* S, int lds, const float* add) {
+  switch (f) {
+    case Fmt::INT8: int8_query_channel_f<8>(Y, ldy, R, K, rb, n, D, S, lds, add); break;
+    case Fmt::INT4: int8_query_channel_f<4>(Y, ldy, R, K, rb, n, D, S, lds, add); break;
+    default: int8_query_channel_f<2>(Y, ldy, R, K, rb, n, D, S, lds, add); break;
+  }
+}
+
+template <int BITS>
+inline void int8_query_token_f(const float* X, int ldx, int R, const uint8_t* K, int64_t rb, int n, int D,
+                               const uint16_t* s16, const uint16_t* z16, float* S, int lds) {
+  const int Bp = int((rb + kQ8Chunk - 1) / kQ8Chunk * kQ8Chunk);
+  Int8QueryScratch& w = Int8QueryScratch::get();
+  w.ensure(R, D, Bp);
+  int8_query_rows<BITS>(w, X, ldx, R, D, Bp);
+  float* ks = w.ks.data();
+  float* kz = w.kz.data();
+  for (int j = 0; j < n; ++j) {
+    ks[j] = half_to_float(s16[j]);
+    kz[j] = z16 ? half_to_float(z16[j]) : 0.f;
+  }
+  for (int r = 0; r < R; ++r) {
+    const float* x = X + int64_t(r) * ldx;
+    float xs = 0.f;
+    for (int d = 0; d < D; ++d) xs += x[d];
+    int8_query_dots<BITS>(w.qp.data() + size_t(r) * 4 * Bp, Bp, K, rb, n, w.isum.data());
+    float* s = S + int64_t(r) * lds;
+    for (int j = 0; j < n; ++j) s[j] = w.sq[r] * (ks[j] * float(w.isum[j])) + kz[j] * xs;
+  }
+}
+
+// Token-axis keys with several channel groups per row (gs < D): one integer sum per (key, group), scalar.
+inline void int8_query_token_groups(Fmt f, const float* X, int ldx, int R, const uint8_t* K, int64_t rb, int n, int D,
+                                    int gs, const uint16_t* s16, const uint16_t* z16, float* S, int lds) {
+  Int8QueryScratch& w = Int8QueryScratch::get();
+  w.ensure(R, D, kQ8Chunk);
+  const int ngr = D / gs;
+  for (int r = 0; r < R; ++r) {
+    const float* x = X + int64_t(r) * ldx;
+    const float sq = int8_query_quantize(x, D, w.qi.data());
+    float* s = S + int64_t(r) * lds;
+    for (int j = 0; j < n; ++j) {
+      const uint8_t* row = K + j * rb;
+      float acc = 0.f;
+      for (int g = 0; g < ngr; ++g) {
+        int32_t is = 0;
+        float xs = 0.f;
+        for (int d = g * gs; d < (g + 1) * gs; ++d) {
+          is += int32_t(w.qi[d]) * int32_t(raw_scalar(f, row, d));
+          xs += x[d];
+        }
+        acc += sq * (half_to_float(s16[j * ngr + g]) * float(is)) + (z16 ? half_to_float(z16[j * ngr + g]) : 0.f) * xs;
+      }
+      s[j] = acc;
+    }
+  }
+}
+
+// Token-axis keys (scale and zero per key and channel group, float16 [n][D / gs]): S[r][j] = the token-axis score
+// above for the rows X (the queries times the softmax scale, stride ldx).
+inline void qk_int8_query_token(Fmt f, const float* X, int ldx, int R, const uint8_t* K, int64_t rb, int n, int D,
+                                int gs, const uint16_t* s16, const uint16_t* z16, float* S, int lds) {
+  if (gs != D) {
+    int8_query_token_groups(f, X, ldx, R, K, rb, n, D, gs, s16, z16, S, lds);
+    return;
+  }
+  switch (f) {
+    case Fmt::INT8: int8_query_token_f<8>(X, ldx, R, K, rb, n, D, s16, z16, S, lds); break;
+    case Fmt::INT4: int8_query_token_f<4>(X, ldx, R, K, rb, n, D, s16, z16, S, lds); break;
+    default: int8_query_token_f<2>(X, ldx, R, K, rb, n, D, s16, z16, S, lds); break;
+  }
+}
+
+}  // namespace MK_IMPL_NS
+}  // namespace cpu
+}  // namespace malloc_kernels
