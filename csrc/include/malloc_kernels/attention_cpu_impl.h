@@ -37,10 +37,11 @@
 #ifdef MK_ISA_AVX512
 #include "malloc_kernels/attention_cpu/code_pairs_avx512.h"
 #endif
+#include "malloc_kernels/attention_cpu/int8_query.h"
 #include "malloc_kernels/attention_cpu/from_codes_avx2.h"
 #include "malloc_kernels/attention_cpu/row_tiles.h"
 #else
 #include "malloc_kernels/attention_cpu/tiles_portable.h"
-#endif
 #include "malloc_kernels/attention_cpu/int8_query.h"
+#endif
 #include "malloc_kernels/attention_cpu/kernel.h"

@@ -48,17 +48,37 @@
 #include <immintrin.h>
 #endif
 
+#include "malloc_kernels/attention_cpu.h"
 #include "malloc_kernels/attention_cpu/scalar.h"
 
 namespace malloc_kernels {
 namespace cpu {
 namespace MK_IMPL_NS {
 
-// quantize(y) above: qi[0..D), returns sq (NaN for a non-finite row, 0 for a row below 2^-126).
+// quantize(y) above: qi[0..D), returns sq (NaN for a non-finite row, 0 for a row below 2^-126). The vector form
+// computes the same numbers: |y| and max are exact, y * inv is one rounded product, and cvtps rounds half to even
+// (the default MXCSR mode) as nearbyint does.
 inline float int8_query_quantize(const float* y, int D, int8_t* qi) {
   float a = 0.f;
   bool finite = true;
-  for (int d = 0; d < D; ++d) {
+  int d0 = 0;
+#ifdef MK_ISA_AVX2
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 am = _mm256_setzero_ps(), nf = _mm256_setzero_ps();
+  for (; d0 + 8 <= D; d0 += 8) {
+    const __m256 v = _mm256_loadu_ps(y + d0);
+    am = _mm256_max_ps(am, _mm256_and_ps(v, absmask));
+    nf = _mm256_add_ps(nf, _mm256_mul_ps(v, _mm256_setzero_ps()));  // NaN once any element is NaN or +-inf
+  }
+  alignas(32) float t[8], u[8];
+  _mm256_store_ps(t, am);
+  _mm256_store_ps(u, nf);
+  for (int i = 0; i < 8; ++i) {
+    a = std::max(a, t[i]);
+    finite &= u[i] == 0.f;
+  }
+#endif
+  for (int d = d0; d < D; ++d) {
     finite &= std::isfinite(y[d]);
     a = std::max(a, std::fabs(y[d]));
   }
@@ -68,11 +88,37 @@ inline float int8_query_quantize(const float* y, int D, int8_t* qi) {
     return 0.f;
   }
   const float inv = 127.f / a;
-  for (int d = 0; d < D; ++d) {
+  int d = 0;
+#ifdef MK_ISA_AVX2
+  const __m256 iv = _mm256_set1_ps(inv);
+  const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
+  for (; d + 8 <= D; d += 8) {
+    const __m256i r = _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(y + d), iv))));
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));  // 8 x int16
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(qi + d), _mm_packs_epi16(w, w));                    // 8 x int8
+  }
+#endif
+  for (; d < D; ++d) {
     const float r = std::nearbyint(y[d] * inv);  // round half to even (the default rounding mode)
     qi[d] = int8_t(std::min(127.f, std::max(-127.f, r)));
   }
   return a / 127.f;
+}
+
+// <a, b> over D floats (8 partial sums in the AVX2 / AVX-512 builds; the zero-point term is exact math, so only
+// its rounding order differs from the reference's)
+inline float int8_query_dot(const float* a, const float* b, int D) {
+  float s = 0.f;
+  int d = 0;
+#ifdef MK_ISA_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; d + 8 <= D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  alignas(32) float t[8];
+  _mm256_store_ps(t, acc);
+  for (int i = 0; i < 8; ++i) s += t[i];
+#endif
+  for (; d < D; ++d) s += a[d] * b[d];
+  return s;
 }
 
 constexpr int kQ8Chunk = 32;  // bytes of codes per integer step (one 256-bit register)
@@ -182,17 +228,72 @@ inline void q8_reduce8(const Q8Ops::Acc* a, int32_t* out) {
 template <int BITS>
 inline void int8_query_planes(const int8_t* qi, int D, int Bp, int8_t* qp) {
   constexpr int P = 8 / BITS;
+  int i0 = 0;  // bytes done
+#ifdef MK_ISA_AVX2
+  if constexpr (P > 1) {
+    // 16 elements at a time: one byte shuffle groups them by plane (element P*i + t -> plane t), 16 / P per plane
+    alignas(16) int8_t ctl[16], t16[16];
+    for (int t = 0, o = 0; t < P; ++t)
+      for (int i = 0; i < 16 / P; ++i) ctl[o++] = int8_t(P * i + t);
+    const __m128i c = _mm_load_si128(reinterpret_cast<const __m128i*>(ctl));
+    for (; P * i0 + 16 <= D; i0 += 16 / P) {
+      _mm_store_si128(reinterpret_cast<__m128i*>(t16),
+                      _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qi + P * i0)), c));
+      for (int t = 0; t < P; ++t) std::memcpy(qp + t * Bp + i0, t16 + t * (16 / P), size_t(16 / P));
+    }
+  }
+#endif
   for (int t = 0; t < P; ++t)
-    for (int i = 0; i < Bp; ++i) {
+    for (int i = i0; i < Bp; ++i) {
       const int d = P * i + t;
       qp[t * Bp + i] = d < D ? qi[d] : int8_t(0);
     }
 }
 
 // isum[j] = sum_d qi_d c_jd for keys j < n (rows of rb bytes), query planes qp (Bp bytes per plane).
+#ifdef MK_ISA_AVX512
+// Short rows (rb in {8, 16, 32} bytes: int4 / int2 at D <= 64) in the AVX-512 build: KP = 64 / rb consecutive keys
+// per 512-bit load (rows are adjacent in the cache), the query planes repeated KP times, one vpdpbusd per plane
+// for all of them; key k's sum is the sum of its rb / 4 lanes (log2 shuffle-add steps inside the register).
+template <int BITS>
+inline void int8_query_dots_short(const int8_t* qp, int Bp, const uint8_t* K, int rb, int n, int32_t* isum) {
+  constexpr int P = 8 / BITS;
+  const int KP = 64 / rb, Lk = rb / 4;
+  alignas(64) int8_t rep[P * 64];
+  for (int t = 0; t < P; ++t)
+    for (int k = 0; k < KP; ++k) std::memcpy(rep + t * 64 + k * rb, qp + t * Bp, size_t(rb));
+  __m512i qv[P];
+  for (int t = 0; t < P; ++t) qv[t] = _mm512_load_si512(rep + t * 64);
+  const __m512i mask = _mm512_set1_epi8((1 << BITS) - 1);
+  alignas(64) int32_t lanes[16];
+  for (int j0 = 0; j0 < n; j0 += KP) {
+    const int nk = std::min(KP, n - j0);
+    const __m512i b = nk == KP ? _mm512_loadu_si512(K + int64_t(j0) * rb)
+                               : _mm512_maskz_loadu_epi8((uint64_t(1) << (nk * rb)) - 1, K + int64_t(j0) * rb);
+    __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), BITS == 8 ? b : _mm512_and_si512(b, mask), qv[0]);
+    if constexpr (P >= 2) a = _mm512_dpbusd_epi32(a, _mm512_and_si512(_mm512_srli_epi16(b, BITS), mask), qv[1]);
+    if constexpr (P == 4) {
+      a = _mm512_dpbusd_epi32(a, _mm512_and_si512(_mm512_srli_epi16(b, 2 * BITS), mask), qv[2]);
+      a = _mm512_dpbusd_epi32(a, _mm512_and_si512(_mm512_srli_epi16(b, 3 * BITS), mask), qv[3]);
+    }
+    a = _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_CDAB));            // lane pairs
+    if (Lk >= 4) a = _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_BADC));  // 128-bit blocks
+    if (Lk >= 8) a = _mm512_add_epi32(a, _mm512_shuffle_i32x4(a, a, _MM_SHUFFLE(2, 3, 0, 1)));  // 256-bit halves
+    _mm512_store_si512(lanes, a);
+    for (int k = 0; k < nk; ++k) isum[j0 + k] = lanes[k * Lk];
+  }
+}
+#endif
+
 template <int BITS>
 inline void int8_query_dots(const int8_t* qp, int Bp, const uint8_t* K, int64_t rb, int n, int32_t* isum) {
   constexpr int P = 8 / BITS;
+#ifdef MK_ISA_AVX512
+  if (BITS < 8 && (rb == 8 || rb == 16 || rb == 32)) {
+    int8_query_dots_short<BITS>(qp, Bp, K, int(rb), n, isum);
+    return;
+  }
+#endif
   for (int j0 = 0; j0 < n; j0 += 8) {
     Q8Ops::Acc acc[8];
     for (int k = 0; k < 8; ++k) {
@@ -219,13 +320,15 @@ inline void int8_query_dots(const int8_t* qp, int Bp, const uint8_t* K, int64_t 
 struct Int8QueryScratch {
   std::vector<int8_t> qi, qp;
   std::vector<int32_t> isum;
-  std::vector<float> sq, ks, kz;
+  std::vector<float> sq, ks, kz, y, zb;
   void ensure(int R, int D, int Bp) {
-    if (int(sq.size()) < R) sq.resize(R);
+    if (int(sq.size()) < R) { sq.resize(R); zb.resize(R); }
+    if (y.size() < size_t(R) * D) y.resize(size_t(R) * D);
     if (qi.size() < size_t(D)) qi.resize(D);
     if (qp.size() < size_t(R) * 4 * Bp) qp.resize(size_t(R) * 4 * Bp);
-    if (isum.size() < size_t(KB) + 8) isum.resize(KB + 8);
-    if (ks.size() < size_t(KB) * D) { ks.resize(size_t(KB) * D); kz.resize(size_t(KB) * D); }
+    if (isum.size() < size_t(DKB) + 8) isum.resize(DKB + 8);
+    const size_t nk = std::max<size_t>(DKB, size_t(D));
+    if (ks.size() < nk) { ks.resize(nk); kz.resize(nk); }
   }
   static Int8QueryScratch& get() {
     static thread_local Int8QueryScratch s;
@@ -276,14 +379,13 @@ inline void int8_query_token_f(const float* X, int ldx, int R, const uint8_t* K,
   int8_query_rows<BITS>(w, X, ldx, R, D, Bp);
   float* ks = w.ks.data();
   float* kz = w.kz.data();
-  for (int j = 0; j < n; ++j) {
-    ks[j] = half_to_float(s16[j]);
-    kz[j] = z16 ? half_to_float(z16[j]) : 0.f;
-  }
+  halves_to_floats(s16, n, ks);
+  if (z16) halves_to_floats(z16, n, kz);
+  else std::fill(kz, kz + n, 0.f);
   for (int r = 0; r < R; ++r) {
     const float* x = X + int64_t(r) * ldx;
     float xs = 0.f;
-    for (int d = 0; d < D; ++d) xs += x[d];
+    for (int d = 0; d < D; ++d) xs += x[d];  // once per row and block
     int8_query_dots<BITS>(w.qp.data() + size_t(r) * 4 * Bp, Bp, K, rb, n, w.isum.data());
     float* s = S + int64_t(r) * lds;
     for (int j = 0; j < n; ++j) s[j] = w.sq[r] * (ks[j] * float(w.isum[j])) + kz[j] * xs;
@@ -329,6 +431,44 @@ inline void qk_int8_query_token(Fmt f, const float* X, int ldx, int R, const uin
     case Fmt::INT8: int8_query_token_f<8>(X, ldx, R, K, rb, n, D, s16, z16, S, lds); break;
     case Fmt::INT4: int8_query_token_f<4>(X, ldx, R, K, rb, n, D, s16, z16, S, lds); break;
     default: int8_query_token_f<2>(X, ldx, R, K, rb, n, D, s16, z16, S, lds); break;
+  }
+}
+
+// Scores of the cache's keys [j0, j0 + n) of kv row bh (codes from kb0, rows of rb bytes) for the R query rows Q
+// (times the softmax scale, stride ldq) into S (row stride lds): the token- or channel-axis formula above. Blocks
+// of channel-axis keys are split at token-group boundaries (each group folds its own scales into the query).
+inline void int8_query_block_scores(const AttnParams& p, const float* Q, int ldq, int R, int64_t bh, int64_t j0,
+                                    int n, const uint8_t* kb0, int64_t rb, float* S, int lds) {
+  const Segment& sg = p.cache;
+  const int D = p.D, gs = sg.group_size;
+  if (!sg.k_channel) {
+    const int ngr = D / gs;
+    const uint16_t* s16 = sg.k_scale + (bh * sg.capacity + j0) * ngr;
+    const uint16_t* z16 = sg.k_zero ? sg.k_zero + (bh * sg.capacity + j0) * ngr : nullptr;
+    qk_int8_query_token(sg.k_fmt, Q, ldq, R, kb0, rb, n, D, gs, s16, z16, S, lds);
+    return;
+  }
+  Int8QueryScratch& w = Int8QueryScratch::get();
+  w.ensure(R, D, kQ8Chunk);
+  const int64_t nkg = (sg.capacity + gs - 1) / gs;
+  for (int s0 = 0; s0 < n;) {
+    const int64_t g = (j0 + s0) / gs;
+    const int ns = int(std::min<int64_t>(n - s0, (g + 1) * gs - (j0 + s0)));
+    const uint16_t* s16 = sg.k_scale + (bh * nkg + g) * D;
+    const uint16_t* z16 = sg.k_zero ? sg.k_zero + (bh * nkg + g) * D : nullptr;
+    float* sf = w.ks.data();
+    float* zf = w.kz.data();
+    halves_to_floats(s16, D, sf);
+    if (z16) halves_to_floats(z16, D, zf);
+    else std::fill(zf, zf + D, 0.f);
+    for (int r = 0; r < R; ++r) {
+      const float* x = Q + int64_t(r) * ldq;
+      float* y = w.y.data() + int64_t(r) * D;
+      for (int d = 0; d < D; ++d) y[d] = x[d] * sf[d];
+      w.zb[r] = int8_query_dot(x, zf, D);
+    }
+    qk_int8_query_channel(sg.k_fmt, w.y.data(), D, R, kb0 + s0 * rb, rb, ns, D, S + s0, lds, w.zb.data());
+    s0 += ns;
   }
 }
 

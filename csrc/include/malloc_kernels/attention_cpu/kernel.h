@@ -101,7 +101,11 @@ class Kernel {
       const uint8_t* row0 = static_cast<const uint8_t*>(sg.k) + (bh * sg.capacity + j0) * rb;
       const bool quant = sg.k_fmt == Fmt::INT8 || sg.k_fmt == Fmt::INT4 || sg.k_fmt == Fmt::INT2 ||
                          sg.k_fmt == Fmt::FP8;
-      if (sg.k_fmt == Fmt::NVFP4) {
+      if (int8q_ && seg == SEG_CACHE) {
+        // the opt-in approximate scores of the cache's int8/int4/int2 keys (int8_query.h)
+        int8_query_block_scores(p_, sc.Q.data(), Dp_, R, bh, j0, n, row0, rb, sc.S.data(), KB);
+        fused = true;
+      } else if (sg.k_fmt == Fmt::NVFP4) {
         nvfp4::decode_rows(row0, rb, n, D_, Dp_, sc.Kt.data(), sg.k_scale8 + (bh * sg.capacity + j0) * nvfp4::groups(D_),
                            nvfp4::groups(D_));
         K = sc.Kt.data(); ldk = Dp_;
@@ -127,13 +131,8 @@ class Kernel {
         }
         Qeff = sc.Qs.data();
         add = sc.zb.data();
-        if (int8q_ && seg == SEG_CACHE) {
-          qk_int8_query_channel(sg.k_fmt, Qeff, Dp_, R, row0, rb, n, D_, sc.S.data(), KB, add);  // int8_query.h
-          fused = true;
-        } else {
-          // Decode-sized: dot products straight from the codes (no float tile) where the build has them.
-          fused = R <= 2 && Dp_ == D_ && qk_from_codes(sg.k_fmt, Qeff, Dp_, R, row0, rb, n, D_, sc.S.data(), KB, add);
-        }
+        // Decode-sized: dot products straight from the codes (no float tile) where the build has them.
+        fused = R <= 2 && Dp_ == D_ && qk_from_codes(sg.k_fmt, Qeff, Dp_, R, row0, rb, n, D_, sc.S.data(), KB, add);
         if (!fused) {
           decode_rows_rt(sg.k_fmt, row0, rb, n, D_, Dp_, sc.Kt.data(), 0, nullptr, nullptr, 0);
           K = sc.Kt.data(); ldk = Dp_;
@@ -142,13 +141,8 @@ class Kernel {
         const int64_t ngr = D_ / sg.group_size;
         const uint16_t* s16 = sg.k_scale + (bh * sg.capacity + j0) * ngr;
         const uint16_t* z16 = sg.k_zero ? sg.k_zero + (bh * sg.capacity + j0) * ngr : nullptr;
-        if (int8q_ && seg == SEG_CACHE) {
-          qk_int8_query_token(sg.k_fmt, Qeff, Dp_, R, row0, rb, n, D_, sg.group_size, s16, z16, sc.S.data(), KB);
-          fused = true;
-        } else {
-          decode_rows_rt(sg.k_fmt, row0, rb, n, D_, Dp_, sc.Kt.data(), sg.group_size, s16, z16, ngr);
-          K = sc.Kt.data(); ldk = Dp_;
-        }
+        decode_rows_rt(sg.k_fmt, row0, rb, n, D_, Dp_, sc.Kt.data(), sg.group_size, s16, z16, ngr);
+        K = sc.Kt.data(); ldk = Dp_;
       }
     }
     float* S = sc.S.data();
@@ -428,10 +422,10 @@ class Kernel {
     const bool softmax = p_.kind == Kind::Softmax;
     float cnt[KB];
     // many rows: the stored segments through the register-tiled path, only the request segment below
-    // (the int8-query mode computes the cache's scores in scores(), so it takes neither fast path of exact scores)
+    // (the int8-query mode's scores live in scores() and the from-codes path, not in the register tiles)
     const int seg0 = !int8q_ && run_tiled(sc, b, h, R) ? SEG_REQ : SEG_CACHE;
     for (int seg = seg0; seg < 3; ++seg) {
-      if (seg == SEG_CACHE && !int8q_ && from_codes_.run(sc, b, h, R)) continue;
+      if (seg == SEG_CACHE && from_codes_.run(sc, b, h, R)) continue;
       const int64_t len = seg_len(seg, b, h);
       int n;
       for (int64_t j0 = 0; j0 < len; j0 += n) {
