@@ -93,7 +93,8 @@ inline float int8_query_quantize(const float* y, int D, int8_t* qi) {
   const __m256 iv = _mm256_set1_ps(inv);
   const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
   for (; d + 8 <= D; d += 8) {
-    const __m256i r = _mm256_max_epi32(lo, _mm256_min_epi32(hi, _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(y + d), iv))));
+    const __m256i r0 = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(y + d), iv));
+    const __m256i r = _mm256_max_epi32(lo, _mm256_min_epi32(hi, r0));
     const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));  // 8 x int16
     _mm_storel_epi64(reinterpret_cast<__m128i*>(qi + d), _mm_packs_epi16(w, w));                    // 8 x int8
   }
@@ -252,9 +253,9 @@ inline void int8_query_planes(const int8_t* qi, int D, int Bp, int8_t* qp) {
 
 // isum[j] = sum_d qi_d c_jd for keys j < n (rows of rb bytes), query planes qp (Bp bytes per plane).
 #ifdef MK_ISA_AVX512
-// Short rows (rb in {8, 16, 32} bytes: int4 / int2 at D <= 64) in the AVX-512 build: KP = 64 / rb consecutive keys
-// per 512-bit load (rows are adjacent in the cache), the query planes repeated KP times, one vpdpbusd per plane
-// for all of them; key k's sum is the sum of its rb / 4 lanes (log2 shuffle-add steps inside the register).
+// Short rows (rb = 8 or 16 bytes: int2 at D = 32 / 64, int4 at D = 16 / 32) in the AVX-512 build: KP = 64 / rb
+// consecutive keys per 512-bit load (rows are adjacent in the cache), the query planes repeated KP times, one
+// vpdpbusd per plane for all of them; key k's sum is the sum of its rb / 4 (2 or 4) lanes (shuffle-add steps).
 template <int BITS>
 inline void int8_query_dots_short(const int8_t* qp, int Bp, const uint8_t* K, int rb, int n, int32_t* isum) {
   constexpr int P = 8 / BITS;
@@ -278,7 +279,6 @@ inline void int8_query_dots_short(const int8_t* qp, int Bp, const uint8_t* K, in
     }
     a = _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_CDAB));            // lane pairs
     if (Lk >= 4) a = _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_BADC));  // 128-bit blocks
-    if (Lk >= 8) a = _mm512_add_epi32(a, _mm512_shuffle_i32x4(a, a, _MM_SHUFFLE(2, 3, 0, 1)));  // 256-bit halves
     _mm512_store_si512(lanes, a);
     for (int k = 0; k < nk; ++k) isum[j0 + k] = lanes[k * Lk];
   }
@@ -289,7 +289,8 @@ template <int BITS>
 inline void int8_query_dots(const int8_t* qp, int Bp, const uint8_t* K, int64_t rb, int n, int32_t* isum) {
   constexpr int P = 8 / BITS;
 #ifdef MK_ISA_AVX512
-  if (BITS < 8 && (rb == 8 || rb == 16 || rb == 32)) {
+  // (32-byte rows run faster one per 256-bit register with the 8-key reduction below: measured, int4 at D = 64)
+  if (BITS < 8 && (rb == 8 || rb == 16)) {
     int8_query_dots_short<BITS>(qp, Bp, K, int(rb), n, isum);
     return;
   }
@@ -303,7 +304,8 @@ inline void int8_query_dots(const int8_t* qp, int Bp, const uint8_t* K, int64_t 
       for (int c = 0; c < rb; c += kQ8Chunk) {
         const auto b = Q8Ops::load(row + c, int(std::min<int64_t>(kQ8Chunk, rb - c)));
         acc[k] = Q8Ops::template dot<BITS>(acc[k], Q8Ops::template plane<BITS, 0>(b), qp + c);
-        if constexpr (P >= 2) acc[k] = Q8Ops::template dot<BITS>(acc[k], Q8Ops::template plane<BITS, 1>(b), qp + Bp + c);
+        if constexpr (P >= 2)
+          acc[k] = Q8Ops::template dot<BITS>(acc[k], Q8Ops::template plane<BITS, 1>(b), qp + Bp + c);
         if constexpr (P == 4) {
           acc[k] = Q8Ops::template dot<BITS>(acc[k], Q8Ops::template plane<BITS, 2>(b), qp + 2 * Bp + c);
           acc[k] = Q8Ops::template dot<BITS>(acc[k], Q8Ops::template plane<BITS, 3>(b), qp + 3 * Bp + c);
