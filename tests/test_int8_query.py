@@ -139,6 +139,8 @@ CASES = [  # (fmt, kind, B, Hq, Hkv, Lq, C, D, R)
     ("int4_token", "hstu", 2, 2, 2, 2, 19, 24, 0),
     ("int2_channel", "softmax", 3, 8, 8, 1, 97, 64, 2),
     ("int2_channel", "hstu", 2, 6, 2, 1, 64, 96, 0),
+    ("int2_channel", "softmax", 2, 4, 2, 1, 37, 32, 0),         # 8-byte rows: 4 / 8 keys per register
+    ("int4_channel", "softmax", 2, 2, 2, 1, 45, 16, 0),
     ("int2_token_int8v", "softmax", 2, 2, 2, 3, 50, 64, 0),
 ]
 

@@ -252,34 +252,72 @@ inline void int8_query_planes(const int8_t* qi, int D, int Bp, int8_t* qp) {
 }
 
 // isum[j] = sum_d qi_d c_jd for keys j < n (rows of rb bytes), query planes qp (Bp bytes per plane).
+#ifdef MK_ISA_AVX2
+// Several short rows per register (int2 / int4 rows of 8 or 16 bytes): W-byte registers, 4 products per 32-bit
+// lane as in Q8Ops (vpdpbusd; AVX2: vpmaddubsw + vpmaddwd by ones, codes < 16 so no int16 saturation).
 #ifdef MK_ISA_AVX512
-// Short rows (rb = 8 or 16 bytes: int2 at D = 32 / 64, int4 at D = 16 / 32) in the AVX-512 build: KP = 64 / rb
-// consecutive keys per 512-bit load (rows are adjacent in the cache), the query planes repeated KP times, one
-// vpdpbusd per plane for all of them; key k's sum is the sum of its rb / 4 (2 or 4) lanes (shuffle-add steps).
+struct Q8Wide {
+  static constexpr int W = 64;
+  using V = __m512i;
+  static V loadq(const int8_t* p) { return _mm512_load_si512(p); }
+  static V load(const uint8_t* p, int nb) {
+    return nb >= W ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8((uint64_t(1) << nb) - 1, p);
+  }
+  static V plane(V b, int shift, int bits) {
+    return _mm512_and_si512(_mm512_srli_epi16(b, shift), _mm512_set1_epi8(char((1 << bits) - 1)));
+  }
+  static V dot(V acc, V codes, V q) { return _mm512_dpbusd_epi32(acc, codes, q); }
+  static V zero() { return _mm512_setzero_si512(); }
+  static V add_pairs(V a) { return _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_CDAB)); }
+  static V add_halves(V a) { return _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_BADC)); }
+  static void store(int32_t* out, V a) { _mm512_store_si512(out, a); }
+};
+#else
+struct Q8Wide {
+  static constexpr int W = 32;
+  using V = __m256i;
+  static V loadq(const int8_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
+  static V load(const uint8_t* p, int nb) {
+    if (nb >= W) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    alignas(32) uint8_t t[W] = {};
+    std::memcpy(t, p, size_t(nb));
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
+  }
+  static V plane(V b, int shift, int bits) {
+    return _mm256_and_si256(_mm256_srli_epi16(b, shift), _mm256_set1_epi8(char((1 << bits) - 1)));
+  }
+  static V dot(V acc, V codes, V q) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, q), _mm256_set1_epi16(1)));
+  }
+  static V zero() { return _mm256_setzero_si256(); }
+  static V add_pairs(V a) { return _mm256_add_epi32(a, _mm256_shuffle_epi32(a, _MM_SHUFFLE(2, 3, 0, 1))); }
+  static V add_halves(V a) { return _mm256_add_epi32(a, _mm256_shuffle_epi32(a, _MM_SHUFFLE(1, 0, 3, 2))); }
+  static void store(int32_t* out, V a) { _mm256_store_si256(reinterpret_cast<__m256i*>(out), a); }
+};
+#endif
+
+// Short rows (rb = 8 or 16 bytes, int4 / int2 codes): KP = W / rb consecutive keys per load (rows are adjacent in
+// the cache), the query planes repeated KP times, one integer dot per plane for all of them; key k's sum is the
+// sum of its rb / 4 (2 or 4) lanes, gathered by in-register shuffle-adds.
 template <int BITS>
 inline void int8_query_dots_short(const int8_t* qp, int Bp, const uint8_t* K, int rb, int n, int32_t* isum) {
+  using O = Q8Wide;
   constexpr int P = 8 / BITS;
-  const int KP = 64 / rb, Lk = rb / 4;
-  alignas(64) int8_t rep[P * 64];
+  const int KP = O::W / rb, Lk = rb / 4;
+  alignas(64) int8_t rep[P * O::W];
   for (int t = 0; t < P; ++t)
-    for (int k = 0; k < KP; ++k) std::memcpy(rep + t * 64 + k * rb, qp + t * Bp, size_t(rb));
-  __m512i qv[P];
-  for (int t = 0; t < P; ++t) qv[t] = _mm512_load_si512(rep + t * 64);
-  const __m512i mask = _mm512_set1_epi8((1 << BITS) - 1);
-  alignas(64) int32_t lanes[16];
+    for (int k = 0; k < KP; ++k) std::memcpy(rep + t * O::W + k * rb, qp + t * Bp, size_t(rb));
+  typename O::V qv[P];
+  for (int t = 0; t < P; ++t) qv[t] = O::loadq(rep + t * O::W);
+  alignas(64) int32_t lanes[O::W / 4];
   for (int j0 = 0; j0 < n; j0 += KP) {
     const int nk = std::min(KP, n - j0);
-    const __m512i b = nk == KP ? _mm512_loadu_si512(K + int64_t(j0) * rb)
-                               : _mm512_maskz_loadu_epi8((uint64_t(1) << (nk * rb)) - 1, K + int64_t(j0) * rb);
-    __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), BITS == 8 ? b : _mm512_and_si512(b, mask), qv[0]);
-    if constexpr (P >= 2) a = _mm512_dpbusd_epi32(a, _mm512_and_si512(_mm512_srli_epi16(b, BITS), mask), qv[1]);
-    if constexpr (P == 4) {
-      a = _mm512_dpbusd_epi32(a, _mm512_and_si512(_mm512_srli_epi16(b, 2 * BITS), mask), qv[2]);
-      a = _mm512_dpbusd_epi32(a, _mm512_and_si512(_mm512_srli_epi16(b, 3 * BITS), mask), qv[3]);
-    }
-    a = _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_CDAB));            // lane pairs
-    if (Lk >= 4) a = _mm512_add_epi32(a, _mm512_shuffle_epi32(a, _MM_PERM_BADC));  // 128-bit blocks
-    _mm512_store_si512(lanes, a);
+    const typename O::V b = O::load(K + int64_t(j0) * rb, nk * rb);
+    typename O::V a = O::zero();
+    for (int t = 0; t < P; ++t) a = O::dot(a, O::plane(b, BITS * t, BITS), qv[t]);
+    a = O::add_pairs(a);
+    if (Lk >= 4) a = O::add_halves(a);
+    O::store(lanes, a);
     for (int k = 0; k < nk; ++k) isum[j0 + k] = lanes[k * Lk];
   }
 }
@@ -288,7 +326,7 @@ inline void int8_query_dots_short(const int8_t* qp, int Bp, const uint8_t* K, in
 template <int BITS>
 inline void int8_query_dots(const int8_t* qp, int Bp, const uint8_t* K, int64_t rb, int n, int32_t* isum) {
   constexpr int P = 8 / BITS;
-#ifdef MK_ISA_AVX512
+#ifdef MK_ISA_AVX2
   // (32-byte rows run faster one per 256-bit register with the 8-key reduction below: measured, int4 at D = 64)
   if (BITS < 8 && (rb == 8 || rb == 16)) {
     int8_query_dots_short<BITS>(qp, Bp, K, int(rb), n, isum);
