@@ -13,7 +13,7 @@
 //   channel-axis keys (KIVI: s_d, z_d per channel of the key's token group G): the scale is folded into the query
 //   BEFORE quantizing, so the integer dot needs no per-element scale:
 //       y_d = x_d * s_Gd,  score_j = sq * sum_d qi_d c_jd  +  sum_d x_d z_Gd
-//   (y is recomputed per token group: every key of a block of KB keys shares one group, kernel.h::block_len).
+//   (y and its quantization are recomputed per token group: int8_query_block_scores splits blocks at groups).
 //
 // Only the code term is approximate (the zero-point term uses the exact x). With |y_d - sq qi_d| <= sq / 2:
 //   token axis:    |score_j - exact_j| <= (sq / 2) * sum_d s_jg(d) c_jd = (sq / 2) * sum_d |k_jd - z_jg(d)|
@@ -25,8 +25,10 @@
 // code of element P*i + t (P codes per byte, low bits first, cache/quant.py's packing); the query is stored as P
 // matching planes of int8 (qp[t][i] = qi[P*i + t], zero past D), so plane t of the codes times plane t of the query
 // summed over t and bytes is sum_d qi_d c_d, with no unpacking to one code per byte.
-//   AVX-512 build: _mm256_dpbusd_epi32 (VNNI, unsigned codes x signed query, 4 products per 32-bit lane).
-//   AVX2 build:    _mm256_maddubs_epi16 then _mm256_madd_epi16 by ones. maddubs saturates its int16 pair sums;
+//   AVX-512 build: vpdpbusd (VNNI, unsigned codes x signed query, 4 products per 32-bit lane): rows of 8 / 16 bytes
+//                  (int2 at D <= 64, int4 at D <= 32) several per 512-bit register (int8_query_dots_short), longer
+//                  rows one 256-bit chunk at a time, 8 keys' sums folded by one shuffle tree (q8_reduce8).
+//   AVX2 build:    the same loops with _mm256_maddubs_epi16 then _mm256_madd_epi16 by ones. maddubs saturates its int16 pair sums;
 //                  for int4 / int2 codes a pair is at most 2 * 15 * 127 = 3810 < 32767, so it never does. int8 codes
 //                  (up to 255: 2 * 255 * 127 = 64770 would saturate) widen both sides to int16 and use madd_epi16
 //                  (int32 pair sums) instead.
@@ -34,6 +36,9 @@
 // Exact integers: |sum_d qi_d c_d| <= 127 * 255 * D fits int32 for D < 66,000.
 // Token-axis keys with several channel groups per row need one integer sum per group: they take the scalar loop
 // (int8_query_token_groups) in every build.
+// Where: kernel.h's scores() (general path) and CacheFromCodes::decode_scores (the from-codes decode) ask
+// int8_query_block_scores for the cache segment when query_precision is Int8; the register-tiled path is skipped.
+// Measured (README, "Approximate int8-query decode"): at D = 64 it does not beat the exact from-codes decode yet.
 #pragma once
 
 #include <algorithm>
