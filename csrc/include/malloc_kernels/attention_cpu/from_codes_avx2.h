@@ -127,6 +127,10 @@ class CacheFromCodes {
   void decode_scores(Scratch& sc, int64_t bh, int R, int64_t j0, int n, const uint8_t* kb0, int64_t rb,
                      int64_t pfo) const {
     constexpr int L = W::L, D = 8 * L;
+    if (p_.query_precision == QueryPrecision::Int8) {  // the opt-in approximate scores (int8_query.h)
+      int8_query_block_scores(p_, sc.Q.data(), Dp_, R, bh, j0, n, kb0, rb, sc.Sd.data(), DKB);
+      return;
+    }
     const Segment& sg = p_.cache;
     const int gs = sg.group_size;
     float* S = sc.Sd.data();
