@@ -129,9 +129,20 @@ inline float int8_query_dot(const float* a, const float* b, int D) {
 
 constexpr int kQ8Chunk = 32;  // bytes of codes per integer step (one 256-bit register)
 
+#ifdef MK_ISA_AVX2
+// Code plane T of a 32-byte chunk: the T-th BITS-bit field of every byte, as unsigned bytes (8-bit codes: the bytes).
+struct Q8Planes {
+  template <int BITS, int T>
+  static __m256i plane(__m256i b) {
+    if constexpr (BITS == 8) return b;
+    else return _mm256_and_si256(T == 0 ? b : _mm256_srli_epi16(b, BITS * T), _mm256_set1_epi8((1 << BITS) - 1));
+  }
+};
+#endif
+
 // The integer-dot primitives of one build: Acc holds 8 int32 partial sums of one key row.
 #if defined(MK_ISA_AVX512)
-struct Q8Ops {
+struct Q8Ops : Q8Planes {
   using Acc = __m256i;
   static Acc zero() { return _mm256_setzero_si256(); }
   // 32 code bytes (n < 32: the first n, zeros after; masked, so nothing past the row is read)
@@ -139,18 +150,13 @@ struct Q8Ops {
     return n >= kQ8Chunk ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
                          : _mm256_maskz_loadu_epi8(__mmask32((uint64_t(1) << n) - 1), p);
   }
-  template <int BITS, int T>
-  static __m256i plane(__m256i b) {
-    if constexpr (BITS == 8) return b;
-    else return _mm256_and_si256(T == 0 ? b : _mm256_srli_epi16(b, BITS * T), _mm256_set1_epi8((1 << BITS) - 1));
-  }
   template <int BITS>
   static Acc dot(Acc acc, __m256i codes, const int8_t* q) {
     return _mm256_dpbusd_epi32(acc, codes, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
   }
 };
 #elif defined(MK_ISA_AVX2)
-struct Q8Ops {
+struct Q8Ops : Q8Planes {
   using Acc = __m256i;
   static Acc zero() { return _mm256_setzero_si256(); }
   static __m256i load(const uint8_t* p, int n) {
@@ -158,11 +164,6 @@ struct Q8Ops {
     alignas(32) uint8_t t[kQ8Chunk] = {};
     std::memcpy(t, p, size_t(n));
     return _mm256_load_si256(reinterpret_cast<const __m256i*>(t));
-  }
-  template <int BITS, int T>
-  static __m256i plane(__m256i b) {
-    if constexpr (BITS == 8) return b;
-    else return _mm256_and_si256(T == 0 ? b : _mm256_srli_epi16(b, BITS * T), _mm256_set1_epi8((1 << BITS) - 1));
   }
   template <int BITS>
   static Acc dot(Acc acc, __m256i codes, const int8_t* q) {
