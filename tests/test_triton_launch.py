@@ -248,20 +248,20 @@ def test_launcher_has_no_host_sync_and_no_host_data(monkeypatch, kind, Lq, layou
     monkeypatch.setattr(attention_common, "attention_forward_kernel", fwd)
     monkeypatch.setattr(attention_decode, "attention_merge_kernel", merge)
     q, kr, kw = _serving_case(kind, Lq, layout, torch.Generator().manual_seed(0))
-    TA.run(validate_call(q, kr, kr, **kw))  # first call: one-time caches (placeholders, thresholds) fill here
+    kw["backend"] = "triton"
+    malloc_kernels.attention(q, kr, kr, **kw)  # first call: one-time caches (placeholders, thresholds) fill here
     fwd.launches.clear()
-    with _Watch() as w:                # the whole serving step: validation, then the launcher
-        call = validate_call(q, kr, kr, **kw)
-        TA.run(call)
+    with _Watch() as w:                # the whole serving step: validation, backend choice, the launcher
+        malloc_kernels.attention(q, kr, kr, **kw)
     assert not w.bad(), w.bad()
     assert fwd.launches and all(launch.grid_ok(grid) for grid, _ in fwd.launches + merge.launches)
-    assert TA.choose_config(call).path == ("decode" if Lq == 1 else "append")
+    assert TA.choose_config(validate_call(q, kr, kr, **kw)).path == ("decode" if Lq == 1 else "append")
     if layout == "jagged":
         assert "_assert_async" in w.seen      # the data rules were checked, on the device
         # the control: without max_seqlen_q the same call reads the lengths on the host (documented, not capturable)
         kw = {k: v for k, v in kw.items() if k not in ("max_seqlen_q", "max_seqlen_k")}
         with _Watch() as w:
-            TA.run(validate_call(q, kr, kr, **kw))
+            malloc_kernels.attention(q, kr, kr, **kw)
         assert "_local_scalar_dense" in w.bad()
 
 

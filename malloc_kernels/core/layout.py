@@ -16,7 +16,11 @@ def device_assert(ok: torch.Tensor, message: str, exc: type = ValueError) -> Non
     On a GPU this is ``torch._assert_async``: no device-to-host synchronisation (so a CUDA graph can capture the
     check), and a failure surfaces at a later synchronisation as a device-side assert (the CUDA context is lost,
     as with any device assert). On the CPU the same op checks at once, and its failure is raised as
-    ``exc(message)``."""
+    ``exc(message)``; inside a graph ``torch.compile`` traces, the op joins the graph (a failure is then the op's
+    own RuntimeError carrying ``message``)."""
+    if not eager():
+        torch._assert_async(ok, message)
+        return
     try:
         torch._assert_async(ok, message)
     except RuntimeError:

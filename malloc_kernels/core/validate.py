@@ -428,12 +428,13 @@ def validate_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
         # the caller's bounds, else computed on demand (AttentionCall.max_q_len): they read the offsets
         Lq = max_seqlen_q
         Lk = max_seqlen_k if max_seqlen_k is not None else Lq if key_offsets is offsets else None
-        if eager():
-            for name, bound, lengths in (("max_seqlen_q", max_seqlen_q, q_lengths),
-                                         ("max_seqlen_k", max_seqlen_k, k_lengths)):
-                if bound is not None:
-                    device_assert((lengths <= bound).all(), f"{name}={bound} is smaller than the longest "
-                                  f"{'request' if name.endswith('q') else 'key sequence'} of the batch")
+        # (checked while torch.compile traces too: the GPU launchers' grids follow the bounds, a short one would
+        # drop rows)
+        for name, bound, lengths in (("max_seqlen_q", max_seqlen_q, q_lengths),
+                                     ("max_seqlen_k", max_seqlen_k, k_lengths)):
+            if bound is not None:
+                device_assert((lengths <= bound).all(), f"{name}={bound} is smaller than the longest "
+                              f"{'request' if name.endswith('q') else 'key sequence'} of the batch")
     else:
         if query.dim() != 4:
             raise ValueError(f"query must be dense [B, Hq, Lq, D] (or jagged with offsets=), got "
