@@ -105,8 +105,9 @@ class AttentionCall:
 
     @property
     def extents_known(self) -> bool:
-        """Whether ``max_q_len`` and ``max_k_len`` are known without reading device data (dense calls, and jagged
-        calls given ``max_seqlen_q`` (and ``max_seqlen_k`` with distinct ``key_offsets``))."""
+        """Whether ``max_q_len`` and ``max_k_len`` are known without (further) reading device data: dense calls,
+        jagged calls given ``max_seqlen_q`` (and ``max_seqlen_k`` with distinct ``key_offsets``), and jagged calls
+        whose extents were already read."""
         return self._max_q_len is not None and self._max_k_len is not None
 
     @property
