@@ -134,3 +134,21 @@ def test_cached_serving_step_of_the_models_compiles_without_graph_breaks(ctor, m
     # Inductor may fuse the dense layers' elementwise ops differently from eager: float32 rounding only.
     tol = dict(rtol=0, atol=0) if backend == "aot_eager" else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got, want, **tol)
+
+
+def test_jagged_call_with_max_seqlen_compiles_and_keeps_its_bound_check():
+    """A bounded jagged call traces without graph breaks, and its bound check stays in the graph: a bound below the
+    longest user fails there too (the kernels' grids follow the bound)."""
+    q, k, v = _request(4)
+    qj, kj, vj = (t[0].transpose(0, 1).contiguous() for t in (q, k, v))
+    off = torch.tensor([0, 1, 3])
+
+    def bounded(q, k, v, offsets, bound):
+        return mk.attention(q, k, v, offsets=offsets, is_causal=True, max_seqlen_q=bound, cache=None)
+    _no_breaks(bounded, qj, kj, vj, off, 2)
+    torch._dynamo.reset()
+    compiled = torch.compile(bounded, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(qj, kj, vj, off, 2), mk.attention(qj, kj, vj, offsets=off, is_causal=True),
+                               rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="max_seqlen_q=1 is smaller"):
+        compiled(qj, kj, vj, off, 1)

@@ -162,3 +162,81 @@ def test_no_keys_at_all():
     k = torch.zeros(2, 2, 0, 32, device="cuda").half()
     got = malloc_kernels.attention(q, k, k, backend="triton", enable_gqa=True, return_lse=True)
     assert bool((got.output == 0).all()) and bool(torch.isneginf(got.lse).all())
+
+
+# ---- the jagged serving step in a CUDA graph (max_seqlen_q: no host read, no data-sized allocation) --------------
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+@pytest.mark.parametrize("kind,Lq", [("softmax", 1), ("hstu", 1), ("softmax", 80), ("hstu", 80)])
+def test_jagged_serving_step_replays_in_a_cuda_graph(backend, kind, Lq):
+    """Capture one jagged call (KIVI int4 cache, HSTU's bias, targets) given ``max_seqlen_q``, then replay it over
+    new contents of the same buffers, a different ragged split (empty users included): each replay equals the
+    eager call without the bound."""
+    import malloc_kernels as mk
+    dev = "cuda"
+    gen = torch.Generator().manual_seed(6)
+    B, Hq, Hkv, D, C = 4, 8, 2, 64, 257
+    cache = quantize_cache(_cache(B, Hkv, C, D, torch.float16, dev, gen), "int4", "int4", 32, "channel")
+    cache = cache.replace(timestamp=(cache.position.to(torch.int64) * 60))
+    splits = ([Lq, 0, Lq // 2, Lq - Lq // 2], [Lq // 2, Lq - Lq // 2, Lq, 0])
+    T = 2 * Lq
+    q = torch.empty(T, Hq, D, device=dev, dtype=torch.float16)
+    k, v = (torch.empty(T, Hkv, D, device=dev, dtype=torch.float16) for _ in range(2))
+    off = torch.empty(B + 1, dtype=torch.int64, device=dev)
+    ts = torch.empty(T, dtype=torch.int64, device=dev)
+    nt = torch.empty(B, dtype=torch.int64, device=dev)
+    extra = dict(pos_bias=torch.randn(Hq, 64, generator=gen).to(dev),
+                 time_bias=torch.randn(Hq, 16, generator=gen).to(dev)) if kind == "hstu" else {}
+    kw = dict(offsets=off, cache=cache, kind=kind, is_causal=True, enable_gqa=True, num_targets=nt,
+              query_timestamps=ts, backend=backend, **extra)
+
+    def fill(lengths):
+        q.copy_(torch.randn(q.shape, generator=gen).half())
+        k.copy_(torch.randn(k.shape, generator=gen).half())
+        v.copy_(torch.randn(v.shape, generator=gen).half())
+        off.copy_(torch.tensor([0] + lengths).cumsum(0))
+        ts.copy_(torch.randint(10 ** 4, 10 ** 5, (T,), generator=gen))
+        nt.copy_(torch.tensor([min(1, n) for n in lengths]))
+
+    def step():
+        return mk.attention(q, k, v, max_seqlen_q=Lq, **kw)
+
+    fill(splits[0])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):          # warm up: compile the kernels, fill the launchers' one-time caches
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for lengths in splits:
+        fill(lengths)
+        graph.replay()
+        want = mk.attention(q, k, v, **kw)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+_TOO_SMALL_BOUND = r"""
+import torch, malloc_kernels as mk
+q = torch.randn(5, 2, 16, device="cuda", dtype=torch.float16)
+mk.attention(q, q, q, offsets=torch.tensor([0, 3, 5], device="cuda"), max_seqlen_q=2, backend="triton")
+torch.cuda.synchronize()
+print("NO ERROR")
+"""
+
+
+def test_jagged_bound_below_the_longest_user_is_a_device_assert():
+    """On CUDA tensors a bound below the longest user fails the asynchronous device assert (it kills the CUDA
+    context, so in a child process), never a silently truncated result."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", _TOO_SMALL_BOUND], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0 and "NO ERROR" not in proc.stdout
+    assert "assert" in proc.stderr.lower(), proc.stderr[-2000:]

@@ -167,46 +167,147 @@ class _Recorder:
 
 
 _HOST_SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "lift_fresh", "lift_fresh_copy"}
+# ops whose output size depends on tensor data (a GPU runs them with a host sync; a captured graph cannot)
+_DATA_SIZED_OPS = {"nonzero", "masked_select", "_unique2", "unique_consecutive", "unique_dim"}
 
 
-@pytest.mark.parametrize("kind,Lq", [("softmax", 1), ("hstu", 1), ("softmax", 40), ("hstu", 40)])
-def test_launcher_has_no_host_sync_and_no_host_data(monkeypatch, kind, Lq):
-    """What CUDA-graph capture of the serving step needs from validation (dense call) and the launcher: no
-    ``.item()``/``bool()``/``.tolist()`` on device tensors (``_local_scalar_dense``), no tensor built from host data
-    (a host-to-device copy), for the decode and the append path, with a quantized cache and HSTU's bias."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+class _Watch:
+    """Records every op dispatched while active (the real torch dispatcher, through a ``TorchDispatchMode``) and
+    flags the ones a CUDA-graph capture cannot contain: host reads of device data, tensors built from host data,
+    outputs sized by data (``nonzero`` and boolean indexing, ``repeat_interleave`` without ``output_size``)."""
 
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Watch(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.seen = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                kwargs = kwargs or {}
+                if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                           for i in (args[1] if len(args) > 1 else ())):
+                    name = "index_by_bool_mask"
+                if name == "repeat_interleave" and kwargs.get("output_size") is None and \
+                        not any(isinstance(a, int) for a in args[2:]):
+                    name = "repeat_interleave_without_output_size"
+                self.seen.append(name)
+                return func(*args, **kwargs)
+
+            def bad(self):
+                extra = {"index_by_bool_mask", "repeat_interleave_without_output_size"}
+                return sorted(set(self.seen) & (_HOST_SYNC_OPS | _DATA_SIZED_OPS | extra))
+
+        return Watch()
+
+
+def _serving_case(kind, Lq, layout, g):
+    """A serving step's arguments: a KIVI int4 cache (+ HSTU's bias), GQA 2:1, dense ``[B, H, Lq, D]`` or jagged
+    with ragged lengths (one user empty for decode, ``Lq`` and ``Lq - 17`` for append) and target counts."""
     from malloc_kernels.cache.quant import quantize_cache
-    from malloc_kernels.triton import attention_common, attention_decode
 
-    class Watch(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    fwd, merge = _Recorder(), _Recorder()
-    monkeypatch.setattr(attention_common, "attention_forward_kernel", fwd)
-    monkeypatch.setattr(attention_decode, "attention_merge_kernel", merge)
-    g = torch.Generator().manual_seed(0)
     B, Hq, Hkv, C, D = 2, 4, 2, 40, 32
     k, v = torch.randn(B, Hkv, C, D, generator=g), torch.randn(B, Hkv, C, D, generator=g)
     length = torch.full((B, Hkv), C, dtype=torch.int32)
     pos = torch.arange(C, dtype=torch.int32).expand(B, Hkv, C).contiguous()
     cache = KVCache(k, v, length, pos, length[:, 0].clone(), D, timestamp=pos.to(torch.int64) * 10)
     cache = quantize_cache(cache, "int4", "int4", 16, "channel")
-    q = torch.randn(B, Hq, Lq, D, generator=g)
-    kr = torch.randn(B, Hkv, Lq, D, generator=g)
     kw = dict(cache=cache, kind=kind, enable_gqa=True, is_causal=True)
+    if layout == "dense":
+        q = torch.randn(B, Hq, Lq, D, generator=g)
+        kr = torch.randn(B, Hkv, Lq, D, generator=g)
+        ts_shape = (B, Lq)
+    else:
+        lengths = [Lq, 0] if Lq == 1 else [Lq, Lq - 17]
+        T = sum(lengths)
+        offsets = torch.tensor([0, lengths[0], T])
+        q = torch.randn(T, Hq, D, generator=g)
+        kr = torch.randn(T, Hkv, D, generator=g)
+        ts_shape = (T,)
+        # a distinct key_offsets tensor and target counts: their checks must run on the device too
+        kw.update(offsets=offsets, key_offsets=offsets.clone(), max_seqlen_q=Lq, max_seqlen_k=Lq,
+                  num_targets=torch.tensor([1, 0]))
     if kind == "hstu":
         kw.update(pos_bias=torch.randn(Hq, 64, generator=g), time_bias=torch.randn(Hq, 8, generator=g),
-                  query_timestamps=torch.full((B, Lq), 10 ** 4, dtype=torch.int64))
-    TA.run(validate_call(q, kr, kr, **kw))  # first call: one-time caches (placeholders, thresholds) fill here
-    with Watch() as w:                # the whole serving step: validation of a dense call, then the launcher
-        TA.run(validate_call(q, kr, kr, **kw))
-    bad = sorted(set(w.seen) & _HOST_SYNC_OPS)
-    assert not bad, bad
+                  query_timestamps=torch.full(ts_shape, 10 ** 4, dtype=torch.int64))
+    return q, kr, kw
+
+
+@pytest.mark.parametrize("layout", ["dense", "jagged"])
+@pytest.mark.parametrize("kind,Lq", [("softmax", 1), ("hstu", 1), ("softmax", 40), ("hstu", 40)])
+def test_launcher_has_no_host_sync_and_no_host_data(monkeypatch, kind, Lq, layout):
+    """What CUDA-graph capture of the serving step needs from validation and the launcher: no
+    ``.item()``/``bool()``/``.tolist()`` on device tensors (``_local_scalar_dense``), no tensor built from host data
+    (a host-to-device copy), no output sized by data, for the decode and the append path, with a quantized cache
+    and HSTU's bias; dense calls, and jagged calls given ``max_seqlen_q`` (their checks are device asserts)."""
+    from malloc_kernels.triton import attention_common, attention_decode
+
+    fwd, merge = _Recorder(), _Recorder()
+    monkeypatch.setattr(attention_common, "attention_forward_kernel", fwd)
+    monkeypatch.setattr(attention_decode, "attention_merge_kernel", merge)
+    q, kr, kw = _serving_case(kind, Lq, layout, torch.Generator().manual_seed(0))
+    kw["backend"] = "triton"
+    malloc_kernels.attention(q, kr, kr, **kw)  # first call: one-time caches (placeholders, thresholds) fill here
+    fwd.launches.clear()
+    with _Watch() as w:                # the whole serving step: validation, backend choice, the launcher
+        malloc_kernels.attention(q, kr, kr, **kw)
+    assert not w.bad(), w.bad()
     assert fwd.launches and all(launch.grid_ok(grid) for grid, _ in fwd.launches + merge.launches)
+    assert TA.choose_config(validate_call(q, kr, kr, **kw)).path == ("decode" if Lq == 1 else "append")
+    if layout == "jagged":
+        assert "_assert_async" in w.seen      # the data rules were checked, on the device
+        # the control: without max_seqlen_q the same call reads the lengths on the host (documented, not capturable)
+        kw = {k: v for k, v in kw.items() if k not in ("max_seqlen_q", "max_seqlen_k")}
+        with _Watch() as w:
+            malloc_kernels.attention(q, kr, kr, **kw)
+        assert "_local_scalar_dense" in w.bad()
+
+
+class _RecordingCudaOps:
+    """Stands in for ``torch.ops.malloc_kernels`` of a CUDA build: records the decode launch, returns empty outputs
+    of the kernel's shapes (``[B, Hq, Lq, D]`` float32 and ``[B, Hq, Lq]``)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def cuda_decode_attention(self, q, *args):
+        self.calls.append((q.shape, args))
+        return torch.zeros(q.shape), torch.zeros(q.shape[:3])
+
+
+@pytest.mark.parametrize("kind,Lq", [("softmax", 1), ("hstu", 40)])
+def test_cuda_glue_jagged_with_max_seqlen_has_no_host_sync(kind, Lq):
+    """The CUDA decode glue (``ops/cuda._launch``: jagged -> padded, the kernel, padded -> jagged) given
+    ``max_seqlen_q`` reads no device data, and ``auto`` may then prefer the CUDA decode for a jagged call: its row
+    count is the bound's. Without the bound a jagged call stays with Triton and nothing is read to decide that."""
+    from malloc_kernels.ops import cuda as cuda_backend
+
+    q, kr, kw = _serving_case(kind, Lq, "jagged", torch.Generator().manual_seed(1))
+    ops = _RecordingCudaOps()
+    cuda_backend._launch(validate_call(q, kr, kr, **kw), ops)   # one-time caches (thresholds) fill here
+    with _Watch() as w:
+        call = validate_call(q, kr, kr, **kw)
+        res = cuda_backend._launch(call, ops)
+    assert not w.bad(), w.bad()
+    assert ops.calls[-1][0] == (2, 4, Lq, 32) and res.output.shape == q.shape
+    if kind == "hstu":   # the time-bucket thresholds: copied to the device once, not per call
+        assert any(a is cuda_backend._thresholds(8, q.device) for a in ops.calls[-1][1])
+    unbounded = validate_call(q, kr, kr, **{k: v for k, v in kw.items() if k not in ("max_seqlen_q",
+                                                                                     "max_seqlen_k")})
+    with _Watch() as w:
+        assert not cuda_backend.preferred(unbounded)
+    assert not w.bad()
+    # D = 128 over a quantized cache with one 16-row tile per kv head: the cost model's case for the CUDA decode
+    g = torch.Generator().manual_seed(2)
+    from malloc_kernels.cache.quant import quantize_cache
+    k = torch.randn(2, 2, 16, 128, generator=g)
+    length = torch.full((2, 2), 16, dtype=torch.int32)
+    cache = quantize_cache(KVCache(k, k, length, torch.arange(16, dtype=torch.int32).expand(2, 2, 16).contiguous(),
+                                   length[:, 0].clone(), 128), "int4", "int4", 16, "channel")
+    qd, kd = torch.randn(2, 4, 128, generator=g), torch.randn(2, 2, 128, generator=g)
+    off = torch.tensor([0, 1, 2])
+    assert cuda_backend.preferred(validate_call(qd, kd, kd, cache=cache, offsets=off, max_seqlen_q=1,
+                                                enable_gqa=True))
+    assert not cuda_backend.preferred(validate_call(qd, kd, kd, cache=cache, offsets=off, enable_gqa=True))

@@ -10,14 +10,39 @@ def eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def check_offsets(offsets: torch.Tensor, total: int, name: str = "offsets") -> torch.Tensor:
+def device_assert(ok: torch.Tensor, message: str, exc: type = ValueError) -> None:
+    """Require the one-element tensor ``ok`` to be true without reading it on the host.
+
+    On a GPU this is ``torch._assert_async``: no device-to-host synchronisation (so a CUDA graph can capture the
+    check), and a failure surfaces at a later synchronisation as a device-side assert (the CUDA context is lost,
+    as with any device assert). On the CPU the same op checks at once, and its failure is raised as
+    ``exc(message)``; inside a graph ``torch.compile`` traces, the op joins the graph (a failure is then the op's
+    own RuntimeError carrying ``message``)."""
+    if not eager():
+        torch._assert_async(ok, message)
+        return
+    try:
+        torch._assert_async(ok, message)
+    except RuntimeError:
+        if ok.device.type != "cpu":
+            raise
+        raise exc(message) from None
+
+
+def check_offsets(offsets: torch.Tensor, total: int, name: str = "offsets", *, on_device: bool = False
+                  ) -> torch.Tensor:
     """Validate jagged offsets: integer ``[B+1]``, starting at 0, non-decreasing, ending at ``total`` (the values
-    are checked in eager mode only, see ``eager``)."""
+    are checked in eager mode only, see ``eager``). ``on_device``: check the values with one ``device_assert``
+    instead of host reads (no synchronisation; what a captured serving step needs)."""
     if not isinstance(offsets, torch.Tensor):
         raise TypeError(f"{name} must be an integer tensor [B+1], got {type(offsets).__name__}")
     if offsets.dim() != 1 or offsets.numel() < 1 or offsets.is_floating_point() or offsets.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor [B+1], got {offsets.dtype} {tuple(offsets.shape)}")
     if not eager():
+        return offsets.to(torch.int64)
+    if on_device:
+        ok = (offsets[0] == 0) & (offsets[-1] == total) & (offsets[1:] >= offsets[:-1]).all()
+        device_assert(ok, f"{name} must start at 0, be non-decreasing and end at the jagged length {total}")
         return offsets.to(torch.int64)
     if int(offsets[0]) != 0 or int(offsets[-1]) != total:
         raise ValueError(f"{name} must start at 0 and end at the jagged length {total}, got "
@@ -31,13 +56,17 @@ def jagged_lengths(offsets: torch.Tensor) -> torch.Tensor:
     return (offsets[1:] - offsets[:-1]).to(torch.int64)
 
 
-def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int | None = None, pad_value=0):
+def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int | None = None, pad_value=0, *,
+                     check: bool = True):
     """``[total, *rest]`` -> (``[B, *rest[:-1]?...]``) padded with the sequence axis placed for our layouts.
 
     For ``values`` of shape ``[total, H, D]`` returns ``[B, H, L, D]``; for ``[total, H]`` returns ``[B, H, L]``;
-    for ``[total]`` returns ``[B, L]``. Also returns int32 lengths ``[B]``.
+    for ``[total]`` returns ``[B, L]``. Also returns int32 lengths ``[B]``. ``L`` is ``max_len`` (at least every
+    user's length; read from the offsets when None). ``check=False`` skips the offsets check (already validated):
+    with ``max_len`` given nothing then reads device data.
     """
-    offsets = check_offsets(offsets, values.shape[0])
+    if check:
+        offsets = check_offsets(offsets, values.shape[0])
     lengths = jagged_lengths(offsets)
     B = lengths.numel()
     L = int(lengths.max()) if (max_len is None and B) else (max_len or 0)
@@ -55,13 +84,21 @@ def jagged_to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int |
     return out.contiguous(), lengths.to(torch.int32)
 
 
-def padded_to_jagged(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``jagged_to_padded``: ``[B, H, L, D]`` / ``[B, H, L]`` / ``[B, L]`` -> ``[total, ...]``."""
+def padded_to_jagged(values: torch.Tensor, lengths: torch.Tensor, offsets: torch.Tensor | None = None,
+                     total: int | None = None) -> torch.Tensor:
+    """Inverse of ``jagged_to_padded``: ``[B, H, L, D]`` / ``[B, H, L]`` / ``[B, L]`` -> ``[total, ...]``.
+
+    With the jagged ``offsets`` and ``total`` (their last value, known on the host from a tensor's shape) the rows
+    are gathered by index and nothing reads device data; otherwise a boolean mask selects them (a host sync)."""
     if values.dim() == 4:
         values = values.movedim(2, 1)
     elif values.dim() == 3:
         values = values.movedim(2, 1)
     B, L = values.shape[:2]
+    if offsets is not None and total is not None:
+        row = torch.arange(total, device=values.device)
+        user = torch.searchsorted(offsets[1:].to(values.device), row, right=True)
+        return values[user, row - offsets.to(values.device)[user]]
     valid = torch.arange(L, device=values.device)[None, :] < lengths.to(values.device)[:, None]
     return values[valid]
 

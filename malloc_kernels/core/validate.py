@@ -11,6 +11,9 @@ Normalisation summary (``AttentionCall`` fields):
   key/value ``[total_k, Hkv, D]`` with int64 ``offsets`` / ``key_offsets`` ``[B+1]``. Tensors are passed through
   unchanged (no copies, strides preserved); backends needing contiguity make it themselves.
 * ``q_lengths`` / ``k_lengths``: int64 ``[B]`` per-user query / key lengths (dense: all ``Lq`` / ``Lk``).
+* ``max_q_len`` / ``max_k_len``: the padded extents the launchers size grids and tiles by. Dense: ``Lq`` / ``Lk``.
+  Jagged: the caller's ``max_seqlen_q`` / ``max_seqlen_k`` (FlashAttention's varlen arguments: upper bounds of the
+  per-user lengths), else the longest user read from the lengths on the host on first use.
 * ``scale``: python float (default ``1/sqrt(D)``).
 * ``num_targets``: int64 ``[B]`` (zeros when not given), ``0 <= num_targets[b] <= q_lengths[b]``.
 * ``query_positions``: int64, dense ``[B, Lq]`` / jagged ``[total_q]``, always filled (default
@@ -34,7 +37,7 @@ import torch
 from . import registry
 from .formats import FLOAT_FORMAT
 from .kvcache import KVCacheBase
-from .layout import check_offsets, eager, jagged_lengths, jagged_to_padded, padded_to_jagged
+from .layout import check_offsets, device_assert, eager, jagged_lengths, jagged_to_padded, padded_to_jagged
 from .types import AttentionResult, AttentionStats
 
 KINDS = ("softmax", "hstu")
@@ -67,7 +70,7 @@ class AttentionCall:
     num_kv_heads: int
     head_dim: int
     _max_q_len: Optional[int]          # None: a jagged call's longest user, computed on first use (max_q_len)
-    _max_k_len: Optional[int]
+    _max_k_len: Optional[int]          # (a caller's max_seqlen_q / max_seqlen_k are set here by validate_call)
     cache: Optional[KVCacheBase]
     kind: str
     scale: float
@@ -92,18 +95,26 @@ class AttentionCall:
     # ---- convenience -----------------------------------------------------------------------------------------
     @property
     def max_q_len(self) -> int:
-        """Longest request of the batch (dense: ``Lq``). For a jagged call this reads ``q_lengths`` once, on first
-        use: the launchers that need a padded extent ask for it, the compiled CPU path never does."""
+        """Padded request extent (dense: ``Lq``). A jagged call: the caller's ``max_seqlen_q`` (an upper bound of
+        every user's length, checked on the device), else the longest user, read from ``q_lengths`` once on first
+        use (a host sync): the launchers that need a padded extent ask for it, the compiled CPU path never does."""
         if self._max_q_len is None:
             self._max_q_len = int(self.q_lengths.max()) if self.batch_size else 0
         return self._max_q_len
 
     @property
     def max_k_len(self) -> int:
-        """Longest key sequence of the batch (dense: ``Lk``); see ``max_q_len``."""
+        """Padded key extent of the batch (dense: ``Lk``; jagged: ``max_seqlen_k``); see ``max_q_len``."""
         if self._max_k_len is None:
             self._max_k_len = int(self.k_lengths.max()) if self.batch_size else 0
         return self._max_k_len
+
+    @property
+    def extents_known(self) -> bool:
+        """Whether ``max_q_len`` and ``max_k_len`` are known without (further) reading device data: dense calls,
+        jagged calls given ``max_seqlen_q`` (and ``max_seqlen_k`` with distinct ``key_offsets``), and jagged calls
+        whose extents were already read."""
+        return self._max_q_len is not None and self._max_k_len is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -161,29 +172,36 @@ class AttentionCall:
         """
         if not self.jagged:
             return self
-        q, _ = jagged_to_padded(self.query, self.offsets)
-        k, _ = jagged_to_padded(self.key, self.key_offsets)
-        v, _ = jagged_to_padded(self.value, self.key_offsets)
-        # A batch whose users all have zero tokens yields L=0; keep at least the 0-length padded axis.
-        pos, _ = jagged_to_padded(self.query_positions, self.offsets, max_len=q.shape[2])
+        # the offsets were validated with the call; padding to max_q_len / max_k_len reads nothing more when the
+        # caller gave max_seqlen_q / max_seqlen_k
+        Lq, Lk = self.max_q_len, self.max_k_len
+        q, _ = jagged_to_padded(self.query, self.offsets, max_len=Lq, check=False)
+        k, _ = jagged_to_padded(self.key, self.key_offsets, max_len=Lk, check=False)
+        v, _ = jagged_to_padded(self.value, self.key_offsets, max_len=Lk, check=False)
+        pos, _ = jagged_to_padded(self.query_positions, self.offsets, max_len=Lq, check=False)
         ts = None
         if self.query_timestamps is not None:
-            ts, _ = jagged_to_padded(self.query_timestamps, self.offsets, max_len=q.shape[2])
+            ts, _ = jagged_to_padded(self.query_timestamps, self.offsets, max_len=Lq, check=False)
         return self.replace(query=q, key=k, value=v, jagged=False, query_positions=pos, query_timestamps=ts,
                             _max_q_len=q.shape[2], _max_k_len=k.shape[2], padded_from_jagged=True)
 
     def from_padded_result(self, output: torch.Tensor, lse: Optional[torch.Tensor],
                            stats: Optional[AttentionStats]):
-        """Map a padded (dense) result of ``to_padded()`` back to this call's layout (identity for dense calls)."""
+        """Map a padded (dense) result of ``to_padded()`` back to this call's layout (identity for dense calls);
+        rows are gathered by index (no host sync)."""
         if not self.jagged:
             return output, lse, stats
-        out = padded_to_jagged(output, self.q_lengths)
-        lse = None if lse is None else padded_to_jagged(lse, self.q_lengths)
+        tq, tk = self.query.shape[0], self.key.shape[0]
+
+        def rows(t, lengths, offsets, total):
+            return None if t is None else padded_to_jagged(t, lengths, offsets, total)
+
+        out = rows(output, self.q_lengths, self.offsets, tq)
+        lse = rows(lse, self.q_lengths, self.offsets, tq)
         if stats is not None:
             stats = dataclasses.replace(
-                stats, key_mass=padded_to_jagged(stats.key_mass, self.k_lengths),
-                key_window_mass=None if stats.key_window_mass is None
-                else padded_to_jagged(stats.key_window_mass, self.k_lengths))
+                stats, key_mass=rows(stats.key_mass, self.k_lengths, self.key_offsets, tk),
+                key_window_mass=rows(stats.key_window_mass, self.k_lengths, self.key_offsets, tk))
         return out, lse, stats
 
     def make_result(self, output, lse=None, stats=None):
@@ -229,6 +247,18 @@ def _resolve_scale(scale, D) -> float:
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
+
+
+def _check_max_seqlen(x, name) -> Optional[int]:
+    """A caller's bound of the jagged lengths: a python int >= 0 (a tensor would have to be read on the host)."""
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        raise TypeError(f"{name} must be a python int (an upper bound of the jagged lengths) or None, got "
+                        f"{type(x).__name__}")
+    if int(x) < 0:
+        raise ValueError(f"{name} must be >= 0, got {x}")
+    return int(x)
 
 
 def _normalise_bias(bias, name, Hq, device):
@@ -326,8 +356,13 @@ def validate_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
                   enable_gqa=False, *, cache=None, kind="softmax", offsets=None, key_offsets=None,
                   num_targets=None, query_positions=None, query_timestamps=None, pos_bias=None, time_bias=None,
                   hstu_norm="original", return_lse=False, return_stats=False, stats_window=None,
-                  backend="auto", query_precision="exact") -> AttentionCall:
-    """Validate the arguments of ``malloc_kernels.attention`` and return the normalised ``AttentionCall``."""
+                  max_seqlen_q=None, max_seqlen_k=None, backend="auto", query_precision="exact") -> AttentionCall:
+    """Validate the arguments of ``malloc_kernels.attention`` and return the normalised ``AttentionCall``.
+
+    A jagged call given ``max_seqlen_q`` is validated without reading device data: the offsets, the claimed bounds
+    (every user's length <= ``max_seqlen_q`` / ``max_seqlen_k``), equal query/key lengths where needed and the
+    target counts are checked by ``device_assert`` (asynchronous on a GPU, a ValueError on the CPU), so the call
+    can be captured in a CUDA graph. Without it the same rules are checked by host reads (eager mode only)."""
     # -- simple enums/flags first: they are cheap and their errors are the clearest.
     if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -357,6 +392,8 @@ def validate_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
         if int(stats_window) < 1:
             raise ValueError(f"stats_window must be >= 1, got {stats_window}")
         stats_window = int(stats_window)
+    max_seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q")
+    max_seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k")
 
     # -- tensors: types, dtypes, devices.
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -377,6 +414,11 @@ def validate_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     jagged = offsets is not None
     if not jagged and key_offsets is not None:
         raise ValueError("key_offsets needs offsets (the jagged layout); dense calls take neither")
+    if not jagged and (max_seqlen_q is not None or max_seqlen_k is not None):
+        raise ValueError("max_seqlen_q / max_seqlen_k bound the lengths of a jagged call (offsets=); a dense call's "
+                         "lengths are its shape")
+    # checks that read data run on the device (no host sync) once the caller has bounded the lengths
+    on_device = max_seqlen_q is not None
     if jagged:
         if query.dim() != 3:
             raise ValueError(f"query must be jagged [total_q, Hq, D] when offsets is given, got {tuple(query.shape)}")
@@ -390,7 +432,7 @@ def validate_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
         _check_int_tensor(offsets, "offsets")
         if offsets.device != device:
             raise ValueError(f"offsets is on {offsets.device} but query is on {device}")
-        offsets = check_offsets(offsets, total_q, "offsets")
+        offsets = check_offsets(offsets, total_q, "offsets", on_device=on_device)
         if key_offsets is None:
             key_offsets = offsets
             if total_k != total_q:
@@ -399,14 +441,23 @@ def validate_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
             _check_int_tensor(key_offsets, "key_offsets")
             if key_offsets.device != device:
                 raise ValueError(f"key_offsets is on {key_offsets.device} but query is on {device}")
-            key_offsets = check_offsets(key_offsets, total_k, "key_offsets")
+            key_offsets = check_offsets(key_offsets, total_k, "key_offsets", on_device=on_device)
             if key_offsets.shape != offsets.shape:
                 raise ValueError(f"key_offsets has {key_offsets.numel() - 1} users but offsets has "
                                  f"{offsets.numel() - 1}")
         B = offsets.numel() - 1
         q_lengths = jagged_lengths(offsets)
         k_lengths = jagged_lengths(key_offsets)
-        Lq = Lk = None          # computed on demand (AttentionCall.max_q_len): they read the offsets
+        # the caller's bounds, else computed on demand (AttentionCall.max_q_len): they read the offsets
+        Lq = max_seqlen_q
+        Lk = max_seqlen_k if max_seqlen_k is not None else Lq if key_offsets is offsets else None
+        # (checked while torch.compile traces too: the GPU launchers' grids follow the bounds, a short one would
+        # drop rows)
+        for name, bound, lengths in (("max_seqlen_q", max_seqlen_q, q_lengths),
+                                     ("max_seqlen_k", max_seqlen_k, k_lengths)):
+            if bound is not None:
+                device_assert((lengths <= bound).all(), f"{name}={bound} is smaller than the longest "
+                              f"{'request' if name.endswith('q') else 'key sequence'} of the batch")
     else:
         if query.dim() != 4:
             raise ValueError(f"query must be dense [B, Hq, Lq, D] (or jagged with offsets=), got "
@@ -442,6 +493,10 @@ def validate_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
         elif not eager():
             raise ValueError(f"{what}: under torch.compile pass key_offsets=None (the keys are the request's own "
                              "tokens), the per-user lengths cannot be compared while tracing")
+        elif on_device:
+            device_assert((k_lengths == q_lengths).all(), f"{what} needs key/value to be the request's own tokens: "
+                          "key_offsets must give every user as many keys as offsets gives queries")
+            return
         else:
             same = torch.equal(k_lengths, q_lengths)
         if not same:
@@ -473,10 +528,14 @@ def validate_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     else:
         raise TypeError(f"num_targets must be an int or an int tensor [B], got {type(num_targets).__name__}")
     if targets_given:
-        if eager() and nt.numel() and int(nt.min()) < 0:
-            raise ValueError(f"num_targets must be >= 0, got {nt.tolist()}")
-        if eager() and nt.numel() and bool((nt > q_lengths).any()):
-            raise ValueError(f"num_targets {nt.tolist()} exceeds the request length {q_lengths.tolist()}")
+        if eager() and on_device:
+            device_assert(((nt >= 0) & (nt <= q_lengths)).all(),
+                          "num_targets must be >= 0 and at most each user's request length")
+        elif eager() and nt.numel():
+            if int(nt.min()) < 0:
+                raise ValueError(f"num_targets must be >= 0, got {nt.tolist()}")
+            if bool((nt > q_lengths).any()):
+                raise ValueError(f"num_targets {nt.tolist()} exceeds the request length {q_lengths.tolist()}")
         request_only("num_targets")
 
     # -- relative bias inputs.

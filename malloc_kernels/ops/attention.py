@@ -12,7 +12,8 @@ from .backends import select_backend
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
               cache=None, kind="softmax", offsets=None, key_offsets=None, num_targets=None, query_positions=None,
               query_timestamps=None, pos_bias=None, time_bias=None, hstu_norm="original", return_lse=False,
-              return_stats=False, stats_window=None, backend="auto", query_precision="exact"):
+              return_stats=False, stats_window=None, max_seqlen_q=None, max_seqlen_k=None, backend="auto",
+              query_precision="exact"):
     """Attention of request queries over (an optional compressed ``cache`` +) the request's keys/values.
 
     Layouts: dense query ``[B, Hq, Lq, D]``, key/value ``[B, Hkv, Lk, D]`` (SDPA's); or jagged query
@@ -33,6 +34,14 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     ``kind="hstu"``: ``o_i = (1/n_i) sum_j c_j silu(s_ij) v_j`` (Zhai et al., arXiv 2402.17152) with ``n_i`` per
     ``hstu_norm`` ("original", "kept" or an int). Rows that see nothing return 0 (lse -inf).
 
+    ``max_seqlen_q`` / ``max_seqlen_k`` (jagged calls only; FlashAttention's varlen arguments): python ints bounding
+    every user's query / key length, which the GPU kernels size their grids and tiles by. Given ``max_seqlen_q``
+    (and ``max_seqlen_k`` when ``key_offsets`` is passed; it defaults to ``max_seqlen_q`` otherwise), nothing on
+    the call's path reads device data: the offsets, the bounds and the target counts are checked by asynchronous
+    device asserts on CUDA tensors (a ValueError naming the argument on CPU tensors), so the serving step can be
+    captured in a CUDA graph. Without them the longest user is read on the host (a synchronisation, not
+    capturable). A bound above the longest user is allowed (it only pads the launch); one below it is an error.
+
     Returns the output (query's layout and dtype), or ``AttentionResult(output, lse, stats)`` when
     ``return_lse``/``return_stats`` (stats: ``AttentionStats`` with per-key attention mass, over each user's last
     ``stats_window`` queries for the window variants). ``backend``: "auto" | "reference" | "cpu" | "triton" |
@@ -52,8 +61,8 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                          kind=kind, offsets=offsets, key_offsets=key_offsets, num_targets=num_targets,
                          query_positions=query_positions, query_timestamps=query_timestamps, pos_bias=pos_bias,
                          time_bias=time_bias, hstu_norm=hstu_norm, return_lse=return_lse,
-                         return_stats=return_stats, stats_window=stats_window, backend=backend,
-                         query_precision=query_precision)
+                         return_stats=return_stats, stats_window=stats_window, max_seqlen_q=max_seqlen_q,
+                         max_seqlen_k=max_seqlen_k, backend=backend, query_precision=query_precision)
     _, launcher = select_backend(call)
     result = launcher.run(call)
     return call.make_result(result.output, result.lse, result.stats)

@@ -79,9 +79,11 @@ def supports(call) -> Tuple[bool, str]:
                 return False, f"cache.{name} dtype {t.dtype} is not fp32/fp16/bf16"
         if call.time_bias is not None and c.timestamp is None:
             return False, "time_bias needs cache timestamps"
-    elif call.time_bias is not None and call.max_k_len != call.max_q_len:
+    # (validation already requires the request's own keys with a bias: equal lengths per user; a dense call's
+    # extents are its shape, a jagged call's are not compared, which would read them on the host)
+    elif call.time_bias is not None and not call.jagged and call.max_k_len != call.max_q_len:
         return False, "time_bias without a cache needs Lk == Lq (key timestamps are the query timestamps)"
-    if c is None and call.pos_bias is not None and call.max_k_len != call.max_q_len:
+    if c is None and call.pos_bias is not None and not call.jagged and call.max_k_len != call.max_q_len:
         return False, "pos_bias without a cache needs Lk == Lq"
     return True, ""
 
@@ -89,12 +91,25 @@ def supports(call) -> Tuple[bool, str]:
 def preferred(call) -> bool:
     """Whether ``backend="auto"`` picks this kernel over Triton: ``core/gpu_policy.cuda_decode_preferred`` (cache
     decode over a quantized cache at 64 < D <= 128 with one 16-row tile per kv head, where its SASS cost model is
-    below Triton's even at its upper bound). Jagged calls stay with Triton: the row count would need a host read
-    of the lengths here."""
+    below Triton's even at its upper bound). A jagged call is judged by its ``max_seqlen_q``; without it the call
+    stays with Triton (its row count would need a host read of the lengths here)."""
     c = call.cache
-    if c is None or call.jagged:
+    if c is None or not call.extents_known:
         return False
     return cuda_decode_preferred(c.is_quantized, call.head_dim, call.group_size * call.max_q_len)
+
+
+_THRESHOLDS = {}
+
+
+def _thresholds(T: int, device) -> torch.Tensor:
+    """The kernel's time-bucket thresholds on ``device``, copied from the host once per (T, device): a copy per
+    call would be a host-to-device transfer in every (captured) serving step."""
+    key = (T, torch.device(device))
+    t = _THRESHOLDS.get(key)
+    if t is None:
+        t = _THRESHOLDS[key] = kernel_thresholds(T).to(device)
+    return t
 
 
 def _i32(t):
@@ -167,7 +182,7 @@ def _launch(call, ops) -> AttentionResult:
         q_ts = k_ts = dense.query_timestamps.to(torch.int64).contiguous()
     time_th = None
     if dense.time_bias is not None:
-        time_th = kernel_thresholds(dense.time_bias.shape[1]).to(q.device)
+        time_th = _thresholds(dense.time_bias.shape[1], q.device)
     c = dense.cache
     kw = dict(cache_k=None, cache_v=None, k_fmt=formats.FLOAT.code, v_fmt=formats.FLOAT.code, k_axis="token",
               group_size=1,

@@ -10,6 +10,10 @@ with in-kernel relative bias), causal / target / attn_mask masks, dense and jagg
 * otherwise -> append: the same forward kernel over query tiles;
 * ``return_stats`` -> ``attention_stats`` afterwards (per-key mass from the stored lse / normaliser).
 
+Grids, tiles and buffers are sized by host ints only (shapes, ``call.max_q_len`` / ``max_k_len``: a jagged call's
+``max_seqlen_q`` / ``max_seqlen_k`` bounds when given), so a dense or bounded jagged call launches without reading
+device data (CUDA-graph capturable; ``tests/test_triton_launch.py``).
+
 Runs CUDA tensors on the GPU, and CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set before
 Triton kernels are imported; how the numerics are tested on machines without a GPU). Inference only.
 """
