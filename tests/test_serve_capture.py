@@ -139,3 +139,26 @@ def test_append_contents_checks_are_device_asserts():
         c.replace(original_length=torch.full_like(c.original_length, 2 ** 31 - 1),
                   position=torch.zeros_like(c.position)).append(k, k, positions=torch.zeros(B, 1, dtype=torch.int64)
                                                                  + 2 ** 31 - 1, timestamps=pos * 0 + 10 ** 7)
+
+
+def test_rwkv_serve_step_has_no_host_sync():
+    """RWKV's serving step (token shift, WKV from the carried state, the new state) reads nothing on the host,
+    ragged users and an empty history included, and equals the unwatched call; an empty request user still
+    raises."""
+    from malloc_kernels.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(arch="rwkv", n_items=N_ITEMS, d_model=16, n_layers=N_LAYERS, dropout=0.0)).eval()
+    hist, req = _history_and_request()
+    with torch.no_grad():
+        states = m.encode_history(hist)
+        ref_h, ref_states = m.serve_step(req, caches=states)
+        with Watch() as w:
+            h, new = m.serve_step(req, caches=states)
+        assert not w.bad(), w.bad()
+        torch.testing.assert_close(h, ref_h, rtol=0, atol=0)
+        for a, b in zip(new, ref_states):
+            torch.testing.assert_close(a.wkv, b.wkv, rtol=0, atol=0)
+        _, empty = _history_and_request(items=[np.array([], dtype=np.int64)] + [np.array([1])] * (len(HIST) - 1))
+        with pytest.raises(ValueError, match="every user needs at least one request token"):
+            m.serve_step(empty, caches=states)
