@@ -348,6 +348,17 @@ class Kernel {
     }
   }
 
+  // The K and V rows [j0, j0 + n) of a stored segment towards L1 while the block before them is computed (the
+  // tile decode of each block otherwise starts by waiting on its codes).
+  void prefetch_rows(const Segment& sg, int64_t bh, int64_t j0, int64_t n) const {
+    if (n <= 0) return;
+    for (int kv = 0; kv < 2; ++kv) {
+      const int64_t rb = row_bytes(kv ? sg.v_fmt : sg.k_fmt, D_);
+      const char* p = static_cast<const char*>(kv ? sg.v : sg.k) + (bh * sg.capacity + j0) * rb;
+      for (int64_t o = 0; o < n * rb; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+    }
+  }
+
   // The stored segments (cache, then residual) of a chunk of at least kTileRows rows through the register-tiled
   // micro-kernels (row_tiles.h); leaves m, l, O and the non-finite flags in the row layout of the general path,
   // which then runs the request segment. Returns false (nothing done) for fewer rows.
@@ -395,6 +406,7 @@ class Kernel {
       int n;
       for (int64_t j0 = 0; j0 < len; j0 += n) {
         block_len(seg, b, h, j0, len, &n);
+        prefetch_rows(sg, bh, j0 + n, std::min<int64_t>(KB, len - j0 - n));
         const float* K;
         int64_t ldk;
         key_tile(sc, sg, bh, j0, n, &K, &ldk);

@@ -62,22 +62,22 @@ inline __m512 codes_affine16(const uint8_t* row, int c, __m512 s, __m512 z) {
 }
 
 // Token-axis groups: n rows into dst[n][D]; group g of row j has scale s[j * ngr + g] and zero z[...] (z null: 0),
-// ngr = D / gs, gs a multiple of 16.
-template <Fmt F, int D>
-void tile_codes_token(const uint8_t* base, int64_t stride, int n, float* dst, int gs, const float* s, const float* z) {
-  static_assert(D % 16 == 0, "whole 16-lane chunks");
-  const int ngr = D / gs, cpg = gs / 16;
+// CPG 16-element chunks per group (gs = 16 * CPG), ngr = D / gs; all loop bounds compile-time.
+template <Fmt F, int D, int CPG>
+void tile_codes_token(const uint8_t* base, int64_t stride, int n, float* dst, const float* s, const float* z) {
+  static_assert(D % (16 * CPG) == 0, "whole groups of 16-lane chunks");
+  constexpr int ngr = D / (16 * CPG);
   for (int j = 0; j < n; ++j) {
     const uint8_t* row = base + j * stride;
     float* out = dst + int64_t(j) * D;
     for (int g = 0; g < ngr; ++g) {
       const __m512 sv = _mm512_set1_ps(s[j * ngr + g]);
-      const __m512 zv = _mm512_set1_ps(z ? z[j * ngr + g] : 0.f);
+      const __m512 zv = z ? _mm512_set1_ps(z[j * ngr + g]) : _mm512_setzero_ps();
       if constexpr (F == Fmt::INT8) {
-        for (int c = g * cpg; c < (g + 1) * cpg; ++c) _mm512_storeu_ps(out + 16 * c, codes_affine16<F>(row, c, sv, zv));
+        for (int c = g * CPG; c < (g + 1) * CPG; ++c) _mm512_storeu_ps(out + 16 * c, codes_affine16<F>(row, c, sv, zv));
       } else {
         const __m512 table = _mm512_fmadd_ps(code_table_iota<F>(), sv, zv);
-        for (int c = g * cpg; c < (g + 1) * cpg; ++c)
+        for (int c = g * CPG; c < (g + 1) * CPG; ++c)
           _mm512_storeu_ps(out + 16 * c, _mm512_permutexvar_ps(code_lanes16<F>(row, c), table));
       }
     }
@@ -104,12 +104,23 @@ inline bool tile_codes_ok(Fmt f, int D, int gs) {
          (gs == 0 || (gs % 16 == 0 && D % gs == 0));
 }
 
+template <Fmt F, int D>
+void tile_codes_token_gs(const uint8_t* base, int64_t stride, int n, float* dst, int gs, const float* s,
+                         const float* z) {
+  if (gs == 16) tile_codes_token<F, D, 1>(base, stride, n, dst, s, z);
+  else if (gs == 32) tile_codes_token<F, D, 2>(base, stride, n, dst, s, z);
+  else if constexpr (D >= 64) {
+    if (gs == 64) tile_codes_token<F, D, 4>(base, stride, n, dst, s, z);
+    else if constexpr (D >= 128) tile_codes_token<F, D, 8>(base, stride, n, dst, s, z);
+  }
+}
+
 template <Fmt F>
 void tile_codes_token_d(int D, const uint8_t* base, int64_t stride, int n, float* dst, int gs, const float* s,
                         const float* z) {
-  if (D == 32) tile_codes_token<F, 32>(base, stride, n, dst, gs, s, z);
-  else if (D == 64) tile_codes_token<F, 64>(base, stride, n, dst, gs, s, z);
-  else tile_codes_token<F, 128>(base, stride, n, dst, gs, s, z);
+  if (D == 32) tile_codes_token_gs<F, 32>(base, stride, n, dst, gs, s, z);
+  else if (D == 64) tile_codes_token_gs<F, 64>(base, stride, n, dst, gs, s, z);
+  else tile_codes_token_gs<F, 128>(base, stride, n, dst, gs, s, z);
 }
 
 template <Fmt F>
