@@ -36,6 +36,7 @@
 #include "malloc_kernels/attention_cpu/codes_avx2.h"
 #ifdef MK_ISA_AVX512
 #include "malloc_kernels/attention_cpu/code_pairs_avx512.h"
+#include "malloc_kernels/attention_cpu/tile_codes_avx512.h"
 #endif
 #include "malloc_kernels/attention_cpu/int8_query.h"
 #include "malloc_kernels/attention_cpu/from_codes_avx2.h"

@@ -112,8 +112,14 @@ struct RowTiles {
   static constexpr int W = V::W;
 
   // St[j * ldst + w] = sum_{d < D} K[j * ldk + d] * Qt[d * ldq + w] for J keys, RV * W rows (one register block).
-  template <int J, int RV>
-  static void qk_block(const float* K, int64_t ldk, const float* Qt, int ldq, int D, float* St, int ldst) {
+  // DP > 0: the tile's row stride and dim count are the compile-time DP (ldk == D == DP), so the J broadcast
+  // addresses are immediate displacements of one pointer; with a run-time stride the J row offsets outgrow the
+  // general registers (16 keys on AVX-512) and every broadcast first moves its offset back from a vector register,
+  // a uop on the port the FMAs use.
+  template <int J, int RV, int DP>
+  static void qk_block(const float* K, int64_t ldk_rt, const float* Qt, int ldq, int D_rt, float* St, int ldst) {
+    const int64_t ldk = DP > 0 ? DP : ldk_rt;
+    const int D = DP > 0 ? DP : D_rt;
     T acc[J][RV];
     for (int j = 0; j < J; ++j)
       for (int v = 0; v < RV; ++v) acc[j][v] = V::zero();
@@ -130,21 +136,22 @@ struct RowTiles {
   }
 
   // qk_block over n keys: blocks of J, the rest in halving blocks.
-  template <int J, int RV>
+  template <int J, int RV, int DP>
   static void qk_keys(const float* K, int64_t ldk, int n, const float* Qt, int ldq, int D, float* St, int ldst) {
     int j = 0;
-    for (; j + J <= n; j += J) qk_block<J, RV>(K + j * ldk, ldk, Qt, ldq, D, St + int64_t(j) * ldst, ldst);
+    for (; j + J <= n; j += J) qk_block<J, RV, DP>(K + j * ldk, ldk, Qt, ldq, D, St + int64_t(j) * ldst, ldst);
     if constexpr (J > 1) {
-      if (j < n) qk_keys<J / 2, RV>(K + j * ldk, ldk, n - j, Qt, ldq, D, St + int64_t(j) * ldst, ldst);
+      if (j < n) qk_keys<J / 2, RV, DP>(K + j * ldk, ldk, n - j, Qt, ldq, D, St + int64_t(j) * ldst, ldst);
     }
   }
 
-  // Scores of n keys for nv row vectors (Rp = nv * W rows): St[j][r] = <K[j], Q[r]>.
+  // Scores of n keys for nv row vectors (Rp = nv * W rows): St[j][r] = <K[j], Q[r]>. DP: see qk_block.
+  template <int DP>
   static void qk(const float* K, int64_t ldk, int n, const float* Qt, int Rp, int D, float* St) {
     const int nv = Rp / W;
     int v = 0;
-    for (; v + 2 <= nv; v += 2) qk_keys<V::QK_J2, 2>(K, ldk, n, Qt + v * W, Rp, D, St + v * W, Rp);
-    if (v < nv) qk_keys<V::QK_J1, 1>(K, ldk, n, Qt + v * W, Rp, D, St + v * W, Rp);
+    for (; v + 2 <= nv; v += 2) qk_keys<V::QK_J2, 2, DP>(K, ldk, n, Qt + v * W, Rp, D, St + v * W, Rp);
+    if (v < nv) qk_keys<V::QK_J1, 1, DP>(K, ldk, n, Qt + v * W, Rp, D, St + v * W, Rp);
   }
 
   // Ot[d][w] += sum_{j < n} V[j][d] * Pt[j][w] for DB dims from d0, RV * W rows (one register block).
