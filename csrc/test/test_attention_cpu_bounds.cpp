@@ -137,7 +137,8 @@ static void check(const char* name, const Case& c) {
     const bool poisoned = c.nan_key && b == 0 && hq / (c.Hq / c.Hkv) == 0;
     EXPECT((nan == c.D) == poisoned, "%s: row %d NaN=%d, expected %d", name, r, nan == c.D, int(poisoned));
   }
-  for (malloc_kernels::isa::Isa v : {malloc_kernels::isa::Isa::Avx2, malloc_kernels::isa::Isa::Avx512}) {
+  for (malloc_kernels::isa::Isa v :
+       {malloc_kernels::isa::Isa::Avx2, malloc_kernels::isa::Isa::Avx512, malloc_kernels::isa::Isa::Neon}) {
     if (!malloc_kernels::isa::cpu_supports(v)) continue;
     const std::vector<float> b = run(c, v);
     for (size_t i = 0; i < a.size(); ++i) {
@@ -168,6 +169,9 @@ int main() {
     std::fprintf(stderr, "%d failures\n", expect_failures);
     return 1;
   }
-  std::printf("attention_cpu_bounds: all cases passed\n");
+  std::printf("attention_cpu_bounds: all cases passed, portable compared with:");
+  for (const auto& name : malloc_kernels::isa::supported_names())
+    if (name != "portable") std::printf(" %s", name.c_str());
+  std::printf("\n");
   return 0;
 }

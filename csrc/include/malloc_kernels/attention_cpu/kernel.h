@@ -278,7 +278,7 @@ class Kernel {
   // group per row, token-axis value groups the layout can address, no counts, no bias. Must run first in a chunk
   // (it starts from m = -inf, l = 0, O = 0, which is the state before the cache segment).
 
-#ifdef MK_ISA_AVX2
+#if defined(MK_ISA_AVX2) || defined(MK_ISA_NEON)
   // The K tile of keys [j0, j0 + n) of a stored segment as fp32 rows: a pointer into the cache for fp32 rows of
   // the padded width, else decoded into sc.Kt with every scale and zero point applied (per-channel keys: x = code *
   // s_d + z_d of the key's token group, the block never straddling a group).
@@ -324,7 +324,7 @@ class Kernel {
 #ifdef MK_ISA_AVX512
     if (R > VecY::W) { tiled<VecZ>(sc, b, h, R); return true; }
 #endif
-    tiled<VecY>(sc, b, h, R);
+    tiled<RowVec>(sc, b, h, R);
     return true;
   }
 
