@@ -199,13 +199,16 @@ inline float fold_channel_scale(const float* q, const float* cs, const float* cz
   return zacc;
 }
 
-// 4 rows per vector: row_tiles.h's register-tiled path on NEON. 32 vector registers hold a 16 x 1 or 8 x 2 block
-// of accumulators beside its row vectors and the broadcast (as VecZ's AVX-512 blocks); bcast is one LD1R.
+// 4 rows per vector: row_tiles.h's register-tiled path on NEON. NEON has no broadcast memory operand, so each
+// broadcast element takes a register too (GCC loads it as a scalar for a by-element FMLA and hoists the block's
+// loads). Blocks of 8 keys (dims) x 2 row vectors: 16 accumulators + 8 elements + 2 row vectors fit the 32 registers;
+// the odd last row vector takes 4 x 1 blocks: GCC 12 keeps 8 x 1 and 16 x 1 accumulator arrays on the stack in the
+// inner loop (stores every iteration; objdump of attention_neon.cpp.o), 4 x 1 and 8 x 2 in registers.
 struct VecN {
   using T = float32x4_t;
   static constexpr int W = 4;
-  static constexpr int QK_J1 = 16, QK_J2 = 8;   // keys per QK register block with 1 / 2 row vectors
-  static constexpr int PV_D1 = 16, PV_D2 = 8;   // dims per PV register block with 1 / 2 row vectors
+  static constexpr int QK_J1 = 4, QK_J2 = 8;   // keys per QK register block with 1 / 2 row vectors
+  static constexpr int PV_D1 = 4, PV_D2 = 8;   // dims per PV register block with 1 / 2 row vectors
   static T zero() { return vdupq_n_f32(0.f); }
   static T load(const float* p) { return vld1q_f32(p); }
   static void store(float* p, T x) { vst1q_f32(p, x); }

@@ -1,5 +1,6 @@
 // Tile primitives of the fused CPU attention, portable build (whatever the compiler flags give; SSE2 on plain
-// x86-64). The AVX2 build has the same functions in tiles_avx2.h; the kernel (kernel.h) calls only these names.
+// x86-64). The SIMD builds have the same functions in tiles_avx2.h / tiles_avx512.h / tiles_neon.h; the kernel
+// (kernel.h) calls only these names.
 #pragma once
 
 #include <cmath>
