@@ -7,7 +7,8 @@
 // plus the dispatch: attention_forward(p, v) runs variant v's own kernel (bit-identical to calling it directly, and
 // not bit-identical to the portable kernel, whose sums run in another order: a variant silently falling back to
 // portable fails), and MALLOC_KERNELS_ISA parsing: unknown values and variants this CPU lacks (the other
-// architecture's included) are rejected by name.
+// architecture's included) are rejected by name; and the architecture's SIMD exp (exp4 on aarch64, exp256 on x86)
+// against double exp with its edge rules.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -23,6 +24,16 @@
 #include "malloc_kernels/quant.h"
 
 #include "expect.h"
+
+#if MALLOC_KERNELS_AARCH64
+#include "malloc_kernels/simd_neon.h"
+#elif MALLOC_KERNELS_X86
+#include "malloc_kernels/simd_avx2.h"
+// 8 lanes of exp256 (compiled for AVX2 + FMA; called only when the CPU has them).
+__attribute__((target("avx2,fma"))) static void exp256_into(const float* x, float* y) {
+  _mm256_storeu_ps(y, malloc_kernels::simd_avx2::exp256(_mm256_loadu_ps(x)));
+}
+#endif
 
 namespace mk = malloc_kernels;
 using mk::cpu::AttnParams;
@@ -140,6 +151,26 @@ static double run_case(const Case& c, mk::isa::Isa v, std::mt19937& rng, std::ve
   return err / big;
 }
 
+// The SIMD exp of this architecture (exp_consts.h's rules) on a sweep: relative error against double exp at most
+// 4 float ulps inside (-87.3, 88.3); exactly 0 below -87.3 and at -inf; +inf above 88.3 and at +inf.
+template <class ExpN>
+static void exp_check(const char* name, int lanes, ExpN expn) {
+  std::vector<float> x;
+  for (float v = -100.f; v <= 100.f; v += 0.0137f) x.push_back(v);
+  for (float v : {0.f, -0.f, 1e-30f, -1e-30f, -87.29f, 88.29f, -87.31f, 88.31f, 1e30f, -1e30f, INFINITY, -INFINITY})
+    x.push_back(v);
+  while (x.size() % size_t(lanes)) x.push_back(0.f);
+  std::vector<float> y(x.size());
+  for (size_t i = 0; i < x.size(); i += size_t(lanes)) expn(&x[i], &y[i]);
+  for (size_t i = 0; i < x.size(); ++i) {
+    bool ok;
+    if (x[i] < -87.3f) ok = y[i] == 0.f;
+    else if (x[i] > 88.3f) ok = std::isinf(y[i]) && y[i] > 0;
+    else ok = std::fabs(double(y[i]) - std::exp(double(x[i]))) <= 4 * 5.96e-8 * std::exp(double(x[i]));
+    EXPECT(ok, "%s(%.9g) = %.9g, exp = %.9g", name, x[i], y[i], std::exp(double(x[i])));
+  }
+}
+
 // Variant v's own entry point (nullptr for portable: the reference point of dispatch_check).
 static void (*entry_point(mk::isa::Isa v))(const AttnParams&) {
   switch (v) {
@@ -198,6 +229,13 @@ int main() {
           }
   for (auto v : variants)
     if (v != mk::isa::Isa::Portable) dispatch_check(v);
+#if MALLOC_KERNELS_AARCH64
+  exp_check("simd_neon::exp4", 4,
+            [](const float* x, float* y) { vst1q_f32(y, mk::simd_neon::exp4(vld1q_f32(x))); });
+#elif MALLOC_KERNELS_X86
+  if (mk::isa::cpu_supports(mk::isa::Isa::Avx2))
+    exp_check("simd_avx2::exp256", 8, [](const float* x, float* y) { exp256_into(x, y); });
+#endif
   // MALLOC_KERNELS_ISA values
   bool threw = false;
   try { mk::isa::parse("sse9"); } catch (const std::invalid_argument& e) {

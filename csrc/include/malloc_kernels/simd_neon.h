@@ -13,8 +13,8 @@
 namespace malloc_kernels {
 namespace simd_neon {
 
-// exp(x) of 4 lanes: simd_avx2::exp256 step for step (exp_consts.h: range reduction, polynomial, the same FMAs and
-// rounding, so the same bits); below -87.3 and -inf exactly 0, above 88.3 +inf. The clamp uses minnm / maxnm,
+// exp(x) of 4 lanes: simd_avx2::exp256 step for step (exp_consts.h: the same range reduction and polynomial, the
+// same fused operations in the same order); below -87.3 and -inf exactly 0, above 88.3 +inf. The clamp uses minnm / maxnm,
 // which return the number when the other operand is NaN, as the x86 min / max do: a NaN input gives a finite lane
 // here too (callers flag NaN scores themselves: the non-finite rule of attention_cpu/scalar.h).
 inline float32x4_t exp4(float32x4_t x) {

@@ -172,7 +172,7 @@ struct RowTiles {
       for (int v = 0; v < RV; ++v) V::store(Ot + int64_t(d) * ldo + v * W, acc[d][v]);
   }
 
-  // pv_block over the D dims (a multiple of 8): blocks of DB, the rest in halving blocks.
+  // pv_block over the D dims (a multiple of 4, the smallest kLanes): blocks of DB, the rest in halving blocks.
   template <int DB, int RV>
   static void pv_dims(const float* Vv, int64_t ldv, int n, int D, const float* Pt, int ldp, float* Ot, int ldo) {
     int d = 0;
