@@ -114,6 +114,9 @@ def run_config(B, Hq, Hkv, D, N, Lq, kind, rounds, providers, isas=None):
     for name in [m for m in providers if m.startswith("cpu_")]:
         fmt, _, pct = name[4:].partition("@")
         budget = float(pct.rstrip("%")) / 100 if pct else None
+        # cpu_<fmt>_q8: the opt-in approximate int8-query scores (query_precision="int8")
+        qp = "int8" if fmt.endswith("_q8") else "exact"
+        fmt = fmt.removesuffix("_q8")
         meth = {"fp32": "none"}.get(fmt, fmt)
         if budget is not None:
             cache = mk.compress(hk, hv, "recent", budget=budget)
@@ -121,13 +124,13 @@ def run_config(B, Hq, Hkv, D, N, Lq, kind, rounds, providers, isas=None):
                 cache = mk.compress(hk, hv, "recent+" + meth, budget=budget)
         else:
             cache = mk.compress(hk, hv, meth)
-        call = validate_call(q, k, v, cache=cache, kind=kind, is_causal=True)
+        call = validate_call(q, k, v, cache=cache, kind=kind, is_causal=True, query_precision=qp)
         if isas and len(isas) > 1:
             for isa in isas:
                 timed[f"{name}[{isa}]"] = (with_isa(lambda call=call: cpu.run(call), isa), cache_bytes(cache) + req_bytes)
         else:
             timed[name] = (lambda call=call: cpu.run(call), cache_bytes(cache) + req_bytes)
-        if f"dequant_sdpa_{fmt}" in providers and kind == "softmax" and budget is None:
+        if f"dequant_sdpa_{fmt}" in providers and kind == "softmax" and budget is None and qp == "exact":
             # the request's K/V sit at the end of a preallocated buffer; each call dequantizes the cache into the
             # front with the C++ unpacker (one fp32 write of the cache) and runs SDPA over the whole buffer
             kbuf, vbuf = full_k.clone(), full_v.clone()
@@ -140,7 +143,7 @@ def run_config(B, Hq, Hkv, D, N, Lq, kind, rounds, providers, isas=None):
                                                                     cache.group_size, axis, D))
                 return F.scaled_dot_product_attention(q, kbuf, vbuf, attn_mask=mask, enable_gqa=True)
             timed[f"dequant_sdpa_{fmt}"] = (deq, cache_bytes(cache) + req_bytes)
-        if f"dequant_py_cat_sdpa_{fmt}" in providers and kind == "softmax" and budget is None:
+        if f"dequant_py_cat_sdpa_{fmt}" in providers and kind == "softmax" and budget is None and qp == "exact":
             def deq_py(cache=cache):
                 dk, dv = cache.dequantize(torch.float32)
                 return F.scaled_dot_product_attention(q, torch.cat([dk, k], 2), torch.cat([dv, v], 2),
@@ -205,19 +208,20 @@ def report(args):
           f"{before['gflops']:.1f} GFLOP/s fp32 matmul ({args.threads} threads)")
     base = ["sdpa_fp32", "sdpa_bf16", "cpu_fp32", "cpu_int8", "cpu_int4", "cpu_int2", "dequant_sdpa_int4"]
     evicted = ["cpu_fp32@25%", "cpu_int4@25%"]  # next to the full caches of the same run: time vs kept entries
+    q8 = ["cpu_int8_q8", "cpu_int4_q8", "cpu_int2_q8"]  # the opt-in int8-query mode (approximate) next to exact
     legacy = ["sdpa_fp32_masked", "dequant_py_cat_sdpa_int4"]   # the earlier reports' baselines, side by side
     if args.full:
         configs = [(Hkv, N, Lq, "softmax", base) for Hkv in (8, 2) for N in (1024, 4096, 16384) for Lq in (1, 16, 64)]
         configs[configs.index((8, 4096, 1, "softmax", base))] = (8, 4096, 1, "softmax", base + evicted)
     else:
-        configs = [(8, 4096, 1, "softmax", base + evicted + legacy), (2, 4096, 1, "softmax", base),
+        configs = [(8, 4096, 1, "softmax", base + evicted + legacy + q8), (2, 4096, 1, "softmax", base + q8),
                    (8, 4096, 16, "softmax", base + legacy[1:])]
     configs += [(8, 4096, 16, "hstu", ["torch_hstu_fp32", "reference", "cpu_fp32", "cpu_int4"])]
     B = 32
     if args.smoke:
         B = 2
         configs = [(2, 64, Lq, kind, prov) for _, _, Lq, kind, prov in configs[1:] if Lq > 1 or kind == "softmax"]
-        configs.insert(0, (8, 64, 1, "softmax", base + evicted + legacy))
+        configs.insert(0, (8, 64, 1, "softmax", base + evicted + legacy + q8))
     isas = args.isa.split(",") if args.isa else None
     print(f"ISA variant of the C++ kernels: {isa_variant()}" + (f"; timed side by side: {isas}" if isas else ""))
     rows = []
@@ -246,7 +250,8 @@ def report(args):
              "GFLOP/s fp32 matmul. Providers of one shape are timed interleaved round-robin, the same rounds each "
              "(best of each). Speedup column: vs SDPA on the fp32 cache (softmax; no mask at Lq = 1) or vs the torch "
              "masked matmul over the fp32 cache (hstu) of the same shape. `dequant_sdpa_*`: our C++ "
-             "`unpack_dequantize` into a preallocated K/V buffer, then SDPA.",
+             "`unpack_dequantize` into a preallocated K/V buffer, then SDPA. `cpu_<fmt>_q8`: the opt-in, "
+             "APPROXIMATE int8-query mode (`query_precision=\"int8\"`) on the same cache.",
              "",
              "| Hkv | N | Lq | kind | provider | ms | MB read | GB/s | GFLOP/s | % BW roof | % FLOP roof | speedup |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

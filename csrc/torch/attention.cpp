@@ -221,7 +221,7 @@ std::vector<Tensor> attention_cpu(
     const optional<Tensor>& key_positions, const optional<Tensor>& query_timestamps,
     const optional<Tensor>& key_timestamps, const optional<Tensor>& pos_bias, const optional<Tensor>& time_bias,
     const optional<Tensor>& time_thresholds, const std::string& hstu_norm, int64_t hstu_norm_const,
-    bool return_lse, bool return_stats, int64_t stats_window) {
+    bool return_lse, bool return_stats, int64_t stats_window, const std::string& query_precision) {
   const bool jagged = q_offsets.has_value();
   TORCH_CHECK_VALUE(query.dim() == (jagged ? 3 : 4), "query must be [B, Hq, Lq, D] or jagged [total, Hq, D]");
   const Tensor q = rowmajor(query);
@@ -351,6 +351,15 @@ std::vector<Tensor> attention_cpu(
               : hstu_norm == "original" ? malloc_kernels::cpu::HstuNorm::Original
                                         : malloc_kernels::cpu::HstuNorm::Constant;
   p.hstu_norm_const = hstu_norm_const;
+  TORCH_CHECK_VALUE(query_precision == "exact" || query_precision == "int8",
+                    "query_precision must be 'exact' or 'int8', got '", query_precision, "'");
+  if (query_precision == "int8") {
+    using malloc_kernels::cpu::Fmt;
+    TORCH_CHECK_VALUE(p.has_cache && (p.cache.k_fmt == Fmt::INT8 || p.cache.k_fmt == Fmt::INT4 ||
+                                      p.cache.k_fmt == Fmt::INT2),
+                      "query_precision='int8' needs a cache whose keys are int8, int4 or int2 codes");
+    p.query_precision = malloc_kernels::cpu::QueryPrecision::Int8;
+  }
 
   Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   p.out = view4(out, q_offsets);
@@ -423,7 +432,7 @@ TORCH_LIBRARY_FRAGMENT(malloc_kernels, m) {
       "str kind, bool is_causal, Tensor? num_targets, float scale, Tensor? query_positions, Tensor? key_positions, "
       "Tensor? query_timestamps, Tensor? key_timestamps, Tensor? pos_bias, Tensor? time_bias, "
       "Tensor? time_thresholds, str hstu_norm, int hstu_norm_const, bool return_lse, bool return_stats, "
-      "int stats_window) -> Tensor[]");
+      "int stats_window, str query_precision=\"exact\") -> Tensor[]");
   m.def("gather_rows(Tensor src, Tensor index) -> Tensor");
 }
 

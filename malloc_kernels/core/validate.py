@@ -39,6 +39,11 @@ from .types import AttentionResult, AttentionStats
 
 KINDS = ("softmax", "hstu")
 HSTU_NORMS = ("original", "kept")
+#: How the scores of a quantized cache's keys are computed: "exact" (default) or "int8" (the query quantized per row
+#: and dotted with the int8/int4/int2 key codes in integers; approximate, opt-in; reference/int8_query.py).
+QUERY_PRECISIONS = ("exact", "int8")
+#: Key formats the int8-query mode reads (integer codes of an affine map).
+INT8_QUERY_KEY_FORMATS = ("int8", "int4", "int2")
 
 
 @dataclass
@@ -81,6 +86,7 @@ class AttentionCall:
     dropout_p: float
     enable_gqa: bool
     backend: str
+    query_precision: str = "exact"
     padded_from_jagged: bool = False
 
     # ---- convenience -----------------------------------------------------------------------------------------
@@ -282,6 +288,20 @@ def _check_cache(cache, B, Hkv, D, dtype, device):
             raise TypeError(f"cache.residual dtype {r.k.dtype} != query dtype {dtype}")
 
 
+def _check_int8_query(cache, query, key, value):
+    """``query_precision="int8"`` approximates the scores against a quantized cache's integer key codes: it needs
+    such a cache and is an inference mode (rounding has no useful gradient)."""
+    if cache is None:
+        raise ValueError("query_precision='int8' approximates the scores of a quantized cache's keys; this call has "
+                         "no cache (use query_precision='exact')")
+    if cache.k_format not in INT8_QUERY_KEY_FORMATS:
+        raise ValueError(f"query_precision='int8' needs cache keys in {INT8_QUERY_KEY_FORMATS}, got "
+                         f"cache.k_format={cache.k_format!r} (use query_precision='exact')")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise ValueError("query_precision='int8' is an inference mode (the query's rounding has no gradient); run "
+                         "under torch.no_grad() or use query_precision='exact'")
+
+
 def _normalise_mask(attn_mask, B, Hq, Lq, Lk, dtype, device):
     _check_tensor(attn_mask, "attn_mask")
     if attn_mask.device != device:
@@ -306,13 +326,15 @@ def validate_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
                   enable_gqa=False, *, cache=None, kind="softmax", offsets=None, key_offsets=None,
                   num_targets=None, query_positions=None, query_timestamps=None, pos_bias=None, time_bias=None,
                   hstu_norm="original", return_lse=False, return_stats=False, stats_window=None,
-                  backend="auto") -> AttentionCall:
+                  backend="auto", query_precision="exact") -> AttentionCall:
     """Validate the arguments of ``malloc_kernels.attention`` and return the normalised ``AttentionCall``."""
     # -- simple enums/flags first: they are cheap and their errors are the clearest.
     if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not isinstance(backend, str) or (backend != "auto" and backend not in registry.names("attention")):
         raise ValueError(f"backend must be one of {('auto',) + registry.names('attention')}, got {backend!r}")
+    if not isinstance(query_precision, str) or query_precision not in QUERY_PRECISIONS:
+        raise ValueError(f"query_precision must be one of {QUERY_PRECISIONS}, got {query_precision!r}")
     is_causal = _as_bool(is_causal, "is_causal")
     enable_gqa = _as_bool(enable_gqa, "enable_gqa")
     return_lse = _as_bool(return_lse, "return_lse")
@@ -431,6 +453,9 @@ def validate_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
         _check_cache(cache, B, Hkv, D, dtype, device)
         request_only("a cache")
 
+    if query_precision != "exact":
+        _check_int8_query(cache, query, key, value)
+
     # -- targets.
     targets_given = num_targets is not None
     if num_targets is None:
@@ -496,4 +521,4 @@ def validate_call(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
         query_positions=query_positions, query_timestamps=query_timestamps, pos_bias=pos_bias,
         time_bias=time_bias, hstu_norm=hstu_norm, return_lse=return_lse, return_stats=return_stats,
         stats_window=stats_window, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=enable_gqa,
-        backend=backend)
+        backend=backend, query_precision=query_precision)

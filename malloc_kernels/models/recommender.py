@@ -129,6 +129,9 @@ class SequentialRecommender(nn.Module):
         # ``malloc_kernels.attention`` backend for every call ("auto": kernels for inference, the C++ training
         # kernels under autograd); set e.g. ``model.backend = "reference"`` to pin one.
         self.backend = "auto"
+        # ``query_precision`` of the calls over a cache ("exact"; "int8": the opt-in approximate scores against an
+        # int8/int4/int2 cache's key codes, README "Approximate int8-query decode"); self-attention is always exact.
+        self.query_precision = "exact"
         if cfg.seq_compress == "linformer":
             self.lin_logits = nn.Parameter(torch.randn(cfg.n_layers, cfg.slots, cfg.max_len) * 0.02)
         if cfg.seq_compress == "beacon":
@@ -199,6 +202,8 @@ class SequentialRecommender(nn.Module):
                 kw["query_timestamps"] = timestamps
         if return_stats:
             kw.update(return_stats=True, stats_window=stats_window)
+        if cache is not None and self.query_precision != "exact":
+            kw["query_precision"] = self.query_precision
         return attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1],
                           cache=cache, kind=layer.kind, offsets=offsets, query_positions=positions,
                           backend=self.backend, **kw)

@@ -12,7 +12,7 @@ from .backends import select_backend
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
               cache=None, kind="softmax", offsets=None, key_offsets=None, num_targets=None, query_positions=None,
               query_timestamps=None, pos_bias=None, time_bias=None, hstu_norm="original", return_lse=False,
-              return_stats=False, stats_window=None, backend="auto"):
+              return_stats=False, stats_window=None, backend="auto", query_precision="exact"):
     """Attention of request queries over (an optional compressed ``cache`` +) the request's keys/values.
 
     Layouts: dense query ``[B, Hq, Lq, D]``, key/value ``[B, Hkv, Lk, D]`` (SDPA's); or jagged query
@@ -39,12 +39,21 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     "cuda"; an explicit backend that cannot run the call raises ``ValueError`` saying why. Under autograd "auto"
     (and "cpu") run jagged self-attention without a cache (HSTU or softmax, the recommenders' training form) on CPU
     tensors with the C++ training kernels (``ops/train_attention.py``) and every other call on the reference.
+
+    ``query_precision``: "exact" (default) or "int8", an opt-in APPROXIMATION for serving from an int8/int4/int2
+    cache: each query row is quantized to int8 (absmax, one scale per row; per token group of a channel-axis key
+    cache, after folding its scales into the query) and dotted with the stored key codes in integer arithmetic
+    (AVX-512 VNNI / AVX2); values, the residual and the request tokens stay exact. Each cache score moves by at most
+    ``(sq / 2) * sum_d |k_jd - z_jd|`` (``sq = max|q * scale| / 127``, ``z`` the key's zero point); see README,
+    "Approximate int8-query decode". Backends "cpu" and "reference" (which computes the same approximation);
+    a ValueError names the argument for anything else (no cache, other key formats, autograd, other backends).
     """
     call = validate_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, cache=cache,
                          kind=kind, offsets=offsets, key_offsets=key_offsets, num_targets=num_targets,
                          query_positions=query_positions, query_timestamps=query_timestamps, pos_bias=pos_bias,
                          time_bias=time_bias, hstu_norm=hstu_norm, return_lse=return_lse,
-                         return_stats=return_stats, stats_window=stats_window, backend=backend)
+                         return_stats=return_stats, stats_window=stats_window, backend=backend,
+                         query_precision=query_precision)
     _, launcher = select_backend(call)
     result = launcher.run(call)
     return call.make_result(result.output, result.lse, result.stats)

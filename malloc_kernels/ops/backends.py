@@ -52,6 +52,8 @@ def _check(call: AttentionCall):
         if call.requires_grad and not getattr(mod, "supports_autograd", False):
             return False, ("it is inference-only and an input requires grad (use backend='reference' or 'auto', "
                            "or run under torch.no_grad())")
+        if call.query_precision not in getattr(mod, "query_precisions", ("exact",)):
+            return False, f"it does not implement query_precision={call.query_precision!r}"
         return mod.supports(call)
     return check
 

@@ -28,6 +28,9 @@ from ..core.time_buckets import kernel_thresholds
 from ..core.types import AttentionResult, AttentionStats
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: ``query_precision`` values the kernel computes (ops/backends.py asks every launcher); "int8" is the opt-in
+#: approximate scoring of int8/int4/int2 key codes (csrc/include/malloc_kernels/attention_cpu/int8_query.h).
+query_precisions = ("exact", "int8")
 
 
 def supports(call) -> Tuple[bool, str]:
@@ -93,7 +96,7 @@ def run(call) -> AttentionResult:
         int(c.group_size) if c is not None else 0,
         call.kind, bool(call.is_causal), call.num_targets.contiguous() if call.targets_given else None,
         float(call.scale), qpos, qpos, qts, qts, _c(call.pos_bias), _c(time_bias), th, norm, norm_const,
-        bool(call.return_lse), bool(call.return_stats), int(call.stats_window or 0))
+        bool(call.return_lse), bool(call.return_stats), int(call.stats_window or 0), call.query_precision)
     out, lse, km, kwm, cm, cwm, rm, rwm = outs
     stats = None
     if call.return_stats:
@@ -118,7 +121,8 @@ def _register_fakes():
                             res_v, res_length, res_position, res_timestamp, res_count, original_length, k_format,
                             v_format, k_channel, group_size, kind, is_causal, num_targets, scale, query_positions,
                             key_positions, query_timestamps, key_timestamps, pos_bias, time_bias, time_thresholds,
-                            hstu_norm, hstu_norm_const, return_lse, return_stats, stats_window):
+                            hstu_norm, hstu_norm_const, return_lse, return_stats, stats_window,
+                            query_precision="exact"):
         jagged = q_offsets is not None
         f32 = dict(dtype=torch.float32, device=query.device)
         def empty():  # distinct tensors: custom-op outputs must not alias each other

@@ -6,5 +6,6 @@ bias from the exact time buckets of ``core/time_buckets.py`` (``bias.py``); ``su
 execute a validated ``AttentionCall`` (the dispatcher's launcher protocol).
 """
 from ..core.masks import request_visibility  # noqa: F401
-from .attention import attention, attention_padded, compute_dtype, run, supports, supports_autograd  # noqa: F401
+from .attention import (attention, attention_padded, compute_dtype, query_precisions, run, supports,  # noqa: F401
+                        supports_autograd)
 from .bias import relative_bias, time_bucket, time_bucket_thresholds  # noqa: F401

@@ -35,6 +35,7 @@ from ..cache.quant import dequantize_cache
 from ..core.kvcache import KVCacheBase
 from ..core.types import AttentionResult, AttentionStats
 from ..core.validate import AttentionCall, validate_call
+from . import int8_query
 from .bias import relative_bias
 from ..core.masks import entry_valid, request_visibility, valid_rows, window_rows
 
@@ -103,7 +104,15 @@ def attention_padded(call: AttentionCall):
     keys = k_req if hist is None else torch.cat([hist.k, k_req], dim=2)
     vals = v_req if hist is None else torch.cat([hist.v, v_req], dim=2)
     N = keys.shape[2]
-    s = torch.matmul(q * call.scale, keys.transpose(-1, -2)).reshape(B, Hkv, G, Lq, N)
+    s = torch.matmul(q * call.scale, keys.transpose(-1, -2))
+    if call.query_precision == "int8":
+        # the opt-in approximation of the main cache's scores (int8_query.py), exactly as the kernels compute it
+        x = (call.query.to(torch.float32) * call.scale).reshape(B, Hkv, G * Lq, D)
+        C = call.cache.capacity
+        approx = torch.where(hist.valid[:, :, None, :C], int8_query.cache_scores(x, call.cache, cd),
+                             torch.zeros((), dtype=cd, device=dev))
+        s = torch.cat([approx, s[..., C:]], dim=-1)
+    s = s.reshape(B, Hkv, G, Lq, N)
     if call.has_bias:
         s = s + _bias(call, hist, cd).reshape(B, Hkv, G, Lq, N)
 
@@ -261,6 +270,10 @@ def _stats(call: AttentionCall, w: torch.Tensor, hist: Optional[_History], Nh: i
 supports_autograd = True
 
 
+#: ``query_precision`` values this backend computes (ops/backends.py asks every launcher).
+query_precisions = ("exact", "int8")
+
+
 def supports(call: AttentionCall) -> Tuple[bool, str]:
     return True, ""
 
@@ -280,7 +293,7 @@ def run(call: AttentionCall) -> AttentionResult:
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
               cache=None, kind="softmax", offsets=None, key_offsets=None, num_targets=None, query_positions=None,
               query_timestamps=None, pos_bias=None, time_bias=None, hstu_norm="original", return_lse=False,
-              return_stats=False, stats_window=None):
+              return_stats=False, stats_window=None, query_precision="exact"):
     """Reference attention over (compressed cache +) request tokens; the oracle for every backend.
 
     Arguments and shapes are those of ``malloc_kernels.attention`` (ARCHITECTURE.md, "Attention semantics"): dense query
@@ -288,13 +301,15 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     ``KVCache`` whose entries precede the request; ``kind`` "softmax" or "hstu"; relative bias from ``pos_bias [P] |
     [Hq, P]`` and ``time_bias [T] | [Hq, T]`` with ORIGINAL positions/timestamps. Supports autograd and ``dropout_p``
     (applied to the normalised weights, as SDPA does). Returns the output (query layout and dtype) or
-    ``AttentionResult(output, lse, stats)`` when ``return_lse``/``return_stats``.
+    ``AttentionResult(output, lse, stats)`` when ``return_lse``/``return_stats``. ``query_precision="int8"``: the
+    approximate scores of ``int8_query.py`` for the main cache's int8/int4/int2 keys.
     """
     call = validate_call(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, cache=cache,
                          kind=kind, offsets=offsets, key_offsets=key_offsets, num_targets=num_targets,
                          query_positions=query_positions, query_timestamps=query_timestamps, pos_bias=pos_bias,
                          time_bias=time_bias, hstu_norm=hstu_norm, return_lse=return_lse,
-                         return_stats=return_stats, stats_window=stats_window, backend="reference")
+                         return_stats=return_stats, stats_window=stats_window, backend="reference",
+                         query_precision=query_precision)
     res = run(call)
     return call.make_result(res.output, res.lse, res.stats)
 

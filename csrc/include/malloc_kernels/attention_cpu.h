@@ -79,6 +79,9 @@ struct Segment {
 
 enum class Kind : int { Softmax = 0, Hstu = 1 };
 enum class HstuNorm : int { Original = 0, Kept = 1, Constant = 2 };
+// Scores of the cache's int8/int4/int2 keys: Exact (default) or Int8 (the query quantized per row, integer dot
+// products with the codes; approximate, opt-in: attention_cpu/int8_query.h states the math and its error bound).
+enum class QueryPrecision : int { Exact = 0, Int8 = 1 };
 
 struct AttnParams {
   int B = 0, Hq = 0, Hkv = 0, D = 0;
@@ -106,6 +109,7 @@ struct AttnParams {
 
   HstuNorm hstu_norm = HstuNorm::Original;
   int64_t hstu_norm_const = 0;
+  QueryPrecision query_precision = QueryPrecision::Exact;
 
   float* lse = nullptr; Strided lse_view;   // float32 [B, Hq, Lq] (or jagged); null: not requested
 

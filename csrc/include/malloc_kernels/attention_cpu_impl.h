@@ -17,6 +17,7 @@
 //   from_codes_avx2.h   the cache segment of a chunk straight from the codes (CacheFromCodes)
 //   row_tiles.h         register-tiled micro-kernels for chunks of many rows (query rows in vector lanes; the
 //                       SIMD builds)
+//   int8_query.h        opt-in approximate scores: int8 query x int8/int4/int2 key codes in integers (VNNI)
 //   bias_rows.h         relative bias of a block of keys (shared by kernel.h and from_codes_avx2.h)
 //   scratch.h           per-thread scratch;  kernel.h  the Kernel (segments, masks, bias, softmax / SiLU, stats)
 //
@@ -40,12 +41,15 @@
 #ifdef MK_ISA_AVX512
 #include "malloc_kernels/attention_cpu/code_pairs_avx512.h"
 #endif
+#include "malloc_kernels/attention_cpu/int8_query.h"
 #include "malloc_kernels/attention_cpu/from_codes_avx2.h"
 #include "malloc_kernels/attention_cpu/row_tiles.h"
 #elif defined(MK_ISA_NEON)
 #include "malloc_kernels/attention_cpu/tiles_neon.h"
+#include "malloc_kernels/attention_cpu/int8_query.h"
 #include "malloc_kernels/attention_cpu/row_tiles.h"
 #else
 #include "malloc_kernels/attention_cpu/tiles_portable.h"
+#include "malloc_kernels/attention_cpu/int8_query.h"
 #endif
 #include "malloc_kernels/attention_cpu/kernel.h"

@@ -44,6 +44,15 @@ inline P* launder(P* p) {
   return p;
 }
 
+// Software prefetch (into L1) of the 64-byte lines of [p, p + bytes). The decode loops below prefetch, next to the
+// rows they read, the rows one key block ahead (at byte offset `pfo` from the row being read; 0 when there is no
+// next block, which re-touches lines already in L1): a stream's rows of one block are about a 4 KiB page, and the
+// hardware streamer stops at every page boundary, so without this each block would start with full-latency misses
+// that the compute does not overlap.
+inline void prefetch_span(const void* p, int64_t bytes) {
+  for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(static_cast<const char*>(p) + l, _MM_HINT_T0);
+}
+
 template <Fmt F, int L>
 struct MaskTable {
   alignas(64) int32_t m[8][L];
@@ -122,7 +131,8 @@ inline void transpose8(__m256* r) {
 // step, two accumulators per key (even / odd t) so that the FMA chains are short next to the step's work (one per
 // key when a vector is two registers: Lanes256x2 on AVX2's 16 registers).
 template <Fmt F, class W>
-inline void qk_code_layout_r1(const float* qp, const uint8_t* K, int64_t rb, int n, float* S, float add) {
+inline void qk_code_layout_r1(const float* qp, const uint8_t* K, int64_t rb, int n, float* S, float add,
+                              int64_t pfo) {
   using V = typename W::F;
   constexpr int L = W::L;
   constexpr bool kSplit = !std::is_same_v<W, Lanes256x2>;
@@ -132,6 +142,7 @@ inline void qk_code_layout_r1(const float* qp, const uint8_t* K, int64_t rb, int
     const int32_t* mk = launder(Codes<F, W>::masks());
     const float* q = launder(qp);
     const uint8_t* k0 = K + j * rb;
+    prefetch_span(k0 + pfo, 4 * rb);
     const Codes<F, W> c0(k0), c1(k0 + rb), c2(k0 + 2 * rb), c3(k0 + 3 * rb);
     V a0 = W::zero(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
 #define MK_QK_T(T, A0, A1, A2, A3)                                  \
@@ -163,8 +174,9 @@ inline void qk_code_layout_r1(const float* qp, const uint8_t* K, int64_t rb, int
 
 // n rows of codes expanded into a float tile in code layout (row stride D = 8L): shared by several query rows.
 template <Fmt F, class W>
-inline void expand_code_layout(const uint8_t* K, int64_t rb, int n, float* tile) {
+inline void expand_code_layout(const uint8_t* K, int64_t rb, int n, float* tile, int64_t pfo) {
   for (int j = 0; j < n; ++j) {
+    if (j % 2 == 0) prefetch_span(K + j * rb + pfo, 2 * rb);
     const Codes<F, W> c(K + j * rb);
     float* t = tile + int64_t(j) * 8 * W::L;
     for_t([&](auto T) { W::store(t + W::L * T, c.template get<T>()); });
@@ -181,7 +193,7 @@ inline V code_weight(const V& w0, const V& w1) {
 // index of the vectors with t >> 2 == H (int4/int2: the same for every t).
 template <Fmt F, class W, int WM>
 inline void pv_code_layout_r1(const float* pw, int ngr, const typename W::GI* gidx, const uint8_t* V, int64_t rb,
-                              int n, float* Op) {
+                              int n, float* Op, int64_t pfo) {
   using X = typename W::F;
   constexpr int L = W::L;
   // eight named accumulators: an array of vectors indexed from a lambda ends up on the stack (GCC)
@@ -189,6 +201,7 @@ inline void pv_code_layout_r1(const float* pw, int ngr, const typename W::GI* gi
     a4 = W::load(Op + 4 * L), a5 = W::load(Op + 5 * L), a6 = W::load(Op + 6 * L), a7 = W::load(Op + 7 * L);
   for (int j = 0; j < n; ++j) {
     const int32_t* mk = launder(Codes<F, W>::masks());
+    if (j % 2 == 0) prefetch_span(V + j * rb + pfo, 2 * rb);
     const Codes<F, W> c(V + j * rb);
     const X w0 = W::template wvec<WM>(pw + j * ngr, gidx[0]);
     const X w1 = F == Fmt::INT8 && WM != 0 ? W::template wvec<WM>(pw + j * ngr, gidx[1]) : w0;
@@ -209,7 +222,8 @@ inline void pv_code_layout_r1(const float* pw, int ngr, const typename W::GI* gi
 // feeds NR FMAs, so no float tile is written and re-read. S[r * lds + j] = <qp_r, code_j> + add[r] (qp: NR rows of
 // D floats in code layout; add: NR floats). One key per step, two accumulators per row (even / odd t).
 template <Fmt F, class W, int NR>
-inline void qk_code_rows(const float* qp, const float* add, const uint8_t* K, int64_t rb, int n, float* S, int lds) {
+inline void qk_code_rows(const float* qp, const float* add, const uint8_t* K, int64_t rb, int n, float* S, int lds,
+                         int64_t pfo) {
   using V = typename W::F;
   constexpr int L = W::L, D = 8 * L;
   alignas(16) float av[4] = {0.f, 0.f, 0.f, 0.f};
@@ -218,6 +232,7 @@ inline void qk_code_rows(const float* qp, const float* add, const uint8_t* K, in
   for (int j = 0; j < n; ++j) {
     const int32_t* mk = launder(Codes<F, W>::masks());
     const float* q = launder(qp);
+    if (j % 2 == 0) prefetch_span(K + j * rb + pfo, 2 * rb);
     const Codes<F, W> c0(K + j * rb);
     V a0 = W::zero(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
 #define MK_QR_T(T, A0, A1, A2, A3)                                                     \
@@ -240,12 +255,12 @@ inline void qk_code_rows(const float* qp, const float* add, const uint8_t* K, in
 // Runtime row count (1..4) -> the templates above.
 template <Fmt F, class W>
 inline void qk_code_quad(int nr, const float* qp, const float* add, const uint8_t* K, int64_t rb, int n, float* S,
-                         int lds) {
+                         int lds, int64_t pfo) {
   switch (nr) {
-    case 1: qk_code_rows<F, W, 1>(qp, add, K, rb, n, S, lds); break;
-    case 2: qk_code_rows<F, W, 2>(qp, add, K, rb, n, S, lds); break;
-    case 3: qk_code_rows<F, W, 3>(qp, add, K, rb, n, S, lds); break;
-    default: qk_code_rows<F, W, 4>(qp, add, K, rb, n, S, lds); break;
+    case 1: qk_code_rows<F, W, 1>(qp, add, K, rb, n, S, lds, pfo); break;
+    case 2: qk_code_rows<F, W, 2>(qp, add, K, rb, n, S, lds, pfo); break;
+    case 3: qk_code_rows<F, W, 3>(qp, add, K, rb, n, S, lds, pfo); break;
+    default: qk_code_rows<F, W, 4>(qp, add, K, rb, n, S, lds, pfo); break;
   }
 }
 
@@ -300,13 +315,13 @@ inline void pv_code_tile(const float* pw, int ngr, const typename W::GI* gidx, c
 // (code_pairs_avx512.h: two keys per register).
 template <Fmt F, class W>
 struct RowLoops {
-  static void qk(const float* qp, const uint8_t* K, int64_t rb, int n, float* S, float add) {
-    qk_code_layout_r1<F, W>(qp, K, rb, n, S, add);
+  static void qk(const float* qp, const uint8_t* K, int64_t rb, int n, float* S, float add, int64_t pfo) {
+    qk_code_layout_r1<F, W>(qp, K, rb, n, S, add, pfo);
   }
   template <int WM>
   static void pv(const float* pw, int ngr, const typename W::GI* gidx, const uint8_t* V, int64_t rb, int n,
-                 float* Op) {
-    pv_code_layout_r1<F, W, WM>(pw, ngr, gidx, V, rb, n, Op);
+                 float* Op, int64_t pfo) {
+    pv_code_layout_r1<F, W, WM>(pw, ngr, gidx, V, rb, n, Op, pfo);
   }
 };
 

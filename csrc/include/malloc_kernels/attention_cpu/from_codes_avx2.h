@@ -12,12 +12,67 @@
 #include "malloc_kernels/attention_cpu/code_layout_avx2.h"
 #include "malloc_kernels/attention_cpu/lanes_avx2.h"
 #include "malloc_kernels/attention_cpu/bias_rows.h"
+#include "malloc_kernels/attention_cpu/row_tiles.h"
 #include "malloc_kernels/attention_cpu/scratch.h"
 #include "malloc_kernels/attention_cpu/tiles_avx2.h"
 
 namespace malloc_kernels {
 namespace cpu {
 namespace MK_IMPL_NS {
+
+// The per-block vector steps of the decode (the softmax over a block's scores, the value weights): the widest
+// vectors of the build, 16 lanes with AVX-512 (half the instructions of 8), 8 with AVX2.
+#ifdef MK_ISA_AVX512
+struct BlockLanes {
+  using T = __m512;
+  using I = __m512i;
+  static constexpr int W = 16;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, T x) { _mm512_storeu_ps(p, x); }
+  static T set1(float x) { return _mm512_set1_ps(x); }
+  static T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T exp(T x) { return exp512(x); }
+  // lanes that are NaN or +inf: not (s < +inf), unordered compares true (scalar.h's rule)
+  static unsigned nonfinite(T s) { return _mm512_cmp_ps_mask(s, _mm512_set1_ps(POS_INF), _CMP_NLT_UQ); }
+  static float hmax(T x) { return _mm512_reduce_max_ps(x); }
+  static float hsum(T x) { return _mm512_reduce_add_ps(x); }
+  static T halves(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static I index(const int32_t* i) { return _mm512_loadu_si512(i); }
+  static T permute(T x, I i) { return _mm512_permutexvar_ps(i, x); }
+  // lanes l and l + 8 added: 8 lanes
+  static __m256 fold8(T x) { return _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1)); }
+};
+#else
+struct BlockLanes {
+  using T = __m256;
+  using I = __m256i;
+  static constexpr int W = 8;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, T x) { _mm256_storeu_ps(p, x); }
+  static T set1(float x) { return _mm256_set1_ps(x); }
+  static T max(T a, T b) { return _mm256_max_ps(a, b); }
+  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T exp(T x) { return exp256(x); }
+  static unsigned nonfinite(T s) {
+    return unsigned(_mm256_movemask_ps(_mm256_cmp_ps(s, _mm256_set1_ps(POS_INF), _CMP_NLT_UQ)));
+  }
+  static float hmax(T x) { return simd_avx2::hmax(x); }
+  static float hsum(T x) { return simd_avx2::hsum(x); }
+  static T halves(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static I index(const int32_t* i) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(i)); }
+  static T permute(T x, I i) { return _mm256_permutevar8x32_ps(x, i); }
+  static __m256 fold8(T x) { return x; }
+};
+#endif
 
 class CacheFromCodes {
  public:
@@ -67,9 +122,15 @@ class CacheFromCodes {
 
   // Keys [j0, j0 + n) of the code-layout path: S[r][0..n) = scores (kch: per-channel scales already folded into
   // the rows' queries for each key group; token-axis keys: scale/zero applied here), rows of stride DKB.
+  // pfo: byte offset of the next block's rows (prefetched by the loops, code_layout_avx2.h).
   template <Fmt F, class W>
-  void decode_scores(Scratch& sc, int64_t bh, int R, int64_t j0, int n, const uint8_t* kb0, int64_t rb) const {
+  void decode_scores(Scratch& sc, int64_t bh, int R, int64_t j0, int n, const uint8_t* kb0, int64_t rb,
+                     int64_t pfo) const {
     constexpr int L = W::L, D = 8 * L;
+    if (p_.query_precision == QueryPrecision::Int8) {  // the opt-in approximate scores (int8_query.h)
+      int8_query_block_scores(p_, sc.Q.data(), Dp_, R, bh, j0, n, kb0, rb, sc.Sd.data(), DKB);
+      return;
+    }
     const Segment& sg = p_.cache;
     const int gs = sg.group_size;
     float* S = sc.Sd.data();
@@ -107,22 +168,23 @@ class CacheFromCodes {
         }
         const uint8_t* k = kb0 + s0 * rb;
         if (R == 1) {
-          RowLoops<F, W>::qk(sc.qp.data(), k, rb, ns, S + s0, sc.zb[0]);
+          RowLoops<F, W>::qk(sc.qp.data(), k, rb, ns, S + s0, sc.zb[0], pfo);
         } else {
           for (int r0 = 0; r0 < R; r0 += 4)
             qk_code_quad<F, W>(std::min(4, R - r0), sc.qp.data() + r0 * D, sc.zb.data() + r0, k, rb, ns,
-                            S + r0 * DKB + s0, DKB);
+                               S + r0 * DKB + s0, DKB, r0 == 0 ? pfo : 0);
         }
       }
       return;
     }
     // token-axis keys, one group per row: s_j * <q, code_j> + z_j * sum(q)
     if (R == 1) {
-      RowLoops<F, W>::qk(sc.qperm.data(), kb0, rb, n, S, 0.f);
+      RowLoops<F, W>::qk(sc.qperm.data(), kb0, rb, n, S, 0.f, pfo);
     } else {
       const float zero4[4] = {0.f, 0.f, 0.f, 0.f};
       for (int r0 = 0; r0 < R; r0 += 4)
-        qk_code_quad<F, W>(std::min(4, R - r0), sc.qperm.data() + r0 * D, zero4, kb0, rb, n, S + r0 * DKB, DKB);
+        qk_code_quad<F, W>(std::min(4, R - r0), sc.qperm.data() + r0 * D, zero4, kb0, rb, n, S + r0 * DKB, DKB,
+                           r0 == 0 ? pfo : 0);
     }
     float* ksf = sc.ksf.data();
     float* kzf = sc.kzf.data();
@@ -187,12 +249,14 @@ class CacheFromCodes {
       for (int c = 0; c < L; ++c) gi[c] = code_elem<F, L>(c, F == Fmt::INT8 ? 4 * H : 0) / gs;
       gidx[H] = W::make_gi(gi);
     }
-    // p index of lane i of the k-th vector of (key, group) pairs: pairs 8k..8k+7 within the 8-key chunk k / vng
-    __m256i pidx[8];
+    // p index of lane i of the k-th vector of (key, group) pairs: pairs BW k .. BW k + BW - 1 of a chunk of BW keys
+    using BL = BlockLanes;
+    constexpr int BW = BL::W;
+    typename BL::I pidx[8];
     for (int k = 0; k < vng; ++k) {
-      alignas(32) int32_t pi[8];
-      for (int i = 0; i < 8; ++i) pi[i] = (8 * k + i) / vng;
-      pidx[k] = _mm256_load_si256(reinterpret_cast<const __m256i*>(pi));
+      int32_t pi[BW];
+      for (int i = 0; i < BW; ++i) pi[i] = (BW * k + i) / vng;
+      pidx[k] = BL::index(pi);
     }
     const int pwld = DKB * 8 + 8;
     float* S = sc.Sd.data();
@@ -202,8 +266,21 @@ class CacheFromCodes {
     const int bk = !sg.k_channel ? KB : R == 1 ? DKB : DKB / 2;
     for (int64_t j0 = 0; j0 < len; j0 += bk) {
       const int n = int(std::min<int64_t>(bk, len - j0));
-      const int n8 = (n + 7) / 8 * 8;
-      decode_scores<F, W>(sc, bh, R, j0, n, kbase + j0 * rb, rb);
+      const int nW = (n + BW - 1) / BW * BW;  // <= bk: whole vectors of the block's scores
+      // the next block's rows and scales are prefetched while this one is computed (prefetch_span)
+      const int64_t nxt = j0 + bk < len ? j0 + bk : j0, pfo = (nxt - j0) * rb;
+      const int nn = int(std::min<int64_t>(bk, len - nxt));
+      if (sg.k_channel) {
+        const int64_t nkg = (sg.capacity + gs - 1) / gs, g0 = nxt / gs, g1 = (nxt + nn - 1) / gs;
+        prefetch_span(sg.k_scale + (bh * nkg + g0) * D, (g1 - g0 + 1) * D * 2);
+        if (sg.k_zero) prefetch_span(sg.k_zero + (bh * nkg + g0) * D, (g1 - g0 + 1) * D * 2);
+      } else {
+        prefetch_span(sg.k_scale + bh * sg.capacity + nxt, nn * 2);
+        if (sg.k_zero) prefetch_span(sg.k_zero + bh * sg.capacity + nxt, nn * 2);
+      }
+      prefetch_span(sg.v_scale + (bh * sg.capacity + nxt) * vng, nn * vng * 2);
+      if (sg.v_zero) prefetch_span(sg.v_zero + (bh * sg.capacity + nxt) * vng, nn * vng * 2);
+      decode_scores<F, W>(sc, bh, R, j0, n, kbase + j0 * rb, rb, pfo);
       if (p_.pos_bias || p_.time_bias) {
         int64_t kp[DKB], kt[DKB];
         for (int j = 0; j < n; ++j) {
@@ -215,9 +292,9 @@ class CacheFromCodes {
       // hstu: SiLU weights s / (1 + e^{-s}) (no counts on this path; entries past n are 0, so their weights are 0)
       for (int r = 0; r < R && !softmax; ++r) {
         float* s = S + r * DKB;
-        for (int j = n; j < n8; ++j) s[j] = 0.f;
+        for (int j = n; j < nW; ++j) s[j] = 0.f;
         const __m256 one = _mm256_set1_ps(1.f);
-        for (int j = 0; j < n8; j += 8) {
+        for (int j = 0; j < nW; j += 8) {
           const __m256 x = _mm256_loadu_ps(s + j);
           _mm256_storeu_ps(s + j, _mm256_div_ps(x, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x)))));
         }
@@ -225,19 +302,24 @@ class CacheFromCodes {
       // softmax: online, vectorised over the block (entries past n are -inf, so their weights are exactly 0)
       for (int r = 0; r < R && softmax; ++r) {
         float* s = S + r * DKB;
-        for (int j = n; j < n8; ++j) s[j] = NEG_INF;
-        __m256 mx = _mm256_loadu_ps(s);
-        // NaN / +inf scores (padding lanes are -inf): not (s < +inf), unordered compares true (scalar.h's rule)
-        __m256 nf = _mm256_cmp_ps(mx, _mm256_set1_ps(POS_INF), _CMP_NLT_UQ);
-        for (int j = 8; j < n8; j += 8) {
-          const __m256 sj = _mm256_loadu_ps(s + j);
-          nf = _mm256_or_ps(nf, _mm256_cmp_ps(sj, _mm256_set1_ps(POS_INF), _CMP_NLT_UQ));
-          mx = _mm256_max_ps(mx, sj);
+        for (int j = n; j < nW; ++j) s[j] = NEG_INF;
+        typename BL::T mx = BL::load(s);
+        unsigned nf = BL::nonfinite(mx);  // NaN / +inf scores (padding lanes are -inf)
+        for (int j = BW; j < nW; j += BW) {
+          const typename BL::T sj = BL::load(s + j);
+          nf |= BL::nonfinite(sj);
+          mx = BL::max(mx, sj);
         }
-        sc.bad[r] |= _mm256_movemask_ps(nf) != 0;
-        const float mnew = std::max(sc.m[r], hmax(mx));
-        if (mnew == NEG_INF) { std::fill(s, s + n8, 0.f); continue; }
-        const __m256 sum = exp_shift_inplace(s, n8, mnew);
+        sc.bad[r] |= nf != 0;
+        const float mnew = std::max(sc.m[r], BL::hmax(mx));
+        if (mnew == NEG_INF) { std::fill(s, s + nW, 0.f); continue; }
+        const typename BL::T mv = BL::set1(mnew);
+        typename BL::T sum = BL::zero();
+        for (int j = 0; j < nW; j += BW) {
+          const typename BL::T e = BL::exp(BL::sub(BL::load(s + j), mv));
+          BL::store(s + j, e);
+          sum = BL::add(sum, e);
+        }
         if (sc.m[r] != mnew) {
           const float alpha = sc.m[r] == NEG_INF ? 0.f : std::exp(sc.m[r] - mnew);
           const __m256 av = _mm256_set1_ps(alpha);
@@ -247,16 +329,16 @@ class CacheFromCodes {
           sc.l[r] *= alpha;
           sc.m[r] = mnew;
         }
-        sc.l[r] += hsum(sum);
+        sc.l[r] += BL::hsum(sum);
       }
       // values: weights p_j * s_jg (value scale folded into the weight), zero points summed per group. Whole
-      // 8-key chunks convert their fp16 scales/zeros straight from the cache; a partial last chunk goes through
-      // zero-padded copies (keys past n have p = 0), so nothing past the segment is read.
+      // chunks of BW keys convert their fp16 scales/zeros straight from the cache; a partial last chunk goes
+      // through zero-padded copies (keys past n have p = 0), so nothing past the segment is read.
       const uint16_t* vs16 = sg.v_scale + (bh * sg.capacity + j0) * vng;
       const uint16_t* vz16 = sg.v_zero ? sg.v_zero + (bh * sg.capacity + j0) * vng : nullptr;
-      const int nfull = n / 8;
-      if (nfull * 8 < n) {
-        const int p0 = nfull * 8 * vng, np = n * vng, npe = n8 * vng;
+      const int nfull = n / BW;
+      if (nfull * BW < n) {
+        const int p0 = nfull * BW * vng, np = n * vng, npe = nW * vng;
         halves_to_floats(vs16 + p0, np - p0, vsf);
         std::fill(vsf + np - p0, vsf + npe - p0, 0.f);
         if (vz16) halves_to_floats(vz16 + p0, np - p0, vzf);
@@ -266,36 +348,36 @@ class CacheFromCodes {
       for (int r = 0; r < R; ++r) {
         const float* pr = S + r * DKB;
         float* pw = sc.pwr.data() + int64_t(r) * pwld;
-        __m256 za = _mm256_loadu_ps(Zv + r * 8);
-        for (int kc = 0; kc < n8 / 8; ++kc) {
-          const __m256 p8 = _mm256_loadu_ps(pr + 8 * kc);
+        // lane i of every vector below belongs to value group i % vng (vng divides 8)
+        typename BL::T za = BL::zero();
+        for (int kc = 0; kc < nW / BW; ++kc) {
+          const typename BL::T pc = BL::load(pr + BW * kc);
           const bool full = kc < nfull;
           for (int i = 0; i < vng; ++i) {
             const int k = kc * vng + i;
-            const __m256 pk = vng == 1 ? p8 : _mm256_permutevar8x32_ps(p8, pidx[i]);
-            __m256 sv, zv;
+            const typename BL::T pk = vng == 1 ? pc : BL::permute(pc, pidx[i]);
+            typename BL::T sv, zv;
             if (full) {
-              sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vs16 + 8 * k)));
-              zv = vz16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vz16 + 8 * k)))
-                        : _mm256_setzero_ps();
+              sv = BL::halves(vs16 + BW * k);
+              zv = vz16 ? BL::halves(vz16 + BW * k) : BL::zero();
             } else {
-              sv = _mm256_loadu_ps(vsf + 8 * i);
-              zv = _mm256_loadu_ps(vzf + 8 * i);
+              sv = BL::load(vsf + BW * i);
+              zv = BL::load(vzf + BW * i);
             }
-            _mm256_storeu_ps(pw + 8 * k, _mm256_mul_ps(pk, sv));
-            za = _mm256_fmadd_ps(pk, zv, za);
+            BL::store(pw + BW * k, BL::mul(pk, sv));
+            za = BL::fma(pk, zv, za);
           }
         }
-        _mm256_storeu_ps(Zv + r * 8, za);
+        _mm256_storeu_ps(Zv + r * 8, _mm256_add_ps(_mm256_loadu_ps(Zv + r * 8), BL::fold8(za)));
       }
       const uint8_t* vb0 = vbase + j0 * rb;
       if (R == 1) {
-        RowLoops<F, W>::template pv<WM>(sc.pwr.data(), vng, gidx, vb0, rb, n, Op);
+        RowLoops<F, W>::template pv<WM>(sc.pwr.data(), vng, gidx, vb0, rb, n, Op, pfo);
       } else {
         // value tiles of KB keys (expanded once, shared by all rows) so that tile + weights stay in L1
         for (int v0 = 0; v0 < n; v0 += KB) {
           const int nv = std::min(KB, n - v0);
-          expand_code_layout<F, W>(vb0 + v0 * rb, rb, nv, sc.dV.data());
+          expand_code_layout<F, W>(vb0 + v0 * rb, rb, nv, sc.dV.data(), pfo);
           const float* pw0 = sc.pwr.data() + v0 * vng;
           int r = 0;
           for (; r + 2 <= R; r += 2)

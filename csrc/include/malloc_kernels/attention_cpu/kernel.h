@@ -43,11 +43,14 @@ class Kernel {
     G_ = p.Hq / p.Hkv;
     if (p.time_bias) tb_.init(p.time_thresholds, p.T);
     has_bias_ = p.pos_bias || p.time_bias;
+    // opt-in approximate scores of the cache's int8/int4/int2 keys (int8_query.h); the glue allows it only for those
+    int8q_ = p.query_precision == QueryPrecision::Int8 && p.has_cache &&
+             (p.cache.k_fmt == Fmt::INT8 || p.cache.k_fmt == Fmt::INT4 || p.cache.k_fmt == Fmt::INT2);
   }
 
   const AttnParams& p_;
   int D_, Dp_, G_;
-  bool has_bias_;
+  bool has_bias_, int8q_;
   bias::TimeBucketer tb_;
   CacheFromCodes from_codes_;
 
@@ -98,7 +101,11 @@ class Kernel {
       const uint8_t* row0 = static_cast<const uint8_t*>(sg.k) + (bh * sg.capacity + j0) * rb;
       const bool quant = sg.k_fmt == Fmt::INT8 || sg.k_fmt == Fmt::INT4 || sg.k_fmt == Fmt::INT2 ||
                          sg.k_fmt == Fmt::FP8;
-      if (sg.k_fmt == Fmt::NVFP4) {
+      if (int8q_ && seg == SEG_CACHE) {
+        // the opt-in approximate scores of the cache's int8/int4/int2 keys (int8_query.h)
+        int8_query_block_scores(p_, sc.Q.data(), Dp_, R, bh, j0, n, row0, rb, sc.S.data(), KB);
+        fused = true;
+      } else if (sg.k_fmt == Fmt::NVFP4) {
         nvfp4::decode_rows(row0, rb, n, D_, Dp_, sc.Kt.data(), sg.k_scale8 + (bh * sg.capacity + j0) * nvfp4::groups(D_),
                            nvfp4::groups(D_));
         K = sc.Kt.data(); ldk = Dp_;
@@ -415,7 +422,8 @@ class Kernel {
     const bool softmax = p_.kind == Kind::Softmax;
     float cnt[KB];
     // many rows: the stored segments through the register-tiled path, only the request segment below
-    const int seg0 = run_tiled(sc, b, h, R) ? SEG_REQ : SEG_CACHE;
+    // (the int8-query mode's scores live in scores() and the from-codes path, not in the register tiles)
+    const int seg0 = !int8q_ && run_tiled(sc, b, h, R) ? SEG_REQ : SEG_CACHE;
     for (int seg = seg0; seg < 3; ++seg) {
       if (seg == SEG_CACHE && from_codes_.run(sc, b, h, R)) continue;
       const int64_t len = seg_len(seg, b, h);
