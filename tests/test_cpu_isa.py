@@ -1,10 +1,11 @@
 """Per-call ISA variants of the C++ CPU kernels (csrc/include/malloc_kernels/isa.h): MALLOC_KERNELS_ISA
-(auto | portable | avx2 | avx512) is read at every call, ``torch.ops.malloc_kernels.cpu_isa_supported()`` lists the
+(auto | portable | avx2 | avx512 | neon) is read at every call, ``torch.ops.malloc_kernels.cpu_isa_supported()`` lists the
 variants this CPU runs, and EVERY supported variant of every family (attention over every cache format and head dim,
 training attention forward/backward, cross-entropy rows, product-key top-k and gather) is checked against the float64
 reference here. Variants this CPU cannot run are reported as skipped, by name."""
 import itertools
 import os
+import platform
 
 import pytest
 import torch
@@ -89,6 +90,20 @@ def test_bad_or_unsupported_request_names_the_variable(monkeypatch):
     monkeypatch.delenv("MALLOC_KERNELS_ISA")
     with pytest.raises(ValueError, match="unknown family"):
         torch.ops.malloc_kernels.cpu_isa_variant("gpu")
+
+
+@pytest.mark.skipif(platform.machine() in ("aarch64", "arm64"), reason="neon is this machine's own variant")
+def test_neon_is_refused_off_aarch64_by_name(monkeypatch):
+    """The aarch64 variant is never listed, and a request for it fails naming the variable and the architecture
+    (never a silent fallback to another variant)."""
+    assert "neon" not in _supported()
+    q = torch.randn(1, 2, 3, 8)
+    monkeypatch.setenv("MALLOC_KERNELS_ISA", "neon")
+    for call in (lambda: mk.attention(q, q, q, backend="cpu"),
+                 lambda: torch.ops.malloc_kernels.cpu_isa_variant("attention")):
+        with pytest.raises(ValueError, match="MALLOC_KERNELS_ISA=neon: this CPU cannot run that variant .neon is the "
+                                             "aarch64 variant"):
+            call()
 
 
 # ---- attention: every format x kind x head dim, decode (Lq 1, 2) and append (Lq 8, 17) shapes -------------------

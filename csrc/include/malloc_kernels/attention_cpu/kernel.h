@@ -309,7 +309,7 @@ class Kernel {
   // group per row, token-axis value groups the layout can address, no counts, no bias. Must run first in a chunk
   // (it starts from m = -inf, l = 0, O = 0, which is the state before the cache segment).
 
-#ifdef MK_ISA_AVX2
+#if defined(MK_ISA_AVX2) || defined(MK_ISA_NEON)
   // The K tile of keys [j0, j0 + n) of a stored segment as fp32 rows: a pointer into the cache for fp32 rows of
   // the padded width, else decoded into sc.Kt with every scale and zero point applied (per-channel keys: x = code *
   // s_d + z_d of the key's token group, the block never straddling a group).
@@ -362,7 +362,8 @@ class Kernel {
     for (int kv = 0; kv < 2; ++kv) {
       const int64_t rb = row_bytes(kv ? sg.v_fmt : sg.k_fmt, D_);
       const char* p = static_cast<const char*>(kv ? sg.v : sg.k) + (bh * sg.capacity + j0) * rb;
-      for (int64_t o = 0; o < n * rb; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+      // __builtin_prefetch: prefetcht0 on x86, PRFM PLDL1KEEP on aarch64 (this path also builds for NEON)
+      for (int64_t o = 0; o < n * rb; o += 64) __builtin_prefetch(p + o, 0, 3);
     }
   }
 
@@ -374,7 +375,7 @@ class Kernel {
 #ifdef MK_ISA_AVX512
     if (R > VecY::W) { tiled_dims<VecZ>(sc, b, h, R); return true; }
 #endif
-    tiled_dims<VecY>(sc, b, h, R);
+    tiled_dims<RowVec>(sc, b, h, R);
     return true;
   }
 

@@ -12,17 +12,21 @@
 // The register block is J x RV (or DB x RV) accumulators, so each broadcast element feeds RV FMAs and each loaded
 // row vector J (DB) FMAs: the loops are FMA-bound, not load-bound. The online softmax (FlashAttention-2, arXiv
 // 2307.08691) is vertical in this layout: the running max / sum of W rows are one vector each, no horizontal
-// reductions anywhere. One templated body serves AVX2 (VecY: 8 lanes, 16 registers) and AVX-512 (VecZ: 16 lanes,
-// 32 registers); the traits carry the register-block sizes.
+// reductions anywhere. One templated body serves AVX2 (VecY: 8 lanes, 16 registers), AVX-512 (VecZ: 16 lanes,
+// 32 registers) and NEON (VecN in tiles_neon.h: 4 lanes, 32 registers); the traits carry the register-block sizes.
+// RowVec is the build's trait for every chunk (the AVX-512 build takes VecZ for chunks of more than 8 rows).
 #pragma once
 
-#include <immintrin.h>
 #include <limits>
 
 #include <cstdint>
 
 #include "malloc_kernels/attention_cpu/scalar.h"
+#ifdef MK_ISA_AVX2
+#include <immintrin.h>
+
 #include "malloc_kernels/simd_avx2.h"
+#endif
 
 namespace malloc_kernels {
 namespace cpu {
@@ -31,6 +35,7 @@ namespace MK_IMPL_NS {
 // Chunks with at least this many rows (query heads x queries) take the register-tiled path.
 constexpr int kTileRows = 8;
 
+#ifdef MK_ISA_AVX2
 // 8 rows per vector (AVX2, and the AVX-512 build's short chunks).
 struct VecY {
   using T = __m256;
@@ -59,6 +64,8 @@ struct VecY {
   }
   static unsigned neq(T a, T b) { return unsigned(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_NEQ_UQ))); }
 };
+using RowVec = VecY;
+#endif
 
 #ifdef MK_ISA_AVX512
 // exp(x) with 16 lanes: exp256's range reduction, polynomial and constants (simd_avx2::ExpConsts); inputs below
@@ -172,7 +179,7 @@ struct RowTiles {
       for (int v = 0; v < RV; ++v) V::store(Ot + int64_t(d) * ldo + v * W, acc[d][v]);
   }
 
-  // pv_block over the D dims (a multiple of 8): blocks of DB, the rest in halving blocks.
+  // pv_block over the D dims (a multiple of 4, the smallest kLanes): blocks of DB, the rest in halving blocks.
   template <int DB, int RV>
   static void pv_dims(const float* Vv, int64_t ldv, int n, int D, const float* Pt, int ldp, float* Ot, int ldo) {
     int d = 0;
