@@ -19,6 +19,7 @@ examples (and ``.ci/run`` runs the coverage-guided atheris fuzzer for a fixed ti
 a named regression test.
 """
 import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,22 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))
 DATA_DIR = Path(os.environ.get("MALLOC_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 ALLOW_NO_EXT = os.environ.get("MALLOC_KERNELS_ALLOW_NO_EXT") == "1"
 
-# Every CPU ISA variant the C++ kernels may be built with, in dispatch order ("auto" picks the last one supported).
-CPU_ISA_VARIANTS = ("portable", "avx2", "avx512")
+# Every CPU ISA variant the C++ kernels may be built with, in dispatch order ("auto" picks the last one supported):
+# x86 builds have portable, avx2, avx512; aarch64 builds portable, neon.
+CPU_ISA_VARIANTS = ("portable", "avx2", "avx512", "neon")
+
+
+def _why_not_run(variant):
+    """Why this machine cannot run ``variant`` (a variant of the other architecture says so)."""
+    arm = platform.machine() in ("aarch64", "arm64")
+    if variant == "neon" and not arm:
+        return ("an aarch64 variant, this is not an aarch64 machine (.ci/run runs its kernels in the cross-compiled "
+                "ctest under qemu-aarch64)")
+    if variant in ("avx2", "avx512") and arm:
+        return "an x86 variant, this is an aarch64 machine"
+    return "this CPU cannot run it"
+
+
 # Used when the extension has no per-call ISA selection: the build's own run-time choice, one variant.
 BUILD_DISPATCH = "build"
 
@@ -61,7 +76,7 @@ def cpu_isa_plan():
     unknown = [v for v in supported if v not in CPU_ISA_VARIANTS]
     if unknown:
         raise RuntimeError(f"cpu_isa_supported() names variants the tests do not know: {unknown}")
-    return supported, {v: "this CPU cannot run it" for v in CPU_ISA_VARIANTS if v not in supported}
+    return supported, {v: _why_not_run(v) for v in CPU_ISA_VARIANTS if v not in supported}
 
 
 _ISA_PLAN = None

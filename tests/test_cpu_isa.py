@@ -1,9 +1,11 @@
 """Per-call ISA variants of the C++ CPU kernels (csrc/include/malloc_kernels/isa.h): MALLOC_KERNELS_ISA
-(auto | portable | avx2 | avx512) is read at every call, ``torch.ops.malloc_kernels.cpu_isa_supported()`` lists the
+(auto | portable | avx2 | avx512 | neon) is read at every call, ``torch.ops.malloc_kernels.cpu_isa_supported()`` lists the
 variants this CPU runs, and EVERY supported variant of every family (attention over every cache format and head dim,
 training attention forward/backward, cross-entropy rows, product-key top-k and gather) is checked against the float64
 reference here. Variants this CPU cannot run are reported as skipped, by name."""
+import itertools
 import os
+import platform
 
 import pytest
 import torch
@@ -90,6 +92,20 @@ def test_bad_or_unsupported_request_names_the_variable(monkeypatch):
         torch.ops.malloc_kernels.cpu_isa_variant("gpu")
 
 
+@pytest.mark.skipif(platform.machine() in ("aarch64", "arm64"), reason="neon is this machine's own variant")
+def test_neon_is_refused_off_aarch64_by_name(monkeypatch):
+    """The aarch64 variant is never listed, and a request for it fails naming the variable and the architecture
+    (never a silent fallback to another variant)."""
+    assert "neon" not in _supported()
+    q = torch.randn(1, 2, 3, 8)
+    monkeypatch.setenv("MALLOC_KERNELS_ISA", "neon")
+    for call in (lambda: mk.attention(q, q, q, backend="cpu"),
+                 lambda: torch.ops.malloc_kernels.cpu_isa_variant("attention")):
+        with pytest.raises(ValueError, match="MALLOC_KERNELS_ISA=neon: this CPU cannot run that variant .neon is the "
+                                             "aarch64 variant"):
+            call()
+
+
 # ---- attention: every format x kind x head dim, decode (Lq 1, 2) and append (Lq 8, 17) shapes -------------------
 
 def _to64(cache):
@@ -121,6 +137,34 @@ def test_attention_every_variant_format_head_dim(isa, D, fmt):
             want = ref_attention(q.double(), k.double(), v.double(), cache=_to64(cache), is_causal=True, kind=kind)
             torch.testing.assert_close(got.double(), want.double(), atol=3e-5, rtol=3e-5,
                                        msg=f"{isa} D={D} {fmt} Lq={Lq} {kind}")
+
+
+@pytest.mark.parametrize("isa", VARIANTS, indirect=True)
+@pytest.mark.parametrize("D", [32, 64, 128, 24])
+def test_attention_row_tiles_every_variant(isa, D):
+    """The register-tiled many-row path (>= 8 rows per kv head): 8 rows (Hq = Hkv, Lq = 8: the 8-lane tile even on
+    AVX-512), 16 / 24 / 40 rows with GQA; channel- and token-axis keys with group sizes 16, 32 and the whole row;
+    cache lengths 0 / 1 / 17 / 97 (odd blocks, an empty row); against the float64 reference."""
+    g = torch.Generator().manual_seed(100 + D)
+    B, N = 4, 97
+    lengths = torch.tensor([97, 17, 0, 1])
+    formats = [("int8", {}), ("int4", {}), ("int2", {}), ("int4", dict(k_axis="token")),
+               ("int2", dict(k_axis="token", group_size=D)), ("none", {})]
+    if D % 16 == 0:
+        formats += [("int4", dict(group_size=16)), ("int2", dict(k_axis="token", group_size=16)),
+                    ("int8", dict(group_size=16))]
+    for Hkv, calls in ((2, ((2, 8, "hstu"), (2, 8, "softmax"), (4, 8, "softmax"))), (1, ((4, 10, "hstu"),))):
+        hk, hv = torch.randn(B, Hkv, N, D, generator=g), torch.randn(B, Hkv, N, D, generator=g)
+        for (fmt, kw), (Hq, Lq, kind) in itertools.product(formats, calls):
+            if (Hq, Lq, kind) == calls[0]:
+                cache = mk.compress(hk, hv, fmt, lengths=lengths, **kw)
+            q = torch.randn(B, Hq, Lq, D, generator=g)
+            k, v = torch.randn(B, Hkv, Lq, D, generator=g), torch.randn(B, Hkv, Lq, D, generator=g)
+            got = mk.attention(q, k, v, cache=cache, backend="cpu", is_causal=True, kind=kind, enable_gqa=Hq != Hkv)
+            want = ref_attention(q.double(), k.double(), v.double(), cache=_to64(cache), is_causal=True, kind=kind,
+                                 enable_gqa=Hq != Hkv)
+            torch.testing.assert_close(got.double(), want.double(), atol=3e-5, rtol=3e-5,
+                                       msg=f"{isa} D={D} {fmt} {kw} Hq={Hq} Hkv={Hkv} {kind}")
 
 
 @pytest.mark.parametrize("isa", VARIANTS, indirect=True)

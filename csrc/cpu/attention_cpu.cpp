@@ -16,6 +16,9 @@ void attention_forward(const AttnParams& p, isa::Isa variant) {
     case isa::Isa::Avx512: attention_forward_avx512(p); break;
     case isa::Isa::Avx2: attention_forward_avx2(p); break;
 #endif
+#if MALLOC_KERNELS_AARCH64
+    case isa::Isa::Neon: attention_forward_neon(p); break;
+#endif
     default: attention_forward_portable(p); break;
   }
 }

@@ -4,7 +4,12 @@
 //   float32 and per-token int8 / int4 caches (fp16 scale and zero per row), head dims 32, 64, 128 and 24, a request
 //   of Lq tokens (causal), 2 kv heads under 2 or 4 query heads (one-row decode and GQA), softmax and HSTU (SiLU,
 //   1/n);
-// plus MALLOC_KERNELS_ISA parsing: unknown values and variants this CPU lacks are rejected by name.
+// plus the dispatch: attention_forward(p, v) runs variant v's own kernel (bit-identical to calling it directly, and
+// not bit-identical to the portable kernel, whose sums run in another order: a variant silently falling back to
+// portable fails), and MALLOC_KERNELS_ISA parsing: unknown values and variants this CPU lacks (the other
+// architecture's included) are rejected by name; and the architecture's SIMD exp (exp4 on aarch64, exp256 on x86)
+// against double exp with its edge rules.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -20,6 +25,16 @@
 
 #include "expect.h"
 
+#if MALLOC_KERNELS_AARCH64
+#include "malloc_kernels/simd_neon.h"
+#elif MALLOC_KERNELS_X86
+#include "malloc_kernels/simd_avx2.h"
+// 8 lanes of exp256 (compiled for AVX2 + FMA; called only when the CPU has them).
+__attribute__((target("avx2,fma"))) static void exp256_into(const float* x, float* y) {
+  _mm256_storeu_ps(y, malloc_kernels::simd_avx2::exp256(_mm256_loadu_ps(x)));
+}
+#endif
+
 namespace mk = malloc_kernels;
 using mk::cpu::AttnParams;
 using mk::cpu::Fmt;
@@ -31,9 +46,11 @@ struct Case {
   mk::cpu::Kind kind = mk::cpu::Kind::Softmax;
 };
 
-// Runs one case with variant v; returns the max abs error against the float64 loop relative to max(1, max |ref|)
-// (HSTU outputs are unnormalised sums: their float32 rounding grows with their size).
-static double run_case(const Case& c, mk::isa::Isa v, std::mt19937& rng) {
+// Runs one case with variant v (through attention_forward, or `direct`: one variant's entry point); returns the max
+// abs error against the float64 loop relative to max(1, max |ref|) (HSTU outputs are unnormalised sums: their
+// float32 rounding grows with their size), and the output in *out_copy if given.
+static double run_case(const Case& c, mk::isa::Isa v, std::mt19937& rng, std::vector<float>* out_copy = nullptr,
+                       void (*direct)(const AttnParams&) = nullptr) {
   std::normal_distribution<float> nd;
   const int B = c.B, Hq = c.Hq, Hkv = c.Hkv, D = c.D, C = c.C, Lq = c.Lq, G = Hq / Hkv;
   std::vector<float> q(size_t(B) * Hq * Lq * D), k(size_t(B) * Hkv * Lq * D), v2(k.size());
@@ -91,7 +108,9 @@ static double run_case(const Case& c, mk::isa::Isa v, std::mt19937& rng) {
   }
   p.cache.length = len.data(); p.cache.position = pos.data();
   p.num_threads = 2;
-  mk::cpu::attention_forward(p, v);
+  if (direct) direct(p);
+  else mk::cpu::attention_forward(p, v);
+  if (out_copy) *out_copy = out;
   // float64 loop: keys = cache[0, len) then request [0, i] (causal, top-left aligned)
   double err = 0, big = 1;
   std::vector<double> s;
@@ -132,6 +151,60 @@ static double run_case(const Case& c, mk::isa::Isa v, std::mt19937& rng) {
   return err / big;
 }
 
+// The SIMD exp of this architecture (exp_consts.h's rules) on a sweep: relative error against double exp at most
+// 4 float ulps inside (-87.3, 88.3); exactly 0 below -87.3 and at -inf; +inf above 88.3 and at +inf.
+template <class ExpN>
+static void exp_check(const char* name, int lanes, ExpN expn) {
+  std::vector<float> x;
+  for (float v = -100.f; v <= 100.f; v += 0.0137f) x.push_back(v);
+  for (float v : {0.f, -0.f, 1e-30f, -1e-30f, -87.29f, 88.29f, -87.31f, 88.31f, 1e30f, -1e30f, INFINITY, -INFINITY})
+    x.push_back(v);
+  while (x.size() % size_t(lanes)) x.push_back(0.f);
+  std::vector<float> y(x.size());
+  for (size_t i = 0; i < x.size(); i += size_t(lanes)) expn(&x[i], &y[i]);
+  for (size_t i = 0; i < x.size(); ++i) {
+    bool ok;
+    if (x[i] < -87.3f) ok = y[i] == 0.f;
+    else if (x[i] > 88.3f) ok = std::isinf(y[i]) && y[i] > 0;
+    else ok = std::fabs(double(y[i]) - std::exp(double(x[i]))) <= 4 * 5.96e-8 * std::exp(double(x[i]));
+    EXPECT(ok, "%s(%.9g) = %.9g, exp = %.9g", name, x[i], y[i], std::exp(double(x[i])));
+  }
+}
+
+// Variant v's own entry point (nullptr for portable: the reference point of dispatch_check).
+static void (*entry_point(mk::isa::Isa v))(const AttnParams&) {
+  switch (v) {
+#if MALLOC_KERNELS_X86
+    case mk::isa::Isa::Avx2: return mk::cpu::attention_forward_avx2;
+    case mk::isa::Isa::Avx512: return mk::cpu::attention_forward_avx512;
+#endif
+#if MALLOC_KERNELS_AARCH64
+    case mk::isa::Isa::Neon: return mk::cpu::attention_forward_neon;
+#endif
+    default: return nullptr;
+  }
+}
+
+// attention_forward(p, v) must run v's kernel: the same bits as v's entry point, other bits than portable's (on a
+// decode case, Lq = 1, and an append case, Lq = 9 x 2 heads: the general and the register-tiled paths).
+static void dispatch_check(mk::isa::Isa v) {
+  for (int Lq : {1, 9}) {
+    Case c;
+    c.D = 64; c.C = 97; c.Lq = Lq; c.fmt = Fmt::INT8;
+    std::vector<float> via_dispatch, via_entry, via_portable;
+    std::mt19937 r1(11), r2(11), r3(11);
+    run_case(c, v, r1, &via_dispatch);
+    run_case(c, v, r2, &via_entry, entry_point(v));
+    run_case(c, mk::isa::Isa::Portable, r3, &via_portable);
+    EXPECT(std::memcmp(via_dispatch.data(), via_entry.data(), via_entry.size() * 4) == 0,
+           "attention_forward(%s) Lq=%d differs from attention_forward_%s", mk::isa::name(v), Lq, mk::isa::name(v));
+    EXPECT(std::memcmp(via_dispatch.data(), via_portable.data(), via_portable.size() * 4) != 0,
+           "attention_forward(%s) Lq=%d is bit-identical to portable: did it fall back?", mk::isa::name(v), Lq);
+  }
+  EXPECT(mk::isa::isa_for_family(v, mk::isa::Family::Attention) == v, "attention family caps %s",
+         mk::isa::name(v));
+}
+
 int main() {
   std::mt19937 rng(7);
   std::vector<mk::isa::Isa> variants;
@@ -154,6 +227,15 @@ int main() {
             EXPECT(err < 1e-5, "%s fmt=%d D=%d kind=%d Lq=%d Hq=%d: max error %g", mk::isa::name(v), int(f), D,
                    int(kind), Lq, Hq, err);
           }
+  for (auto v : variants)
+    if (v != mk::isa::Isa::Portable) dispatch_check(v);
+#if MALLOC_KERNELS_AARCH64
+  exp_check("simd_neon::exp4", 4,
+            [](const float* x, float* y) { vst1q_f32(y, mk::simd_neon::exp4(vld1q_f32(x))); });
+#elif MALLOC_KERNELS_X86
+  if (mk::isa::cpu_supports(mk::isa::Isa::Avx2))
+    exp_check("simd_avx2::exp256", 8, [](const float* x, float* y) { exp256_into(x, y); });
+#endif
   // MALLOC_KERNELS_ISA values
   bool threw = false;
   try { mk::isa::parse("sse9"); } catch (const std::invalid_argument& e) {
@@ -161,15 +243,31 @@ int main() {
   }
   EXPECT(threw, "unknown MALLOC_KERNELS_ISA value accepted");
   EXPECT(mk::isa::parse(nullptr) == mk::isa::Isa::Auto && mk::isa::parse("auto") == mk::isa::Isa::Auto, "auto");
-  for (const char* n : {"avx2", "avx512"}) {
-    const mk::isa::Isa v = n[3] == '2' ? mk::isa::Isa::Avx2 : mk::isa::Isa::Avx512;
+  for (mk::isa::Isa v : {mk::isa::Isa::Avx2, mk::isa::Isa::Avx512, mk::isa::Isa::Neon}) {
     if (mk::isa::cpu_supports(v)) continue;
-    threw = false;
-    try { mk::isa::parse(n); } catch (const std::invalid_argument&) { threw = true; }
-    EXPECT(threw, "unsupported variant %s accepted", n);
+    std::string msg;
+    try { mk::isa::parse(mk::isa::name(v)); } catch (const std::invalid_argument& e) { msg = e.what(); }
+    EXPECT(msg.find(std::string("MALLOC_KERNELS_ISA=") + mk::isa::name(v)) != std::string::npos &&
+           msg.find("cannot run") != std::string::npos, "unsupported variant %s accepted", mk::isa::name(v));
+    const bool other_arch = (v == mk::isa::Isa::Neon) != bool(MALLOC_KERNELS_AARCH64);
+    if (other_arch && (MALLOC_KERNELS_X86 || MALLOC_KERNELS_AARCH64))
+      EXPECT(msg.find(v == mk::isa::Isa::Neon ? "aarch64 variant" : "x86 variant") != std::string::npos,
+             "%s on the other architecture: message does not say so: %s", mk::isa::name(v), msg.c_str());
   }
-#if !MALLOC_KERNELS_X86
-  EXPECT(mk::isa::supported_names().size() == 1, "non-x86 build lists more than the portable variant");
+  // the variants each architecture runs, and what auto picks for the attention family
+  const std::vector<std::string> names = mk::isa::supported_names();
+  const mk::isa::Isa best_attention = mk::isa::isa_for_family(mk::isa::Isa::Auto, mk::isa::Family::Attention);
+#if MALLOC_KERNELS_AARCH64
+  EXPECT((names == std::vector<std::string>{"portable", "neon"}), "aarch64 build: variants are not portable, neon");
+  EXPECT(best_attention == mk::isa::Isa::Neon, "aarch64: auto runs %s for attention", mk::isa::name(best_attention));
+  EXPECT(mk::isa::isa_for_family(mk::isa::Isa::Neon, mk::isa::Family::Wkv) == mk::isa::Isa::Portable,
+         "aarch64: a family without a neon build must run portable");
+#elif MALLOC_KERNELS_X86
+  EXPECT(names.front() == "portable" && std::find(names.begin(), names.end(), "neon") == names.end(),
+         "x86 build lists neon");
+  EXPECT(best_attention == mk::isa::best_supported(), "x86: auto runs %s for attention", mk::isa::name(best_attention));
+#else
+  EXPECT(names.size() == 1, "a build that is neither x86 nor aarch64 lists more than the portable variant");
 #endif
   std::printf("%d attention cases, %d failures\n", cases, expect_failures);
   return expect_failures ? 1 : 0;

@@ -2,7 +2,9 @@
 // buffers, so a build with -fsanitize=address,undefined (.ci/run) catches any read or write past a tensor, and the
 // non-finite rule (NaN / +inf visible score or non-finite result -> whole row NaN; empty rows zero).
 //
-// Every case runs the portable variant and every other ISA variant this CPU runs (isa.h); all must agree.
+// Every case (float32 / fp16 / bf16 / int8 / fp8 / int4 / int2 caches, per-token and per-channel groups, the general
+// and the register-tiled path) runs the portable variant and every other ISA variant this CPU runs (isa.h); all must
+// agree.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -11,6 +13,7 @@
 #include <vector>
 
 #include "malloc_kernels/attention_cpu.h"
+#include "malloc_kernels/quant.h"
 
 #include "expect.h"
 
@@ -37,6 +40,7 @@ static uint16_t f16_bits(float x) {  // exact for the (signed) powers of two use
 static int row_bytes(mc::Fmt f, int D) {
   switch (f) {
     case mc::Fmt::F32: return 4 * D;
+    case mc::Fmt::F16: case mc::Fmt::BF16: return 2 * D;
     case mc::Fmt::INT4: return (D + 1) / 2;
     case mc::Fmt::INT2: return (D + 3) / 4;
     default: return D;
@@ -60,6 +64,14 @@ static std::vector<float> run(const Case& c, malloc_kernels::isa::Isa variant) {
     float* fv = reinterpret_cast<float*>(cv.data());
     for (size_t i = 0; i < ck.size() / 4; ++i) { fk[i] = nd(rng); fv[i] = nd(rng); }
     if (c.nan_key) fk[0] = NAN;  // user 0, kv head 0, entry 0
+  } else if (c.fmt == mc::Fmt::F16 || c.fmt == mc::Fmt::BF16) {
+    uint16_t* hk = reinterpret_cast<uint16_t*>(ck.data());
+    uint16_t* hv = reinterpret_cast<uint16_t*>(cv.data());
+    auto half = [&](float x) {
+      if (c.fmt == mc::Fmt::F16) return malloc_kernels::quant::f32_to_f16_bits(x);
+      uint32_t u; std::memcpy(&u, &x, 4); return uint16_t(u >> 16);  // bf16: the top half (truncation)
+    };
+    for (size_t i = 0; i < ck.size() / 2; ++i) { hk[i] = half(nd(rng)); hv[i] = half(nd(rng)); }
   } else {
     for (auto& x : ck) x = uint8_t(byte(rng));
     for (auto& x : cv) x = uint8_t(byte(rng));
@@ -103,7 +115,7 @@ static std::vector<float> run(const Case& c, malloc_kernels::isa::Isa variant) {
   mc::Segment& s = p.cache;
   s.k = ck.data(); s.v = cv.data(); s.k_fmt = c.fmt; s.v_fmt = c.fmt; s.k_channel = c.channel; s.group_size = c.G;
   s.capacity = C; s.length = len.data(); s.position = pos.data(); s.timestamp = ts.data();
-  if (c.fmt != mc::Fmt::F32) {
+  if (c.fmt != mc::Fmt::F32 && c.fmt != mc::Fmt::F16 && c.fmt != mc::Fmt::BF16) {
     s.k_scale = ks.data(); s.v_scale = vs.data();
     if (c.fmt != mc::Fmt::FP8) { s.k_zero = kz.data(); s.v_zero = vz.data(); }
   }
@@ -137,7 +149,8 @@ static void check(const char* name, const Case& c) {
     const bool poisoned = c.nan_key && b == 0 && hq / (c.Hq / c.Hkv) == 0;
     EXPECT((nan == c.D) == poisoned, "%s: row %d NaN=%d, expected %d", name, r, nan == c.D, int(poisoned));
   }
-  for (malloc_kernels::isa::Isa v : {malloc_kernels::isa::Isa::Avx2, malloc_kernels::isa::Isa::Avx512}) {
+  for (malloc_kernels::isa::Isa v :
+       {malloc_kernels::isa::Isa::Avx2, malloc_kernels::isa::Isa::Avx512, malloc_kernels::isa::Isa::Neon}) {
     if (!malloc_kernels::isa::cpu_supports(v)) continue;
     const std::vector<float> b = run(c, v);
     for (size_t i = 0; i < a.size(); ++i) {
@@ -149,18 +162,23 @@ static void check(const char* name, const Case& c) {
 }
 
 int main() {
-  for (int D : {17, 64}) {
-    for (mc::Kind kind : {mc::Kind::Softmax, mc::Kind::Hstu}) {
-      for (bool bias : {false, true}) {
-        Case c; c.D = D; c.kind = kind; c.bias = bias;
-        check("float", c);
-        c.nan_key = true;
-        check("float nan key", c);
-        c.nan_key = false;
-        c.fmt = mc::Fmt::INT8; c.G = D == 64 ? 64 : 17; check("int8 token", c);
-        c.fmt = mc::Fmt::FP8; check("fp8 token", c);
-        c.fmt = mc::Fmt::INT4; c.channel = true; c.G = D == 64 ? 16 : 1; check("int4 channel", c);
-        c.fmt = mc::Fmt::INT2; c.G = D == 64 ? 32 : 17; check("int2 channel", c);
+  // Lq = 3: 6 rows per (user, kv head), the general path; Lq = 9: 18 rows, the register-tiled path (row_tiles.h)
+  for (int Lq : {3, 9}) {
+    for (int D : {17, 64}) {
+      for (mc::Kind kind : {mc::Kind::Softmax, mc::Kind::Hstu}) {
+        for (bool bias : {false, true}) {
+          Case c; c.D = D; c.kind = kind; c.bias = bias; c.Lq = Lq;
+          check("float", c);
+          c.nan_key = true;
+          check("float nan key", c);
+          c.nan_key = false;
+          c.fmt = mc::Fmt::F16; check("fp16", c);
+          c.fmt = mc::Fmt::BF16; check("bf16", c);
+          c.fmt = mc::Fmt::INT8; c.G = D == 64 ? 64 : 17; check("int8 token", c);
+          c.fmt = mc::Fmt::FP8; check("fp8 token", c);
+          c.fmt = mc::Fmt::INT4; c.channel = true; c.G = D == 64 ? 16 : 1; check("int4 channel", c);
+          c.fmt = mc::Fmt::INT2; c.G = D == 64 ? 32 : 17; check("int2 channel", c);
+        }
       }
     }
   }
@@ -168,6 +186,9 @@ int main() {
     std::fprintf(stderr, "%d failures\n", expect_failures);
     return 1;
   }
-  std::printf("attention_cpu_bounds: all cases passed\n");
+  std::printf("attention_cpu_bounds: all cases passed, portable compared with:");
+  for (const auto& name : malloc_kernels::isa::supported_names())
+    if (name != "portable") std::printf(" %s", name.c_str());
+  std::printf("\n");
   return 0;
 }

@@ -26,7 +26,7 @@ namespace isa = malloc_kernels::isa;
 
 static std::vector<isa::Isa> variants() {
   std::vector<isa::Isa> out{isa::Isa::Portable};
-  for (isa::Isa v : {isa::Isa::Avx2, isa::Isa::Avx512})
+  for (isa::Isa v : {isa::Isa::Avx2, isa::Isa::Avx512, isa::Isa::Neon})  // neon: these families run portable
     if (isa::cpu_supports(v)) out.push_back(v);
   return out;
 }

@@ -1,5 +1,6 @@
 // Ops reporting the CPU kernels' ISA variants (malloc_kernels/isa.h):
-//   cpu_isa_supported() -> str[]      the variants this CPU can run ("portable", "avx2", "avx512"), in that order
+//   cpu_isa_supported() -> str[]      the variants this CPU can run ("portable", then "avx2", "avx512" on x86 or
+//                                      "neon" on aarch64), in that order
 //   cpu_isa_variant(str family) -> str the variant `family` runs now (MALLOC_KERNELS_ISA read now, capped by the
 //                                      family's best build); families: isa.h's Family table (attention,
 //                                      train_attention, cross_entropy, pkm_topk, pkm_gather, wkv, lsh_attention)

@@ -125,13 +125,14 @@ struct AttnParams {
 };
 
 // Validated by the caller (glue). Runs on all OpenMP threads; runs the ISA variant isa::isa_for_family(variant,
-// Avx512): the best this CPU has for Auto (the glue passes MALLOC_KERNELS_ISA, read per call).
+// Family::Attention): the best this CPU has for Auto (the glue passes MALLOC_KERNELS_ISA, read per call).
 void attention_forward(const AttnParams& p, isa::Isa variant = isa::Isa::Auto);
 
 // Implementations (selected by attention_forward).
 void attention_forward_portable(const AttnParams& p);
 void attention_forward_avx2(const AttnParams& p);
 void attention_forward_avx512(const AttnParams& p);
+void attention_forward_neon(const AttnParams& p);  // aarch64 builds only
 bool cpu_has_avx2();  // AVX2 + FMA + F16C (simd_avx2::cpu_has_avx2_f16c)
 
 // Gather/compaction used by the pruning policies: for every (b, h) copy rows index[b, h, 0..K) of a

@@ -8,6 +8,8 @@
 #include <initializer_list>
 #include <limits>
 
+#include "malloc_kernels/exp_consts.h"
+
 namespace malloc_kernels {
 namespace simd_avx2 {
 
@@ -44,19 +46,10 @@ MK_AVX2 inline float hmax(__m256 a) {
   return _mm_cvtss_f32(s);
 }
 
-// exp(x): Cephes-style range reduction + degree-6 polynomial, ~1 ulp. Inputs below -87.3 (including -inf) give
-// exactly 0 so masked scores never leak; inputs above 88.3 give +inf, as the true value overflows float32 (or is
-// within 2x of doing so): a clamped finite value there would turn SiLU's s / (1 + e^{-s}) at s ~ -1e36 into a
-// weight of ~-0.01 instead of -0. The constants are shared with the 16-lane exp512 (attention_cpu/row_tiles.h):
-// x = n ln2 + r with n = round(x log2e) and ln2 split in two (hi exact in float) for an exact reduction;
-// e^r ~ 1 + r + r^2 (c0 + c1 r + ... + c5 r^5).
-struct ExpConsts {
-  static constexpr float lo = -87.3f, hi = 88.3f;
-  static constexpr float log2e = 1.44269504088896341f;
-  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-  static constexpr float c5 = 1.9875691500E-4f, c4 = 1.3981999507E-3f, c3 = 8.3334519073E-3f;
-  static constexpr float c2 = 4.1665795894E-2f, c1 = 1.6666665459E-1f, c0 = 5.0000001201E-1f;
-};
+// exp(x) of 8 lanes from the ISA-neutral constants and rules of exp_consts.h (~1 ulp; below -87.3 and -inf exactly
+// 0, above 88.3 +inf); the 16-lane exp512 (attention_cpu/row_tiles.h) and the NEON exp4 (simd_neon.h) compute the
+// same function.
+using ExpConsts = simd::ExpConsts;
 
 MK_AVX2 inline __m256 exp256(__m256 x) {
   using E = ExpConsts;

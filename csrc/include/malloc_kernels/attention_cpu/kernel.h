@@ -209,6 +209,24 @@ class Kernel {
     return true;
   }
 
+  // n rows of token-axis int8 / int4 / int2 codes (float16 scale / zero per group of gs, ngr = D / gs per row) into
+  // dst[n][Dp] through tile_codes_avx512.h where it serves this format and head dim (same values as decode_rows);
+  // false: nothing done. Uses sc.vs / sc.vz for the block's scales.
+  bool token_tile(Scratch& sc, Fmt f, const uint8_t* row0, int64_t rb, int n, int gs, const uint16_t* s16,
+                  const uint16_t* z16, float* dst) const {
+#ifdef MK_ISA_AVX512
+    if (D_ != Dp_ || !tile_codes_ok(f, D_, gs)) return false;
+    const int ngr = D_ / gs;
+    halves_to_floats(s16, n * ngr, sc.vs.data());
+    if (z16) halves_to_floats(z16, n * ngr, sc.vz.data());
+    tile_codes_token_rt(f, D_, row0, rb, n, dst, gs, sc.vs.data(), z16 ? sc.vz.data() : nullptr);
+    return true;
+#else
+    (void)sc; (void)f; (void)row0; (void)rb; (void)n; (void)gs; (void)s16; (void)z16; (void)dst;
+    return false;
+#endif
+  }
+
   void values(Scratch& sc, int seg, int64_t b, int64_t h, int64_t j0, int n, const float** V, int64_t* ldv) const {
     const int64_t bh = b * p_.Hkv + h;
     if (seg == SEG_REQ) {
@@ -234,6 +252,12 @@ class Kernel {
     const bool quant = sg.v_fmt == Fmt::INT8 || sg.v_fmt == Fmt::INT4 || sg.v_fmt == Fmt::INT2 || sg.v_fmt == Fmt::FP8;
     if (quant) {
       const int64_t ngr = D_ / sg.group_size;
+      const uint16_t* s16 = sg.v_scale + (bh * sg.capacity + j0) * ngr;
+      const uint16_t* z16 = sg.v_zero ? sg.v_zero + (bh * sg.capacity + j0) * ngr : nullptr;
+      if (token_tile(sc, sg.v_fmt, row0, rb, n, sg.group_size, s16, z16, sc.Vt.data())) {
+        *V = sc.Vt.data(); *ldv = Dp_;
+        return;
+      }
       decode_rows_rt(sg.v_fmt, row0, rb, n, D_, Dp_, sc.Vt.data(), sg.group_size,
                      sg.v_scale + (bh * sg.capacity + j0) * ngr,
                      sg.v_zero ? sg.v_zero + (bh * sg.capacity + j0) * ngr : nullptr, ngr);
@@ -285,7 +309,7 @@ class Kernel {
   // group per row, token-axis value groups the layout can address, no counts, no bias. Must run first in a chunk
   // (it starts from m = -inf, l = 0, O = 0, which is the state before the cache segment).
 
-#ifdef MK_ISA_AVX2
+#if defined(MK_ISA_AVX2) || defined(MK_ISA_NEON)
   // The K tile of keys [j0, j0 + n) of a stored segment as fp32 rows: a pointer into the cache for fp32 rows of
   // the padded width, else decoded into sc.Kt with every scale and zero point applied (per-channel keys: x = code *
   // s_d + z_d of the key's token group, the block never straddling a group).
@@ -310,6 +334,12 @@ class Kernel {
       else std::fill(cz, cz + D_, 0.f);
       std::fill(cs + D_, cs + Dp_, 0.f);
       std::fill(cz + D_, cz + Dp_, 0.f);
+#ifdef MK_ISA_AVX512
+      if (D_ == Dp_ && tile_codes_ok(sg.k_fmt, D_, 0)) {
+        tile_codes_channel_rt(sg.k_fmt, D_, row0, rb, n, kt, cs, cz);
+        return;
+      }
+#endif
       switch (sg.k_fmt) {
         case Fmt::INT8: decode_rows_channel<Fmt::INT8>(row0, rb, n, D_, Dp_, kt, cs, cz); break;
         case Fmt::INT4: decode_rows_channel<Fmt::INT4>(row0, rb, n, D_, Dp_, kt, cs, cz); break;
@@ -318,8 +348,22 @@ class Kernel {
       }
     } else {
       const int64_t ngr = D_ / sg.group_size;
-      decode_rows_rt(sg.k_fmt, row0, rb, n, D_, Dp_, kt, sg.group_size, sg.k_scale + (bh * sg.capacity + j0) * ngr,
-                     sg.k_zero ? sg.k_zero + (bh * sg.capacity + j0) * ngr : nullptr, ngr);
+      const uint16_t* s16 = sg.k_scale + (bh * sg.capacity + j0) * ngr;
+      const uint16_t* z16 = sg.k_zero ? sg.k_zero + (bh * sg.capacity + j0) * ngr : nullptr;
+      if (!token_tile(sc, sg.k_fmt, row0, rb, n, sg.group_size, s16, z16, kt))
+        decode_rows_rt(sg.k_fmt, row0, rb, n, D_, Dp_, kt, sg.group_size, s16, z16, ngr);
+    }
+  }
+
+  // The K and V rows [j0, j0 + n) of a stored segment towards L1 while the block before them is computed (the
+  // tile decode of each block otherwise starts by waiting on its codes).
+  void prefetch_rows(const Segment& sg, int64_t bh, int64_t j0, int64_t n) const {
+    if (n <= 0) return;
+    for (int kv = 0; kv < 2; ++kv) {
+      const int64_t rb = row_bytes(kv ? sg.v_fmt : sg.k_fmt, D_);
+      const char* p = static_cast<const char*>(kv ? sg.v : sg.k) + (bh * sg.capacity + j0) * rb;
+      // __builtin_prefetch: prefetcht0 on x86, PRFM PLDL1KEEP on aarch64 (this path also builds for NEON)
+      for (int64_t o = 0; o < n * rb; o += 64) __builtin_prefetch(p + o, 0, 3);
     }
   }
 
@@ -329,13 +373,24 @@ class Kernel {
   bool run_tiled(Scratch& sc, int64_t b, int64_t h, int R) const {
     if (R < kTileRows) return false;
 #ifdef MK_ISA_AVX512
-    if (R > VecY::W) { tiled<VecZ>(sc, b, h, R); return true; }
+    if (R > VecY::W) { tiled_dims<VecZ>(sc, b, h, R); return true; }
 #endif
-    tiled<VecY>(sc, b, h, R);
+    tiled_dims<RowVec>(sc, b, h, R);
     return true;
   }
 
+  // The common padded head dims get the compile-time tile stride (RowTiles::qk_block), any other the run-time one.
   template <class V>
+  void tiled_dims(Scratch& sc, int64_t b, int64_t h, int R) const {
+    switch (Dp_) {
+      case 32: tiled<V, 32>(sc, b, h, R); break;
+      case 64: tiled<V, 64>(sc, b, h, R); break;
+      case 128: tiled<V, 128>(sc, b, h, R); break;
+      default: tiled<V, 0>(sc, b, h, R); break;
+    }
+  }
+
+  template <class V, int DP>
   void tiled(Scratch& sc, int64_t b, int64_t h, int R) const {
     using RT = RowTiles<V>;
     const int Rp = (R + V::W - 1) / V::W * V::W;
@@ -359,10 +414,11 @@ class Kernel {
       int n;
       for (int64_t j0 = 0; j0 < len; j0 += n) {
         block_len(seg, b, h, j0, len, &n);
+        prefetch_rows(sg, bh, j0 + n, std::min<int64_t>(KB, len - j0 - n));
         const float* K;
         int64_t ldk;
         key_tile(sc, sg, bh, j0, n, &K, &ldk);
-        RT::qk(K, ldk, n, Qt, Rp, Dp_, St);
+        RT::template qk<DP>(K, ldk, n, Qt, Rp, Dp_, St);
         const float* c = sg.count ? sg.count + bh * sg.capacity + j0 : nullptr;
         if (softmax && c) {
           // log c as the reference: log 0 = -inf (weight 0); a negative or NaN count gives NaN (non-finite rule)

@@ -12,17 +12,21 @@
 // The register block is J x RV (or DB x RV) accumulators, so each broadcast element feeds RV FMAs and each loaded
 // row vector J (DB) FMAs: the loops are FMA-bound, not load-bound. The online softmax (FlashAttention-2, arXiv
 // 2307.08691) is vertical in this layout: the running max / sum of W rows are one vector each, no horizontal
-// reductions anywhere. One templated body serves AVX2 (VecY: 8 lanes, 16 registers) and AVX-512 (VecZ: 16 lanes,
-// 32 registers); the traits carry the register-block sizes.
+// reductions anywhere. One templated body serves AVX2 (VecY: 8 lanes, 16 registers), AVX-512 (VecZ: 16 lanes,
+// 32 registers) and NEON (VecN in tiles_neon.h: 4 lanes, 32 registers); the traits carry the register-block sizes.
+// RowVec is the build's trait for every chunk (the AVX-512 build takes VecZ for chunks of more than 8 rows).
 #pragma once
 
-#include <immintrin.h>
 #include <limits>
 
 #include <cstdint>
 
 #include "malloc_kernels/attention_cpu/scalar.h"
+#ifdef MK_ISA_AVX2
+#include <immintrin.h>
+
 #include "malloc_kernels/simd_avx2.h"
+#endif
 
 namespace malloc_kernels {
 namespace cpu {
@@ -31,6 +35,7 @@ namespace MK_IMPL_NS {
 // Chunks with at least this many rows (query heads x queries) take the register-tiled path.
 constexpr int kTileRows = 8;
 
+#ifdef MK_ISA_AVX2
 // 8 rows per vector (AVX2, and the AVX-512 build's short chunks).
 struct VecY {
   using T = __m256;
@@ -59,6 +64,8 @@ struct VecY {
   }
   static unsigned neq(T a, T b) { return unsigned(_mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_NEQ_UQ))); }
 };
+using RowVec = VecY;
+#endif
 
 #ifdef MK_ISA_AVX512
 // exp(x) with 16 lanes: exp256's range reduction, polynomial and constants (simd_avx2::ExpConsts); inputs below
@@ -112,8 +119,14 @@ struct RowTiles {
   static constexpr int W = V::W;
 
   // St[j * ldst + w] = sum_{d < D} K[j * ldk + d] * Qt[d * ldq + w] for J keys, RV * W rows (one register block).
-  template <int J, int RV>
-  static void qk_block(const float* K, int64_t ldk, const float* Qt, int ldq, int D, float* St, int ldst) {
+  // DP > 0: the tile's row stride and dim count are the compile-time DP (ldk == D == DP), so the J broadcast
+  // addresses are immediate displacements of one pointer; with a run-time stride the J row offsets outgrow the
+  // general registers (16 keys on AVX-512) and every broadcast first moves its offset back from a vector register,
+  // a uop on the port the FMAs use.
+  template <int J, int RV, int DP>
+  static void qk_block(const float* K, int64_t ldk_rt, const float* Qt, int ldq, int D_rt, float* St, int ldst) {
+    const int64_t ldk = DP > 0 ? DP : ldk_rt;
+    const int D = DP > 0 ? DP : D_rt;
     T acc[J][RV];
     for (int j = 0; j < J; ++j)
       for (int v = 0; v < RV; ++v) acc[j][v] = V::zero();
@@ -130,21 +143,22 @@ struct RowTiles {
   }
 
   // qk_block over n keys: blocks of J, the rest in halving blocks.
-  template <int J, int RV>
+  template <int J, int RV, int DP>
   static void qk_keys(const float* K, int64_t ldk, int n, const float* Qt, int ldq, int D, float* St, int ldst) {
     int j = 0;
-    for (; j + J <= n; j += J) qk_block<J, RV>(K + j * ldk, ldk, Qt, ldq, D, St + int64_t(j) * ldst, ldst);
+    for (; j + J <= n; j += J) qk_block<J, RV, DP>(K + j * ldk, ldk, Qt, ldq, D, St + int64_t(j) * ldst, ldst);
     if constexpr (J > 1) {
-      if (j < n) qk_keys<J / 2, RV>(K + j * ldk, ldk, n - j, Qt, ldq, D, St + int64_t(j) * ldst, ldst);
+      if (j < n) qk_keys<J / 2, RV, DP>(K + j * ldk, ldk, n - j, Qt, ldq, D, St + int64_t(j) * ldst, ldst);
     }
   }
 
-  // Scores of n keys for nv row vectors (Rp = nv * W rows): St[j][r] = <K[j], Q[r]>.
+  // Scores of n keys for nv row vectors (Rp = nv * W rows): St[j][r] = <K[j], Q[r]>. DP: see qk_block.
+  template <int DP>
   static void qk(const float* K, int64_t ldk, int n, const float* Qt, int Rp, int D, float* St) {
     const int nv = Rp / W;
     int v = 0;
-    for (; v + 2 <= nv; v += 2) qk_keys<V::QK_J2, 2>(K, ldk, n, Qt + v * W, Rp, D, St + v * W, Rp);
-    if (v < nv) qk_keys<V::QK_J1, 1>(K, ldk, n, Qt + v * W, Rp, D, St + v * W, Rp);
+    for (; v + 2 <= nv; v += 2) qk_keys<V::QK_J2, 2, DP>(K, ldk, n, Qt + v * W, Rp, D, St + v * W, Rp);
+    if (v < nv) qk_keys<V::QK_J1, 1, DP>(K, ldk, n, Qt + v * W, Rp, D, St + v * W, Rp);
   }
 
   // Ot[d][w] += sum_{j < n} V[j][d] * Pt[j][w] for DB dims from d0, RV * W rows (one register block).
@@ -165,7 +179,7 @@ struct RowTiles {
       for (int v = 0; v < RV; ++v) V::store(Ot + int64_t(d) * ldo + v * W, acc[d][v]);
   }
 
-  // pv_block over the D dims (a multiple of 8): blocks of DB, the rest in halving blocks.
+  // pv_block over the D dims (a multiple of 4, the smallest kLanes): blocks of DB, the rest in halving blocks.
   template <int DB, int RV>
   static void pv_dims(const float* Vv, int64_t ldv, int n, int D, const float* Pt, int ldp, float* Ot, int ldo) {
     int d = 0;

@@ -41,6 +41,12 @@ inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return
 #ifdef MK_ISA_AVX2
 // F16C's conversion is exact (fp16 -> fp32 never rounds) and an order of magnitude cheaper than the bit version.
 inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+#elif defined(MK_ISA_NEON)
+// FCVT from the half-precision register: exact, as F16C's.
+inline float half_to_float(uint16_t h) {
+  __fp16 x; std::memcpy(&x, &h, 2);
+  return float(x);
+}
 #else
 inline float half_to_float(uint16_t h) { return quant::f16_bits_to_f32(h); }
 #endif

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "malloc_kernels/attention_cpu/scalar.h"
+#include "malloc_kernels/attention_cpu/tiles_lanes.h"
 #include "malloc_kernels/simd_avx2.h"
 
 namespace malloc_kernels {
@@ -171,110 +172,8 @@ void decode_rows(const uint8_t* base, int64_t stride, int n, int D, int ld, floa
   }
 }
 
-// The float-tile Q K^T and P V, one body for both vector widths. `L` is a lane trait: T (the vector), W (floats per
-// vector), zero(), fmadd(), load(p) / store(p, x) of W floats, part_load(p, d, Dp) / part_store(p, d, Dp, x) of
-// the lanes of a padded row of Dp floats from d (all W, or fewer at the row's end; Dp % 8 == 0), fold8(x) (the
-// lanes added down to one __m256) and reduce(x) (all lanes added). Lanes8 below serves the AVX2 build, Lanes16
-// (tiles_avx512.h) the AVX-512 build.
-
-// S[r][j] = <Q[r], K[j]> (+ add[r] if add), r < R, j < n, over Dp (a multiple of 8) elements.
-template <class L>
-inline void qk_dots_lanes(const float* Q, int ldq, int R, const float* K, int64_t ldk, int n, int Dp, float* S,
-                          int lds, const float* add) {
-  using T = typename L::T;
-  int r0 = 0;
-  // Rows in pairs over blocks of 4 keys: every K vector load feeds two FMAs (the loop is load-bound otherwise).
-  // Each score accumulates in the same order as the single-row loop below, so results are bit-identical.
-  for (; r0 + 2 <= R && n >= 4; r0 += 2) {
-    const float* qa = Q + int64_t(r0) * ldq;
-    const float* qb = qa + ldq;
-    float* sa = S + int64_t(r0) * lds;
-    float* sb = sa + lds;
-    const float aa = add ? add[r0] : 0.f, ab = add ? add[r0 + 1] : 0.f;
-    int j = 0;
-    for (; j + 4 <= n; j += 4) {
-      const float* k0 = K + j * ldk;
-      T a0 = L::zero(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-      for (int d = 0; d < Dp; d += L::W) {
-        const T x = L::part_load(qa, d, Dp), y = L::part_load(qb, d, Dp);
-        const T k0v = L::part_load(k0, d, Dp), k1v = L::part_load(k0 + ldk, d, Dp);
-        const T k2v = L::part_load(k0 + 2 * ldk, d, Dp), k3v = L::part_load(k0 + 3 * ldk, d, Dp);
-        a0 = L::fmadd(x, k0v, a0); b0 = L::fmadd(y, k0v, b0);
-        a1 = L::fmadd(x, k1v, a1); b1 = L::fmadd(y, k1v, b1);
-        a2 = L::fmadd(x, k2v, a2); b2 = L::fmadd(y, k2v, b2);
-        a3 = L::fmadd(x, k3v, a3); b3 = L::fmadd(y, k3v, b3);
-      }
-      _mm_storeu_ps(sa + j, _mm_add_ps(hsum4(L::fold8(a0), L::fold8(a1), L::fold8(a2), L::fold8(a3)),
-                                       _mm_set1_ps(aa)));
-      _mm_storeu_ps(sb + j, _mm_add_ps(hsum4(L::fold8(b0), L::fold8(b1), L::fold8(b2), L::fold8(b3)),
-                                       _mm_set1_ps(ab)));
-    }
-    for (; j < n; ++j) {
-      T a0 = L::zero(), b0 = a0;
-      for (int d = 0; d < Dp; d += L::W) {
-        const T kv = L::part_load(K + j * ldk, d, Dp);
-        a0 = L::fmadd(L::part_load(qa, d, Dp), kv, a0);
-        b0 = L::fmadd(L::part_load(qb, d, Dp), kv, b0);
-      }
-      sa[j] = L::reduce(a0) + aa;
-      sb[j] = L::reduce(b0) + ab;
-    }
-  }
-  for (int r = r0; r < R; ++r) {
-    const float* q = Q + int64_t(r) * ldq;
-    float* s = S + int64_t(r) * lds;
-    const float a = add ? add[r] : 0.f;
-    int j = 0;
-    for (; j + 4 <= n; j += 4) {
-      const float* k0 = K + j * ldk;
-      T a0 = L::zero(), a1 = a0, a2 = a0, a3 = a0;
-      for (int d = 0; d < Dp; d += L::W) {
-        const T qv = L::part_load(q, d, Dp);
-        a0 = L::fmadd(qv, L::part_load(k0, d, Dp), a0);
-        a1 = L::fmadd(qv, L::part_load(k0 + ldk, d, Dp), a1);
-        a2 = L::fmadd(qv, L::part_load(k0 + 2 * ldk, d, Dp), a2);
-        a3 = L::fmadd(qv, L::part_load(k0 + 3 * ldk, d, Dp), a3);
-      }
-      _mm_storeu_ps(s + j, _mm_add_ps(hsum4(L::fold8(a0), L::fold8(a1), L::fold8(a2), L::fold8(a3)), _mm_set1_ps(a)));
-    }
-    for (; j < n; ++j) {
-      T a0 = L::zero();
-      for (int d = 0; d < Dp; d += L::W) a0 = L::fmadd(L::part_load(q, d, Dp), L::part_load(K + j * ldk, d, Dp), a0);
-      s[j] = L::reduce(a0) + a;
-    }
-  }
-}
-
-// O[r][:] += sum_j P[r][j] * V[j][:]: 64 output floats per register block (64 / W accumulators), then the rest of
-// the padded row one vector at a time.
-template <class L>
-inline void pv_accum_lanes(const float* P, int ldp, int R, int n, const float* V, int64_t ldv, int Dp, float* O,
-                           int ldo) {
-  using T = typename L::T;
-  constexpr int C = 64 / L::W;
-  for (int r = 0; r < R; ++r) {
-    const float* p = P + int64_t(r) * ldp;
-    float* o = O + int64_t(r) * ldo;
-    int d = 0;
-    for (; d + 64 <= Dp; d += 64) {
-      T acc[C];
-      for (int c = 0; c < C; ++c) acc[c] = L::load(o + d + L::W * c);
-      for (int j = 0; j < n; ++j) {
-        const T pj = L::set1(p[j]);
-        const float* v = V + j * ldv + d;
-        for (int c = 0; c < C; ++c) acc[c] = L::fmadd(pj, L::load(v + L::W * c), acc[c]);
-      }
-      for (int c = 0; c < C; ++c) L::store(o + d + L::W * c, acc[c]);
-    }
-    for (; d < Dp; d += L::W) {
-      T acc = L::part_load(o, d, Dp);
-      for (int j = 0; j < n; ++j) acc = L::fmadd(L::set1(p[j]), L::part_load(V + j * ldv, d, Dp), acc);
-      L::part_store(o, d, Dp, acc);
-    }
-  }
-}
-
-// 8 floats per vector (the AVX2 build): a padded row is a whole number of vectors, so no lane is ever masked.
+// 8 floats per vector (the AVX2 build of tiles_lanes.h's qk_dots_lanes / pv_accum_lanes): a padded row is a whole
+// number of vectors, so no lane is ever masked.
 struct Lanes8 {
   using T = __m256;
   static constexpr int W = 8;
@@ -285,7 +184,9 @@ struct Lanes8 {
   static void store(float* p, T x) { _mm256_storeu_ps(p, x); }
   static T part_load(const float* p, int d, int) { return _mm256_loadu_ps(p + d); }
   static void part_store(float* p, int d, int, T x) { _mm256_storeu_ps(p + d, x); }
-  static __m256 fold8(T x) { return x; }
+  static void sums4(float* s, T a0, T a1, T a2, T a3, float add) {
+    _mm_storeu_ps(s, _mm_add_ps(hsum4(a0, a1, a2, a3), _mm_set1_ps(add)));
+  }
   static float reduce(T x) { return hsum(x); }
 };
 

@@ -28,6 +28,9 @@ struct Lanes16 {
   static T part_load(const float* p, int d, int Dp) { return _mm512_maskz_loadu_ps(lanes(d, Dp), p + d); }
   static void part_store(float* p, int d, int Dp, T x) { _mm512_mask_storeu_ps(p + d, lanes(d, Dp), x); }
   static __m256 fold8(T x) { return _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1)); }
+  static void sums4(float* s, T a0, T a1, T a2, T a3, float add) {
+    _mm_storeu_ps(s, _mm_add_ps(hsum4(fold8(a0), fold8(a1), fold8(a2), fold8(a3)), _mm_set1_ps(add)));
+  }
   static float reduce(T x) { return _mm512_reduce_add_ps(x); }
 };
 

@@ -1,10 +1,12 @@
 // Tile primitives of the fused CPU attention, portable build (whatever the compiler flags give; SSE2 on plain
-// x86-64). The AVX2 build has the same functions in tiles_avx2.h; the kernel (kernel.h) calls only these names.
+// x86-64). The SIMD builds have the same functions in tiles_avx2.h / tiles_avx512.h / tiles_neon.h; the kernel
+// (kernel.h) calls only these names.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
+#include "malloc_kernels/attention_cpu/no_codes.h"
 #include "malloc_kernels/attention_cpu/scalar.h"
 #include "malloc_kernels/bias.h"
 
@@ -71,23 +73,6 @@ inline float fold_channel_scale(const float* q, const float* cs, const float* cz
   for (int d = 0; d < D; ++d) { qs[d] = q[d] * cs[d]; zacc += q[d] * cz[d]; }
   return zacc;
 }
-
-// Decode-sized rows straight from the codes: the AVX2 build has them (codes_avx2.h); here every call takes the
-// float-tile path, so these report "not done".
-inline bool qk_from_codes(Fmt, const float*, int, int, const uint8_t*, int64_t, int, int, float*, int, const float*) {
-  return false;
-}
-inline bool pv_codes_ok(int, int) { return false; }
-inline void pv_from_codes(Fmt, int, const float*, int, int, int, const uint8_t*, int64_t, int, const float*,
-                          const float*, float*, int, float*) {}
-
-struct Scratch;
-// The cache segment straight from the codes in code layout (from_codes_avx2.h): never, in this build.
-class CacheFromCodes {
- public:
-  CacheFromCodes(const AttnParams&, int, const bias::TimeBucketer*) {}
-  bool run(Scratch&, int64_t, int64_t, int) const { return false; }
-};
 
 }  // namespace MK_IMPL_NS
 }  // namespace cpu
