@@ -56,8 +56,17 @@ import torch
 
 from . import formats
 from .formats import FLOAT_FORMAT, FP8_FORMAT, K_AXES, format_bits, packed_width
+from .layout import device_assert
 from .policy_spec import PolicySpec
 
+
+
+def _require_where(ok: torch.Tensor, mask: torch.Tensor, message: str) -> None:
+    """``ok`` holds wherever ``mask`` (its leading dims) is true: ``ok[mask].all()`` without boolean indexing (whose
+    output size is data: a host synchronisation), as one ``device_assert``."""
+    if ok.numel():
+        ok = ok.reshape(*mask.shape, -1).all(-1) if ok.dim() > mask.dim() else ok
+        device_assert((ok | ~mask).all(), message)
 
 @dataclass
 class KVCacheBase:
@@ -187,36 +196,39 @@ class KVCacheBase:
         is never read): ``0 <= length <= capacity`` and ``original_length >= 0`` (the kernels index the payload by
         ``length``); float payloads finite; no fp8 NaN code (0x7F / 0xFF); scales and zeros finite, scales
         ``>= 0`` (as the quantizers write them); merge counts finite and ``> 0`` (an entry stands for at least a
-        part of one token). Raises ``ValueError`` naming the field. Run once where a cache is made
-        (``compress``, ``cache_from_bytes``, ``append``), never per attention call: it synchronises with the
-        device and cannot be traced by ``torch.compile``. Attention itself never refuses data: a non-finite value
-        that reaches a row makes that row NaN (README, "Non-finite values and integer ranges")."""
+        part of one token). Raises ``ValueError`` naming the field (CPU tensors). Run once where a cache is made
+        (``compress``, ``cache_from_bytes``, ``append``), not per attention call (it reads every entry). Each rule
+        is a ``device_assert``: no host read and no data-sized intermediate (so ``append`` in a serving step adds
+        no synchronisation); on a GPU a failure is an asynchronous device assert. Attention itself never refuses
+        data: a non-finite value that reaches a row makes that row NaN (README, "Non-finite values and integer
+        ranges")."""
         self.validate()
         segments = (("cache", self),) if self.residual is None else (("cache", self), ("cache.residual", self.residual))
         for name, seg in segments:
             C = seg.capacity
-            if seg.length.numel() and (int(seg.length.min()) < 0 or int(seg.length.max()) > C):
-                raise ValueError(f"{name}.length must be within [0, capacity={C}], got range "
-                                 f"[{int(seg.length.min())}, {int(seg.length.max())}]")
+            if seg.length.numel():
+                device_assert(((seg.length >= 0) & (seg.length <= C)).all(),
+                              f"{name}.length must be within [0, capacity={C}]")
             seg._check_values(name)
-            if seg.mass is not None and not bool(torch.isfinite(seg.mass).all()):
-                raise ValueError(f"{name}.mass must be finite")
-        if self.original_length.numel() and int(self.original_length.min()) < 0:
-            raise ValueError(f"cache.original_length must be >= 0, got {self.original_length.tolist()}")
+            if seg.mass is not None:
+                device_assert(torch.isfinite(seg.mass).all(), f"{name}.mass must be finite")
+        if self.original_length.numel():
+            device_assert((self.original_length >= 0).all(), "cache.original_length must be >= 0")
         return self
 
     def _check_values(self, name: str) -> None:
-        """check_contents' data rules for one segment (``name``: its name in messages)."""
+        """check_contents' data rules for one segment (``name``: its name in messages), as device asserts."""
         C = self.capacity
         valid = torch.arange(C, device=self.length.device) < self.length.to(torch.int64)[..., None]   # [B, H, C]
         for which, fmt in (("k", self.k_format), ("v", self.v_format)):
             t = getattr(self, which)
             if fmt == FLOAT_FORMAT:
-                if not bool(torch.isfinite(t[valid]).all()):
-                    raise ValueError(f"{name}.{which} holds a non-finite value (NaN or inf) in a valid entry")
+                _require_where(torch.isfinite(t), valid,
+                               f"{name}.{which} holds a non-finite value (NaN or inf) in a valid entry")
                 continue
-            if fmt == FP8_FORMAT and bool(((t[valid] & 0x7F) == 0x7F).any()):
-                raise ValueError(f"{name}.{which} holds an fp8 NaN code (0x7F/0xFF) in a valid entry")
+            if fmt == FP8_FORMAT:
+                _require_where((t & 0x7F) != 0x7F, valid,
+                               f"{name}.{which} holds an fp8 NaN code (0x7F/0xFF) in a valid entry")
             gvalid = valid
             if which == "k" and self.k_axis == "channel":
                 gvalid = (torch.arange(self.num_groups("k"), device=valid.device) * self.group_size
@@ -225,22 +237,20 @@ class KVCacheBase:
                 sz = getattr(self, f"{which}_{part}")
                 if sz is None:
                     continue
-                sz = sz[gvalid]
                 if sz.dtype == torch.uint8:           # e4m3fn scale bytes (nvfp4): no NaN code, no sign bit
-                    if bool(((sz & 0x7F) == 0x7F).any()):
-                        raise ValueError(f"{name}.{which}_{part} holds an e4m3 NaN code (0x7F/0xFF) in a valid group")
-                    if bool((sz & 0x80).any()):
-                        raise ValueError(f"{name}.{which}_scale holds a negative scale in a valid group")
+                    _require_where((sz & 0x7F) != 0x7F, gvalid,
+                                   f"{name}.{which}_{part} holds an e4m3 NaN code (0x7F/0xFF) in a valid group")
+                    _require_where((sz & 0x80) == 0, gvalid,
+                                   f"{name}.{which}_scale holds a negative scale in a valid group")
                     continue
-                if not bool(torch.isfinite(sz).all()):
-                    raise ValueError(f"{name}.{which}_{part} holds a non-finite value in a valid group")
-                if part == "scale" and bool((sz < 0).any()):
-                    raise ValueError(f"{name}.{which}_scale holds a negative scale in a valid group")
+                _require_where(torch.isfinite(sz), gvalid,
+                               f"{name}.{which}_{part} holds a non-finite value in a valid group")
+                if part == "scale":
+                    _require_where(sz >= 0, gvalid, f"{name}.{which}_scale holds a negative scale in a valid group")
         if self.count is not None:
-            c = self.count[valid]
-            if not bool((torch.isfinite(c) & (c > 0)).all()):
-                raise ValueError(f"{name}.count must be finite and > 0 on valid entries (an entry stands for at "
-                                 "least a part of one token)")
+            _require_where(torch.isfinite(self.count) & (self.count > 0), valid,
+                           f"{name}.count must be finite and > 0 on valid entries (an entry stands for at least a "
+                           "part of one token)")
 
     def _validate_int(self, name, t, shape, dtype):
         if not isinstance(t, torch.Tensor):

@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..cache.types import KVCache
-from ..core.layout import eager, jagged_to_padded
+from ..core.layout import device_assert, jagged_to_padded
 from ..ops.attention import attention
 from ..policies import compress
 from ..loss import linear_cross_entropy
@@ -90,8 +90,10 @@ def _as_jagged(items, timestamps=None, lengths=None, what="items"):
     if lengths is None:
         lengths = (items != 0).sum(1)
     lengths = torch.as_tensor(lengths, dtype=torch.int64, device=items.device)
-    if lengths.shape != (B,) or (B and (int(lengths.min()) < 0 or int(lengths.max()) > N)):
-        raise ValueError(f"{what} lengths must be [B]={B} within [0, {N}], got {lengths.tolist()}")
+    if lengths.shape != (B,):
+        raise ValueError(f"{what} lengths must be [B]={B} within [0, {N}], got shape {tuple(lengths.shape)}")
+    if B:
+        device_assert(((lengths >= 0) & (lengths <= N)).all(), f"{what} lengths must be [B]={B} within [0, {N}]")
     valid = torch.arange(N, device=items.device)[None, :] < lengths[:, None]
     flat = items[valid].to(torch.int64)
     ts = None
@@ -183,16 +185,17 @@ class SequentialRecommender(nn.Module):
         return self.item_emb.weight.dtype
 
     def embed(self, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if eager() and items.numel() and (int(items.min()) < 1 or int(items.max()) > self.cfg.n_items):
-            raise ValueError(f"item ids must be in 1..{self.cfg.n_items}, got range "
-                             f"[{int(items.min())}, {int(items.max())}]")
+        # a device assert, not a host read: the cached serving step stays capturable (README, "CUDA graphs")
+        if items.numel():
+            device_assert(((items >= 1) & (items <= self.cfg.n_items)).all(),
+                          f"item ids must be in 1..{self.cfg.n_items}")
         x = self.item_emb(items) * math.sqrt(self.cfg.d_model)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions.clamp(max=self.cfg.max_len - 1))
         return self.drop(x)
 
     def _attend(self, layer_idx, q, k, v, offsets, positions, timestamps, cache=None, return_stats=False,
-                stats_window=None):
+                stats_window=None, max_seqlen=None):
         layer = self.layers[layer_idx]
         kw = {}
         if layer.kind == "hstu":
@@ -206,7 +209,7 @@ class SequentialRecommender(nn.Module):
             kw["query_precision"] = self.query_precision
         return attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=q.shape[1] != k.shape[1],
                           cache=cache, kind=layer.kind, offsets=offsets, query_positions=positions,
-                          backend=self.backend, **kw)
+                          backend=self.backend, max_seqlen_q=max_seqlen, **kw)
 
     def _run_native(self, x, offsets, positions, ts, collect=False, stats_window=None, return_stats=False):
         """Full causal pass over jagged tokens; optionally collect per-layer cache-form (k, v) and attention stats."""
@@ -231,14 +234,14 @@ class SequentialRecommender(nn.Module):
             x = layer.finish(x, a, p, cached=False)
         return self.final_norm(x), kvs, stats
 
-    def _run_cached(self, x, offsets, positions, ts, caches: Sequence[KVCache]):
+    def _run_cached(self, x, offsets, positions, ts, caches: Sequence[KVCache], max_seqlen=None):
         for li, layer in enumerate(self.layers):
             p = layer.project(x)
             q, k, v = layer.cached(p)
             if self.lsh is not None:
                 a = self.lsh.cached_attention(self, li, q, v, offsets, positions, ts, caches[li])
             else:
-                a = self._attend(li, q, k, v, offsets, positions, ts, cache=caches[li])
+                a = self._attend(li, q, k, v, offsets, positions, ts, cache=caches[li], max_seqlen=max_seqlen)
             x = layer.finish(x, a, p, cached=True)
         return x
 
@@ -376,23 +379,41 @@ class SequentialRecommender(nn.Module):
     def last_hidden(self, items, timestamps=None, lengths=None) -> torch.Tensor:
         """Full recompute: hidden state of each user's last token, ``[B, d]`` (every user needs >= 1 token)."""
         items, ts, offsets = _as_jagged(items, timestamps, lengths)
-        if bool(((offsets[1:] - offsets[:-1]) < 1).any()):
-            raise ValueError("items: every user needs at least one token")
+        if offsets.numel() > 1:
+            device_assert(((offsets[1:] - offsets[:-1]) >= 1).all(), "items: every user needs at least one token")
         self._check_serve_len(offsets, "items")
         uid, local = _user_index(offsets, items.numel())
         h, _, _ = self._run_native(self.embed(items, local), offsets, local, ts)
         return h[offsets[1:] - 1]
 
     def _check_serve_len(self, offsets, what: str, extra: Optional[torch.Tensor] = None):
-        # a data-dependent check: eager calls only, like the other input checks (torch.compile traces the hot path)
-        if not eager():
-            return
+        # a device assert (no host read): the serving step stays capturable
         lens = offsets[1:] - offsets[:-1]
         if extra is not None:
             lens = lens + extra
-        if lens.numel() and int(lens.max()) > self.MAX_SERVE_LEN:
-            raise ValueError(f"{what}: a sequence of {int(lens.max())} tokens exceeds the longest this model "
-                             f"serves (MAX_SERVE_LEN = {self.MAX_SERVE_LEN})")
+        if lens.numel():
+            device_assert(lens.max() <= self.MAX_SERVE_LEN, f"{what}: a sequence exceeds the longest this model "
+                          f"serves (MAX_SERVE_LEN = {self.MAX_SERVE_LEN})")
+
+    @staticmethod
+    def _check_request(offsets):
+        """Every user has at least one request token (a device assert, no host read)."""
+        if offsets.numel() > 1:
+            device_assert(((offsets[1:] - offsets[:-1]) >= 1).all(),
+                          "request items: every user needs at least one request token")
+
+    @staticmethod
+    def _request_bound(request_items, max_request_len: Optional[int]) -> Optional[int]:
+        """The ``max_seqlen_q`` of the serving step's attention calls: ``max_request_len`` when given, else the
+        padded input's width ``N`` (a static bound); a JaggedBatch without it has none (attention then reads the
+        longest request on the host)."""
+        if max_request_len is not None:
+            if isinstance(max_request_len, bool) or not isinstance(max_request_len, int) or max_request_len < 1:
+                raise ValueError(f"max_request_len must be an int >= 1, got {max_request_len!r}")
+            return max_request_len
+        if isinstance(request_items, torch.Tensor) and request_items.dim() == 2 and request_items.shape[1]:
+            return int(request_items.shape[1])
+        return None
 
     def encode_history(self, items, timestamps=None, lengths=None, *, method: str = "none", budget=None,
                        seed: int = 0, return_stats: bool = False, stats_window: Optional[int] = None,
@@ -437,28 +458,34 @@ class SequentialRecommender(nn.Module):
         return out
 
     def serve(self, request_items, request_timestamps=None, caches: Sequence[KVCache] = (), lengths=None, *,
-              return_all: bool = False) -> torch.Tensor:
+              return_all: bool = False, max_request_len: Optional[int] = None) -> torch.Tensor:
         """Run the request tokens over per-layer caches; returns each user's last hidden state ``[B, d]``
         (``return_all``: every request token's, jagged ``[T, d]``). Request positions continue after
-        ``cache.original_length``; every user needs at least one request token."""
+        ``cache.original_length``; every user needs at least one request token.
+
+        ``max_request_len``: a python int at least every user's request length (1 for a decode step), passed to
+        attention as ``max_seqlen_q``; padded ``[B, N]`` input defaults it to ``N``. With it (and a JaggedBatch
+        input) the step reads no device data on the host: every check is a device assert (README, "CUDA
+        graphs")."""
         if len(caches) != self.cfg.n_layers:
             raise ValueError(f"caches must hold one KVCache per layer ({self.cfg.n_layers}), got {len(caches)}")
         items, ts, offsets = _as_jagged(request_items, request_timestamps, lengths, what="request items")
         B = offsets.numel() - 1
         if caches[0].batch_size != B:
             raise ValueError(f"caches hold {caches[0].batch_size} users but the request has {B}")
-        if eager() and bool(((offsets[1:] - offsets[:-1]) < 1).any()):
-            raise ValueError("request items: every user needs at least one request token")
+        self._check_request(offsets)
         if (ts is None) != (caches[0].timestamp is None) and self.cfg.arch == "hstu":
             raise ValueError("request timestamps must be given exactly when the caches carry timestamps")
         self._check_serve_len(offsets, "history + request", caches[0].original_length.to(torch.int64))
         uid, local = _user_index(offsets, items.numel())
         positions = caches[0].original_length.to(torch.int64)[uid] + local
-        x = self._run_cached(self.embed(items, positions), offsets, positions, ts, caches)
+        x = self._run_cached(self.embed(items, positions), offsets, positions, ts, caches,
+                             max_seqlen=self._request_bound(request_items, max_request_len))
         h = self.final_norm(x)
         return h if return_all else h[offsets[1:] - 1]
 
-    def serve_step(self, request_items, request_timestamps=None, caches: Sequence[KVCache] = (), lengths=None):
+    def serve_step(self, request_items, request_timestamps=None, caches: Sequence[KVCache] = (), lengths=None, *,
+                   max_request_len: Optional[int] = None):
         """One online request: serve the request tokens over per-layer caches and grow the caches by them.
 
         Returns ``(hidden [B, d], caches)``: each user's last hidden state (as ``serve``) and every layer's cache
@@ -466,6 +493,9 @@ class SequentialRecommender(nn.Module):
         ``original_length``, the cache's policy keeps it within budget). Scoring policies get the statistics of
         this very attention call (``return_stats``, with the window their policy needs), so no extra pass runs.
         Models with learned sequence compression cache learned slots, not tokens, and cannot append.
+        ``max_request_len`` as in ``serve``: the model's part of the step (checks, embedding, attention) then reads
+        no device data on the host; ``KVCache.append`` still does (its checks and the grown capacity, README
+        "CUDA graphs").
         """
         from ..policies.online import serving_stats_request
         if self.cfg.seq_compress is not None:
@@ -477,23 +507,28 @@ class SequentialRecommender(nn.Module):
         B = offsets.numel() - 1
         if caches[0].batch_size != B:
             raise ValueError(f"caches hold {caches[0].batch_size} users but the request has {B}")
-        if bool(((offsets[1:] - offsets[:-1]) < 1).any()):
-            raise ValueError("request items: every user needs at least one request token")
+        self._check_request(offsets)
+        self._check_serve_len(offsets, "history + request", caches[0].original_length.to(torch.int64))
+        bound = self._request_bound(request_items, max_request_len)
         uid, local = _user_index(offsets, items.numel())
         positions = caches[0].original_length.to(torch.int64)[uid] + local
         x = self.embed(items, positions)
+
+        def pad(t):  # jagged -> [B, L(, ...)] at the static bound: append then reads no offsets on the host
+            return jagged_to_padded(t, offsets, max_len=bound, check=False)[0]
+        n_new = (offsets[1:] - offsets[:-1]).to(torch.int64)
         grown = []
         for li, layer in enumerate(self.layers):
             p = layer.project(x)
             q, k, v = layer.cached(p)
             need, window = serving_stats_request(caches[li])
             a = self._attend(li, q, k, v, offsets, positions, ts, cache=caches[li], return_stats=need,
-                             stats_window=window)
+                             stats_window=window, max_seqlen=bound)
             stats = None
             if need:
                 a, stats = a.output, a.stats
-            grown.append(caches[li].append(k, v, positions=positions, timestamps=ts, offsets=offsets,
-                                           stats=stats))
+            grown.append(caches[li].append(pad(k), pad(v), positions=pad(positions),
+                                           timestamps=None if ts is None else pad(ts), lengths=n_new, stats=stats))
             x = layer.finish(x, a, p, cached=True)
         h = self.final_norm(x)
         return h[offsets[1:] - 1], grown

@@ -43,8 +43,9 @@ def _shift(z: torch.Tensor, offsets: torch.Tensor, last: torch.Tensor) -> torch.
     if not z.shape[0]:
         return z
     prev = torch.cat([z.new_zeros(1, z.shape[1]), z[:-1]])
-    nonempty = (offsets[1:] - offsets[:-1]) > 0
-    return prev.index_copy(0, offsets[:-1][nonempty], last[nonempty].to(z.dtype))
+    # per token, not per user: no boolean indexing (its size is data, a host read in a serving step)
+    uid, local = _user_index(offsets, z.shape[0])
+    return torch.where((local == 0)[:, None], last.to(z.dtype)[uid], prev)
 
 
 def _last_rows(z: torch.Tensor, offsets: torch.Tensor, carried: torch.Tensor) -> torch.Tensor:
@@ -197,8 +198,7 @@ class RWKVRecommender(SequentialRecommender):
     def _request(self, request_items, request_timestamps, caches, lengths):
         items, _, offsets = _as_jagged(request_items, request_timestamps, lengths, what="request items")
         self._check_states(caches, offsets.numel() - 1)
-        if bool(((offsets[1:] - offsets[:-1]) < 1).any()):
-            raise ValueError("request items: every user needs at least one request token")
+        SequentialRecommender._check_request(offsets)    # a device assert: no host read in the serving step
         uid, local = _user_index(offsets, items.numel())
         positions = caches[0].original_length.to(torch.int64)[uid] + local
         return self._run(items, positions, offsets, caches), offsets

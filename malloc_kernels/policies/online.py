@@ -49,7 +49,7 @@ import torch
 
 from ..cache.quant import quantize_tensor
 from ..cache.types import FLOAT_FORMAT, KVCache, register_append
-from ..core.layout import broadcast_per_entry, jagged_to_padded
+from ..core.layout import broadcast_per_entry, device_assert, jagged_to_padded
 from ..core.policy_spec import PolicySpec
 from .budget import Budget, largest_fitting, token_budgets
 from .base import CONTEXT_KEYS, PolicyInput
@@ -304,13 +304,14 @@ def check_new_entries(cache: KVCache, key, value, positions=None, timestamps=Non
         if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) or lengths.is_floating_point():
             raise ValueError(f"lengths must be an integer tensor [B]={B}, got {lengths!r}")
         n = lengths.to(device=dev, dtype=torch.int64)
-        if B and (int(n.min()) < 0 or int(n.max()) > L):
-            raise ValueError(f"lengths must be within [0, L={L}], got {n.tolist()}")
+        if B:
+            device_assert(((n >= 0) & (n <= L)).all(), f"lengths must be within [0, L={L}]")
+    # every data rule below is a device assert: no host read, so append adds no synchronisation to a serving step
     valid = torch.arange(L, device=dev) < n[:, None]                                 # [B, L]
     v4 = valid[:, None, :, None]
-    if not bool(torch.isfinite(torch.where(v4, key, torch.zeros((), dtype=key.dtype, device=dev))).all()) or \
-            not bool(torch.isfinite(torch.where(v4, value, torch.zeros((), dtype=key.dtype, device=dev))).all()):
-        raise ValueError("key/value to append have NaN or infinite values; a cache stores finite entries only")
+    device_assert((torch.isfinite(torch.where(v4, key, torch.zeros((), dtype=key.dtype, device=dev))).all() &
+                   torch.isfinite(torch.where(v4, value, torch.zeros((), dtype=key.dtype, device=dev))).all()),
+                  "key/value to append have NaN or infinite values; a cache stores finite entries only")
     orig = cache.original_length.to(torch.int64)
     if positions is None:
         pos = (orig[:, None] + torch.arange(L, device=dev))[:, None].expand(B, H, L)
@@ -318,19 +319,20 @@ def check_new_entries(cache: KVCache, key, value, positions=None, timestamps=Non
         pos = _per_entry(positions, "positions", B, H, L, offsets, dev)
     v3 = valid[:, None, :].expand(B, H, L)
     vp = torch.where(v3, pos, torch.zeros_like(pos))
-    if bool((vp < 0).any()) or bool((vp > INT32_MAX).any()):
-        raise ValueError(f"positions must fit int32 [0, {INT32_MAX}], got range [{int(vp.min())}, {int(vp.max())}]")
-    if L > 1 and bool(((pos[..., 1:] <= pos[..., :-1]) & v3[..., 1:]).any()):
-        raise ValueError("positions of the appended entries must be strictly increasing")
+    device_assert(((vp >= 0) & (vp <= INT32_MAX)).all(), f"positions must fit int32 [0, {INT32_MAX}]")
+    if L > 1:
+        device_assert(~((pos[..., 1:] <= pos[..., :-1]) & v3[..., 1:]).any(),
+                      "positions of the appended entries must be strictly increasing")
     last = torch.full((B, H), -1, dtype=torch.int64, device=dev)
     for seg in _segments(cache):
         ok = torch.arange(seg.capacity, device=dev) < seg.length.to(torch.int64)[..., None]
         p = torch.where(ok, seg.position.to(torch.int64), torch.full_like(seg.position, -1, dtype=torch.int64))
         if seg.capacity:
             last = torch.maximum(last, p.max(dim=-1).values)
-    if L and bool(((pos[..., 0] <= last) & v3[..., 0]).any()):
-        raise ValueError("positions must come after every stored entry's position (append adds entries after "
-                         "the history); the default continues each user's original_length")
+    if L:
+        device_assert(~((pos[..., 0] <= last) & v3[..., 0]).any(),
+                      "positions must come after every stored entry's position (append adds entries after "
+                      "the history); the default continues each user's original_length")
     ts = None
     if (timestamps is None) != (cache.timestamp is None):
         raise ValueError("timestamps must be given exactly when the cache carries timestamps")
@@ -349,8 +351,7 @@ def check_new_entries(cache: KVCache, key, value, positions=None, timestamps=Non
         if c.shape != (B, H, L):
             raise ValueError(f"counts must be [B, L] or [B, Hkv, L] = {(B, H, L)}, got {tuple(c.shape)}")
         c = torch.where(v3, c.to(device=dev, dtype=torch.float32), torch.zeros((), device=dev))
-        if not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
-            raise ValueError("counts must be finite and >= 0")
+        device_assert((torch.isfinite(c) & (c >= 0)).all(), "counts must be finite and >= 0")
         cnt = c.contiguous()
     zero4 = torch.zeros((), dtype=key.dtype, device=dev)
     return New(torch.where(v4, key, zero4).contiguous(), torch.where(v4, value, zero4).contiguous(), n,
@@ -425,8 +426,9 @@ def append_cache(cache: KVCache, key, value, positions=None, timestamps=None, le
     policy = make_policy(spec)
     _, ctx = split_params(spec.param_dict())
     orig_new = (cache.original_length.to(torch.int64) + new.n).to(torch.int32)
-    if orig_new.numel() and int(orig_new.max()) > INT32_MAX:
-        raise ValueError("original_length would overflow int32")
+    if orig_new.numel():
+        device_assert((cache.original_length.to(torch.int64) + new.n).max() <= INT32_MAX,
+                      "original_length would overflow int32")
     mode = mass_mode(policy)
     masses = (None, None, None)
     if mode is not None:

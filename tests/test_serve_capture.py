@@ -1,0 +1,164 @@
+"""The models' cached serving step read as a CUDA graph would capture it: HSTU's and SASRec's ``serve`` /
+``serve_step`` given a JaggedBatch and ``max_request_len`` read no device data on the host, build no tensor from
+host data and size nothing by data (the watcher of the attention launcher's test, on the real dispatcher), on the
+``cpu`` backend and on Triton under the interpreter; every input check is a device assert and still raises its
+``ValueError`` on CPU tensors. The one host read left is ``KVCache.append``'s grown capacity (README, "CUDA
+graphs")."""
+import numpy as np
+import pytest
+import torch
+
+from host_sync_watch import Watch
+from malloc_kernels.data import make_jagged
+from malloc_kernels.models import HSTU, SASRec, SequentialRecommender
+
+N_ITEMS, N_LAYERS = 30, 2
+HIST = (5, 3, 1, 0)          # ragged histories, one empty
+
+
+def _model(arch, backend):
+    torch.manual_seed(0)
+    m = (HSTU if arch == "hstu" else SASRec)(N_ITEMS, d_model=16, n_heads=2, n_layers=N_LAYERS, max_len=16)
+    m.eval()
+    m.backend = backend
+    return m
+
+
+def _history_and_request(per_user=1, items=None):
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(1, N_ITEMS + 1, size=n) for n in HIST]
+    tss = [np.sort(rng.integers(0, 10 ** 6, size=n)) for n in HIST]
+    req = [rng.integers(1, N_ITEMS + 1, size=per_user) for _ in HIST] if items is None else items
+    rts = [np.full(len(r), 10 ** 7) + np.arange(len(r)) for r in req]
+    return make_jagged(seqs, tss), make_jagged(req, rts)
+
+
+def _backend_param(backend):
+    if backend == "triton":
+        import os
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("the triton backend runs CPU tensors under TRITON_INTERPRET=1 only (conftest sets it)")
+    return backend
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("arch", ["hstu", "sasrec"])
+def test_decode_step_has_no_host_sync(arch, backend):
+    """One token per user over the per-layer caches: ``serve`` is entirely free of host reads, host data and
+    data-sized ops; ``serve_step`` (the same plus ``KVCache.append`` per layer) has exactly one host read per
+    layer, the grown cache's capacity, and nothing else; both give the results of the unbounded eager call."""
+    m = _model(arch, _backend_param(backend))
+    hist, req = _history_and_request()
+    with torch.no_grad():
+        caches = m.encode_history(hist)
+        ref_h = m.serve(req, caches=caches)
+        ref_step, ref_grown = m.serve_step(req, caches=caches)
+        m.serve_step(req, caches=caches, max_request_len=1)     # one-time caches (placeholders, thresholds) fill here
+        with Watch() as w:
+            h = m.serve(req, caches=caches, max_request_len=1)
+        assert not w.bad(), w.bad()
+        assert "_assert_async" in w.seen             # the checks ran, on the device
+        with Watch() as w:
+            h_step, grown = m.serve_step(req, caches=caches, max_request_len=1)
+    assert w.bad() == ["_local_scalar_dense"] and w.seen.count("_local_scalar_dense") == N_LAYERS, w.bad()
+    torch.testing.assert_close(h, ref_h, rtol=0, atol=0)
+    torch.testing.assert_close(h_step, ref_step, rtol=0, atol=0)
+    for a, b in zip(grown, ref_grown):
+        for f in ("k", "v", "length", "position", "timestamp", "original_length"):
+            torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=0, atol=0)
+
+
+def _step(m, hist, req, **kw):
+    with torch.no_grad():
+        return m.serve_step(req, caches=m.encode_history(hist), **kw)
+
+
+@pytest.mark.parametrize("arch", ["hstu", "sasrec"])
+def test_former_host_checks_still_raise(arch, monkeypatch):
+    """Each check of the serving step that read the host now is a device assert: on CPU tensors it raises the same
+    ``ValueError`` (its message minus the offending values, which only a host read could print)."""
+    m = _model(arch, "cpu")
+    hist, req = _history_and_request()
+    for bad in (0, N_ITEMS + 1):
+        _, breq = _history_and_request(items=[np.array([bad])] + [np.array([1])] * (len(HIST) - 1))
+        with pytest.raises(ValueError, match=f"item ids must be in 1..{N_ITEMS}"):
+            _step(m, hist, breq, max_request_len=1)
+    _, empty = _history_and_request(items=[np.array([], dtype=np.int64)] + [np.array([1])] * (len(HIST) - 1))
+    for fn in (m.serve_step, m.serve):
+        with pytest.raises(ValueError, match="every user needs at least one request token"):
+            with torch.no_grad():
+                fn(empty, caches=m.encode_history(hist), max_request_len=1)
+    _, two = _history_and_request(per_user=2)
+    with pytest.raises(ValueError, match="max_seqlen_q=1 is smaller than the longest"):
+        _step(m, hist, two, max_request_len=1)
+    with pytest.raises(ValueError, match="max_request_len must be an int >= 1"):
+        _step(m, hist, req, max_request_len=0)
+    monkeypatch.setattr(SequentialRecommender, "MAX_SERVE_LEN", 5)
+    with pytest.raises(ValueError, match="exceeds the longest this model serves"):
+        _step(m, hist, req, max_request_len=1)
+
+
+def test_padded_request_lengths_checked_on_device():
+    m = _model("sasrec", "cpu")
+    caches = m.encode_history(torch.tensor([[1, 2], [3, 0]]))
+    with pytest.raises(ValueError, match=r"request items lengths must be \[B\]=2 within \[0, 1\]"):
+        m.serve_step(torch.tensor([[1], [2]]), caches=caches, lengths=torch.tensor([1, 2]))
+
+
+def test_append_contents_checks_are_device_asserts():
+    """``KVCache.append``'s checks (the cache's contents and the new entries) raise without a host read."""
+    m = _model("sasrec", "cpu")
+    hist, _ = _history_and_request()
+    with torch.no_grad():
+        c = m.encode_history(hist)[0]
+    B, H, _, D = c.k.shape
+    k = torch.randn(B, H, 1, D)
+    pos = c.original_length.to(torch.int64)[:, None]
+    cases = [
+        (dict(key=k.masked_fill(torch.ones_like(k, dtype=torch.bool), float("nan"))), "NaN or infinite"),
+        (dict(lengths=torch.full((B,), 2)), r"lengths must be within \[0, L=1\]"),
+        (dict(positions=(pos - 1).clamp(min=0)), "positions must come after every stored entry"),
+        (dict(positions=pos * 0 - 1), "positions must fit int32"),
+        (dict(counts=torch.full((B, 1), -1.0)), "counts must be finite and >= 0"),
+    ]
+    for kw, msg in cases:
+        args = dict(key=k, value=k, positions=pos, timestamps=pos * 0 + 10 ** 7 if c.timestamp is not None else None)
+        args.update(kw)
+        with Watch() as w, pytest.raises(ValueError, match=msg):
+            c.append(**args)
+        assert "_local_scalar_dense" not in w.seen, msg
+    two = torch.randn(B, H, 2, D)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        c.append(two, two, positions=torch.cat([pos, pos], 1) + 1)
+    broken = c.replace(k=c.k.masked_fill(torch.ones_like(c.k, dtype=torch.bool), float("inf")))
+    with pytest.raises(ValueError, match=r"cache\.k holds a non-finite value"):
+        broken.append(k, k)
+    with pytest.raises(ValueError, match=r"cache\.length must be within \[0, capacity="):
+        c.replace(length=c.length + c.capacity + 1).append(k, k)
+    with pytest.raises(ValueError, match="original_length would overflow int32"):
+        c.replace(original_length=torch.full_like(c.original_length, 2 ** 31 - 1),
+                  position=torch.zeros_like(c.position)).append(k, k, positions=torch.zeros(B, 1, dtype=torch.int64)
+                                                                 + 2 ** 31 - 1, timestamps=pos * 0 + 10 ** 7)
+
+
+def test_rwkv_serve_step_has_no_host_sync():
+    """RWKV's serving step (token shift, WKV from the carried state, the new state) reads nothing on the host,
+    ragged users and an empty history included, and equals the unwatched call; an empty request user still
+    raises."""
+    from malloc_kernels.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(arch="rwkv", n_items=N_ITEMS, d_model=16, n_layers=N_LAYERS, dropout=0.0)).eval()
+    hist, req = _history_and_request()
+    with torch.no_grad():
+        states = m.encode_history(hist)
+        ref_h, ref_states = m.serve_step(req, caches=states)
+        with Watch() as w:
+            h, new = m.serve_step(req, caches=states)
+        assert not w.bad(), w.bad()
+        torch.testing.assert_close(h, ref_h, rtol=0, atol=0)
+        for a, b in zip(new, ref_states):
+            torch.testing.assert_close(a.wkv, b.wkv, rtol=0, atol=0)
+        _, empty = _history_and_request(items=[np.array([], dtype=np.int64)] + [np.array([1])] * (len(HIST) - 1))
+        with pytest.raises(ValueError, match="every user needs at least one request token"):
+            m.serve_step(empty, caches=states)
