@@ -9,6 +9,7 @@ import torch
 import malloc_kernels as mk
 import malloc_kernels.loss  # noqa: F401  (each family registers its backends when its package is imported)
 import malloc_kernels.memory  # noqa: F401
+import malloc_kernels.ops.wkv  # noqa: F401
 from malloc_kernels.cache import quant
 from malloc_kernels.core import extension, registry
 from malloc_kernels.ops import quantize
