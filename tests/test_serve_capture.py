@@ -91,8 +91,11 @@ def test_former_host_checks_still_raise(arch, monkeypatch):
     _, two = _history_and_request(per_user=2)
     with pytest.raises(ValueError, match="max_seqlen_q=1 is smaller than the longest"):
         _step(m, hist, two, max_request_len=1)
-    with pytest.raises(ValueError, match="max_request_len must be an int >= 1"):
+    with pytest.raises(ValueError, match="max_request_len must be >= 1"):
         _step(m, hist, req, max_request_len=0)
+    for wrong in ("1", 1.0, True):
+        with pytest.raises(TypeError, match="max_request_len must be an int"):
+            _step(m, hist, req, max_request_len=wrong)
     monkeypatch.setattr(SequentialRecommender, "MAX_SERVE_LEN", 5)
     with pytest.raises(ValueError, match="exceeds the longest this model serves"):
         _step(m, hist, req, max_request_len=1)

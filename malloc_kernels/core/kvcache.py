@@ -60,13 +60,13 @@ from .layout import device_assert
 from .policy_spec import PolicySpec
 
 
-
 def _require_where(ok: torch.Tensor, mask: torch.Tensor, message: str) -> None:
     """``ok`` holds wherever ``mask`` (its leading dims) is true: ``ok[mask].all()`` without boolean indexing (whose
     output size is data: a host synchronisation), as one ``device_assert``."""
     if ok.numel():
         ok = ok.reshape(*mask.shape, -1).all(-1) if ok.dim() > mask.dim() else ok
         device_assert((ok | ~mask).all(), message)
+
 
 @dataclass
 class KVCacheBase:

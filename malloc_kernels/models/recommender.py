@@ -379,8 +379,7 @@ class SequentialRecommender(nn.Module):
     def last_hidden(self, items, timestamps=None, lengths=None) -> torch.Tensor:
         """Full recompute: hidden state of each user's last token, ``[B, d]`` (every user needs >= 1 token)."""
         items, ts, offsets = _as_jagged(items, timestamps, lengths)
-        if offsets.numel() > 1:
-            device_assert(((offsets[1:] - offsets[:-1]) >= 1).all(), "items: every user needs at least one token")
+        self._check_nonempty(offsets, "items: every user needs at least one token")
         self._check_serve_len(offsets, "items")
         uid, local = _user_index(offsets, items.numel())
         h, _, _ = self._run_native(self.embed(items, local), offsets, local, ts)
@@ -396,11 +395,10 @@ class SequentialRecommender(nn.Module):
                           f"serves (MAX_SERVE_LEN = {self.MAX_SERVE_LEN})")
 
     @staticmethod
-    def _check_request(offsets):
-        """Every user has at least one request token (a device assert, no host read)."""
+    def _check_nonempty(offsets, message: str = "request items: every user needs at least one request token"):
+        """Every user has at least one token (a device assert, no host read)."""
         if offsets.numel() > 1:
-            device_assert(((offsets[1:] - offsets[:-1]) >= 1).all(),
-                          "request items: every user needs at least one request token")
+            device_assert(((offsets[1:] - offsets[:-1]) >= 1).all(), message)
 
     @staticmethod
     def _request_bound(request_items, max_request_len: Optional[int]) -> Optional[int]:
@@ -408,8 +406,10 @@ class SequentialRecommender(nn.Module):
         padded input's width ``N`` (a static bound); a JaggedBatch without it has none (attention then reads the
         longest request on the host)."""
         if max_request_len is not None:
-            if isinstance(max_request_len, bool) or not isinstance(max_request_len, int) or max_request_len < 1:
-                raise ValueError(f"max_request_len must be an int >= 1, got {max_request_len!r}")
+            if isinstance(max_request_len, bool) or not isinstance(max_request_len, int):
+                raise TypeError(f"max_request_len must be an int, got {type(max_request_len).__name__}")
+            if max_request_len < 1:
+                raise ValueError(f"max_request_len must be >= 1, got {max_request_len}")
             return max_request_len
         if isinstance(request_items, torch.Tensor) and request_items.dim() == 2 and request_items.shape[1]:
             return int(request_items.shape[1])
@@ -473,7 +473,7 @@ class SequentialRecommender(nn.Module):
         B = offsets.numel() - 1
         if caches[0].batch_size != B:
             raise ValueError(f"caches hold {caches[0].batch_size} users but the request has {B}")
-        self._check_request(offsets)
+        self._check_nonempty(offsets)
         if (ts is None) != (caches[0].timestamp is None) and self.cfg.arch == "hstu":
             raise ValueError("request timestamps must be given exactly when the caches carry timestamps")
         self._check_serve_len(offsets, "history + request", caches[0].original_length.to(torch.int64))
@@ -507,7 +507,7 @@ class SequentialRecommender(nn.Module):
         B = offsets.numel() - 1
         if caches[0].batch_size != B:
             raise ValueError(f"caches hold {caches[0].batch_size} users but the request has {B}")
-        self._check_request(offsets)
+        self._check_nonempty(offsets)
         self._check_serve_len(offsets, "history + request", caches[0].original_length.to(torch.int64))
         bound = self._request_bound(request_items, max_request_len)
         uid, local = _user_index(offsets, items.numel())

@@ -167,8 +167,7 @@ class RWKVRecommender(SequentialRecommender):
     def last_hidden(self, items, timestamps=None, lengths=None) -> torch.Tensor:
         """Full recompute: hidden state of each user's last token, ``[B, d]`` (every user needs >= 1 token)."""
         items, _, offsets = _as_jagged(items, timestamps, lengths)
-        if bool(((offsets[1:] - offsets[:-1]) < 1).any()):
-            raise ValueError("items: every user needs at least one token")
+        SequentialRecommender._check_nonempty(offsets, "items: every user needs at least one token")
         _, local = _user_index(offsets, items.numel())
         h, _ = self._run(items, local, offsets, None)
         return h[offsets[1:] - 1]
@@ -198,7 +197,7 @@ class RWKVRecommender(SequentialRecommender):
     def _request(self, request_items, request_timestamps, caches, lengths):
         items, _, offsets = _as_jagged(request_items, request_timestamps, lengths, what="request items")
         self._check_states(caches, offsets.numel() - 1)
-        SequentialRecommender._check_request(offsets)    # a device assert: no host read in the serving step
+        SequentialRecommender._check_nonempty(offsets)    # a device assert: no host read in the serving step
         uid, local = _user_index(offsets, items.numel())
         positions = caches[0].original_length.to(torch.int64)[uid] + local
         return self._run(items, positions, offsets, caches), offsets
