@@ -12,6 +12,7 @@ Shared by the hypothesis fuzz test (``test_hostile_inputs.py``) and the coverage
 """
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from typing import Dict, List, Tuple
@@ -149,9 +150,44 @@ def attention_on(backend: str, q, k, v, cache=None, **kw):
     return out.to("cpu") if isinstance(out, torch.Tensor) else result_to(out, "cpu")
 
 
+def _score_rounding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cache: mk.KVCache) -> Tuple[float, float, float]:
+    """``(e, v_max, mass)``: a bound ``e`` on the float32 rounding error of any one attention score of the call,
+    the largest |value| an output row can weight, and the sum of the valid entries' counts (merged entries count
+    as many; the request's two keys count 1 each). A D-term dot product in any order errs by at most (D + 1) u
+    sum_d |q_d k_d| (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., section 3.1), bounded by
+    max |q| times the largest L1 norm of a key (request keys and the cache's, dequantized, 0 on padding)."""
+    k_l1, v_max, mass = k.double().abs().sum(-1).max().item(), v.double().abs().max().item(), 2.0
+    for seg in (cache, cache.residual):
+        if seg is not None and seg.capacity:
+            sk, sv = seg.dequantize(torch.float64)
+            k_l1, v_max = max(k_l1, sk.abs().sum(-1).max().item()), max(v_max, sv.abs().max().item())
+            valid = torch.arange(seg.capacity)[None, None, :] < seg.length[..., None].long()
+            counts = seg.count.double() if seg.count is not None else torch.ones(valid.shape, dtype=torch.float64)
+            mass += counts.where(valid, 0.0).sum(-1).max().item()
+    D = q.shape[-1]
+    return (D + 1) * 2.0 ** -24 * D ** -0.5 * q.double().abs().max().item() * k_l1, v_max, mass
+
+
+def rounding_allowance(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: mk.KVCache,
+                       hstu: bool) -> Dict[str, float]:
+    """How far float32 score rounding may move each compared result of one side (``_serve``'s docstring)."""
+    e, v_max, mass = _score_rounding(q, k, v, cache)
+    n = max(1, int(cache.original_length[0]))
+    return {"output": (1.1 * e * mass / n if hstu else math.expm1(min(2 * e, 700.0))) * v_max, "lse": e}
+
+
 def _serve(cache: mk.KVCache, seed: int, backends) -> None:
     """Every backend of ``backends`` (default: every available one) against the reference on this cache (softmax,
-    and HSTU with a position/time bias at extreme timestamps when the cache has timestamps)."""
+    and HSTU with a position/time bias at extreme timestamps when the cache has timestamps).
+
+    Which rows are NaN or non-finite must match the float32 reference exactly; finite values must agree with the
+    float32 reference within 2e-3 of the result's scale plus what float32 rounding of the scores may move on each
+    side: a fuzzed blob may hold keys of magnitude 1e5 that nearly tie, where any float32 score (the
+    reference's, PyTorch's, every kernel's) is off by O(1) and the softmax weights by tens of percent. A score
+    error e moves each softmax weight by a factor within exp(+-2e), so an output by at most (exp(2e) - 1) max |v|,
+    and an lse by e; HSTU's SiLU has slope below 1.1, so its output (sum_j c_j silu(s_j) v_j / n) moves by at
+    most 1.1 e max |v| sum_j c_j / n."""
     H, D = cache.num_kv_heads, cache.head_dim
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, H, 2, D, generator=g) for _ in range(3))
@@ -165,7 +201,7 @@ def _serve(cache: mk.KVCache, seed: int, backends) -> None:
     # Float payloads within ~1e8 of float32's range (|x| > FP32_EDGE) make a float32 dot product or weighted sum
     # overflow in an order-dependent way: the reference and a kernel may then legitimately disagree on which rows
     # become inf/NaN. There the oracle checks only that every backend serves without crashing or reading out of
-    # bounds; below the edge, results must agree exactly as below.
+    # bounds; below the edge, results must agree as above.
     edge = any(t.is_floating_point() and t.numel() and t.float().abs().max().item() > FP32_EDGE
                for seg in (cache, cache.residual) if seg is not None for t in (seg.k, seg.v))
     for kw in calls:
@@ -178,6 +214,8 @@ def _serve(cache: mk.KVCache, seed: int, backends) -> None:
                         pass
             continue
         ref = mk.attention(q, k, v, cache=cache, is_causal=True, backend="reference", **kw)
+        hstu = kw["kind"] == "hstu"
+        moved = rounding_allowance(q, k, v, cache, hstu)
         for be in (mk.available_backends() if backends is None else backends):
             if be in ("reference", "auto"):
                 continue
@@ -185,16 +223,19 @@ def _serve(cache: mk.KVCache, seed: int, backends) -> None:
                 got = attention_on(be, q, k, v, cache, is_causal=True, **kw)
             except NotImplementedError:
                 continue
-            for name, a, b in (("output", ref if kw["kind"] == "hstu" else ref.output,
-                                got if kw["kind"] == "hstu" else got.output),) + (
-                    (("lse", ref.lse, got.lse),) if kw["kind"] == "softmax" else ()):
+            pairs = [("output", ref if hstu else ref.output, got if hstu else got.output)]
+            if not hstu:
+                pairs.append(("lse", ref.lse, got.lse))
+            for name, a, b in pairs:
                 assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{be} {kw['kind']} {name}: NaN rows differ"
                 fin = torch.isfinite(a)
                 assert torch.equal(fin, torch.isfinite(b)), f"{be} {kw['kind']} {name}: finite entries differ"
                 if fin.any():
                     err = (a[fin].double() - b[fin].double()).abs().max().item()
                     scale = 1.0 + a[fin].double().abs().max().item()
-                    assert err <= 2e-3 * scale, f"{be} {kw['kind']} {name}: max error {err:.3g} (scale {scale:.3g})"
+                    tol = 2e-3 * scale + 2 * moved[name]
+                    assert err <= tol, f"{be} {kw['kind']} {name}: max error {err:.3g} > {tol:.3g} " \
+                        f"(scale {scale:.3g}, float32 rounding allowance {moved[name]:.3g})"
 
 
 def check_blob(blob: bytes, seed: int = 0, serve: bool = True, backends=None) -> str:
