@@ -211,3 +211,24 @@ def test_decode_code_layout_gqa_groups(fmt, params, hq, hkv, L):
     cache = mk.compress(hk, hv, fmt, lengths=torch.tensor([97, 33, 1]), **params)
     got, want, yard = _run_both(q, k, v, cache, is_causal=True, return_lse=True, return_stats=True)
     _close(got, want, yard)
+
+
+@pytest.mark.parametrize("D", [64, 128, 32])
+@pytest.mark.parametrize("group,lq", [(2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (4, 1), (5, 1), (7, 1), (8, 1)])
+def test_decode_code_layout_row_groups(D, group, lq):
+    # The several-row decode from the codes (R = group x Lq rows of one kv head, 2..7: code layout rows in groups
+    # of up to four; 8: the register tiles), softmax and hstu, every code-layout format: token-axis keys (int8,
+    # int4/int2 token), channel-axis keys (int4/int2, kivi), several value groups per row (group 16: int8's two
+    # weight vectors per key). Ragged lengths: an empty row, 5 keys (below one 8-key step), odd lengths that end
+    # mid-step / mid-block, a full odd capacity (131).
+    hkv = 2
+    q, k, v, hk, hv = _data(4, group * hkv, hkv, lq, 131, D, seed=1000 * group + 10 * lq + D)
+    lengths = torch.tensor([131, 0, 5, 66])
+    formats = [("int8", {}), ("int4", {}), ("int2", {}), ("kivi4", {}), ("kivi2", {}),
+               ("int4", {"k_axis": "token", "group_size": D}), ("int8", {"group_size": 16}),
+               ("int4", {"group_size": 16}), ("int2", {"k_axis": "token", "group_size": 16})]
+    for fmt, params in formats:
+        cache = mk.compress(hk, hv, fmt, lengths=lengths, **params)
+        for kind in ("softmax", "hstu"):
+            got, want, yard = _run_both(q, k, v, cache, is_causal=True, kind=kind, enable_gqa=True)
+            _close(got, want, yard)

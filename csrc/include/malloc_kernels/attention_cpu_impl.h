@@ -14,6 +14,8 @@
 //   lanes_avx2.h        vector widths of the code layout: D = 32 / 64 / 128 (Lanes128 / 256 / 256x2 or 512)
 //   code_layout_avx2.h  the code layout of int8/int4/int2 rows (and + convert, no shuffles), templated on lanes
 //   code_pairs_avx512.h AVX-512: the D = 64 one-row loops with two keys per 512-bit register
+//   code_rows_avx512.h  AVX-512: the D = 64 several-row (GQA) loops, two keys per register, codes expanded once
+//                       per group of up to four rows
 //   from_codes_avx2.h   the cache segment of a chunk straight from the codes (CacheFromCodes)
 //   row_tiles.h         register-tiled micro-kernels for chunks of many rows (query rows in vector lanes; the
 //                       SIMD builds)
@@ -40,6 +42,7 @@
 #include "malloc_kernels/attention_cpu/codes_avx2.h"
 #ifdef MK_ISA_AVX512
 #include "malloc_kernels/attention_cpu/code_pairs_avx512.h"
+#include "malloc_kernels/attention_cpu/code_rows_avx512.h"
 #include "malloc_kernels/attention_cpu/tile_codes_avx512.h"
 #endif
 #include "malloc_kernels/attention_cpu/int8_query.h"

@@ -11,6 +11,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -71,6 +72,7 @@ template <Fmt F, class W>
 struct Codes {
   using V = typename W::F;
   typename W::I lo, hi;
+  Codes() = default;
   explicit Codes(const uint8_t* row) {
     if constexpr (F == Fmt::INT4) {
       lo = W::words(row);  // D / 2 bytes = L words of 8 nibbles
@@ -322,6 +324,51 @@ struct RowLoops {
   static void pv(const float* pw, int ngr, const typename W::GI* gidx, const uint8_t* V, int64_t rb, int n,
                  float* Op, int64_t pfo) {
     pv_code_layout_r1<F, W, WM>(pw, ngr, gidx, V, rb, n, Op, pfo);
+  }
+};
+
+// The several-query-row loops of the decode (R >= 2 rows of one kv head: GQA heads x queries) for lanes W: rows
+// in groups of up to 4, each key's codes expanded once per group. Q K^T straight from the codes (qk_code_quad);
+// S[r * lds + j] = <qp_r, code_j> + add[r] (qp: R rows of D floats in code layout).
+template <Fmt F, class W>
+inline void qk_code_row_quads(int R, const float* qp, const float* add, const uint8_t* K, int64_t rb, int n, float* S,
+                              int lds, int64_t pfo) {
+  constexpr int D = 8 * W::L;
+  for (int r0 = 0; r0 < R; r0 += 4)
+    qk_code_quad<F, W>(std::min(4, R - r0), qp + r0 * D, add + r0, K, rb, n, S + r0 * lds, lds, r0 == 0 ? pfo : 0);
+}
+
+// P V through float tiles of KB keys, each expanded once and shared by every row (tile + weights stay in L1): Op
+// rows (code layout, stride D) += sum_j pw_rj (x) v_t(code_j) (pw row r at r * pwld, ngr weights per key); tile:
+// scratch of KB * D floats.
+template <Fmt F, class W, int WM>
+inline void pv_code_row_tiles(int R, const float* pw, int pwld, int ngr, const typename W::GI* gidx, const uint8_t* V,
+                              int64_t rb, int n, float* Op, float* tile, int64_t pfo) {
+  constexpr int D = 8 * W::L;
+  for (int v0 = 0; v0 < n; v0 += KB) {
+    const int nv = std::min(KB, n - v0);
+    expand_code_layout<F, W>(V + v0 * rb, rb, nv, tile, pfo);
+    const float* pw0 = pw + v0 * ngr;
+    int r = 0;
+    for (; r + 2 <= R; r += 2)
+      pv_code_tile2<F, W, WM>(pw0 + int64_t(r) * pwld, pw0 + int64_t(r + 1) * pwld, ngr, gidx, tile, nv, Op + r * D,
+                              Op + (r + 1) * D);
+    for (; r < R; ++r) pv_code_tile<F, W, WM>(pw0 + int64_t(r) * pwld, ngr, gidx, tile, nv, Op + r * D);
+  }
+}
+
+// The several-row loops of the decode for lanes W (the two above); the AVX-512 build specialises D = 64 and 128
+// (code_rows_avx512.h: wider key steps with one shared reduction, two keys per register at D = 64).
+template <Fmt F, class W>
+struct RowsLoops {
+  static void qk(int R, const float* qp, const float* add, const uint8_t* K, int64_t rb, int n, float* S, int lds,
+                 int64_t pfo) {
+    qk_code_row_quads<F, W>(R, qp, add, K, rb, n, S, lds, pfo);
+  }
+  template <int WM>
+  static void pv(int R, const float* pw, int pwld, int ngr, const typename W::GI* gidx, const uint8_t* V,
+                 int64_t rb, int n, float* Op, float* tile, int64_t pfo) {
+    pv_code_row_tiles<F, W, WM>(R, pw, pwld, ngr, gidx, V, rb, n, Op, tile, pfo);
   }
 };
 

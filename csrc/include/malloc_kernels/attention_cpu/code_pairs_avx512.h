@@ -36,6 +36,24 @@ struct CodePair {
       hi = _mm512_inserti64x4(_mm512_castsi256_si512(load32(row + 32)), load32(row + rb + 32), 1);
     }
   }
+  // Only the first nk (0..2) of the two keys exist (a block's last keys): masked loads, so nothing past the last
+  // row is read (masked-out bytes neither fault nor count) and the missing key's lanes hold code 0.
+  CodePair(const uint8_t* row, int64_t rb, int nk) {
+    const __mmask16 m16 = __mmask16(nk >= 2 ? 0xFFFF : nk == 1 ? 0x00FF : 0);
+    if constexpr (F == Fmt::INT4) {
+      lo = _mm512_maskz_loadu_epi32(m16, row);
+      hi = lo;
+    } else if constexpr (F == Fmt::INT2) {
+      lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m16, row));
+      hi = lo;
+    } else {
+      const __mmask8 m0 = __mmask8(nk >= 1 ? 0xFF : 0), m1 = __mmask8(nk >= 2 ? 0xFF : 0);
+      lo = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi32(m0, row)),
+                              _mm256_maskz_loadu_epi32(m1, row + rb), 1);
+      hi = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_maskz_loadu_epi32(m0, row + 32)),
+                              _mm256_maskz_loadu_epi32(m1, row + rb + 32), 1);
+    }
+  }
   template <int T>
   __m512 get(const int32_t* mk) const {
     if constexpr (F == Fmt::INT4) {

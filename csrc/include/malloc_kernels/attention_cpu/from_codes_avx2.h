@@ -170,9 +170,7 @@ class CacheFromCodes {
         if (R == 1) {
           RowLoops<F, W>::qk(sc.qp.data(), k, rb, ns, S + s0, sc.zb[0], pfo);
         } else {
-          for (int r0 = 0; r0 < R; r0 += 4)
-            qk_code_quad<F, W>(std::min(4, R - r0), sc.qp.data() + r0 * D, sc.zb.data() + r0, k, rb, ns,
-                               S + r0 * DKB + s0, DKB, r0 == 0 ? pfo : 0);
+          RowsLoops<F, W>::qk(R, sc.qp.data(), sc.zb.data(), k, rb, ns, S + s0, DKB, pfo);
         }
       }
       return;
@@ -181,10 +179,8 @@ class CacheFromCodes {
     if (R == 1) {
       RowLoops<F, W>::qk(sc.qperm.data(), kb0, rb, n, S, 0.f, pfo);
     } else {
-      const float zero4[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int r0 = 0; r0 < R; r0 += 4)
-        qk_code_quad<F, W>(std::min(4, R - r0), sc.qperm.data() + r0 * D, zero4, kb0, rb, n, S + r0 * DKB, DKB,
-                           r0 == 0 ? pfo : 0);
+      std::fill(sc.zb.begin(), sc.zb.begin() + R, 0.f);
+      RowsLoops<F, W>::qk(R, sc.qperm.data(), sc.zb.data(), kb0, rb, n, S, DKB, pfo);
     }
     float* ksf = sc.ksf.data();
     float* kzf = sc.kzf.data();
@@ -374,17 +370,7 @@ class CacheFromCodes {
       if (R == 1) {
         RowLoops<F, W>::template pv<WM>(sc.pwr.data(), vng, gidx, vb0, rb, n, Op, pfo);
       } else {
-        // value tiles of KB keys (expanded once, shared by all rows) so that tile + weights stay in L1
-        for (int v0 = 0; v0 < n; v0 += KB) {
-          const int nv = std::min(KB, n - v0);
-          expand_code_layout<F, W>(vb0 + v0 * rb, rb, nv, sc.dV.data(), pfo);
-          const float* pw0 = sc.pwr.data() + v0 * vng;
-          int r = 0;
-          for (; r + 2 <= R; r += 2)
-            pv_code_tile2<F, W, WM>(pw0 + int64_t(r) * pwld, pw0 + int64_t(r + 1) * pwld, vng, gidx, sc.dV.data(),
-                                    nv, Op + r * D, Op + (r + 1) * D);
-          for (; r < R; ++r) pv_code_tile<F, W, WM>(pw0 + int64_t(r) * pwld, vng, gidx, sc.dV.data(), nv, Op + r * D);
-        }
+        RowsLoops<F, W>::template pv<WM>(R, sc.pwr.data(), pwld, vng, gidx, vb0, rb, n, Op, sc.dV.data(), pfo);
       }
     }
     // back to natural order: O_d = 2^-code_exp * Op + (sum_j p_j z_jg) of the element's group
