@@ -34,8 +34,8 @@ inline void for_c(Fn&& fn) { for_c_impl(fn, std::make_integer_sequence<int, N>{}
 // One step of qk_code_pairs_rows: keys j .. j + 7 (nk of them exist) for NR rows; rows r0, r0 + 1 of the scores
 // are written at S + r * lds + j (nk entries each).
 template <Fmt F, int NR>
-__attribute__((always_inline)) inline void qk_pairs_rows_step(const float* qp, const __m512* addv, const uint8_t* k0, int64_t rb, int nk,
-                               float* S, int lds) {
+__attribute__((always_inline)) inline void qk_pairs_rows_step(const float* qp, const __m512* addv, const uint8_t* k0,
+                                                            int64_t rb, int nk, float* S, int lds) {
   const int32_t* mk = launder(&kMasks<F, 16>.m[0][0]);
   const float* q = launder(qp);
   const bool full = nk == 8;
@@ -192,13 +192,16 @@ struct RowsLoops<F, Lanes256> {
   }
 };
 
+// The row a missing key reads (code 0): the longest D = 128 row (int8).
+alignas(64) inline constexpr uint8_t kZeroRow[128] = {};
+
 // D = 128 (Lanes512: one key per register, 16 lanes): one step of qk_code_rows512, KS keys x NR rows = up to 16
 // (row, key) sums, one accumulator each (8 FMAs deep), reduced together: each pair of sums folded into the two halves
 // of one register (two 128-bit shuffles and an add) and then sum_halves16 (lane KS r + k = row r, key k). Keys past
 // the nk that exist read a zero row (code 0) and their sums are not stored.
 template <Fmt F, int NR, int KS>
-__attribute__((always_inline)) inline void qk_rows512_step(const float* qp, __m512 addv, const uint8_t* k0, int64_t rb, int nk, float* S, int lds) {
-  alignas(64) static const uint8_t kZeroRow[128] = {};
+__attribute__((always_inline)) inline void qk_rows512_step(const float* qp, __m512 addv, const uint8_t* k0, int64_t rb,
+                                                         int nk, float* S, int lds) {
   const int32_t* mk = launder(Codes<F, Lanes512>::masks());
   const float* q = launder(qp);
   const bool full = nk == KS;
@@ -209,7 +212,9 @@ __attribute__((always_inline)) inline void qk_rows512_step(const float* qp, __m5
   for_t([&](auto T) {
     for_c<KS>([&](auto k) {
       const __m512 x = c[k].template get<T>(mk);
-      for_c<NR>([&](auto r) { a[KS * r + k] = _mm512_fmadd_ps(_mm512_loadu_ps(q + 128 * r + 16 * T), x, a[KS * r + k]); });
+      for_c<NR>([&](auto r) {
+        a[KS * r + k] = _mm512_fmadd_ps(_mm512_loadu_ps(q + 128 * r + 16 * T), x, a[KS * r + k]);
+      });
     });
   });
   __m512 b[8];

@@ -142,10 +142,12 @@ class CacheFromCodes {
         const int64_t g = (j0 + s0) / gs;
         const uint16_t* s16 = sg.k_scale + (bh * nkg + g) * D;
         const uint16_t* z16 = sg.k_zero ? sg.k_zero + (bh * nkg + g) * D : nullptr;
-        for (int r = 0; r < R; ++r) {
-          // per-channel key scale of this token group folded into the query, zero point into one offset per row
-          const float* q = sc.Q.data() + int64_t(r) * Dp_;
-          float* qpr = sc.qp.data() + r * D;
+        if (R > 1) {
+          fold_channel_rows<F, W>(sc, R, s16, z16);
+        } else {
+          // per-channel key scale of this token group folded into the query, zero point into one offset
+          const float* q = sc.Q.data();
+          float* qpr = sc.qp.data();
           __m256 v[D / 8];
           __m256 za = _mm256_setzero_ps();
           for (int c = 0; c < D / 8; ++c) {
@@ -155,7 +157,7 @@ class CacheFromCodes {
               za = _mm256_fmadd_ps(qv, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z16 + 8 * c))),
                                    za);
           }
-          sc.zb[r] = hsum(za);
+          sc.zb[0] = hsum(za);
           if constexpr (F == Fmt::INT8 || L != 8) {
             alignas(32) float nat[D];
             for (int c = 0; c < D / 8; ++c) _mm256_store_ps(nat + 8 * c, v[c]);
@@ -199,6 +201,32 @@ class CacheFromCodes {
     }
   }
 
+  // Several rows (R > 1): the group's per-channel key scales folded into every row's query in code layout, qp_r =
+  // qperm_r * s (s put in code layout once per key group, not once per row; qperm_r already holds q_r * 2^-code_exp,
+  // so the products equal the one-row path's (q * s) * 2^-code_exp exactly), and the zero points into zb_r = <q_r, z>.
+  template <Fmt F, class W>
+  void fold_channel_rows(Scratch& sc, int R, const uint16_t* s16, const uint16_t* z16) const {
+    constexpr int L = W::L, D = 8 * L;
+    alignas(32) float nat[D];
+    float* sperm = sc.cs.data();
+    halves_to_floats(s16, D, nat);
+    for (int t = 0; t < 8; ++t)
+      for (int c = 0; c < L; ++c) sperm[t * L + c] = nat[code_elem<F, L>(c, t)];
+    if (z16) halves_to_floats(z16, D, nat);
+    for (int r = 0; r < R; ++r) {
+      const float* qr = sc.qperm.data() + r * D;
+      float* qpr = sc.qp.data() + r * D;
+      for (int i = 0; i < D; i += 8)
+        _mm256_storeu_ps(qpr + i, _mm256_mul_ps(_mm256_loadu_ps(qr + i), _mm256_loadu_ps(sperm + i)));
+      __m256 za = _mm256_setzero_ps();
+      if (z16) {
+        const float* q = sc.Q.data() + int64_t(r) * Dp_;
+        for (int c = 0; c < D / 8; ++c) za = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), _mm256_loadu_ps(nat + 8 * c), za);
+      }
+      sc.zb[r] = hsum(za);
+    }
+  }
+
   // The cache segment of a chunk straight from the codes (see Codes), blocks of bk keys (below):
   //   scores (decode_scores, + bias) -> online softmax (or SiLU weights) per row -> value weights p_j * s_jg (the value scale folded into the
   //   weight, zero points summed per group) -> O += weights x codes in code layout.
@@ -228,10 +256,11 @@ class CacheFromCodes {
     // queries in code layout, pre-scaled by 2^-code_exp (exact)
     for (int r = 0; r < R; ++r) {
       const float* q = sc.Q.data() + int64_t(r) * Dp_;
+      // (channel-axis keys with several rows: fold_channel_rows scales these per key group)
+      for (int t = 0; t < 8; ++t)
+        for (int c = 0; c < L; ++c) sc.qperm[r * D + t * L + c] = q[code_elem<F, L>(c, t)] * sc.cexp[t];
       if (!sg.k_channel) {
         float qs = 0.f;
-        for (int t = 0; t < 8; ++t)
-          for (int c = 0; c < L; ++c) sc.qperm[r * D + t * L + c] = q[code_elem<F, L>(c, t)] * sc.cexp[t];
         for (int d = 0; d < D; ++d) qs += q[d];
         sc.qsum[r] = qs;
       }
@@ -258,8 +287,9 @@ class CacheFromCodes {
     float* S = sc.Sd.data();
     float* vsf = sc.dvs.data();
     float* vzf = sc.dvz.data();
-    // token-axis keys (int8's per-token layout) are memory-bound: short blocks keep both code streams in flight
-    const int bk = !sg.k_channel ? KB : R == 1 ? DKB : DKB / 2;
+    // token-axis keys (int8's per-token layout) are memory-bound with one row: short blocks keep both code streams
+    // in flight; several rows are compute-bound and take longer blocks (fewer per-block softmax / rescale steps)
+    const int bk = R == 1 ? (sg.k_channel ? DKB : KB) : DKB / 2;
     for (int64_t j0 = 0; j0 < len; j0 += bk) {
       const int n = int(std::min<int64_t>(bk, len - j0));
       const int nW = (n + BW - 1) / BW * BW;  // <= bk: whole vectors of the block's scores
