@@ -7,7 +7,9 @@
 //          (one shared reduction per 16 (row, key) sums instead of a horizontal add per key);
 //   P V:   straight from the codes (no float tile written and re-read), the value accumulators of every row in
 //          registers: all 8 layout vectors for up to two rows, half of them (4 per pass) for three or four.
-// Same products as the 256-bit loops (q * code and p * s * code, exact powers of two folded as there); only the
+// D = 128 (Lanes512, already one key per 512-bit register): Q K^T in steps of 4 / 8 keys with one shared reduction
+// (no horizontal add per key), P V straight from the codes the same way (no tile).
+// Same products as the generic loops (q * code and p * s * code, exact powers of two folded as there); only the
 // order of summation differs.
 #pragma once
 
@@ -255,8 +257,51 @@ inline void qk_code_rows512(const float* qp, const float* add, const uint8_t* K,
   if (j < n) qk_rows512_step<F, NR, KS>(qp, addv, K + j * rb, rb, n - j, S + j, lds);
 }
 
-// D = 128 several-row loops of the AVX-512 build: Q K^T above; P V through the shared float tiles (already
-// 512-bit: one key per register, so the tile's FMAs are the floor of that method).
+// D = 128 P V for NR (1..4) rows straight from the codes (one key per register, no float tile written and re-read):
+// layout vectors T0 .. T0 + TV - 1 of every row accumulated in registers, each key's codes expanded once.
+template <Fmt F, int WM, int NR, int T0, int TV>
+inline void pv_rows512_pass(const float* pw, int pwld, int ngr, const Lanes512::GI* gidx, const uint8_t* V,
+                            int64_t rb, int n, float* Op, int64_t pfo) {
+  constexpr bool kTwoW = F == Fmt::INT8 && WM != 0 && TV == 8;  // int8: vectors 4..7 take gidx[1]
+  __m512 a[TV * NR];
+  for_c<NR>([&](auto r) {
+    for_c<TV>([&](auto t) { a[TV * r + t] = _mm512_loadu_ps(Op + 128 * r + 16 * (T0 + t)); });
+  });
+  for (int j = 0; j < n; ++j) {
+    const int32_t* mk = launder(Codes<F, Lanes512>::masks());
+    if (T0 == 0 && j % 2 == 0) prefetch_span(V + j * rb + pfo, 2 * rb);
+    const Codes<F, Lanes512> c(V + j * rb);
+    __m512 w[NR], w1[NR];
+    for_c<NR>([&](auto r) {
+      const float* pj = pw + int64_t(r) * pwld + j * ngr;
+      w[r] = Lanes512::wvec<WM>(pj, gidx[T0 >> 2]);
+      if constexpr (kTwoW) w1[r] = Lanes512::wvec<WM>(pj, gidx[1]);
+    });
+    for_c<TV>([&](auto t) {
+      const __m512 x = c.template get<T0 + t>(mk);
+      for_c<NR>([&](auto r) {
+        if constexpr (kTwoW && t >= 4) a[TV * r + t] = _mm512_fmadd_ps(w1[r], x, a[TV * r + t]);
+        else a[TV * r + t] = _mm512_fmadd_ps(w[r], x, a[TV * r + t]);
+      });
+    });
+  }
+  for_c<NR>([&](auto r) {
+    for_c<TV>([&](auto t) { _mm512_storeu_ps(Op + 128 * r + 16 * (T0 + t), a[TV * r + t]); });
+  });
+}
+
+template <Fmt F, int WM, int NR>
+inline void pv_code_rows512(const float* pw, int pwld, int ngr, const Lanes512::GI* gidx, const uint8_t* V, int64_t rb,
+                            int n, float* Op, int64_t pfo) {
+  if constexpr (NR <= 2) {
+    pv_rows512_pass<F, WM, NR, 0, 8>(pw, pwld, ngr, gidx, V, rb, n, Op, pfo);
+  } else {
+    pv_rows512_pass<F, WM, NR, 0, 4>(pw, pwld, ngr, gidx, V, rb, n, Op, pfo);
+    pv_rows512_pass<F, WM, NR, 4, 4>(pw, pwld, ngr, gidx, V, rb, n, Op, 0);
+  }
+}
+
+// D = 128 several-row loops of the AVX-512 build: the two above, rows in groups of up to four.
 template <Fmt F>
 struct RowsLoops<F, Lanes512> {
   static void qk(int R, const float* qp, const float* add, const uint8_t* K, int64_t rb, int n, float* S, int lds,
@@ -275,8 +320,18 @@ struct RowsLoops<F, Lanes512> {
   }
   template <int WM>
   static void pv(int R, const float* pw, int pwld, int ngr, const Lanes512::GI* gidx, const uint8_t* V, int64_t rb,
-                 int n, float* Op, float* tile, int64_t pfo) {
-    pv_code_row_tiles<F, Lanes512, WM>(R, pw, pwld, ngr, gidx, V, rb, n, Op, tile, pfo);
+                 int n, float* Op, float* /*tile*/, int64_t pfo) {
+    for (int r0 = 0; r0 < R; r0 += 4) {
+      const float* p = pw + int64_t(r0) * pwld;
+      float* o = Op + r0 * 128;
+      const int64_t pf = r0 == 0 ? pfo : 0;
+      switch (std::min(4, R - r0)) {
+        case 1: pv_code_rows512<F, WM, 1>(p, pwld, ngr, gidx, V, rb, n, o, pf); break;
+        case 2: pv_code_rows512<F, WM, 2>(p, pwld, ngr, gidx, V, rb, n, o, pf); break;
+        case 3: pv_code_rows512<F, WM, 3>(p, pwld, ngr, gidx, V, rb, n, o, pf); break;
+        default: pv_code_rows512<F, WM, 4>(p, pwld, ngr, gidx, V, rb, n, o, pf); break;
+      }
+    }
   }
 };
 

@@ -288,8 +288,14 @@ class CacheFromCodes {
     float* vsf = sc.dvs.data();
     float* vzf = sc.dvz.data();
     // token-axis keys (int8's per-token layout) are memory-bound with one row: short blocks keep both code streams
-    // in flight; several rows are compute-bound and take longer blocks (fewer per-block softmax / rescale steps)
-    const int bk = R == 1 ? (sg.k_channel ? DKB : KB) : DKB / 2;
+    // in flight; several rows on AVX-512 (code_rows_avx512.h) are compute-bound and take longer blocks (fewer
+    // per-block softmax / rescale steps: measured faster there; AVX2 keeps the short blocks it was tuned with)
+#ifdef MK_ISA_AVX512
+    constexpr int kTokenRowsBlock = DKB / 2;
+#else
+    constexpr int kTokenRowsBlock = KB;
+#endif
+    const int bk = R == 1 ? (sg.k_channel ? DKB : KB) : sg.k_channel ? DKB / 2 : kTokenRowsBlock;
     for (int64_t j0 = 0; j0 < len; j0 += bk) {
       const int n = int(std::min<int64_t>(bk, len - j0));
       const int nW = (n + BW - 1) / BW * BW;  // <= bk: whole vectors of the block's scores
