@@ -39,6 +39,9 @@ largest count whose cache fits (precision-only methods keep every token, so thei
 
 Inputs are validated (ValueError naming the argument): shapes, dtypes, device, finite keys/values/counts, positions
 that fit int32 and come strictly after every stored position, timestamps exactly when the cache has them.
+
+This append is functional: it returns a new cache sized by ``max(length + new)``, read on the host. A serving loop
+that must not read the host (a CUDA graph) reserves capacity and appends in place (``online_inplace.py``).
 """
 from __future__ import annotations
 
@@ -391,21 +394,28 @@ def _stats_masses(cache: KVCache, new: New, stats, mode: str, window: Optional[i
         if mode == "total":
             m = m + (seg.mass.to(torch.float64) if seg.mass is not None else 0.0)
         out.append(m)
+    # the shape rules that depend on the appended lengths are device asserts against the static stats shape (no
+    # host read of the lengths), as every other check of append
     km = field("key" + suffix)
     if km.dim() == 2:
         offs = torch.cat([new.n.new_zeros(1), new.n.cumsum(0)])
-        if km.shape != (int(new.n.sum()), H):
-            raise ValueError(f"{method}: jagged stats.key{suffix} must be [{int(new.n.sum())}, {H}], got "
+        if km.shape[1] != H:
+            raise ValueError(f"{method}: jagged stats.key{suffix} must be [total appended, Hkv={H}], got "
                              f"{tuple(km.shape)}")
-        km = jagged_to_padded(km, offs, max_len=L)[0]
-    if km.dim() != 3 or km.shape[0] != B or km.shape[1] != H or km.shape[2] < int(new.n.max() if B else 0):
+        device_assert(offs[-1] == km.shape[0], f"{method}: jagged stats.key{suffix} must be [total appended, "
+                      f"Hkv={H}] (one row per appended entry), got {tuple(km.shape)}")
+        km = jagged_to_padded(km, offs.to(km.device), max_len=L, check=False)[0]
+    if km.dim() != 3 or km.shape[0] != B or km.shape[1] != H:
         raise ValueError(f"{method}: stats.key{suffix} must be [B={B}, Hkv={H}, L] for the appended entries, got "
                          f"{tuple(km.shape)}")
+    if B:
+        device_assert(new.n.max() <= km.shape[2], f"{method}: stats.key{suffix} must be [B={B}, Hkv={H}, L] for "
+                      f"the appended entries (L at least every user's appended count), got {tuple(km.shape)}")
     km = km[..., :L] if km.shape[2] >= L else torch.nn.functional.pad(km, (0, L - km.shape[2]))
     out.append(km.to(device=new.k.device, dtype=torch.float64))
     for m in out:
-        if m is not None and not bool(torch.isfinite(m).all()):
-            raise ValueError(f"{method}: the attention statistics have non-finite values")
+        if m is not None and m.numel():
+            device_assert(torch.isfinite(m).all(), f"{method}: the attention statistics have non-finite values")
     return out
 
 
@@ -497,7 +507,7 @@ def _append_tokens(cache, new, policy, masses, orig_new, ctx):
 
         budget = policy.budget
         if budget is not None and budget.is_bytes:
-            n_user = rows.n.max(dim=1).values.cpu()
+            n_user = rows.n.max(dim=1).values
 
             def run_user(kb):
                 return run(torch.minimum(kb.to(rows.n.device)[:, None].expand(B, H), rows.n))
