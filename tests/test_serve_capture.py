@@ -145,36 +145,51 @@ def test_in_place_step_refusals():
 @pytest.mark.parametrize("arch", ["hstu", "sasrec"])
 def test_in_place_decode_step_captures_in_a_cuda_graph(arch, method):
     """On a GPU: the whole in-place serving step (attention + cache append of every layer) is captured in one CUDA
-    graph; replaying it for three decode steps (new request tokens copied into the static inputs) gives the eager
-    functional steps' hidden states and caches."""
+    graph. Replaying it for three decode steps (each step's request copied into the static input) gives the eager
+    in-place steps' hidden states and caches bit for bit (same kernels, same capacity), and the functional steps'
+    hidden states (whose caches have other capacities, so a GPU kernel may sum in another order: default
+    tolerances)."""
     m = _model(arch, "auto").cuda()
     hist, _ = _history_and_request()
     steps = [_history_and_request(items=[np.array([1 + (i + s) % N_ITEMS]) for i in range(len(HIST))])[1]
              for s in range(4)]
+    cap = max(HIST) + len(steps) + 1
+
+    def to_cuda(batch):
+        return type(batch)(**{f: (t.cuda() if isinstance(t, torch.Tensor) else t) for f, t in vars(batch).items()})
+
     with torch.no_grad():
-        def to_cuda(batch):
-            return type(batch)(**{f: (t.cuda() if isinstance(t, torch.Tensor) else t)
-                                  for f, t in vars(batch).items()})
         ref = m.encode_history(to_cuda(hist), method=method)
-        caches = m.encode_history(to_cuda(hist), method=method, capacity=max(HIST) + len(steps) + 1)
+        twin = m.encode_history(to_cuda(hist), method=method, capacity=cap)
+        caches = m.encode_history(to_cuda(hist), method=method, capacity=cap)
         static = to_cuda(steps[0])
-        m.serve_step(static, caches=m.encode_history(to_cuda(hist), method=method, capacity=max(HIST) + 8),
-                     max_request_len=1, in_place=True)                  # warm-up outside the capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                                  # warm-up (compiles, one-time caches)
+            m.serve_step(static, caches=m.encode_history(to_cuda(hist), method=method, capacity=cap),
+                         max_request_len=1, in_place=True)
+        torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out, _ = m.serve_step(static, caches=caches, max_request_len=1, in_place=True)
+        with torch.cuda.graph(g):                                      # records; runs nothing
+            out, grown = m.serve_step(static, caches=caches, max_request_len=1, in_place=True)
+        assert all(a is b for a, b in zip(grown, caches))
         for s in range(1, len(steps)):
             src = to_cuda(steps[s])
             for f, t in vars(static).items():
                 if isinstance(t, torch.Tensor):
                     t.copy_(getattr(src, f))
             g.replay()
+            twin_h, twin = m.serve_step(src, caches=twin, max_request_len=1, in_place=True)
             ref_h, ref = m.serve_step(src, caches=ref, max_request_len=1)
             torch.cuda.synchronize()
-            torch.testing.assert_close(out, ref_h, rtol=0, atol=0)     # capture records, it runs nothing
-            for a, b in zip(caches, ref):
+            torch.testing.assert_close(out, twin_h, rtol=0, atol=0)
+            torch.testing.assert_close(out, ref_h)
+            for a, b in zip(caches, twin):
                 assert_same_valid(a, b)
+            for a, b in zip(caches, ref):
+                torch.testing.assert_close(a.length, b.length, rtol=0, atol=0)
+                torch.testing.assert_close(a.original_length, b.original_length, rtol=0, atol=0)
 
 
 def _step(m, hist, req, **kw):
