@@ -420,6 +420,16 @@ def _stats_masses(cache: KVCache, new: New, stats, mode: str, window: Optional[i
 
 
 # ---- the families -------------------------------------------------------------------------------------------------
+def maintaining_spec(cache: KVCache) -> PolicySpec:
+    """The policy that maintains ``cache`` on append: its own, or ``"none"`` for a plain float cache."""
+    if cache.policy is not None:
+        return cache.policy
+    if cache.is_quantized or cache.residual is not None:
+        raise ValueError("cache.policy is None: a quantized or two-segment cache can only be maintained by the "
+                         "policy that built it; build it with malloc_kernels.compress")
+    return PolicySpec("none")
+
+
 def append_cache(cache: KVCache, key, value, positions=None, timestamps=None, lengths=None, offsets=None,
                  counts=None, stats=None) -> KVCache:
     """``KVCache.append``: see the module docstring."""
@@ -427,12 +437,7 @@ def append_cache(cache: KVCache, key, value, positions=None, timestamps=None, le
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
     cache.check_contents()
     new = check_new_entries(cache, key, value, positions, timestamps, lengths, offsets, counts)
-    spec = cache.policy
-    if spec is None:
-        if cache.is_quantized or cache.residual is not None:
-            raise ValueError("cache.policy is None: a quantized or two-segment cache can only be maintained by the "
-                             "policy that built it; build it with malloc_kernels.compress")
-        spec = PolicySpec("none")
+    spec = maintaining_spec(cache)
     policy = make_policy(spec)
     _, ctx = split_params(spec.param_dict())
     orig_new = (cache.original_length.to(torch.int64) + new.n).to(torch.int32)
@@ -563,7 +568,7 @@ def _append_precision(cache, new, policy, spec):
     return _append_flush(cache, new, policy, G)
 
 
-def _quantized_entries(c: KVCache, k, v, n, G, k_axis):
+def quantized_entries(c: KVCache, k, v, n, G, k_axis):
     """Quantize ``k``/``v`` ``[B, H, L, D]`` (first ``n [B, H]`` valid) in ``c``'s formats: per-entry codes and
     the scale/zero tensors (per entry, or per key group on the channel axis)."""
     t = {}
@@ -581,7 +586,7 @@ def _quantized_entries(c: KVCache, k, v, n, G, k_axis):
 def _append_token_axis(cache, new, G):
     B, H = cache.length.shape
     nn = new.n[:, None].expand(B, H).contiguous()
-    q = _quantized_entries(cache, new.k, new.v, nn, G, "token")
+    q = quantized_entries(cache, new.k, new.v, nn, G, "token")
     want_cnt = cache.count is not None or new.cnt is not None
     old = {name: getattr(cache, name) for name in ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")
            if getattr(cache, name) is not None}
@@ -653,7 +658,7 @@ def _append_flush(cache, new, policy, G):
     fl = build_cache(rows, select_top(rows, F, tier=flush.to(torch.int64)), F)
     keep_n = rows.n - F
     rest = build_cache(rows, select_top(rows, keep_n, tier=(valid & ~flush).to(torch.int64)), keep_n)
-    q = _quantized_entries(cache, fl.k, fl.v, F, G, "channel")
+    q = quantized_entries(cache, fl.k, fl.v, F, G, "channel")
     head = Seg({"k": cache.k, "v": cache.v, "pos": cache.position}, full)
     tail = Seg({"k": q["k"], "v": q["v"], "pos": fl.position}, F)
     for name, src_old, src_new in (("ts", cache.timestamp, fl.timestamp), ("cnt", cache.count, fl.count)):

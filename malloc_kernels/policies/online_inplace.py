@@ -28,19 +28,13 @@ import torch
 
 from ..cache.types import FLOAT_FORMAT, KVCache, register_append
 from ..core.layout import device_assert
-from ..core.policy_spec import PolicySpec
-from .online import INT32_MAX, _quantized_entries, check_new_entries, make_policy, token_stage
+from .online import INT32_MAX, check_new_entries, maintaining_spec, make_policy, quantized_entries, token_stage
 
 
 def in_place_family(cache: KVCache) -> str:
     """``"none"`` or ``"token"`` (per-token precision): the family whose append runs in place; ValueError
     naming the policy otherwise."""
-    spec = cache.policy
-    if spec is None:
-        if cache.is_quantized or cache.residual is not None:
-            raise ValueError("cache.policy is None: a quantized or two-segment cache can only be maintained by the "
-                             "policy that built it; build it with malloc_kernels.compress")
-        spec = PolicySpec("none")
+    spec = maintaining_spec(cache)
     if spec.method == "none":
         if cache.residual is not None:
             raise ValueError("append(in_place=True): a policy 'none' cache has no residual segment")
@@ -106,7 +100,7 @@ def append_in_place(cache: KVCache, key, value, positions=None, timestamps=None,
     if family == "none":
         fields = {"k": new.k, "v": new.v}
     else:
-        fields = _quantized_entries(cache, new.k, new.v, n.contiguous(), cache.group_size, "token")
+        fields = quantized_entries(cache, new.k, new.v, n.contiguous(), cache.group_size, "token")
     fields["position"] = new.pos
     if cache.timestamp is not None:
         fields["timestamp"] = new.ts
