@@ -16,6 +16,8 @@ from malloc_kernels.memory import reference as pkm_ref
 from malloc_kernels.core import extension
 from malloc_kernels.reference import attention as ref_attention
 
+from attention_cases import to_float64 as _to64
+
 pytestmark = pytest.mark.skipif(not extension.has_op("cpu_isa_supported")[0], reason="C++ extension not built")
 
 ALL = ["portable", "avx2", "avx512"]
@@ -107,19 +109,6 @@ def test_neon_is_refused_off_aarch64_by_name(monkeypatch):
 
 
 # ---- attention: every format x kind x head dim, decode (Lq 1, 2) and append (Lq 8, 17) shapes -------------------
-
-def _to64(cache):
-    if cache is None:
-        return None
-    ch = {}
-    if cache.k_format == "float":
-        ch["k"] = cache.k.double()
-    if cache.v_format == "float":
-        ch["v"] = cache.v.double()
-    if cache.residual is not None:
-        ch["residual"] = _to64(cache.residual)
-    return cache.replace(**ch)
-
 
 @pytest.mark.parametrize("isa", VARIANTS, indirect=True)
 @pytest.mark.parametrize("D", [32, 64, 128, 24])
