@@ -38,6 +38,8 @@ FAMILY = {"baseline": "native", "truncate": "truncate", "precision": "precision"
           "merging": "merging", "hybrid": "hybrid", "head": "head", "sequence": "sequence", "memory": "memory",
           "architecture": "architecture"}
 BASE_ARCHS = ("hstu", "sasrec")
+# the C++ kernel families behind the rows: KV-cache attention (every base row), Reformer's LSH attention, RWKV's WKV
+ISA_FAMILIES = ("attention", "lsh_attention", "wkv")
 
 
 def _interleaved_ms(fns: dict, repeats: int) -> dict:
@@ -256,10 +258,14 @@ def _variant_markdown(model_rows: list) -> list:
     if not comp:
         return []
     out = ["## Trained variants vs the native cache (same run, same user, timed in the same interleaved round)\n\n"
+           "Ratios against the native cache of the base model each variant stands for (RWKV: one model beside "
+           "both). Entries read per head: the mean entries one request query reads per (layer, kv head) -- "
+           "Reformer's LSH buckets, none for a recurrent state; in parentheses the native cache's.\n\n"
            "| variant | vs native | N | bytes | native bytes | bytes ratio | ms | native ms | latency ratio | "
            "entries read per head (native) |\n|---|---|---|---|---|---|---|---|---|---|\n"]
     for c in comp:
-        out.append(f"| {c['model']} {c['variant']} | {c['base']} | {c['N']} | {c['bytes_per_user']:,} | "
+        name = c["variant"] if c["model"] == c["variant"] else f"{c['model']} {c['variant']}"
+        out.append(f"| {name} | {c['base']} | {c['N']} | {c['bytes_per_user']:,} | "
                    f"{c['native_bytes']:,} | {c['bytes_ratio']:.4f} | {c['request_ms']:.2f} | "
                    f"{c['native_ms']:.2f} | {c['latency_ratio']:.2f}x | {c['entries_read_per_head']:,.0f} "
                    f"({c['native_entries_per_head']:,.0f}) |\n")
@@ -270,7 +276,9 @@ def _variant_markdown(model_rows: list) -> list:
 def resources_markdown(model_rows: list, attn_rows: list, meta: Dict) -> str:
     out = ["# Resources at real history lengths\n\n",
            f"{meta.get('processor') or meta.get('machine')}, {meta.get('threads')} thread(s), "
-           f"torch {meta.get('torch')}, CPU ISA variants: {meta.get('isa', '?')}. {meta.get('note', '')}\n\n",
+           f"torch {meta.get('torch')}, CPU ISA variants: {meta.get('isa', '?')}"
+           + ("; kernels ran: " + ", ".join(f"{k} {v}" for k, v in meta["isa_ran"].items()) if meta.get("isa_ran")
+              else "") + f". {meta.get('note', '')}\n\n",
            "## Bytes per user and serving latency per request (batch 1, all layers; item scoring excluded)\n\n"]
     ns = sorted({r["N"] for r in model_rows})
     for arch in sorted({r["model"] for r in model_rows}):
@@ -349,6 +357,8 @@ def resource_meta(note: str = "") -> dict:
             "threads": torch.get_num_threads(), "note": note}
     try:
         meta["isa"] = ",".join(torch.ops.malloc_kernels.cpu_isa_supported())
+        # the variant each kernel family the rows run actually dispatches to (isa.h's family table)
+        meta["isa_ran"] = {f: torch.ops.malloc_kernels.cpu_isa_variant(f) for f in ISA_FAMILIES}
     except (AttributeError, RuntimeError):
         meta["isa"] = "AVX2/FMA/F16C or portable, picked at run time"
     return meta
