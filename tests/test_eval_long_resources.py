@@ -101,6 +101,8 @@ def test_bad_input_raises_naming_the_argument(variant_rows):
     with pytest.raises(ValueError, match=r"variants\['hstu'\]\['reformer'\]: a reformer model has "
                                          r"seq_compress='reformer'"):
         models_resources(h, {"hstu": {"reformer": bases["hstu"]}}, NS, **small)
+    with pytest.raises(ValueError, match=r"variants\['hstu'\]\['reformer'\] is a 'sasrec' model"):
+        models_resources(h, {"hstu": {"reformer": variants["sasrec"]["reformer"]}}, NS, **small)
     with pytest.raises(ValueError, match="variants: base arch 'sasrec' is not among models"):
         models_resources(h, {"sasrec": {"rwkv": variants["hstu"]["rwkv"]}}, NS, **small)
     with pytest.raises(ValueError, match="must be a base model"):

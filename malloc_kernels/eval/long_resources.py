@@ -4,7 +4,7 @@ family at N = 1k, 4k, 16k, and the fused CPU attention kernels against torch SDP
 A trained model's layers encode one synthetic user (``data.synthetic``: topic-drift sequences with timestamps) of
 ``N`` history items; every method compresses those caches; one request of ``request_size`` items is served over
 them (batch 1, the model's ``serve``: all layers, attention + dense work, item scoring excluded) and timed as the
-best of ``repeats`` runs, all methods interleaved (``_interleaved_ms``). ``truncate-W`` is the native cache of the
+best of ``repeats`` runs, all methods of every model at one N interleaved (``_interleaved_ms``). ``truncate-W`` is the native cache of the
 last ``W`` items (constant in N). The attention rows time one layer's attention call alone (softmax, the model's heads and head width, the
 request attending causally over history + itself): ``malloc_kernels.attention(backend="cpu")`` over the fp32 /
 int8 / int4 / int2 cache against SDPA over the fp32 cache and against dequantize-then-SDPA.
@@ -110,6 +110,9 @@ def _check_models(models: Mapping, variants: Optional[Mapping]) -> list:
                 if getattr(vm.cfg, field) != want:
                     raise ValueError(f"variants[{arch!r}][{v!r}]: a {v} model has {field}={want!r}, this one "
                                      f"{getattr(vm.cfg, field)!r}")
+            if "arch" not in VARIANTS[v][1] and vm.cfg.arch != arch:
+                raise ValueError(f"variants[{arch!r}][{v!r}] is a {vm.cfg.arch!r} model: a {v} variant of {arch!r} "
+                                 f"keeps its base's arch")
             if vm.cfg.n_items != models[arch].cfg.n_items:
                 raise ValueError(f"variants[{arch!r}][{v!r}] scores {vm.cfg.n_items} items, its base "
                                  f"{models[arch].cfg.n_items}")
@@ -187,14 +190,6 @@ def models_resources(models: Mapping, variants: Optional[Mapping] = None, ns: Se
                              stored_entries_per_head=float(_stored_entries(caches)[0]),
                              entries_read_per_head=_read(caches), **extra))
     return rows
-
-
-def model_resources(model, arch: str, ns: Sequence[int] = RESOURCE_NS, methods: Sequence[str] = RESOURCE_METHODS,
-                    budget: float = 0.25, request_size: int = 8, truncate_window: int = 200, repeats: int = 9,
-                    seed: int = 0, timestamps: bool = True) -> list:
-    """``models_resources`` of one base model without variants."""
-    return models_resources({arch: model}, None, ns, methods, budget, request_size, truncate_window, repeats,
-                            seed, timestamps)
 
 
 @torch.no_grad()
