@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from malloc_kernels.data.synthetic import synthetic_dataset
-from malloc_kernels.eval.cli import main
 from malloc_kernels.eval.long import LongConfig, run_long_resources
 from malloc_kernels.eval.long_resources import RESOURCE_METHODS, models_resources, variant_comparison
 from malloc_kernels.models.config import ModelConfig
@@ -190,17 +189,3 @@ def test_full_long_run_with_variants_writes_their_resource_rows(resources_only):
 def test_resources_only_needs_resources():
     with pytest.raises(ValueError, match="resources: no history lengths"):
         run_long_resources(LongConfig(data="x", resources=()))
-
-
-@pytest.mark.parametrize("argv, match", [
-    (["--resources-only"], "--resources-only needs --long"),
-    (["--long", "--resources-only", "--no-resources"], "--resources-only cannot be combined with --no-resources"),
-])
-def test_cli_resources_only_errors_are_one_line(argv, match, capsys, tmp_path):
-    try:
-        rc = main(argv + ["--out", str(tmp_path), "--no-progress"])
-    except SystemExit as e:
-        rc = e.code
-    assert rc == 2
-    err = capsys.readouterr().err.strip()
-    assert match in err and "\n" not in err and "Traceback" not in err
