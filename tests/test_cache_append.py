@@ -282,3 +282,30 @@ def test_intactkv_keeps_every_token_and_its_pivots_full_precision():
             res = set(c.residual.position[b, h, :int(c.residual.length[b, h])].tolist())
             assert 0 in res and piv <= res, "sinks and pivots stay full precision"
         assert int((c.residual.length - 3 - 1).max()) < 8 + 8             # window + at most one partial group
+
+
+def test_stats_shape_rules_are_device_asserts():
+    """The scoring policies' stats checks that depend on the appended lengths compare against the static stats
+    shape on the device (no host read of the lengths): a jagged ``key_mass`` equals the dense one, a wrong total,
+    a too-short L or a non-finite mass is still a ValueError naming the field."""
+    import dataclasses
+    from host_sync_watch import Watch
+    from malloc_kernels.policies.online import _stats_masses, check_new_entries
+    c1 = next(serve_steps("h2o", 20, [1], budget=16, window=2))[0]
+    q = torch.randn(B, HQ, 1, D, generator=torch.Generator().manual_seed(9))
+    kn, vn = torch.randn(B, H, 1, D), torch.randn(B, H, 1, D)
+    st = mk.attention(q, kn, vn, cache=c1, is_causal=True, return_stats=True).stats
+    ts = torch.full((B, 1), 10 ** 6)
+    jag = dataclasses.replace(st, key_mass=st.key_mass.movedim(1, 2).reshape(B, H))
+    assert same_bytes(c1.append(kn, vn, timestamps=ts, stats=jag), c1.append(kn, vn, timestamps=ts, stats=st))
+    new = check_new_entries(c1, kn, vn, timestamps=ts)
+    with Watch() as w:
+        _stats_masses(c1, new, jag, "total", None, "h2o")
+    assert "_local_scalar_dense" not in w.seen and "_assert_async" in w.seen
+    bad = [(dataclasses.replace(st, key_mass=st.key_mass.movedim(1, 2).reshape(B, H)[:1]),
+            r"jagged stats\.key_mass must be \[total appended, Hkv=2\]"),
+           (dataclasses.replace(st, key_mass=st.key_mass[..., :0]), r"L at least every user's appended count"),
+           (dataclasses.replace(st, cache_mass=st.cache_mass * float("nan")), "non-finite")]
+    for stats, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            c1.append(kn, vn, timestamps=ts, stats=stats)

@@ -2,8 +2,10 @@
 ``serve_step`` given a JaggedBatch and ``max_request_len`` read no device data on the host, build no tensor from
 host data and size nothing by data (the watcher of the attention launcher's test, on the real dispatcher), on the
 ``cpu`` backend and on Triton under the interpreter; every input check is a device assert and still raises its
-``ValueError`` on CPU tensors. The one host read left is ``KVCache.append``'s grown capacity (README, "CUDA
-graphs")."""
+``ValueError`` on CPU tensors. ``serve_step(..., in_place=True)`` over caches with reserved capacity (the whole
+step: attention and every layer's ``KVCache.append``) reads nothing on the host either; the functional append's
+grown capacity is the one host read of ``serve_step`` without it (README, "Jagged calls and CUDA graphs"). On a
+GPU the full in-place step is captured in a CUDA graph and replayed."""
 import numpy as np
 import pytest
 import torch
@@ -66,6 +68,128 @@ def test_decode_step_has_no_host_sync(arch, backend):
     for a, b in zip(grown, ref_grown):
         for f in ("k", "v", "length", "position", "timestamp", "original_length"):
             torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=0, atol=0)
+
+
+def assert_same_valid(a, b):
+    """Two caches equal on every valid entry of every field, lengths and original lengths included."""
+    torch.testing.assert_close(a.length, b.length, rtol=0, atol=0)
+    torch.testing.assert_close(a.original_length, b.original_length, rtol=0, atol=0)
+    for u in range(a.batch_size):
+        assert a.to_bytes(u) == b.to_bytes(u), u
+    valid = torch.arange(a.capacity) < a.length.to(torch.int64)[..., None]
+    for f in ("k", "v", "position", "timestamp", "count", "k_scale", "k_zero", "v_scale", "v_zero"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert (x is None) == (y is None), f
+        if x is not None:
+            mask = valid.view(*valid.shape, *([1] * (x.dim() - 3)))
+            y = torch.nn.functional.pad(y, (0, 0) * (x.dim() - 3) + (0, a.capacity - b.capacity))
+            torch.testing.assert_close(torch.where(mask, x, torch.zeros_like(x)),
+                                       torch.where(mask, y, torch.zeros_like(y)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["none", "int8"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("arch", ["hstu", "sasrec"])
+def test_in_place_decode_step_has_no_host_sync(arch, backend, method):
+    """The full serving step (attention + every layer's cache append) over caches with reserved capacity and
+    ``in_place=True`` reads nothing on the host, builds nothing from host data and sizes nothing by data, step
+    after step; it grows the very cache objects it was given, and its hidden states and caches equal the
+    functional step's bit for bit (uncompressed and int8 caches)."""
+    m = _model(arch, _backend_param(backend))
+    hist, req = _history_and_request()
+    with torch.no_grad():
+        ref = m.encode_history(hist, method=method)
+        warm = m.encode_history(hist, method=method, capacity=max(HIST) + 3)
+        m.serve_step(req, caches=warm, max_request_len=1, in_place=True)   # one-time caches fill here
+        caches = m.encode_history(hist, method=method, capacity=max(HIST) + 3)
+        for step in range(2):
+            ref_h, ref = m.serve_step(req, caches=ref, max_request_len=1)
+            with Watch() as w:
+                h, grown = m.serve_step(req, caches=caches, max_request_len=1, in_place=True)
+            assert not w.bad(), (step, w.bad())
+            assert "_assert_async" in w.seen and "scatter_" in w.seen
+            assert all(g is c for g, c in zip(grown, caches))
+            torch.testing.assert_close(h, ref_h, rtol=0, atol=0)
+            for a, b in zip(caches, ref):
+                assert_same_valid(a, b)
+
+
+def test_in_place_step_refusals():
+    """``in_place=True`` without a static bound, over caches sharing buffers, with a policy that has no in-place
+    form or past the reserved capacity raises a ValueError naming the cause, never a silent host-reading step."""
+    m = _model("sasrec", "cpu")
+    hist, req = _history_and_request()
+    with torch.no_grad():
+        caches = m.encode_history(hist, capacity=max(HIST) + 1)
+        with pytest.raises(ValueError, match="in_place=True needs max_request_len"):
+            m.serve_step(req, caches=caches, in_place=True)
+        with pytest.raises(TypeError, match="in_place must be a bool"):
+            m.serve_step(req, caches=caches, max_request_len=1, in_place="yes")
+        with pytest.raises(ValueError, match="shares its buffer"):
+            m.serve_step(req, caches=[caches[0]] * N_LAYERS, max_request_len=1, in_place=True)
+        m.serve_step(req, caches=caches, max_request_len=1, in_place=True)
+        with pytest.raises(ValueError, match="key: the new entries do not fit"):
+            m.serve_step(req, caches=caches, max_request_len=1, in_place=True)
+        recent = m.encode_history(hist, method="recent", budget=2, capacity=max(HIST) + 1)
+        with pytest.raises(ValueError, match="'recent' changes which entries survive"):
+            m.serve_step(req, caches=recent, max_request_len=1, in_place=True)
+        with pytest.raises(ValueError, match="capacity: a linformer model"):
+            from malloc_kernels.models import ModelConfig, build_model
+            lin = build_model(ModelConfig(arch="sasrec", n_items=N_ITEMS, d_model=16, n_layers=1,
+                                          seq_compress="linformer", max_len=16)).eval()
+            lin.encode_history(hist, capacity=8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph capture needs a GPU")
+@pytest.mark.parametrize("method", ["none", "int8"])
+@pytest.mark.parametrize("arch", ["hstu", "sasrec"])
+def test_in_place_decode_step_captures_in_a_cuda_graph(arch, method):
+    """On a GPU: the whole in-place serving step (attention + cache append of every layer) is captured in one CUDA
+    graph. Replaying it for three decode steps (each step's request copied into the static input) gives the eager
+    in-place steps' hidden states and caches bit for bit (same kernels, same capacity), and the functional steps'
+    hidden states (whose caches have other capacities, so a GPU kernel may sum in another order: default
+    tolerances)."""
+    m = _model(arch, "auto").cuda()
+    hist, _ = _history_and_request()
+    steps = [_history_and_request(items=[np.array([1 + (i + s) % N_ITEMS]) for i in range(len(HIST))])[1]
+             for s in range(4)]
+    cap = max(HIST) + len(steps) + 1
+
+    def to_cuda(batch):
+        return type(batch)(**{f: (t.cuda() if isinstance(t, torch.Tensor) else t) for f, t in vars(batch).items()})
+
+    with torch.no_grad():
+        ref = m.encode_history(to_cuda(hist), method=method)
+        twin = m.encode_history(to_cuda(hist), method=method, capacity=cap)
+        caches = m.encode_history(to_cuda(hist), method=method, capacity=cap)
+        static = to_cuda(steps[0])
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                                  # warm-up (compiles, one-time caches)
+            m.serve_step(static, caches=m.encode_history(to_cuda(hist), method=method, capacity=cap),
+                         max_request_len=1, in_place=True)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):                                      # records; runs nothing
+            out, grown = m.serve_step(static, caches=caches, max_request_len=1, in_place=True)
+        assert all(a is b for a, b in zip(grown, caches))
+        for s in range(1, len(steps)):
+            src = to_cuda(steps[s])
+            for f, t in vars(static).items():
+                if isinstance(t, torch.Tensor):
+                    t.copy_(getattr(src, f))
+            g.replay()
+            twin_h, twin = m.serve_step(src, caches=twin, max_request_len=1, in_place=True)
+            ref_h, ref = m.serve_step(src, caches=ref, max_request_len=1)
+            torch.cuda.synchronize()
+            torch.testing.assert_close(out, twin_h, rtol=0, atol=0)
+            torch.testing.assert_close(out, ref_h)
+            for a, b in zip(caches, twin):
+                assert_same_valid(a, b)
+            for a, b in zip(caches, ref):
+                torch.testing.assert_close(a.length, b.length, rtol=0, atol=0)
+                torch.testing.assert_close(a.original_length, b.original_length, rtol=0, atol=0)
 
 
 def _step(m, hist, req, **kw):

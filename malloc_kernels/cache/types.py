@@ -15,18 +15,18 @@ import torch.utils._pytree as pytree
 from ..core.formats import (FLOAT_FORMAT, FORMATS, FP8_FORMAT, INT_FORMATS, K_AXES, NVFP4_FORMAT,  # noqa: F401
                             format_bits, packed_width)
 from ..core.kvcache import KVCacheBase
-from . import quant, wire
+from . import capacity as _capacity, quant, wire
 
 
 # The policy maintenance behind ``KVCache.append`` lives in the policies layer, above this one: it registers itself
 # here (``policies/online.py``, imported with ``malloc_kernels``), so the cache layer never imports upward.
-_APPEND_IMPL = None
+_APPEND_IMPL = {}
 
 
-def register_append(fn) -> None:
-    """Install the implementation of ``KVCache.append`` (called once by ``policies/online.py``)."""
-    global _APPEND_IMPL
-    _APPEND_IMPL = (fn,)
+def register_append(fn, *, in_place: bool = False) -> None:
+    """Install the implementation of ``KVCache.append`` (``policies/online.py``) or of its ``in_place=True`` form
+    (``policies/online_inplace.py``); each is called once, when ``malloc_kernels`` is imported."""
+    _APPEND_IMPL[bool(in_place)] = fn
 
 
 class KVCache(KVCacheBase):
@@ -73,8 +73,24 @@ class KVCache(KVCacheBase):
         return wire.cache_to_bytes(self, user_index)
 
     # ---- online maintenance (implemented in policies/online.py) ---------------------------------------------
+    def reserve(self, capacity: int, *, counts: bool = False) -> "KVCache":
+        """The same cache with room for ``capacity`` entries per (user, kv head), for ``append(...,
+        in_place=True)``.
+
+        Every per-entry tensor (``k``, ``v``, ``position``, ``timestamp``, ``count``, ``mass``, token-axis scales
+        and zeros; channel-axis key scales/zeros to ``ceil(capacity / group_size)`` groups) is zero-padded along
+        the entry axis to ``capacity``: padding beyond ``length``, which the storage contract allows and no
+        computation reads, so attention over the result equals attention over ``self``. The result owns all its
+        buffers (``length`` and ``original_length`` included; the residual segment, if any, is copied as is), so
+        growing it in place never changes ``self``. ``counts=True`` also stores merge counts (1 for every stored
+        entry) when the cache has none, so that later in-place appends can take ``counts=``.
+        ``capacity`` below the current capacity is a ValueError (reserve never drops entries); the contents are
+        checked once here (``check_contents``), and each in-place append checks only what it writes.
+        """
+        return _capacity.reserve_cache(self, capacity, counts=counts)
+
     def append(self, key, value, positions=None, timestamps=None, *, lengths=None, offsets=None, counts=None,
-               stats=None) -> "KVCache":
+               stats=None, in_place: bool = False) -> "KVCache":
         """The cache with new entries appended after every existing one, kept within its policy's budget.
 
         key, value: ``[B, Hkv, L, D]`` floating (``lengths [B]``: new entries per user, default ``L``) or jagged
@@ -85,12 +101,28 @@ class KVCache(KVCacheBase):
         cache=self, return_stats=True)``), required by the scoring policies. Returns a new checked cache;
         ``original_length`` grows by the number of appended entries. ``policies/online.py`` says, per policy,
         what equals ``compress`` of the whole history and what is an online invariant.
+
+        ``in_place=True`` (the CUDA-graph capturable form, for a cache from ``reserve``): the new entries are
+        written at each row's ``length`` into this cache's own buffers (device-side indices, no host read, no
+        allocation sized by data), ``length`` and ``original_length`` are updated in place, and ``self`` is
+        returned. The result is bit-identical, over valid entries, to the functional append. A row that would
+        exceed ``capacity`` is a device assert (a ValueError naming ``key`` on CPU tensors). Supported: the
+        uncompressed cache (policy None or ``"none"``) and the per-token precision policies (``int8``, ``fp8``,
+        ``nvfp4``, ``int4``/``int2`` with ``k_axis="token"``: the new rows are quantized on their own and their
+        codes and scales written in place). Policies whose append changes which entries survive (eviction and
+        merging, hybrids, KIVI/IntactKV's residual flush, channel-axis key groups) raise ValueError: their kept
+        set is recomputed from the whole grown history, so they have no in-place form; use the functional
+        append. Counts can only be written into a cache that stores them (``reserve(..., counts=True)``).
+        Jagged input (``offsets=``) reads its longest user on the host; a captured step passes dense
+        ``[B, Hkv, L, D]`` entries with ``lengths=``.
         """
-        if _APPEND_IMPL is None:
+        if not isinstance(in_place, bool):
+            raise TypeError(f"in_place must be a bool, got {type(in_place).__name__}")
+        if in_place not in _APPEND_IMPL:
             raise RuntimeError("KVCache.append needs the policies layer: import malloc_kernels (it registers "
-                               "policies.online.append_cache here)")
-        return _APPEND_IMPL[0](self, key, value, positions=positions, timestamps=timestamps, lengths=lengths,
-                               offsets=offsets, counts=counts, stats=stats)
+                               "policies.online.append_cache and policies.online_inplace.append_in_place here)")
+        return _APPEND_IMPL[in_place](self, key, value, positions=positions, timestamps=timestamps,
+                                      lengths=lengths, offsets=offsets, counts=counts, stats=stats)
 
 
 def _flatten(cache: KVCache):

@@ -71,6 +71,22 @@ def _user_index(offsets: torch.Tensor, total: int):
     return uid, local
 
 
+def _check_unshared(caches: Sequence[KVCache]) -> None:
+    """In-place appends grow ``length`` / ``original_length`` of every layer: refuse caches that share those
+    buffers (each layer would then add the request twice); ``reserve`` gives every cache its own."""
+    seen = {}
+    for li, c in enumerate(caches):
+        for name in ("length", "original_length"):
+            if not getattr(c, name).numel():
+                continue
+            ptr = getattr(c, name).untyped_storage().data_ptr()
+            if ptr in seen and seen[ptr] != (li, name):
+                raise ValueError(f"caches: layer {li}'s {name} shares its buffer with layer {seen[ptr][0]}'s "
+                                 f"{seen[ptr][1]}; in_place=True needs caches that own their buffers "
+                                 f"(cache.reserve(capacity))")
+            seen[ptr] = (li, name)
+
+
 def _offsets_from_lengths(lens: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(lens.numel() + 1, dtype=torch.int64, device=lens.device)
     torch.cumsum(lens.to(torch.int64), 0, out=out[1:])
@@ -417,7 +433,7 @@ class SequentialRecommender(nn.Module):
 
     def encode_history(self, items, timestamps=None, lengths=None, *, method: str = "none", budget=None,
                        seed: int = 0, return_stats: bool = False, stats_window: Optional[int] = None,
-                       **params):
+                       capacity: Optional[int] = None, **params):
         """Encode each user's history once: one ``KVCache`` per layer (``[B, cache_heads, C, cache_dim]``).
 
         items/timestamps/lengths: padded ``[B, N]`` (or a JaggedBatch); empty histories give ``length 0``.
@@ -425,8 +441,13 @@ class SequentialRecommender(nn.Module):
         given), counts (learned sequence compression) and ``original_length`` = history length. ``method`` (with
         ``budget``, ``seed`` and method ``params``) further compresses every layer via ``malloc_kernels.compress``,
         keeping ``original_length``. ``return_stats`` also returns the per-layer ``AttentionStats`` of the
-        history's own causal attention (for attention-scored policies), as ``(caches, stats)``.
+        history's own causal attention (for attention-scored policies), as ``(caches, stats)``. ``capacity``
+        (an int): every layer's cache is ``reserve``d to that many entries per (user, head), for
+        ``serve_step(..., in_place=True)``.
         """
+        if capacity is not None and self.cfg.seq_compress is not None:
+            raise ValueError(f"capacity: a {self.cfg.seq_compress} model's cache does not grow by append, so it "
+                             f"has no reserved capacity")
         items, ts, offsets = _as_jagged(items, timestamps, lengths, what="history items")
         self._check_serve_len(offsets, "history items")
         _, local = _user_index(offsets, items.numel())
@@ -436,6 +457,8 @@ class SequentialRecommender(nn.Module):
                                          return_stats=need_stats, stats_window=stats_window)
         caches = self._history_caches(kvs, offsets, local, ts)
         caches = self.compress_caches(caches, method, budget=budget, stats=stats, seed=seed, **params)
+        if capacity is not None:
+            caches = [c.reserve(capacity) for c in caches]
         return (caches, stats) if return_stats else caches
 
     def compress_caches(self, caches: Sequence[KVCache], method: str, *, budget=None, stats=None, seed: int = 0,
@@ -485,7 +508,7 @@ class SequentialRecommender(nn.Module):
         return h if return_all else h[offsets[1:] - 1]
 
     def serve_step(self, request_items, request_timestamps=None, caches: Sequence[KVCache] = (), lengths=None, *,
-                   max_request_len: Optional[int] = None):
+                   max_request_len: Optional[int] = None, in_place: bool = False):
         """One online request: serve the request tokens over per-layer caches and grow the caches by them.
 
         Returns ``(hidden [B, d], caches)``: each user's last hidden state (as ``serve``) and every layer's cache
@@ -494,8 +517,13 @@ class SequentialRecommender(nn.Module):
         this very attention call (``return_stats``, with the window their policy needs), so no extra pass runs.
         Models with learned sequence compression cache learned slots, not tokens, and cannot append.
         ``max_request_len`` as in ``serve``: the model's part of the step (checks, embedding, attention) then reads
-        no device data on the host; ``KVCache.append`` still does (its checks and the grown capacity, README
-        "CUDA graphs").
+        no device data on the host. ``in_place=True`` grows every layer's cache in place
+        (``KVCache.append(..., in_place=True)``: caches with reserved capacity, ``encode_history(...,
+        capacity=)`` or ``cache.reserve``; the uncompressed or a per-token precision policy) and returns the same
+        cache objects: the whole step, attention and append, then reads nothing on the host and allocates nothing
+        sized by data, so a CUDA graph can capture it (README, "Jagged calls and CUDA graphs"). It needs the
+        static bound (``max_request_len``, or a padded ``[B, N]`` request). Without it each layer's functional
+        append reads the grown capacity on the host and allocates new buffers.
         """
         from ..policies.online import serving_stats_request
         if self.cfg.seq_compress is not None:
@@ -510,6 +538,13 @@ class SequentialRecommender(nn.Module):
         self._check_nonempty(offsets)
         self._check_serve_len(offsets, "history + request", caches[0].original_length.to(torch.int64))
         bound = self._request_bound(request_items, max_request_len)
+        if not isinstance(in_place, bool):
+            raise TypeError(f"in_place must be a bool, got {type(in_place).__name__}")
+        if in_place:
+            if bound is None:
+                raise ValueError("in_place=True needs max_request_len (the static bound the new entries are padded "
+                                 "to; without it the longest request is read on the host)")
+            _check_unshared(caches)
         uid, local = _user_index(offsets, items.numel())
         positions = caches[0].original_length.to(torch.int64)[uid] + local
         x = self.embed(items, positions)
@@ -528,7 +563,8 @@ class SequentialRecommender(nn.Module):
             if need:
                 a, stats = a.output, a.stats
             grown.append(caches[li].append(pad(k), pad(v), positions=pad(positions),
-                                           timestamps=None if ts is None else pad(ts), lengths=n_new, stats=stats))
+                                           timestamps=None if ts is None else pad(ts), lengths=n_new, stats=stats,
+                                           in_place=in_place))
             x = layer.finish(x, a, p, cached=True)
         h = self.final_norm(x)
         return h[offsets[1:] - 1], grown

@@ -115,9 +115,14 @@ def largest_fitting(run: Callable[[torch.Tensor], KVCache], lo: torch.Tensor, hi
     answer alone or in any batch. Raises ValueError when even ``lo`` does not fit for some user. ``affine=True``
     (bytes expected to be affine in the knob) narrows the search with a prediction; a wrong prediction only
     costs time, since the bisection still checks every candidate with ``run``.
+
+    ``lo``/``hi`` stay on their device (the caches' device: no copy to the host). The search itself reads the
+    host once per probe round (``while (lo < hi).any()``): the number of probes depends on the data, and each
+    probe builds a cache sized by the knob, so a byte-budget policy has no fixed-shape (capturable) form; its
+    append is the functional one (``append(..., in_place=True)`` refuses it).
     """
-    lo = lo.to(torch.int64).cpu().clone()
-    hi = torch.maximum(hi.to(torch.int64).cpu(), lo)
+    lo = lo.to(torch.int64).clone()
+    hi = torch.maximum(hi.to(device=lo.device, dtype=torch.int64), lo)
     if affine and bool((hi > lo).any()):
         # bytes are affine in the knob for token policies (every stored entry costs the same): two cheap probes
         # at the top of the range predict the answer; the bisection below then only confirms it (2 more runs)

@@ -84,7 +84,7 @@ class HybridPolicy(Policy):
             first = self.first
             ctx = first.prepare(inp, rows)
             B, H = rows.n.shape
-            n_user = rows.n.max(dim=1).values.cpu()
+            n_user = rows.n.max(dim=1).values
 
             def per_row(kb):
                 return torch.minimum(kb.to(rows.n.device)[:, None].expand(B, H), rows.n)

@@ -39,6 +39,9 @@ largest count whose cache fits (precision-only methods keep every token, so thei
 
 Inputs are validated (ValueError naming the argument): shapes, dtypes, device, finite keys/values/counts, positions
 that fit int32 and come strictly after every stored position, timestamps exactly when the cache has them.
+
+This append is functional: it returns a new cache sized by ``max(length + new)``, read on the host. A serving loop
+that must not read the host (a CUDA graph) reserves capacity and appends in place (``online_inplace.py``).
 """
 from __future__ import annotations
 
@@ -391,25 +394,42 @@ def _stats_masses(cache: KVCache, new: New, stats, mode: str, window: Optional[i
         if mode == "total":
             m = m + (seg.mass.to(torch.float64) if seg.mass is not None else 0.0)
         out.append(m)
+    # the shape rules that depend on the appended lengths are device asserts against the static stats shape (no
+    # host read of the lengths), as every other check of append
     km = field("key" + suffix)
     if km.dim() == 2:
         offs = torch.cat([new.n.new_zeros(1), new.n.cumsum(0)])
-        if km.shape != (int(new.n.sum()), H):
-            raise ValueError(f"{method}: jagged stats.key{suffix} must be [{int(new.n.sum())}, {H}], got "
+        if km.shape[1] != H:
+            raise ValueError(f"{method}: jagged stats.key{suffix} must be [total appended, Hkv={H}], got "
                              f"{tuple(km.shape)}")
-        km = jagged_to_padded(km, offs, max_len=L)[0]
-    if km.dim() != 3 or km.shape[0] != B or km.shape[1] != H or km.shape[2] < int(new.n.max() if B else 0):
+        device_assert(offs[-1] == km.shape[0], f"{method}: jagged stats.key{suffix} must be [total appended, "
+                      f"Hkv={H}] (one row per appended entry), got {tuple(km.shape)}")
+        km = jagged_to_padded(km, offs.to(km.device), max_len=L, check=False)[0]
+    if km.dim() != 3 or km.shape[0] != B or km.shape[1] != H:
         raise ValueError(f"{method}: stats.key{suffix} must be [B={B}, Hkv={H}, L] for the appended entries, got "
                          f"{tuple(km.shape)}")
+    if B:
+        device_assert(new.n.max() <= km.shape[2], f"{method}: stats.key{suffix} must be [B={B}, Hkv={H}, L] for "
+                      f"the appended entries (L at least every user's appended count), got {tuple(km.shape)}")
     km = km[..., :L] if km.shape[2] >= L else torch.nn.functional.pad(km, (0, L - km.shape[2]))
     out.append(km.to(device=new.k.device, dtype=torch.float64))
     for m in out:
-        if m is not None and not bool(torch.isfinite(m).all()):
-            raise ValueError(f"{method}: the attention statistics have non-finite values")
+        if m is not None and m.numel():
+            device_assert(torch.isfinite(m).all(), f"{method}: the attention statistics have non-finite values")
     return out
 
 
 # ---- the families -------------------------------------------------------------------------------------------------
+def maintaining_spec(cache: KVCache) -> PolicySpec:
+    """The policy that maintains ``cache`` on append: its own, or ``"none"`` for a plain float cache."""
+    if cache.policy is not None:
+        return cache.policy
+    if cache.is_quantized or cache.residual is not None:
+        raise ValueError("cache.policy is None: a quantized or two-segment cache can only be maintained by the "
+                         "policy that built it; build it with malloc_kernels.compress")
+    return PolicySpec("none")
+
+
 def append_cache(cache: KVCache, key, value, positions=None, timestamps=None, lengths=None, offsets=None,
                  counts=None, stats=None) -> KVCache:
     """``KVCache.append``: see the module docstring."""
@@ -417,12 +437,7 @@ def append_cache(cache: KVCache, key, value, positions=None, timestamps=None, le
         raise TypeError(f"cache must be a KVCache, got {type(cache).__name__}")
     cache.check_contents()
     new = check_new_entries(cache, key, value, positions, timestamps, lengths, offsets, counts)
-    spec = cache.policy
-    if spec is None:
-        if cache.is_quantized or cache.residual is not None:
-            raise ValueError("cache.policy is None: a quantized or two-segment cache can only be maintained by the "
-                             "policy that built it; build it with malloc_kernels.compress")
-        spec = PolicySpec("none")
+    spec = maintaining_spec(cache)
     policy = make_policy(spec)
     _, ctx = split_params(spec.param_dict())
     orig_new = (cache.original_length.to(torch.int64) + new.n).to(torch.int32)
@@ -497,7 +512,7 @@ def _append_tokens(cache, new, policy, masses, orig_new, ctx):
 
         budget = policy.budget
         if budget is not None and budget.is_bytes:
-            n_user = rows.n.max(dim=1).values.cpu()
+            n_user = rows.n.max(dim=1).values
 
             def run_user(kb):
                 return run(torch.minimum(kb.to(rows.n.device)[:, None].expand(B, H), rows.n))
@@ -553,7 +568,7 @@ def _append_precision(cache, new, policy, spec):
     return _append_flush(cache, new, policy, G)
 
 
-def _quantized_entries(c: KVCache, k, v, n, G, k_axis):
+def quantized_entries(c: KVCache, k, v, n, G, k_axis):
     """Quantize ``k``/``v`` ``[B, H, L, D]`` (first ``n [B, H]`` valid) in ``c``'s formats: per-entry codes and
     the scale/zero tensors (per entry, or per key group on the channel axis)."""
     t = {}
@@ -571,7 +586,7 @@ def _quantized_entries(c: KVCache, k, v, n, G, k_axis):
 def _append_token_axis(cache, new, G):
     B, H = cache.length.shape
     nn = new.n[:, None].expand(B, H).contiguous()
-    q = _quantized_entries(cache, new.k, new.v, nn, G, "token")
+    q = quantized_entries(cache, new.k, new.v, nn, G, "token")
     want_cnt = cache.count is not None or new.cnt is not None
     old = {name: getattr(cache, name) for name in ("k", "v", "k_scale", "k_zero", "v_scale", "v_zero")
            if getattr(cache, name) is not None}
@@ -643,7 +658,7 @@ def _append_flush(cache, new, policy, G):
     fl = build_cache(rows, select_top(rows, F, tier=flush.to(torch.int64)), F)
     keep_n = rows.n - F
     rest = build_cache(rows, select_top(rows, keep_n, tier=(valid & ~flush).to(torch.int64)), keep_n)
-    q = _quantized_entries(cache, fl.k, fl.v, F, G, "channel")
+    q = quantized_entries(cache, fl.k, fl.v, F, G, "channel")
     head = Seg({"k": cache.k, "v": cache.v, "pos": cache.position}, full)
     tail = Seg({"k": q["k"], "v": q["v"], "pos": fl.position}, F)
     for name, src_old, src_new in (("ts", cache.timestamp, fl.timestamp), ("cnt", cache.count, fl.count)):

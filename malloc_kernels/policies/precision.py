@@ -81,7 +81,7 @@ class ResidualQuantPolicy(BasePolicy):
             raise ValueError(f"{self.name}: keeps every token but the budget is {b.tokens} tokens < history "
                              f"length {int(rows.n.max())}; compose with a pruning method, e.g. 'h2o+{self.name}'")
         if b is not None and b.is_bytes:
-            n_user = rows.n.max(dim=1).values.cpu()
+            n_user = rows.n.max(dim=1).values
             ctx = self.prepare(inp, rows)
 
             def run(R):

@@ -44,7 +44,7 @@ class PruningPolicy(BasePolicy):
         ctx = self.prepare(inp, rows)
         if self.budget is not None and self.budget.is_bytes:
             B, H = rows.n.shape
-            n_user = rows.n.max(dim=1).values.cpu()
+            n_user = rows.n.max(dim=1).values
 
             def run(kb):
                 kb = torch.minimum(kb.to(rows.n.device)[:, None].expand(B, H), rows.n)
