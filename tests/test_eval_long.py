@@ -227,6 +227,8 @@ def test_user_selection_errors(tmp_path):
     (["--max-len", "40000"], "--max-len 40000 exceeds the longest history"),
     (["--long", "--data", "ml-latest-small", "--min-history", "5000"], "no test user has >= 5000 interactions"),
     (["--long", "--negatives", "0"], "argument --negatives: must be >= 1"),
+    (["--resources-only"], "--resources-only needs --long"),
+    (["--long", "--resources-only", "--no-resources"], "--resources-only cannot be combined with --no-resources"),
 ])
 def test_cli_bad_long_input_is_one_line(argv, match, capsys, tmp_path):
     try:                                        # refused by the parser (exit 2) or by the run (returns 2)

@@ -104,6 +104,10 @@ def build_parser():
     g.add_argument("--boot", type=int_at_least(1), default=1000, help="bootstrap resamples of the 95%% intervals")
     g.add_argument("--resources", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure bytes/latency at N = 1k, 4k, 16k (preset: on for ML-1M)")
+    g.add_argument("--resources-only", action="store_true",
+                   help="only the resource table (resources.md/.json/.png) of the datasets that measure resources: "
+                        "models and --variants from the checkpoints a full run caches (freshly initialised where "
+                        "none is cached; the table says which), no training, no accuracy serving")
     return p
 
 
@@ -116,6 +120,8 @@ def _check_long_args(args) -> None:
                          f"positions beyond training are clamped)")
     if args.max_len is not None and args.max_len < 2:
         raise ValueError(f"--max-len must be >= 2, got {args.max_len}")
+    if args.resources_only and not args.long:
+        raise ValueError("--resources-only needs --long (it measures the long harness's resource table)")
     for name in ("min_history", "negatives", "boot"):
         v = getattr(args, name)
         if v is not None and v < (0 if name == "min_history" else 1):
@@ -169,10 +175,17 @@ def main(argv=None):
 
 
 def _main_long(args) -> int:
-    from .long import run_long
+    from .long import run_long, run_long_resources
     from .long_cli import long_configs
-    for name, cfg in long_configs(args):
-        result = run_long(cfg)
+    configs = long_configs(args)
+    if args.resources_only:
+        if args.resources is False:
+            raise ValueError("--resources-only cannot be combined with --no-resources")
+        configs = [(name, cfg) for name, cfg in configs if cfg.resources]
+        if not configs:
+            raise ValueError("--resources-only: no selected dataset measures resources (add --resources)")
+    for name, cfg in configs:
+        result = run_long_resources(cfg) if args.resources_only else run_long(cfg)
         for key, path in result["paths"].items():
             print(f"{name} {key}: {path}")
     return 0

@@ -43,7 +43,8 @@ from ..data.dataset import EvalExamples, make_jagged, split_request
 from ..models.config import ModelConfig
 from ..models.metrics import target_ranks
 from ..models.recommender import SequentialRecommender
-from ..models.train import TrainConfig, train
+from ..models.factory import build_model
+from ..models.train import TrainConfig, cache_dir, checkpoint_key, load_checkpoint, train
 from .methods import VARIANTS, MethodSpec, build_grid
 from .runner import _compress_caches, _stored_entries
 from . import stats as S
@@ -371,11 +372,10 @@ def run_long(cfg: LongConfig, log=print) -> dict:
     log(f"{ds!r}: {len(examples)} test users (history {int(lengths.min())}-{int(lengths.max())}, median "
         f"{int(np.median(lengths))}), {len(grid)} compressed rows + truncates per model, protocol {cfg.protocol}")
     pop = popularity_ranks(examples, popularity, negatives)
-    out_rows, training, models, trained_variants = [], {}, {}, {}
+    out_rows, training, models, trained_variants, variant_models = [], {}, {}, {}, {}
     vtrain = cfg.variant_train or cfg.train
     for arch in cfg.models:
-        mcfg = ModelConfig(arch=arch, n_items=ds.n_items, d_model=cfg.d_model, n_layers=cfg.n_layers,
-                           n_heads=cfg.n_heads, max_len=cfg.train_max_len)
+        mcfg = _model_config(cfg, arch, ds.n_items)
         t0 = time.perf_counter()
         model, report = train(ds, mcfg, cfg.train, cache=cfg.cache, progress=cfg.progress, log=lambda m: None)
         training[arch] = {"test_full_ranking_truncated": report["test"], "train_seconds": report["train_seconds"],
@@ -384,7 +384,7 @@ def run_long(cfg: LongConfig, log=print) -> dict:
         models[arch] = model
         variants = {}
         for v in cfg.variants:
-            vcfg = dataclasses.replace(mcfg, **VARIANTS[v][1])
+            vcfg = _variant_config(mcfg, v)
             vkey = vcfg.to_json()
             if vkey not in trained_variants:   # an arch-overriding variant (RWKV) is one model for every base
                 tv = time.perf_counter()
@@ -400,6 +400,7 @@ def run_long(cfg: LongConfig, log=print) -> dict:
                     "checkpoint": Path(rep["checkpoint"]).name, "train": rep["train"]}
                 log(f"{arch}/{v}: trained/loaded in {time.perf_counter() - tv:.0f} s")
             variants[v] = trained_variants[vkey][0]
+        variant_models[arch] = variants
         t0 = time.perf_counter()
         rows = serve_long(model, examples, grid, cfg, negatives, desc=arch, variants=variants)
         training[arch]["serve_seconds"] = time.perf_counter() - t0
@@ -413,29 +414,84 @@ def run_long(cfg: LongConfig, log=print) -> dict:
             "threads": torch.get_num_threads(), "models": training}
     paths = write_long_outputs(out_rows, Path(cfg.out), meta)
     if cfg.resources:
-        paths.update(write_resources(models, Path(cfg.out), cfg, log, timestamps=ds.has_timestamps))
+        sources = {k: f"trained for this run or loaded from its cached checkpoint {v['checkpoint']}"
+                   for k, v in training.items()}
+        paths.update(write_resources(models, Path(cfg.out), cfg, log, timestamps=ds.has_timestamps,
+                                     variants=variant_models, sources=sources))
     return {"paths": paths, "rows": out_rows}
 
 
-def write_resources(models: dict, out: Path, cfg: LongConfig, log=print, timestamps: bool = True) -> dict:
-    """``resources.md/.json`` and ``resources.png``: bytes and latency vs N (``long_resources``)."""
+def _model_config(cfg: LongConfig, arch: str, n_items: int) -> ModelConfig:
+    return ModelConfig(arch=arch, n_items=n_items, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                       max_len=cfg.train_max_len)
+
+
+def _variant_config(mcfg: ModelConfig, variant: str) -> ModelConfig:
+    return dataclasses.replace(mcfg, **VARIANTS[variant][1])
+
+
+def _cached_or_fresh(ds, mcfg: ModelConfig, tcfg: TrainConfig, cache: Optional[str], seed: int):
+    """``(model, source)``: the checkpoint ``train`` would reuse for this config (its weights as trained), else a
+    freshly initialised model (``torch.manual_seed(seed)``) -- nothing is trained."""
+    path = cache_dir(cache) / "checkpoints" / f"{mcfg.arch}-{checkpoint_key(mcfg, tcfg, ds.fingerprint())}.pt"
+    if path.is_file():
+        return load_checkpoint(path), f"checkpoint {path.name}"
+    torch.manual_seed(seed)
+    return build_model(mcfg).eval(), "freshly initialised (no cached checkpoint)"
+
+
+def run_long_resources(cfg: LongConfig, log=print) -> dict:
+    """Only the resource table (``write_resources``) of ``cfg``: the base models and trained variants loaded from
+    the checkpoints a full ``run_long`` of the same config caches (same keys), a freshly initialised model of the
+    same configuration where none is cached (bytes and latency do not depend on the weights; the table's note says
+    which model is which). Nothing is trained or served for accuracy: the timing part of the long harness alone."""
+    if not cfg.resources:
+        raise ValueError("resources: no history lengths to measure (LongConfig.resources is empty)")
+    ds = load_dataset(cfg.data)
+    vtrain = cfg.variant_train or cfg.train
+    models, variant_models, sources, loaded = {}, {}, {}, {}
+    for arch in cfg.models:
+        mcfg = _model_config(cfg, arch, ds.n_items)
+        models[arch], sources[arch] = _cached_or_fresh(ds, mcfg, cfg.train, cfg.cache, cfg.seed)
+        variant_models[arch] = {}
+        for v in cfg.variants:
+            vcfg = _variant_config(mcfg, v)
+            vkey = vcfg.to_json()
+            if vkey not in loaded:       # an arch-overriding variant (RWKV) is one model for every base
+                loaded[vkey] = _cached_or_fresh(ds, vcfg, vtrain, cfg.cache, cfg.seed)
+                sources[f"{vcfg.arch}/{v}" if vcfg.arch != v else v] = loaded[vkey][1]
+            variant_models[arch][v] = loaded[vkey][0]
+    for name, src in sources.items():
+        log(f"{name}: {src}")
+    paths = write_resources(models, Path(cfg.out), cfg, log, timestamps=ds.has_timestamps, variants=variant_models,
+                            sources=sources)
+    return {"paths": paths}
+
+
+def write_resources(models: dict, out: Path, cfg: LongConfig, log=print, timestamps: bool = True,
+                    variants: Optional[Dict[str, dict]] = None, sources: Optional[Dict[str, str]] = None) -> dict:
+    """``resources.md/.json`` and ``resources.png``: bytes and latency vs N of every base model's methods and of the
+    trained ``variants`` ({base arch: {variant key: model}}), all timed interleaved per N (``long_resources``).
+    ``sources``: {model name: where its weights come from}, written into the table's note and meta."""
     from . import long_resources as R
-    model_rows = []
-    for arch, model in models.items():
-        t0 = time.perf_counter()
-        model_rows += R.model_resources(model, arch, cfg.resources, request_size=cfg.request_size,
-                                        truncate_window=cfg.train_max_len, seed=cfg.seed, timestamps=timestamps)
-        log(f"{arch}: resources at N={list(cfg.resources)} in {time.perf_counter() - t0:.0f} s")
+    t0 = time.perf_counter()
+    model_rows = R.models_resources(models, variants, list(cfg.resources), request_size=cfg.request_size,
+                                    truncate_window=cfg.train_max_len, seed=cfg.seed, timestamps=timestamps)
+    log(f"{', '.join(models)} + variants {list(cfg.variants)}: resources at N={list(cfg.resources)} in "
+        f"{time.perf_counter() - t0:.0f} s")
     some = next(iter(models.values()))
     attn_rows = R.attention_resources(some.cfg.n_heads, some.cfg.head_dim, cfg.resources,
                                       request_size=cfg.request_size, seed=cfg.seed)
-    meta = R.resource_meta(f"Models: the {', '.join(models)} trained for this run ({cfg.data}); one synthetic user "
-                           f"per N.")
+    src = "; ".join(f"{k}: {v}" for k, v in (sources or {}).items())
+    meta = R.resource_meta(f"Models ({Path(cfg.data).name}): {src or ', '.join(models)}. One synthetic user per "
+                           f"N; bytes and latency do not depend on the trained weights.")
+    meta["sources"] = dict(sources or {})
     paths = {"resources_md": out / "resources.md", "resources_png": out / "resources.png",
              "resources_json": out / "resources.json"}
+    out.mkdir(parents=True, exist_ok=True)
     paths["resources_md"].write_text(R.resources_markdown(model_rows, attn_rows, meta))
     R.plot_resources(model_rows, attn_rows, paths["resources_png"])
     paths["resources_json"].write_text(json.dumps({"meta": meta, "model_rows": model_rows,
+                                                   "variant_rows": R.variant_comparison(model_rows),
                                                    "attention_rows": attn_rows}, indent=1))
     return paths
-

@@ -17,7 +17,12 @@ and over their equal-bytes truncates.
 
 ``--variants rwkv,reformer`` adds trained variants' rows to every table (``long.LongConfig.variants``), trained with
 the preset's recipe; ``--variant-budget-clock cpu`` measures their budget in CPU time (``TrainConfig.budget_clock``)
-while the bases keep theirs (and their checkpoints' keys).
+while the bases keep theirs (and their checkpoints' keys). With resources on, the variants' rows join the resource
+table, timed interleaved with the base models' (``long_resources.models_resources``).
+
+``--resources-only`` measures only the resource table (``long.run_long_resources``): the base models and variants
+are loaded from the checkpoints a full run caches under the same keys (a freshly initialised model where none is
+cached, named in the table's note); nothing is trained or served for accuracy, so it is a ~2-minute timing run.
 
 ``--data PATH`` runs one dataset with the given ``--min-history`` / ``--protocol`` instead of the preset pair.
 Flags override the preset: ``--time-budget-min`` (per model), ``--users``, ``--epochs``, ``--max-len``, ...
