@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "malloc_kernels/attention_cpu/code_layout_avx2.h"
@@ -160,37 +161,43 @@ inline void pv_code_pairs_rows(const float* pw, int pwld, int ngr, const Lanes25
   }
 }
 
+// Runs body(std::integral_constant<int, NR>{}, r0, pf) over rows [0, R) in groups of up to four (NR = 1..4, a
+// compile-time row count for the register blocking). Only the first group prefetches the next block (pf = pfo):
+// the later groups read the same block, already in cache.
+template <class Body>
+inline void for_row_groups(int R, int64_t pfo, Body&& body) {
+  for (int r0 = 0; r0 < R; r0 += 4) {
+    const int64_t pf = r0 == 0 ? pfo : 0;
+    switch (std::min(4, R - r0)) {
+      case 1: body(std::integral_constant<int, 1>{}, r0, pf); break;
+      case 2: body(std::integral_constant<int, 2>{}, r0, pf); break;
+      case 3: body(std::integral_constant<int, 3>{}, r0, pf); break;
+      default: body(std::integral_constant<int, 4>{}, r0, pf); break;
+    }
+  }
+}
+
 // D = 64 several-row loops of the AVX-512 build: the key pairs above, rows in groups of up to four.
 template <Fmt F>
 struct RowsLoops<F, Lanes256> {
   static void qk(int R, const float* qp, const float* add, const uint8_t* K, int64_t rb, int n, float* S, int lds,
                  int64_t pfo) {
-    for (int r0 = 0; r0 < R; r0 += 4) {
-      const float* q = qp + r0 * 64;
-      float* s = S + r0 * lds;
-      const int64_t pf = r0 == 0 ? pfo : 0;
-      switch (std::min(4, R - r0)) {
-        case 1: qk_code_pairs_r1<F>(q, K, rb, n, s, add[r0], pf); break;
-        case 2: qk_code_pairs_rows<F, 2>(q, add + r0, K, rb, n, s, lds, pf); break;
-        case 3: qk_code_pairs_rows<F, 3>(q, add + r0, K, rb, n, s, lds, pf); break;
-        default: qk_code_pairs_rows<F, 4>(q, add + r0, K, rb, n, s, lds, pf); break;
+    for_row_groups(R, pfo, [&](auto nr, int r0, int64_t pf) {
+      constexpr int NR = decltype(nr)::value;
+      if constexpr (NR == 1) {
+        qk_code_pairs_r1<F>(qp + r0 * 64, K, rb, n, S + r0 * lds, add[r0], pf);
+      } else {
+        qk_code_pairs_rows<F, NR>(qp + r0 * 64, add + r0, K, rb, n, S + r0 * lds, lds, pf);
       }
-    }
+    });
   }
   template <int WM>
   static void pv(int R, const float* pw, int pwld, int ngr, const Lanes256::GI* gidx, const uint8_t* V, int64_t rb,
                  int n, float* Op, float* /*tile*/, int64_t pfo) {
-    for (int r0 = 0; r0 < R; r0 += 4) {
-      const float* p = pw + int64_t(r0) * pwld;
-      float* o = Op + r0 * 64;
-      const int64_t pf = r0 == 0 ? pfo : 0;
-      switch (std::min(4, R - r0)) {
-        case 1: pv_code_pairs_rows<F, WM, 1>(p, pwld, ngr, gidx, V, rb, n, o, pf); break;
-        case 2: pv_code_pairs_rows<F, WM, 2>(p, pwld, ngr, gidx, V, rb, n, o, pf); break;
-        case 3: pv_code_pairs_rows<F, WM, 3>(p, pwld, ngr, gidx, V, rb, n, o, pf); break;
-        default: pv_code_pairs_rows<F, WM, 4>(p, pwld, ngr, gidx, V, rb, n, o, pf); break;
-      }
-    }
+    for_row_groups(R, pfo, [&](auto nr, int r0, int64_t pf) {
+      pv_code_pairs_rows<F, WM, decltype(nr)::value>(pw + int64_t(r0) * pwld, pwld, ngr, gidx, V, rb, n,
+                                                     Op + r0 * 64, pf);
+    });
   }
 };
 
@@ -306,32 +313,22 @@ template <Fmt F>
 struct RowsLoops<F, Lanes512> {
   static void qk(int R, const float* qp, const float* add, const uint8_t* K, int64_t rb, int n, float* S, int lds,
                  int64_t pfo) {
-    for (int r0 = 0; r0 < R; r0 += 4) {
-      const float* q = qp + r0 * 128;
-      float* s = S + r0 * lds;
-      const int64_t pf = r0 == 0 ? pfo : 0;
-      switch (std::min(4, R - r0)) {
-        case 1: qk_code_layout_r1<F, Lanes512>(q, K, rb, n, s, add[r0], pf); break;
-        case 2: qk_code_rows512<F, 2>(q, add + r0, K, rb, n, s, lds, pf); break;
-        case 3: qk_code_rows512<F, 3>(q, add + r0, K, rb, n, s, lds, pf); break;
-        default: qk_code_rows512<F, 4>(q, add + r0, K, rb, n, s, lds, pf); break;
+    for_row_groups(R, pfo, [&](auto nr, int r0, int64_t pf) {
+      constexpr int NR = decltype(nr)::value;
+      if constexpr (NR == 1) {
+        qk_code_layout_r1<F, Lanes512>(qp + r0 * 128, K, rb, n, S + r0 * lds, add[r0], pf);
+      } else {
+        qk_code_rows512<F, NR>(qp + r0 * 128, add + r0, K, rb, n, S + r0 * lds, lds, pf);
       }
-    }
+    });
   }
   template <int WM>
   static void pv(int R, const float* pw, int pwld, int ngr, const Lanes512::GI* gidx, const uint8_t* V, int64_t rb,
                  int n, float* Op, float* /*tile*/, int64_t pfo) {
-    for (int r0 = 0; r0 < R; r0 += 4) {
-      const float* p = pw + int64_t(r0) * pwld;
-      float* o = Op + r0 * 128;
-      const int64_t pf = r0 == 0 ? pfo : 0;
-      switch (std::min(4, R - r0)) {
-        case 1: pv_code_rows512<F, WM, 1>(p, pwld, ngr, gidx, V, rb, n, o, pf); break;
-        case 2: pv_code_rows512<F, WM, 2>(p, pwld, ngr, gidx, V, rb, n, o, pf); break;
-        case 3: pv_code_rows512<F, WM, 3>(p, pwld, ngr, gidx, V, rb, n, o, pf); break;
-        default: pv_code_rows512<F, WM, 4>(p, pwld, ngr, gidx, V, rb, n, o, pf); break;
-      }
-    }
+    for_row_groups(R, pfo, [&](auto nr, int r0, int64_t pf) {
+      pv_code_rows512<F, WM, decltype(nr)::value>(pw + int64_t(r0) * pwld, pwld, ngr, gidx, V, rb, n,
+                                                  Op + r0 * 128, pf);
+    });
   }
 };
 
