@@ -44,7 +44,7 @@ from ..models.config import ModelConfig
 from ..models.metrics import target_ranks
 from ..models.recommender import SequentialRecommender
 from ..models.factory import build_model
-from ..models.train import TrainConfig, cache_dir, checkpoint_key, load_checkpoint, train
+from ..models.train import TrainConfig, checkpoint_path, load_checkpoint, train
 from .methods import VARIANTS, MethodSpec, build_grid
 from .runner import _compress_caches, _stored_entries
 from . import stats as S
@@ -433,7 +433,7 @@ def _variant_config(mcfg: ModelConfig, variant: str) -> ModelConfig:
 def _cached_or_fresh(ds, mcfg: ModelConfig, tcfg: TrainConfig, cache: Optional[str], seed: int):
     """``(model, source)``: the checkpoint ``train`` would reuse for this config (its weights as trained), else a
     freshly initialised model (``torch.manual_seed(seed)``) -- nothing is trained."""
-    path = cache_dir(cache) / "checkpoints" / f"{mcfg.arch}-{checkpoint_key(mcfg, tcfg, ds.fingerprint())}.pt"
+    path = checkpoint_path(mcfg, tcfg, ds.fingerprint(), cache)
     if path.is_file():
         return load_checkpoint(path), f"checkpoint {path.name}"
     torch.manual_seed(seed)

@@ -213,6 +213,13 @@ def checkpoint_key(model_cfg: ModelConfig, train_cfg: TrainConfig, data_fingerpr
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def checkpoint_path(model_cfg: ModelConfig, train_cfg: TrainConfig, data_fingerprint: str,
+                    cache: Optional[str] = None) -> Path:
+    """Where ``train`` keeps (and reuses) the checkpoint of this model, recipe and data."""
+    return cache_dir(cache) / "checkpoints" / \
+        f"{model_cfg.arch}-{checkpoint_key(model_cfg, train_cfg, data_fingerprint)}.pt"
+
+
 def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConfig = TrainConfig(), *,
           cache: Optional[str] = None, use_cache: bool = True, progress: bool = True,
           log: Callable[[str], None] = print, init_model: Optional[SequentialRecommender] = None):
@@ -225,8 +232,7 @@ def train(dataset: SequenceDataset, model_cfg: ModelConfig, train_cfg: TrainConf
     if model_cfg.n_items != dataset.n_items:
         model_cfg = dataclasses.replace(model_cfg, n_items=dataset.n_items)
     split = dataset.split()
-    key = checkpoint_key(model_cfg, train_cfg, dataset.fingerprint())
-    ckpt_path = cache_dir(cache) / "checkpoints" / f"{model_cfg.arch}-{key}.pt"
+    ckpt_path = checkpoint_path(model_cfg, train_cfg, dataset.fingerprint(), cache)
     torch.manual_seed(train_cfg.seed)
     model = build_model(model_cfg)
     if init_model is not None:
